@@ -1,0 +1,45 @@
+"""The `fluxshard` console script.
+
+Each verb lives in the module that owns it; that module exposes `register(subparsers)` which adds
+its sub-parser and sets `func`. Modules are imported only when their verb is used, so `fluxshard
+synth` does not pay for importing torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# verb -> (module, one-line help). Order is the order `fluxshard --help` lists them.
+VERBS: dict[str, tuple[str, str]] = {
+    "demo": ("fluxshard.demo", "run the main job on the embedded default"),
+    "synth": ("fluxshard.synth", "make a synthetic H.264 clip with ground truth"),
+    "motion": ("fluxshard.motion.cli", "motion and residual statistics of a clip (table + plot)"),
+}
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fluxshard", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    wanted = next((a for a in argv if not a.startswith("-")), None)
+    for verb, (module, help_text) in VERBS.items():
+        if verb == wanted:
+            importlib.import_module(module).register(sub)
+        else:
+            sub.add_parser(verb, help=help_text)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
