@@ -30,6 +30,7 @@ def export_onnx(model: YOLO11, path: str | os.PathLike, imgsz: tuple[int, int] =
     with torch.no_grad(), warnings.catch_warnings():
         # Shape checks and anchor grids become constants: intended, the input shape is static.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)  # legacy exporter notice
         # The TorchScript exporter: the dynamo one needs onnxscript, which we do not ship.
         torch.onnx.export(m, (x,), str(path), input_names=["images"], output_names=outputs,
                           opset_version=opset, dynamo=False, do_constant_folding=True)
