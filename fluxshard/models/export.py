@@ -46,4 +46,7 @@ def onnxruntime_session(path: str | os.PathLike, threads: int = 2):
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # Idle ORT workers otherwise spin for a while after each run, stealing the (shared, few) cores
+    # from whatever runs next, e.g. the torch runner timed right after it.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
