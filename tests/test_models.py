@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from fluxshard.models import (CheckpointError, Detections, build_yolo11, export_onnx, fuse,
-                              is_fused, load_model, non_max_suppression, postprocess, preprocess,
-                              save_checkpoint)
-from fluxshard.models.modules import C3k, Conv, Detect
+from fluxshard.models import (CheckpointError, Detections, build_yolo11, describe_layers,
+                              export_onnx, fuse, is_fused, load_model, non_max_suppression,
+                              postprocess, preprocess, save_checkpoint)
+from fluxshard.models.modules import C3k, Conv
 from fluxshard.models.ops import nms
 from fluxshard.models.weights import infer_architecture
 
@@ -108,6 +108,15 @@ def test_layer_graph_attributes(yolo_n):
     for m in yolo_n.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             assert m.eps == 1e-3  # ultralytics BN eps, needed for pretrained weights
+
+
+def test_describe_layers_reports_shapes_and_strides(yolo_n):
+    specs = describe_layers(yolo_n, (H, W))
+    assert [s.stride for s in specs[:11]] == [2, 4, 4, 8, 8, 16, 16, 32, 32, 32, 32]
+    assert specs[16].out_shape == (64, H // 8, W // 8) and specs[22].out_shape == (256, H // 32, W // 32)
+    assert specs[12].f == [-1, 6] and specs[23].stride is None
+    assert sum(s.params for s in specs) == 2_624_080
+    assert not yolo_n.training  # mode restored
 
 
 def test_bias_init_priors():

@@ -1,11 +1,11 @@
 """YOLO11 detect/segment in plain PyTorch: building, weights, decoding, NMS, dense baselines."""
 
-from .yolo import SCALES, TASKS, YOLO11, build_yolo11, fuse, is_fused, yolo11_config
-
-__all__ = ["SCALES", "TASKS", "YOLO11", "build_yolo11", "fuse", "is_fused", "yolo11_config"]
+from .export import export_onnx
 from .ops import Detections, non_max_suppression, postprocess, preprocess
 from .weights import CheckpointError, load_model, save_checkpoint
-from .export import export_onnx
+from .yolo import (SCALES, TASKS, YOLO11, LayerSpec, build_yolo11, describe_layers, fuse, is_fused,
+                   yolo11_config)
 
-__all__ += ["Detections", "non_max_suppression", "postprocess", "preprocess", "CheckpointError",
-            "load_model", "save_checkpoint", "export_onnx"]
+__all__ = ["SCALES", "TASKS", "YOLO11", "LayerSpec", "build_yolo11", "describe_layers", "fuse",
+           "is_fused", "yolo11_config", "Detections", "non_max_suppression", "postprocess",
+           "preprocess", "CheckpointError", "load_model", "save_checkpoint", "export_onnx"]

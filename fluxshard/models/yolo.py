@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -173,6 +174,10 @@ class YOLO11(nn.Module):
             y.append(x if m.i in self.save else None)
         return x
 
+    def fuse(self) -> "YOLO11":
+        """Fold BatchNorm into the convolutions in place (see :func:`fuse`)."""
+        return fuse(self)
+
     def extra_repr(self) -> str:
         return f"scale={self.scale!r}, task={self.task!r}, nc={self.nc}"
 
@@ -207,3 +212,46 @@ def fuse(model: YOLO11) -> YOLO11:
 
 def is_fused(model: nn.Module) -> bool:
     return not any(isinstance(m, Conv) and hasattr(m, "bn") for m in model.modules())
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One row of the layer graph, for executors that walk ``model.model``."""
+
+    i: int
+    f: int | list[int]
+    type: str
+    out_shape: tuple  # (C, H, W) of the output; the head's is the eval output's shape(s)
+    stride: int | None  # input pixels per output position; None for the head
+    params: int
+
+
+@torch.no_grad()
+def describe_layers(model: YOLO11, imgsz: tuple[int, int] = (384, 640)) -> list[LayerSpec]:
+    """Output shape and cumulative stride of every layer for an ``imgsz`` input (runs one
+    eval forward on zeros; the model's mode is restored)."""
+    shapes: dict[int, object] = {}
+
+    def shape_of(out):
+        if isinstance(out, torch.Tensor):
+            return tuple(out.shape[1:])
+        return tuple(shape_of(o) for o in out)
+
+    hooks = [m.register_forward_hook(lambda mod, _in, out: shapes.__setitem__(mod.i, shape_of(out)))
+             for m in model.model]
+    was_training = model.training
+    try:
+        model.eval()
+        p = next(model.parameters())
+        model(torch.zeros(1, 3, *imgsz, device=p.device, dtype=p.dtype))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    specs = []
+    for m in model.model:
+        out = shapes[m.i]
+        head = isinstance(m, Detect)
+        stride = None if head else imgsz[0] // out[1]
+        specs.append(LayerSpec(m.i, m.f, m.type, out, stride, m.np))
+    return specs
