@@ -362,6 +362,15 @@ def test_load_plain_and_ultralytics_style_state_dicts(tmp_path):
     assert load_model(sd).nc == 7  # a dict works as the source too
 
 
+def test_load_fused_state_dict(yolo_n):
+    fused = fuse(copy.deepcopy(yolo_n))
+    loaded = load_model(fused.state_dict())
+    assert is_fused(loaded)
+    x = torch.rand(1, 3, H, W)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), fused(x))
+
+
 def test_infer_architecture_distinguishes_m_and_l():
     m_sd = {k: v for k, v in build_yolo11("m").state_dict().items() if k.startswith("model.2.")}
     l_sd = {k: v for k, v in build_yolo11("l").state_dict().items() if k.startswith("model.2.")}

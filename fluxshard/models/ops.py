@@ -67,41 +67,34 @@ def xywh2xyxy(x: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def box_iou_one(box: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-    """IoU of one xyxy box (4,) against boxes (N, 4)."""
-    lt = torch.maximum(box[:2], boxes[:, :2])
-    rb = torch.minimum(box[2:], boxes[:, 2:])
-    inter = (rb - lt).clamp_(min=0).prod(1)
-    area = (box[2:] - box[:2]).clamp(min=0).prod()
-    areas = (boxes[:, 2:] - boxes[:, :2]).clamp(min=0).prod(1)
-    return inter / (area + areas - inter + 1e-9)
-
-
 def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_thres: float,
         max_keep: int | None = None) -> torch.Tensor:
     """Greedy NMS (torchvision.ops.nms semantics): indices of kept boxes, highest score first.
 
     Each step keeps the best remaining box and drops the remaining boxes overlapping it by more
-    than ``iou_thres``; only one row of IoUs is computed per kept box, so cost is
-    O(kept x N) time and O(N) memory, and the loop stops after ``max_keep`` boxes.
+    than ``iou_thres``. Only one row of IoUs is computed per kept box (O(kept x N) time, O(N)
+    memory) and the loop stops after ``max_keep`` boxes. The loop runs in numpy: per step it is a
+    handful of vector ops on small arrays, where torch's per-op overhead would dominate.
     """
     if boxes.ndim != 2 or boxes.shape[1] != 4 or scores.shape != boxes.shape[:1]:
         raise ValueError(f"nms: boxes must be (N, 4) and scores (N,), got {tuple(boxes.shape)} "
                          f"and {tuple(scores.shape)}")
-    order = scores.argsort(descending=True, stable=True)
-    boxes = boxes[order]
-    keep = []
-    remaining = torch.arange(len(order), device=boxes.device)
-    while remaining.numel():
-        i = remaining[0]
-        keep.append(i)
-        if max_keep is not None and len(keep) >= max_keep:
-            break
-        rest = remaining[1:]
-        remaining = rest[box_iou_one(boxes[i], boxes[rest]) <= iou_thres]
-    if not keep:
-        return order[:0]
-    return order[torch.stack(keep)]
+    order = scores.detach().argsort(descending=True, stable=True)
+    b = boxes.detach()[order].cpu().double().numpy()  # float64: exact for offset coordinates
+    x1, y1, x2, y2 = b.T
+    areas = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    limit = len(b) if max_keep is None else max_keep
+    keep: list[int] = []
+    remaining = np.arange(len(b))
+    while remaining.size and len(keep) < limit:
+        i, rest = remaining[0], remaining[1:]
+        keep.append(int(i))
+        w = np.clip(np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]), 0, None)
+        h = np.clip(np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]), 0, None)
+        inter = w * h
+        iou = inter / (areas[i] + areas[rest] - inter + 1e-9)
+        remaining = rest[iou <= iou_thres]
+    return order[torch.as_tensor(keep, dtype=torch.long, device=order.device)]
 
 
 def non_max_suppression(preds: torch.Tensor | tuple, conf_thres: float = 0.25,

@@ -84,6 +84,8 @@ def model_from_state_dict(sd: dict[str, torch.Tensor], names: dict | list | None
         names = None  # names from some other dataset: fall back to generic ones
     model = build_yolo11(scale, task, nc, names={int(k): str(v) for k, v in names.items()}
                          if names else None)
+    if "model.0.bn.weight" not in sd and "model.0.conv.bias" in sd:
+        fuse(model)  # a state dict saved after BN folding (e.g. ultralytics YOLO(...).fuse())
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
