@@ -360,6 +360,7 @@ def test_load_plain_and_ultralytics_style_state_dicts(tmp_path):
     m = load_model(tmp_path / "ul.pt", fused=True)
     assert m.names == names and is_fused(m)
     assert load_model(sd).nc == 7  # a dict works as the source too
+    assert load_model(src).nc == 7  # and so does a module with ultralytics key names
 
 
 def test_load_fused_state_dict(yolo_n):
@@ -442,3 +443,16 @@ def test_onnx_export_matches_torch(tmp_path, task, yolo_n, yolo_n_seg):
     for o, r in zip(outs, refs):
         np.testing.assert_allclose(o, r.numpy(), rtol=1e-4, atol=1e-4)  # boxes in pixels: rtol
     assert model.training is False and not is_fused(model)  # caller's model untouched
+
+
+def test_dense_runners_agree(tmp_path, yolo_n):
+    from fluxshard.models.dense import RUNNER_KINDS, dense_runners
+    runners = dense_runners(yolo_n, (H, W), workdir=tmp_path)
+    assert [r.name for r in runners] == list(RUNNER_KINDS)
+    x = torch.rand(1, 3, H, W)
+    with torch.no_grad():
+        ref = yolo_n(x).numpy()
+    for r in runners:
+        out = r.run(x)
+        out = out[0] if isinstance(out, list) else out.numpy()
+        np.testing.assert_allclose(out, ref, rtol=1e-3, atol=2e-3, err_msg=r.name)

@@ -143,6 +143,8 @@ def model_from_object(ckpt, origin: str = "checkpoint") -> YOLO11:
         return model
     for key in ("ema", "model", "state_dict"):  # ultralytics-style dict holding a state dict
         inner = ckpt.get(key)
+        if isinstance(inner, torch.nn.Module):  # already unpickled (ultralytics importable)
+            return model_from_state_dict(inner.float().state_dict(), getattr(inner, "names", None))
         if isinstance(inner, dict) and "model.0.conv.weight" in inner:
             return model_from_state_dict(inner, ckpt.get("names"))
     if "model.0.conv.weight" in ckpt:
@@ -150,16 +152,21 @@ def model_from_object(ckpt, origin: str = "checkpoint") -> YOLO11:
     raise CheckpointError(f"{origin}: not a YOLO11 checkpoint (top-level keys {list(ckpt)[:6]})")
 
 
-def load_model(source: str | os.PathLike | dict | None = None, device: str | torch.device = "cpu",
+def load_model(source: str | os.PathLike | dict | torch.nn.Module | None = None, device: str | torch.device = "cpu",
                fused: bool = False, eval_mode: bool = True) -> YOLO11:
-    """Load a YOLO11 from a path, a state dict / checkpoint dict, or ``None`` (embedded demo)."""
+    """Load a YOLO11 from a path, a state dict / checkpoint dict, a module with ultralytics key
+    names (an ultralytics model object, or our own), or ``None`` (the embedded demo weights).
+    Returns a new model on ``device``, in eval mode unless ``eval_mode=False``, BN-folded if
+    ``fused``."""
     if source is None:
         if not DEFAULT_WEIGHTS.is_file():
             raise FileNotFoundError(
                 f"no embedded default weights at {DEFAULT_WEIGHTS} (they are produced by the "
                 "training step); pass a checkpoint path, or build_yolo11() for random weights")
         source = DEFAULT_WEIGHTS
-    if isinstance(source, dict):
+    if isinstance(source, torch.nn.Module):  # e.g. an ultralytics DetectionModel object
+        model = model_from_state_dict(source.float().state_dict(), getattr(source, "names", None))
+    elif isinstance(source, dict):
         model = model_from_object(source, "state dict")
     else:
         path = Path(source)
