@@ -172,14 +172,15 @@ def load_model(source: str | os.PathLike | dict | torch.nn.Module | None = None,
         path = Path(source)
         if not path.is_file():
             raise FileNotFoundError(f"weights file not found: {path}")
-        if _pickles_ultralytics(path):
-            model = _load_ultralytics_object(path)
-        else:
-            try:
-                ckpt = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as e:  # corrupt file, foreign pickle, not a torch file at all
+        try:  # weights_only: never run code from a file; tensors and plain containers only
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # corrupt file, foreign pickle, not a torch file at all
+            if _pickles_ultralytics(path):
+                model = _load_ultralytics_object(path)
+            else:
                 raise CheckpointError(f"cannot read {path} as a torch checkpoint: "
                                       f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+        else:
             model = model_from_object(ckpt, str(path))
     model = model.to(device)
     if eval_mode:
