@@ -1,0 +1,391 @@
+"""The uplink payload between the edge and the cloud: compact, versioned, validated.
+
+A request is one frame of one stream, either
+
+* a **key frame**: the full RGB frame, lossless (zlib over the raw pixels, or PNG), which resets the
+  receiver's input cache; or
+* a **residual frame**: the accumulated motion field from the receiver's cache to this frame plus
+  the pixels of the residual blocks. The receiver aligns its cache with the field and overwrites the
+  residual blocks (see :mod:`fluxshard.serving.receive`).
+
+Layout (little endian)::
+
+    header  magic "FXS" | version u8 | flags u8 | codec u8 | block u8 | reserved u8
+            frame_index u64 | height u16 | width u16 | body_len u32 | raw_len u32 | crc32 u32
+    body    codec-compressed bytes that decompress to exactly raw_len bytes:
+            key frame:      H*W*3 pixels (codec zlib), or a PNG file (codec png)
+            residual frame: field int16 (Hf, Wf, 2) quarter-pel, x-delta coded per row
+                            | block bitmap (packbits of the (Hr, Wr) mask, row-major)
+                            | uint8 pixels of residual blocks (row-major over the frame's pixels)
+
+Loss: the motion field travels as int16 quarter-pel (``round(4 d) / 4``), the only lossy step.
+The receiver must apply exactly the field the edge's mirror applies, so the edge quantizes its field
+with :func:`quantize_field` *before* it aligns its mirror and picks residual blocks; then both ends
+apply bit-identical fields. Codec MVs are quarter-pel already, so for them this changes nothing.
+
+The response (Triton output tensors, see :func:`response_tensors`): DETECTIONS float32 (N, 6)
+``x1, y1, x2, y2, score, class``, STATS JSON (uint8 bytes), DIGEST uint8 (16,) blake2b-128 of the
+rebuilt input cache, which the edge compares with its mirror to detect divergence.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import io
+import json
+import struct
+import zlib
+from dataclasses import dataclass, field as dataclass_field
+
+import numpy as np
+
+MAGIC = b"FXS"
+VERSION = 1
+HEADER = struct.Struct("<3sBBBBBQHHIII")
+HEADER_SIZE = HEADER.size
+
+FLAG_KEY = 0x01  # key frame: the body is the full frame
+KNOWN_FLAGS = FLAG_KEY
+
+MV_BLOCK = 4  # motion field: one vector per 4x4 pixel block (docs/CONVENTIONS.md)
+FIELD_SCALE = 4  # quarter-pel
+FIELD_LIMIT = np.iinfo(np.int16).max / FIELD_SCALE  # largest |displacement| the wire carries (px)
+
+# Caps that bound what a hostile payload can make the receiver allocate (decompression bombs).
+MAX_SIDE = 4096
+MAX_PIXELS = 4096 * 2304
+ALLOWED_BLOCKS = (4, 8, 16, 32, 64)
+DIGEST_SIZE = 16
+ZLIB_LEVEL = 6  # level 6 vs 1: ~10% fewer bytes at ~2x encode time on residual frames (perf/wire)
+
+
+class Codec(enum.IntEnum):
+    RAW = 0
+    ZLIB = 1
+    PNG = 2  # key frames only
+
+
+class PayloadError(ValueError):
+    """A payload that is not a valid FluxShard request; the message says what is wrong."""
+
+
+@dataclass
+class Request:
+    """A decoded request. ``field`` is the dequantized float32 field (None on key frames);
+    ``residual_mask`` is (Hr, Wr) bool; ``pixels`` the residual blocks' pixels, flat uint8 in
+    row-major pixel order (None on key frames); ``frame`` the full frame on key frames."""
+
+    frame_index: int
+    height: int
+    width: int
+    block: int
+    key: bool
+    frame: np.ndarray | None = None
+    field: np.ndarray | None = None
+    residual_mask: np.ndarray | None = None
+    pixels: np.ndarray | None = None
+    wire_bytes: int = 0
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.height, self.width
+
+
+@dataclass
+class Response:
+    """What the cloud answers for one frame."""
+
+    detections: np.ndarray  # (N, 6) float32 x1, y1, x2, y2, score, class
+    digest: bytes  # blake2b-128 of the rebuilt input cache
+    stats: dict = dataclass_field(default_factory=dict)
+
+    @property
+    def frame_index(self) -> int:
+        return int(self.stats.get("frame_index", -1))
+
+
+def field_shape(height: int, width: int) -> tuple[int, int, int]:
+    return -(-height // MV_BLOCK), -(-width // MV_BLOCK), 2
+
+
+def residual_grid(height: int, width: int, block: int) -> tuple[int, int]:
+    return -(-height // block), -(-width // block)
+
+
+def quantize_field(field: np.ndarray) -> np.ndarray:
+    """The field exactly as the receiver will see it (quarter-pel, float32). The edge applies this
+    to its own copy so both ends align with identical vectors."""
+    return _field_to_int16(field).astype(np.float32) / FIELD_SCALE
+
+
+def _field_to_int16(field: np.ndarray) -> np.ndarray:
+    field = np.asarray(field)
+    if not np.issubdtype(field.dtype, np.floating) and not np.issubdtype(field.dtype, np.integer):
+        raise ValueError(f"motion field must be numeric, got {field.dtype}")
+    if not np.all(np.isfinite(field)):
+        raise ValueError("motion field has NaN or infinite vectors")
+    if np.abs(field).max(initial=0) > FIELD_LIMIT:
+        raise ValueError(f"motion field has a vector longer than {FIELD_LIMIT:.0f} px; the wire "
+                         "carries int16 quarter-pel")
+    return np.rint(field.astype(np.float64) * FIELD_SCALE).astype(np.int16)
+
+
+def block_pixel_mask(residual_mask: np.ndarray, height: int, width: int, block: int) -> np.ndarray:
+    """(Hr, Wr) block mask -> (H, W) pixel mask (edge blocks cropped to the frame)."""
+    return np.repeat(np.repeat(residual_mask, block, axis=0), block, axis=1)[:height, :width]
+
+
+# --------------------------------------------------------------------------------------- encode
+
+def encode_key_frame(frame: np.ndarray, frame_index: int, block: int = 16,
+                     codec: Codec = Codec.ZLIB) -> bytes:
+    """A key frame: the full (H, W, 3) uint8 frame, lossless."""
+    frame = _check_frame(frame)
+    h, w = frame.shape[:2]
+    if codec == Codec.PNG:
+        from PIL import Image
+
+        buf = io.BytesIO()
+        # compress_level 6 is Pillow's default trade-off; PNG filters beat zlib on natural images
+        Image.fromarray(frame, "RGB").save(buf, format="PNG", compress_level=6)
+        body = buf.getvalue()
+        raw_len = len(body)
+        crc = zlib.crc32(body)
+    else:
+        raw = frame.tobytes()
+        raw_len, crc = len(raw), zlib.crc32(raw)
+        body = _compress(raw, codec)
+    return _header(FLAG_KEY, codec, block, frame_index, h, w, body, raw_len, crc) + body
+
+
+def encode_residual_frame(frame: np.ndarray, field: np.ndarray, residual_mask: np.ndarray,
+                          frame_index: int, block: int = 16, codec: Codec = Codec.ZLIB) -> bytes:
+    """A residual frame: the accumulated field (quantized) and the pixels of ``frame`` inside the
+    residual blocks of ``residual_mask`` ((Hr, Wr) bool, Hr = ceil(H / block))."""
+    frame = _check_frame(frame)
+    h, w = frame.shape[:2]
+    _check_block(block)
+    if codec not in (Codec.RAW, Codec.ZLIB):
+        raise ValueError(f"codec {codec!r} is for key frames only")
+    field = np.asarray(field)
+    if field.shape != field_shape(h, w):
+        raise ValueError(f"motion field shape {field.shape} does not fit a {h}x{w} frame "
+                         f"(expected {field_shape(h, w)})")
+    residual_mask = np.asarray(residual_mask)
+    if residual_mask.dtype != bool or residual_mask.shape != residual_grid(h, w, block):
+        raise ValueError(f"residual mask must be bool {residual_grid(h, w, block)} for a {h}x{w} "
+                         f"frame and block {block}, got {residual_mask.dtype} {residual_mask.shape}")
+    q = _field_to_int16(field)
+    # x-delta per row: smooth fields become runs of zeros that zlib codes in a few bits
+    delta = q.copy()
+    delta[:, 1:] = q[:, 1:] - q[:, :-1]  # int16 wrap-around is undone exactly by cumsum in int16
+    pixels = frame[block_pixel_mask(residual_mask, h, w, block)]
+    raw = delta.tobytes() + np.packbits(residual_mask, axis=None).tobytes() + pixels.tobytes()
+    body = _compress(raw, codec)
+    return _header(0, codec, block, frame_index, h, w, body, len(raw), zlib.crc32(raw)) + body
+
+
+def _header(flags, codec, block, frame_index, h, w, body, raw_len, crc) -> bytes:
+    if not 0 <= frame_index < 2**63:
+        raise ValueError(f"frame index {frame_index} out of range")
+    return HEADER.pack(MAGIC, VERSION, flags, int(codec), block, 0, frame_index, h, w, len(body),
+                       raw_len, crc)
+
+
+def _compress(raw: bytes, codec: Codec) -> bytes:
+    return zlib.compress(raw, ZLIB_LEVEL) if codec == Codec.ZLIB else raw
+
+
+def _check_frame(frame: np.ndarray) -> np.ndarray:
+    if not isinstance(frame, np.ndarray) or frame.dtype != np.uint8 or frame.ndim != 3 \
+            or frame.shape[2] != 3:
+        desc = f"{frame.dtype} {frame.shape}" if isinstance(frame, np.ndarray) else type(frame).__name__
+        raise ValueError(f"frame must be uint8 (H, W, 3) RGB, got {desc}")
+    h, w = frame.shape[:2]
+    if not (0 < h <= MAX_SIDE and 0 < w <= MAX_SIDE and h * w <= MAX_PIXELS):
+        raise ValueError(f"frame {h}x{w} is outside the wire's limits ({MAX_SIDE} px a side, "
+                         f"{MAX_PIXELS} pixels)")
+    return np.ascontiguousarray(frame)
+
+
+def _check_block(block: int) -> None:
+    if block not in ALLOWED_BLOCKS:
+        raise ValueError(f"residual block {block} not supported; choose from {ALLOWED_BLOCKS}")
+
+
+# --------------------------------------------------------------------------------------- decode
+
+def peek_header(payload: bytes) -> dict:
+    """The header fields, validated, without touching the body."""
+    if len(payload) < HEADER_SIZE:
+        raise PayloadError(f"payload of {len(payload)} bytes is shorter than the {HEADER_SIZE}-byte "
+                           "header (truncated, or not a FluxShard request)")
+    magic, version, flags, codec, block, _, frame_index, h, w, body_len, raw_len, crc = \
+        HEADER.unpack_from(payload)
+    if magic != MAGIC:
+        raise PayloadError(f"bad magic {magic!r}: not a FluxShard request")
+    if version != VERSION:
+        raise PayloadError(f"wire version {version} is not supported (this end speaks {VERSION})")
+    if flags & ~KNOWN_FLAGS:
+        raise PayloadError(f"unknown flags 0x{flags:02x}")
+    try:
+        codec = Codec(codec)
+    except ValueError:
+        raise PayloadError(f"unknown codec {codec}") from None
+    key = bool(flags & FLAG_KEY)
+    if block not in ALLOWED_BLOCKS:
+        raise PayloadError(f"residual block {block} not supported ({ALLOWED_BLOCKS})")
+    if not (0 < h <= MAX_SIDE and 0 < w <= MAX_SIDE and h * w <= MAX_PIXELS):
+        raise PayloadError(f"frame size {h}x{w} outside the limits ({MAX_SIDE} px a side, "
+                           f"{MAX_PIXELS} pixels)")
+    if frame_index >= 2**63:
+        raise PayloadError(f"frame index {frame_index} out of range")
+    if not key and codec == Codec.PNG:
+        raise PayloadError("PNG codec on a residual frame")
+    if len(payload) != HEADER_SIZE + body_len:
+        raise PayloadError(f"payload is {len(payload)} bytes, header says {HEADER_SIZE + body_len} "
+                           "(truncated or trailing bytes)")
+    cap = max_raw_len(h, w, block, key, codec)
+    if raw_len > cap:
+        raise PayloadError(f"declared body size {raw_len} exceeds the {cap} bytes a {h}x{w} frame "
+                           "can need")
+    return dict(key=key, codec=codec, block=block, frame_index=frame_index, height=h, width=w,
+                body_len=body_len, raw_len=raw_len, crc=crc)
+
+
+def max_raw_len(h: int, w: int, block: int, key: bool, codec: Codec) -> int:
+    if key:
+        # PNG of incompressible data is slightly larger than raw: filter byte per row + chunks
+        return h * w * 3 + (h * 2 + 4096 if codec == Codec.PNG else 0)
+    fh, fw, _ = field_shape(h, w)
+    rh, rw = residual_grid(h, w, block)
+    return fh * fw * 2 * 2 + -(-rh * rw // 8) + h * w * 3
+
+
+def decode_request(payload: bytes | bytearray | memoryview | np.ndarray) -> Request:
+    """Parse and validate a request; raises :class:`PayloadError` on anything malformed."""
+    if isinstance(payload, np.ndarray):
+        payload = payload.tobytes()
+    payload = bytes(payload)
+    hdr = peek_header(payload)
+    body = payload[HEADER_SIZE:]
+    h, w, block = hdr["height"], hdr["width"], hdr["block"]
+    common = dict(frame_index=hdr["frame_index"], height=h, width=w, block=block, key=hdr["key"],
+                  wire_bytes=len(payload))
+    if hdr["codec"] == Codec.PNG:
+        raw = body
+        if len(raw) != hdr["raw_len"]:
+            raise PayloadError(f"PNG body is {len(raw)} bytes, header says {hdr['raw_len']}")
+    else:
+        raw = _decompress(body, hdr["codec"], hdr["raw_len"])
+    if zlib.crc32(raw) != hdr["crc"]:
+        raise PayloadError("body checksum mismatch (corrupted payload)")
+    if hdr["key"]:
+        if hdr["codec"] == Codec.PNG:
+            frame = _decode_png(raw, h, w)
+        else:
+            if len(raw) != h * w * 3:
+                raise PayloadError(f"key frame body is {len(raw)} bytes, a {h}x{w} RGB frame is "
+                                   f"{h * w * 3}")
+            frame = np.frombuffer(raw, np.uint8).reshape(h, w, 3).copy()
+        return Request(frame=frame, **common)
+    fh, fw, _ = field_shape(h, w)
+    rh, rw = residual_grid(h, w, block)
+    n_field = fh * fw * 2 * 2
+    n_bitmap = -(-rh * rw // 8)
+    if len(raw) < n_field + n_bitmap:
+        raise PayloadError(f"residual body of {len(raw)} bytes is shorter than its field and "
+                           f"bitmap ({n_field + n_bitmap} bytes)")
+    delta = np.frombuffer(raw, np.int16, count=fh * fw * 2).reshape(fh, fw, 2)
+    q = np.cumsum(delta, axis=1, dtype=np.int16)
+    field = q.astype(np.float32) / FIELD_SCALE
+    bits = np.frombuffer(raw, np.uint8, count=n_bitmap, offset=n_field)
+    mask = np.unpackbits(bits, count=rh * rw).astype(bool).reshape(rh, rw)
+    if np.unpackbits(bits)[rh * rw:].any():
+        raise PayloadError("residual bitmap has bits set past the last block")
+    n_pixels = int(block_pixel_mask(mask, h, w, block).sum())
+    pixels = np.frombuffer(raw, np.uint8, offset=n_field + n_bitmap)
+    if pixels.size != n_pixels * 3:
+        raise PayloadError(f"residual pixels are {pixels.size} bytes, the bitmap's "
+                           f"{int(mask.sum())} blocks need {n_pixels * 3}")
+    return Request(field=field, residual_mask=mask, pixels=pixels.copy(), **common)
+
+
+def _decompress(body: bytes, codec: Codec, raw_len: int) -> bytes:
+    if codec == Codec.RAW:
+        if len(body) != raw_len:
+            raise PayloadError(f"raw body is {len(body)} bytes, header says {raw_len}")
+        return body
+    d = zlib.decompressobj()
+    try:
+        # max_length caps what we inflate: a bomb stops at raw_len + 1 bytes
+        raw = d.decompress(body, raw_len + 1)
+    except zlib.error as e:
+        raise PayloadError(f"body does not decompress: {e}") from None
+    if len(raw) != raw_len or d.unconsumed_tail or not d.eof:
+        raise PayloadError(f"body decompresses to {'more than ' if len(raw) > raw_len else ''}"
+                           f"{len(raw)} bytes{' (incomplete stream)' if not d.eof else ''}, "
+                           f"header says {raw_len}")
+    if d.unused_data:
+        raise PayloadError("trailing bytes after the compressed body")
+    return raw
+
+
+def _decode_png(raw: bytes, h: int, w: int) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        img = Image.open(io.BytesIO(raw), formats=["PNG"])
+        if img.size != (w, h) or img.mode != "RGB":  # checked before the pixels are inflated
+            raise PayloadError(f"key frame PNG is {img.size[0]}x{img.size[1]} {img.mode}, header "
+                               f"says {w}x{h} RGB")
+        frame = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    except PayloadError:
+        raise
+    except Exception as e:  # Pillow raises many types on corrupt files
+        raise PayloadError(f"key frame PNG does not decode: {type(e).__name__}: {e}") from None
+    return np.ascontiguousarray(frame)
+
+
+# ------------------------------------------------------------------------------------- response
+
+def cache_digest(cache: np.ndarray) -> bytes:
+    """blake2b-128 of an input cache, shape included."""
+    h = hashlib.blake2b(digest_size=DIGEST_SIZE)
+    h.update(struct.pack("<3I", *cache.shape))
+    h.update(np.ascontiguousarray(cache).data)
+    return h.digest()
+
+
+def response_tensors(response: Response) -> dict[str, np.ndarray]:
+    """The Triton output tensors of a response."""
+    det = np.ascontiguousarray(response.detections, dtype=np.float32).reshape(-1, 6)
+    stats = np.frombuffer(json.dumps(response.stats, separators=(",", ":")).encode(), np.uint8)
+    digest = np.frombuffer(response.digest, np.uint8)
+    if digest.size != DIGEST_SIZE:
+        raise ValueError(f"digest must be {DIGEST_SIZE} bytes")
+    return {"DETECTIONS": det, "STATS": stats.copy(), "DIGEST": digest.copy()}
+
+
+def response_from_tensors(detections: np.ndarray, stats: np.ndarray, digest: np.ndarray) -> Response:
+    """Parse the output tensors (batch dimension of 1 allowed) into a :class:`Response`."""
+    det = np.asarray(detections, dtype=np.float32)
+    if det.ndim == 3 and det.shape[0] == 1:
+        det = det[0]
+    if det.ndim != 2 or det.shape[1] != 6:
+        raise PayloadError(f"DETECTIONS must be (N, 6), got {det.shape}")
+    digest = np.asarray(digest, np.uint8).reshape(-1)
+    if digest.size != DIGEST_SIZE:
+        raise PayloadError(f"DIGEST must be {DIGEST_SIZE} bytes, got {digest.size}")
+    try:
+        stats_dict = json.loads(np.asarray(stats, np.uint8).tobytes().decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PayloadError(f"STATS is not JSON: {e}") from None
+    return Response(detections=det, digest=digest.tobytes(), stats=stats_dict)
+
+
+__all__ = ["MAGIC", "VERSION", "Codec", "PayloadError", "Request", "Response", "quantize_field",
+           "encode_key_frame", "encode_residual_frame", "decode_request", "peek_header",
+           "cache_digest", "response_tensors", "response_from_tensors", "block_pixel_mask",
+           "field_shape", "residual_grid"]
