@@ -1,0 +1,116 @@
+"""Accuracy measures (fluxshard.accuracy) on hand-made cases with known answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fluxshard.accuracy import agreement, evaluate_detections, mask_iou, matched_mask_iou
+from fluxshard.models import Detections, build_yolo11, postprocess, preprocess
+
+GT = [
+    {"boxes": [[10, 10, 50, 60], [100, 100, 180, 150]], "classes": [0, 1]},
+    {"boxes": [[5, 5, 30, 30]], "classes": [2]},
+]
+
+
+def predictions(shift=(0.0, 0.0), class_offset=0, scores=(0.9, 0.8, 0.7)):
+    out, k = [], 0
+    for frame in GT:
+        boxes = np.asarray(frame["boxes"], float) + np.array([*shift, *shift])
+        n = len(boxes)
+        out.append(Detections(boxes.astype(np.float32), np.asarray(scores[k:k + n], np.float32),
+                              np.asarray(frame["classes"]) + class_offset))
+        k += n
+    return out
+
+
+def empty_frames(n):
+    return [Detections(np.zeros((0, 4), np.float32), np.zeros(0, np.float32),
+                       np.zeros(0, np.int64)) for _ in range(n)]
+
+
+def test_perfect_match_is_one():
+    r = evaluate_detections(predictions(), GT)
+    assert r["map50"] == pytest.approx(1.0) and r["map50_95"] == pytest.approx(1.0)
+    assert (r["frames"], r["gt_objects"], r["pred_objects"]) == (2, 3, 3)
+
+
+def test_boxes_shifted_below_iou_half_score_zero():
+    # 25 px shift of a 40x50 box: IoU = 15*25 / (2*40*50 - 15*25) < 0.5; larger boxes overlap less.
+    r = evaluate_detections(predictions(shift=(25.0, 25.0)), GT)
+    assert r["map50"] == 0.0 and r["map50_95"] == 0.0
+
+
+def test_small_shift_passes_at_half_but_not_at_strict_thresholds():
+    r = evaluate_detections(predictions(shift=(3.0, 0.0)), GT)
+    assert r["map50"] == pytest.approx(1.0)
+    assert 0.0 < r["map50_95"] < 1.0
+
+
+def test_class_mismatch_scores_zero():
+    r = evaluate_detections(predictions(class_offset=1), GT)
+    assert r["map50"] == 0.0
+
+
+def test_missing_half_of_the_objects_lowers_map():
+    preds = predictions()
+    preds[0] = Detections(preds[0].boxes[:1], preds[0].scores[:1], preds[0].classes[:1])
+    r = evaluate_detections(preds, GT)
+    # class 1 has no detection (AP 0), classes 0 and 2 are perfect: mean 2/3.
+    assert r["map50"] == pytest.approx(2 / 3, abs=1e-3)
+
+
+def test_empty_predictions_and_empty_ground_truth():
+    assert evaluate_detections(empty_frames(2), GT)["map50"] == 0.0
+    assert evaluate_detections(predictions(), empty_frames(2))["map50"] == 0.0
+    both_empty = evaluate_detections(empty_frames(2), empty_frames(2))
+    assert both_empty["map50"] == 1.0 and both_empty["gt_objects"] == 0
+
+
+def test_frame_count_mismatch_is_an_error():
+    with pytest.raises(ValueError, match="matched by position"):
+        evaluate_detections(predictions()[:1], GT)
+
+
+def test_bad_boxes_are_an_error():
+    with pytest.raises(ValueError, match="NaN"):
+        evaluate_detections([{"boxes": [[0, 0, np.nan, 1]], "classes": [0]}], [GT[1]])
+
+
+def test_mask_measures_on_hand_made_masks():
+    masks = np.zeros((2, 64, 64), bool)
+    masks[0, 10:20, 10:20] = True
+    masks[1, 30:50, 30:40] = True
+    gt = [{"boxes": [[10, 10, 20, 20], [30, 30, 40, 50]], "classes": [0, 1], "masks": masks}]
+    half = masks.copy()
+    half[1, 40:50] = False  # second instance: half of its pixels -> IoU 0.5
+    pred = [{"boxes": gt[0]["boxes"], "classes": [0, 1], "scores": [0.9, 0.8], "masks": half}]
+    r = evaluate_detections(pred, gt)
+    assert r["map50"] == pytest.approx(1.0)
+    assert r["mask_iou"] == pytest.approx(0.75)
+    assert 0.0 < r["mask_map50_95"] < 1.0
+    np.testing.assert_allclose(mask_iou(half, masks), [[1.0, 0.0], [0.0, 0.5]])
+
+
+def test_matched_mask_iou_uses_each_prediction_once():
+    m = np.zeros((2, 8, 8), bool)
+    m[0, :4] = True
+    m[1, 4:] = True
+    gt = [{"boxes": [[0, 0, 8, 4], [0, 4, 8, 8]], "classes": [0, 0], "masks": m}]
+    one = [{"boxes": [[0, 0, 8, 4]], "classes": [0], "scores": [1.0], "masks": m[:1]}]
+    assert matched_mask_iou(one, gt) == pytest.approx(0.5)
+
+
+@torch.no_grad()
+def test_agreement_of_a_model_with_itself_is_one():
+    torch.manual_seed(0)
+    model = build_yolo11("n", "detect", num_classes=3).eval()
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 255, (96, 128, 3), dtype=np.uint8) for _ in range(2)]
+    x = preprocess(frames)
+    dets = postprocess(model(x), x.shape[2:], frames[0].shape[:2], conf_thres=0.001)
+    assert sum(len(d) for d in dets) > 0  # prior biases put stride-32 scores near 0.004
+    assert agreement(dets, dets)["map50"] == pytest.approx(1.0)
+    assert agreement(dets, dets)["map50_95"] == pytest.approx(1.0)
