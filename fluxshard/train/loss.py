@@ -122,7 +122,7 @@ class TaskAlignedAssigner(nn.Module):
         align = cls_scores.pow(self.alpha) * overlaps.pow(self.beta) * in_gts
 
         # Top-k anchors per box by alignment (ties and zeros still count: ultralytics behaviour).
-        topk_idx = align.topk(self.topk, dim=-1).indices  # (B, M, k)
+        topk_idx = align.topk(min(self.topk, a), dim=-1).indices  # (B, M, k)
         is_topk = torch.zeros_like(align, dtype=torch.bool).scatter_(-1, topk_idx, True)
         mask_pos = (is_topk & in_gts).float()  # (B, M, A)
 
