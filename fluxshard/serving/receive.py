@@ -1,0 +1,100 @@
+"""The cloud receive layer: rebuild a stream's input exactly as the edge's mirror predicts.
+
+One function, :func:`rebuild_input`, used by both ends: the server applies each request to its
+per-stream cache, and the edge client applies the same request to its mirror of that cache, so the
+two stay bit-identical and their digests (:func:`fluxshard.wire.cache_digest`) agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fluxshard.wire import Request, block_pixel_mask, cache_digest
+
+
+class ResyncNeeded(RuntimeError):
+    """The receiver cannot apply this frame (unknown stream, no cache, frame out of order, size
+    change); the sender must send a key frame. The message always contains 'resync needed'."""
+
+    def __init__(self, reason: str):
+        super().__init__(f"resync needed: {reason}")
+        self.reason = reason
+
+
+def rebuild_input(cache: np.ndarray | None, request: Request) -> np.ndarray:
+    """The new input cache after ``request``: the key frame itself, or ``cache`` aligned with the
+    request's field and overwritten by its residual blocks. Never modifies ``cache``."""
+    if request.key:
+        return request.frame
+    if cache is None:
+        raise ResyncNeeded("a residual frame arrived with no cached input")
+    if cache.shape != (request.height, request.width, 3):
+        raise ResyncNeeded(f"frame size {request.height}x{request.width} differs from the cached "
+                           f"{cache.shape[0]}x{cache.shape[1]}")
+    aligned, _valid = _align_image()(cache, request.field)
+    aligned = np.array(aligned, dtype=np.uint8, copy=True, order="C")
+    pixel_mask = block_pixel_mask(request.residual_mask, request.height, request.width,
+                                  request.block)
+    aligned[pixel_mask] = request.pixels.reshape(-1, 3)
+    return aligned
+
+
+@dataclass
+class ReceiveState:
+    """One endpoint's view of a stream's input cache (the server's, or the edge's mirror)."""
+
+    cache: np.ndarray | None = None
+    frame_index: int = -1
+    digest: bytes = b""
+
+    def apply(self, request: Request) -> np.ndarray:
+        """Check order, rebuild, commit; returns the new cache. A failed apply leaves the state as
+        it was."""
+        if not request.key:
+            if self.cache is None:
+                raise ResyncNeeded("no key frame received for this stream")
+            if request.frame_index <= self.frame_index:
+                raise ResyncNeeded(f"frame {request.frame_index} is out of order (last applied "
+                                   f"frame {self.frame_index})")
+        new_cache = rebuild_input(self.cache, request)
+        self.cache, self.frame_index = new_cache, request.frame_index
+        self.digest = cache_digest(new_cache)
+        return new_cache
+
+    def reset(self) -> None:
+        self.cache, self.frame_index, self.digest = None, -1, b""
+
+
+def _align_image():
+    """fluxshard.motion.field.align_image (the motion layer owns alignment semantics); until that
+    module exists, a stand-in written to docs/CONVENTIONS.md ("Alignment")."""
+    try:
+        from fluxshard.motion.field import align_image
+    except ImportError:
+        return _align_image_conventions
+    return align_image
+
+
+def _align_image_conventions(image: np.ndarray, field: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    h, w = image.shape[:2]
+    d = np.rint(field).astype(np.int64)  # integer gather; CONVENTIONS allows numpy.rint
+    d = np.repeat(np.repeat(d, 4, axis=0), 4, axis=1)[:h, :w]
+    ys, xs = np.mgrid[0:h, 0:w]
+    sx, sy = xs + d[..., 0], ys + d[..., 1]
+    valid = (sx >= 0) & (sx < w) & (sy >= 0) & (sy < h)
+    aligned = np.zeros_like(image)
+    aligned[valid] = image[sy[valid], sx[valid]]
+    return aligned, valid
+
+
+def invalid_blocks(cache: np.ndarray, field: np.ndarray, block: int) -> np.ndarray:
+    """(Hr, Wr) bool: residual blocks holding a pixel whose source lies outside the cached frame.
+    Such pixels have no aligned value, so their blocks must always travel."""
+    h, w = cache.shape[:2]
+    _, valid = _align_image()(cache, field)
+    hr, wr = -(-h // block), -(-w // block)
+    padded = np.ones((hr * block, wr * block), bool)
+    padded[:h, :w] = valid
+    return ~padded.reshape(hr, block, wr, block).all(axis=(1, 3))

@@ -1,0 +1,176 @@
+"""Model-side session logic: per-stream state keyed by Triton's correlation id.
+
+The Triton model (``model_repository/fluxshard/1/model.py``) is a thin adapter around
+:class:`SessionManager`; everything here is plain Python so it can run in-process too.
+
+The compute behind a stream is a :class:`StreamSession`: it gets the rebuilt input frame, the
+(dequantized) accumulated field and the residual mask, and returns detections and stats. The dense
+YOLO11 session below recomputes every frame; the sparse executor plugs in through the same
+interface (a ``session_factory`` that returns its own sessions).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field as dataclass_field
+from typing import Callable, Protocol
+
+import numpy as np
+
+from fluxshard.wire import PayloadError, Request, Response, decode_request
+from fluxshard.serving.receive import ReceiveState, ResyncNeeded
+
+
+class StreamSession(Protocol):
+    """Per-stream compute. ``infer`` is called once per applied frame, in order."""
+
+    def infer(self, rebuilt_frame: np.ndarray, field: np.ndarray | None,
+              residual_mask: np.ndarray | None, key: bool) -> tuple[np.ndarray, dict]:
+        """-> (detections (N, 6) float32 x1, y1, x2, y2, score, class; stats dict)."""
+        ...
+
+    def close(self) -> None:
+        ...
+
+
+SessionFactory = Callable[[int], StreamSession]
+
+
+class DenseYoloSession:
+    """Dense YOLO11 on every rebuilt frame: the baseline the sparse executor replaces. The model
+    is shared between sessions (it is stateless); the session holds nothing."""
+
+    def __init__(self, model, conf_threshold: float = 0.25, iou_threshold: float = 0.45):
+        self.model = model
+        self.conf_threshold = conf_threshold
+        self.iou_threshold = iou_threshold
+
+    def infer(self, rebuilt_frame, field, residual_mask, key):
+        import torch
+
+        from fluxshard.models import postprocess, preprocess
+
+        x = preprocess(rebuilt_frame)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = self.model(x)
+        det = postprocess(out, x.shape[-2:], rebuilt_frame.shape[:2],
+                          conf_thres=self.conf_threshold, iou_thres=self.iou_threshold)[0]
+        rows = np.concatenate([det.boxes.reshape(-1, 4), det.scores.reshape(-1, 1),
+                               det.classes.reshape(-1, 1).astype(np.float32)], axis=1)
+        stats = {"compute": "dense", "compute_ms": round((time.perf_counter() - t0) * 1e3, 3),
+                 "recomputed_fraction": 1.0}
+        return rows.astype(np.float32), stats
+
+    def close(self) -> None:
+        pass
+
+
+def dense_yolo_factory(weights: str | None = None, scale: str = "n", threads: int = 1,
+                       conf_threshold: float = 0.25, seed: int = 0) -> SessionFactory:
+    """Sessions sharing one dense YOLO11: ``weights`` (a checkpoint path), else the embedded
+    default weights if present, else a random model of ``scale`` seeded with ``seed`` (the same
+    weights in every process, so tests can compare against a local run)."""
+    model = load_dense_model(weights, scale, threads, seed)
+    return lambda corrid: DenseYoloSession(model, conf_threshold=conf_threshold)
+
+
+def load_dense_model(weights: str | None = None, scale: str = "n", threads: int = 1, seed: int = 0):
+    import torch
+
+    from fluxshard.models import build_yolo11, fuse, load_model
+
+    torch.set_num_threads(threads)
+    if weights:
+        return load_model(weights, fused=True)
+    try:
+        return load_model(None, fused=True)
+    except FileNotFoundError:
+        torch.manual_seed(seed)
+        return fuse(build_yolo11(scale, "detect", 80).eval())
+
+
+@dataclass
+class _Stream:
+    session: StreamSession
+    receive: ReceiveState = dataclass_field(default_factory=ReceiveState)
+    last_seen: float = 0.0
+    frames: int = 0
+
+
+class SessionManager:
+    """Per-stream sessions keyed by correlation id.
+
+    ``handle`` applies one request: START resets the stream (and must carry a key frame), END frees
+    it after answering, streams idle longer than ``idle_seconds`` are freed by :meth:`sweep` (Triton
+    does not tell a python-backend model when a sequence times out). Errors the client can fix by
+    sending a key frame raise :class:`ResyncNeeded`; malformed payloads raise ``PayloadError``.
+    """
+
+    def __init__(self, session_factory: SessionFactory, idle_seconds: float = 60.0,
+                 max_streams: int = 256, clock: Callable[[], float] = time.monotonic):
+        self.session_factory = session_factory
+        self.idle_seconds = idle_seconds
+        self.max_streams = max_streams
+        self.clock = clock
+        self.streams: dict[int, _Stream] = {}
+        self._lock = threading.RLock()  # in-process users may call from several threads
+
+    def handle(self, corrid: int, start: bool, end: bool, payload: bytes) -> Response:
+        t0 = time.perf_counter()
+        request = decode_request(payload)
+        with self._lock:
+            return self._handle(corrid, start, end, request, t0)
+
+    def _handle(self, corrid: int, start: bool, end: bool, request: Request, t0: float) -> Response:
+        now = self.clock()
+        self.sweep(now)
+        stream = self.streams.get(corrid)
+        if start and not request.key:
+            raise ResyncNeeded(f"stream {corrid} started with a residual frame; the first frame of "
+                               "a sequence must be a key frame")
+        if start or (stream is None and request.key):
+            # START resets; a key frame also re-opens a stream the server forgot (restart, sweep)
+            if stream is not None:
+                stream.session.close()
+            elif len(self.streams) >= self.max_streams:
+                raise RuntimeError(f"too many open streams ({self.max_streams}); end some first")
+            stream = _Stream(self.session_factory(corrid))
+            self.streams[corrid] = stream
+        elif stream is None:
+            raise ResyncNeeded(f"unknown stream {corrid} (server restarted or stream timed out)")
+        stream.last_seen = now
+        try:
+            rebuilt = stream.receive.apply(request)
+            detections, compute_stats = stream.session.infer(rebuilt, request.field,
+                                                             request.residual_mask, request.key)
+        finally:
+            if end:
+                self.close(corrid)
+        stream.frames += 1
+        grid = -(-np.array(request.shape) // request.block)
+        stats = {"frame_index": request.frame_index, "key": request.key,
+                 "wire_bytes": request.wire_bytes,
+                 "residual_blocks": 0 if request.key else int(request.residual_mask.sum()),
+                 "total_blocks": int(grid.prod()),
+                 "server_ms": round((time.perf_counter() - t0) * 1e3, 3), **compute_stats}
+        return Response(detections=detections, digest=stream.receive.digest, stats=stats)
+
+    def close(self, corrid: int) -> None:
+        with self._lock:
+            stream = self.streams.pop(corrid, None)
+        if stream is not None:
+            stream.session.close()
+
+    def sweep(self, now: float | None = None) -> list[int]:
+        """Free streams idle longer than ``idle_seconds``; returns their ids."""
+        now = self.clock() if now is None else now
+        stale = [c for c, s in self.streams.items() if now - s.last_seen > self.idle_seconds]
+        for c in stale:
+            self.streams.pop(c).session.close()
+        return stale
+
+
+__all__ = ["StreamSession", "SessionFactory", "DenseYoloSession", "dense_yolo_factory",
+           "load_dense_model", "SessionManager", "ResyncNeeded", "PayloadError", "Request"]

@@ -1,0 +1,391 @@
+"""Transport to the FluxShard cloud model: one Triton sequence per camera stream.
+
+``FluxShardClient(url).open_stream(stream_id)`` gives a :class:`Stream`; ``stream.send(frame,
+field, residual_mask)`` encodes the frame (fluxshard.wire), sends it, and checks that the cloud's
+rebuilt input equals the stream's mirror of it (digest). The stream recovers by itself: when the
+server asks for a resync (unknown stream, frame out of order), when the digests disagree, or when
+the server went away and came back, it re-sends the same frame as a key frame. A frame is either
+answered correctly or raises; it is never silently lost or answered from a wrong input.
+
+The caller's motion field is quantized to the wire's quarter-pel (``fluxshard.wire.quantize_field``)
+before use; callers that pick residual blocks themselves should quantize first too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field as dataclass_field
+
+import numpy as np
+
+from fluxshard import wire
+from fluxshard.serving.receive import ReceiveState, invalid_blocks
+
+MODEL_NAME = "fluxshard"
+OUTPUTS = ("DETECTIONS", "STATS", "DIGEST")
+
+
+class CloudError(RuntimeError):
+    """The cloud rejected a frame for a reason a key frame does not fix (bad payload, internal
+    error), or did not come back within the reconnect timeout."""
+
+
+class _Resync(Exception):
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class _Unavailable(Exception):
+    pass
+
+
+@dataclass
+class CloudResult:
+    """The cloud's answer for one frame."""
+
+    frame_index: int
+    detections: np.ndarray  # (N, 6) float32 x1, y1, x2, y2, score, class
+    digest: bytes
+    stats: dict
+    key: bool  # sent as a key frame
+    resyncs: list[str] = dataclass_field(default_factory=list)  # why it was re-sent, if it was
+    wire_bytes: int = 0  # bytes of the payload that was answered
+    round_trip_ms: float = 0.0
+
+    @property
+    def boxes(self) -> np.ndarray:
+        return self.detections[:, :4]
+
+    @property
+    def scores(self) -> np.ndarray:
+        return self.detections[:, 4]
+
+    @property
+    def classes(self) -> np.ndarray:
+        return self.detections[:, 5].astype(np.int64)
+
+
+@dataclass
+class RetryPolicy:
+    """How long a stream waits for an unreachable server, and how often it re-sends."""
+
+    reconnect_timeout_s: float = 120.0
+    backoff_s: tuple[float, float] = (0.1, 2.0)  # first, largest pause between tries
+    max_resyncs: int = 3  # key-frame re-sends per frame before giving up
+
+
+def _classify(exc: Exception) -> Exception:
+    """Map a tritonclient / transport exception onto resync, unavailable, or a CloudError."""
+    from tritonclient.utils import InferenceServerException
+
+    if isinstance(exc, InferenceServerException):
+        msg = exc.message() or str(exc)
+        status = str(exc.status() or "")
+        low = msg.lower()
+        if "resync needed" in low or "must specify the start flag" in low:
+            return _Resync(msg)
+        if ("unavailable" in status.lower() or "deadline" in status.lower()
+                or "not found" in low or "not ready" in low or "unavailable" in low
+                or "failed to connect" in low or "connection" in low or "socket closed" in low):
+            return _Unavailable(msg)
+        return CloudError(f"cloud rejected the frame: {msg}")
+    if isinstance(exc, (ConnectionError, OSError, TimeoutError)):
+        return _Unavailable(f"{type(exc).__name__}: {exc}")
+    return exc
+
+
+class _StreamCore:
+    """The protocol state of one stream, shared by the sync and the asyncio streams."""
+
+    def __init__(self, stream_id: int, block: int, retry: RetryPolicy, key_codec: wire.Codec):
+        if not 0 < int(stream_id) < 2**64:
+            raise ValueError(f"stream id must be in [1, 2**64), got {stream_id} (0 means 'no "
+                             "sequence' to Triton)")
+        self.stream_id = int(stream_id)
+        self.block = block
+        self.retry = retry
+        self.key_codec = key_codec
+        self.mirror = ReceiveState()  # what the cloud's input cache holds, as far as we know
+        self.need_start = True  # next request opens the Triton sequence
+        self.need_key = True
+        self.next_index = 0
+        self.closed = False
+
+    def prepare(self, frame, field, residual_mask, key, frame_index):
+        """-> (payload, the mirror state after the cloud applies it, key)."""
+        if self.closed:
+            raise RuntimeError(f"stream {self.stream_id} is closed")
+        index = self.next_index if frame_index is None else int(frame_index)
+        if index < self.next_index:
+            raise ValueError(f"frame index {index} is not after the previous one "
+                             f"({self.next_index - 1})")
+        key = key or self.need_key or field is None or residual_mask is None
+        if not key and self.mirror.cache is not None and self.mirror.cache.shape != frame.shape:
+            key = True  # the resolution changed
+        predicted = ReceiveState(self.mirror.cache, self.mirror.frame_index, self.mirror.digest)
+        if key:
+            payload = wire.encode_key_frame(frame, index, self.block, codec=self.key_codec)
+            request = wire.Request(index, frame.shape[0], frame.shape[1], self.block, True,
+                                   frame=np.ascontiguousarray(frame))
+        else:
+            field_q = wire.quantize_field(field)
+            mask = np.asarray(residual_mask, bool) | invalid_blocks(self.mirror.cache, field_q,
+                                                                   self.block)
+            payload = wire.encode_residual_frame(frame, field_q, mask, index, self.block)
+            pixels = frame[wire.block_pixel_mask(mask, *frame.shape[:2], self.block)].reshape(-1)
+            request = wire.Request(index, frame.shape[0], frame.shape[1], self.block, False,
+                                   field=field_q, residual_mask=mask, pixels=pixels)
+        predicted.apply(request)
+        return payload, predicted, key, index
+
+    def finish(self, outputs: dict, predicted: ReceiveState, key: bool, index: int,
+               payload: bytes, resyncs: list[str], round_trip_ms: float) -> CloudResult:
+        response = wire.response_from_tensors(outputs["DETECTIONS"], outputs["STATS"],
+                                              outputs["DIGEST"])
+        if response.digest != predicted.digest:
+            raise _Resync(f"digest mismatch at frame {index}: cloud "
+                          f"{response.digest.hex()} != mirror {predicted.digest.hex()}")
+        if response.frame_index != index:
+            raise _Resync(f"cloud answered frame {response.frame_index} for frame {index}")
+        self.mirror = predicted
+        self.need_start = self.need_key = False
+        self.next_index = index + 1
+        return CloudResult(index, response.detections, response.digest, response.stats, key,
+                           resyncs, len(payload), round_trip_ms)
+
+    def on_resync(self, reason: str, resyncs: list[str]) -> None:
+        resyncs.append(reason)
+        if sum(1 for r in resyncs if not r.startswith("unavailable")) > self.retry.max_resyncs:
+            raise CloudError(f"stream {self.stream_id}: still out of sync after "
+                             f"{self.retry.max_resyncs} key frames: {resyncs[-1]}")
+        self.need_key = True
+        # a resync may mean Triton forgot the sequence; START makes the key frame open it again
+        self.need_start = True
+
+    def on_unavailable(self, reason: str, resyncs: list[str], started: float) -> float:
+        """Mark the stream for a key frame and return the pause before the next try."""
+        if time.monotonic() - started > self.retry.reconnect_timeout_s:
+            raise CloudError(f"stream {self.stream_id}: cloud unreachable for "
+                             f"{self.retry.reconnect_timeout_s:.0f} s: {reason}")
+        if not resyncs or resyncs[-1] != f"unavailable: {reason}":
+            resyncs.append(f"unavailable: {reason}")
+        # the server may have restarted and lost every stream: come back with a key frame
+        self.need_key = self.need_start = True
+        first, largest = self.retry.backoff_s
+        tries = sum(1 for r in resyncs if r.startswith("unavailable"))
+        return min(largest, first * 2 ** min(tries, 10))
+
+
+class FluxShardClient:
+    """A connection to the cloud model. ``protocol`` is "grpc" (url like ``host:8001``) or
+    "http" (``host:8000``)."""
+
+    def __init__(self, url: str, protocol: str = "grpc", model_name: str = MODEL_NAME,
+                 timeout_s: float = 60.0, retry: RetryPolicy | None = None):
+        if protocol == "grpc":
+            import tritonclient.grpc as tc
+        elif protocol == "http":
+            import tritonclient.http as tc
+        else:
+            raise ValueError(f"protocol must be 'grpc' or 'http', got {protocol!r}")
+        self._tc = tc
+        self.url, self.protocol, self.model_name = url, protocol, model_name
+        self.timeout_s = timeout_s
+        self.retry = retry or RetryPolicy()
+        kwargs = {"network_timeout": timeout_s, "connection_timeout": 5.0} if protocol == "http" else {}
+        self._client = tc.InferenceServerClient(url, **kwargs)
+
+    def open_stream(self, stream_id: int, block: int = 16,
+                    key_codec: wire.Codec = wire.Codec.ZLIB) -> "Stream":
+        return Stream(self, _StreamCore(stream_id, block, self.retry, key_codec))
+
+    def is_ready(self) -> bool:
+        try:
+            return bool(self._client.is_server_ready() and self._client.is_model_ready(self.model_name))
+        except Exception:
+            return False
+
+    def infer(self, payload: bytes, stream_id: int, start: bool, end: bool) -> dict[str, np.ndarray]:
+        """One raw request; tritonclient exceptions propagate."""
+        tc = self._tc
+        data = np.frombuffer(payload, np.uint8)[None]
+        inp = tc.InferInput("PAYLOAD", list(data.shape), "UINT8")
+        inp.set_data_from_numpy(data)
+        if self.protocol == "http":
+            outputs = [tc.InferRequestedOutput(n, binary_data=True) for n in OUTPUTS]
+            extra = {"timeout": None}
+        else:
+            outputs = [tc.InferRequestedOutput(n) for n in OUTPUTS]
+            extra = {"client_timeout": self.timeout_s}
+        result = self._client.infer(self.model_name, [inp], outputs=outputs, sequence_id=stream_id,
+                                    sequence_start=start, sequence_end=end, **extra)
+        return {n: result.as_numpy(n) for n in OUTPUTS}
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> "FluxShardClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Stream:
+    """One camera stream on the cloud (a Triton sequence)."""
+
+    def __init__(self, client: FluxShardClient, core: _StreamCore):
+        self.client, self.core = client, core
+
+    @property
+    def stream_id(self) -> int:
+        return self.core.stream_id
+
+    @property
+    def mirror(self) -> ReceiveState:
+        """The edge's mirror of the cloud's input cache for this stream."""
+        return self.core.mirror
+
+    def send(self, frame: np.ndarray, field: np.ndarray | None = None,
+             residual_mask: np.ndarray | None = None, key: bool = False,
+             frame_index: int | None = None, end: bool = False) -> CloudResult:
+        """Send one frame: a residual frame (``field``, ``residual_mask``) or, with ``key`` (or
+        when the stream needs one), the full frame. ``frame`` is always the full decoded frame so
+        the stream can fall back to a key frame. ``end`` closes the stream after this frame."""
+        core, resyncs, started = self.core, [], time.monotonic()
+        while True:
+            payload, predicted, is_key, index = core.prepare(frame, field, residual_mask, key,
+                                                             frame_index)
+            t0 = time.perf_counter()
+            try:
+                outputs = self.client.infer(payload, core.stream_id, core.need_start, end)
+                result = core.finish(outputs, predicted, is_key, index, payload, resyncs,
+                                     (time.perf_counter() - t0) * 1e3)
+            except Exception as e:  # noqa: BLE001 - classified below
+                kind = e if isinstance(e, (_Resync, _Unavailable)) else _classify(e)
+                if isinstance(kind, _Resync):
+                    core.on_resync(kind.reason, resyncs)
+                    continue
+                if isinstance(kind, _Unavailable):
+                    time.sleep(core.on_unavailable(str(kind), resyncs, started))
+                    continue
+                raise kind from e
+            if end:
+                core.closed = True
+            return result
+
+    def close(self) -> None:
+        """End the Triton sequence (one last no-change frame with END) so the server frees it."""
+        core = self.core
+        if core.closed:
+            return
+        if core.mirror.cache is not None and not core.need_start:
+            h, w = core.mirror.cache.shape[:2]
+            zero = np.zeros(wire.field_shape(h, w), np.float32)
+            none = np.zeros(wire.residual_grid(h, w, core.block), bool)
+            try:
+                self.send(core.mirror.cache, zero, none, end=True)
+            except CloudError:
+                pass  # the server forgot the stream already; its idle sweep frees the rest
+        core.closed = True
+
+    def __enter__(self) -> "Stream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ----------------------------------------------------------------------------------- asyncio
+
+class AsyncFluxShardClient:
+    """The asyncio client (gRPC): many streams in one event loop."""
+
+    def __init__(self, url: str, model_name: str = MODEL_NAME, timeout_s: float = 60.0,
+                 retry: RetryPolicy | None = None):
+        import tritonclient.grpc.aio as aio
+
+        self._aio = aio
+        self.url, self.model_name, self.timeout_s = url, model_name, timeout_s
+        self.retry = retry or RetryPolicy()
+        self._client = aio.InferenceServerClient(url)
+
+    def open_stream(self, stream_id: int, block: int = 16,
+                    key_codec: wire.Codec = wire.Codec.ZLIB) -> "AsyncStream":
+        return AsyncStream(self, _StreamCore(stream_id, block, self.retry, key_codec))
+
+    async def infer(self, payload: bytes, stream_id: int, start: bool, end: bool):
+        aio = self._aio
+        data = np.frombuffer(payload, np.uint8)[None]
+        inp = aio.InferInput("PAYLOAD", list(data.shape), "UINT8")
+        inp.set_data_from_numpy(data)
+        result = await self._client.infer(self.model_name, [inp],
+                                          outputs=[aio.InferRequestedOutput(n) for n in OUTPUTS],
+                                          sequence_id=stream_id, sequence_start=start,
+                                          sequence_end=end, client_timeout=self.timeout_s)
+        return {n: result.as_numpy(n) for n in OUTPUTS}
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def __aenter__(self) -> "AsyncFluxShardClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+
+class AsyncStream:
+    """asyncio twin of :class:`Stream`; the same protocol, the same recovery."""
+
+    def __init__(self, client: AsyncFluxShardClient, core: _StreamCore):
+        self.client, self.core = client, core
+
+    @property
+    def stream_id(self) -> int:
+        return self.core.stream_id
+
+    @property
+    def mirror(self) -> ReceiveState:
+        return self.core.mirror
+
+    async def send(self, frame: np.ndarray, field: np.ndarray | None = None,
+                   residual_mask: np.ndarray | None = None, key: bool = False,
+                   frame_index: int | None = None, end: bool = False) -> CloudResult:
+        core, resyncs, started = self.core, [], time.monotonic()
+        while True:
+            payload, predicted, is_key, index = core.prepare(frame, field, residual_mask, key,
+                                                             frame_index)
+            t0 = time.perf_counter()
+            try:
+                outputs = await self.client.infer(payload, core.stream_id, core.need_start, end)
+                result = core.finish(outputs, predicted, is_key, index, payload, resyncs,
+                                     (time.perf_counter() - t0) * 1e3)
+            except Exception as e:  # noqa: BLE001 - classified below
+                kind = e if isinstance(e, (_Resync, _Unavailable)) else _classify(e)
+                if isinstance(kind, _Resync):
+                    core.on_resync(kind.reason, resyncs)
+                    continue
+                if isinstance(kind, _Unavailable):
+                    await asyncio.sleep(core.on_unavailable(str(kind), resyncs, started))
+                    continue
+                raise kind from e
+            if end:
+                core.closed = True
+            return result
+
+    async def close(self) -> None:
+        core = self.core
+        if core.closed:
+            return
+        if core.mirror.cache is not None and not core.need_start:
+            h, w = core.mirror.cache.shape[:2]
+            zero = np.zeros(wire.field_shape(h, w), np.float32)
+            none = np.zeros(wire.residual_grid(h, w, core.block), bool)
+            try:
+                await self.send(core.mirror.cache, zero, none, end=True)
+            except CloudError:
+                pass
+        core.closed = True
