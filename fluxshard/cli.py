@@ -16,6 +16,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "demo": ("fluxshard.demo", "run the main job on the embedded default"),
     "synth": ("fluxshard.synth", "make a synthetic H.264 clip with ground truth"),
     "motion": ("fluxshard.motion.cli", "motion and residual statistics of a clip (table + plot)"),
+    "serve": ("fluxshard.serving.tritonserver", "run the Triton server with the FluxShard models"),
     "train-demo": ("fluxshard.train.cli", "train the embedded demo weights"),
 }
 

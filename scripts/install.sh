@@ -6,3 +6,17 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 $PY -m pip install -q --disable-pip-version-check torch==2.13.0
 $PY -m pip install -q --disable-pip-version-check -e '.[test]'
+
+# Triton server for `fluxshard serve` and the serving tests: the nvidia-pytriton wheel bundles a
+# tritonserver binary and the python backend. Unpacked with --no-deps into a git-ignored cache so
+# its pins (numpy<2, tritonclient~=2.50) never touch our environment.
+TRITON_DIR=.cache/tritonserver
+TRITON_ROOT=$TRITON_DIR/site/pytriton/tritonserver
+if [ ! -x "$TRITON_ROOT/bin/tritonserver" ]; then
+    rm -rf "$TRITON_DIR/site"
+    $PY -m pip install -q --disable-pip-version-check --no-deps --target "$TRITON_DIR/site" \
+        nvidia-pytriton==0.7.0
+fi
+# the python backend looks for its stub beside itself; the stub must match our Python
+PYVER=$($PY -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
+cp -f "$TRITON_ROOT/python_backend_stubs/$PYVER/triton_python_backend_stub" "$TRITON_ROOT/backends/python/"
