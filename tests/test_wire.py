@@ -1,0 +1,236 @@
+"""The uplink wire format: round trips, the documented loss, and hostile payloads."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import numpy as np
+import pytest
+
+from fluxshard import wire
+from fluxshard.serving.receive import ReceiveState, ResyncNeeded, rebuild_input
+from fluxshard.wire import Codec, PayloadError
+
+H, W, B = 40, 72, 16  # not multiples of the block: edge blocks are partial
+
+
+def frame(seed: int, h: int = H, w: int = W) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def residual_inputs(seed: int = 1):
+    rng = np.random.default_rng(seed)
+    field = rng.uniform(-6, 6, wire.field_shape(H, W)).astype(np.float32)
+    mask = rng.random(wire.residual_grid(H, W, B)) < 0.4
+    mask[-1, -1] = True  # a partial corner block
+    return frame(seed), field, mask
+
+
+@pytest.mark.parametrize("codec", [Codec.ZLIB, Codec.RAW, Codec.PNG])
+def test_key_frame_round_trip_is_lossless(codec):
+    f = frame(0)
+    req = wire.decode_request(wire.encode_key_frame(f, 12, B, codec=codec))
+    assert req.key and req.frame_index == 12 and req.shape == (H, W) and req.block == B
+    np.testing.assert_array_equal(req.frame, f)
+
+
+@pytest.mark.parametrize("codec", [Codec.ZLIB, Codec.RAW])
+def test_residual_round_trip(codec):
+    f, field, mask = residual_inputs()
+    payload = wire.encode_residual_frame(f, field, mask, 3, B, codec=codec)
+    req = wire.decode_request(payload)
+    assert not req.key and req.frame_index == 3 and req.wire_bytes == len(payload)
+    np.testing.assert_array_equal(req.residual_mask, mask)
+    # the field's only loss: quarter-pel rounding, and exactly what quantize_field predicts
+    np.testing.assert_array_equal(req.field, wire.quantize_field(field))
+    assert np.abs(req.field - field).max() <= 0.125 + 1e-6
+    np.testing.assert_array_equal(req.pixels, f[wire.block_pixel_mask(mask, H, W, B)].reshape(-1))
+
+
+def test_quantize_field_is_idempotent_and_bounded():
+    field = np.array([[[0.3, -2.6], [100.125, 8191.0]]], np.float32)
+    q = wire.quantize_field(field)
+    np.testing.assert_array_equal(wire.quantize_field(q), q)
+    with pytest.raises(ValueError, match="longer than"):
+        wire.quantize_field(np.full((1, 1, 2), 9000.0, np.float32))
+    with pytest.raises(ValueError, match="NaN"):
+        wire.quantize_field(np.full((1, 1, 2), np.nan, np.float32))
+
+
+def test_rebuild_applies_field_then_residual_blocks():
+    cache = frame(5)
+    shifted = np.roll(cache, -2, axis=1)  # pixel x came from x + 2
+    field = np.zeros(wire.field_shape(H, W), np.float32)
+    field[..., 0] = 2
+    mask = np.zeros(wire.residual_grid(H, W, B), bool)
+    mask[:, -1] = True  # the right column (whose sources fall outside) travels
+    req = wire.decode_request(wire.encode_residual_frame(shifted, field, mask, 1, B))
+    rebuilt = rebuild_input(cache, req)
+    np.testing.assert_array_equal(rebuilt, shifted)
+    assert rebuilt is not cache and not np.shares_memory(rebuilt, cache)
+
+
+def test_receive_state_order_and_resync():
+    state = ReceiveState()
+    f, field, mask = residual_inputs()
+    with pytest.raises(ResyncNeeded, match="resync needed"):
+        state.apply(wire.decode_request(wire.encode_residual_frame(f, field, mask, 1, B)))
+    state.apply(wire.decode_request(wire.encode_key_frame(frame(0), 5, B)))
+    digest = state.digest
+    with pytest.raises(ResyncNeeded, match="out of order"):
+        state.apply(wire.decode_request(wire.encode_residual_frame(f, field, mask, 5, B)))
+    assert state.digest == digest and state.frame_index == 5  # a refused frame changes nothing
+    state.apply(wire.decode_request(wire.encode_residual_frame(f, field, mask, 6, B)))
+    assert state.frame_index == 6 and state.digest != digest
+    other = frame(1, H + 8, W)
+    with pytest.raises(ResyncNeeded, match="differs"):
+        rebuild_input(state.cache, wire.decode_request(wire.encode_residual_frame(
+            other, np.zeros(wire.field_shape(H + 8, W), np.float32),
+            np.zeros(wire.residual_grid(H + 8, W, B), bool), 7, B)))
+
+
+def test_digest_depends_on_content_and_shape():
+    a = frame(0)
+    assert wire.cache_digest(a) == wire.cache_digest(a.copy())
+    b = a.copy()
+    b[3, 4, 1] ^= 1
+    assert wire.cache_digest(a) != wire.cache_digest(b)
+    assert wire.cache_digest(a.reshape(W, H, 3)) != wire.cache_digest(a)
+    assert len(wire.cache_digest(a)) == 16
+
+
+def test_response_tensors_round_trip():
+    det = np.array([[1, 2, 30, 40, 0.9, 3]], np.float32)
+    resp = wire.Response(det, b"\x01" * 16, {"frame_index": 4, "key": True})
+    t = wire.response_tensors(resp)
+    back = wire.response_from_tensors(t["DETECTIONS"][None], t["STATS"][None], t["DIGEST"][None])
+    np.testing.assert_array_equal(back.detections, det)
+    assert back.digest == resp.digest and back.frame_index == 4
+    with pytest.raises(PayloadError, match="DIGEST"):
+        wire.response_from_tensors(det, t["STATS"], t["DIGEST"][:8])
+
+
+def test_encoder_rejects_inconsistent_inputs():
+    f, field, mask = residual_inputs()
+    with pytest.raises(ValueError, match="motion field shape"):
+        wire.encode_residual_frame(f, field[:-1], mask, 0, B)
+    with pytest.raises(ValueError, match="residual mask"):
+        wire.encode_residual_frame(f, field, mask[:, :-1], 0, B)
+    with pytest.raises(ValueError, match="residual block"):
+        wire.encode_residual_frame(f, field, mask, 0, 12)
+    with pytest.raises(ValueError, match="uint8"):
+        wire.encode_key_frame(f.astype(np.float32), 0)
+
+
+# ----------------------------------------------------------------------------- hostile payloads
+
+def _with_header(payload: bytes, **changes) -> bytes:
+    names = ["magic", "version", "flags", "codec", "block", "reserved", "frame_index", "height",
+             "width", "body_len", "raw_len", "crc"]
+    values = dict(zip(names, wire.HEADER.unpack_from(payload)))
+    values.update(changes)
+    return wire.HEADER.pack(*(values[n] for n in names)) + payload[wire.HEADER_SIZE:]
+
+
+def _valid_residual() -> bytes:
+    f, field, mask = residual_inputs()
+    return wire.encode_residual_frame(f, field, mask, 2, B)
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda p: p[:10], "shorter than"),
+    (lambda p: p[:-1], "truncated"),
+    (lambda p: p + b"\0", "trailing"),
+    (lambda p: b"XYZ" + p[3:], "bad magic"),
+    (lambda p: _with_header(p, version=2), "version 2"),
+    (lambda p: _with_header(p, flags=0x80), "unknown flags"),
+    (lambda p: _with_header(p, codec=9), "unknown codec"),
+    (lambda p: _with_header(p, codec=int(Codec.PNG)), "PNG codec on a residual"),
+    (lambda p: _with_header(p, block=12), "block 12"),
+    (lambda p: _with_header(p, height=0), "outside the limits"),
+    (lambda p: _with_header(p, width=60000), "outside the limits"),
+    (lambda p: _with_header(p, frame_index=2**64 - 1), "out of range"),
+    (lambda p: _with_header(p, raw_len=10**9), "exceeds"),
+    (lambda p: _with_header(p, raw_len=_raw_len(p) - 1), "decompresses"),
+    (lambda p: _with_header(p, crc=0), "checksum"),
+    (lambda p: _with_header(p, height=H + 4), "decompress|bytes|checksum"),
+    (lambda p: p[:wire.HEADER_SIZE] + bytes(len(p) - wire.HEADER_SIZE), "does not decompress"),
+])
+def test_hostile_residual_payloads_are_refused(mutate, message):
+    with pytest.raises(PayloadError, match=message):
+        wire.decode_request(mutate(_valid_residual()))
+
+
+def _raw_len(payload: bytes) -> int:
+    return wire.HEADER.unpack_from(payload)[10]
+
+
+def _rebody(raw: bytes, h: int, w: int, flags: int = 0, codec=Codec.ZLIB) -> bytes:
+    body = zlib.compress(raw) if codec == Codec.ZLIB else raw
+    return wire.HEADER.pack(wire.MAGIC, wire.VERSION, flags, int(codec), B, 0, 0, h, w, len(body),
+                            len(raw), zlib.crc32(raw)) + body
+
+
+def test_decompression_bomb_is_capped():
+    # 1 GB of zeros compresses to ~1 MB; the header may not declare it, and a lying header stops
+    # inflation at the declared size
+    bomb = zlib.compress(bytes(50_000_000), 9)
+    hdr = wire.HEADER.pack(wire.MAGIC, wire.VERSION, wire.FLAG_KEY, int(Codec.ZLIB), B, 0, 0, H, W,
+                           len(bomb), H * W * 3, 0)
+    with pytest.raises(PayloadError, match="more than"):
+        wire.decode_request(hdr + bomb)
+
+
+def test_residual_body_inconsistencies():
+    fh, fw, _ = wire.field_shape(H, W)
+    rh, rw = wire.residual_grid(H, W, B)
+    field = bytes(fh * fw * 4)
+    bitmap = np.packbits(np.ones(rh * rw, bool)).tobytes()
+    with pytest.raises(PayloadError, match="shorter than its field"):
+        wire.decode_request(_rebody(field[:-2], H, W))
+    with pytest.raises(PayloadError, match="blocks need"):
+        wire.decode_request(_rebody(field + bitmap + bytes(7), H, W))
+    if rh * rw % 8:
+        stray = bytearray(np.packbits(np.zeros(rh * rw, bool)).tobytes())
+        stray[-1] |= 1  # a bit past the last block
+        with pytest.raises(PayloadError, match="past the last block"):
+            wire.decode_request(_rebody(field + bytes(stray), H, W))
+    with pytest.raises(PayloadError, match="key frame body"):
+        wire.decode_request(_rebody(bytes(H * W * 3 - 3), H, W, flags=wire.FLAG_KEY))
+
+
+def test_png_key_frame_with_wrong_size_or_garbage():
+    from PIL import Image
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(frame(0, H + 8, W), "RGB").save(buf, format="PNG")
+    with pytest.raises(PayloadError, match="header says"):
+        wire.decode_request(_rebody(buf.getvalue(), H, W, wire.FLAG_KEY, Codec.PNG))
+    with pytest.raises(PayloadError, match="PNG does not decode"):
+        wire.decode_request(_rebody(b"\x89PNG\r\n\x1a\n" + bytes(100), H, W, wire.FLAG_KEY,
+                                    Codec.PNG))
+
+
+def test_random_bytes_never_escape_as_other_errors():
+    rng = np.random.default_rng(0)
+    valid = _valid_residual()
+    for k in range(300):
+        if k % 2:
+            payload = rng.integers(0, 256, rng.integers(0, 200), dtype=np.uint8).tobytes()
+        else:  # flip a few bytes of a valid payload (header or body)
+            buf = bytearray(valid)
+            for pos in rng.integers(0, len(buf), 3):
+                buf[pos] ^= int(rng.integers(1, 256))
+            payload = bytes(buf)
+        try:
+            wire.decode_request(payload)
+        except PayloadError:
+            pass
+
+
+def test_header_layout_is_stable():
+    # the format is versioned: changing the layout means bumping VERSION
+    assert wire.HEADER_SIZE == 32 and wire.MAGIC == b"FXS" and wire.VERSION == 1
+    assert struct.calcsize("<3sBBBBBQHHIII") == 32
