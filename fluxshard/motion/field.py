@@ -1,0 +1,118 @@
+"""Motion-field operations shared by both endpoints (docs/CONVENTIONS.md, "Motion fields").
+
+A field is float32 ``(ceil(H/4), ceil(W/4), 2)``: one backward vector ``(dx, dy)`` per 4x4 block;
+pixel ``(x, y)`` of the current frame came from ``(x + dx, y + dy)`` of the reference.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+MV_BLOCK = 4
+
+
+def field_shape(height: int, width: int) -> tuple[int, int, int]:
+    return -(-height // MV_BLOCK), -(-width // MV_BLOCK), 2
+
+
+def zero_field(height: int, width: int) -> np.ndarray:
+    return np.zeros(field_shape(height, width), np.float32)
+
+
+def check_field(field: np.ndarray, height: int, width: int) -> np.ndarray:
+    field = np.asarray(field)
+    if field.shape != field_shape(height, width):
+        raise ValueError(f"motion field shape {field.shape} does not fit a {height}x{width} frame "
+                         f"(expected {field_shape(height, width)})")
+    if not np.issubdtype(field.dtype, np.floating):
+        field = field.astype(np.float32)
+    return field
+
+
+def round_half_away(values: np.ndarray) -> np.ndarray:
+    """Integer displacement of a vector: round half away from zero (the conventions' rounding)."""
+    return np.trunc(values + np.copysign(0.5, values)).astype(np.int64)
+
+
+def compose_fields(d_acc: np.ndarray, d_t: np.ndarray) -> np.ndarray:
+    """Accumulate by composition: ``d_acc'(x) = d_t(x) + d_acc(x + d_t(x))``, with ``d_acc``
+    gathered at the block nearest to the displaced block centre (clamped to the grid: a vector
+    that leaves the frame stays out of it and is reported invalid by alignment)."""
+    d_acc = np.asarray(d_acc, np.float32)
+    d_t = np.asarray(d_t, np.float32)
+    if d_acc.shape != d_t.shape or d_t.ndim != 3 or d_t.shape[2] != 2:
+        raise ValueError(f"fields must have equal (Hb, Wb, 2) shapes, got {d_acc.shape} and "
+                         f"{d_t.shape}")
+    hb, wb = d_t.shape[:2]
+    by, bx = np.mgrid[0:hb, 0:wb]
+    # Block (by, bx) centre moves by d_t pixels = d_t / 4 blocks; nearest block of the new centre.
+    sy = np.clip(by + np.floor(d_t[..., 1] / MV_BLOCK + 0.5).astype(np.int64), 0, hb - 1)
+    sx = np.clip(bx + np.floor(d_t[..., 0] / MV_BLOCK + 0.5).astype(np.int64), 0, wb - 1)
+    return d_t + d_acc[sy, sx]
+
+
+def source_indices(field: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Flat source pixel index ``(H, W)`` int64 for an integer-rounded gather, and validity."""
+    field = check_field(field, height, width)
+    hb, wb = field.shape[:2]
+    disp = round_half_away(field)
+    ys = np.arange(hb * MV_BLOCK)[:, None]
+    xs = np.arange(wb * MV_BLOCK)[None, :]
+    dy = np.repeat(np.repeat(disp[..., 1], MV_BLOCK, 0), MV_BLOCK, 1)
+    dx = np.repeat(np.repeat(disp[..., 0], MV_BLOCK, 0), MV_BLOCK, 1)
+    sy = (ys + dy)[:height, :width]
+    sx = (xs + dx)[:height, :width]
+    valid = (sy >= 0) & (sy < height) & (sx >= 0) & (sx < width)
+    index = np.clip(sy, 0, height - 1) * width + np.clip(sx, 0, width - 1)
+    return index, valid
+
+
+def align_image(image: np.ndarray, field: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Warp ``image`` (the reference, (H, W) or (H, W, C)) to the current frame with the
+    integer-rounded field. Returns ``(aligned, valid)``; invalid positions (source outside the
+    image) hold 0."""
+    image = np.asarray(image)
+    if image.ndim not in (2, 3):
+        raise ValueError(f"image must be (H, W) or (H, W, C), got shape {image.shape}")
+    height, width = image.shape[:2]
+    index, valid = source_indices(field, height, width)
+    flat = image.reshape(height * width, -1)
+    aligned = np.take(flat, index, axis=0).reshape(image.shape)
+    if not valid.all():
+        aligned[~valid] = 0
+    return aligned, valid
+
+
+def field_at_stride(field: np.ndarray, stride: int) -> tuple[np.ndarray, np.ndarray]:
+    """The field on a stride-``s`` feature grid: ``d / s`` per position, and RFAP Cond. 2 per
+    position (``coherent``): every input-level vector in the stride window is the same and
+    ``d / s`` is integral. Grid shape ``(ceil(Hb*4/s), ceil(Wb*4/s))``; windows cut by the frame
+    edge only look at their in-grid vectors. Strides must divide 4 or be multiples of 4."""
+    field = np.asarray(field, np.float32)
+    if field.ndim != 3 or field.shape[2] != 2:
+        raise ValueError(f"field must be (Hb, Wb, 2), got {field.shape}")
+    if stride < 1 or (MV_BLOCK % stride and stride % MV_BLOCK):
+        raise ValueError(f"stride must divide {MV_BLOCK} or be a multiple of it, got {stride}")
+    hb, wb = field.shape[:2]
+    if stride <= MV_BLOCK:
+        rep = MV_BLOCK // stride
+        window = np.repeat(np.repeat(field, rep, 0), rep, 1)
+        uniform = np.ones(window.shape[:2], bool)
+    else:
+        k = stride // MV_BLOCK
+        ph, pw = -hb % k, -wb % k
+        padded = np.pad(field, ((0, ph), (0, pw), (0, 0)), mode="edge")  # edge: no new vectors
+        blocks = padded.reshape((hb + ph) // k, k, (wb + pw) // k, k, 2)
+        window = blocks[:, 0, :, 0]
+        uniform = (blocks == window[:, None, :, None]).all(axis=(1, 3, 4))
+    field_s = (window / stride).astype(np.float32)
+    integral = (np.floor(field_s) == field_s).all(axis=-1)
+    return field_s, uniform & integral
+
+
+def motion_statistic(field: np.ndarray) -> float:
+    """Mean vector length (L2, pixels) over the frame: the motion level for the tau table."""
+    field = np.asarray(field, np.float32)
+    if field.size == 0:
+        return 0.0
+    return float(np.sqrt((field ** 2).sum(-1)).mean())

@@ -1,0 +1,107 @@
+"""Per-endpoint dispatch state (DESIGN.md steps 2-3): the input the endpoint last ran on (its
+input cache) and the motion accumulated from that input to now; the residual block set against
+tau; reset when the endpoint runs inference on a frame."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fluxshard.motion.field import align_image, compose_fields, motion_statistic, zero_field
+
+RESIDUAL_BLOCK = 16
+
+
+@dataclass
+class ResidualSet:
+    mask: np.ndarray  # (ceil(H/b), ceil(W/b)) bool: blocks to send / recompute
+    aligned: np.ndarray  # (H, W, 3) uint8: the input cache warped to the current frame
+    field: np.ndarray  # (ceil(H/4), ceil(W/4), 2) float32 accumulated motion used
+    valid: np.ndarray  # (H, W) bool: pixels whose source lies inside the cached frame
+    block_max_diff: np.ndarray  # (ceil(H/b), ceil(W/b)) int16: max |aligned - frame|, 256 if invalid
+    block: int
+    tau: float
+
+    @property
+    def fraction(self) -> float:
+        return float(self.mask.mean()) if self.mask.size else 0.0
+
+    def pixel_mask(self) -> np.ndarray:
+        """(H, W) bool: the pixels of residual blocks."""
+        h, w = self.valid.shape
+        return np.repeat(np.repeat(self.mask, self.block, 0), self.block, 1)[:h, :w]
+
+
+def block_max_abs_diff(a: np.ndarray, b: np.ndarray, block: int) -> np.ndarray:
+    """max |a - b| over each block's pixels and channels, (ceil(H/b), ceil(W/b)) int16."""
+    diff = np.maximum(a, b) - np.minimum(a, b)  # uint8, no overflow
+    if diff.ndim == 3:
+        diff = diff.max(axis=2)
+    h, w = diff.shape
+    ph, pw = -h % block, -w % block
+    if ph or pw:
+        diff = np.pad(diff, ((0, ph), (0, pw)))
+    hr, wr = diff.shape[0] // block, diff.shape[1] // block
+    return diff.reshape(hr, block, wr, block).max(axis=(1, 3)).astype(np.int16)
+
+
+def residual_blocks(cache: np.ndarray, frame: np.ndarray, field: np.ndarray, tau: float,
+                    block: int = RESIDUAL_BLOCK) -> ResidualSet:
+    """Align ``cache`` with ``field`` and mark the blocks where it differs from ``frame`` by more
+    than ``tau`` or that hold an invalid (out-of-cache) pixel (docs/CONVENTIONS.md)."""
+    if block < 1:
+        raise ValueError(f"residual block must be >= 1, got {block}")
+    if cache.shape != frame.shape:
+        raise ValueError(f"cache {cache.shape} and frame {frame.shape} differ in size")
+    aligned, valid = align_image(cache, field)
+    worst = block_max_abs_diff(aligned, frame, block)
+    if not valid.all():
+        h, w = valid.shape
+        ph, pw = -h % block, -w % block
+        invalid = np.pad(~valid, ((0, ph), (0, pw)))
+        hr, wr = invalid.shape[0] // block, invalid.shape[1] // block
+        worst[invalid.reshape(hr, block, wr, block).any(axis=(1, 3))] = 256
+    return ResidualSet(mask=worst > tau, aligned=aligned, field=field, valid=valid,
+                       block_max_diff=worst, block=block, tau=float(tau))
+
+
+class EndpointState:
+    """One endpoint's view of a stream: input cache + accumulated field since it last ran."""
+
+    def __init__(self, residual_block: int = RESIDUAL_BLOCK):
+        self.residual_block = residual_block
+        self.cache: np.ndarray | None = None
+        self.field: np.ndarray | None = None
+        self.frames_since_reset = 0
+
+    def reset(self, frame: np.ndarray) -> None:
+        """The endpoint ran inference on ``frame``: it becomes the cache, motion starts at zero."""
+        frame = np.asarray(frame)
+        if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
+            raise ValueError(f"frame must be (H, W, 3) uint8, got {frame.shape} {frame.dtype}")
+        self.cache = np.array(frame, copy=True, order="C")
+        self.field = zero_field(*frame.shape[:2])
+        self.frames_since_reset = 0
+
+    def _require(self) -> None:
+        if self.cache is None:
+            raise RuntimeError("EndpointState has no cache yet: reset(frame) on a key frame first")
+
+    def accumulate(self, field: np.ndarray) -> None:
+        """Add one frame's motion (frame t -> t-1) by composition."""
+        self._require()
+        field = np.asarray(field, np.float32)
+        if field.shape != self.field.shape:
+            raise ValueError(f"motion field shape {field.shape} != accumulated {self.field.shape}")
+        self.field = compose_fields(self.field, field)
+        self.frames_since_reset += 1
+
+    def residual(self, frame: np.ndarray, tau: float, block: int | None = None) -> ResidualSet:
+        self._require()
+        return residual_blocks(self.cache, np.asarray(frame), self.field, tau,
+                               block or self.residual_block)
+
+    def motion_statistic(self) -> float:
+        self._require()
+        return motion_statistic(self.field)
