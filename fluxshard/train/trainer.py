@@ -39,10 +39,10 @@ NON_TRAINING_FIELDS = {"threads", "val_every", "val_scenes", "val_frames_per_sce
 class TrainConfig:
     task: str = "detect"  # or "segment"
     scale: str = "n"
-    epochs: int = 20
+    epochs: int = 15
     batch: int = 16
     crop: tuple[int, int] = (320, 320)  # training crop (H, W); evaluation is on full frames
-    train_scenes: int = 400
+    train_scenes: int = 600
     frames_per_scene: int = 4
     scene_frames: int = 48
     val_scenes: int = 16
@@ -267,9 +267,10 @@ class Trainer:
     def iters_per_epoch(self) -> int:
         return len(self.train_set) // self.cfg.batch
 
-    def train(self, epochs: int | None = None, log=print) -> list[dict]:
+    def train(self, epochs: int | None = None, log=None) -> list[dict]:
         """Train up to ``epochs`` completed epochs (default: the configured total)."""
         c = self.cfg
+        log = log or (lambda line: print(line, flush=True))  # flushed: runs log to files
         stop = c.epochs if epochs is None else min(epochs, c.epochs)
         per_epoch = self.iters_per_epoch()
         if per_epoch < 1:
