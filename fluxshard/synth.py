@@ -101,7 +101,7 @@ def _upsample_bilinear(grid: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def _value_noise(rng: np.random.Generator, height: int, width: int,
-                 cell_sizes=(64, 16, 6, 2), weights=(0.45, 0.3, 0.15, 0.1)) -> np.ndarray:
+                 cell_sizes=(64, 16, 5, 2), weights=(0.35, 0.25, 0.2, 0.2)) -> np.ndarray:
     """Multi-octave colour value noise in [0, 1], (height, width, 3) float32. The finest octave
     gives the texture that lets the encoder (and block matching) find the true motion."""
     out = np.zeros((height, width, 3), np.float32)

@@ -134,6 +134,7 @@ def iter_motion(source: str | Path, *, validate: bool = True, radius: int = DEFA
     index = 0
     prev_luma = None
     prev_size = None
+    prev_field = None
     try:
         frames = container.decode(stream)
         while max_frames is None or index < max_frames:
@@ -163,7 +164,8 @@ def iter_motion(source: str | Path, *, validate: bool = True, radius: int = DEFA
                     field, covered = codec_field(vectors, height, width)
                     path = "codec"
                     if validate:
-                        result = validate_field(luma, prev_luma, field, covered, radius=radius)
+                        result = validate_field(luma, prev_luma, field, covered, prev_field,
+                                                radius=radius)
                         field = result.field
                         replaced = float(result.replaced.mean())
                         if replaced > 0:
@@ -172,6 +174,7 @@ def iter_motion(source: str | Path, *, validate: bool = True, radius: int = DEFA
             yield MotionFrame(index=index, image=image, field=field, is_key=is_key,
                               motion_source=path, pict_type=pict, replaced_fraction=replaced,
                               time=time)
+            prev_field = None if is_key else field
             prev_luma = luma.copy()  # the decoder reuses its buffers
             prev_size = (height, width)
             index += 1

@@ -7,6 +7,7 @@ pixel ``(x, y)`` of the current frame came from ``(x + dx, y + dy)`` of the refe
 from __future__ import annotations
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 
 MV_BLOCK = 4
 
@@ -51,36 +52,45 @@ def compose_fields(d_acc: np.ndarray, d_t: np.ndarray) -> np.ndarray:
     return d_t + d_acc[sy, sx]
 
 
-def source_indices(field: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """Flat source pixel index ``(H, W)`` int64 for an integer-rounded gather, and validity."""
+def _block_sources(field: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-left source pixel (y, x) of every 4x4 block, clamped to [-4, size]: a block that far
+    out is wholly outside either way, so a 4-pixel zero border is all the padding needed."""
     field = check_field(field, height, width)
     hb, wb = field.shape[:2]
     disp = round_half_away(field)
-    ys = np.arange(hb * MV_BLOCK)[:, None]
-    xs = np.arange(wb * MV_BLOCK)[None, :]
-    dy = np.repeat(np.repeat(disp[..., 1], MV_BLOCK, 0), MV_BLOCK, 1)
-    dx = np.repeat(np.repeat(disp[..., 0], MV_BLOCK, 0), MV_BLOCK, 1)
-    sy = (ys + dy)[:height, :width]
-    sx = (xs + dx)[:height, :width]
-    valid = (sy >= 0) & (sy < height) & (sx >= 0) & (sx < width)
-    index = np.clip(sy, 0, height - 1) * width + np.clip(sx, 0, width - 1)
-    return index, valid
+    sy = np.arange(hb)[:, None] * MV_BLOCK + disp[..., 1]
+    sx = np.arange(wb)[None, :] * MV_BLOCK + disp[..., 0]
+    return np.clip(sy, -MV_BLOCK, height), np.clip(sx, -MV_BLOCK, width)
 
 
 def align_image(image: np.ndarray, field: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Warp ``image`` (the reference, (H, W) or (H, W, C)) to the current frame with the
     integer-rounded field. Returns ``(aligned, valid)``; invalid positions (source outside the
-    image) hold 0."""
+    image) hold 0.
+
+    Gathers whole 4x4 windows of a zero-bordered copy (a sliding-window view), so only one index
+    per block is computed."""
     image = np.asarray(image)
     if image.ndim not in (2, 3):
         raise ValueError(f"image must be (H, W) or (H, W, C), got shape {image.shape}")
     height, width = image.shape[:2]
-    index, valid = source_indices(field, height, width)
-    flat = image.reshape(height * width, -1)
-    aligned = np.take(flat, index, axis=0).reshape(image.shape)
-    if not valid.all():
-        aligned[~valid] = 0
-    return aligned, valid
+    sy, sx = _block_sources(field, height, width)
+    hb, wb = sy.shape
+    b = MV_BLOCK
+    pad = ((b, b), (b, b)) + ((0, 0),) * (image.ndim - 2)
+    windows = sliding_window_view(np.pad(image, pad), (b, b), axis=(0, 1))  # (H+5, W+5, [C], b, b)
+    blocks = windows[sy + b, sx + b]  # (Hb, Wb, [C], b, b)
+    if image.ndim == 3:
+        aligned = blocks.transpose(0, 3, 1, 4, 2).reshape(hb * b, wb * b, image.shape[2])
+    else:
+        aligned = blocks.transpose(0, 2, 1, 3).reshape(hb * b, wb * b)
+    if (sy >= 0).all() and (sy <= height - b).all() and (sx >= 0).all() and (sx <= width - b).all():
+        valid = np.ones((height, width), bool)
+    else:
+        inside = np.pad(np.ones((height, width), bool), b)
+        valid = sliding_window_view(inside, (b, b))[sy + b, sx + b]
+        valid = valid.transpose(0, 2, 1, 3).reshape(hb * b, wb * b)[:height, :width]
+    return np.ascontiguousarray(aligned[:height, :width]), valid
 
 
 def field_at_stride(field: np.ndarray, stride: int) -> tuple[np.ndarray, np.ndarray]:

@@ -5,11 +5,15 @@ several reference frames points some blocks at older frames without exporting wh
 predict from the future or from a past frame that is not t-1; intra blocks carry no vector. So each
 4x4 block's vector is checked by motion-compensating the previous frame's luma and comparing:
 
-* a block that matches well in absolute terms (mean abs difference <= ``abs_tol`` grey levels) is
-  valid, whatever its vector (flat blocks match under any vector; that is fine for alignment);
-* a block that matches badly is replaced by block matching only when block matching finds a
-  clearly better source (cost lower by ``rel_gain`` and by ``abs_gain`` levels). If nothing is
-  better (occlusion, new content) the codec vector stays: the residual set catches that block.
+* a block at the noise floor (mean abs difference <= ``noise_floor`` grey levels) is valid,
+  whatever its vector (flat blocks match under any vector; that is fine for alignment);
+* above it, the vector must match about as well as cheap local alternatives: the vector scaled
+  by 1/2..1/4 (it may span several frames), the previous frame's vector there, zero. A clearly
+  better alternative (cost below ``rel_gain`` x and ``abs_gain`` levels under) or a cost above
+  ``abs_tol`` makes the block suspicious;
+* suspicious blocks are searched by block matching, whose vector replaces the codec one only when
+  clearly better. If nothing is better (occlusion, new content) the codec vector stays: the
+  residual set catches that block;
 * blocks with no past-reference vector (intra, future-only) always take block matching.
 """
 
@@ -20,11 +24,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from fluxshard.motion.block_matching import DEFAULT_RADIUS, match_blocks
-from fluxshard.motion.field import MV_BLOCK, align_image
+from numpy.lib.stride_tricks import sliding_window_view
 
-ABS_TOL = 6.0  # grey levels: codec noise at crf ~18-28 plus quarter-pel rounding on texture
-REL_GAIN = 0.6  # block matching must reach below this share of the codec vector's cost
-ABS_GAIN = 3.0  # ... and be at least this many grey levels better
+from fluxshard.motion.field import MV_BLOCK, align_image, round_half_away
+
+NOISE_FLOOR = 1.5  # grey levels (mean abs, 4x4 luma): at or below, a vector is as good as any
+ABS_TOL = 8.0  # above this a vector is always re-searched by block matching
+REL_GAIN = 0.7  # an alternative must reach below this share of the codec vector's cost ...
+ABS_GAIN = 1.0  # ... and be at least this many grey levels better to replace it
+MAX_REF = 4  # scaled candidates d/2 .. d/MAX_REF for vectors that span several frames
 
 
 @dataclass
@@ -39,28 +47,81 @@ def block_costs(current_luma: np.ndarray, previous_luma: np.ndarray,
     """Mean abs difference per 4x4 block between the current luma and the previous luma
     compensated with ``field`` (integer-rounded, as alignment does). Invalid pixels cost 255."""
     aligned, valid = align_image(previous_luma, field)
-    diff = np.abs(aligned.astype(np.int16) - current_luma.astype(np.int16)).astype(np.float32)
-    diff[~valid] = 255.0
+    diff = np.maximum(aligned, current_luma) - np.minimum(aligned, current_luma)
+    diff = diff.astype(np.float32)
+    if not valid.all():
+        diff[~valid] = 255.0
     h, w = diff.shape
     ph, pw = -h % MV_BLOCK, -w % MV_BLOCK
     if ph or pw:
         diff = np.pad(diff, ((0, ph), (0, pw)), mode="edge")
     hb, wb = diff.shape[0] // MV_BLOCK, diff.shape[1] // MV_BLOCK
-    return diff.reshape(hb, MV_BLOCK, wb, MV_BLOCK).mean(axis=(1, 3))
+    rows = diff.reshape(hb, MV_BLOCK, wb * MV_BLOCK).sum(axis=1)  # fast: whole rows at once
+    return rows.reshape(hb, wb, MV_BLOCK).sum(axis=2) / (MV_BLOCK * MV_BLOCK)
+
+
+def candidate_costs(current_luma: np.ndarray, previous_luma: np.ndarray, blocks: np.ndarray,
+                    vectors: np.ndarray) -> np.ndarray:
+    """Mean abs difference of 4x4 blocks ``blocks`` ((K, 2) block row, col) under candidate vectors
+    ``vectors`` ((K, C, 2) (dx, dy) pixels, integer-rounded): (K, C). Pixels from outside the
+    previous frame cost 255. One window gather per block and candidate (sliding-window view)."""
+    b = MV_BLOCK
+    height, width = previous_luma.shape
+    hb, wb = -(-height // b), -(-width // b)
+    margin = b
+    prev = np.pad(previous_luma.astype(np.int16), margin, constant_values=-1024)
+    cur = np.pad(current_luma.astype(np.int16), ((0, hb * b - height), (0, wb * b - width)),
+                 mode="edge")
+    disp = round_half_away(vectors)
+    sy = np.clip(blocks[:, 0, None] * b + disp[..., 1], -margin, height) + margin
+    sx = np.clip(blocks[:, 1, None] * b + disp[..., 0], -margin, width) + margin
+    windows = sliding_window_view(prev, (b, b))[sy, sx]  # (K, C, b, b)
+    cur_blocks = sliding_window_view(cur, (b, b))[blocks[:, 0] * b, blocks[:, 1] * b]  # (K, b, b)
+    diff = np.minimum(np.abs(windows - cur_blocks[:, None]), 255)
+    return diff.mean(axis=(2, 3), dtype=np.float32)
+
+
+def alternative_vectors(codec_vectors: np.ndarray, previous_vectors: np.ndarray | None,
+                        max_ref: int = MAX_REF) -> np.ndarray:
+    """Cheap local alternatives to a codec vector (K, 2) -> (K, C, 2): the vector scaled down as
+    if it spanned 2..max_ref frames (multi-reference streams), the previous frame's vector at the
+    block (constant velocity) and zero."""
+    alts = [codec_vectors / k for k in range(2, max_ref + 1)]
+    if previous_vectors is not None:
+        alts.append(previous_vectors)
+    alts.append(np.zeros_like(codec_vectors))
+    return np.stack(alts, 1)
 
 
 def validate_field(current_luma: np.ndarray, previous_luma: np.ndarray, codec_field: np.ndarray,
-                   covered: np.ndarray, *, abs_tol: float = ABS_TOL, rel_gain: float = REL_GAIN,
-                   abs_gain: float = ABS_GAIN, radius: int = DEFAULT_RADIUS) -> ValidationResult:
+                   covered: np.ndarray, previous_field: np.ndarray | None = None, *,
+                   noise_floor: float = NOISE_FLOOR, abs_tol: float = ABS_TOL,
+                   rel_gain: float = REL_GAIN, abs_gain: float = ABS_GAIN,
+                   radius: int = DEFAULT_RADIUS) -> ValidationResult:
     """Check codec vectors against the previous frame and fall back to block matching where they
-    fail (see the module doc). ``covered`` marks blocks that have a past-reference vector."""
+    fail (see the module doc). ``covered`` marks blocks that have a past-reference vector;
+    ``previous_field`` (the last frame's final field) supplies the constant-velocity candidate."""
     codec_cost = block_costs(current_luma, previous_luma, codec_field)
     suspicious = ~covered | (codec_cost > abs_tol)
+    check = np.argwhere(covered & ~suspicious & (codec_cost > noise_floor))
+    if len(check):
+        vectors = codec_field[check[:, 0], check[:, 1]]
+        before = None if previous_field is None else previous_field[check[:, 0], check[:, 1]]
+        alt_cost = candidate_costs(current_luma, previous_luma, check,
+                                   alternative_vectors(vectors, before)).min(1)
+        cost = codec_cost[check[:, 0], check[:, 1]]
+        beaten = (alt_cost < rel_gain * cost) & (alt_cost < cost - abs_gain)
+        suspicious[check[beaten, 0], check[beaten, 1]] = True
     if not suspicious.any():
         return ValidationResult(codec_field, np.zeros(covered.shape, bool), codec_cost)
     matched, _ = match_blocks(current_luma, previous_luma, radius=radius, wanted=suspicious)
-    matched_cost = block_costs(current_luma, previous_luma, matched)
-    better = (matched_cost < rel_gain * codec_cost) & (matched_cost < codec_cost - abs_gain)
-    replaced = ~covered | (suspicious & better)
+    where = np.argwhere(suspicious)
+    matched_cost = candidate_costs(current_luma, previous_luma, where,
+                                   matched[where[:, 0], where[:, 1]][:, None])[:, 0]
+    cost = codec_cost[where[:, 0], where[:, 1]]
+    better = (matched_cost < rel_gain * cost) & (matched_cost < cost - abs_gain)
+    replace = better | ~covered[where[:, 0], where[:, 1]]
+    replaced = np.zeros(covered.shape, bool)
+    replaced[where[replace, 0], where[replace, 1]] = True
     field = np.where(replaced[..., None], matched, codec_field).astype(np.float32)
     return ValidationResult(field, replaced, codec_cost)
