@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fluxshard.motion.field import align_image  # the motion layer owns alignment semantics
 from fluxshard.wire import Request, block_pixel_mask, cache_digest
 
 
@@ -33,7 +34,7 @@ def rebuild_input(cache: np.ndarray | None, request: Request) -> np.ndarray:
     if cache.shape != (request.height, request.width, 3):
         raise ResyncNeeded(f"frame size {request.height}x{request.width} differs from the cached "
                            f"{cache.shape[0]}x{cache.shape[1]}")
-    aligned, _valid = _align_image()(cache, request.field)
+    aligned, _valid = align_image(cache, request.field)
     aligned = np.array(aligned, dtype=np.uint8, copy=True, order="C")
     pixel_mask = block_pixel_mask(request.residual_mask, request.height, request.width,
                                   request.block)
@@ -67,33 +68,11 @@ class ReceiveState:
         self.cache, self.frame_index, self.digest = None, -1, b""
 
 
-def _align_image():
-    """fluxshard.motion.field.align_image (the motion layer owns alignment semantics); until that
-    module exists, a stand-in written to docs/CONVENTIONS.md ("Alignment")."""
-    try:
-        from fluxshard.motion.field import align_image
-    except ImportError:
-        return _align_image_conventions
-    return align_image
-
-
-def _align_image_conventions(image: np.ndarray, field: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    h, w = image.shape[:2]
-    d = np.rint(field).astype(np.int64)  # integer gather; CONVENTIONS allows numpy.rint
-    d = np.repeat(np.repeat(d, 4, axis=0), 4, axis=1)[:h, :w]
-    ys, xs = np.mgrid[0:h, 0:w]
-    sx, sy = xs + d[..., 0], ys + d[..., 1]
-    valid = (sx >= 0) & (sx < w) & (sy >= 0) & (sy < h)
-    aligned = np.zeros_like(image)
-    aligned[valid] = image[sy[valid], sx[valid]]
-    return aligned, valid
-
-
 def invalid_blocks(cache: np.ndarray, field: np.ndarray, block: int) -> np.ndarray:
     """(Hr, Wr) bool: residual blocks holding a pixel whose source lies outside the cached frame.
     Such pixels have no aligned value, so their blocks must always travel."""
     h, w = cache.shape[:2]
-    _, valid = _align_image()(cache, field)
+    _, valid = align_image(cache, field)
     hr, wr = -(-h // block), -(-w // block)
     padded = np.ones((hr * block, wr * block), bool)
     padded[:h, :w] = valid
