@@ -207,7 +207,6 @@ class Scene:
         """Background image (H, W, 3) float and its true backward flow (H, W, 2)."""
         spec = self.spec
         cam, zoom = self._camera(t)
-        cam_prev, zoom_prev = self._camera(t - 1)
         xs = np.arange(spec.width, dtype=np.float64) + 0.5 - self.centre[0]  # pixel centres
         ys = np.arange(spec.height, dtype=np.float64) + 0.5 - self.centre[1]
         wx = cam[0] + xs / zoom - 0.5  # world sample coordinates (pixel-centre convention)
@@ -218,13 +217,26 @@ class Scene:
         fy = np.clip(wy - y0, 0, 1).astype(np.float32)[:, None, None]
         rows = self.world[y0] * (1 - fy) + self.world[y0 + 1] * fy
         image = rows[:, x0] * (1 - fx) + rows[:, x0 + 1] * fx
-        # Where the world point under pixel x was one frame earlier (separable: axis-aligned).
-        flow_x = (cam[0] + xs / zoom - cam_prev[0]) * zoom_prev - xs
-        flow_y = (cam[1] + ys / zoom - cam_prev[1]) * zoom_prev - ys
-        flow = np.empty((spec.height, spec.width, 2), np.float32)
-        flow[..., 0] = flow_x[None, :]
-        flow[..., 1] = flow_y[:, None]
-        return image, flow
+        return image, self.background_displacement(t, t - 1)
+
+    def background_displacement(self, t: float, t_ref: float) -> np.ndarray:
+        """True backward displacement (H, W, 2) of the background from frame ``t`` to ``t_ref``:
+        pixel x of frame t shows what frame t_ref showed at x + d (objects not included)."""
+        spec = self.spec
+        cam, zoom = self._camera(t)
+        cam_ref, zoom_ref = self._camera(t_ref)
+        xs = np.arange(spec.width, dtype=np.float64) + 0.5 - self.centre[0]
+        ys = np.arange(spec.height, dtype=np.float64) + 0.5 - self.centre[1]
+        out = np.empty((spec.height, spec.width, 2), np.float32)
+        out[..., 0] = ((cam[0] + xs / zoom - cam_ref[0]) * zoom_ref - xs)[None, :]
+        out[..., 1] = ((cam[1] + ys / zoom - cam_ref[1]) * zoom_ref - ys)[:, None]
+        return out
+
+    def object_displacement(self, object_id: int, t: int, t_ref: int) -> tuple[int, int]:
+        """True (dx, dy) of an object from frame t back to frame t_ref."""
+        sprite = self.sprites[object_id]
+        (x, y), (rx, ry) = sprite.position(t), sprite.position(t_ref)
+        return rx - x, ry - y
 
     def render(self, t: int) -> SceneFrame:
         if t < 0:
@@ -234,11 +246,10 @@ class Scene:
         labels = np.full((spec.height, spec.width), -1, np.int16)
         for sprite in self.sprites:  # list order is depth order: later sprites occlude earlier
             x, y = sprite.position(t)
-            px, py = sprite.position(t - 1)
             region = (slice(y, y + sprite.h), slice(x, x + sprite.w))
             m = sprite.mask
             image[region][m] = sprite.texture[m]
-            flow[region][m] = (px - x, py - y)
+            flow[region][m] = self.object_displacement(sprite.object_id, t, t - 1)
             labels[region][m] = sprite.object_id
         ids, boxes, classes, masks = [], [], [], []
         for sprite in self.sprites:

@@ -1,19 +1,48 @@
-"""Shared pytest fixtures."""
+"""Shared, session-scoped test inputs. Each fixture builds its files once per test session into a
+temporary folder with the real tools (PyAV encoders, the synthetic scene generator)."""
 
 from __future__ import annotations
 
 import pytest
 
+# Small, short clips keep the suite fast; 320x192 is a multiple of 16, 330x198 is not.
+CLIP_FRAMES = 30
+
+
+def _synth_spec(**overrides):
+    from fluxshard import synth
+
+    base = dict(width=320, height=192, frames=CLIP_FRAMES, gop=CLIP_FRAMES, seed=0, num_objects=5,
+                camera="pan")
+    base.update(overrides)
+    return synth.SceneSpec(**base)
+
+
+# name -> (spec overrides, make_clip keyword arguments)
+SYNTH_CLIPS = {
+    "pan": ({}, {}),
+    "pan_integer": ({"pan_angle": 0.0, "pan_speed": 2.0}, {}),
+    "pan_zoom": ({"camera": "pan+zoom", "seed": 1}, {}),
+    "multiref": ({}, {"ref": 4}),
+    "bframes": ({}, {"bframes": 2}),
+    "hevc": ({}, {"codec": "libx265"}),
+    "odd_size": ({"width": 330, "height": 198, "seed": 2}, {}),
+}
+
 
 @pytest.fixture(scope="session")
-def tritonserver():
-    """A real tritonserver on free local ports serving model_repository/, started once per session.
-    Skips (with the fix) when Triton is not installed."""
-    from fluxshard.serving.tritonserver import TritonNotInstalled, TritonServer, find_triton
+def synth_clips(tmp_path_factory):
+    """Lazily made synthetic clips: ``synth_clips(name) -> (ClipPaths, SceneSpec)``."""
+    from fluxshard import synth
 
-    try:
-        find_triton()
-    except TritonNotInstalled as e:
-        pytest.skip(str(e))
-    with TritonServer() as server:
-        yield server
+    folder = tmp_path_factory.mktemp("synth_clips")
+    made: dict[str, tuple] = {}
+
+    def get(name: str):
+        if name not in made:
+            spec_overrides, clip_kwargs = SYNTH_CLIPS[name]
+            spec = _synth_spec(**spec_overrides)
+            made[name] = (synth.make_clip(spec, folder, name=name, **clip_kwargs), spec)
+        return made[name]
+
+    return get

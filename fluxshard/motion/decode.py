@@ -114,6 +114,21 @@ def _luma(frame) -> np.ndarray:
     return frame.to_ndarray(format="gray")
 
 
+# FFmpeg's AVPictureType; PyAV returns a plain int for it in some versions.
+_PICTURE_TYPES = {0: "?", 1: "I", 2: "P", 3: "B", 4: "S", 5: "SI", 6: "SP", 7: "BI"}
+
+
+def _picture_type(frame) -> str:
+    value = frame.pict_type
+    name = getattr(value, "name", None)
+    if isinstance(name, str):
+        return name
+    try:
+        return _PICTURE_TYPES.get(int(value), str(value))
+    except (TypeError, ValueError):
+        return str(value)
+
+
 def iter_motion(source: str | Path, *, validate: bool = True, radius: int = DEFAULT_RADIUS,
                 max_frames: int | None = None, timeout_s: float = LIVE_TIMEOUT_S,
                 threads: int = 1) -> Iterator[MotionFrame]:
@@ -148,8 +163,9 @@ def iter_motion(source: str | Path, *, validate: bool = True, radius: int = DEFA
             height, width = frame.height, frame.width
             image = frame.to_ndarray(format="rgb24")
             luma = _luma(frame)
-            pict = frame.pict_type.name if hasattr(frame.pict_type, "name") else str(frame.pict_type)
-            is_key = prev_luma is None or pict == "I" or (height, width) != prev_size
+            pict = _picture_type(frame)
+            is_key = (prev_luma is None or pict == "I" or bool(frame.key_frame)
+                      or (height, width) != prev_size)
             replaced = 0.0
             if is_key:
                 field = np.zeros(field_shape(height, width), np.float32)
