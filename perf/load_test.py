@@ -1,0 +1,170 @@
+"""Sequence load test of the `fluxshard` Triton model with perf_analyzer.
+
+Builds real request payloads from a synthetic H.264 clip (decoded with codec motion vectors, every
+frame sent to the cloud: a key frame, then residual frames with the accumulated field and the
+residual blocks at threshold ``--tau``), writes them as perf_analyzer input data (one stream per
+sequence), starts tritonserver, and sweeps the number of concurrent sequences. Prints one table.
+
+    bash scripts/install_perf_tools.sh            # once: perf_analyzer + its libraries
+    python perf/load_test.py --concurrency 1 2 4
+
+Skips (exit 0, with a message) when perf_analyzer is not installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import csv
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+PERF_TOOLS = REPO / ".cache" / "perf_tools"
+PERF_ANALYZER = PERF_TOOLS / "tritonclient" / "bin" / "perf_analyzer"
+CUDART_DIR = PERF_TOOLS / "cuda" / "nvidia" / "cuda_runtime" / "lib"
+
+
+def find_perf_analyzer() -> tuple[str, dict] | None:
+    env = dict(os.environ)
+    if PERF_ANALYZER.is_file():
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(CUDART_DIR),
+                                                               env.get("LD_LIBRARY_PATH")]))
+        binary = str(PERF_ANALYZER)
+    else:
+        binary = shutil.which("perf_analyzer")
+        if binary is None:
+            return None
+    probe = subprocess.run([binary, "--version"], env=env, capture_output=True, text=True)
+    if probe.returncode != 0:
+        print(f"perf_analyzer at {binary} does not run: {probe.stderr.strip()[:300]}",
+              file=sys.stderr)
+        return None
+    return binary, env
+
+
+def sequence_payloads(frames: int, seq_len: int, tau: float, block: int, width: int, height: int,
+                      workdir: Path) -> list[list[bytes]]:
+    """Payload sequences from a synthetic clip, exactly as the edge client would send them."""
+    from fluxshard import wire
+    from fluxshard.motion.decode import iter_motion
+    from fluxshard.motion.state import EndpointState, residual_blocks
+    from fluxshard.serving.receive import ReceiveState, invalid_blocks
+    from fluxshard.synth import SceneSpec, make_clip
+
+    clip = make_clip(SceneSpec(width=width, height=height, frames=frames, gop=seq_len, seed=3),
+                     workdir, name="load")
+    sequences: list[list[bytes]] = []
+    state, mirror = EndpointState(block), ReceiveState()
+    for k, mf in enumerate(iter_motion(clip.video, validate=False)):
+        if k % seq_len == 0:
+            payload = wire.encode_key_frame(mf.image, k, block)
+            sequences.append([payload])
+        else:
+            state.accumulate(mf.field)
+            field_q = wire.quantize_field(state.field)
+            mask = residual_blocks(mirror.cache, mf.image, field_q, tau, block).mask
+            mask |= invalid_blocks(mirror.cache, field_q, block)
+            payload = wire.encode_residual_frame(mf.image, field_q, mask, k, block)
+            sequences[-1].append(payload)
+        mirror.apply(wire.decode_request(payload))
+        state.reset(mirror.cache)  # the cloud's cache is the rebuilt input, not the decoded frame
+    return [s for s in sequences if len(s) == seq_len]
+
+
+def input_data_json(sequences: list[list[bytes]]) -> dict:
+    """perf_analyzer --input-data: one stream per sequence, one step per frame."""
+    return {"data": [[{"PAYLOAD": {"b64": base64.b64encode(p).decode(), "shape": [len(p)]}}
+                      for p in seq] for seq in sequences]}
+
+
+def run_sweep(binary: str, env: dict, url: str, data_path: Path, concurrency: list[int],
+              requests_per_window: int) -> list[dict]:
+    rows = []
+    for c in concurrency:
+        csv_path = data_path.with_name(f"pa_c{c}.csv")
+        cmd = [binary, "-m", "fluxshard", "-u", url, "-i", "grpc", "--input-data", str(data_path),
+               "--concurrency-range", f"{c}:{c}", "--sequence-id-range", "1:100000",
+               "--measurement-mode", "count_windows",
+               "--measurement-request-count", str(requests_per_window), "--max-trials", "6",
+               "--stability-percentage", "25", "-f", str(csv_path)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if proc.returncode != 0 or not csv_path.is_file():
+            raise RuntimeError(f"perf_analyzer failed at concurrency {c}:\n{proc.stdout[-2000:]}"
+                               f"\n{proc.stderr[-2000:]}")
+        row = next(csv.DictReader(io.StringIO(csv_path.read_text())))
+        rows.append(row)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4],
+                    help="concurrent sequences (streams) to sweep")
+    ap.add_argument("--width", type=int, default=320)
+    ap.add_argument("--height", type=int, default=192)
+    ap.add_argument("--frames", type=int, default=48, help="frames in the synthetic clip")
+    ap.add_argument("--sequence-length", type=int, default=16, help="frames per sequence")
+    ap.add_argument("--tau", type=float, default=12.0, help="residual threshold (pixel levels)")
+    ap.add_argument("--block", type=int, default=16)
+    ap.add_argument("--requests-per-window", type=int, default=40)
+    ap.add_argument("--url", default=None, help="an already running server (gRPC host:port)")
+    args = ap.parse_args(argv)
+
+    found = find_perf_analyzer()
+    if found is None:
+        print("SKIP: perf_analyzer is not installed (run scripts/install_perf_tools.sh)")
+        return 0
+    binary, env = found
+    from fluxshard.serving.tritonserver import TritonServer
+
+    with tempfile.TemporaryDirectory(prefix="fluxshard-load-") as tmp:
+        tmp = Path(tmp)
+        seqs = sequence_payloads(args.frames, args.sequence_length, args.tau, args.block,
+                                 args.width, args.height, tmp)
+        data_path = tmp / "input_data.json"
+        data_path.write_text(json.dumps(input_data_json(seqs)))
+        key_bytes = [s[0] for s in seqs]
+        res_bytes = [p for s in seqs for p in s[1:]]
+        print(f"{len(seqs)} sequences x {args.sequence_length} frames at {args.width}x{args.height}"
+              f", tau {args.tau}: key frame {np.mean([len(p) for p in key_bytes]) / 1e3:.1f} kB, "
+              f"residual frame {np.mean([len(p) for p in res_bytes]) / 1e3:.1f} kB mean "
+              f"(raw frame {args.width * args.height * 3 / 1e3:.1f} kB)")
+        server = None
+        url = args.url
+        if url is None:
+            server = TritonServer(models=["fluxshard"]).start()
+            url = server.grpc_url
+        try:
+            rows = run_sweep(binary, env, url, data_path, args.concurrency,
+                             args.requests_per_window)
+        finally:
+            if server is not None:
+                server.stop()
+
+    header = ["concurrency", "infer/s", "p50 ms", "p90 ms", "p99 ms", "queue ms", "compute ms"]
+    print("\n" + " | ".join(f"{h:>11}" for h in header))
+    print("-+-".join("-" * 11 for _ in header))
+    for c, row in zip(args.concurrency, rows):
+        us = lambda k: float(row.get(k, "nan")) / 1e3  # noqa: E731 - microseconds -> ms
+        compute = us("Server Compute Input") + us("Server Compute Infer") + us("Server Compute Output")
+        vals = [c, float(row["Inferences/Second"]), us("p50 latency"), us("p90 latency"),
+                us("p99 latency"), us("Server Queue"), compute]
+        print(" | ".join(f"{v:>11.1f}" if isinstance(v, float) else f"{v:>11}" for v in vals))
+    base = float(rows[0]["Inferences/Second"])
+    print("\nthroughput relative to concurrency "
+          f"{args.concurrency[0]}: " + ", ".join(f"{c}: {float(r['Inferences/Second']) / base:.2f}x"
+                                                   for c, r in zip(args.concurrency, rows)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
