@@ -39,7 +39,7 @@ NON_TRAINING_FIELDS = {"threads", "val_every", "val_scenes", "val_frames_per_sce
 class TrainConfig:
     task: str = "detect"  # or "segment"
     scale: str = "n"
-    epochs: int = 15
+    epochs: int = 5
     batch: int = 16
     crop: tuple[int, int] = (320, 320)  # training crop (H, W); evaluation is on full frames
     train_scenes: int = 600
