@@ -16,7 +16,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from fluxshard import synth
 from fluxshard.accuracy import evaluate_detections
-from fluxshard.models import YOLO11, build_yolo11, postprocess, save_checkpoint
+from fluxshard.models import YOLO11, build_yolo11, postprocess, preprocess, save_checkpoint
 
 from .data import Sample, SyntheticDataset, augment, collate
 from .loss import DetectionLoss, SegmentationLoss
@@ -143,12 +143,9 @@ def validate(model: YOLO11, samples: list[Sample], conf: float = 0.001, iou: flo
     try:
         for i in range(0, len(samples), batch):
             chunk = samples[i:i + batch]
-            h, w = chunk[0].image.shape[:2]
-            x = torch.from_numpy(np.stack([s.image for s in chunk])).permute(0, 3, 1, 2).float() / 255
-            ph, pw = -(-h // 32) * 32, -(-w // 32) * 32
-            if (ph, pw) != (h, w):
-                x = torch.nn.functional.pad(x, (0, pw - w, 0, ph - h), value=114 / 255)
-            dets = postprocess(model(x), (ph, pw), (h, w), conf_thres=conf, iou_thres=iou)
+            x = preprocess([s.image for s in chunk])
+            dets = postprocess(model(x), x.shape[2:], chunk[0].image.shape[:2], conf_thres=conf,
+                               iou_thres=iou)
             preds.extend(dets)
             gts.extend({"boxes": s.boxes, "classes": s.classes, "masks": s.masks} for s in chunk)
     finally:
