@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 
 from fluxshard.motion.field import MV_BLOCK, field_shape
 
@@ -43,22 +44,27 @@ def _offsets(radius: int) -> np.ndarray:
 
 
 class _Level:
-    """One pyramid level: block patches of the current frame and a gather into the previous."""
+    """One pyramid level: block patches of the current frame and window gathers from the previous
+    (a sliding-window view, so one index per block and candidate). Source windows are clamped
+    into a one-block border."""
 
     def __init__(self, cur: np.ndarray, prev: np.ndarray, blocks: np.ndarray, block: int):
-        self.prev, self.h, self.w = prev, prev.shape[0], prev.shape[1]
         self.block = block
-        lin = np.arange(block)
-        self.ys = blocks[:, 0, None] * block + lin  # (K, b)
-        self.xs = blocks[:, 1, None] * block + lin
-        self.cur = cur[self.ys[:, :, None], self.xs[:, None, :]]  # (K, b, b)
+        # Edge-replicated border one block wide: border blocks whose source leaves the frame still
+        # get a plausible match; sources further out are clamped.
+        self.windows = sliding_window_view(np.pad(prev, block, mode="edge"), (block, block))
+        self.max_y, self.max_x = prev.shape[0] + block, prev.shape[1] + block
+        self.y0, self.x0 = blocks[:, 0] * block + block, blocks[:, 1] * block + block
+        grid = cur.reshape(cur.shape[0] // block, block, cur.shape[1] // block, block)
+        self.cur = grid[blocks[:, 0], :, blocks[:, 1], :]  # (K, b, b)
 
     def costs(self, vectors: np.ndarray) -> np.ndarray:
         """vectors (K, C, 2) int (dy, dx) -> mean abs difference (K, C) plus the length penalty."""
-        sy = np.clip(self.ys[:, None, :] + vectors[..., 0:1], 0, self.h - 1)  # (K, C, b)
-        sx = np.clip(self.xs[:, None, :] + vectors[..., 1:2], 0, self.w - 1)
-        patches = self.prev[sy[..., :, None], sx[..., None, :]]  # (K, C, b, b)
-        sad = np.abs(patches - self.cur[:, None]).mean(axis=(2, 3))
+        sy = np.clip(self.y0[:, None] + vectors[..., 0], 0, self.max_y)
+        sx = np.clip(self.x0[:, None] + vectors[..., 1], 0, self.max_x)
+        patches = self.windows[sy, sx]  # (K, C, b, b)
+        k, c = sy.shape
+        sad = np.abs(patches - self.cur[:, None]).reshape(k, c, -1).mean(-1)
         return sad + LENGTH_PENALTY * np.sqrt((vectors.astype(np.float32) ** 2).sum(-1))
 
 

@@ -65,7 +65,8 @@ def codec_field(vectors: np.ndarray | None, height: int, width: int) -> tuple[np
     bh = np.maximum(past["h"].astype(np.int64) // MV_BLOCK, 1)
     bx0 = (past["dst_x"].astype(np.int64) - past["w"] // 2) // MV_BLOCK
     by0 = (past["dst_y"].astype(np.int64) - past["h"] // 2) // MV_BLOCK
-    for nh, nw in {(int(a), int(b)) for a, b in zip(bh, bw)}:
+    for code in np.unique(bh * 64 + bw):
+        nh, nw = int(code // 64), int(code % 64)
         sel = (bh == nh) & (bw == nw)
         iy, ix = np.meshgrid(np.arange(nh), np.arange(nw), indexing="ij")
         ys = (by0[sel, None] + iy.reshape(1, -1)).ravel()

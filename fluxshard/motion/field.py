@@ -7,7 +7,6 @@ pixel ``(x, y)`` of the current frame came from ``(x + dx, y + dy)`` of the refe
 from __future__ import annotations
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 MV_BLOCK = 4
 
@@ -63,33 +62,50 @@ def _block_sources(field: np.ndarray, height: int, width: int) -> tuple[np.ndarr
     return np.clip(sy, -MV_BLOCK, height), np.clip(sx, -MV_BLOCK, width)
 
 
+def _gather_blocks(image: np.ndarray, sy: np.ndarray, sx: np.ndarray) -> np.ndarray:
+    """Copy the 4x4 windows at block sources (sy, sx) of a 4-pixel zero-bordered ``image`` into
+    a block grid laid out as an image ((Hb*4, Wb*4, ...)). Each block row is one contiguous run
+    of 4 pixels in the source, so the gather moves whole runs and needs no transpose."""
+    b = MV_BLOCK
+    pad = ((b, b), (b, b)) + ((0, 0),) * (image.ndim - 2)
+    padded = np.ascontiguousarray(np.pad(image, pad))
+    rows, cols = padded.shape[:2]
+    pixel = padded.strides[1]
+    # Overlapping view: element (y, x) is the run of b pixels starting there, as one opaque item.
+    runs = np.ndarray(shape=(rows, cols - b + 1), dtype=np.dtype((np.void, b * pixel)),
+                      buffer=padded, strides=(padded.strides[0], pixel))
+    hb, wb = sy.shape
+    lin = np.arange(b)[None, :, None]
+    run_rows = (sy[:, None, :] + b + lin).reshape(hb * b, wb)
+    run_cols = np.broadcast_to((sx + b)[:, None, :], (hb, b, wb)).reshape(hb * b, wb)
+    gathered = runs[run_rows, run_cols]  # (Hb*4, Wb) runs
+    return gathered.view(image.dtype).reshape((hb * b, wb * b) + image.shape[2:])
+
+
 def align_image(image: np.ndarray, field: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Warp ``image`` (the reference, (H, W) or (H, W, C)) to the current frame with the
     integer-rounded field. Returns ``(aligned, valid)``; invalid positions (source outside the
-    image) hold 0.
-
-    Gathers whole 4x4 windows of a zero-bordered copy (a sliding-window view), so only one index
-    per block is computed."""
+    image) hold 0."""
     image = np.asarray(image)
     if image.ndim not in (2, 3):
         raise ValueError(f"image must be (H, W) or (H, W, C), got shape {image.shape}")
     height, width = image.shape[:2]
     sy, sx = _block_sources(field, height, width)
-    hb, wb = sy.shape
     b = MV_BLOCK
-    pad = ((b, b), (b, b)) + ((0, 0),) * (image.ndim - 2)
-    windows = sliding_window_view(np.pad(image, pad), (b, b), axis=(0, 1))  # (H+5, W+5, [C], b, b)
-    blocks = windows[sy + b, sx + b]  # (Hb, Wb, [C], b, b)
-    if image.ndim == 3:
-        aligned = blocks.transpose(0, 3, 1, 4, 2).reshape(hb * b, wb * b, image.shape[2])
-    else:
-        aligned = blocks.transpose(0, 2, 1, 3).reshape(hb * b, wb * b)
+    if image.dtype.itemsize == 1:
+        aligned = _gather_blocks(image, sy, sx)
+    else:  # wider types: view each pixel as bytes
+        as_bytes = np.ascontiguousarray(image).view(np.uint8).reshape(height, width, -1)
+        aligned = _gather_blocks(as_bytes, sy, sx).view(image.dtype).reshape(
+            (sy.shape[0] * b, sy.shape[1] * b) + image.shape[2:])
     if (sy >= 0).all() and (sy <= height - b).all() and (sx >= 0).all() and (sx <= width - b).all():
         valid = np.ones((height, width), bool)
     else:
-        inside = np.pad(np.ones((height, width), bool), b)
-        valid = sliding_window_view(inside, (b, b))[sy + b, sx + b]
-        valid = valid.transpose(0, 2, 1, 3).reshape(hb * b, wb * b)[:height, :width]
+        lin = np.arange(b)
+        rows = sy[:, None, :, None] + lin[None, :, None, None]  # (Hb, 4, Wb, 1)
+        cols = sx[:, None, :, None] + lin[None, None, None, :]  # (Hb, 1, Wb, 4)
+        valid = ((rows >= 0) & (rows < height)) & ((cols >= 0) & (cols < width))
+        valid = valid.reshape(sy.shape[0] * b, sy.shape[1] * b)[:height, :width]
     return np.ascontiguousarray(aligned[:height, :width]), valid
 
 

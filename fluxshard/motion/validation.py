@@ -8,13 +8,13 @@ predict from the future or from a past frame that is not t-1; intra blocks carry
 * a block at the noise floor (mean abs difference <= ``noise_floor`` grey levels) is valid,
   whatever its vector (flat blocks match under any vector; that is fine for alignment);
 * above it, the vector must match about as well as cheap local alternatives: the vector scaled
-  by 1/2..1/4 (it may span several frames), the previous frame's vector there, zero. A clearly
-  better alternative (cost below ``rel_gain`` x and ``abs_gain`` levels under) or a cost above
-  ``abs_tol`` makes the block suspicious;
-* suspicious blocks are searched by block matching, whose vector replaces the codec one only when
-  clearly better. If nothing is better (occlusion, new content) the codec vector stays: the
-  residual set catches that block;
-* blocks with no past-reference vector (intra, future-only) always take block matching.
+  by 1/2..1/4 (it may span several frames), the neighbours' vectors, the previous frame's vector
+  there, zero. A clearly better alternative (cost below ``rel_gain`` x and ``abs_gain`` levels
+  under) replaces it;
+* blocks still above ``abs_tol`` are searched by block matching (vectorized, hierarchical),
+  whose vector replaces the current one only when clearly better. If nothing is better
+  (occlusion, new content) the vector stays: the residual set catches that block;
+* blocks with no past-reference vector (intra, future-only) take the best alternative.
 """
 
 from __future__ import annotations
@@ -81,15 +81,21 @@ def candidate_costs(current_luma: np.ndarray, previous_luma: np.ndarray, blocks:
     return diff.mean(axis=(2, 3), dtype=np.float32)
 
 
-def alternative_vectors(codec_vectors: np.ndarray, previous_vectors: np.ndarray | None,
+def alternative_vectors(field: np.ndarray, blocks: np.ndarray, previous_field: np.ndarray | None,
                         max_ref: int = MAX_REF) -> np.ndarray:
-    """Cheap local alternatives to a codec vector (K, 2) -> (K, C, 2): the vector scaled down as
-    if it spanned 2..max_ref frames (multi-reference streams), the previous frame's vector at the
-    block (constant velocity) and zero."""
-    alts = [codec_vectors / k for k in range(2, max_ref + 1)]
-    if previous_vectors is not None:
-        alts.append(previous_vectors)
-    alts.append(np.zeros_like(codec_vectors))
+    """Cheap local alternatives to the codec vectors of ``blocks`` -> (K, C, 2): the vector scaled
+    down as if it spanned 2..max_ref frames (multi-reference streams), the 4 neighbours' vectors
+    (object borders inside one macroblock), the previous frame's vector there (constant velocity)
+    and zero."""
+    hb, wb = field.shape[:2]
+    ys, xs = blocks[:, 0], blocks[:, 1]
+    own = field[ys, xs]
+    alts = [own / k for k in range(2, max_ref + 1)]
+    for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1)):
+        alts.append(field[np.clip(ys + dy, 0, hb - 1), np.clip(xs + dx, 0, wb - 1)])
+    if previous_field is not None:
+        alts.append(previous_field[ys, xs])
+    alts.append(np.zeros_like(own))
     return np.stack(alts, 1)
 
 
@@ -98,30 +104,37 @@ def validate_field(current_luma: np.ndarray, previous_luma: np.ndarray, codec_fi
                    noise_floor: float = NOISE_FLOOR, abs_tol: float = ABS_TOL,
                    rel_gain: float = REL_GAIN, abs_gain: float = ABS_GAIN,
                    radius: int = DEFAULT_RADIUS) -> ValidationResult:
-    """Check codec vectors against the previous frame and fall back to block matching where they
-    fail (see the module doc). ``covered`` marks blocks that have a past-reference vector;
-    ``previous_field`` (the last frame's final field) supplies the constant-velocity candidate."""
-    codec_cost = block_costs(current_luma, previous_luma, codec_field)
-    suspicious = ~covered | (codec_cost > abs_tol)
-    check = np.argwhere(covered & ~suspicious & (codec_cost > noise_floor))
-    if len(check):
-        vectors = codec_field[check[:, 0], check[:, 1]]
-        before = None if previous_field is None else previous_field[check[:, 0], check[:, 1]]
-        alt_cost = candidate_costs(current_luma, previous_luma, check,
-                                   alternative_vectors(vectors, before)).min(1)
-        cost = codec_cost[check[:, 0], check[:, 1]]
-        beaten = (alt_cost < rel_gain * cost) & (alt_cost < cost - abs_gain)
-        suspicious[check[beaten, 0], check[beaten, 1]] = True
-    if not suspicious.any():
-        return ValidationResult(codec_field, np.zeros(covered.shape, bool), codec_cost)
-    matched, _ = match_blocks(current_luma, previous_luma, radius=radius, wanted=suspicious)
-    where = np.argwhere(suspicious)
-    matched_cost = candidate_costs(current_luma, previous_luma, where,
-                                   matched[where[:, 0], where[:, 1]][:, None])[:, 0]
-    cost = codec_cost[where[:, 0], where[:, 1]]
-    better = (matched_cost < rel_gain * cost) & (matched_cost < cost - abs_gain)
-    replace = better | ~covered[where[:, 0], where[:, 1]]
+    """Check codec vectors against the previous frame and fall back to cheap alternatives, then
+    block matching, where they fail (see the module doc). ``covered`` marks blocks that have a
+    past-reference vector; ``previous_field`` (the last frame's final field) supplies the
+    constant-velocity candidate."""
+    field = np.array(codec_field, np.float32, copy=True)
+    codec_cost = block_costs(current_luma, previous_luma, field)
+    cost = np.where(covered, codec_cost, np.inf).astype(np.float32)
     replaced = np.zeros(covered.shape, bool)
-    replaced[where[replace, 0], where[replace, 1]] = True
-    field = np.where(replaced[..., None], matched, codec_field).astype(np.float32)
+
+    def adopt(blocks, vectors, new_cost, force):
+        old = cost[blocks[:, 0], blocks[:, 1]]
+        take = force | ((new_cost < rel_gain * old) & (new_cost < old - abs_gain))
+        b = blocks[take]
+        field[b[:, 0], b[:, 1]] = vectors[take]
+        cost[b[:, 0], b[:, 1]] = new_cost[take]
+        replaced[b[:, 0], b[:, 1]] = True
+
+    check = np.argwhere(cost > noise_floor)
+    if len(check):
+        candidates = alternative_vectors(codec_field, check, previous_field)
+        costs = candidate_costs(current_luma, previous_luma, check, candidates)
+        best = costs.argmin(1)
+        rows = np.arange(len(check))
+        adopt(check, candidates[rows, best], costs[rows, best],
+              ~covered[check[:, 0], check[:, 1]])
+    search = cost > abs_tol
+    if search.any():
+        matched, _ = match_blocks(current_luma, previous_luma, radius=radius, wanted=search)
+        where = np.argwhere(search)
+        vectors = matched[where[:, 0], where[:, 1]]
+        adopt(where, vectors, candidate_costs(current_luma, previous_luma, where,
+                                              vectors[:, None])[:, 0],
+              np.zeros(len(where), bool))
     return ValidationResult(field, replaced, codec_cost)
