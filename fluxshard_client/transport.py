@@ -128,15 +128,15 @@ class _StreamCore:
         if key:
             payload = wire.encode_key_frame(frame, index, self.block, codec=self.key_codec)
             request = wire.Request(index, frame.shape[0], frame.shape[1], self.block, True,
-                                   frame=np.ascontiguousarray(frame))
+                                   frame=np.array(frame, copy=True, order="C"))
         else:
             field_q = wire.quantize_field(field)
             mask = np.asarray(residual_mask, bool) | invalid_blocks(self.mirror.cache, field_q,
                                                                    self.block)
             payload = wire.encode_residual_frame(frame, field_q, mask, index, self.block)
-            pixels = frame[wire.block_pixel_mask(mask, *frame.shape[:2], self.block)].reshape(-1)
             request = wire.Request(index, frame.shape[0], frame.shape[1], self.block, False,
-                                   field=field_q, residual_mask=mask, pixels=pixels)
+                                   field=field_q, residual_mask=mask,
+                                   tiles=wire.residual_tiles(frame, mask, self.block))
         predicted.apply(request)
         return payload, predicted, key, index
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fluxshard.motion.field import align_image  # the motion layer owns alignment semantics
-from fluxshard.wire import Request, block_pixel_mask, cache_digest
+from fluxshard.wire import Request, block_view, cache_digest
 
 
 class ResyncNeeded(RuntimeError):
@@ -35,11 +35,11 @@ def rebuild_input(cache: np.ndarray | None, request: Request) -> np.ndarray:
         raise ResyncNeeded(f"frame size {request.height}x{request.width} differs from the cached "
                            f"{cache.shape[0]}x{cache.shape[1]}")
     aligned, _valid = align_image(cache, request.field)
-    aligned = np.array(aligned, dtype=np.uint8, copy=True, order="C")
-    pixel_mask = block_pixel_mask(request.residual_mask, request.height, request.width,
-                                  request.block)
-    aligned[pixel_mask] = request.pixels.reshape(-1, 3)
-    return aligned
+    b = request.block
+    padded = np.zeros((-(-request.height // b) * b, -(-request.width // b) * b, 3), np.uint8)
+    padded[:request.height, :request.width] = aligned
+    block_view(padded, b)[request.residual_mask] = request.tiles
+    return np.ascontiguousarray(padded[:request.height, :request.width])
 
 
 @dataclass
