@@ -43,6 +43,7 @@ class DenseYoloSession:
 
     def __init__(self, model, conf_threshold: float = 0.25, iou_threshold: float = 0.45):
         self.model = model
+        self.device = next(model.parameters()).device
         self.conf_threshold = conf_threshold
         self.iou_threshold = iou_threshold
 
@@ -51,7 +52,7 @@ class DenseYoloSession:
 
         from fluxshard.models import postprocess, preprocess
 
-        x = preprocess(rebuilt_frame)
+        x = preprocess(rebuilt_frame, device=self.device)
         t0 = time.perf_counter()
         with torch.inference_mode():
             out = self.model(x)
@@ -68,27 +69,31 @@ class DenseYoloSession:
 
 
 def dense_yolo_factory(weights: str | None = None, scale: str = "n", threads: int = 1,
-                       conf_threshold: float = 0.25, seed: int = 0) -> SessionFactory:
+                       conf_threshold: float = 0.25, seed: int = 0,
+                       device: str = "cpu") -> SessionFactory:
     """Sessions sharing one dense YOLO11: ``weights`` (a checkpoint path), else the embedded
     default weights if present, else a random model of ``scale`` seeded with ``seed`` (the same
     weights in every process, so tests can compare against a local run)."""
-    model = load_dense_model(weights, scale, threads, seed)
+    model = load_dense_model(weights, scale, threads, seed, device)
     return lambda corrid: DenseYoloSession(model, conf_threshold=conf_threshold)
 
 
-def load_dense_model(weights: str | None = None, scale: str = "n", threads: int = 1, seed: int = 0):
+def load_dense_model(weights: str | None = None, scale: str = "n", threads: int = 1, seed: int = 0,
+                     device: str = "cpu"):
     import torch
 
     from fluxshard.models import build_yolo11, fuse, load_model
 
     torch.set_num_threads(threads)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} requested but torch sees no CUDA device")
     if weights:
-        return load_model(weights, fused=True)
+        return load_model(weights, device=device, fused=True)
     try:
-        return load_model(None, fused=True)
+        return load_model(None, device=device, fused=True)
     except FileNotFoundError:
         torch.manual_seed(seed)
-        return fuse(build_yolo11(scale, "detect", 80).eval())
+        return fuse(build_yolo11(scale, "detect", 80).eval()).to(device)
 
 
 @dataclass

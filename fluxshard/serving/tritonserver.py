@@ -116,7 +116,8 @@ class TritonServer:
                  http_port: int | None = None, grpc_port: int | None = None,
                  metrics_port: int | None = None, log_file: str | os.PathLike | None = None,
                  host: str = "127.0.0.1", models: list[str] | None = None,
-                 extra_args: list[str] | None = None, log_verbose: int = 0):
+                 extra_args: list[str] | None = None, log_verbose: int = 0,
+                 model_config_name: str | None = None):
         self.model_repository = Path(model_repository).resolve()
         self.http_port = http_port or free_port()
         self.grpc_port = grpc_port or free_port()
@@ -125,6 +126,7 @@ class TritonServer:
         self.models = models
         self.extra_args = list(extra_args or [])
         self.log_verbose = log_verbose
+        self.model_config_name = model_config_name  # e.g. "gpu": <model>/configs/gpu.pbtxt
         self._own_log = log_file is None
         self.log_file = Path(log_file) if log_file else Path(
             tempfile.mkstemp(prefix="tritonserver-", suffix=".log")[1])
@@ -149,6 +151,8 @@ class TritonServer:
                f"--metrics-port={self.metrics_port}", f"--http-address={self.host}",
                f"--grpc-address={self.host}", f"--log-verbose={self.log_verbose}",
                "--allow-metrics=true", "--exit-on-error=true", "--strict-readiness=true"]
+        if self.model_config_name:
+            cmd.append(f"--model-config-name={self.model_config_name}")
         if self.models is not None:
             cmd += ["--model-control-mode=explicit"] + [f"--load-model={m}" for m in self.models]
         return cmd + self.extra_args
@@ -252,6 +256,8 @@ def register(subparsers) -> None:
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--model-config-name", default=None,
+                   help="config variant: 'gpu' loads <model>/configs/gpu.pbtxt (GPU / Jetson)")
     p.add_argument("--log-file", default=None, help="server log (default: a temporary file)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for readiness")
     p.set_defaults(func=_serve)
@@ -259,7 +265,7 @@ def register(subparsers) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     server = TritonServer(args.model_repository, args.http_port, args.grpc_port, args.metrics_port,
-                          args.log_file, host=args.host)
+                          args.log_file, host=args.host, model_config_name=args.model_config_name)
     try:
         server.start(args.timeout)
     except (TritonNotInstalled, TritonStartError, FileNotFoundError) as e:

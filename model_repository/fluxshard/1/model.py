@@ -19,7 +19,8 @@ class TritonPythonModel:
             raise ValueError(f"compute '{compute}' is not available (choose: dense)")
         factory = dense_yolo_factory(weights=params.get("weights") or None,
                                      threads=int(params.get("torch_threads", "1")),
-                                     conf_threshold=float(params.get("conf_threshold", "0.25")))
+                                     conf_threshold=float(params.get("conf_threshold", "0.25")),
+                                     device=params.get("device", "cpu"))
         # Triton frees a timed-out sequence's slot without telling the model: sweep with the same
         # timeout so the model frees its session too
         idle_us = int(config.get("sequence_batching", {}).get("max_sequence_idle_microseconds",

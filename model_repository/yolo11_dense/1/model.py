@@ -15,7 +15,8 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         model = load_dense_model(params.get("weights") or None,
-                                 threads=int(params.get("torch_threads", "1")))
+                                 threads=int(params.get("torch_threads", "1")),
+                                 device=params.get("device", "cpu"))
         self.session = DenseYoloSession(model, float(params.get("conf_threshold", "0.25")))
 
     def execute(self, requests):
