@@ -256,3 +256,43 @@ def test_unreachable_cloud_gives_up_with_a_clear_error():
                              retry=RetryPolicy(reconnect_timeout_s=0.5, backoff_s=(0.1, 0.2)))
     with pytest.raises(CloudError, match="unreachable"):
         client.open_stream(1, block=B).send(Scene(0, (0, 0)).frame(0))
+
+
+class CountingSession:
+    """A compute that any StreamSession must be replaceable by (the executor plugs in likewise)."""
+
+    def __init__(self, log: list, corrid: int):
+        self.log, self.corrid = log, corrid
+
+    def infer(self, rebuilt_frame, field, residual_mask, key):
+        self.log.append((self.corrid, key, wire.cache_digest(rebuilt_frame)))
+        return np.zeros((0, 6), np.float32), {"compute": "counting", "recomputed_fraction": 0.0}
+
+    def close(self):
+        self.log.append((self.corrid, "closed"))
+
+
+def test_session_manager_sweeps_idle_streams_and_accepts_any_compute():
+    from fluxshard.serving.receive import ResyncNeeded
+    from fluxshard.serving.session import SessionManager
+
+    now = [0.0]
+    log: list = []
+    manager = SessionManager(lambda corrid: CountingSession(log, corrid), idle_seconds=10,
+                             clock=lambda: now[0])
+    scene = Scene(13, (1, 0))
+    f0, f1 = scene.frame(0), scene.frame(1)
+    resp = manager.handle(1, True, False, wire.encode_key_frame(f0, 0, B))
+    assert resp.digest == wire.cache_digest(f0) and resp.stats["compute"] == "counting"
+    manager.handle(2, True, False, wire.encode_key_frame(f1, 0, B))
+    now[0] = 8.0
+    mask = residual_mask(f0, f1, scene.field())
+    manager.handle(1, False, False, wire.encode_residual_frame(f1, scene.field(), mask, 1, B))
+    now[0] = 15.0  # stream 2 idle for 15 s, stream 1 for 7 s
+    assert manager.sweep() == [2] and (2, "closed") in log and set(manager.streams) == {1}
+    with pytest.raises(ResyncNeeded, match="unknown stream 2"):
+        manager.handle(2, False, False, wire.encode_residual_frame(f1, scene.field(), mask, 1, B))
+    resp = manager.handle(1, False, True, wire.encode_residual_frame(f1, np.zeros_like(
+        scene.field()), np.zeros_like(mask), 2, B))  # END frees it after answering
+    assert resp.digest == wire.cache_digest(f1) and manager.streams == {}
+    assert log[-1] == (1, "closed")
