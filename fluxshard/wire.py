@@ -231,12 +231,14 @@ def peek_header(payload: bytes) -> dict:
     if len(payload) < HEADER_SIZE:
         raise PayloadError(f"payload of {len(payload)} bytes is shorter than the {HEADER_SIZE}-byte "
                            "header (truncated, or not a FluxShard request)")
-    magic, version, flags, codec, block, _, frame_index, h, w, body_len, raw_len, crc = \
+    magic, version, flags, codec, block, reserved, frame_index, h, w, body_len, raw_len, crc = \
         HEADER.unpack_from(payload)
     if magic != MAGIC:
         raise PayloadError(f"bad magic {magic!r}: not a FluxShard request")
     if version != VERSION:
         raise PayloadError(f"wire version {version} is not supported (this end speaks {VERSION})")
+    if reserved:
+        raise PayloadError(f"reserved header byte is {reserved}, must be 0")
     if flags & ~KNOWN_FLAGS:
         raise PayloadError(f"unknown flags 0x{flags:02x}")
     try:

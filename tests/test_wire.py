@@ -149,6 +149,7 @@ def _valid_residual() -> bytes:
     (lambda p: b"XYZ" + p[3:], "bad magic"),
     (lambda p: _with_header(p, version=2), "version 2"),
     (lambda p: _with_header(p, flags=0x80), "unknown flags"),
+    (lambda p: _with_header(p, reserved=1), "reserved"),
     (lambda p: _with_header(p, codec=9), "unknown codec"),
     (lambda p: _with_header(p, block=12), "block 12"),
     (lambda p: _with_header(p, height=0), "outside the limits"),
