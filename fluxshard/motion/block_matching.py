@@ -34,8 +34,8 @@ def to_luma(image: np.ndarray) -> np.ndarray:
 
 
 def _downsample(img: np.ndarray) -> np.ndarray:
-    h, w = img.shape
-    return img.reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3), dtype=np.float32)
+    # Four strided slices: several times faster than a reshape-mean on a whole frame.
+    return (img[0::2, 0::2] + img[1::2, 0::2] + img[0::2, 1::2] + img[1::2, 1::2]) * 0.25
 
 
 def _offsets(radius: int) -> np.ndarray:
@@ -64,7 +64,9 @@ class _Level:
         sx = np.clip(self.x0[:, None] + vectors[..., 1], 0, self.max_x)
         patches = self.windows[sy, sx]  # (K, C, b, b)
         k, c = sy.shape
-        sad = np.abs(patches - self.cur[:, None]).reshape(k, c, -1).mean(-1)
+        n = self.block * self.block
+        diff = np.abs(patches - self.cur[:, None]).reshape(k * c, n)
+        sad = (diff @ np.full(n, 1 / n, np.float32)).reshape(k, c)  # faster than .mean(-1)
         return sad + LENGTH_PENALTY * np.sqrt((vectors.astype(np.float32) ** 2).sum(-1))
 
 

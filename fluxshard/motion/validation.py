@@ -60,25 +60,49 @@ def block_costs(current_luma: np.ndarray, previous_luma: np.ndarray,
     return rows.reshape(hb, wb, MV_BLOCK).sum(axis=2) / (MV_BLOCK * MV_BLOCK)
 
 
+def leaves_frame(field: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(Hb, Wb) bool: the block's integer-rounded source window is not wholly inside the frame."""
+    hb, wb = field.shape[:2]
+    disp = round_half_away(field)
+    sy = np.arange(hb)[:, None] * MV_BLOCK + disp[..., 1]
+    sx = np.arange(wb)[None, :] * MV_BLOCK + disp[..., 0]
+    return (sy < 0) | (sy > height - MV_BLOCK) | (sx < 0) | (sx > width - MV_BLOCK)
+
+
+class CandidateCosts:
+    """Mean abs luma difference of chosen 4x4 blocks under candidate vectors, for one frame pair.
+    The int16 copies with their borders are made once and shared by every query."""
+
+    def __init__(self, current_luma: np.ndarray, previous_luma: np.ndarray):
+        b = MV_BLOCK
+        self.height, self.width = previous_luma.shape
+        hb, wb = -(-self.height // b), -(-self.width // b)
+        # Border of -1024: a source pixel outside the frame costs the 255 maximum.
+        prev = np.pad(previous_luma.astype(np.int16), b, constant_values=-1024)
+        cur = np.pad(current_luma.astype(np.int16),
+                     ((0, hb * b - self.height), (0, wb * b - self.width)), mode="edge")
+        self.prev_windows = sliding_window_view(prev, (b, b))
+        self.cur_windows = sliding_window_view(cur, (b, b))
+
+    def __call__(self, blocks: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+        """``blocks`` (K, 2) block row, col; ``vectors`` (K, C, 2) (dx, dy) pixels, integer-rounded
+        -> (K, C) costs."""
+        b = MV_BLOCK
+        disp = round_half_away(vectors)
+        sy = np.clip(blocks[:, 0, None] * b + disp[..., 1], -b, self.height) + b
+        sx = np.clip(blocks[:, 1, None] * b + disp[..., 0], -b, self.width) + b
+        windows = self.prev_windows[sy, sx]  # (K, C, b, b)
+        cur_blocks = self.cur_windows[blocks[:, 0] * b, blocks[:, 1] * b]  # (K, b, b)
+        diff = np.minimum(np.abs(windows - cur_blocks[:, None]), 255).astype(np.float32)
+        k, c = sy.shape
+        # A matrix-vector product is much faster than numpy's reduction over a short last axis.
+        return (diff.reshape(k * c, b * b) @ np.full(b * b, 1 / (b * b), np.float32)).reshape(k, c)
+
+
 def candidate_costs(current_luma: np.ndarray, previous_luma: np.ndarray, blocks: np.ndarray,
                     vectors: np.ndarray) -> np.ndarray:
-    """Mean abs difference of 4x4 blocks ``blocks`` ((K, 2) block row, col) under candidate vectors
-    ``vectors`` ((K, C, 2) (dx, dy) pixels, integer-rounded): (K, C). Pixels from outside the
-    previous frame cost 255. One window gather per block and candidate (sliding-window view)."""
-    b = MV_BLOCK
-    height, width = previous_luma.shape
-    hb, wb = -(-height // b), -(-width // b)
-    margin = b
-    prev = np.pad(previous_luma.astype(np.int16), margin, constant_values=-1024)
-    cur = np.pad(current_luma.astype(np.int16), ((0, hb * b - height), (0, wb * b - width)),
-                 mode="edge")
-    disp = round_half_away(vectors)
-    sy = np.clip(blocks[:, 0, None] * b + disp[..., 1], -margin, height) + margin
-    sx = np.clip(blocks[:, 1, None] * b + disp[..., 0], -margin, width) + margin
-    windows = sliding_window_view(prev, (b, b))[sy, sx]  # (K, C, b, b)
-    cur_blocks = sliding_window_view(cur, (b, b))[blocks[:, 0] * b, blocks[:, 1] * b]  # (K, b, b)
-    diff = np.minimum(np.abs(windows - cur_blocks[:, None]), 255)
-    return diff.mean(axis=(2, 3), dtype=np.float32)
+    """One-off :class:`CandidateCosts` query."""
+    return CandidateCosts(current_luma, previous_luma)(blocks, vectors)
 
 
 def alternative_vectors(field: np.ndarray, blocks: np.ndarray, previous_field: np.ndarray | None,
@@ -112,6 +136,7 @@ def validate_field(current_luma: np.ndarray, previous_luma: np.ndarray, codec_fi
     codec_cost = block_costs(current_luma, previous_luma, field)
     cost = np.where(covered, codec_cost, np.inf).astype(np.float32)
     replaced = np.zeros(covered.shape, bool)
+    costs_of = CandidateCosts(current_luma, previous_luma)
 
     def adopt(blocks, vectors, new_cost, force):
         old = cost[blocks[:, 0], blocks[:, 1]]
@@ -124,17 +149,17 @@ def validate_field(current_luma: np.ndarray, previous_luma: np.ndarray, codec_fi
     check = np.argwhere(cost > noise_floor)
     if len(check):
         candidates = alternative_vectors(codec_field, check, previous_field)
-        costs = candidate_costs(current_luma, previous_luma, check, candidates)
+        costs = costs_of(check, candidates)
         best = costs.argmin(1)
         rows = np.arange(len(check))
         adopt(check, candidates[rows, best], costs[rows, best],
               ~covered[check[:, 0], check[:, 1]])
-    search = cost > abs_tol
+    # Block matching cannot help where the source lies outside the previous frame (content
+    # entering at the border): those blocks are residual anyway.
+    search = (cost > abs_tol) & ~(covered & leaves_frame(codec_field, *current_luma.shape))
     if search.any():
         matched, _ = match_blocks(current_luma, previous_luma, radius=radius, wanted=search)
         where = np.argwhere(search)
         vectors = matched[where[:, 0], where[:, 1]]
-        adopt(where, vectors, candidate_costs(current_luma, previous_luma, where,
-                                              vectors[:, None])[:, 0],
-              np.zeros(len(where), bool))
+        adopt(where, vectors, costs_of(where, vectors[:, None])[:, 0], np.zeros(len(where), bool))
     return ValidationResult(field, replaced, codec_cost)
