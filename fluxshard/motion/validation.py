@@ -84,19 +84,25 @@ class CandidateCosts:
         self.prev_windows = sliding_window_view(prev, (b, b))
         self.cur_windows = sliding_window_view(cur, (b, b))
 
-    def __call__(self, blocks: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    def __call__(self, blocks: np.ndarray, vectors: np.ndarray,
+                 evaluate: np.ndarray | None = None) -> np.ndarray:
         """``blocks`` (K, 2) block row, col; ``vectors`` (K, C, 2) (dx, dy) pixels, integer-rounded
-        -> (K, C) costs."""
+        -> (K, C) costs. ``evaluate`` (K, C) bool limits the work to some pairs (others: inf)."""
         b = MV_BLOCK
+        k, c = vectors.shape[:2]
         disp = round_half_away(vectors)
-        sy = np.clip(blocks[:, 0, None] * b + disp[..., 1], -b, self.height) + b
-        sx = np.clip(blocks[:, 1, None] * b + disp[..., 0], -b, self.width) + b
-        windows = self.prev_windows[sy, sx]  # (K, C, b, b)
-        cur_blocks = self.cur_windows[blocks[:, 0] * b, blocks[:, 1] * b]  # (K, b, b)
-        diff = np.minimum(np.abs(windows - cur_blocks[:, None]), 255).astype(np.float32)
-        k, c = sy.shape
+        if evaluate is None:
+            evaluate = np.ones((k, c), bool)
+        rows, cols = np.nonzero(evaluate)
+        sy = np.clip(blocks[rows, 0] * b + disp[rows, cols, 1], -b, self.height) + b
+        sx = np.clip(blocks[rows, 1] * b + disp[rows, cols, 0], -b, self.width) + b
+        windows = self.prev_windows[sy, sx]  # (P, b, b)
+        cur_blocks = self.cur_windows[blocks[rows, 0] * b, blocks[rows, 1] * b]  # (P, b, b)
+        diff = np.minimum(np.abs(windows - cur_blocks), 255).astype(np.float32)
+        out = np.full((k, c), np.inf, np.float32)
         # A matrix-vector product is much faster than numpy's reduction over a short last axis.
-        return (diff.reshape(k * c, b * b) @ np.full(b * b, 1 / (b * b), np.float32)).reshape(k, c)
+        out[rows, cols] = diff.reshape(-1, b * b) @ np.full(b * b, 1 / (b * b), np.float32)
+        return out
 
 
 def candidate_costs(current_luma: np.ndarray, previous_luma: np.ndarray, blocks: np.ndarray,
@@ -149,7 +155,10 @@ def validate_field(current_luma: np.ndarray, previous_luma: np.ndarray, codec_fi
     check = np.argwhere(cost > noise_floor)
     if len(check):
         candidates = alternative_vectors(codec_field, check, previous_field)
-        costs = costs_of(check, candidates)
+        # Only candidates that differ from the block's own vector after rounding need a look.
+        own = round_half_away(codec_field[check[:, 0], check[:, 1]])[:, None]
+        differs = (round_half_away(candidates) != own).any(-1)
+        costs = costs_of(check, candidates, differs)
         best = costs.argmin(1)
         rows = np.arange(len(check))
         adopt(check, candidates[rows, best], costs[rows, best],
