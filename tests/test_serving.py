@@ -77,6 +77,17 @@ def check_exact(results, stream):
     assert stream.mirror.digest == results[-1][2].digest
 
 
+@pytest.fixture
+def triton_installed():
+    """For tests that start their own server."""
+    from fluxshard.serving.tritonserver import TritonNotInstalled, find_triton
+
+    try:
+        find_triton()
+    except TritonNotInstalled as e:
+        pytest.skip(str(e))
+
+
 @pytest.fixture(scope="module")
 def client(tritonserver):
     with FluxShardClient(tritonserver.grpc_url) as c:
@@ -223,7 +234,7 @@ def test_yolo11_dense_baseline_model(tritonserver, local_model):
 
 
 @pytest.mark.slow
-def test_server_restart_mid_stream_loses_no_frame(tmp_path):
+def test_server_restart_mid_stream_loses_no_frame(tmp_path, triton_installed):
     server = TritonServer(log_file=tmp_path / "first.log", models=["fluxshard"])
     scene = Scene(12, (1, 1))
     results = []
@@ -296,3 +307,14 @@ def test_session_manager_sweeps_idle_streams_and_accepts_any_compute():
         scene.field()), np.zeros_like(mask), 2, B))  # END frees it after answering
     assert resp.digest == wire.cache_digest(f1) and manager.streams == {}
     assert log[-1] == (1, "closed")
+
+
+def test_a_server_that_cannot_start_reports_its_log(tmp_path, triton_installed):
+    from fluxshard.serving.tritonserver import TritonStartError
+
+    broken = tmp_path / "repo" / "broken"
+    (broken / "1").mkdir(parents=True)
+    (broken / "config.pbtxt").write_text('name: "broken"\nbackend: "no_such_backend"\n'
+                                         'max_batch_size: 0\n')
+    with pytest.raises(TritonStartError, match="(?s)exited with code.*no_such_backend"):
+        TritonServer(tmp_path / "repo", log_file=tmp_path / "server.log").start(timeout=120)
