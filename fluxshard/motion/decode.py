@@ -65,18 +65,17 @@ def codec_field(vectors: np.ndarray | None, height: int, width: int) -> tuple[np
     bh = np.maximum(past["h"].astype(np.int64) // MV_BLOCK, 1)
     bx0 = (past["dst_x"].astype(np.int64) - past["w"] // 2) // MV_BLOCK
     by0 = (past["dst_y"].astype(np.int64) - past["h"] // 2) // MV_BLOCK
-    for code in np.unique(bh * 64 + bw):
-        nh, nw = int(code // 64), int(code % 64)
-        sel = (bh == nh) & (bw == nw)
-        iy, ix = np.meshgrid(np.arange(nh), np.arange(nw), indexing="ij")
-        ys = (by0[sel, None] + iy.reshape(1, -1)).ravel()
-        xs = (bx0[sel, None] + ix.reshape(1, -1)).ravel()
-        vx = np.repeat(dx[sel], nh * nw)
-        vy = np.repeat(dy[sel], nh * nw)
-        inside = (ys >= 0) & (ys < hb) & (xs >= 0) & (xs < wb)  # macroblocks overhang the frame
-        field[ys[inside], xs[inside], 0] = vx[inside]
-        field[ys[inside], xs[inside], 1] = vy[inside]
-        covered[ys[inside], xs[inside]] = True
+    # Expand every partition into its 4x4 blocks in one pass: owner index and offset inside it.
+    counts = bh * bw
+    owner = np.repeat(np.arange(len(past)), counts)
+    offset = np.arange(owner.size) - np.repeat(np.cumsum(counts) - counts, counts)
+    ys = by0[owner] + offset // bw[owner]
+    xs = bx0[owner] + offset % bw[owner]
+    inside = (ys >= 0) & (ys < hb) & (xs >= 0) & (xs < wb)  # macroblocks overhang the frame
+    ys, xs, owner = ys[inside], xs[inside], owner[inside]
+    field[ys, xs, 0] = dx[owner]
+    field[ys, xs, 1] = dy[owner]
+    covered[ys, xs] = True
     return field, covered
 
 

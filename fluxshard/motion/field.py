@@ -82,10 +82,33 @@ def _gather_blocks(image: np.ndarray, sy: np.ndarray, sx: np.ndarray) -> np.ndar
     return gathered.view(image.dtype).reshape((hb * b, wb * b) + image.shape[2:])
 
 
-def align_image(image: np.ndarray, field: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Warp ``image`` (the reference, (H, W) or (H, W, C)) to the current frame with the
-    integer-rounded field. Returns ``(aligned, valid)``; invalid positions (source outside the
-    image) hold 0."""
+def block_leaves_frame(field: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(Hb, Wb) bool: some pixel of the 4x4 block takes its value from outside the frame
+    (the last block row/column only counts the pixels the frame has)."""
+    sy, sx = _block_sources(field, height, width)
+    hb, wb = sy.shape
+    rows = np.minimum(MV_BLOCK, height - np.arange(hb) * MV_BLOCK)[:, None]
+    cols = np.minimum(MV_BLOCK, width - np.arange(wb) * MV_BLOCK)[None, :]
+    return (sy < 0) | (sy + rows > height) | (sx < 0) | (sx + cols > width)
+
+
+def _validity(sy: np.ndarray, sx: np.ndarray, height: int, width: int) -> np.ndarray:
+    b = MV_BLOCK
+    lin = np.arange(b)
+    rows = sy[:, None, :, None] + lin[None, :, None, None]  # (Hb, 4, Wb, 1)
+    cols = sx[:, None, :, None] + lin[None, None, None, :]  # (Hb, 1, Wb, 4)
+    valid = ((rows >= 0) & (rows < height)) & ((cols >= 0) & (cols < width))
+    return valid.reshape(sy.shape[0] * b, sy.shape[1] * b)[:height, :width]
+
+
+def source_validity(field: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(H, W) bool: the pixel's integer-rounded source lies inside the frame."""
+    sy, sx = _block_sources(field, height, width)
+    return _validity(sy, sx, height, width)
+
+
+def warp(image: np.ndarray, field: np.ndarray) -> np.ndarray:
+    """``align_image`` without the validity mask (out-of-frame pixels are 0 all the same)."""
     image = np.asarray(image)
     if image.ndim not in (2, 3):
         raise ValueError(f"image must be (H, W) or (H, W, C), got shape {image.shape}")
@@ -98,15 +121,15 @@ def align_image(image: np.ndarray, field: np.ndarray) -> tuple[np.ndarray, np.nd
         as_bytes = np.ascontiguousarray(image).view(np.uint8).reshape(height, width, -1)
         aligned = _gather_blocks(as_bytes, sy, sx).view(image.dtype).reshape(
             (sy.shape[0] * b, sy.shape[1] * b) + image.shape[2:])
-    if (sy >= 0).all() and (sy <= height - b).all() and (sx >= 0).all() and (sx <= width - b).all():
-        valid = np.ones((height, width), bool)
-    else:
-        lin = np.arange(b)
-        rows = sy[:, None, :, None] + lin[None, :, None, None]  # (Hb, 4, Wb, 1)
-        cols = sx[:, None, :, None] + lin[None, None, None, :]  # (Hb, 1, Wb, 4)
-        valid = ((rows >= 0) & (rows < height)) & ((cols >= 0) & (cols < width))
-        valid = valid.reshape(sy.shape[0] * b, sy.shape[1] * b)[:height, :width]
-    return np.ascontiguousarray(aligned[:height, :width]), valid
+    return np.ascontiguousarray(aligned[:height, :width])
+
+
+def align_image(image: np.ndarray, field: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Warp ``image`` (the reference, (H, W) or (H, W, C)) to the current frame with the
+    integer-rounded field. Returns ``(aligned, valid)``; invalid positions (source outside the
+    image) hold 0."""
+    aligned = warp(image, field)
+    return aligned, source_validity(field, *aligned.shape[:2])
 
 
 def field_at_stride(field: np.ndarray, stride: int) -> tuple[np.ndarray, np.ndarray]:

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fluxshard.motion.field import align_image, compose_fields, motion_statistic, zero_field
+from fluxshard.motion.field import (MV_BLOCK, block_leaves_frame, compose_fields,
+                                    motion_statistic, source_validity, warp, zero_field)
 
 RESIDUAL_BLOCK = 16
 
@@ -18,7 +19,6 @@ class ResidualSet:
     mask: np.ndarray  # (ceil(H/b), ceil(W/b)) bool: blocks to send / recompute
     aligned: np.ndarray  # (H, W, 3) uint8: the input cache warped to the current frame
     field: np.ndarray  # (ceil(H/4), ceil(W/4), 2) float32 accumulated motion used
-    valid: np.ndarray  # (H, W) bool: pixels whose source lies inside the cached frame
     block_max_diff: np.ndarray  # (ceil(H/b), ceil(W/b)) int16: max |aligned - frame|, 256 if invalid
     block: int
     tau: float
@@ -27,9 +27,14 @@ class ResidualSet:
     def fraction(self) -> float:
         return float(self.mask.mean()) if self.mask.size else 0.0
 
+    @property
+    def valid(self) -> np.ndarray:
+        """(H, W) bool: pixels whose source lies inside the cached frame (computed on demand)."""
+        return source_validity(self.field, *self.aligned.shape[:2])
+
     def pixel_mask(self) -> np.ndarray:
         """(H, W) bool: the pixels of residual blocks."""
-        h, w = self.valid.shape
+        h, w = self.aligned.shape[:2]
         return np.repeat(np.repeat(self.mask, self.block, 0), self.block, 1)[:h, :w]
 
 
@@ -59,16 +64,21 @@ def residual_blocks(cache: np.ndarray, frame: np.ndarray, field: np.ndarray, tau
         raise ValueError(f"residual block must be >= 1, got {block}")
     if cache.shape != frame.shape:
         raise ValueError(f"cache {cache.shape} and frame {frame.shape} differ in size")
-    aligned, valid = align_image(cache, field)
+    aligned = warp(cache, field)
     worst = block_max_abs_diff(aligned, frame, block)
-    if not valid.all():
-        h, w = valid.shape
-        ph, pw = -h % block, -w % block
-        invalid = np.pad(~valid, ((0, ph), (0, pw)))
-        hr, wr = invalid.shape[0] // block, invalid.shape[1] // block
-        worst[invalid.reshape(hr, block, wr, block).any(axis=(1, 3))] = 256
-    return ResidualSet(mask=worst > tau, aligned=aligned, field=field, valid=valid,
-                       block_max_diff=worst, block=block, tau=float(tau))
+    h, w = frame.shape[:2]
+    if block % MV_BLOCK == 0:  # invalid pixels found per 4x4 block: no per-pixel mask needed
+        invalid = block_leaves_frame(field, h, w)
+        k = block // MV_BLOCK
+    else:
+        invalid, k = ~source_validity(field, h, w), block
+    if invalid.any():
+        ph, pw = -invalid.shape[0] % k, -invalid.shape[1] % k
+        invalid = np.pad(invalid, ((0, ph), (0, pw)))
+        hr, wr = invalid.shape[0] // k, invalid.shape[1] // k
+        worst[invalid.reshape(hr, k, wr, k).any(axis=(1, 3))] = 256
+    return ResidualSet(mask=worst > tau, aligned=aligned, field=field, block_max_diff=worst,
+                       block=block, tau=float(tau))
 
 
 class EndpointState:
