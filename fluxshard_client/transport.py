@@ -86,6 +86,8 @@ def _classify(exc: Exception) -> Exception:
         low = msg.lower()
         if "resync needed" in low or "must specify the start flag" in low:
             return _Resync(msg)
+        if "bad payload" in low or "internal error" in low:  # the model's own answers
+            return CloudError(f"cloud rejected the frame: {msg}")
         if ("unavailable" in status.lower() or "deadline" in status.lower()
                 or "not found" in low or "not ready" in low or "unavailable" in low
                 or "failed to connect" in low or "connection" in low or "socket closed" in low):
@@ -213,9 +215,9 @@ class FluxShardClient:
         data = np.frombuffer(payload, np.uint8)[None]
         inp = tc.InferInput("PAYLOAD", list(data.shape), "UINT8")
         inp.set_data_from_numpy(data)
-        if self.protocol == "http":
+        if self.protocol == "http":  # timeouts: network_timeout of the connection
             outputs = [tc.InferRequestedOutput(n, binary_data=True) for n in OUTPUTS]
-            extra = {"timeout": None}
+            extra = {}
         else:
             outputs = [tc.InferRequestedOutput(n) for n in OUTPUTS]
             extra = {"client_timeout": self.timeout_s}

@@ -170,12 +170,13 @@ class SessionManager:
 
     def sweep(self, now: float | None = None) -> list[int]:
         """Free streams idle longer than ``idle_seconds``; returns their ids."""
-        now = self.clock() if now is None else now
-        stale = [c for c, s in self.streams.items() if now - s.last_seen > self.idle_seconds]
-        for c in stale:
-            self.streams.pop(c).session.close()
-        return stale
+        with self._lock:
+            now = self.clock() if now is None else now
+            stale = [c for c, s in self.streams.items() if now - s.last_seen > self.idle_seconds]
+            for c in stale:
+                self.streams.pop(c).session.close()
+            return stale
 
 
 __all__ = ["StreamSession", "SessionFactory", "DenseYoloSession", "dense_yolo_factory",
-           "load_dense_model", "SessionManager", "ResyncNeeded", "PayloadError", "Request"]
+           "load_dense_model", "SessionManager", "ResyncNeeded", "PayloadError"]
