@@ -135,8 +135,9 @@ def lr_at(cfg: TrainConfig, it: int, total: int) -> float:
 
 @torch.no_grad()
 def validate(model: YOLO11, samples: list[Sample], conf: float = 0.001, iou: float = 0.7,
-             batch: int = 4) -> dict:
-    """mAP of ``model`` on full (un-augmented) frames, ultralytics val thresholds by default."""
+             max_det: int = 100, batch: int = 4) -> dict:
+    """mAP of ``model`` on full (un-augmented) frames, ultralytics val thresholds by default
+    (``max_det`` 100: COCO scores no more per image, and it bounds the masks kept)."""
     was_training = model.training
     model.eval()
     preds, gts = [], []
@@ -145,7 +146,7 @@ def validate(model: YOLO11, samples: list[Sample], conf: float = 0.001, iou: flo
             chunk = samples[i:i + batch]
             x = preprocess([s.image for s in chunk])
             dets = postprocess(model(x), x.shape[2:], chunk[0].image.shape[:2], conf_thres=conf,
-                               iou_thres=iou)
+                               iou_thres=iou, max_det=max_det)
             preds.extend(dets)
             gts.extend({"boxes": s.boxes, "classes": s.classes, "masks": s.masks} for s in chunk)
     finally:
