@@ -325,12 +325,15 @@ def _background_blocks(labels: np.ndarray, prev_labels: np.ndarray, flow: np.nda
 def _encoder_options(codec: str, spec: SceneSpec, ref: int, bframes: int, crf: int,
                      preset: str) -> dict[str, str]:
     if codec == "libx264":
+        # One thread, and no MB-tree with B-frames: either makes this x264 build's bitstream
+        # vary from run to run (measured), and clips must be reproducible.
+        extra = ":mbtree=0" if bframes else ""
         return {"crf": str(crf), "preset": preset,
                 "x264-params": f"ref={ref}:bframes={bframes}:keyint={spec.gop}:"
-                               f"min-keyint={spec.gop}:scenecut=0"}
+                               f"min-keyint={spec.gop}:scenecut=0:threads=1{extra}"}
     return {"crf": str(crf), "preset": preset,
             "x265-params": f"ref={ref}:bframes={bframes}:keyint={spec.gop}:min-keyint={spec.gop}:"
-                           "scenecut=0:log-level=error"}
+                           "scenecut=0:frame-threads=1:pools=1:log-level=error"}
 
 
 def make_clip(spec: SceneSpec, out_dir: str | Path, codec: str = "libx264", ref: int = 1, *,
@@ -357,6 +360,7 @@ def make_clip(spec: SceneSpec, out_dir: str | Path, codec: str = "libx264", ref:
         stream = container.add_stream(codec, rate=spec.fps)
         stream.width, stream.height, stream.pix_fmt = spec.width, spec.height, "yuv420p"
         stream.options = _encoder_options(codec, spec, ref, bframes, crf, preset)
+        stream.codec_context.thread_count = 1  # reproducible bitstreams
         for t in tqdm(range(spec.frames), desc=f"synth {name}", unit="frame", disable=not progress,
                       dynamic_ncols=True):
             frame = scene.render(t)

@@ -200,12 +200,5 @@ def iter_motion(source: str | Path, *, validate: bool = True, radius: int = DEFA
         raise MotionSourceError(f"{name}: no decodable video frames")
 
 
-def describe_paths(frames: list[MotionFrame]) -> dict[str, int]:
-    counts = {k: 0 for k in MOTION_SOURCES}
-    for f in frames:
-        counts[f.motion_source] += 1
-    return counts
-
-
 __all__ = ["MotionFrame", "MotionSourceError", "MOTION_SOURCES", "codec_field", "iter_motion",
-           "open_source", "describe_paths"]
+           "open_source"]

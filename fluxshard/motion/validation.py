@@ -155,9 +155,10 @@ def validate_field(current_luma: np.ndarray, previous_luma: np.ndarray, codec_fi
     check = np.argwhere(cost > noise_floor)
     if len(check):
         candidates = alternative_vectors(codec_field, check, previous_field)
-        # Only candidates that differ from the block's own vector after rounding need a look.
-        own = round_half_away(codec_field[check[:, 0], check[:, 1]])[:, None]
-        differs = (round_half_away(candidates) != own).any(-1)
+        # Only candidates more than 1 px from the block's own vector are a different motion; a
+        # closer one would only trade the codec's sub-pixel vector for a rounding alternative.
+        own = codec_field[check[:, 0], check[:, 1]][:, None]
+        differs = (np.abs(candidates - own) > 1.0).any(-1)
         costs = costs_of(check, candidates, differs)
         best = costs.argmin(1)
         rows = np.arange(len(check))
