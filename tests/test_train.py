@@ -194,3 +194,18 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
                     cache_dir=cache)
     with pytest.raises(ValueError, match="different setup"):
         other.resume()
+
+
+@pytest.mark.slow
+def test_train_demo_verb_writes_loadable_weights(tmp_path):
+    from fluxshard import synth
+    from fluxshard.cli import main
+    from fluxshard.models import load_model
+
+    assert main(["train-demo", "--quick", "--task", "detect", "--epochs", "1", "--no-progress",
+                 "--train-scenes", "4", "--batch", "4", "--val-scenes", "1",
+                 "--workdir", str(tmp_path)]) == 0
+    model = load_model(tmp_path / "detect" / "weights.pt")
+    assert model.task == "detect" and list(model.names.values()) == list(synth.CLASS_NAMES)
+    assert model.meta["epochs_done"] == 1 and "map50" in model.meta["history"][-1]
+    assert (tmp_path / "detect" / "last.pt").is_file()
