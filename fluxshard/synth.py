@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-__version__ = "1"
+__version__ = "2"  # bump when rendering changes (training caches key on it)
 
 CLASS_NAMES: tuple[str, ...] = ("car", "person", "ball", "sign")
 CAMERAS = ("pan", "zoom", "pan+zoom", "static")
