@@ -180,8 +180,8 @@ class DetectionLoss:
         pred_dist, pred_logits = x.split((self.reg_max * 4, self.nc), 1)
         anchors, stride_col = make_anchors([tuple(m.shape[2:]) for m in maps], self.strides,
                                            maps[0].dtype, maps[0].device)
-        return pred_dist.permute(0, 2, 1).contiguous(), pred_logits.permute(0, 2, 1).contiguous(), \
-            anchors, stride_col
+        return (pred_dist.permute(0, 2, 1).contiguous(), pred_logits.permute(0, 2, 1).contiguous(),
+                anchors, stride_col)
 
     def _decode(self, anchors: torch.Tensor, pred_dist: torch.Tensor) -> torch.Tensor:
         """DFL expectation per side -> xyxy in grid units of each anchor's level."""
@@ -205,8 +205,8 @@ class DetectionLoss:
         target_boxes, target_scores, fg, gt_idx = self.assigner(
             pred_logits.detach().sigmoid(), (pred_boxes.detach() * stride_col).to(gt_boxes.dtype),
             anchors * stride_col, gt_classes, gt_boxes, gt_valid)
-        return pred_dist, pred_logits, anchors, stride_col, pred_boxes, target_boxes, \
-            target_scores, fg, gt_idx
+        return (pred_dist, pred_logits, anchors, stride_col, pred_boxes, target_boxes,
+                target_scores, fg, gt_idx)
 
     def __call__(self, maps: list[torch.Tensor], gt_boxes: torch.Tensor, gt_classes: torch.Tensor,
                  gt_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
