@@ -1,0 +1,40 @@
+"""The one specification of FluxShard's two graph ops. The torch executor (fluxshard.sparse.ops),
+the ONNX local-function bodies and the TensorRT plugins all implement exactly this.
+
+MVGather(cache, field_index, invalid) -> gathered
+    cache        float32 (N, C, H, W)   a layer's output from the frame its endpoint last ran on
+    field_index  int64   (H*W,)         flat source position of every output position:
+                                        (y + dy_s) * W + (x + dx_s), clamped into [0, H*W)
+    invalid      bool    (H, W)         positions whose source is outside the map or whose
+                                        displacement is not coherent at this grid (RFAP Cond. 2)
+    gathered[n, c, y, x] = cache[n, c, field_index[y*W + x]] where not invalid, else 0.
+    The grid field d_s = d / s comes from the input-level field d (integer pixels, rounded half
+    away from zero) for a layer of cumulative stride s; Cond. 2 holds at a position when every
+    input-level vector in its s x s window is equal and divisible by s.
+
+MaskedSparseConv(x, recompute, gathered, W, b; kernel, stride, pads, groups, activation,
+                 threshold, tile) -> (y, changed)
+    x          float32 (1, Cin, Hi, Wi)  the assembled input of the layer
+    recompute  bool    (Ho, Wo)          output positions that must be recomputed: the input's
+                                         changed mask dilated by the kernel radius (through the
+                                         stride), RFAP Cond. 1 failures, invalid gathered positions
+    gathered   float32 (1, Cout, Ho, Wo) MVGather of this layer's cache
+    W, b                                 BN-fused weight and bias (ordinary Conv2d semantics, zero
+                                         padding ``pads``)
+    activation "silu" | "none"
+    threshold  float >= 0                truncation: tau / ||W||_1 at activation outputs, else 0
+    tile       int                       output tile edge; an output tile containing any recompute
+                                         position is computed whole (with its input halo)
+    fresh = act(conv(x, W, b)) on every position of every active tile
+    changed = max_c |fresh - gathered| > threshold  (inside active tiles; False elsewhere)
+    y = fresh where changed, gathered elsewhere
+    With threshold 0, y equals the dense conv on every position whose receptive field is
+    unchanged and RFAP-consistent (exact reuse, v1 Eq. 3), and on every recomputed position up to
+    the float rounding of a differently-shaped conv call (see tests/test_executor.py).
+
+||W||_1 (truncation scale) is the largest L1 norm over output channels of the fused kernel: the
+Lipschitz bound of one output channel against a max-norm input change (v1 Eq. 4).
+"""
+
+OPS = ("MVGather", "MaskedSparseConv")
+ACTIVATIONS = ("silu", "none")
