@@ -99,10 +99,17 @@ def blocks_of(pixel_mask, block):
                           block).any(axis=(1, 3))
 
 
-@pytest.fixture(scope="module")
-def accumulated_run(synth_clips):
-    """Reset an endpoint on frame 3 and accumulate 12 frames of the pan+zoom clip."""
-    paths, spec = synth_clips("pan_zoom")
+# Accumulation over 12 frames compounds per-frame errors: (share of clean background blocks within
+# 1.5 px of the true displacement, largest share of clean 16x16 blocks marked residual at tau 40).
+# Codec vectors are quarter-pel exact; block matching is sub-pixel refined but biased towards whole
+# pixels (about 0.05 px per frame here), and validated multi-reference fields keep a few outliers.
+ACCUMULATION_BOUNDS = {"pan_zoom": (0.95, 0.05), "multiref": (0.75, 0.12), "hevc": (0.8, 0.1)}
+
+
+@pytest.fixture(scope="module", params=list(ACCUMULATION_BOUNDS))
+def accumulated_run(synth_clips, request):
+    """Reset an endpoint on frame 3 and accumulate 12 frames, one clip per motion path."""
+    paths, spec = synth_clips(request.param)
     state = EndpointState()
     start, end = 3, 15
     frames = {}
@@ -112,7 +119,7 @@ def accumulated_run(synth_clips):
         elif f.index > start:
             state.accumulate(f.field)
         frames[f.index] = f
-    return state, frames, synth.Scene(spec), start, end
+    return state, frames, synth.Scene(spec), start, end, ACCUMULATION_BOUNDS[request.param]
 
 
 def clean_background(scene, start, end, disp):
@@ -133,7 +140,7 @@ def clean_background(scene, start, end, disp):
 
 
 def test_accumulated_field_matches_true_displacement(accumulated_run):
-    state, frames, scene, start, end = accumulated_run
+    state, frames, scene, start, end, (min_share, _) = accumulated_run
     frame, disp = true_accumulated(scene, end, start)
     assert state.frames_since_reset == end - start
     clean = clean_background(scene, start, end, disp)
@@ -141,13 +148,13 @@ def test_accumulated_field_matches_true_displacement(accumulated_run):
     true_blocks, _ = synth.block_motion(disp)
     error = np.abs(state.field - true_blocks).max(-1)[clean_blocks]
     assert clean_blocks.sum() > 500
-    assert (error <= 1.5).mean() >= MIN_SHARE  # 12 composed frames of quarter-pel zoom motion
+    assert (error <= 1.5).mean() >= min_share
     assert motion_statistic(state.field) == pytest.approx(
         np.sqrt((true_blocks ** 2).sum(-1)).mean(), rel=0.15)
 
 
 def test_aligned_cache_equals_frame_on_background(accumulated_run):
-    state, frames, scene, start, end = accumulated_run
+    state, frames, scene, start, end, _ = accumulated_run
     _, disp = true_accumulated(scene, end, start)
     clean = clean_background(scene, start, end, disp)
     residual = state.residual(frames[end].image, tau=0)
@@ -158,7 +165,7 @@ def test_aligned_cache_equals_frame_on_background(accumulated_run):
 
 
 def test_residual_set_covers_objects_and_disocclusions(accumulated_run):
-    state, frames, scene, start, end = accumulated_run
+    state, frames, scene, start, end, (_, max_false_alarms) = accumulated_run
     frame, disp = true_accumulated(scene, end, start)
     cache_labels = scene.render(start).labels
     h, w = frame.labels.shape
@@ -180,7 +187,7 @@ def test_residual_set_covers_objects_and_disocclusions(accumulated_run):
     clean_blocks = ~blocks_of(~clean, 16)
     false_alarms = (residual.mask & clean_blocks).sum() / clean_blocks.sum()
     assert recall >= 0.9, recall
-    assert false_alarms <= 0.05, false_alarms
+    assert false_alarms <= max_false_alarms, false_alarms
     assert residual.fraction < 0.6
     assert residual.pixel_mask().shape == frame_image.shape[:2]
 

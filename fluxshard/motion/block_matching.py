@@ -58,8 +58,9 @@ class _Level:
         grid = cur.reshape(cur.shape[0] // block, block, cur.shape[1] // block, block)
         self.cur = grid[blocks[:, 0], :, blocks[:, 1], :]  # (K, b, b)
 
-    def costs(self, vectors: np.ndarray) -> np.ndarray:
-        """vectors (K, C, 2) int (dy, dx) -> mean abs difference (K, C) plus the length penalty."""
+    def costs(self, vectors: np.ndarray, penalty: bool = True) -> np.ndarray:
+        """vectors (K, C, 2) int (dy, dx) -> mean abs difference (K, C) plus, with ``penalty``,
+        the length penalty."""
         sy = np.clip(self.y0[:, None] + vectors[..., 0], 0, self.max_y)
         sx = np.clip(self.x0[:, None] + vectors[..., 1], 0, self.max_x)
         patches = self.windows[sy, sx]  # (K, C, b, b)
@@ -67,6 +68,8 @@ class _Level:
         n = self.block * self.block
         diff = np.abs(patches - self.cur[:, None]).reshape(k * c, n)
         sad = (diff @ np.full(n, 1 / n, np.float32)).reshape(k, c)  # faster than .mean(-1)
+        if not penalty:
+            return sad
         return sad + LENGTH_PENALTY * np.sqrt((vectors.astype(np.float32) ** 2).sum(-1))
 
 
@@ -79,12 +82,32 @@ def _neighbour_vectors(grid: np.ndarray, blocks: np.ndarray) -> np.ndarray:
     return np.stack(out, 1)
 
 
+def _subpixel_offsets(level: _Level, best: np.ndarray) -> np.ndarray:
+    """Quarter-pel refinement per axis by the equiangular (V-shape) fit that suits SAD costs:
+    the minimum of two lines of equal slope through the costs at -1, 0, +1. Keeps composed
+    fields from drifting by the integer rounding of every frame. (K, 2) (dy, dx) offsets."""
+    # Raw costs: the length penalty would pull every fit towards zero (a bias that composition
+    # accumulates frame after frame).
+    steps = np.array([[0, 0], [-1, 0], [1, 0], [0, -1], [0, 1]])
+    around = level.costs(best[:, None, :] + steps[None], penalty=False)  # (K, 5)
+    best_cost, around = around[:, 0], around[:, 1:]
+    offsets = np.zeros(best.shape, np.float32)
+    for axis, (minus, plus) in enumerate(((0, 1), (2, 3))):
+        cm, cp = around[:, minus], around[:, plus]
+        slope = np.maximum(cm, cp) - best_cost
+        with np.errstate(divide="ignore", invalid="ignore"):
+            delta = np.where(slope > 1e-6, (cm - cp) / (2 * slope), 0.0)
+        offsets[:, axis] = np.round(np.clip(delta, -0.5, 0.5) * 4) / 4
+    return offsets
+
+
 def match_blocks(current: np.ndarray, previous: np.ndarray, *, radius: int = DEFAULT_RADIUS,
-                 wanted: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                 wanted: np.ndarray | None = None,
+                 subpixel: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Backward motion of ``current`` relative to ``previous`` (both (H, W) luma or (H, W, 3) RGB,
     same size). Returns ``(field, cost)``: the field in the motion-layer layout
-    ``(ceil(H/4), ceil(W/4), 2)`` float32 (integer vectors) and the mean abs luma difference
-    per 4x4 block at the chosen vector. ``wanted`` ((Hb, Wb) bool on the 4x4 grid) limits the
+    ``(ceil(H/4), ceil(W/4), 2)`` float32 (quarter-pel with ``subpixel``, else integer) and the
+    mean abs luma difference per 4x4 block at the chosen integer vector. ``wanted`` ((Hb, Wb) bool on the 4x4 grid) limits the
     search to those blocks; the others get zero vectors and NaN cost."""
     cur, prev = to_luma(current), to_luma(previous)
     if cur.shape != prev.shape:
@@ -145,8 +168,12 @@ def match_blocks(current: np.ndarray, previous: np.ndarray, *, radius: int = DEF
         grid[blocks[:, 0], blocks[:, 1]] = candidates[rows, best]
         cost_grid = np.full(need.shape, np.nan, np.float32)
         cost_grid[blocks[:, 0], blocks[:, 1]] = costs[rows, best]
+    vectors = grid.astype(np.float32)
+    if subpixel and len(blocks):
+        vectors[blocks[:, 0], blocks[:, 1]] += _subpixel_offsets(
+            lvl, grid[blocks[:, 0], blocks[:, 1]])
     ratio = MATCH_BLOCK // MV_BLOCK
-    field = np.repeat(np.repeat(grid[..., ::-1], ratio, 0), ratio, 1)[:hb, :wb]
+    field = np.repeat(np.repeat(vectors[..., ::-1], ratio, 0), ratio, 1)[:hb, :wb]
     cost = np.repeat(np.repeat(cost_grid, ratio, 0), ratio, 1)[:hb, :wb]
     field = field.astype(np.float32)
     if wanted is not None:

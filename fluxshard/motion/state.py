@@ -37,6 +37,11 @@ class ResidualSet:
         h, w = self.aligned.shape[:2]
         return np.repeat(np.repeat(self.mask, self.block, 0), self.block, 1)[:h, :w]
 
+    def assemble(self, frame: np.ndarray) -> np.ndarray:
+        """The input an endpoint runs on: the aligned cache, with the residual blocks taken from
+        ``frame`` (what the cloud rebuilds from the uplink payload)."""
+        return np.where(self.pixel_mask()[..., None], frame, self.aligned)
+
 
 def block_max_abs_diff(a: np.ndarray, b: np.ndarray, block: int) -> np.ndarray:
     """max |a - b| over each block's pixels and channels, (ceil(H/b), ceil(W/b)) int16."""

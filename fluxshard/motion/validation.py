@@ -32,6 +32,7 @@ NOISE_FLOOR = 1.5  # grey levels (mean abs, 4x4 luma): at or below, a vector is 
 ABS_TOL = 8.0  # above this a vector is always re-searched by block matching
 REL_GAIN = 0.7  # an alternative must reach below this share of the codec vector's cost ...
 ABS_GAIN = 1.0  # ... and be at least this many grey levels better to replace it
+TIE_MARGIN = 0.5  # grey levels within which block matching replaces an adopted alternative
 MAX_REF = 4  # scaled candidates d/2 .. d/MAX_REF for vectors that span several frames
 
 
@@ -166,10 +167,28 @@ def validate_field(current_luma: np.ndarray, previous_luma: np.ndarray, codec_fi
               ~covered[check[:, 0], check[:, 1]])
     # Block matching cannot help where the source lies outside the previous frame (content
     # entering at the border): those blocks are residual anyway.
-    search = (cost > abs_tol) & ~(covered & leaves_frame(codec_field, *current_luma.shape))
+    # Isolated outliers (a vector to an older frame that happens to fit a smooth block): where
+    # the 3x3 median vector is more than 1 px away and fits as well, the smoother field wins.
+    median = np.median(sliding_window_view(np.pad(field, ((1, 1), (1, 1), (0, 0)), mode="edge"),
+                                           (3, 3), axis=(0, 1)), axis=(-2, -1))
+    odd = np.argwhere((np.abs(median - field) > 1.0).any(-1))
+    if len(odd):
+        vectors = median[odd[:, 0], odd[:, 1]]
+        new_cost = costs_of(odd, vectors[:, None])[:, 0]
+        adopt(odd, vectors, new_cost, new_cost <= cost[odd[:, 0], odd[:, 1]] + TIE_MARGIN)
+    # Blocks that took an alternative are searched too: the alternative is only as exact as
+    # its source (a scaled vector halves x264's quarter-pel error, not removes it), and block
+    # matching refines to quarter-pel, which keeps composed fields from drifting.
+    alternative = replaced.copy()
+    search = ((cost > abs_tol) | alternative) & \
+        ~(covered & leaves_frame(codec_field, *current_luma.shape))
     if search.any():
         matched, _ = match_blocks(current_luma, previous_luma, radius=radius, wanted=search)
         where = np.argwhere(search)
         vectors = matched[where[:, 0], where[:, 1]]
-        adopt(where, vectors, costs_of(where, vectors[:, None])[:, 0], np.zeros(len(where), bool))
+        new_cost = costs_of(where, vectors[:, None])[:, 0]
+        # Where an alternative was taken, block matching wins ties (it is sub-pixel refined).
+        tie = alternative[where[:, 0], where[:, 1]] & \
+            (new_cost <= cost[where[:, 0], where[:, 1]] + TIE_MARGIN)
+        adopt(where, vectors, new_cost, tie)
     return ValidationResult(field, replaced, codec_cost)
