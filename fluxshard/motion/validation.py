@@ -134,7 +134,7 @@ def validate_field(current_luma: np.ndarray, previous_luma: np.ndarray, codec_fi
                    covered: np.ndarray, previous_field: np.ndarray | None = None, *,
                    noise_floor: float = NOISE_FLOOR, abs_tol: float = ABS_TOL,
                    rel_gain: float = REL_GAIN, abs_gain: float = ABS_GAIN,
-                   radius: int = DEFAULT_RADIUS) -> ValidationResult:
+                   radius: int = DEFAULT_RADIUS, max_ref: int = MAX_REF) -> ValidationResult:
     """Check codec vectors against the previous frame and fall back to cheap alternatives, then
     block matching, where they fail (see the module doc). ``covered`` marks blocks that have a
     past-reference vector; ``previous_field`` (the last frame's final field) supplies the
@@ -152,10 +152,12 @@ def validate_field(current_luma: np.ndarray, previous_luma: np.ndarray, codec_fi
         field[b[:, 0], b[:, 1]] = vectors[take]
         cost[b[:, 0], b[:, 1]] = new_cost[take]
         replaced[b[:, 0], b[:, 1]] = True
+        return take
 
+    inexact = np.zeros(covered.shape, bool)  # took a scaled vector: refine by block matching
     check = np.argwhere(cost > noise_floor)
     if len(check):
-        candidates = alternative_vectors(codec_field, check, previous_field)
+        candidates = alternative_vectors(codec_field, check, previous_field, max_ref)
         # Only candidates more than 1 px from the block's own vector are a different motion; a
         # closer one would only trade the codec's sub-pixel vector for a rounding alternative.
         own = codec_field[check[:, 0], check[:, 1]][:, None]
@@ -163,8 +165,10 @@ def validate_field(current_luma: np.ndarray, previous_luma: np.ndarray, codec_fi
         costs = costs_of(check, candidates, differs)
         best = costs.argmin(1)
         rows = np.arange(len(check))
-        adopt(check, candidates[rows, best], costs[rows, best],
-              ~covered[check[:, 0], check[:, 1]])
+        took = adopt(check, candidates[rows, best], costs[rows, best],
+                     ~covered[check[:, 0], check[:, 1]])
+        scaled = took & (best < max_ref - 1)  # the first candidates are d/2 .. d/max_ref
+        inexact[check[scaled, 0], check[scaled, 1]] = True
     # Block matching cannot help where the source lies outside the previous frame (content
     # entering at the border): those blocks are residual anyway.
     # Isolated outliers (a vector to an older frame that happens to fit a smooth block): where
@@ -176,10 +180,10 @@ def validate_field(current_luma: np.ndarray, previous_luma: np.ndarray, codec_fi
         vectors = median[odd[:, 0], odd[:, 1]]
         new_cost = costs_of(odd, vectors[:, None])[:, 0]
         adopt(odd, vectors, new_cost, new_cost <= cost[odd[:, 0], odd[:, 1]] + TIE_MARGIN)
-    # Blocks that took an alternative are searched too: the alternative is only as exact as
-    # its source (a scaled vector halves x264's quarter-pel error, not removes it), and block
-    # matching refines to quarter-pel, which keeps composed fields from drifting.
-    alternative = replaced.copy()
+    # Blocks that took a scaled vector are searched too: it is only as exact as its source
+    # (d/k divides x264's quarter-pel error by k, and x264's far-reference vectors are rougher),
+    # and block matching refines to quarter-pel, which keeps composed fields from drifting.
+    alternative = inexact
     search = ((cost > abs_tol) | alternative) & \
         ~(covered & leaves_frame(codec_field, *current_luma.shape))
     if search.any():
