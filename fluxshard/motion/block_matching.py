@@ -2,7 +2,7 @@
 into the previous frame with the least mean absolute difference (SAD / pixels).
 
 Vectorized and hierarchical so large motion stays cheap: a full search on a 1/4-resolution luma
-pyramid level, then small refinements at 1/2 and full resolution, each also trying the parent
+pyramid level, then +-1 pixel refinements at 1/2 and full resolution, each also trying the parent
 blocks' neighbours' vectors (helps at object borders) and zero (static content on a moving
 background). A tiny penalty on vector length breaks ties on flat content towards small motion.
 All candidates of all blocks are evaluated at once with numpy gathers; ``wanted`` restricts the
@@ -156,7 +156,7 @@ def match_blocks(current: np.ndarray, previous: np.ndarray, *, radius: int = DEF
         else:
             parent = blocks // 2
             base = grid[parent[:, 0], parent[:, 1]] * 2  # (K, 2)
-            r = 2 if level > 0 else 1
+            r = 1
             local = base[:, None, :] + _offsets(r)[None]
             neighbours = _neighbour_vectors(grid, parent) * 2
             zero = np.zeros((len(blocks), 1, 2), np.int64)
