@@ -1,0 +1,255 @@
+"""Sparse executor vs the best dense run, measured in one run (ratios, not absolute times).
+
+1. Single convs of YOLO11 shapes: tile-batched masked conv vs the faster of NCHW / channels_last
+   dense conv, at 5/10/25/50/100% active tiles -> executor efficiency
+   (dense time x active fraction / sparse time).
+2. Whole model (yolo11n, yolo11s): a cached frame, then a frame whose random 32x32 patches
+   changed (share = active fraction), no motion; sparse executor (tau 0, strict RFAP) vs the best
+   dense runner (onnxruntime, fused channels_last torch, ...).
+3. Synthetic clips at three motion levels (still camera, integer pan, pan+zoom) along the edge's
+   data path (codec MVs -> residual blocks -> assembled input): tau=0 strict, tau=0 relaxed and
+   relaxed with tau > 0; speedup, cache hit rate, active fraction per layer.
+
+    python3 perf/bench_sparse.py            # full (~15 min on 2 cores)
+    python3 perf/bench_sparse.py --quick    # yolo11n, short clips (a few minutes)
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from fluxshard import synth
+from fluxshard.measures import executor_efficiency, speedup
+from fluxshard.models import build_yolo11, preprocess
+from fluxshard.models.dense import best_dense_runner
+from fluxshard.motion import EndpointState, iter_motion
+from fluxshard.sparse import SparseExecutor, StreamState, TileConv, masked_sparse_conv
+
+FRACTIONS = (0.05, 0.10, 0.25, 0.50, 1.00)
+# (in channels, out channels, kernel, stride, input H, input W, groups): YOLO11n/s 3x3 convs at 384x640
+CONV_SHAPES = [
+    (16, 32, 3, 2, 192, 320, 1),
+    (16, 16, 3, 1, 96, 160, 1),
+    (32, 32, 3, 1, 96, 160, 1),
+    (64, 64, 3, 1, 48, 80, 1),
+    (64, 128, 3, 2, 48, 80, 1),
+    (128, 128, 3, 1, 24, 40, 1),
+    (64, 64, 3, 1, 48, 80, 64),
+]
+
+
+def median_ms(fn, runs: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def bench_convs(shapes, tile: int, runs: int):
+    rows = []
+    for cin, cout, k, s, h, w, g in tqdm(shapes, desc="single convs"):
+        conv = torch.nn.Conv2d(cin, cout, k, s, k // 2, groups=g).eval()
+        x = torch.randn(1, cin, h, w)
+        conv_cl = torch.nn.Conv2d(cin, cout, k, s, k // 2, groups=g).eval()
+        conv_cl.load_state_dict(conv.state_dict())
+        conv_cl = conv_cl.to(memory_format=torch.channels_last)
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        dense = min(median_ms(lambda: F.silu(conv(x)), runs),
+                    median_ms(lambda: F.silu(conv_cl(x_cl)), runs))
+        plan = TileConv(conv, (h, w), tile)
+        gathered = torch.zeros(1, cout, plan.out_h, plan.out_w)
+        gen = torch.Generator().manual_seed(0)
+        for frac in FRACTIONS:
+            n_tiles = plan.tiles_y * plan.tiles_x
+            chosen = torch.randperm(n_tiles, generator=gen)[:max(1, round(frac * n_tiles))]
+            tiles = torch.zeros(n_tiles, dtype=torch.bool)
+            tiles[chosen] = True
+            mask = tiles.view(plan.tiles_y, plan.tiles_x).repeat_interleave(tile, 0) \
+                .repeat_interleave(tile, 1)[:plan.out_h, :plan.out_w]
+            sparse = median_ms(lambda: masked_sparse_conv(plan, conv, F.silu, x, mask, gathered, 0.0),
+                               runs)
+            active = float(tiles.float().mean())
+            rows.append(dict(shape=f"{cin}->{cout} k{k}s{s} g{g} @{h}x{w}", fraction=active,
+                             dense_ms=dense, sparse_ms=sparse,
+                             efficiency=executor_efficiency(dense, active, sparse)))
+    return rows
+
+
+def changed_patches(frame: np.ndarray, fraction: float, seed: int, patch: int = 32) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    out = frame.copy()
+    ph, pw = frame.shape[0] // patch, frame.shape[1] // patch
+    chosen = rng.choice(ph * pw, size=max(1, round(fraction * ph * pw)), replace=False)
+    for c in chosen:
+        y, x = divmod(int(c), pw)
+        out[y * patch:(y + 1) * patch, x * patch:(x + 1) * patch] = rng.integers(
+            0, 256, (patch, patch, 3), dtype=np.uint8)
+    return out
+
+
+@torch.no_grad()
+def bench_model(scale: str, imgsz, runs: int, workdir: Path, tile: int):
+    model = build_yolo11(scale, "detect", num_classes=4).eval()
+    best, medians = best_dense_runner(model, imgsz, runs=runs, workdir=workdir)
+    executor = SparseExecutor(build_yolo11(scale, "detect", num_classes=4).eval(),
+                              strict_rfap=True, tile=tile)
+    base = synth.Scene(synth.SceneSpec(width=imgsz[1], height=imgsz[0], camera="static")).render(0).image
+    rows = []
+    for frac in tqdm(FRACTIONS, desc=f"yolo11{scale} active fractions"):
+        new = changed_patches(base, frac, seed=1)
+        x0, x1 = preprocess(base), preprocess(new)
+        times, reports = [], []
+        for _ in range(runs):
+            stream = StreamState()
+            executor.run(stream, x0, None, key=True)
+            t0 = time.perf_counter()
+            _, rep = executor.run(stream, x1, np.zeros((imgsz[0] // 4, imgsz[1] // 4, 2), np.float32))
+            times.append((time.perf_counter() - t0) * 1e3)
+            reports.append(rep)
+        sparse = statistics.median(times)
+        rows.append(dict(model=f"yolo11{scale}", input_changed=reports[-1].input_changed,
+                         computed=reports[-1].computed_fraction, sparse_ms=sparse,
+                         best_dense=best.name, dense_ms=medians[best.name],
+                         speedup=speedup(medians[best.name], sparse)))
+    return rows, medians
+
+
+CLIP_LEVELS = {  # motion level -> SceneSpec overrides
+    "still camera": dict(camera="static"),
+    "integer pan": dict(camera="pan", pan_angle=0.0, pan_speed=2.0),
+    "pan+zoom": dict(camera="pan+zoom"),
+}
+CONFIGS = [("tau0 strict", True, 0.0), ("tau0 relaxed", False, 0.0), ("tau1 relaxed", False, 1.0),
+           ("tau4 relaxed", False, 4.0)]
+
+
+@torch.no_grad()
+def bench_clips(scale: str, imgsz, frames: int, workdir: Path, dense_ms: float, tile: int,
+                dispatch_tau: float):
+    model = build_yolo11(scale, "detect", num_classes=4).eval()
+    rows, per_layer = [], {}
+    for level, overrides in CLIP_LEVELS.items():
+        spec = synth.SceneSpec(width=imgsz[1], height=imgsz[0], frames=frames, gop=frames, seed=7,
+                               **overrides)
+        video = synth.make_clip(spec, workdir, name=level.replace(" ", "_").replace("+", "_")).video
+        inputs, state = [], EndpointState()
+        for mf in iter_motion(video):
+            if state.cache is None:
+                image, field, key = mf.image, None, True
+            else:
+                state.accumulate(mf.field)
+                image = state.residual(mf.image, dispatch_tau).assemble(mf.image)
+                field, key = state.field, False
+            state.reset(image)
+            inputs.append((preprocess(image), field, key))
+        for name, strict, tau in tqdm(CONFIGS, desc=f"clip: {level}"):
+            executor = SparseExecutor(model, strict_rfap=strict, tau=tau, tile=tile)
+            stream, times, hits, changed, layers = StreamState(), [], [], [], []
+            for x, field, key in inputs:
+                t0 = time.perf_counter()
+                _, rep = executor.run(stream, x, field, key=key)
+                if not key:
+                    times.append((time.perf_counter() - t0) * 1e3)
+                    hits.append(rep.cache_hit_rate)
+                    changed.append(rep.input_changed)
+                    layers.append(rep.active_fraction())
+            sparse = statistics.median(times)
+            rows.append(dict(level=level, config=name, input_changed=float(np.mean(changed)),
+                             cache_hit=float(np.mean(hits)), sparse_ms=sparse,
+                             speedup=speedup(dense_ms, sparse)))
+            per_layer[(level, name)] = {i: float(np.mean([l[i] for l in layers])) for i in layers[0]}
+    return rows, per_layer
+
+
+def print_table(title: str, rows: list[dict]) -> None:
+    print(f"\n## {title}")
+    if not rows:
+        return
+    keys = list(rows[0])
+    print("| " + " | ".join(keys) + " |")
+    print("|" + "---|" * len(keys))
+    for r in rows:
+        print("| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in r.values())
+              + " |")
+
+
+def plot(conv_rows, model_rows, per_layer, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(18, 5))
+    for shape in dict.fromkeys(r["shape"] for r in conv_rows):
+        rs = [r for r in conv_rows if r["shape"] == shape]
+        axes[0].plot([r["fraction"] for r in rs], [r["efficiency"] for r in rs], "o-", label=shape)
+    axes[0].axhline(0.7, color="grey", ls="--", lw=1)
+    axes[0].set(xlabel="active tile fraction", ylabel="executor efficiency", xscale="log",
+                title="single 3x3 convs (goal 0.7 at 10-40%)")
+    axes[0].legend(fontsize=7)
+    for m in dict.fromkeys(r["model"] for r in model_rows):
+        rs = [r for r in model_rows if r["model"] == m]
+        axes[1].plot([r["input_changed"] for r in rs], [r["speedup"] for r in rs], "o-", label=m)
+    axes[1].axhline(1.0, color="grey", ls="--", lw=1)
+    axes[1].set(xlabel="input changed fraction", ylabel="speedup vs best dense", xscale="log",
+                title="whole model, tau 0, strict RFAP")
+    axes[1].legend()
+    for (level, name), layers in per_layer.items():
+        axes[2].plot(list(layers), list(layers.values()), ".-", label=f"{level} / {name}", lw=1)
+    axes[2].set(xlabel="layer index", ylabel="active (computed) fraction",
+                title="active fraction per layer on clips")
+    axes[2].legend(fontsize=6)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f"\nplot: {path}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--tile", type=int, default=8)
+    p.add_argument("--dispatch-tau", type=float, default=16.0,
+                   help="pixel threshold of the residual set that assembles the clips' inputs")
+    p.add_argument("--plot", type=Path, default=Path("out/perf/bench_sparse.png"))
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    runs = 5 if args.quick else 15
+    scales = ["n"] if args.quick else ["n", "s"]
+    frames = 8 if args.quick else 30
+    imgsz = (384, 640)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        conv_rows = bench_convs(CONV_SHAPES[:4] if args.quick else CONV_SHAPES, args.tile, runs)
+        print_table("single convs: masked sparse vs best dense", conv_rows)
+        model_rows, dense = [], {}
+        for scale in scales:
+            rows, medians = bench_model(scale, imgsz, runs, work, args.tile)
+            model_rows += rows
+            dense[scale] = min(medians.values())
+            print(f"\ndense yolo11{scale} medians (ms): "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in medians.items()))
+        print_table("whole model: sparse (tau 0, strict) vs best dense", model_rows)
+        clip_rows, per_layer = bench_clips("n", imgsz, frames, work, dense["n"], args.tile,
+                                           args.dispatch_tau)
+        print_table(f"clips, yolo11n (dense best {dense['n']:.1f} ms)", clip_rows)
+    plot(conv_rows, model_rows, per_layer, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
