@@ -15,7 +15,7 @@ import pytest
 
 from fluxshard import wire
 from fluxshard.motion.field import align_image
-from fluxshard.serving.session import DenseYoloSession, load_dense_model
+from fluxshard.serving.session import DenseYoloSession, load_dense_model, yolo_session_factory
 from fluxshard.serving.tritonserver import TritonServer
 from fluxshard_client import (AsyncFluxShardClient, CloudError, FluxShardClient, RetryPolicy)
 
@@ -105,7 +105,17 @@ def local_model():
     torch.set_num_threads(threads)
 
 
-def test_three_concurrent_streams_are_served_exactly_and_isolated(client, local_model):
+@pytest.fixture(scope="module")
+def local_sparse_factory():
+    """The server's default compute (the sparse executor), in-process, with its thread count."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield yolo_session_factory("sparse", threads=1)
+    torch.set_num_threads(threads)
+
+
+def test_three_concurrent_streams_are_served_exactly_and_isolated(client, local_sparse_factory):
     scenes = {11: Scene(1, (2, 0)), 12: Scene(2, (0, 1)), 13: Scene(3, (-1, -2))}
     results = {sid: [] for sid in scenes}
     streams = {sid: client.open_stream(sid, block=B) for sid in scenes}
@@ -131,10 +141,20 @@ def test_three_concurrent_streams_are_served_exactly_and_isolated(client, local_
         assert sum(r.stats["residual_blocks"] for _, _, r in res[1:]) > 0
         assert all(r.stats["residual_blocks"] < r.stats["total_blocks"] for _, _, r in res[1:])
         digests |= {r.digest for _, _, r in res}
-        # the cloud ran the model on exactly the frame the edge sees
-        for t, frame, r in res[::3]:
-            expected, _ = local_model.infer(frame, None, None, True)
-            np.testing.assert_allclose(r.detections, expected, rtol=1e-5, atol=1e-4)
+        # the cloud's sparse executor gave, frame by frame, what the same executor gives
+        # in-process on one stream of its own: no stream's caches leaked into another's
+        local = local_sparse_factory(sid)
+        for i, (t, frame, r) in enumerate(res):
+            field = None if i == 0 else scenes[sid].field()
+            mask = None if i == 0 else residual_mask(res[i - 1][1], frame, field)
+            expected, stats = local.infer(frame, field, mask, i == 0)
+            np.testing.assert_allclose(r.detections, expected, rtol=1e-5, atol=1e-4,
+                                       err_msg=f"stream {sid} frame {t}")
+            assert r.stats["compute"] == "sparse"
+            assert r.stats["cache_hit_rate"] == pytest.approx(stats["cache_hit_rate"])
+            assert r.stats["computed_fraction"] == pytest.approx(stats["computed_fraction"])
+        assert res[0][2].stats["computed_fraction"] == 1.0
+        assert [r.stats["dense_pass"] for _, _, r in res] == [True] + [False] * 7
     assert len(digests) == 3 * 8  # no stream ever saw another's input
     for s in streams.values():
         s.close()

@@ -5,14 +5,15 @@ The Triton model (``model_repository/fluxshard/1/model.py``) is a thin adapter a
 
 The compute behind a stream is a :class:`StreamSession`: it gets the rebuilt input frame, the
 (dequantized) accumulated field and the residual mask, and returns detections and stats. The dense
-YOLO11 session below recomputes every frame; the sparse executor plugs in through the same
-interface (a ``session_factory`` that returns its own sessions).
+YOLO11 session recomputes every frame; the sparse session runs the sparse executor with one
+cache state per stream (the default of the ``fluxshard`` model, see :func:`yolo_session_factory`).
 """
 
 from __future__ import annotations
 
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field as dataclass_field
 from typing import Callable, Protocol
 
@@ -56,16 +57,87 @@ class DenseYoloSession:
         t0 = time.perf_counter()
         with torch.inference_mode():
             out = self.model(x)
-        det = postprocess(out, x.shape[-2:], rebuilt_frame.shape[:2],
-                          conf_thres=self.conf_threshold, iou_thres=self.iou_threshold)[0]
-        rows = np.concatenate([det.boxes.reshape(-1, 4), det.scores.reshape(-1, 1),
-                               det.classes.reshape(-1, 1).astype(np.float32)], axis=1)
+        rows = detection_rows(postprocess(out, x.shape[-2:], rebuilt_frame.shape[:2],
+                                          conf_thres=self.conf_threshold,
+                                          iou_thres=self.iou_threshold)[0])
         stats = {"compute": "dense", "compute_ms": round((time.perf_counter() - t0) * 1e3, 3),
-                 "recomputed_fraction": 1.0}
-        return rows.astype(np.float32), stats
+                 "recomputed_fraction": 1.0, "computed_fraction": 1.0, "cache_hit_rate": 0.0}
+        return rows, stats
 
     def close(self) -> None:
         pass
+
+
+def detection_rows(det) -> np.ndarray:
+    """A :class:`fluxshard.models.Detections` as the wire's (N, 6) float32 rows."""
+    return np.concatenate([det.boxes.reshape(-1, 4), det.scores.reshape(-1, 1),
+                           det.classes.reshape(-1, 1).astype(np.float32)], axis=1).astype(np.float32)
+
+
+class SparseYoloSession:
+    """The sparse executor behind one stream: its own :class:`fluxshard.sparse.StreamState`
+    (input and feature caches), the executor and model shared with every other stream.
+
+    The executor keeps per-frame scratch state while it runs, so sessions sharing it serialize on
+    ``lock`` (Triton's python backend calls one request at a time anyway; in-process users may
+    not)."""
+
+    def __init__(self, executor, lock: threading.Lock | None = None,
+                 conf_threshold: float = 0.25, iou_threshold: float = 0.45):
+        from fluxshard.sparse import StreamState
+
+        self.executor = executor
+        self.state = StreamState()
+        self.lock = lock or threading.Lock()
+        self.device = next(executor.model.parameters()).device
+        self.conf_threshold = conf_threshold
+        self.iou_threshold = iou_threshold
+        self.last_report = None  # FrameReport of the last frame (per-layer detail for callers)
+
+    def infer(self, rebuilt_frame, field, residual_mask, key):
+        from fluxshard.models import postprocess, preprocess
+
+        x = preprocess(rebuilt_frame, device=self.device)
+        with self.lock:
+            out, report = self.executor.run(self.state, x, None if key else field, key=key)
+        rows = detection_rows(postprocess(out, x.shape[-2:], rebuilt_frame.shape[:2],
+                                          conf_thres=self.conf_threshold,
+                                          iou_thres=self.iou_threshold)[0])
+        self.last_report = report
+        stats = {"compute": "sparse", "compute_ms": round(report.seconds * 1e3, 3),
+                 "cache_hit_rate": round(report.cache_hit_rate, 6),
+                 "computed_fraction": round(report.computed_fraction, 6),
+                 "recomputed_fraction": round(report.computed_fraction, 6),
+                 "input_changed": round(report.input_changed, 6), "dense_pass": report.key}
+        return rows, stats
+
+    def close(self) -> None:
+        self.state.reset()
+
+
+EXECUTORS = ("sparse", "dense")
+
+
+def yolo_session_factory(executor: str = "sparse", weights: str | None = None, scale: str = "n",
+                         threads: int = 1, conf_threshold: float = 0.25, seed: int = 0,
+                         device: str = "cpu", tau: float = 0.0, strict_rfap: bool = False,
+                         keyframe_interval: int | None = None, model=None) -> SessionFactory:
+    """Sessions for the ``fluxshard`` model, by ``executor``: "sparse" (default; per-stream feature
+    caches, tau the executor's truncation threshold on the [0, 1] input scale) or "dense"
+    (YOLO11 on every rebuilt frame). The Triton model and in-process users build theirs here, so
+    both run the same thing. ``model`` overrides the weights lookup (a loaded, fused YOLO11)."""
+    if executor not in EXECUTORS:
+        raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}")
+    if model is None:
+        model = load_dense_model(weights, scale, threads, seed, device)
+    if executor == "dense":
+        return lambda corrid: DenseYoloSession(model, conf_threshold=conf_threshold)
+    from fluxshard.sparse import SparseExecutor
+
+    shared = SparseExecutor(model, strict_rfap=strict_rfap, tau=tau,
+                            keyframe_interval=keyframe_interval)
+    lock = threading.Lock()
+    return lambda corrid: SparseYoloSession(shared, lock, conf_threshold=conf_threshold)
 
 
 def dense_yolo_factory(weights: str | None = None, scale: str = "n", threads: int = 1,
@@ -91,9 +163,13 @@ def load_dense_model(weights: str | None = None, scale: str = "n", threads: int 
         return load_model(weights, device=device, fused=True)
     try:
         return load_model(None, device=device, fused=True)
-    except FileNotFoundError:
+    except FileNotFoundError as e:
+        from fluxshard.synth import CLASS_NAMES
+
+        warnings.warn(f"{e}; using a RANDOM YOLO11{scale} seeded with {seed} instead (its "
+                      "detections are meaningless)", stacklevel=2)
         torch.manual_seed(seed)
-        return fuse(build_yolo11(scale, "detect", 80).eval()).to(device)
+        return fuse(build_yolo11(scale, "detect", len(CLASS_NAMES)).eval()).to(device)
 
 
 @dataclass
@@ -178,5 +254,6 @@ class SessionManager:
             return stale
 
 
-__all__ = ["StreamSession", "SessionFactory", "DenseYoloSession", "dense_yolo_factory",
+__all__ = ["StreamSession", "SessionFactory", "DenseYoloSession", "SparseYoloSession",
+           "EXECUTORS", "yolo_session_factory", "detection_rows", "dense_yolo_factory",
            "load_dense_model", "SessionManager", "ResyncNeeded", "PayloadError"]

@@ -6,7 +6,7 @@ import triton_python_backend_utils as pb_utils
 
 from fluxshard.serving.backend_tensors import error_response, input_array, output_tensor
 from fluxshard.serving.receive import ResyncNeeded
-from fluxshard.serving.session import SessionManager, dense_yolo_factory
+from fluxshard.serving.session import SessionManager, yolo_session_factory
 from fluxshard.wire import PayloadError, response_tensors
 
 
@@ -14,13 +14,15 @@ class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        compute = params.get("compute", "dense")
-        if compute != "dense":
-            raise ValueError(f"compute '{compute}' is not available (choose: dense)")
-        factory = dense_yolo_factory(weights=params.get("weights") or None,
-                                     threads=int(params.get("torch_threads", "1")),
-                                     conf_threshold=float(params.get("conf_threshold", "0.25")),
-                                     device=params.get("device", "cpu"))
+        # "executor" picks the compute; "compute" is the older name of the same parameter
+        executor = params.get("executor") or params.get("compute") or "sparse"
+        keyframe_interval = int(params.get("keyframe_interval", "0") or 0)
+        factory = yolo_session_factory(executor, weights=params.get("weights") or None,
+                                       threads=int(params.get("torch_threads", "1")),
+                                       conf_threshold=float(params.get("conf_threshold", "0.25")),
+                                       device=params.get("device", "cpu"),
+                                       tau=float(params.get("tau", "0") or 0),
+                                       keyframe_interval=keyframe_interval or None)
         # Triton frees a timed-out sequence's slot without telling the model: sweep with the same
         # timeout so the model frees its session too
         idle_us = int(config.get("sequence_batching", {}).get("max_sequence_idle_microseconds",
