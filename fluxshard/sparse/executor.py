@@ -98,10 +98,14 @@ class SparseExecutor:
     tile: output tile edge of the tile-batched convs.
     dense_above: an op whose active tiles exceed this share of the map runs as one dense call.
     keyframe_interval: force a dense key frame every N frames (None: only when asked).
+    grid_snap: relax Cond. 2 to the nearest grid displacement (approximate; see rfap.RFAPPlan).
     """
 
     def __init__(self, model: YOLO11, *, strict_rfap: bool = False, tau: float = 0.0,
-                 tile: int = 8, dense_above: float = 0.6, keyframe_interval: int | None = None):
+                 tile: int = 8, dense_above: float = 0.6, keyframe_interval: int | None = None,
+                 grid_snap: bool = False):
+        if strict_rfap and grid_snap:
+            raise ValueError("grid_snap relaxes RFAP Cond. 2: it cannot be combined with strict_rfap")
         if not is_fused(model):
             fuse(model)
         self.model = model.eval()
@@ -110,6 +114,7 @@ class SparseExecutor:
         self.tile = tile
         self.dense_above = dense_above
         self.keyframe_interval = keyframe_interval
+        self.grid_snap = grid_snap
         self.names = {id(m): n for n, m in model.named_modules()}
         self.norms = {id(m): _l1_norm(m) for m in model.modules() if isinstance(m, nn.Conv2d)}
         self.first_spatial = model.model[0].conv  # Cond. 1 in relaxed mode
@@ -132,7 +137,7 @@ class SparseExecutor:
             field = None
         t0 = time.perf_counter()
         self._state, self._key = state, key
-        self._plan = RFAPPlan(field, frame.shape[2], frame.shape[3])
+        self._plan = RFAPPlan(field, frame.shape[2], frame.shape[3], grid_snap=self.grid_snap)
         self._report = report = FrameReport(key=key)
         x = self._input(frame)
         out = self._walk(x)

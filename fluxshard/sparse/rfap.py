@@ -33,10 +33,16 @@ class GridPlan:
 class RFAPPlan:
     """Per-frame plan: gather indices and invalid masks for every grid, built lazily and kept."""
 
-    def __init__(self, field: np.ndarray | None, height: int, width: int):
+    def __init__(self, field: np.ndarray | None, height: int, width: int, *,
+                 grid_snap: bool = False):
         if height % 32 or width % 32:
             raise ValueError(f"model input must be a multiple of 32, got {height}x{width}")
         self.height, self.width = height, width
+        # grid_snap relaxes Cond. 2: a cell whose vectors agree reuses its cache at the nearest
+        # grid displacement even when that is not d / s exactly (approximate: features land up to
+        # s/2 input pixels off). Without it any motion that is not a multiple of the stride
+        # recomputes that grid entirely (a 1.5 px/frame pan recomputes every layer past stride 1).
+        self.grid_snap = grid_snap
         hb, wb = height // MV_BLOCK, width // MV_BLOCK
         if field is None:
             disp = np.zeros((hb, wb, 2), np.int64)
@@ -72,9 +78,12 @@ class RFAPPlan:
             uniform = (cells == vec[:, :, None, :, None]).all(4).all(2).all(0)
         if self.zero_motion:
             return GridPlan(s, h, w, None, None, vec)
-        # Cond. 2: uniform inside the cell and landing on the grid.
-        coherent = uniform & (vec % s == 0).all(0)
-        step = torch.div(vec, s, rounding_mode="floor")
+        if self.grid_snap:
+            coherent = uniform
+            step = torch.from_numpy(round_half_away(vec.numpy() / s))
+        else:  # Cond. 2: uniform inside the cell and landing on the grid
+            coherent = uniform & (vec % s == 0).all(0)
+            step = torch.div(vec, s, rounding_mode="floor")
         ys = torch.arange(h).view(h, 1) + step[1]
         xs = torch.arange(w).view(1, w) + step[0]
         outside = (ys < 0) | (ys >= h) | (xs < 0) | (xs >= w)

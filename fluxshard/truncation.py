@@ -1,0 +1,231 @@
+"""The truncation policy (v1 section IV-C): one global tau per motion level, chosen offline as the
+largest tau whose end-task accuracy stays >= alpha x dense accuracy (v1 Eq. 8).
+
+tau lives on the model-input scale ([0, 1] pixels). The dispatch layer is an identity layer
+(||w||_1 = 1), so its residual-block threshold in uint8 pixels is ``tau * 255``; inside the
+network the executor keeps a recomputed position's cached value when it moved by no more than
+``tau / ||w||_1`` (fluxshard.sparse.spec).
+
+`fluxshard profile accuracy` sweeps tau on held-out synthetic clips at several motion levels and
+writes the table (JSON) plus a plot of accuracy and cache hit rate against tau.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_TAUS = (0.0, 0.01, 0.02, 0.04, 0.06, 0.1, 0.15)
+# motion level -> synthetic camera; the level's motion statistic is measured on its clips.
+LEVELS = {"low": dict(camera="static"), "medium": dict(camera="pan", pan_speed=1.5),
+          "high": dict(camera="pan+zoom", pan_speed=4.0, object_speed=5.0)}
+PROFILE_SCENE_OFFSET = 20_000  # held-out scenes apart from the trainer's and bench_accuracy's
+
+
+def dispatch_threshold(tau: float) -> float:
+    """The residual-block threshold (uint8 pixels) of the dispatch layer for a global tau."""
+    return tau * 255.0
+
+
+@dataclass
+class TruncationTable:
+    """motion level -> tau. ``levels`` are sorted by ``motion_max``: a frame with motion
+    statistic m uses the first level with m <= motion_max (the last level beyond)."""
+
+    alpha: float
+    levels: list[dict] = field(default_factory=list)  # {"name", "motion_max", "tau", ...}
+    sweep: list[dict] = field(default_factory=list)  # every measured (level, tau) point
+    executor: dict = field(default_factory=dict)  # the executor options the taus hold for
+
+    def tau_for(self, motion: float) -> float:
+        if not self.levels:
+            return 0.0
+        for level in self.levels:
+            if motion <= level["motion_max"]:
+                return float(level["tau"])
+        return float(self.levels[-1]["tau"])
+
+    def save(self, path: str | Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(asdict(self), indent=1))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TruncationTable":
+        try:
+            data = json.loads(Path(path).read_text())
+            table = cls(alpha=float(data["alpha"]), levels=list(data["levels"]),
+                        sweep=list(data.get("sweep", [])), executor=dict(data.get("executor", {})))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path} is not a truncation table: {exc}") from exc
+        if any(not {"motion_max", "tau"} <= set(lv) for lv in table.levels):
+            raise ValueError(f"{path}: every level needs motion_max and tau")
+        table.levels.sort(key=lambda lv: lv["motion_max"])
+        return table
+
+
+def choose_tau(points: list[dict], dense_map: float, alpha: float) -> float:
+    """Largest tau whose mAP@0.5 >= alpha x dense mAP@0.5 (tau 0 always qualifies: exact)."""
+    ok = [p["tau"] for p in points if p["map50"] >= alpha * dense_map or p["tau"] == 0.0]
+    return max(ok) if ok else 0.0
+
+
+def _edge_inputs(video, tau: float):
+    """(assembled input, accumulated field or None, key) along the edge's data path."""
+    from fluxshard.motion import EndpointState, iter_motion
+
+    state = EndpointState()
+    for mf in iter_motion(video):
+        if state.cache is None:
+            image, fld, key = mf.image, None, True
+        else:
+            state.accumulate(mf.field)
+            image = state.residual(mf.image, dispatch_threshold(tau)).assemble(mf.image)
+            fld, key = state.field, False
+        state.reset(image)
+        yield mf, image, fld, key
+
+
+def profile_accuracy(weights=None, *, taus=DEFAULT_TAUS, alpha: float = 0.99, frames: int = 30,
+                     clips_per_level: int = 1, width: int = 640, height: int = 384,
+                     strict_rfap: bool = False, grid_snap: bool = False, out_dir: str | Path = "out/profile",
+                     threads: int = 2, progress: bool = True) -> TruncationTable:
+    import torch
+    from tqdm import tqdm
+
+    from fluxshard import synth
+    from fluxshard.accuracy import evaluate_detections
+    from fluxshard.models import load_model, postprocess, preprocess
+    from fluxshard.motion import iter_motion, motion_statistic
+    from fluxshard.sparse import SparseExecutor, StreamState
+    from fluxshard.train.data import scene_seed
+
+    torch.set_num_threads(threads)
+    model = load_model(weights, fused=True)
+    out_dir = Path(out_dir)
+    sweep, levels = [], []
+    bar = tqdm(total=len(LEVELS) * clips_per_level * (len(taus) + 1), disable=not progress,
+               desc="profile accuracy")
+    with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
+        for li, (level, overrides) in enumerate(LEVELS.items()):
+            clips, motions = [], []
+            for c in range(clips_per_level):
+                seed = scene_seed("heldout", PROFILE_SCENE_OFFSET + 100 * li + c)
+                spec = synth.SceneSpec(width=width, height=height, frames=frames, gop=frames,
+                                       seed=seed, **overrides)
+                paths = synth.make_clip(spec, tmp, name=f"{level}{c}")
+                gt = synth.load_ground_truth(paths.ground_truth)
+                clips.append((paths.video, [dict(boxes=b, classes=k) for b, k in
+                                            zip(gt.boxes, gt.classes)]))
+            # Dense reference on the decoded frames.
+            dense_preds, truths = [], []
+            for video, gt in clips:
+                for mf in iter_motion(video):
+                    if not mf.is_key:
+                        motions.append(motion_statistic(mf.field))
+                    x = preprocess(mf.image)
+                    dense_preds.append(postprocess(model(x), x.shape[-2:], mf.image.shape[:2],
+                                                   conf_thres=0.001)[0])
+                    truths.append(gt[mf.index])
+            dense = evaluate_detections(dense_preds, truths)
+            bar.update(clips_per_level)
+            points = []
+            for tau in taus:
+                executor = SparseExecutor(model, strict_rfap=strict_rfap, tau=tau,
+                                          grid_snap=grid_snap)
+                preds, hits, seconds = [], [], []
+                for video, _gt in clips:
+                    stream = StreamState()
+                    for mf, image, fld, key in _edge_inputs(video, tau):
+                        x = preprocess(image)
+                        out, report = executor.run(stream, x, fld, key=key)
+                        preds.append(postprocess(out, x.shape[-2:], image.shape[:2],
+                                                 conf_thres=0.001)[0])
+                        if not key:
+                            hits.append(report.cache_hit_rate)
+                            seconds.append(report.seconds)
+                    bar.update(1)
+                acc = evaluate_detections(preds, truths)
+                point = dict(level=level, tau=float(tau), map50=acc["map50"],
+                             map50_95=acc["map50_95"], dense_map50=dense["map50"],
+                             cache_hit=float(np.mean(hits)), sparse_ms=1e3 * float(np.mean(seconds)))
+                points.append(point)
+            sweep += points
+            levels.append(dict(name=level, motion=float(np.mean(motions)),
+                               tau=choose_tau(points, dense["map50"], alpha),
+                               dense_map50=dense["map50"]))
+    bar.close()
+    levels.sort(key=lambda lv: lv["motion"])
+    for a, b in zip(levels, levels[1:]):  # level boundaries halfway between measured motions
+        a["motion_max"] = (a["motion"] + b["motion"]) / 2
+    levels[-1]["motion_max"] = float("inf")
+    table = TruncationTable(alpha=alpha, levels=levels, sweep=sweep,
+                            executor=dict(strict_rfap=strict_rfap, grid_snap=grid_snap))
+    table.save(out_dir / "truncation_table.json")
+    plot_sweep(table, out_dir / "truncation_profile.png")
+    return table
+
+
+def plot_sweep(table: TruncationTable, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_acc, ax_hit) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for level in table.levels:
+        pts = [p for p in table.sweep if p["level"] == level["name"]]
+        taus = [p["tau"] for p in pts]
+        line, = ax_acc.plot(taus, [p["map50"] for p in pts], "o-",
+                            label=f"{level['name']} (motion {level['motion']:.1f} px)")
+        ax_acc.axhline(table.alpha * level["dense_map50"], color=line.get_color(), ls=":", lw=1)
+        ax_acc.axvline(level["tau"], color=line.get_color(), ls="--", lw=1)
+        ax_hit.plot(taus, [p["cache_hit"] for p in pts], "o-", color=line.get_color(),
+                    label=level["name"])
+    ax_acc.set(xlabel="tau", ylabel="mAP@0.5 vs ground truth",
+               title=f"accuracy (dotted: alpha={table.alpha} x dense; dashed: chosen tau)")
+    ax_hit.set(xlabel="tau", ylabel="cache hit rate", title="feature reuse")
+    ax_acc.legend(fontsize=8)
+    ax_hit.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def add_accuracy_arguments(p) -> None:
+    p.add_argument("--weights", default=None, help="checkpoint (default: embedded demo detector)")
+    p.add_argument("--alpha", type=float, default=0.99)
+    p.add_argument("--taus", type=float, nargs="+", default=list(DEFAULT_TAUS))
+    p.add_argument("--frames", type=int, default=30)
+    p.add_argument("--clips-per-level", type=int, default=1)
+    p.add_argument("--size", type=int, nargs=2, default=(640, 384), metavar=("W", "H"))
+    p.add_argument("--strict-rfap", action="store_true")
+    p.add_argument("--grid-snap", action="store_true",
+                   help="relax RFAP Cond. 2 to the nearest grid displacement (reuse under pans)")
+    p.add_argument("--out", type=Path, default=Path("out/profile"))
+    p.add_argument("--quick", action="store_true", help="3 taus, 12 frames, 320x192")
+
+
+def run_accuracy(args) -> int:
+    if args.quick:
+        args.taus, args.frames, args.size = [0.0, 0.02, 0.06], 12, (320, 192)
+    t0 = time.perf_counter()
+    table = profile_accuracy(args.weights, taus=args.taus, alpha=args.alpha, frames=args.frames,
+                             clips_per_level=args.clips_per_level, width=args.size[0],
+                             height=args.size[1], strict_rfap=args.strict_rfap,
+                             grid_snap=args.grid_snap, out_dir=args.out)
+    print(f"\n| level | motion (px) | dense mAP@0.5 | chosen tau |\n|---|---|---|---|")
+    for lv in table.levels:
+        print(f"| {lv['name']} | {lv['motion']:.2f} | {lv['dense_map50']:.3f} | {lv['tau']} |")
+    print(f"\n| level | tau | mAP@0.5 | / dense | cache hit | sparse ms |\n|---|---|---|---|---|---|")
+    for p in table.sweep:
+        print(f"| {p['level']} | {p['tau']} | {p['map50']:.3f} | "
+              f"{p['map50'] / max(p['dense_map50'], 1e-9):.3f} | {p['cache_hit']:.3f} | "
+              f"{p['sparse_ms']:.1f} |")
+    print(f"\ntable: {args.out / 'truncation_table.json'}  plot: {args.out / 'truncation_profile.png'}"
+          f"  ({time.perf_counter() - t0:.0f} s)")
+    return 0
