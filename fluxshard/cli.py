@@ -13,11 +13,13 @@ import sys
 
 # verb -> (module, one-line help). Order is the order `fluxshard --help` lists them.
 VERBS: dict[str, tuple[str, str]] = {
-    "demo": ("fluxshard.demo", "run the main job on the embedded default"),
+    "run": ("edge_runtime.run", "run a video (or --demo) through edge/cloud dispatch"),
+    "demo": ("fluxshard.demo", "run the main job on the embedded default (= run --demo)"),
     "synth": ("fluxshard.synth", "make a synthetic H.264 clip with ground truth"),
     "motion": ("fluxshard.motion.cli", "motion and residual statistics of a clip (table + plot)"),
     "serve": ("fluxshard.serving.tritonserver", "run the Triton server with the FluxShard models"),
     "train-demo": ("fluxshard.train.cli", "train the embedded demo weights"),
+    "profile": ("fluxshard.profile", "offline profiles: latency tables, accuracy (tau table)"),
 }
 
 

@@ -1,11 +1,19 @@
 """FluxShard SDK: what applications import.
 
-The transport to the cloud model is here now (``FluxShardClient`` / ``Stream``); the edge/cloud
-dispatch and motion extraction build on it.
+``FluxShardStream`` runs one camera: motion-aware residual sets per endpoint, per-frame edge/cloud
+dispatch (``Dispatcher`` with profiled ``LatencyProfile`` tables and a measured uplink), the edge
+in-process (``LocalEndpoint``) and the cloud over Triton (``RemoteEndpoint`` on the transport's
+``Stream``). ``AsyncFluxShardStream`` is its asyncio twin.
 """
 
+from .dispatch import (POLICIES, BandwidthEstimator, Decision, Dispatcher, LatencyProfile,
+                       LatencyTable)
+from .stream import (AsyncFluxShardStream, AsyncRemoteEndpoint, EndpointRun, FluxShardStream,
+                     FrameResult, LocalEndpoint, RemoteEndpoint)
 from .transport import (AsyncFluxShardClient, AsyncStream, CloudError, CloudResult, FluxShardClient,
                         RetryPolicy, Stream)
 
 __all__ = ["FluxShardClient", "Stream", "AsyncFluxShardClient", "AsyncStream", "CloudResult",
-           "CloudError", "RetryPolicy"]
+           "CloudError", "RetryPolicy", "FluxShardStream", "AsyncFluxShardStream", "FrameResult",
+           "EndpointRun", "LocalEndpoint", "RemoteEndpoint", "AsyncRemoteEndpoint", "Dispatcher",
+           "Decision", "LatencyProfile", "LatencyTable", "BandwidthEstimator", "POLICIES"]

@@ -98,6 +98,18 @@ def _classify(exc: Exception) -> Exception:
     return exc
 
 
+def _uplink_delay(uplink_mbps: float | None):
+    """Seconds a payload of n bytes takes on a simulated uplink of ``uplink_mbps`` (None: no
+    limit). Localhost has no link to speak of; this lets demos and benchmarks impose one. The
+    delay is part of the measured round trip, as a real slow link would be."""
+    if uplink_mbps is None:
+        return lambda n: 0.0
+    if not uplink_mbps > 0:
+        raise ValueError(f"uplink_mbps must be > 0, got {uplink_mbps}")
+    bytes_per_s = uplink_mbps * 1e6 / 8
+    return lambda n: n / bytes_per_s
+
+
 class _StreamCore:
     """The protocol state of one stream, shared by the sync and the asyncio streams."""
 
@@ -185,7 +197,8 @@ class FluxShardClient:
     "http" (``host:8000``)."""
 
     def __init__(self, url: str, protocol: str = "grpc", model_name: str = MODEL_NAME,
-                 timeout_s: float = 60.0, retry: RetryPolicy | None = None):
+                 timeout_s: float = 60.0, retry: RetryPolicy | None = None,
+                 uplink_mbps: float | None = None):
         if protocol == "grpc":
             import tritonclient.grpc as tc
         elif protocol == "http":
@@ -196,6 +209,7 @@ class FluxShardClient:
         self.url, self.protocol, self.model_name = url, protocol, model_name
         self.timeout_s = timeout_s
         self.retry = retry or RetryPolicy()
+        self.uplink_delay = _uplink_delay(uplink_mbps)
         kwargs = {"network_timeout": timeout_s, "connection_timeout": 5.0} if protocol == "http" else {}
         self._client = tc.InferenceServerClient(url, **kwargs)
 
@@ -211,6 +225,7 @@ class FluxShardClient:
 
     def infer(self, payload: bytes, stream_id: int, start: bool, end: bool) -> dict[str, np.ndarray]:
         """One raw request; tritonclient exceptions propagate."""
+        time.sleep(self.uplink_delay(len(payload)))
         tc = self._tc
         data = np.frombuffer(payload, np.uint8)[None]
         inp = tc.InferInput("PAYLOAD", list(data.shape), "UINT8")
@@ -306,10 +321,11 @@ class AsyncFluxShardClient:
     """The asyncio client (gRPC): many streams in one event loop."""
 
     def __init__(self, url: str, model_name: str = MODEL_NAME, timeout_s: float = 60.0,
-                 retry: RetryPolicy | None = None):
+                 retry: RetryPolicy | None = None, uplink_mbps: float | None = None):
         import tritonclient.grpc.aio as aio
 
         self._aio = aio
+        self.uplink_delay = _uplink_delay(uplink_mbps)
         self.url, self.model_name, self.timeout_s = url, model_name, timeout_s
         self.retry = retry or RetryPolicy()
         self._client = aio.InferenceServerClient(url)
@@ -319,6 +335,7 @@ class AsyncFluxShardClient:
         return AsyncStream(self, _StreamCore(stream_id, block, self.retry, key_codec))
 
     async def infer(self, payload: bytes, stream_id: int, start: bool, end: bool):
+        await asyncio.sleep(self.uplink_delay(len(payload)))
         aio = self._aio
         data = np.frombuffer(payload, np.uint8)[None]
         inp = aio.InferInput("PAYLOAD", list(data.shape), "UINT8")

@@ -1,0 +1,155 @@
+"""What `fluxshard run` writes: detections.jsonl, annotated.mp4, report.png, summary.json."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+ENDPOINT_COLORS = {"edge": (255, 170, 0), "cloud": (0, 160, 255)}
+RESIDUAL_TINT = np.array([255, 40, 40], np.float32)  # blocks sent / recomputed
+REUSED_TINT = np.array([40, 220, 90], np.float32)  # blocks taken from the aligned cache
+
+
+def class_name(k: int, names) -> str:
+    return names[k] if 0 <= k < len(names) else f"class{k}"
+
+
+def detection_record(result, names) -> dict:
+    """One detections.jsonl line."""
+    classes = [int(c) for c in result.classes]
+    return {"index": result.index, "endpoint": result.endpoint, "key": result.key,
+            "boxes": np.round(result.boxes.astype(float), 2).tolist(),
+            "scores": np.round(result.scores.astype(float), 4).tolist(),
+            "classes": classes, "names": [class_name(c, names) for c in classes],
+            "latency_ms": round(result.latency_ms, 3), "uplink_bytes": result.uplink_bytes,
+            "cache_hit_rate": round(result.cache_hit_rate, 4),
+            "residual_fraction": round(result.residual_fraction, 4)}
+
+
+def jpeg_bytes(frame: np.ndarray, quality: int = 90) -> int:
+    """Size of the frame as a per-frame JPEG (Pillow), the uplink baseline."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(frame).save(buf, format="JPEG", quality=quality)
+    return buf.tell()
+
+
+def annotate(frame: np.ndarray, result, names, block: int) -> np.ndarray:
+    """The frame with the per-block reuse heat map (red: residual blocks, sent or recomputed;
+    green: reused from the aligned cache), boxes with labels, and the endpoint and latency."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    h, w = frame.shape[:2]
+    mask = np.repeat(np.repeat(result.residual_mask, block, 0), block, 1)[:h, :w]
+    tint = np.where(mask[..., None], RESIDUAL_TINT, REUSED_TINT)
+    alpha = np.where(mask, 0.35, 0.12)[..., None]
+    shaded = (frame.astype(np.float32) * (1 - alpha) + tint * alpha).astype(np.uint8)
+    image = Image.fromarray(shaded)
+    draw = ImageDraw.Draw(image)
+    size = max(10, h // 32)
+    font = ImageFont.load_default(size=size)
+    for (x1, y1, x2, y2), score, k in zip(result.boxes, result.scores, result.classes):
+        draw.rectangle([x1, y1, x2, y2], outline=(255, 255, 0), width=2)
+        label = f"{class_name(int(k), names)} {score:.2f}"
+        tx, ty = x1, max(0, y1 - size - 2)
+        box = draw.textbbox((tx, ty), label, font=font)
+        draw.rectangle(box, fill=(0, 0, 0))
+        draw.text((tx, ty), label, fill=(255, 255, 0), font=font)
+    banner = (f"#{result.index} {result.endpoint.upper()}{' key' if result.key else ''}  "
+              f"{result.latency_ms:.0f} ms  {result.uplink_bytes / 1e3:.1f} kB  "
+              f"reuse {result.cache_hit_rate:.0%}")
+    box = draw.textbbox((4, 4), banner, font=font)
+    draw.rectangle((box[0] - 3, box[1] - 3, box[2] + 3, box[3] + 3), fill=(0, 0, 0))
+    draw.text((4, 4), banner, fill=ENDPOINT_COLORS.get(result.endpoint, (255, 255, 255)), font=font)
+    return np.asarray(image)
+
+
+class VideoWriter:
+    """H.264 (PyAV, yuv420p) writer that takes RGB frames."""
+
+    def __init__(self, path: Path, width: int, height: int, fps: int = 30):
+        import av
+
+        if width % 2 or height % 2:
+            raise ValueError(f"H.264 needs even sides, got {width}x{height}")
+        self.container = av.open(str(path), "w")
+        self.stream = self.container.add_stream("libx264", rate=fps)
+        self.stream.width, self.stream.height, self.stream.pix_fmt = width, height, "yuv420p"
+        self.stream.options = {"crf": "23", "preset": "veryfast"}
+        self.frames = 0
+
+    def write(self, rgb: np.ndarray) -> None:
+        import av
+
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+        frame.pts = self.frames
+        for packet in self.stream.encode(frame):
+            self.container.mux(packet)
+        self.frames += 1
+
+    def close(self) -> None:
+        for packet in self.stream.encode(None):
+            self.container.mux(packet)
+        self.container.close()
+
+
+def plot_report(rows: list[dict], path: Path, title: str) -> None:
+    """Latency per frame by endpoint; uplink bytes vs per-frame JPEG q90; cache hit rate."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    idx = np.array([r["index"] for r in rows])
+    fig, axes = plt.subplots(3, 1, figsize=(10, 9), sharex=True)
+    for name, color in ENDPOINT_COLORS.items():
+        sel = [i for i, r in enumerate(rows) if r["endpoint"] == name]
+        if sel:
+            axes[0].scatter(idx[sel], [rows[i]["latency_ms"] for i in sel], s=14,
+                            color=np.array(color) / 255, label=f"{name} ({len(sel)} frames)")
+    axes[0].set(ylabel="latency (ms)", title=title)
+    axes[0].legend(fontsize=8)
+    axes[1].plot(idx, [r["uplink_bytes"] / 1e3 for r in rows], ".-", label="FluxShard uplink")
+    axes[1].plot(idx, [r["jpeg_bytes"] / 1e3 for r in rows], "--", label="per-frame JPEG q90")
+    axes[1].set(ylabel="uplink kB / frame", yscale="symlog")
+    axes[1].legend(fontsize=8)
+    axes[2].plot(idx, [r["cache_hit_rate"] for r in rows], ".-", label="cache hit rate")
+    axes[2].plot(idx, [r["residual_fraction"] for r in rows], ":", label="residual block fraction")
+    axes[2].set(xlabel="frame", ylabel="fraction", ylim=(-0.02, 1.02))
+    axes[2].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def summarize(rows: list[dict], extra: dict) -> dict:
+    def stat(values):
+        values = np.asarray(values, float)
+        if values.size == 0:
+            return None
+        return {"mean": round(float(values.mean()), 3), "p50": round(float(np.median(values)), 3),
+                "p90": round(float(np.percentile(values, 90)), 3)}
+
+    by_endpoint = {}
+    for name in ("edge", "cloud"):
+        sel = [r for r in rows if r["endpoint"] == name]
+        by_endpoint[name] = {"frames": len(sel), "latency_ms": stat([r["latency_ms"] for r in sel]),
+                             "key_frames": sum(r["key"] for r in sel)}
+    uplink = sum(r["uplink_bytes"] for r in rows)
+    jpeg = sum(r["jpeg_bytes"] for r in rows)
+    return {"frames": len(rows), "latency_ms": stat([r["latency_ms"] for r in rows]),
+            "endpoints": by_endpoint,
+            "uplink_bytes_total": uplink, "jpeg_q90_bytes_total": jpeg,
+            "uplink_vs_jpeg": round(uplink / jpeg, 4) if jpeg else None,
+            "cache_hit_rate_mean": round(float(np.mean([r["cache_hit_rate"] for r in rows])), 4)
+            if rows else None,
+            "residual_fraction_mean": round(float(np.mean([r["residual_fraction"] for r in rows])),
+                                            4) if rows else None,
+            **extra}
+
+
+def write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=1))

@@ -1,0 +1,190 @@
+"""Per-frame edge/cloud dispatch (v1 section IV-D, shared/DESIGN.md step 4).
+
+For each frame the edge knows, per endpoint, the residual set that endpoint would have to
+recompute (its active block fraction) and, for the cloud, the uplink bytes. Latencies come from
+profiled tables (``fluxshard profile latency``): latency against active residual-block fraction,
+interpolated piecewise-linearly. The uplink bandwidth estimate ``B_hat`` is an EWMA of measured
+bytes / transfer time. Then::
+
+    T_edge  = T_edge_table[f_edge]
+    T_cloud = T_cloud_table[f_cloud] + bytes(S0_cloud) / B_hat
+    edge if T_edge < T_cloud - margin, else cloud (within the margin the cloud saves edge energy)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field as dataclass_field
+from pathlib import Path
+
+import numpy as np
+
+POLICIES = ("auto", "edge", "cloud", "alternate")
+ENDPOINTS = ("edge", "cloud")
+PROFILE_VERSION = 1
+DEFAULT_PROFILE_PATH = Path("out/profile/latency.json")
+
+
+@dataclass
+class LatencyTable:
+    """Latency (ms) against the active residual-block fraction in [0, 1]; piecewise linear
+    between the profiled points, constant beyond the ends."""
+
+    fractions: list[float]
+    ms: list[float]
+
+    def __post_init__(self):
+        f, t = np.asarray(self.fractions, float), np.asarray(self.ms, float)
+        if f.ndim != 1 or f.size < 1 or f.shape != t.shape:
+            raise ValueError(f"latency table needs matching non-empty fractions and ms, got "
+                             f"{len(self.fractions)} and {len(self.ms)} values")
+        if not (np.all(np.isfinite(f)) and np.all(np.isfinite(t))) or (t < 0).any():
+            raise ValueError("latency table values must be finite and ms >= 0")
+        if (f < 0).any() or (f > 1).any() or (np.diff(f) <= 0).any():
+            raise ValueError(f"latency table fractions must rise strictly within [0, 1]: {f}")
+        self.fractions, self.ms = f.tolist(), t.tolist()
+
+    def __call__(self, fraction: float) -> float:
+        return float(np.interp(min(max(float(fraction), 0.0), 1.0), self.fractions, self.ms))
+
+
+@dataclass
+class LatencyProfile:
+    """Edge and cloud latency tables, measured at ``width`` x ``height``. Other frame sizes scale
+    the latencies by their pixel count (compute is about proportional to it)."""
+
+    edge: LatencyTable
+    cloud: LatencyTable
+    width: int = 640
+    height: int = 384
+    source: str = "default"  # "default" (built in) or "profiled" (and where/when, in meta)
+    meta: dict = dataclass_field(default_factory=dict)
+
+    def scale(self, width: int, height: int) -> float:
+        return (width * height) / float(self.width * self.height)
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["version"] = PROFILE_VERSION
+        return data
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_json(), indent=1))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "LatencyProfile":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+            if data.get("version") != PROFILE_VERSION:
+                raise ValueError(f"version {data.get('version')!r}, expected {PROFILE_VERSION}")
+            return cls(edge=LatencyTable(**data["edge"]), cloud=LatencyTable(**data["cloud"]),
+                       width=int(data["width"]), height=int(data["height"]),
+                       source=str(data.get("source", "profiled")), meta=dict(data.get("meta", {})))
+        except FileNotFoundError:
+            raise
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path} is not a latency profile (fluxshard profile latency "
+                             f"writes one): {exc}") from None
+
+    @classmethod
+    def default(cls) -> "LatencyProfile":
+        """Built-in tables for 640x384 YOLO11n: the edge is this class of machine (2 CPU cores,
+        dense ~45 ms, DEVELOPERS.md; sparse pays fixed overhead at low fractions), the cloud a
+        server several times faster. Profile the real machines for anything that matters."""
+        return cls(edge=LatencyTable([0.0, 0.1, 0.25, 0.5, 1.0], [6.0, 14.0, 24.0, 36.0, 50.0]),
+                   cloud=LatencyTable([0.0, 0.1, 0.25, 0.5, 1.0], [2.0, 3.5, 5.5, 8.0, 12.0]),
+                   source="default")
+
+    @classmethod
+    def load_or_default(cls, path: str | Path | None = None) -> "LatencyProfile":
+        """``path`` (must exist), else the default profile file when present, else built-in."""
+        if path is not None:
+            return cls.load(path)
+        if DEFAULT_PROFILE_PATH.is_file():
+            return cls.load(DEFAULT_PROFILE_PATH)
+        return cls.default()
+
+
+class BandwidthEstimator:
+    """EWMA of measured uplink bandwidth (bytes/s). ``alpha`` weighs the newest sample."""
+
+    def __init__(self, initial_bytes_per_s: float = 20e6 / 8, alpha: float = 0.3,
+                 min_transfer_s: float = 2e-4):
+        if not initial_bytes_per_s > 0 or not 0 < alpha <= 1:
+            raise ValueError("initial bandwidth must be > 0 and alpha in (0, 1]")
+        self.bytes_per_s = float(initial_bytes_per_s)
+        self.alpha = alpha
+        self.min_transfer_s = min_transfer_s  # below this the clock says nothing about the link
+        self.samples = 0
+
+    def observe(self, nbytes: int, transfer_s: float) -> float:
+        """One measured transfer; returns the new estimate. Tiny or unmeasurable transfers are
+        ignored (a 200-byte request says nothing about the link)."""
+        if nbytes <= 0 or not math.isfinite(transfer_s) or transfer_s < self.min_transfer_s:
+            return self.bytes_per_s
+        sample = nbytes / transfer_s
+        self.bytes_per_s = self.alpha * sample + (1 - self.alpha) * self.bytes_per_s
+        self.samples += 1
+        return self.bytes_per_s
+
+    @property
+    def mbps(self) -> float:
+        return self.bytes_per_s * 8 / 1e6
+
+
+@dataclass
+class Decision:
+    endpoint: str  # "edge" or "cloud"
+    edge_ms: float  # estimated edge latency
+    cloud_ms: float  # estimated cloud latency, transfer included
+    transfer_ms: float  # the transfer part of cloud_ms
+    reason: str  # "auto" or the forcing policy
+
+
+class Dispatcher:
+    """Chooses the endpoint per frame. ``policy``: auto (the rule above), edge, cloud, or
+    alternate (edge and cloud in turn: for tests and demonstrations). ``margin_ms`` is eps."""
+
+    def __init__(self, profile: LatencyProfile | None = None, policy: str = "auto",
+                 margin_ms: float = 2.0, bandwidth: BandwidthEstimator | None = None):
+        if policy not in POLICIES:
+            raise ValueError(f"dispatch policy must be one of {POLICIES}, got {policy!r}")
+        if margin_ms < 0:
+            raise ValueError("margin_ms must be >= 0")
+        self.profile = profile or LatencyProfile.default()
+        self.policy = policy
+        self.margin_ms = margin_ms
+        self.bandwidth = bandwidth or BandwidthEstimator()
+        self._turn = 0
+
+    def estimate(self, edge_fraction: float, cloud_fraction: float, cloud_bytes: int,
+                 width: int, height: int) -> tuple[float, float, float]:
+        """(T_edge, T_cloud including transfer, transfer) in ms."""
+        scale = self.profile.scale(width, height)
+        transfer_ms = 1e3 * cloud_bytes / self.bandwidth.bytes_per_s
+        edge_ms = scale * self.profile.edge(edge_fraction)
+        return edge_ms, scale * self.profile.cloud(cloud_fraction) + transfer_ms, transfer_ms
+
+    def decide(self, edge_fraction: float, cloud_fraction: float, cloud_bytes: int,
+               width: int, height: int, cloud_available: bool = True) -> Decision:
+        edge_ms, cloud_ms, transfer_ms = self.estimate(edge_fraction, cloud_fraction, cloud_bytes,
+                                                       width, height)
+        if not cloud_available or self.policy == "edge":
+            choice = "edge"
+        elif self.policy == "cloud":
+            choice = "cloud"
+        elif self.policy == "alternate":
+            choice = ENDPOINTS[self._turn % 2]
+            self._turn += 1
+        else:
+            choice = "edge" if edge_ms < cloud_ms - self.margin_ms else "cloud"
+        reason = self.policy if cloud_available else "no cloud"
+        return Decision(choice, edge_ms, cloud_ms, transfer_ms, reason)
+
+    def observe_uplink(self, nbytes: int, transfer_s: float) -> None:
+        self.bandwidth.observe(nbytes, transfer_s)

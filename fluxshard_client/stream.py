@@ -1,0 +1,397 @@
+"""One camera stream through FluxShard: motion-aware residuals, per-frame edge/cloud dispatch.
+
+:class:`FluxShardStream` follows v1 Algorithm 1 (shared/DESIGN.md steps 2-5). It keeps one
+:class:`fluxshard.motion.EndpointState` per endpoint (edge, cloud): the input that endpoint last
+ran on and the motion accumulated since. Per frame both states accumulate the frame's motion field,
+each computes its residual block set at the dispatch tau, the :class:`Dispatcher` picks the
+endpoint, the chosen one runs and resets its state with the input it ran on, the other keeps
+accumulating (so when it runs again it gets a residual frame, not a key frame).
+
+Endpoints are treated alike: :class:`LocalEndpoint` (the sparse executor in this process) or
+:class:`RemoteEndpoint` (a Triton ``fluxshard`` model through :class:`fluxshard_client.Stream`:
+the cloud, or a local Triton on the edge box). A remote endpoint's state is reset with the input
+its server rebuilt (the transport's mirror), so the residual sets we compute stay exact for it.
+
+Motion fields are quantized to the wire's quarter-pel before use (``fluxshard.wire``), for every
+endpoint, so local and remote endpoints see identical fields.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field as dataclass_field
+from pathlib import Path
+from typing import AsyncIterator, Callable, Iterator
+
+import numpy as np
+
+from fluxshard import wire
+from fluxshard.motion.state import EndpointState, ResidualSet, residual_blocks
+
+from .dispatch import BandwidthEstimator, Decision, Dispatcher, LatencyProfile
+
+# Dispatch tau on the [0, 1] input scale. Blocks are compared by their max pixel difference, and
+# integer-pel alignment of sub-pixel motion leaves ~10-30 grey levels on textured edges: at 8 grey
+# levels nearly every block is residual, at 40 (the motion tests' reference) 10-40% on a pan.
+DEFAULT_TAU = 40 / 255
+
+
+@dataclass
+class EndpointRun:
+    """What one endpoint returned for one frame."""
+
+    detections: np.ndarray  # (N, 6) float32 x1, y1, x2, y2, score, class
+    stats: dict
+    input_image: np.ndarray  # the input it ran on: its new input cache
+    key: bool  # ran as a key frame (a remote resync can turn a residual frame into one)
+    uplink_bytes: int = 0
+    transfer_s: float | None = None  # measured uplink transfer time (remote endpoints)
+
+
+@dataclass
+class FrameResult:
+    """The result of one frame, with what it cost and where it ran."""
+
+    index: int
+    endpoint: str  # "edge" or "cloud"
+    key: bool
+    detections: np.ndarray  # (N, 6) float32 x1, y1, x2, y2, score, class
+    latency_ms: float  # residual sets + dispatch + inference (+ uplink and round trip)
+    endpoint_ms: float  # the endpoint call alone
+    uplink_bytes: int  # payload bytes sent (0 when the edge ran it in-process)
+    cache_hit_rate: float  # share of feature positions reused by the endpoint that ran
+    computed_fraction: float
+    residual_fraction: float  # active residual-block fraction of the endpoint that ran
+    residual_mask: np.ndarray  # (ceil(H/b), ceil(W/b)) bool: blocks sent / recomputed
+    decision: Decision
+    bandwidth_mbps: float  # the uplink estimate after this frame
+    stats: dict = dataclass_field(default_factory=dict)
+
+    @property
+    def boxes(self) -> np.ndarray:
+        return self.detections[:, :4]
+
+    @property
+    def scores(self) -> np.ndarray:
+        return self.detections[:, 4]
+
+    @property
+    def classes(self) -> np.ndarray:
+        return self.detections[:, 5].astype(np.int64)
+
+
+# --------------------------------------------------------------------------------- endpoints
+
+class LocalEndpoint:
+    """The sparse executor in this process (any :class:`fluxshard.serving.session.StreamSession`
+    works). Default: ``yolo_session_factory("sparse")`` with the embedded demo weights."""
+
+    remote = False
+
+    def __init__(self, session=None, **factory_kwargs):
+        if session is None:
+            from fluxshard.serving.session import yolo_session_factory
+
+            session = yolo_session_factory(**factory_kwargs)(0)
+        self.session = session
+
+    def run(self, frame: np.ndarray, residual: ResidualSet | None, key: bool,
+            index: int) -> EndpointRun:
+        image = frame if key else residual.assemble(frame)
+        detections, stats = self.session.infer(image, None if key else residual.field,
+                                               None if key else residual.mask, key)
+        return EndpointRun(detections, stats, image, key)
+
+    def close(self) -> None:
+        self.session.close()
+
+
+def _remote_run(result, stream) -> EndpointRun:
+    server_s = float(result.stats.get("server_ms", 0.0)) / 1e3
+    transfer = max(result.round_trip_ms / 1e3 - server_s, 0.0)
+    return EndpointRun(result.detections, result.stats, stream.mirror.cache, result.key,
+                       result.wire_bytes, transfer)
+
+
+class RemoteEndpoint:
+    """A Triton ``fluxshard`` model through a transport :class:`fluxshard_client.Stream`."""
+
+    remote = True
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    @classmethod
+    def connect(cls, url: str, stream_id: int, block: int = 16, **client_kwargs) -> "RemoteEndpoint":
+        from .transport import FluxShardClient
+
+        endpoint = cls(FluxShardClient(url, **client_kwargs).open_stream(stream_id, block=block))
+        endpoint._own_client = True
+        return endpoint
+
+    def run(self, frame, residual, key, index) -> EndpointRun:
+        if key:
+            result = self.stream.send(frame, key=True, frame_index=index)
+        else:
+            result = self.stream.send(frame, residual.field, residual.mask, frame_index=index)
+        return _remote_run(result, self.stream)
+
+    def close(self) -> None:
+        self.stream.close()
+        if getattr(self, "_own_client", False):
+            self.stream.client.close()
+
+
+class AsyncRemoteEndpoint:
+    """asyncio twin of :class:`RemoteEndpoint` over an :class:`fluxshard_client.AsyncStream`."""
+
+    remote = True
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    async def run(self, frame, residual, key, index) -> EndpointRun:
+        if key:
+            result = await self.stream.send(frame, key=True, frame_index=index)
+        else:
+            result = await self.stream.send(frame, residual.field, residual.mask,
+                                            frame_index=index)
+        return _remote_run(result, self.stream)
+
+    async def close(self) -> None:
+        await self.stream.close()
+
+
+# ------------------------------------------------------------------------------- the stream
+
+@dataclass
+class _Plan:
+    index: int
+    frame: np.ndarray
+    key: dict  # endpoint -> must run as a key frame
+    residual: dict  # endpoint -> ResidualSet | None
+    decision: Decision
+    started: float
+
+
+class _DispatchCore:
+    """Algorithm 1 without the I/O: shared by the sync and the asyncio streams."""
+
+    def __init__(self, dispatcher: Dispatcher, tau: float | Callable[[float], float], block: int):
+        self.dispatcher = dispatcher
+        self.tau = tau
+        self.block = block
+        self.states = {"edge": EndpointState(block), "cloud": EndpointState(block)}
+        self.next_index = 0
+        # uplink bytes per raw residual byte (EWMA of what the wire really carried)
+        self.wire_ratio = {"key": 0.5, "residual": 0.5}
+
+    def tau_for(self, motion: float) -> float:
+        return float(self.tau(motion)) if callable(self.tau) else float(self.tau)
+
+    def estimate_bytes(self, residual: ResidualSet | None, shape) -> int:
+        h, w = shape[:2]
+        if residual is None:
+            return int(h * w * 3 * self.wire_ratio["key"]) + wire.HEADER_SIZE
+        raw = int(residual.mask.sum()) * self.block * self.block * 3
+        field = int(np.prod(wire.field_shape(h, w))) // 8  # a smooth field compresses ~16x
+        return int(raw * self.wire_ratio["residual"]) + field + wire.HEADER_SIZE
+
+    def plan(self, frame: np.ndarray, field: np.ndarray | None, is_key: bool,
+             index: int | None, cloud_available: bool) -> _Plan:
+        started = time.perf_counter()
+        frame = np.asarray(frame)
+        if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
+            raise ValueError(f"frame must be (H, W, 3) uint8 RGB, got {frame.shape} {frame.dtype}")
+        index = self.next_index if index is None else int(index)
+        if index < self.next_index:
+            raise ValueError(f"frame index {index} is not after the previous one "
+                             f"({self.next_index - 1})")
+        h, w = frame.shape[:2]
+        if field is None and not is_key:
+            is_key = True  # no motion: nothing can be reused
+        if is_key or any(s.cache is not None and s.cache.shape != frame.shape
+                         for s in self.states.values()):
+            for s in self.states.values():  # the motion since the caches is unknown
+                s.cache = s.field = None
+        elif field is not None and np.asarray(field).shape != wire.field_shape(h, w):
+            raise ValueError(f"motion field shape {np.asarray(field).shape} does not match a "
+                             f"{h}x{w} frame ({wire.field_shape(h, w)})")
+        key, residual, fraction = {}, {}, {}
+        for name, state in self.states.items():
+            if state.cache is None:
+                key[name], residual[name], fraction[name] = True, None, 1.0
+                continue
+            state.accumulate(field)
+            applied = wire.quantize_field(state.field)  # exactly what a receiver will apply
+            threshold = self.tau_for(state.motion_statistic()) * 255.0  # identity layer: ||w||=1
+            res = residual_blocks(state.cache, frame, applied, threshold, self.block)
+            key[name], residual[name], fraction[name] = False, res, res.fraction
+        cloud_bytes = self.estimate_bytes(residual["cloud"], frame.shape)
+        decision = self.dispatcher.decide(fraction["edge"], fraction["cloud"], cloud_bytes, w, h,
+                                          cloud_available)
+        return _Plan(index, frame, key, residual, decision, started)
+
+    def commit(self, plan: _Plan, run: EndpointRun, endpoint_ms: float,
+               remote: bool) -> FrameResult:
+        name = plan.decision.endpoint
+        self.states[name].reset(run.input_image)
+        self.next_index = plan.index + 1
+        residual = plan.residual[name]
+        h, w = plan.frame.shape[:2]
+        grid = wire.residual_grid(h, w, self.block)
+        if remote:
+            raw = (h * w * 3 if run.key else
+                   int(run.stats.get("residual_blocks", 0)) * self.block * self.block * 3)
+            if raw:
+                kind = "key" if run.key else "residual"
+                ratio = run.uplink_bytes / raw
+                self.wire_ratio[kind] = 0.7 * self.wire_ratio[kind] + 0.3 * min(ratio, 1.5)
+            if run.transfer_s is not None and name == "cloud":
+                self.dispatcher.observe_uplink(run.uplink_bytes, run.transfer_s)
+        mask = np.ones(grid, bool) if run.key or residual is None else residual.mask
+        return FrameResult(
+            index=plan.index, endpoint=name, key=run.key, detections=run.detections,
+            latency_ms=(time.perf_counter() - plan.started) * 1e3, endpoint_ms=endpoint_ms,
+            uplink_bytes=run.uplink_bytes if remote else 0,
+            cache_hit_rate=float(run.stats.get("cache_hit_rate", 0.0)),
+            computed_fraction=float(run.stats.get("computed_fraction", 1.0)),
+            residual_fraction=float(mask.mean()), residual_mask=mask, decision=plan.decision,
+            bandwidth_mbps=self.dispatcher.bandwidth.mbps, stats=dict(run.stats))
+
+
+def _dispatcher(dispatch: str, profile, margin_ms: float, initial_mbps: float) -> Dispatcher:
+    if isinstance(profile, (str, Path)):
+        profile = LatencyProfile.load(profile)
+    return Dispatcher(profile or LatencyProfile.load_or_default(), dispatch, margin_ms,
+                      BandwidthEstimator(initial_mbps * 1e6 / 8))
+
+
+class FluxShardStream:
+    """One camera: decoded frames + motion fields in, detections out, edge or cloud per frame.
+
+    ``edge``: a :class:`LocalEndpoint` (default: the in-process sparse executor), a
+    :class:`RemoteEndpoint`, or a Triton URL (a local server on the edge box). ``cloud``: a
+    :class:`RemoteEndpoint`, a transport :class:`fluxshard_client.Stream`, a URL, or None (edge
+    only). ``dispatch``: auto | edge | cloud | alternate. ``tau``: dispatch tau on the [0, 1]
+    input scale, or a callable motion statistic -> tau (e.g. ``TruncationTable.tau_for``).
+    ``profile``: a :class:`LatencyProfile` or its JSON path (default: ``out/profile/latency.json``
+    when present, else the built-in tables). ``margin_ms``: eps (within it, prefer the cloud).
+    """
+
+    def __init__(self, edge=None, cloud=None, *, dispatch: str = "auto",
+                 tau: float | Callable[[float], float] = DEFAULT_TAU, profile=None,
+                 margin_ms: float = 2.0, initial_mbps: float = 20.0, block: int = 16,
+                 stream_id: int = 1):
+        if isinstance(edge, str):
+            edge = RemoteEndpoint.connect(edge, stream_id, block)
+        if isinstance(cloud, str):
+            cloud = RemoteEndpoint.connect(cloud, stream_id, block)
+        elif cloud is not None and not isinstance(cloud, RemoteEndpoint):
+            cloud = RemoteEndpoint(cloud)  # a transport Stream
+        self.edge = edge if edge is not None else LocalEndpoint()
+        self.cloud = cloud
+        if dispatch == "cloud" and cloud is None:
+            raise ValueError("dispatch 'cloud' needs a cloud endpoint")
+        self.core = _DispatchCore(_dispatcher(dispatch, profile, margin_ms, initial_mbps), tau,
+                                  block)
+
+    @property
+    def dispatcher(self) -> Dispatcher:
+        return self.core.dispatcher
+
+    @property
+    def states(self) -> dict[str, EndpointState]:
+        """Per-endpoint dispatch state: input cache and motion accumulated since it last ran."""
+        return self.core.states
+
+    def process(self, frame: np.ndarray, field: np.ndarray | None, is_key: bool = False,
+                index: int | None = None) -> FrameResult:
+        """One decoded frame (H, W, 3) uint8 RGB and its per-frame motion field (pixel x of this
+        frame came from x + d(x) in the previous one; None or ``is_key`` on key frames)."""
+        plan = self.core.plan(frame, field, is_key, index, self.cloud is not None)
+        endpoint = self.edge if plan.decision.endpoint == "edge" else self.cloud
+        name = plan.decision.endpoint
+        t0 = time.perf_counter()
+        run = endpoint.run(plan.frame, plan.residual[name], plan.key[name], plan.index)
+        return self.core.commit(plan, run, (time.perf_counter() - t0) * 1e3, endpoint.remote)
+
+    def run(self, source, max_frames: int | None = None, validate: bool = True
+            ) -> Iterator[FrameResult]:
+        """Decode ``source`` (a file or URL FFmpeg opens) with its motion fields and process
+        every frame."""
+        from fluxshard.motion import iter_motion
+
+        for mf in iter_motion(source, validate=validate, max_frames=max_frames):
+            yield self.process(mf.image, None if mf.is_key else mf.field, mf.is_key, mf.index)
+
+    def close(self) -> None:
+        for endpoint in (self.edge, self.cloud):
+            if endpoint is not None:
+                endpoint.close()
+
+    def __enter__(self) -> "FluxShardStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class AsyncFluxShardStream:
+    """asyncio twin of :class:`FluxShardStream`: ``cloud`` an :class:`AsyncRemoteEndpoint` or an
+    :class:`fluxshard_client.AsyncStream`; the in-process edge runs in a worker thread so the
+    event loop keeps serving other streams."""
+
+    def __init__(self, edge=None, cloud=None, *, dispatch: str = "auto",
+                 tau: float | Callable[[float], float] = DEFAULT_TAU, profile=None,
+                 margin_ms: float = 2.0, initial_mbps: float = 20.0, block: int = 16):
+        if cloud is not None and not isinstance(cloud, AsyncRemoteEndpoint):
+            cloud = AsyncRemoteEndpoint(cloud)
+        self.edge = edge if edge is not None else LocalEndpoint()
+        self.cloud = cloud
+        if dispatch == "cloud" and cloud is None:
+            raise ValueError("dispatch 'cloud' needs a cloud endpoint")
+        self.core = _DispatchCore(_dispatcher(dispatch, profile, margin_ms, initial_mbps), tau,
+                                  block)
+
+    @property
+    def dispatcher(self) -> Dispatcher:
+        return self.core.dispatcher
+
+    @property
+    def states(self) -> dict[str, EndpointState]:
+        return self.core.states
+
+    async def process(self, frame, field, is_key: bool = False,
+                      index: int | None = None) -> FrameResult:
+        plan = self.core.plan(frame, field, is_key, index, self.cloud is not None)
+        name = plan.decision.endpoint
+        endpoint = self.edge if name == "edge" else self.cloud
+        args = (plan.frame, plan.residual[name], plan.key[name], plan.index)
+        t0 = time.perf_counter()
+        if asyncio.iscoroutinefunction(endpoint.run):
+            run = await endpoint.run(*args)
+        else:
+            run = await asyncio.to_thread(endpoint.run, *args)
+        return self.core.commit(plan, run, (time.perf_counter() - t0) * 1e3, endpoint.remote)
+
+    async def run(self, source, max_frames: int | None = None,
+                  validate: bool = True) -> AsyncIterator[FrameResult]:
+        from fluxshard.motion import iter_motion
+
+        frames = iter_motion(source, validate=validate, max_frames=max_frames)
+        while True:
+            mf = await asyncio.to_thread(next, frames, None)  # decoding blocks: off the loop
+            if mf is None:
+                return
+            yield await self.process(mf.image, None if mf.is_key else mf.field, mf.is_key,
+                                     mf.index)
+
+    async def close(self) -> None:
+        if self.cloud is not None:
+            await self.cloud.close()
+        if self.edge is not None:
+            closing = self.edge.close()
+            if asyncio.iscoroutine(closing):
+                await closing
