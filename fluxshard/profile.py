@@ -1,0 +1,197 @@
+"""`fluxshard profile SUB-VERB`: the offline profiles the runtime loads.
+
+* ``latency``: the dispatcher's latency tables (edge: the in-process sparse executor; cloud: the
+  Triton ``fluxshard`` model's server time) at a few active residual-block fractions, written as
+  JSON (default ``out/profile/latency.json``, which `fluxshard run` and ``FluxShardStream`` load
+  when present).
+* ``accuracy``: the truncation table (tau per motion level), ``fluxshard.truncation``.
+
+Each sub-verb is one entry in :data:`SUB_VERBS`: (add its arguments, run it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_FRACTIONS = (0.0, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+# ------------------------------------------------------------------------------ latency tables
+
+def _profile_frames(width: int, height: int, fraction: float, block: int, seed: int):
+    """(base frame, next frame, residual mask): the next frame is the base with ``fraction`` of
+    its blocks changed (brightened noise) and no motion, so exactly those blocks are active."""
+    from fluxshard import synth, wire
+
+    base = synth.Scene(synth.SceneSpec(width=width, height=height, seed=seed)).render(0).image
+    rng = np.random.default_rng(seed)
+    grid = wire.residual_grid(height, width, block)
+    mask = np.zeros(grid, bool)
+    n = int(round(fraction * mask.size))
+    mask.flat[rng.choice(mask.size, n, replace=False)] = True
+    pixels = np.repeat(np.repeat(mask, block, 0), block, 1)[:height, :width]
+    noise = rng.integers(40, 90, base.shape, dtype=np.int16)
+    changed = np.where(pixels[..., None], (base.astype(np.int16) + noise) % 256, base)
+    return base, changed.astype(np.uint8), mask
+
+
+def profile_latency(*, width: int = 640, height: int = 384, fractions=DEFAULT_FRACTIONS,
+                    repeats: int = 3, cloud_url: str | None = None, cloud: bool = True,
+                    threads: int | None = None, block: int = 16, progress: bool = True,
+                    out: str | Path | None = None):
+    """Measure both tables; returns the :class:`fluxshard_client.LatencyProfile` (saved to
+    ``out`` when given). ``cloud=False`` keeps the built-in cloud table."""
+    import torch
+    from tqdm import tqdm
+
+    from fluxshard import wire
+    from fluxshard.serving.session import yolo_session_factory
+    from fluxshard_client import FluxShardClient, LatencyProfile, LatencyTable
+
+    if repeats < 1 or not fractions:
+        raise ValueError("need repeats >= 1 and at least one fraction")
+    fractions = sorted(set(float(f) for f in fractions))
+    if fractions[0] < 0 or fractions[-1] > 1:
+        raise ValueError(f"fractions must lie in [0, 1], got {fractions}")
+    if threads:
+        torch.set_num_threads(threads)
+    session = yolo_session_factory("sparse")(0)
+    cases = [_profile_frames(width, height, f, block, seed=k) for k, f in enumerate(fractions)]
+    field = np.zeros(wire.field_shape(height, width), np.float32)
+    bar = tqdm(total=len(fractions) * repeats * (2 if cloud else 1), desc="profile latency",
+               unit="run", disable=not progress, dynamic_ncols=True)
+    edge_ms = []
+    for base, changed, mask in cases:
+        times = []
+        for _ in range(repeats):
+            session.infer(base, None, None, True)
+            t0 = time.perf_counter()
+            session.infer(changed, field, mask, False)
+            times.append((time.perf_counter() - t0) * 1e3)
+            bar.update(1)
+        edge_ms.append(statistics.median(times))
+    cloud_ms, where = None, None
+    if cloud:
+        with _cloud_url(cloud_url) as url:
+            where = cloud_url or "local tritonserver"
+            with FluxShardClient(url) as client:
+                stream = client.open_stream(7_000_001, block=block)
+                cloud_ms, index = [], 0
+                for base, changed, mask in cases:
+                    times = []
+                    for _ in range(repeats):
+                        stream.send(base, key=True, frame_index=index)
+                        result = stream.send(changed, field, mask, frame_index=index + 1)
+                        index += 2
+                        times.append(float(result.stats["server_ms"]))
+                        bar.update(1)
+                    cloud_ms.append(statistics.median(times))
+                stream.close()
+    bar.close()
+    default = LatencyProfile.default()
+    profile = LatencyProfile(
+        edge=LatencyTable(fractions, edge_ms),
+        cloud=LatencyTable(fractions, cloud_ms) if cloud_ms else default.cloud,
+        width=width, height=height, source="profiled",
+        meta={"measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "repeats": repeats, "edge_threads": torch.get_num_threads(),
+              "cloud": where or "built-in default table",
+              "what": "edge: in-process sparse executor (preprocess to detections); cloud: "
+                      "server time of the fluxshard model (receive + compute); static content "
+                      "with the given share of residual blocks changed"})
+    if out is not None:
+        profile.save(out)
+    return profile
+
+
+@contextlib.contextmanager
+def _cloud_url(cloud_url: str | None):
+    if cloud_url:
+        yield cloud_url
+        return
+    from fluxshard.serving.tritonserver import TritonServer
+
+    with TritonServer(models=["fluxshard"]) as server:
+        yield server.grpc_url
+
+
+def _add_latency_arguments(p: argparse.ArgumentParser) -> None:
+    from fluxshard_client.dispatch import DEFAULT_PROFILE_PATH
+
+    p.add_argument("--out", type=Path, default=DEFAULT_PROFILE_PATH, help="JSON file to write")
+    p.add_argument("--size", type=int, nargs=2, default=(640, 384), metavar=("W", "H"))
+    p.add_argument("--fractions", type=float, nargs="+", default=list(DEFAULT_FRACTIONS),
+                   help="active residual-block fractions to measure")
+    p.add_argument("--repeats", type=int, default=3, help="runs per fraction (median kept)")
+    p.add_argument("--cloud-url", default=None,
+                   help="gRPC host:port of the cloud (default: start a local tritonserver)")
+    p.add_argument("--no-cloud", action="store_true",
+                   help="edge table only; keep the built-in cloud table")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _run_latency(args: argparse.Namespace) -> int:
+    try:
+        profile = profile_latency(width=args.size[0], height=args.size[1],
+                                  fractions=args.fractions, repeats=args.repeats,
+                                  cloud_url=args.cloud_url, cloud=not args.no_cloud,
+                                  progress=not args.no_progress, out=args.out)
+    except Exception as e:  # noqa: BLE001 - a CLI reports, it does not trace back
+        print(f"fluxshard profile latency: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    print(f"\n| active fraction | edge ms | cloud ms |\n|---|---|---|")
+    for f, e, c in zip(profile.edge.fractions, profile.edge.ms, profile.cloud.ms):
+        print(f"| {f:.2f} | {e:.1f} | {c:.1f} |")
+    print(f"\n{profile.width}x{profile.height}; cloud: {profile.meta['cloud']}; written to {args.out}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- accuracy (tau)
+
+def _add_accuracy_arguments(p: argparse.ArgumentParser) -> None:
+    from fluxshard.truncation import add_accuracy_arguments
+
+    add_accuracy_arguments(p)
+
+
+def _run_accuracy(args: argparse.Namespace) -> int:
+    from fluxshard.truncation import run_accuracy
+
+    return run_accuracy(args)
+
+
+# sub-verb -> (help, add arguments, run). A sub-verb whose module cannot be imported reports that
+# when used and does not take the others down.
+SUB_VERBS = {
+    "latency": ("latency tables (edge/cloud vs active residual fraction) for the dispatcher",
+                _add_latency_arguments, _run_latency),
+    "accuracy": ("truncation table: largest tau per motion level within alpha x dense accuracy",
+                 _add_accuracy_arguments, _run_accuracy),
+}
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("profile", help="offline profiles: latency tables, accuracy",
+                              description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="profile_verb", metavar="SUB-VERB")
+    for name, (help_text, add_arguments, run) in SUB_VERBS.items():
+        q = sub.add_parser(name, help=help_text, description=help_text)
+        try:
+            add_arguments(q)
+        except ImportError as e:  # that sub-verb's module is not here: say so when it is used
+            q.set_defaults(func=lambda args, e=e, name=name: _unavailable(name, e))
+            continue
+        q.set_defaults(func=run)
+    p.set_defaults(func=lambda args: p.print_help() or 2)
+
+
+def _unavailable(name: str, error: Exception) -> int:
+    print(f"fluxshard profile {name} is not available here: {error}", file=sys.stderr)
+    return 1
