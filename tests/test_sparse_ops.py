@@ -60,7 +60,8 @@ def test_masked_sparse_conv_equals_dense_on_active_tiles(k, s, groups, tile):
     recompute[1, 2] = recompute[-1, -1] = True  # a corner tile: partial, padded
     stale = torch.full_like(dense, 7.0)  # a gathered cache that differs everywhere
     with torch.no_grad():
-        y, changed, n_active = masked_sparse_conv(plan, conv, F.silu, x, recompute, stale, 0.0)
+        y, changed, n_active = masked_sparse_conv(plan, conv, F.silu, x, recompute,
+                                                  stale.clone(), 0.0)
     assert n_active == 2
     torch.testing.assert_close(y[0][:, recompute], dense[0][:, recompute], rtol=0, atol=1e-5)
     assert changed[recompute].all()
@@ -78,7 +79,8 @@ def test_truncation_keeps_cached_values_below_threshold():
         near[0, :, 0, 0] += 1.0  # except one position
         plan = TileConv(conv, (16, 16), 8)
         everything = torch.ones(16, 16, dtype=torch.bool)
-        y, changed, _ = masked_sparse_conv(plan, conv, F.silu, x, everything, near, 0.01)
+        y, changed, _ = masked_sparse_conv(plan, conv, F.silu, x, everything, near.clone(),
+                                           0.01)
     assert changed.sum() == 1 and changed[0, 0]
     assert torch.equal(y[0, :, 1:, 1:], near[0, :, 1:, 1:])
     # A 4-tile batch and the whole map may round differently in the last bit.

@@ -139,8 +139,11 @@ class SparseExecutor:
         self._state, self._key = state, key
         self._plan = RFAPPlan(field, frame.shape[2], frame.shape[3], grid_snap=self.grid_snap)
         self._report = report = FrameReport(key=key)
-        x = self._input(frame)
-        out = self._walk(x)
+        try:
+            out = self._walk(self._input(frame))
+        except BaseException:
+            state.reset()  # caches are half-updated: the next frame must be a key frame
+            raise
         state.input_shape = tuple(frame.shape)
         state.frames_since_key = 0 if key else state.frames_since_key + 1
         report.seconds = time.perf_counter() - t0

@@ -98,7 +98,8 @@ class TileConv:
 def masked_sparse_conv(plan: TileConv, conv: torch.nn.Conv2d, act, x: torch.Tensor,
                        recompute: torch.Tensor, gathered: torch.Tensor, threshold: float
                        ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """MaskedSparseConv (see spec). Returns (y, changed, active tile count)."""
+    """MaskedSparseConv (see spec). Returns (y, changed, active tile count). ``gathered`` may be
+    overwritten: pass a tensor nobody else reads."""
     active = plan.active_tiles(recompute)
     n_active = int(active.numel())
     if n_active == 0:
@@ -107,9 +108,9 @@ def masked_sparse_conv(plan: TileConv, conv: torch.nn.Conv2d, act, x: torch.Tens
     fresh = act(F.conv2d(batch, conv.weight, conv.bias, plan.s, 0, 1, plan.groups))
     t = plan.tile
     ty, tx = active // plan.tiles_x, active % plan.tiles_x
+    # Written in place: ``gathered`` is either a fresh MV-gather or the layer's old cache, which
+    # this call's output replaces (the executor resets the stream if a frame fails midway).
     y = plan.padded(gathered)
-    if y is gathered:
-        y = gathered.clone()
     view = y[0].view(y.shape[1], plan.tiles_y, t, plan.tiles_x, t).permute(1, 3, 0, 2, 4)
     old = view[ty, tx]  # (A, C, t, t) copy of the gathered values
     diff = (fresh - old).abs().amax(1)  # (A, t, t)
