@@ -64,6 +64,7 @@ class FrameResult:
     computed_fraction: float
     residual_fraction: float  # active residual-block fraction of the endpoint that ran
     residual_mask: np.ndarray  # (ceil(H/b), ceil(W/b)) bool: blocks sent / recomputed
+    field: np.ndarray | None  # accumulated field (quarter-pel) the endpoint applied; None: key
     decision: Decision
     bandwidth_mbps: float  # the uplink estimate after this frame
     stats: dict = dataclass_field(default_factory=dict)
@@ -257,7 +258,8 @@ class _DispatchCore:
             uplink_bytes=run.uplink_bytes if remote else 0,
             cache_hit_rate=float(run.stats.get("cache_hit_rate", 0.0)),
             computed_fraction=float(run.stats.get("computed_fraction", 1.0)),
-            residual_fraction=float(mask.mean()), residual_mask=mask, decision=plan.decision,
+            residual_fraction=float(mask.mean()), residual_mask=mask,
+            field=None if run.key or residual is None else residual.field, decision=plan.decision,
             bandwidth_mbps=self.dispatcher.bandwidth.mbps, stats=dict(run.stats))
 
 
@@ -288,7 +290,7 @@ class FluxShardStream:
             edge = RemoteEndpoint.connect(edge, stream_id, block)
         if isinstance(cloud, str):
             cloud = RemoteEndpoint.connect(cloud, stream_id, block)
-        elif cloud is not None and not isinstance(cloud, RemoteEndpoint):
+        elif cloud is not None and not hasattr(cloud, "run"):
             cloud = RemoteEndpoint(cloud)  # a transport Stream
         self.edge = edge if edge is not None else LocalEndpoint()
         self.cloud = cloud
@@ -346,8 +348,8 @@ class AsyncFluxShardStream:
     def __init__(self, edge=None, cloud=None, *, dispatch: str = "auto",
                  tau: float | Callable[[float], float] = DEFAULT_TAU, profile=None,
                  margin_ms: float = 2.0, initial_mbps: float = 20.0, block: int = 16):
-        if cloud is not None and not isinstance(cloud, AsyncRemoteEndpoint):
-            cloud = AsyncRemoteEndpoint(cloud)
+        if cloud is not None and not hasattr(cloud, "run"):
+            cloud = AsyncRemoteEndpoint(cloud)  # a transport AsyncStream
         self.edge = edge if edge is not None else LocalEndpoint()
         self.cloud = cloud
         if dispatch == "cloud" and cloud is None:

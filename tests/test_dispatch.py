@@ -1,0 +1,130 @@
+"""The dispatcher on hand-made latency tables, and FluxShardStream's per-endpoint state keeping on
+real H.264 (fluxshard synth) with two real in-process sparse executors as edge and cloud."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fluxshard_client import (BandwidthEstimator, Dispatcher, FluxShardStream, LatencyProfile,
+                              LatencyTable, LocalEndpoint)
+
+W, H = 640, 384  # the profile's own size: no scaling
+
+
+def flat_profile(edge_ms: float, cloud_ms: float) -> LatencyProfile:
+    return LatencyProfile(edge=LatencyTable([0.0, 1.0], [edge_ms, edge_ms]),
+                          cloud=LatencyTable([0.0, 1.0], [cloud_ms, cloud_ms]), width=W, height=H)
+
+
+def test_latency_table_interpolates_piecewise_linearly_and_refuses_bad_tables(tmp_path):
+    table = LatencyTable([0.0, 0.5, 1.0], [10.0, 20.0, 60.0])
+    assert table(0.25) == pytest.approx(15.0)
+    assert table(0.75) == pytest.approx(40.0)
+    assert table(-1.0) == 10.0 and table(2.0) == 60.0
+    for fractions, ms in (([0.5, 0.2], [1, 2]), ([0.0, 1.5], [1, 2]), ([0.0], [1, 2]),
+                          ([0.0, 1.0], [1, -2]), ([], [])):
+        with pytest.raises(ValueError):
+            LatencyTable(fractions, ms)
+    profile = flat_profile(10, 5)
+    path = profile.save(tmp_path / "latency.json")
+    loaded = LatencyProfile.load(path)
+    assert loaded.edge(0.3) == 10 and loaded.cloud(0.3) == 5 and loaded.scale(W // 2, H) == 0.5
+    (tmp_path / "bad.json").write_text('{"version": 1, "edge": {}}')
+    with pytest.raises(ValueError, match="not a latency profile"):
+        LatencyProfile.load(tmp_path / "bad.json")
+
+
+def test_prefers_the_cloud_within_the_margin():
+    fast_link = BandwidthEstimator(initial_bytes_per_s=1e9)
+    d = Dispatcher(flat_profile(edge_ms=10.0, cloud_ms=11.0), margin_ms=2.0, bandwidth=fast_link)
+    assert d.decide(0.2, 0.2, 1000, W, H).endpoint == "cloud"  # edge 1 ms faster: within eps
+    d = Dispatcher(flat_profile(edge_ms=10.0, cloud_ms=12.5), margin_ms=2.0, bandwidth=fast_link)
+    decision = d.decide(0.2, 0.2, 1000, W, H)
+    assert decision.endpoint == "edge" and decision.cloud_ms > decision.edge_ms + 2.0
+
+
+def test_switches_to_the_edge_when_the_uplink_slows_down():
+    d = Dispatcher(flat_profile(edge_ms=40.0, cloud_ms=5.0), margin_ms=2.0,
+                   bandwidth=BandwidthEstimator(initial_bytes_per_s=10e6, alpha=0.5))
+    payload = 50_000  # bytes of the cloud's residual set
+    assert d.decide(0.3, 0.3, payload, W, H).endpoint == "cloud"  # 5 + 5 ms
+    choices = []
+    for _ in range(6):  # the link drops to 1 MB/s: each 50 kB transfer takes 50 ms
+        d.observe_uplink(payload, 0.05)
+        choices.append(d.decide(0.3, 0.3, payload, W, H).endpoint)
+    assert choices[-1] == "edge" and d.bandwidth.bytes_per_s < 1.5e6
+    for _ in range(8):  # and comes back
+        d.observe_uplink(payload, 0.002)
+    assert d.decide(0.3, 0.3, payload, W, H).endpoint == "cloud"
+    # a transfer too short to time says nothing about the link
+    before = d.bandwidth.bytes_per_s
+    d.observe_uplink(100, 1e-6)
+    assert d.bandwidth.bytes_per_s == before
+
+
+def test_forced_policies_and_bad_policy():
+    d = Dispatcher(flat_profile(1.0, 100.0), policy="cloud")
+    assert d.decide(0, 1, 10**6, W, H).endpoint == "cloud"
+    d = Dispatcher(flat_profile(100.0, 1.0), policy="edge")
+    assert d.decide(1, 0, 0, W, H).endpoint == "edge"
+    d = Dispatcher(flat_profile(100.0, 1.0), policy="alternate")
+    assert [d.decide(0, 0, 0, W, H).endpoint for _ in range(4)] == ["edge", "cloud"] * 2
+    assert Dispatcher(flat_profile(100.0, 1.0)).decide(0, 0, 0, W, H,
+                                                       cloud_available=False).endpoint == "edge"
+    with pytest.raises(ValueError, match="dispatch policy"):
+        Dispatcher(policy="fastest")
+
+
+@pytest.fixture(scope="module")
+def two_endpoints():
+    from fluxshard.serving.session import yolo_session_factory
+
+    factory = yolo_session_factory("sparse")
+    return factory
+
+
+def test_idle_endpoint_keeps_accumulating_and_resumes_with_a_residual_frame(synth_clips,
+                                                                            two_endpoints):
+    from fluxshard.motion import iter_motion
+
+    paths, _spec = synth_clips("pan")
+    cloud_session = two_endpoints(2)
+    stream = FluxShardStream(LocalEndpoint(two_endpoints(1)), LocalEndpoint(cloud_session),
+                             profile=flat_profile(edge_ms=30.0, cloud_ms=5.0),
+                             initial_mbps=1000.0)
+    fast = stream.dispatcher.bandwidth.bytes_per_s
+    results, cloud_idle = [], []
+    for mf in iter_motion(paths.video, max_frames=10):
+        # frames 3-6: the uplink is "down" to 10 kB/s, so the edge must take them
+        stream.dispatcher.bandwidth.bytes_per_s = 1e4 if 3 <= mf.index <= 6 else fast
+        results.append(stream.process(mf.image, None if mf.is_key else mf.field, mf.is_key,
+                                      mf.index))
+        cloud_idle.append(stream.states["cloud"].frames_since_reset)
+    endpoints = [r.endpoint for r in results]
+    assert endpoints == ["cloud"] * 3 + ["edge"] * 4 + ["cloud"] * 3
+    assert [r.key for r in results] == [True, False, False, True] + [False] * 6
+    # the cloud's state accumulated the motion of the four frames it did not run ...
+    assert cloud_idle[3:7] == [1, 2, 3, 4] and cloud_idle[7] == 0
+    # ... and it resumed from its own cache (frame 2) with residual blocks, not a key frame
+    resumed = results[7]
+    assert not resumed.key and 0 < resumed.residual_fraction < 1
+    assert resumed.field is not None and np.abs(resumed.field).max() > 0
+    assert cloud_session.last_report.key is False
+    # the edge's first frame was a key frame: its state had never run
+    assert results[3].key and results[3].residual_fraction == 1.0
+
+
+def test_bad_input_is_refused_clearly(two_endpoints):
+    stream = FluxShardStream(LocalEndpoint(two_endpoints(3)), dispatch="edge",
+                             profile=flat_profile(10, 5))
+    frame = np.zeros((64, 96, 3), np.uint8)
+    with pytest.raises(ValueError, match="uint8 RGB"):
+        stream.process(frame.astype(np.float32), None, True)
+    stream.process(frame, None, True, index=0)
+    with pytest.raises(ValueError, match="motion field shape"):
+        stream.process(frame, np.zeros((3, 3, 2), np.float32), index=1)
+    with pytest.raises(ValueError, match="not after"):
+        stream.process(frame, np.zeros((16, 24, 2), np.float32), index=0)
+    with pytest.raises(ValueError, match="needs a cloud"):
+        FluxShardStream(LocalEndpoint(two_endpoints(4)), dispatch="cloud")
