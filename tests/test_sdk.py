@@ -1,0 +1,124 @@
+"""The SDK and `fluxshard run` end to end against a real tritonserver (the session fixture) on
+real H.264 from fluxshard.synth."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import numpy as np
+import pytest
+
+from fluxshard import wire
+from fluxshard.motion import iter_motion
+from fluxshard_client import (AsyncFluxShardClient, AsyncFluxShardStream, FluxShardClient,
+                              FluxShardStream, LocalEndpoint)
+
+FRAMES = 10
+
+
+@pytest.fixture(scope="module")
+def sessions():
+    """In-process sparse sessions with the server's model and thread count."""
+    import torch
+
+    from fluxshard.serving.session import yolo_session_factory
+
+    threads = torch.get_num_threads()
+    yield yolo_session_factory("sparse", threads=1)
+    torch.set_num_threads(threads)
+
+
+def test_alternating_dispatch_against_the_real_server(tritonserver, synth_clips, sessions):
+    paths, _spec = synth_clips("pan")
+    with FluxShardClient(tritonserver.grpc_url) as client:
+        stream = FluxShardStream(LocalEndpoint(sessions(1)), client.open_stream(2001),
+                                 dispatch="alternate")
+        results, cloud_inputs = [], {}
+        for r in stream.run(paths.video, max_frames=FRAMES):
+            results.append(r)
+            if r.endpoint == "cloud":
+                # the cloud state is reset with the input the server rebuilt (the mirror)
+                cloud_inputs[r.index] = stream.states["cloud"].cache.copy()
+                assert wire.cache_digest(cloud_inputs[r.index]) == \
+                    stream.cloud.stream.mirror.digest
+        stream.close()
+    assert [r.endpoint for r in results] == ["edge", "cloud"] * (FRAMES // 2)
+    assert [r.index for r in results] == list(range(FRAMES))
+    # each endpoint's first frame is a key frame; after that both resume with residual frames
+    assert [r.key for r in results] == [True, True] + [False] * (FRAMES - 2)
+    cloud = [r for r in results if r.endpoint == "cloud"]
+    key_bytes = cloud[0].uplink_bytes
+    for r in cloud[1:]:
+        assert 0 < r.residual_fraction < 1 and 0 < r.uplink_bytes < key_bytes / 2
+        assert r.stats["compute"] == "sparse" and r.stats["residual_blocks"] > 0
+    assert all(r.uplink_bytes == 0 for r in results if r.endpoint == "edge")
+    assert stream.dispatcher.bandwidth.samples >= 1
+    # the server's answers equal the same executor run here on the same inputs and fields
+    local = sessions(2)
+    for r in cloud:
+        expected, stats = local.infer(cloud_inputs[r.index], r.field, r.residual_mask, r.key)
+        np.testing.assert_allclose(r.detections, expected, rtol=1e-5, atol=1e-4)
+        assert r.cache_hit_rate == pytest.approx(stats["cache_hit_rate"])
+
+
+def test_async_stream_matches_the_sync_stream(tritonserver, synth_clips, sessions):
+    paths, _spec = synth_clips("pan_zoom")
+    with FluxShardClient(tritonserver.grpc_url) as client:
+        sync = FluxShardStream(LocalEndpoint(sessions(3)), client.open_stream(2002),
+                               dispatch="cloud")
+        expected = list(sync.run(paths.video, max_frames=5))
+        sync.close()
+
+    async def main():
+        async with AsyncFluxShardClient(tritonserver.grpc_url) as aio:
+            stream = AsyncFluxShardStream(LocalEndpoint(sessions(4)), aio.open_stream(2003),
+                                          dispatch="cloud")
+            out = [r async for r in stream.run(paths.video, max_frames=5)]
+            await stream.close()
+            return out
+
+    got = asyncio.run(main())
+    assert [r.key for r in got] == [True] + [False] * 4
+    for a, b in zip(got, expected):
+        assert a.endpoint == b.endpoint == "cloud" and a.uplink_bytes == b.uplink_bytes
+        np.testing.assert_array_equal(a.detections, b.detections)
+
+
+def test_run_demo_writes_every_output(tritonserver, tmp_path, capsys):
+    import av
+
+    from fluxshard.cli import main
+
+    out = tmp_path / "run"
+    frames = 6
+    rc = main(["run", "--demo", "--frames", str(frames), "--size", "320", "192", "--out", str(out),
+               "--cloud-url", tritonserver.grpc_url, "--dispatch", "alternate", "--no-progress"])
+    assert rc == 0
+    for name in ("detections.jsonl", "annotated.mp4", "report.png", "summary.json"):
+        assert (out / name).stat().st_size > 0, name
+    lines = [json.loads(line) for line in (out / "detections.jsonl").read_text().splitlines()]
+    assert [line["index"] for line in lines] == list(range(frames))
+    assert [line["endpoint"] for line in lines] == ["edge", "cloud"] * (frames // 2)
+    assert all(len(line["boxes"]) == len(line["names"]) == len(line["scores"]) for line in lines)
+    with av.open(str(out / "annotated.mp4")) as container:
+        decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(decoded) == frames and decoded[0].shape == (192, 320, 3)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["frames"] == frames and summary["endpoints"]["cloud"]["frames"] == frames // 2
+    assert 0 < summary["uplink_bytes_total"] and 0 < summary["jpeg_q90_bytes_total"]
+    assert "uplink" in capsys.readouterr().out
+
+
+def test_run_refuses_bad_input_clearly(tmp_path, capsys):
+    from fluxshard.cli import main
+
+    not_video = tmp_path / "notes.mp4"
+    not_video.write_text("not a video")
+    assert main(["run", str(not_video), "--dispatch", "edge", "--out", str(tmp_path / "o"),
+                 "--no-progress"]) == 1
+    assert "fluxshard run:" in capsys.readouterr().err
+    assert main(["run", "--out", str(tmp_path / "o")]) == 2  # neither VIDEO nor --demo
+    assert main(["run", "--demo", "--bandwidth-mbps", "0", "--out", str(tmp_path / "o"),
+                 "--no-progress"]) == 1
+    assert "bandwidth" in capsys.readouterr().err
