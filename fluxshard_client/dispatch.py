@@ -148,18 +148,27 @@ class Decision:
 
 class Dispatcher:
     """Chooses the endpoint per frame. ``policy``: auto (the rule above), edge, cloud, or
-    alternate (edge and cloud in turn: for tests and demonstrations). ``margin_ms`` is eps."""
+    alternate (edge and cloud in turn: for tests and demonstrations). ``margin_ms`` is eps.
+
+    ``probe_interval``: B_hat learns only from transfers, so once the edge wins, a stale low
+    estimate (or the initial guess) would keep the cloud out for good. In auto mode the cloud
+    runs at least once every ``probe_interval`` frames (None: never probe)."""
 
     def __init__(self, profile: LatencyProfile | None = None, policy: str = "auto",
-                 margin_ms: float = 2.0, bandwidth: BandwidthEstimator | None = None):
+                 margin_ms: float = 2.0, bandwidth: BandwidthEstimator | None = None,
+                 probe_interval: int | None = 30):
         if policy not in POLICIES:
             raise ValueError(f"dispatch policy must be one of {POLICIES}, got {policy!r}")
         if margin_ms < 0:
             raise ValueError("margin_ms must be >= 0")
+        if probe_interval is not None and probe_interval < 1:
+            raise ValueError("probe_interval must be >= 1 (or None)")
         self.profile = profile or LatencyProfile.default()
         self.policy = policy
         self.margin_ms = margin_ms
         self.bandwidth = bandwidth or BandwidthEstimator()
+        self.probe_interval = probe_interval
+        self.frames_since_cloud = 0
         self._turn = 0
 
     def estimate(self, edge_fraction: float, cloud_fraction: float, cloud_bytes: int,
@@ -184,6 +193,11 @@ class Dispatcher:
         else:
             choice = "edge" if edge_ms < cloud_ms - self.margin_ms else "cloud"
         reason = self.policy if cloud_available else "no cloud"
+        if (choice == "edge" and self.policy == "auto" and cloud_available
+                and self.probe_interval is not None
+                and self.frames_since_cloud + 1 >= self.probe_interval):
+            choice, reason = "cloud", "probe"
+        self.frames_since_cloud = 0 if choice == "cloud" else self.frames_since_cloud + 1
         return Decision(choice, edge_ms, cloud_ms, transfer_ms, reason)
 
     def observe_uplink(self, nbytes: int, transfer_s: float) -> None:

@@ -263,11 +263,12 @@ class _DispatchCore:
             bandwidth_mbps=self.dispatcher.bandwidth.mbps, stats=dict(run.stats))
 
 
-def _dispatcher(dispatch: str, profile, margin_ms: float, initial_mbps: float) -> Dispatcher:
+def _dispatcher(dispatch: str, profile, margin_ms: float, initial_mbps: float,
+                probe_interval: int | None) -> Dispatcher:
     if isinstance(profile, (str, Path)):
         profile = LatencyProfile.load(profile)
     return Dispatcher(profile or LatencyProfile.load_or_default(), dispatch, margin_ms,
-                      BandwidthEstimator(initial_mbps * 1e6 / 8))
+                      BandwidthEstimator(initial_mbps * 1e6 / 8), probe_interval)
 
 
 class FluxShardStream:
@@ -280,12 +281,14 @@ class FluxShardStream:
     input scale, or a callable motion statistic -> tau (e.g. ``TruncationTable.tau_for``).
     ``profile``: a :class:`LatencyProfile` or its JSON path (default: ``out/profile/latency.json``
     when present, else the built-in tables). ``margin_ms``: eps (within it, prefer the cloud).
+    ``initial_mbps``: the uplink estimate before the first measurement. ``probe_interval``: in
+    auto mode the cloud runs at least every N frames, so the estimate and its cache stay fresh.
     """
 
     def __init__(self, edge=None, cloud=None, *, dispatch: str = "auto",
                  tau: float | Callable[[float], float] = DEFAULT_TAU, profile=None,
                  margin_ms: float = 2.0, initial_mbps: float = 20.0, block: int = 16,
-                 stream_id: int = 1):
+                 probe_interval: int | None = 30, stream_id: int = 1):
         if isinstance(edge, str):
             edge = RemoteEndpoint.connect(edge, stream_id, block)
         if isinstance(cloud, str):
@@ -296,7 +299,8 @@ class FluxShardStream:
         self.cloud = cloud
         if dispatch == "cloud" and cloud is None:
             raise ValueError("dispatch 'cloud' needs a cloud endpoint")
-        self.core = _DispatchCore(_dispatcher(dispatch, profile, margin_ms, initial_mbps), tau,
+        self.core = _DispatchCore(_dispatcher(dispatch, profile, margin_ms, initial_mbps,
+                                              probe_interval), tau,
                                   block)
 
     @property
@@ -347,14 +351,16 @@ class AsyncFluxShardStream:
 
     def __init__(self, edge=None, cloud=None, *, dispatch: str = "auto",
                  tau: float | Callable[[float], float] = DEFAULT_TAU, profile=None,
-                 margin_ms: float = 2.0, initial_mbps: float = 20.0, block: int = 16):
+                 margin_ms: float = 2.0, initial_mbps: float = 20.0, block: int = 16,
+                 probe_interval: int | None = 30):
         if cloud is not None and not hasattr(cloud, "run"):
             cloud = AsyncRemoteEndpoint(cloud)  # a transport AsyncStream
         self.edge = edge if edge is not None else LocalEndpoint()
         self.cloud = cloud
         if dispatch == "cloud" and cloud is None:
             raise ValueError("dispatch 'cloud' needs a cloud endpoint")
-        self.core = _DispatchCore(_dispatcher(dispatch, profile, margin_ms, initial_mbps), tau,
+        self.core = _DispatchCore(_dispatcher(dispatch, profile, margin_ms, initial_mbps,
+                                              probe_interval), tau,
                                   block)
 
     @property

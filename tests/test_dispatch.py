@@ -63,6 +63,17 @@ def test_switches_to_the_edge_when_the_uplink_slows_down():
     assert d.bandwidth.bytes_per_s == before
 
 
+def test_an_idle_cloud_is_probed_so_the_estimate_can_recover():
+    d = Dispatcher(flat_profile(edge_ms=10.0, cloud_ms=5.0), probe_interval=5,
+                   bandwidth=BandwidthEstimator(initial_bytes_per_s=1e5))  # 1 s per 100 kB
+    choices = [d.decide(0.3, 0.3, 100_000, W, H) for _ in range(10)]
+    assert [c.endpoint for c in choices] == (["edge"] * 4 + ["cloud"]) * 2
+    assert choices[4].reason == "probe"
+    d = Dispatcher(flat_profile(edge_ms=10.0, cloud_ms=5.0), probe_interval=None,
+                   bandwidth=BandwidthEstimator(initial_bytes_per_s=1e5))
+    assert {d.decide(0.3, 0.3, 100_000, W, H).endpoint for _ in range(50)} == {"edge"}
+
+
 def test_forced_policies_and_bad_policy():
     d = Dispatcher(flat_profile(1.0, 100.0), policy="cloud")
     assert d.decide(0, 1, 10**6, W, H).endpoint == "cloud"
