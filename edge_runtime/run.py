@@ -158,8 +158,8 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
         stream = FluxShardStream(edge, cloud, dispatch=dispatch if cloud else "edge",
                                  tau=tau_value, profile=profile, margin_ms=margin_ms,
                                  initial_mbps=bandwidth_mbps or 20.0)
-        bar = tqdm(total=frames, desc="fluxshard run", unit="frame", disable=not progress,
-                   dynamic_ncols=True)
+        bar = tqdm(total=frames or _frame_count(video), desc="fluxshard run", unit="frame",
+                   disable=not progress, dynamic_ncols=True)
         try:
             with open(out / "detections.jsonl", "w") as det_file:
                 for mf in iter_motion(video, max_frames=frames):
@@ -199,6 +199,17 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
                                               "summary.json")}})
     outputs.write_json(out / "summary.json", summary)
     return summary
+
+
+def _frame_count(video: str) -> int | None:
+    """The container's frame count for the progress bar (None when it does not say)."""
+    try:
+        import av
+
+        with av.open(video) as container:
+            return int(container.streams.video[0].frames) or None
+    except Exception:  # noqa: BLE001 - only a progress-bar nicety; decoding reports real errors
+        return None
 
 
 def print_summary(s: dict) -> None:
