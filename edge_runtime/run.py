@@ -74,6 +74,10 @@ def main(args: argparse.Namespace) -> int:
         print(f"fluxshard run: {e}", file=sys.stderr)
         return 1
     print_summary(summary)
+    if summary.get("error"):
+        print(f"fluxshard run: the stream broke off after {summary['frames']} frames: "
+              f"{summary['error']}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -144,12 +148,15 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        edge = LocalEndpoint()
+        import torch
+
+        edge = LocalEndpoint(threads=torch.get_num_threads())  # the edge box's own cores
     notes = [str(w.message) for w in caught]
     for note in notes:
         print(f"warning: {note}", file=sys.stderr)
 
     rows: list[dict] = []
+    broke: list[str] = []  # why the stream broke off mid-way, if it did
     writer = None
     t_start = time.perf_counter()
     with _cloud(cloud_url, dispatch, out) as url:
@@ -162,7 +169,7 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
                    disable=not progress, dynamic_ncols=True)
         try:
             with open(out / "detections.jsonl", "w") as det_file:
-                for mf in iter_motion(video, max_frames=frames):
+                for mf in _frames_until_break(iter_motion(video, max_frames=frames), broke):
                     result = stream.process(mf.image, None if mf.is_key else mf.field,
                                             mf.is_key, mf.index)
                     record = outputs.detection_record(result, CLASS_NAMES)
@@ -184,7 +191,7 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
             if client is not None:
                 client.close()
     if not rows:
-        raise ValueError(f"{video}: no frames decoded")
+        raise ValueError(f"{video}: no frames decoded" + (f" ({broke[0]})" if broke else ""))
     outputs.plot_report(rows, out / "report.png",
                         f"{Path(video).name}: dispatch {dispatch}"
                         + (f", uplink {bandwidth_mbps} Mbit/s" if bandwidth_mbps else ""))
@@ -195,10 +202,22 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
         "bandwidth_estimate_mbps": round(stream.dispatcher.bandwidth.mbps, 3),
         "tau": tau_source, "latency_profile": profile.source, "margin_ms": margin_ms,
         "wall_s": round(time.perf_counter() - t_start, 2), "warnings": notes,
+        "error": broke[0] if broke else None,
         "outputs": {k: str(out / k) for k in ("detections.jsonl", "annotated.mp4", "report.png",
                                               "summary.json")}})
     outputs.write_json(out / "summary.json", summary)
     return summary
+
+
+def _frames_until_break(frames, broke: list[str]):
+    """The decoded frames; a source that breaks off mid-way (truncated file, dropped stream)
+    ends the run there, with the reason in ``broke``, so the frames before it are still written."""
+    from fluxshard.motion import MotionSourceError
+
+    try:
+        yield from frames
+    except MotionSourceError as e:
+        broke.append(str(e))
 
 
 def _frame_count(video: str) -> int | None:

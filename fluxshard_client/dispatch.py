@@ -171,6 +171,12 @@ class Dispatcher:
         self.frames_since_cloud = 0
         self._turn = 0
 
+    def candidates(self, cloud_available: bool = True) -> tuple[str, ...]:
+        """The endpoints this policy may pick (the others need no dispatch state)."""
+        if not cloud_available or self.policy == "edge":
+            return ("edge",)
+        return ("cloud",) if self.policy == "cloud" else ENDPOINTS
+
     def estimate(self, edge_fraction: float, cloud_fraction: float, cloud_bytes: int,
                  width: int, height: int) -> tuple[float, float, float]:
         """(T_edge, T_cloud including transfer, transfer) in ms."""

@@ -220,7 +220,12 @@ class _DispatchCore:
             raise ValueError(f"motion field shape {np.asarray(field).shape} does not match a "
                              f"{h}x{w} frame ({wire.field_shape(h, w)})")
         key, residual, fraction = {}, {}, {}
+        candidates = self.dispatcher.candidates(cloud_available)
         for name, state in self.states.items():
+            if name not in candidates:  # can never run: keep no state, compute nothing
+                state.cache = state.field = None
+                key[name], residual[name], fraction[name] = True, None, 1.0
+                continue
             if state.cache is None:
                 key[name], residual[name], fraction[name] = True, None, 1.0
                 continue
