@@ -122,3 +122,22 @@ def test_run_refuses_bad_input_clearly(tmp_path, capsys):
     assert main(["run", "--demo", "--bandwidth-mbps", "0", "--out", str(tmp_path / "o"),
                  "--no-progress"]) == 1
     assert "bandwidth" in capsys.readouterr().err
+
+
+def test_profile_latency_writes_a_table_the_dispatcher_loads(tritonserver, tmp_path):
+    from fluxshard.cli import main
+    from fluxshard_client import Dispatcher, LatencyProfile
+
+    path = tmp_path / "latency.json"
+    assert main(["profile", "latency", "--size", "160", "96", "--fractions", "0", "0.5", "1",
+                 "--repeats", "1", "--cloud-url", tritonserver.grpc_url, "--out", str(path),
+                 "--no-progress"]) == 0
+    profile = LatencyProfile.load(path)
+    assert profile.source == "profiled" and (profile.width, profile.height) == (160, 96)
+    for table in (profile.edge, profile.cloud):
+        assert table.fractions == [0.0, 0.5, 1.0]
+        assert all(a <= b for a, b in zip(table.ms, table.ms[1:])) and table.ms[0] > 0
+    decision = Dispatcher(profile).decide(0.5, 0.5, 0, 160, 96)
+    assert decision.edge_ms == pytest.approx(profile.edge(0.5))
+    assert main(["profile", "latency", "--fractions", "1.5", "--out", str(path),
+                 "--no-cloud", "--no-progress"]) == 1  # a clear error, not a traceback
