@@ -148,9 +148,9 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        import torch
-
-        edge = LocalEndpoint(threads=torch.get_num_threads())  # the edge box's own cores
+        # one torch thread, like the server: on a small shared box (and beside a local
+        # tritonserver) two spinning OpenMP threads were measured up to 10x slower, not faster
+        edge = LocalEndpoint(threads=1)
     notes = [str(w.message) for w in caught]
     for note in notes:
         print(f"warning: {note}", file=sys.stderr)
