@@ -254,6 +254,13 @@ class SparseExecutor:
             y = act(conv(x.value))
             changed = torch.ones(plan.out_h, plan.out_w, dtype=torch.bool)
             stats.computed += positions
+        elif bool(x.changed.all()):  # everything upstream changed: one dense call, no masks
+            fresh = act(conv(x.value))
+            if threshold > 0:
+                y, changed = _truncate(fresh, gathered, threshold)
+            else:  # exact mode: a fully changed input changes (practically) every output
+                y, changed = fresh, torch.ones(plan.out_h, plan.out_w, dtype=torch.bool)
+            stats.computed += positions
         else:
             recompute = dilate_mask(x.changed, k, s, p)
             if invalid is not None:
@@ -309,10 +316,12 @@ class SparseExecutor:
 
 # -------------------------------------------------------------------- mask-carrying elementwise
 def _truncate(fresh: torch.Tensor, gathered: torch.Tensor, threshold: float):
+    """Positions whose fresh value moved by more than ``threshold`` (any channel) against the
+    gathered cache change; the others keep the cached value (threshold 0: exact comparison)."""
+    if threshold == 0:
+        return fresh, torch.ne(fresh, gathered).any(1)[0]
     changed = (fresh - gathered).abs().amax(1)[0] > threshold
-    if threshold > 0:
-        fresh = torch.where(changed, fresh, gathered)
-    return fresh, changed
+    return torch.where(changed, fresh, gathered), changed
 
 
 def _add(a: Feat, b: Feat) -> Feat:

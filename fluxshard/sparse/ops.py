@@ -85,9 +85,9 @@ class TileConv:
         xp = F.pad(x[0], self.pad)
         step = self.tile * self.s
         windows = xp.unfold(1, self.in_tile, step).unfold(2, self.in_tile, step)
-        c = windows.shape[0]
-        windows = windows.reshape(c, self.tiles_y * self.tiles_x, self.in_tile, self.in_tile)
-        return windows.index_select(1, active).transpose(0, 1)
+        # Index the strided (C, ty, tx, i, i) view directly: copies only the active tiles
+        # (a reshape of the view first would copy every tile with its halo).
+        return windows[:, active // self.tiles_x, active % self.tiles_x].transpose(0, 1)
 
     def padded(self, y: torch.Tensor) -> torch.Tensor:
         t = self.tile
