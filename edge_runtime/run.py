@@ -120,7 +120,7 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
     from fluxshard.motion import iter_motion
     from fluxshard.synth import CLASS_NAMES
     from fluxshard_client import (FluxShardClient, FluxShardStream, LatencyProfile,
-                                  LocalEndpoint, RemoteEndpoint)
+                                  LocalEndpoint, RemoteEndpoint, RetryPolicy)
     from fluxshard_client.stream import DEFAULT_TAU
 
     from . import outputs
@@ -160,7 +160,9 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
     writer = None
     t_start = time.perf_counter()
     with _cloud(cloud_url, dispatch, out) as url:
-        client = FluxShardClient(url, uplink_mbps=bandwidth_mbps) if url else None
+        # a cloud gone for 10 s is given up on for a while: its frames run on the edge
+        client = FluxShardClient(url, uplink_mbps=bandwidth_mbps,
+                                 retry=RetryPolicy(reconnect_timeout_s=10.0)) if url else None
         cloud = RemoteEndpoint(client.open_stream(stream_id)) if client else None
         stream = FluxShardStream(edge, cloud, dispatch=dispatch if cloud else "edge",
                                  tau=tau_value, profile=profile, margin_ms=margin_ms,
@@ -202,7 +204,7 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
         "bandwidth_estimate_mbps": round(stream.dispatcher.bandwidth.mbps, 3),
         "tau": tau_source, "latency_profile": profile.source, "margin_ms": margin_ms,
         "wall_s": round(time.perf_counter() - t_start, 2), "warnings": notes,
-        "error": broke[0] if broke else None,
+        "error": broke[0] if broke else None, "cloud_failures": stream.core.cloud_failures,
         "outputs": {k: str(out / k) for k in ("detections.jsonl", "annotated.mp4", "report.png",
                                               "summary.json")}})
     outputs.write_json(out / "summary.json", summary)

@@ -30,6 +30,7 @@ from fluxshard import wire
 from fluxshard.motion.state import EndpointState, ResidualSet, residual_blocks
 
 from .dispatch import BandwidthEstimator, Decision, Dispatcher, LatencyProfile
+from .transport import CloudError
 
 # Dispatch tau on the [0, 1] input scale. Blocks are compared by their max pixel difference, and
 # integer-pel alignment of sub-pixel motion leaves ~10-30 grey levels on textured edges: at 8 grey
@@ -187,6 +188,32 @@ class _DispatchCore:
         self.next_index = 0
         # uplink bytes per raw residual byte (EWMA of what the wire really carried)
         self.wire_ratio = {"key": 0.5, "residual": 0.5}
+        self.cloud_down_until = 0  # frame index from which the cloud may be tried again
+        self.cloud_failures: list[str] = []
+
+    def residual_set(self, state: EndpointState, frame: np.ndarray) -> ResidualSet:
+        applied = wire.quantize_field(state.field)  # exactly what a receiver will apply
+        threshold = self.tau_for(state.motion_statistic()) * 255.0  # identity layer: ||w||_1 = 1
+        return residual_blocks(state.cache, frame, applied, threshold, self.block)
+
+    def cloud_usable(self, cloud) -> bool:
+        return cloud is not None and self.next_index >= self.cloud_down_until
+
+    def cloud_failed(self, plan: _Plan, error: Exception) -> _Plan:
+        """The cloud gave up on this frame (unreachable past its reconnect timeout, or it
+        rejected the frame): run it on the edge, leave the cloud out for a while, and restart
+        its state with a key frame when it is back."""
+        self.cloud_down_until = plan.index + (self.dispatcher.probe_interval or 30)
+        self.cloud_failures.append(f"frame {plan.index}: {error}")
+        state = self.states["cloud"]
+        state.cache = state.field = None
+        edge = self.states["edge"]
+        if plan.residual["edge"] is None and not plan.key["edge"]:
+            plan.residual["edge"] = self.residual_set(edge, plan.frame)
+        d = plan.decision
+        plan.decision = Decision("edge", d.edge_ms, d.cloud_ms, d.transfer_ms,
+                                 f"cloud failed: {error}")
+        return plan
 
     def tau_for(self, motion: float) -> float:
         return float(self.tau(motion)) if callable(self.tau) else float(self.tau)
@@ -222,17 +249,16 @@ class _DispatchCore:
         key, residual, fraction = {}, {}, {}
         candidates = self.dispatcher.candidates(cloud_available)
         for name, state in self.states.items():
-            if name not in candidates:  # can never run: keep no state, compute nothing
+            if name == "cloud" and name not in candidates:  # it will not run: keep no state
                 state.cache = state.field = None
-                key[name], residual[name], fraction[name] = True, None, 1.0
-                continue
             if state.cache is None:
                 key[name], residual[name], fraction[name] = True, None, 1.0
                 continue
             state.accumulate(field)
-            applied = wire.quantize_field(state.field)  # exactly what a receiver will apply
-            threshold = self.tau_for(state.motion_statistic()) * 255.0  # identity layer: ||w||=1
-            res = residual_blocks(state.cache, frame, applied, threshold, self.block)
+            if name not in candidates:  # the edge under a forced cloud: kept current, since it
+                key[name], residual[name], fraction[name] = False, None, 1.0  # is the fallback
+                continue
+            res = self.residual_set(state, frame)
             key[name], residual[name], fraction[name] = False, res, res.fraction
         cloud_bytes = self.estimate_bytes(residual["cloud"], frame.shape)
         decision = self.dispatcher.decide(fraction["edge"], fraction["cloud"], cloud_bytes, w, h,
@@ -321,11 +347,17 @@ class FluxShardStream:
                 index: int | None = None) -> FrameResult:
         """One decoded frame (H, W, 3) uint8 RGB and its per-frame motion field (pixel x of this
         frame came from x + d(x) in the previous one; None or ``is_key`` on key frames)."""
-        plan = self.core.plan(frame, field, is_key, index, self.cloud is not None)
-        endpoint = self.edge if plan.decision.endpoint == "edge" else self.cloud
+        plan = self.core.plan(frame, field, is_key, index, self.core.cloud_usable(self.cloud))
         name = plan.decision.endpoint
+        endpoint = self.edge if name == "edge" else self.cloud
         t0 = time.perf_counter()
-        run = endpoint.run(plan.frame, plan.residual[name], plan.key[name], plan.index)
+        try:
+            run = endpoint.run(plan.frame, plan.residual[name], plan.key[name], plan.index)
+        except CloudError as e:
+            if name != "cloud":
+                raise
+            plan, endpoint = self.core.cloud_failed(plan, e), self.edge
+            run = endpoint.run(plan.frame, plan.residual["edge"], plan.key["edge"], plan.index)
         return self.core.commit(plan, run, (time.perf_counter() - t0) * 1e3, endpoint.remote)
 
     def run(self, source, max_frames: int | None = None, validate: bool = True
@@ -347,6 +379,13 @@ class FluxShardStream:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+async def _call(endpoint, plan: _Plan, name: str) -> EndpointRun:
+    args = (plan.frame, plan.residual[name], plan.key[name], plan.index)
+    if asyncio.iscoroutinefunction(endpoint.run):
+        return await endpoint.run(*args)
+    return await asyncio.to_thread(endpoint.run, *args)  # in-process compute: off the loop
 
 
 class AsyncFluxShardStream:
@@ -378,15 +417,17 @@ class AsyncFluxShardStream:
 
     async def process(self, frame, field, is_key: bool = False,
                       index: int | None = None) -> FrameResult:
-        plan = self.core.plan(frame, field, is_key, index, self.cloud is not None)
+        plan = self.core.plan(frame, field, is_key, index, self.core.cloud_usable(self.cloud))
         name = plan.decision.endpoint
         endpoint = self.edge if name == "edge" else self.cloud
-        args = (plan.frame, plan.residual[name], plan.key[name], plan.index)
         t0 = time.perf_counter()
-        if asyncio.iscoroutinefunction(endpoint.run):
-            run = await endpoint.run(*args)
-        else:
-            run = await asyncio.to_thread(endpoint.run, *args)
+        try:
+            run = await _call(endpoint, plan, name)
+        except CloudError as e:
+            if name != "cloud":
+                raise
+            plan, endpoint = self.core.cloud_failed(plan, e), self.edge
+            run = await _call(endpoint, plan, "edge")
         return self.core.commit(plan, run, (time.perf_counter() - t0) * 1e3, endpoint.remote)
 
     async def run(self, source, max_frames: int | None = None,
