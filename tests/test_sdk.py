@@ -122,6 +122,10 @@ def test_run_refuses_bad_input_clearly(tmp_path, capsys):
     assert main(["run", "--demo", "--bandwidth-mbps", "0", "--out", str(tmp_path / "o"),
                  "--no-progress"]) == 1
     assert "bandwidth" in capsys.readouterr().err
+    # `fluxshard demo` is `run --demo`: the same checks, the same clear error
+    assert main(["demo", "--bandwidth-mbps", "-1", "--out", str(tmp_path / "o"),
+                 "--no-progress"]) == 1
+    assert "bandwidth" in capsys.readouterr().err
 
 
 def test_profile_latency_writes_a_table_the_dispatcher_loads(tritonserver, tmp_path):
