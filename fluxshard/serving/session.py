@@ -121,9 +121,11 @@ EXECUTORS = ("sparse", "dense")
 def yolo_session_factory(executor: str = "sparse", weights: str | None = None, scale: str = "n",
                          threads: int = 1, conf_threshold: float = 0.25, seed: int = 0,
                          device: str = "cpu", tau: float = 0.0, strict_rfap: bool = False,
-                         keyframe_interval: int | None = None, model=None) -> SessionFactory:
+                         keyframe_interval: int | None = None, grid_snap: bool = False,
+                         model=None) -> SessionFactory:
     """Sessions for the ``fluxshard`` model, by ``executor``: "sparse" (default; per-stream feature
-    caches, tau the executor's truncation threshold on the [0, 1] input scale) or "dense"
+    caches, tau the executor's truncation threshold on the [0, 1] input scale, grid_snap the
+    relaxed RFAP Cond. 2 of fluxshard.sparse) or "dense"
     (YOLO11 on every rebuilt frame). The Triton model and in-process users build theirs here, so
     both run the same thing. ``model`` overrides the weights lookup (a loaded, fused YOLO11)."""
     if executor not in EXECUTORS:
@@ -135,7 +137,7 @@ def yolo_session_factory(executor: str = "sparse", weights: str | None = None, s
     from fluxshard.sparse import SparseExecutor
 
     shared = SparseExecutor(model, strict_rfap=strict_rfap, tau=tau,
-                            keyframe_interval=keyframe_interval)
+                            keyframe_interval=keyframe_interval, grid_snap=grid_snap)
     lock = threading.Lock()
     return lambda corrid: SparseYoloSession(shared, lock, conf_threshold=conf_threshold)
 

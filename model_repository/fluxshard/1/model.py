@@ -22,7 +22,8 @@ class TritonPythonModel:
                                        conf_threshold=float(params.get("conf_threshold", "0.25")),
                                        device=params.get("device", "cpu"),
                                        tau=float(params.get("tau", "0") or 0),
-                                       keyframe_interval=keyframe_interval or None)
+                                       keyframe_interval=keyframe_interval or None,
+                                       grid_snap=params.get("grid_snap", "false") == "true")
         # Triton frees a timed-out sequence's slot without telling the model: sweep with the same
         # timeout so the model frees its session too
         idle_us = int(config.get("sequence_batching", {}).get("max_sequence_idle_microseconds",
