@@ -247,7 +247,7 @@ class SparseExecutor:
         key = (name, h, w)
         plan = self._plans.get(key)
         if plan is None:
-            plan = self._plans[key] = TileConv(conv, (h, w), self.tile)
+            plan = self._plans[key] = TileConv(conv, (h, w), self._tile_for(h // s, w // s))
         positions = plan.out_h * plan.out_w
         stats.positions += positions
         if gathered is None:  # key frame: dense
@@ -282,6 +282,14 @@ class SparseExecutor:
         stats.changed += int(changed.sum())
         self._state.caches[name] = y
         return Feat(y, changed, out_stride)
+
+    def _tile_for(self, out_h: int, out_w: int) -> int:
+        """Output tile edge for a map: ``tile``, halved on small maps (stride 16/32 at 384x640)
+        so that a local change does not activate a sixth of the map."""
+        tile = self.tile
+        while tile > 2 and min(out_h, out_w) < 4 * tile:
+            tile //= 2
+        return tile
 
     def _dense_block(self, block: nn.Module, x: Feat, last_conv: nn.Conv2d | None, *,
                      out_stride: int | None = None) -> Feat:
