@@ -4,11 +4,13 @@ The edge's data path is reproduced exactly: decode (codec MVs) -> dispatch state
 blocks -> assembled input (aligned cache + residual blocks) -> executor, dense model on the same
 assembled input as the reference.
 
-Tolerance for tau=0 with strict RFAP: recomputed tiles go through the same conv kernel as the
-dense map, on the same values, so CPU torch gives bit-identical results (measured: max abs error
-0.0 over every frame). The assert allows 1e-4 in the decoded outputs (box pixels up to ~640 and
-scores in [0, 1], i.e. ~1e-7 relative on boxes), headroom for a BLAS build that splits a small
-batch differently; an RFAP or mask bug shows up as errors of 1e-2 and more.
+Tolerance for tau=0 with strict RFAP: tile-batched 3x3 convs run the same conv kernel on the same
+values as the dense map (measured: bit-identical), but 1x1 convs on scattered positions run as
+one matmul, whose float32 accumulation order differs from the conv kernel's: each such layer
+contributes rounding of ~1 ulp (1.2e-7 relative), ~100 layers deep. Measured max error on the
+decoded output: 9e-5 on box coordinates up to 640 px (1.5e-7 relative). The assert allows
+|sparse - dense| <= 1e-4 + 1e-5 * |dense| elementwise: 60x the measured relative error, while
+an RFAP, gather or mask bug moves scores by 1e-2 and boxes by pixels.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from fluxshard.models import build_yolo11, preprocess
 from fluxshard.motion import EndpointState, iter_motion
 from fluxshard.sparse import SparseExecutor, StreamState
 
-EXACT_TOLERANCE = 1e-4
+EXACT_ATOL, EXACT_RTOL = 1e-4, 1e-5
 DISPATCH_TAU = 16  # pixel-level residual threshold of the dispatch layer
 
 
@@ -58,8 +60,14 @@ def head_output(out):
     return out[0] if isinstance(out, tuple) else out
 
 
+def excess_error(sparse: torch.Tensor, dense: torch.Tensor) -> float:
+    """Largest |sparse - dense| in units of the allowed error (<= 1 passes)."""
+    allowed = EXACT_ATOL + EXACT_RTOL * dense.abs()
+    return float(((sparse - dense).abs() / allowed).max())
+
+
 def run_both(executor, model, video, frames=None):
-    """Per frame: (max abs error of the decoded output vs dense, FrameReport)."""
+    """Per frame: (error of the decoded output vs dense in allowed units, FrameReport)."""
     stream = StreamState()
     results = []
     for index, image, field, key in assembled_inputs(video):
@@ -69,9 +77,9 @@ def run_both(executor, model, video, frames=None):
         with torch.no_grad():
             dense = model(x)
         sparse, report = executor.run(stream, x, field, key=key)
-        err = float((head_output(sparse) - head_output(dense)).abs().max())
+        err = excess_error(head_output(sparse), head_output(dense))
         if isinstance(dense, tuple):  # seg prototypes
-            err = max(err, float((sparse[1] - dense[1]).abs().max()))
+            err = max(err, excess_error(sparse[1], dense[1]))
         results.append((err, report))
     return results
 
@@ -105,7 +113,7 @@ def test_strict_tau0_equals_dense_over_20_frames(exact_clips, task, size):
     results = run_both(executor, model, exact_clips(*size))
     assert len(results) >= 21
     errors = [e for e, _ in results]
-    assert max(errors) <= EXACT_TOLERANCE, f"per-frame max abs error: {errors}"
+    assert max(errors) <= 1.0, f"per-frame error in units of the tolerance: {errors}"
     # The test only means something if caches were really reused.
     reused = [r.cache_hit_rate for _, r in results[1:]]
     assert max(reused) > 0.05, f"no reuse happened: cache hit rates {reused}"
@@ -119,7 +127,7 @@ def test_relaxed_rfap_is_exact_on_a_static_camera(exact_clips):
     executor = SparseExecutor(model, strict_rfap=False, tau=0.0)
     results = run_both(executor, model, exact_clips(320, 192, 12, "static"))
     errors = np.array([e for e, _ in results])
-    assert np.median(errors) <= EXACT_TOLERANCE, errors
+    assert np.median(errors) <= 1.0, errors
 
 
 def test_static_scene_second_frame_recomputes_nothing():

@@ -85,3 +85,19 @@ def test_truncation_keeps_cached_values_below_threshold():
     assert torch.equal(y[0, :, 1:, 1:], near[0, :, 1:, 1:])
     # A 4-tile batch and the whole map may round differently in the last bit.
     torch.testing.assert_close(y[0, :, 0, 0], dense[0, :, 0, 0], rtol=0, atol=1e-6)
+
+
+def test_masked_pointwise_conv_touches_only_recompute_positions():
+    from fluxshard.sparse.ops import masked_pointwise_conv
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(12, 20, 1).eval()
+    x = torch.randn(1, 12, 9, 13)
+    recompute = torch.rand(9, 13) < 0.2
+    with torch.no_grad():
+        dense = F.silu(conv(x))
+        y, changed, n = masked_pointwise_conv(conv, F.silu, x, recompute,
+                                              torch.full_like(dense, 7.0), 0.0)
+    assert n == int(recompute.sum()) and torch.equal(changed, recompute)
+    torch.testing.assert_close(y[0][:, recompute], dense[0][:, recompute], rtol=1e-6, atol=1e-6)
+    assert (y[0][:, ~recompute] == 7.0).all()

@@ -28,7 +28,8 @@ from fluxshard.models.modules import (C2PSA, SPPF, Bottleneck, C2f, C3, Concat, 
 from fluxshard.measures import cache_hit_rate
 from fluxshard.models.yolo import YOLO11, fuse, is_fused
 
-from .ops import TileConv, dilate_mask, masked_sparse_conv, mv_gather, window_uniform
+from .ops import (TileConv, dilate_mask, masked_pointwise_conv, masked_sparse_conv, mv_gather,
+                  window_uniform)
 from .rfap import RFAPPlan
 
 
@@ -268,6 +269,16 @@ class SparseExecutor:
                 if k > 1 and (self.strict_rfap or conv is self.first_spatial):
                     vectors = self._plan.grid(x.stride).vectors
                     recompute |= ~window_uniform(vectors, k, s, p)
+            pointwise = k == 1 and s == 1 and conv.groups == 1
+            if pointwise and float(recompute.float().mean()) <= self.dense_above:
+                y, changed, n_points = masked_pointwise_conv(conv, act, x.value, recompute,
+                                                             gathered, threshold)
+                stats.computed += n_points
+                if invalid is not None:
+                    changed = changed | invalid
+                stats.changed += int(changed.sum())
+                self._state.caches[name] = y
+                return Feat(y, changed, out_stride)
             active = plan.active_tiles(recompute)
             n_tiles = plan.tiles_y * plan.tiles_x
             if active.numel() > self.dense_above * n_tiles:

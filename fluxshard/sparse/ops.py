@@ -126,3 +126,30 @@ def masked_sparse_conv(plan: TileConv, conv: torch.nn.Conv2d, act, x: torch.Tens
         y = y[:, :, :plan.out_h, :plan.out_w]
         changed = changed[:plan.out_h, :plan.out_w]
     return y, changed, n_active
+
+
+def masked_pointwise_conv(conv: torch.nn.Conv2d, act, x: torch.Tensor, recompute: torch.Tensor,
+                          gathered: torch.Tensor, threshold: float
+                          ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """MaskedSparseConv for a 1x1, stride-1, ungrouped conv: no halo, so the recompute positions
+    themselves are gathered (not tiles) and go through one matmul; scattered changes (what
+    truncation leaves) cost exactly their count. Same contract as :func:`masked_sparse_conv`."""
+    index = recompute.flatten().nonzero().squeeze(1)
+    n = int(index.numel())
+    if n == 0:
+        return gathered, torch.zeros_like(recompute), 0
+    cout = conv.out_channels
+    picked = x[0].reshape(x.shape[1], -1).index_select(1, index)  # (Cin, N)
+    fresh = torch.addmm(conv.bias[:, None], conv.weight.view(cout, -1), picked) \
+        if conv.bias is not None else conv.weight.view(cout, -1) @ picked
+    fresh = act(fresh)
+    y = gathered if gathered.is_contiguous() else gathered.contiguous()
+    flat = y[0].view(cout, -1)
+    old = flat.index_select(1, index)
+    changed_points = (fresh - old).abs().amax(0) > threshold
+    if threshold > 0:
+        fresh = torch.where(changed_points, fresh, old)
+    flat.index_copy_(1, index, fresh)
+    changed = torch.zeros(recompute.numel(), dtype=torch.bool)
+    changed[index] = changed_points
+    return y, changed.view_as(recompute), n
