@@ -30,7 +30,7 @@ from fluxshard import wire
 from fluxshard.motion.state import EndpointState, ResidualSet, residual_blocks
 
 from .dispatch import BandwidthEstimator, Decision, Dispatcher, LatencyProfile
-from .transport import CloudError
+from .transport import CloudError, DetectionRows
 
 # Dispatch tau on the [0, 1] input scale. Blocks are compared by their max pixel difference, and
 # integer-pel alignment of sub-pixel motion leaves ~10-30 grey levels on textured edges: at 8 grey
@@ -51,7 +51,7 @@ class EndpointRun:
 
 
 @dataclass
-class FrameResult:
+class FrameResult(DetectionRows):
     """The result of one frame, with what it cost and where it ran."""
 
     index: int
@@ -69,18 +69,6 @@ class FrameResult:
     decision: Decision
     bandwidth_mbps: float  # the uplink estimate after this frame
     stats: dict = dataclass_field(default_factory=dict)
-
-    @property
-    def boxes(self) -> np.ndarray:
-        return self.detections[:, :4]
-
-    @property
-    def scores(self) -> np.ndarray:
-        return self.detections[:, 4]
-
-    @property
-    def classes(self) -> np.ndarray:
-        return self.detections[:, 5].astype(np.int64)
 
 
 # --------------------------------------------------------------------------------- endpoints

@@ -41,18 +41,10 @@ class _Unavailable(Exception):
     pass
 
 
-@dataclass
-class CloudResult:
-    """The cloud's answer for one frame."""
+class DetectionRows:
+    """Column views of ``detections`` ((N, 6) float32: x1, y1, x2, y2, score, class)."""
 
-    frame_index: int
-    detections: np.ndarray  # (N, 6) float32 x1, y1, x2, y2, score, class
-    digest: bytes
-    stats: dict
-    key: bool  # sent as a key frame
-    resyncs: list[str] = dataclass_field(default_factory=list)  # why it was re-sent, if it was
-    wire_bytes: int = 0  # bytes of the payload that was answered
-    round_trip_ms: float = 0.0
+    detections: np.ndarray
 
     @property
     def boxes(self) -> np.ndarray:
@@ -65,6 +57,20 @@ class CloudResult:
     @property
     def classes(self) -> np.ndarray:
         return self.detections[:, 5].astype(np.int64)
+
+
+@dataclass
+class CloudResult(DetectionRows):
+    """The cloud's answer for one frame."""
+
+    frame_index: int
+    detections: np.ndarray  # (N, 6) float32 x1, y1, x2, y2, score, class
+    digest: bytes
+    stats: dict
+    key: bool  # sent as a key frame
+    resyncs: list[str] = dataclass_field(default_factory=list)  # why it was re-sent, if it was
+    wire_bytes: int = 0  # bytes of the payload that was answered
+    round_trip_ms: float = 0.0
 
 
 @dataclass
