@@ -48,6 +48,9 @@ def add_run_arguments(p: argparse.ArgumentParser, demo_default: bool = False,
                    help="process at most this many frames (--demo: the clip length, default 90)")
     p.add_argument("--size", type=int, nargs=2, default=DEMO_SIZE, metavar=("W", "H"),
                    help="--demo clip size (default 640 384)")
+    p.add_argument("--camera", default="static", choices=("static", "pan", "zoom", "pan+zoom"),
+                   help="--demo camera (default static: a fixed camera with moving objects, the "
+                        "common edge deployment; a sub-pixel pan reuses little, see README)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -69,6 +72,7 @@ def main(args: argparse.Namespace) -> int:
                       dispatch=args.dispatch, bandwidth_mbps=args.bandwidth_mbps, tau=args.tau,
                       tau_table=args.tau_table, latency_profile=args.latency_profile,
                       margin_ms=args.margin_ms, frames=args.frames, size=tuple(args.size),
+                      camera=args.camera,
                       progress=not args.no_progress)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"fluxshard run: {e}", file=sys.stderr)
@@ -111,8 +115,8 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
         cloud_url: str | None = None, dispatch: str = "auto", bandwidth_mbps: float | None = None,
         tau: float | None = None, tau_table: str | Path | None = None,
         latency_profile: str | Path | None = None, margin_ms: float = 2.0,
-        frames: int | None = None, size: tuple[int, int] = DEMO_SIZE, progress: bool = True,
-        stream_id: int = 1) -> dict:
+        frames: int | None = None, size: tuple[int, int] = DEMO_SIZE, camera: str = "static",
+        progress: bool = True, stream_id: int = 1) -> dict:
     """The main job; returns the summary (also written to ``out/summary.json``)."""
     import numpy as np
     from tqdm import tqdm
@@ -133,7 +137,7 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
         from fluxshard import synth
 
         w, h = size
-        spec = synth.SceneSpec(width=w, height=h, frames=frames or DEMO_FRAMES)
+        spec = synth.SceneSpec(width=w, height=h, frames=frames or DEMO_FRAMES, camera=camera)
         video = synth.make_clip(spec, out, name="demo", progress=progress).video
     video = str(video)
     if not (Path(video).exists() or "://" in video):
