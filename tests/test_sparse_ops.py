@@ -8,6 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from fluxshard.sparse import RFAPPlan, TileConv, masked_sparse_conv, mv_gather, window_uniform
+from fluxshard.sparse.ops import mv_gather_
+
+CL = torch.channels_last  # the executor's layout: every cache it writes is channels_last
 
 
 def test_mv_gather_matches_numpy_reference():
@@ -25,6 +28,24 @@ def test_mv_gather_matches_numpy_reference():
             np.testing.assert_array_equal(out[0, :, y, x].numpy(), c[:, sy, sx])
         else:
             assert plan.invalid[y, x] and (out[0, :, y, x] == 0).all()
+
+
+@pytest.mark.parametrize("stride", [1, 2, 4, 8, 16])
+def test_in_place_gather_equals_spec_gather(stride):
+    """The executor's sparse in-place MVGather (moved rows only) is the spec's dense gather."""
+    rng = np.random.default_rng(stride)
+    field = np.zeros((32, 64, 2), np.float32)  # 128x256 input, 4x4 blocks
+    field[4:20, 8:40] = (16, -8)  # an object moving by whole cells at every stride <= 8
+    field[24:, :] = rng.integers(-2, 3, size=(8, 64, 2)) * 4  # clutter, partly off-grid
+    field[:, 60:] = (-32, 0)  # a band whose content came from 32 px to the left
+    plan = RFAPPlan(field, 128, 256).grid(stride)
+    h, w = 128 // stride, 256 // stride
+    cache = torch.from_numpy(rng.standard_normal((1, 6, h, w)).astype(np.float32))
+    expected = mv_gather(cache, plan.index, plan.invalid)
+    got = mv_gather_(cache.clone(memory_format=CL), plan)
+    assert got.is_contiguous(memory_format=CL)
+    assert torch.equal(got, expected)
+    assert 0 < plan.moved.numel() < h * w  # sparse: the still part is not touched
 
 
 def test_cond2_marks_off_grid_and_non_uniform_cells():
@@ -61,7 +82,7 @@ def test_masked_sparse_conv_equals_dense_on_active_tiles(k, s, groups, tile):
     stale = torch.full_like(dense, 7.0)  # a gathered cache that differs everywhere
     with torch.no_grad():
         y, changed, n_active = masked_sparse_conv(plan, conv, F.silu, x, recompute,
-                                                  stale.clone(), 0.0)
+                                                  stale.clone(memory_format=CL), 0.0)
     assert n_active == 2
     torch.testing.assert_close(y[0][:, recompute], dense[0][:, recompute], rtol=0, atol=1e-5)
     assert changed[recompute].all()
@@ -79,25 +100,29 @@ def test_truncation_keeps_cached_values_below_threshold():
         near[0, :, 0, 0] += 1.0  # except one position
         plan = TileConv(conv, (16, 16), 8)
         everything = torch.ones(16, 16, dtype=torch.bool)
-        y, changed, _ = masked_sparse_conv(plan, conv, F.silu, x, everything, near.clone(),
-                                           0.01)
+        y, changed, _ = masked_sparse_conv(plan, conv, F.silu, x, everything,
+                                           near.clone(memory_format=CL), 0.01)
     assert changed.sum() == 1 and changed[0, 0]
     assert torch.equal(y[0, :, 1:, 1:], near[0, :, 1:, 1:])
     # A 4-tile batch and the whole map may round differently in the last bit.
     torch.testing.assert_close(y[0, :, 0, 0], dense[0, :, 0, 0], rtol=0, atol=1e-6)
 
 
-def test_masked_pointwise_conv_touches_only_recompute_positions():
-    from fluxshard.sparse.ops import masked_pointwise_conv
+@pytest.mark.parametrize("k,s,groups", [(1, 1, 1), (3, 1, 1), (3, 2, 1), (3, 1, 12), (3, 2, 12)])
+def test_masked_point_conv_touches_only_recompute_positions(k, s, groups):
+    from fluxshard.sparse.ops import PointConv, masked_point_conv, point_weight
 
     torch.manual_seed(0)
-    conv = torch.nn.Conv2d(12, 20, 1).eval()
+    conv = torch.nn.Conv2d(12, 12 if groups > 1 else 20, k, s, k // 2, groups=groups).eval()
     x = torch.randn(1, 12, 9, 13)
-    recompute = torch.rand(9, 13) < 0.2
+    plan = PointConv(k, s, k // 2, (9, 13))
     with torch.no_grad():
         dense = F.silu(conv(x))
-        y, changed, n = masked_pointwise_conv(conv, F.silu, x, recompute,
-                                              torch.full_like(dense, 7.0), 0.0)
+        recompute = torch.rand(dense.shape[2:]) < 0.3
+        recompute[0, 0] = recompute[-1, -1] = True  # windows over the zero padding
+        y, changed, n = masked_point_conv(plan, conv, point_weight(conv), F.silu,
+                                          x.to(memory_format=CL), recompute,
+                                          torch.full_like(dense, 7.0).to(memory_format=CL), 0.0)
     assert n == int(recompute.sum()) and torch.equal(changed, recompute)
-    torch.testing.assert_close(y[0][:, recompute], dense[0][:, recompute], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(y[0][:, recompute], dense[0][:, recompute], rtol=1e-5, atol=1e-5)
     assert (y[0][:, ~recompute] == 7.0).all()

@@ -28,9 +28,13 @@ from fluxshard.models.modules import (C2PSA, SPPF, Bottleneck, C2f, C3, Concat, 
 from fluxshard.measures import cache_hit_rate
 from fluxshard.models.yolo import YOLO11, fuse, is_fused
 
-from .ops import (TileConv, dilate_mask, masked_pointwise_conv, masked_sparse_conv, mv_gather,
-                  window_uniform)
+from .ops import (PointConv, TileConv, channels_last, dilate_mask, masked_point_conv,
+                  masked_sparse_conv, mv_gather_, point_weight, rows, window_uniform)
 from .rfap import RFAPPlan
+
+
+# A densely computed op whose outputs mostly changed skips truncation for this many frames.
+TRUNCATION_PROBE = 4
 
 
 class Feat(NamedTuple):
@@ -78,9 +82,11 @@ class StreamState:
     caches: dict[str, torch.Tensor] = dc_field(default_factory=dict)
     input_shape: tuple[int, ...] | None = None
     frames_since_key: int = 0
+    truncation_skip: dict[str, int] = dc_field(default_factory=dict)  # op -> frames left
 
     def reset(self) -> None:
         self.caches.clear()
+        self.truncation_skip.clear()
         self.input_shape = None
         self.frames_since_key = 0
 
@@ -120,6 +126,8 @@ class SparseExecutor:
         self.norms = {id(m): _l1_norm(m) for m in model.modules() if isinstance(m, nn.Conv2d)}
         self.first_spatial = model.model[0].conv  # Cond. 1 in relaxed mode
         self._plans: dict[tuple, TileConv] = {}
+        self._points: dict[tuple, PointConv] = {}
+        self._point_weights: dict[int, torch.Tensor] = {}
 
     # ---------------------------------------------------------------- public API
     @torch.no_grad()
@@ -211,88 +219,137 @@ class SparseExecutor:
         up = m.proto.upsample  # 2x2 stride-2 transposed conv: output q reads input q // 2 only
         p = self._dense_block(up, p, None, out_stride=p.stride // 2)
         p = self._module(m.proto.cv3, self._module(m.proto.cv2, p)).value
+        p = p.clone(memory_format=torch.contiguous_format)  # the cache stays ours
         mc = torch.cat([self._module(m.cv4[i], xs[i]).value.flatten(2) for i in range(m.nl)], 2)
         return torch.cat([m.decode(self._detect_maps(m, xs)), mc], 1), p
 
     # ---------------------------------------------------------------- the two op kinds
     def _input(self, frame: torch.Tensor) -> Feat:
-        """The dispatch layer: which input pixels differ from the aligned input cache."""
+        """The dispatch layer: which input pixels differ from the aligned input cache (compared
+        row by row, so the cache is never re-laid out)."""
         grid = self._plan.grid(1)
+        frame = channels_last(frame)
         cache = self._state.caches.get("input")
         self._state.caches["input"] = frame
+        h, w = frame.shape[2:]
         if cache is None:
-            changed = torch.ones(frame.shape[2:], dtype=torch.bool)
+            changed = torch.ones(h, w, dtype=torch.bool)
         else:
-            changed = (frame != mv_gather(cache, grid.index, grid.invalid)).any(1)[0]
-            if grid.invalid is not None:
-                changed |= grid.invalid
+            now, before = rows(frame), rows(cache)
+            changed = (now != before).any(1)
+            if grid.moved is not None:
+                changed[grid.moved] = (now.index_select(0, grid.moved)
+                                       != before.index_select(0, grid.source)).any(1)
+                changed |= grid.invalid.flatten()
+            changed = changed.view(h, w)
         self._report.input_changed = float(changed.float().mean())
         return Feat(frame, changed, 1)
 
-    def _gathered(self, name: str, stride: int):
-        cache = self._state.caches.get(name)
-        if cache is None:
-            return None, None
+    def _gathered(self, cache: torch.Tensor, stride: int):
+        """An op's cache MV-gathered in place (this frame's output replaces it) and the grid's
+        invalid mask (None: zero motion). Invalid positions keep stale values: every op recomputes
+        them and takes the fresh value (``force``), so the spec's zero never needs writing."""
         grid = self._plan.grid(stride)
-        return mv_gather(cache, grid.index, grid.invalid), grid.invalid
+        return mv_gather_(cache, grid, zero_invalid=False), grid.invalid
 
     def _conv(self, conv: nn.Conv2d, act: nn.Module, x: Feat) -> Feat:
         k, s, p = conv.kernel_size[0], conv.stride[0], conv.padding[0]
         out_stride = x.stride * s
-        name = self.names[id(conv)]
-        gathered, invalid = self._gathered(name, out_stride)
+        name = self._op_name = self.names[id(conv)]
         stats = self._report.layers[self._layer]
         threshold = self.tau / self.norms[id(conv)] if (self.tau > 0 and
                                                          isinstance(act, nn.SiLU)) else 0.0
         h, w = x.value.shape[2:]
-        key = (name, h, w)
-        plan = self._plans.get(key)
+        plan = self._plans.get((name, h, w))
         if plan is None:
-            plan = self._plans[key] = TileConv(conv, (h, w), self._tile_for(h // s, w // s))
+            plan = self._plans[(name, h, w)] = TileConv(conv, (h, w),
+                                                        self._tile_for(h // s, w // s))
         positions = plan.out_h * plan.out_w
         stats.positions += positions
-        if gathered is None:  # key frame: dense
-            y = act(conv(x.value))
+        cache = self._state.caches.get(name)
+        everything = bool(x.changed.all())
+        if cache is None or (everything and threshold == 0):
+            # Key frame, or exact mode with every input changed: one dense call, and (practically)
+            # every output changes, so the cache is not even gathered.
+            y = channels_last(act(conv(x.value)))
             changed = torch.ones(plan.out_h, plan.out_w, dtype=torch.bool)
             stats.computed += positions
-        elif bool(x.changed.all()):  # everything upstream changed: one dense call, no masks
-            fresh = act(conv(x.value))
-            if threshold > 0:
-                y, changed = _truncate(fresh, gathered, threshold)
-            else:  # exact mode: a fully changed input changes (practically) every output
-                y, changed = fresh, torch.ones(plan.out_h, plan.out_w, dtype=torch.bool)
-            stats.computed += positions
         else:
-            recompute = dilate_mask(x.changed, k, s, p)
-            if invalid is not None:
-                recompute = recompute | invalid
-                if k > 1 and (self.strict_rfap or conv is self.first_spatial):
-                    vectors = self._plan.grid(x.stride).vectors
-                    recompute |= ~window_uniform(vectors, k, s, p)
-            pointwise = k == 1 and s == 1 and conv.groups == 1
-            if pointwise and float(recompute.float().mean()) <= self.dense_above:
-                y, changed, n_points = masked_pointwise_conv(conv, act, x.value, recompute,
-                                                             gathered, threshold)
-                stats.computed += n_points
-                if invalid is not None:
-                    changed = changed | invalid
-                stats.changed += int(changed.sum())
-                self._state.caches[name] = y
-                return Feat(y, changed, out_stride)
-            active = plan.active_tiles(recompute)
-            n_tiles = plan.tiles_y * plan.tiles_x
-            if active.numel() > self.dense_above * n_tiles:
-                y, changed = _truncate(act(conv(x.value)), gathered, threshold)
+            gathered, invalid = self._gathered(cache, out_stride)
+            if everything:  # one dense call; truncation says what changed
+                y, changed = self._truncate(channels_last(act(conv(x.value))), gathered,
+                                            threshold, invalid)
                 stats.computed += positions
             else:
-                y, changed, n_active = masked_sparse_conv(plan, conv, act, x.value, recompute,
-                                                          gathered, threshold)
-                stats.computed += min(n_active * plan.tile * plan.tile, positions)
-            if invalid is not None:
-                changed = changed | invalid
+                y, changed, computed = self._sparse_conv(conv, act, plan, x, gathered, invalid,
+                                                         threshold)
+                stats.computed += computed
         stats.changed += int(changed.sum())
         self._state.caches[name] = y
         return Feat(y, changed, out_stride)
+
+    def _sparse_conv(self, conv: nn.Conv2d, act: nn.Module, plan: TileConv, x: Feat,
+                     gathered: torch.Tensor, invalid: torch.Tensor | None, threshold: float):
+        """Recompute where the receptive field changed or RFAP fails; (y, changed, computed).
+
+        Three ways, cheapest first for the recompute set at hand: per position (im2col rows of
+        exactly those positions, one matmul) when they fill less than half of their tiles, as
+        scattered truncation survivors do; tile-batched when they form regions; one dense call
+        when the active tiles exceed ``dense_above`` of the map."""
+        k, s, p = plan.k, plan.s, plan.p
+        recompute = dilate_mask(x.changed, k, s, p)
+        if invalid is not None:
+            recompute = recompute | invalid
+            if k > 1 and (self.strict_rfap or conv is self.first_spatial):
+                vectors = self._plan.grid(x.stride).vectors
+                recompute |= ~window_uniform(vectors, k, s, p)
+        positions = plan.out_h * plan.out_w
+        n_points = int(recompute.sum())
+        pointable = conv.groups == 1 or conv.groups == conv.in_channels == conv.out_channels
+        active = None if (k == 1 and s == 1) else plan.active_tiles(recompute)
+        tiled = positions if active is None else int(active.numel()) * plan.tile * plan.tile
+        if pointable and n_points <= self.dense_above * positions and n_points <= 0.5 * tiled:
+            return masked_point_conv(self._point_plan(k, s, p, x.value.shape[2:]), conv,
+                                     self._point_weight(conv), act, x.value, recompute, gathered,
+                                     threshold, force=invalid)
+        if active is None or active.numel() > self.dense_above * plan.tiles_y * plan.tiles_x:
+            y, changed = self._truncate(channels_last(act(conv(x.value))), gathered, threshold,
+                                        invalid)
+            return y, changed, positions
+        y, changed, n_active = masked_sparse_conv(plan, conv, act, x.value, recompute, gathered,
+                                                  threshold, force=invalid, active=active)
+        return y, changed, min(n_active * plan.tile * plan.tile, positions)
+
+    def _point_plan(self, k: int, s: int, p: int, hw) -> PointConv:
+        key = (k, s, p, *hw)  # tap tables depend on the geometry only: shared by layers
+        plan = self._points.get(key)
+        if plan is None:
+            plan = self._points[key] = PointConv(k, s, p, tuple(hw))
+        return plan
+
+    def _point_weight(self, conv: nn.Conv2d) -> torch.Tensor:
+        weight = self._point_weights.get(id(conv))
+        if weight is None:
+            weight = self._point_weights[id(conv)] = point_weight(conv)
+        return weight
+
+    def _truncate(self, fresh: torch.Tensor, gathered: torch.Tensor, threshold: float,
+                  invalid: torch.Tensor | None):
+        """Truncation of a densely computed op (:func:`_truncate`), skipped while it does not
+        pay: when most outputs of the op changed the last time it was compared, comparing
+        again (several passes over the map) would only confirm that its consumers run densely.
+        The op then reports every output changed, which is exact (y is the fresh value), and
+        compares again after ``TRUNCATION_PROBE`` frames."""
+        skip = self._state.truncation_skip
+        name = self._op_name
+        left = skip.get(name, 0)
+        if left > 0:
+            skip[name] = left - 1
+            return fresh, torch.ones(fresh.shape[2:], dtype=torch.bool)
+        y, changed = _truncate(fresh, gathered, threshold, invalid)
+        if float(changed.float().mean()) > self.dense_above:
+            skip[name] = TRUNCATION_PROBE
+        return y, changed
 
     def _tile_for(self, out_h: int, out_w: int) -> int:
         """Output tile edge for a map: ``tile``, halved on small maps (stride 16/32 at 384x640)
@@ -307,8 +364,9 @@ class SparseExecutor:
         """A block whose receptive field is global (or that is cheap): run it densely when any
         input changed; the difference to its gathered cache says which outputs changed."""
         out_stride = x.stride if out_stride is None else out_stride
-        name = self.names[id(block)]
-        gathered, invalid = self._gathered(name, out_stride)
+        name = self._op_name = self.names[id(block)]
+        cache = self._state.caches.get(name)
+        gathered, invalid = (None, None) if cache is None else self._gathered(cache, out_stride)
         stats = self._report.layers[self._layer]
         threshold = self.tau / self.norms[id(last_conv)] if (self.tau > 0 and last_conv is not None) \
             else 0.0
@@ -318,14 +376,13 @@ class SparseExecutor:
             if invalid is not None:  # nothing changed at the input, so nothing is invalid here
                 changed |= invalid
         else:
-            y = block(x.value)
+            # contiguous in (attention views its input), executor layout out
+            y = channels_last(block(x.value.contiguous()))
             computed = y.shape[2] * y.shape[3]
             if gathered is None:
                 changed = torch.ones(y.shape[2:], dtype=torch.bool)
             else:
-                y, changed = _truncate(y, gathered, threshold)
-                if invalid is not None:
-                    changed |= invalid
+                y, changed = self._truncate(y, gathered, threshold, invalid)
         stats.positions += y.shape[2] * y.shape[3]
         stats.computed += computed
         stats.changed += int(changed.sum())
@@ -334,13 +391,18 @@ class SparseExecutor:
 
 
 # -------------------------------------------------------------------- mask-carrying elementwise
-def _truncate(fresh: torch.Tensor, gathered: torch.Tensor, threshold: float):
+def _truncate(fresh: torch.Tensor, gathered: torch.Tensor, threshold: float,
+              force: torch.Tensor | None = None):
     """Positions whose fresh value moved by more than ``threshold`` (any channel) against the
-    gathered cache change; the others keep the cached value (threshold 0: exact comparison)."""
+    gathered cache change, and so do ``force`` positions (invalid gathers); the others keep the
+    cached value (threshold 0: exact comparison, y is simply ``fresh``)."""
     if threshold == 0:
-        return fresh, torch.ne(fresh, gathered).any(1)[0]
+        changed = torch.ne(fresh, gathered).any(1)[0]
+        return fresh, changed if force is None else changed | force
     changed = (fresh - gathered).abs().amax(1)[0] > threshold
-    return torch.where(changed, fresh, gathered), changed
+    if force is not None:
+        changed |= force
+    return channels_last(torch.where(changed, fresh, gathered)), changed
 
 
 def _add(a: Feat, b: Feat) -> Feat:

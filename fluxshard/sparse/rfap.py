@@ -8,26 +8,47 @@ evaluated per layer from :attr:`GridPlan.vectors` by :func:`fluxshard.sparse.ops
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
 from fluxshard.motion.field import MV_BLOCK, round_half_away
 
 
-@dataclass
 class GridPlan:
-    stride: int
-    height: int
-    width: int
-    index: torch.Tensor | None  # flat gather source per position; None = zero motion everywhere
-    invalid: torch.Tensor | None  # (h, w) bool: must be recomputed; None = nothing invalid
-    vectors: torch.Tensor  # (2, h, w) integer pixel displacement (dx, dy) sampled on this grid
+    """One feature grid (cumulative stride ``stride``) of a frame's plan.
+
+    The gather is kept sparse: only ``moved`` positions (flat, coherent, displaced by a nonzero
+    grid step) read from elsewhere (``source``); every other valid position reads itself, so an
+    in-place gather costs the moving content, not the map (fluxshard.sparse.ops.mv_gather_)."""
+
+    def __init__(self, stride: int, height: int, width: int, moved: torch.Tensor | None,
+                 source: torch.Tensor | None, invalid: torch.Tensor | None, vectors):
+        self.stride, self.height, self.width = stride, height, width
+        self.moved = moved  # (M,) flat positions that read from elsewhere; None = zero motion
+        self.source = source  # (M,) their flat source positions
+        self.invalid = invalid  # (h, w) bool: must be recomputed; None = zero motion
+        self._vectors = vectors
 
     @property
     def static(self) -> bool:
-        return self.index is None
+        return self.moved is None
+
+    @property
+    def vectors(self) -> torch.Tensor:
+        """(2, h, w) integer pixel displacement (dx, dy) sampled on this grid (built on demand:
+        only RFAP Cond. 1 reads it)."""
+        if callable(self._vectors):
+            self._vectors = self._vectors()
+        return self._vectors
+
+    @property
+    def index(self) -> torch.Tensor | None:
+        """The spec's dense MVGather index (flat source of every position; None = identity)."""
+        if self.moved is None:
+            return None
+        index = torch.arange(self.height * self.width)
+        index[self.moved] = self.source
+        return index
 
 
 class RFAPPlan:
@@ -67,25 +88,47 @@ class RFAPPlan:
     def _build(self, s: int) -> GridPlan:
         h, w = self.height // s, self.width // s
         d = self.disp
-        if s <= MV_BLOCK:
+        if s <= MV_BLOCK:  # a block covers rep x rep grid positions
             rep = MV_BLOCK // s
-            vec = d.repeat_interleave(rep, 1).repeat_interleave(rep, 2)
-            uniform = torch.ones(h, w, dtype=torch.bool)
-        else:
-            r = s // MV_BLOCK  # blocks per grid cell edge
+            block_vec, block_uniform = d, None
+        else:  # a grid cell covers r x r blocks
+            rep, r = 1, s // MV_BLOCK
             cells = d.view(2, h, r, w, r)
-            vec = cells[:, :, 0, :, 0]
-            uniform = (cells == vec[:, :, None, :, None]).all(4).all(2).all(0)
+            block_vec = cells[:, :, 0, :, 0]
+            block_uniform = (cells == block_vec[:, :, None, :, None]).all(4).all(2).all(0)
+
+        def expand(t: torch.Tensor) -> torch.Tensor:  # per block -> per grid position
+            if rep == 1:
+                return t
+            *lead, bh, bw = t.shape
+            return t[..., :, None, :, None].expand(*lead, bh, rep, bw, rep).reshape(
+                *lead, bh * rep, bw * rep)
+
+        # int16 is plenty for pixel displacements and halves Cond. 1's memory traffic
+        vectors = lambda: expand(block_vec.to(torch.int16))  # noqa: E731
         if self.zero_motion:
-            return GridPlan(s, h, w, None, None, vec)
+            return GridPlan(s, h, w, None, None, None, vectors)
         if self.grid_snap:
-            coherent = uniform
-            step = torch.from_numpy(round_half_away(vec.numpy() / s))
+            coherent = torch.ones(block_vec.shape[1:], dtype=torch.bool)
+            step = torch.from_numpy(round_half_away(block_vec.numpy() / s))
         else:  # Cond. 2: uniform inside the cell and landing on the grid
-            coherent = uniform & (vec % s == 0).all(0)
-            step = torch.div(vec, s, rounding_mode="floor")
-        ys = torch.arange(h).view(h, 1) + step[1]
-        xs = torch.arange(w).view(1, w) + step[0]
-        outside = (ys < 0) | (ys >= h) | (xs < 0) | (xs >= w)
-        index = (ys.clamp(0, h - 1) * w + xs.clamp(0, w - 1)).flatten()
-        return GridPlan(s, h, w, index, ~coherent | outside, vec)
+            coherent = (block_vec % s == 0).all(0)
+            step = torch.div(block_vec, s, rounding_mode="floor")
+        if block_uniform is not None:
+            coherent &= block_uniform
+        invalid = expand(~coherent)
+        # Only blocks that move and are coherent gather from elsewhere: enumerate their positions.
+        by, bx = ((step != 0).any(0) & coherent).nonzero(as_tuple=True)
+        offs = torch.arange(rep)
+        ys = (by[:, None, None] * rep + offs[None, :, None]).expand(-1, rep, rep).flatten()
+        xs = (bx[:, None, None] * rep + offs[None, None, :]).expand(-1, rep, rep).flatten()
+        sy = ys + step[1][by, bx].repeat_interleave(rep * rep)
+        sx = xs + step[0][by, bx].repeat_interleave(rep * rep)
+        outside = (sy < 0) | (sy >= h) | (sx < 0) | (sx >= w)
+        if bool(outside.any()):
+            invalid = invalid.clone()
+            invalid.view(-1)[ys[outside] * w + xs[outside]] = True
+        inside = ~outside
+        moved = ys[inside] * w + xs[inside]
+        source = sy[inside] * w + sx[inside]
+        return GridPlan(s, h, w, moved, source, invalid, vectors)

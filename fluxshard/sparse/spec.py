@@ -24,9 +24,12 @@ MaskedSparseConv(x, recompute, gathered, W, b; kernel, stride, pads, groups, act
     activation "silu" | "none"
     threshold  float >= 0                truncation: tau / ||W||_1 at activation outputs, else 0
     tile       int                       output tile edge; an output tile containing any recompute
-                                         position is computed whole (with its input halo)
-    fresh = act(conv(x, W, b)) on every position of every active tile
-    changed = max_c |fresh - gathered| > threshold  (inside active tiles; False elsewhere)
+                                         position is computed whole (with its input halo);
+                                         0 = per position: exactly the recompute positions
+    fresh = act(conv(x, W, b)) on every computed position
+    changed = max_c |fresh - gathered| > threshold, or invalid (computed positions only;
+              False elsewhere): an invalid position always takes its fresh value, so what its
+              gathered value holds never matters
     y = fresh where changed, gathered elsewhere
     With threshold 0, y equals the dense conv on every position whose receptive field is
     unchanged and RFAP-consistent (exact reuse, v1 Eq. 3), and on every recomputed position up to
