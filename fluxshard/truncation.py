@@ -104,9 +104,16 @@ def profile_accuracy(weights=None, *, taus=DEFAULT_TAUS, alpha: float = 0.99, fr
     from fluxshard.sparse import SparseExecutor, StreamState
     from fluxshard.train.data import scene_seed
 
+    from fluxshard.models.dense import best_dense_runner
+
     torch.set_num_threads(threads)
     model = load_model(weights, fused=True)
     out_dir = Path(out_dir)
+    with tempfile.TemporaryDirectory() as tmp:  # the baseline every speedup is against
+        best, medians = best_dense_runner(model, (height, width), threads=threads,
+                                          kinds=("fused_channels_last", "onnxruntime"),
+                                          workdir=tmp)
+    dense_ms = medians[best.name]
     sweep, levels = [], []
     bar = tqdm(total=len(LEVELS) * clips_per_level * (len(taus) + 1), disable=not progress,
                desc="profile accuracy")
@@ -150,21 +157,27 @@ def profile_accuracy(weights=None, *, taus=DEFAULT_TAUS, alpha: float = 0.99, fr
                             seconds.append(report.seconds)
                     bar.update(1)
                 acc = evaluate_detections(preds, truths)
+                sparse_ms = 1e3 * float(np.median(seconds))
                 point = dict(level=level, tau=float(tau), map50=acc["map50"],
                              map50_95=acc["map50_95"], dense_map50=dense["map50"],
-                             cache_hit=float(np.mean(hits)), sparse_ms=1e3 * float(np.mean(seconds)))
+                             cache_hit=float(np.mean(hits)), sparse_ms=sparse_ms,
+                             speedup=dense_ms / sparse_ms)
                 points.append(point)
             sweep += points
-            levels.append(dict(name=level, motion=float(np.mean(motions)),
-                               tau=choose_tau(points, dense["map50"], alpha),
-                               dense_map50=dense["map50"]))
+            tau = choose_tau(points, dense["map50"], alpha)
+            chosen = next(p for p in points if p["tau"] == tau)
+            levels.append(dict(name=level, motion=float(np.mean(motions)), tau=tau,
+                               dense_map50=dense["map50"], map50=chosen["map50"],
+                               cache_hit=chosen["cache_hit"], speedup=chosen["speedup"]))
     bar.close()
     levels.sort(key=lambda lv: lv["motion"])
     for a, b in zip(levels, levels[1:]):  # level boundaries halfway between measured motions
         a["motion_max"] = (a["motion"] + b["motion"]) / 2
     levels[-1]["motion_max"] = float("inf")
     table = TruncationTable(alpha=alpha, levels=levels, sweep=sweep,
-                            executor=dict(strict_rfap=strict_rfap, grid_snap=grid_snap))
+                            executor=dict(strict_rfap=strict_rfap, grid_snap=grid_snap,
+                                          threads=threads, size=[width, height],
+                                          best_dense=best.name, dense_ms=dense_ms))
     table.save(out_dir / "truncation_table.json")
     plot_sweep(table, out_dir / "truncation_profile.png")
     return table
@@ -175,7 +188,7 @@ def plot_sweep(table: TruncationTable, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_acc, ax_hit) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (ax_acc, ax_hit, ax_speed) = plt.subplots(1, 3, figsize=(17, 4.5))
     for level in table.levels:
         pts = [p for p in table.sweep if p["level"] == level["name"]]
         taus = [p["tau"] for p in pts]
@@ -185,9 +198,16 @@ def plot_sweep(table: TruncationTable, path: Path) -> None:
         ax_acc.axvline(level["tau"], color=line.get_color(), ls="--", lw=1)
         ax_hit.plot(taus, [p["cache_hit"] for p in pts], "o-", color=line.get_color(),
                     label=level["name"])
+        ax_speed.plot(taus, [p.get("speedup", float("nan")) for p in pts], "o-",
+                      color=line.get_color(), label=level["name"])
     ax_acc.set(xlabel="tau", ylabel="mAP@0.5 vs ground truth",
                title=f"accuracy (dotted: alpha={table.alpha} x dense; dashed: chosen tau)")
     ax_hit.set(xlabel="tau", ylabel="cache hit rate", title="feature reuse")
+    baseline = table.executor.get("best_dense", "best dense")
+    ax_speed.axhline(1.0, color="grey", ls="--", lw=1)
+    ax_speed.set(xlabel="tau", ylabel=f"speedup vs {baseline}",
+                 title=f"whole-model speedup ({table.executor.get('threads', '?')} threads)")
+    ax_speed.legend(fontsize=8)
     ax_acc.legend(fontsize=8)
     ax_hit.legend(fontsize=8)
     fig.tight_layout()
@@ -218,14 +238,20 @@ def run_accuracy(args) -> int:
                              clips_per_level=args.clips_per_level, width=args.size[0],
                              height=args.size[1], strict_rfap=args.strict_rfap,
                              grid_snap=args.grid_snap, out_dir=args.out)
-    print(f"\n| level | motion (px) | dense mAP@0.5 | chosen tau |\n|---|---|---|---|")
+    ex = table.executor
+    print(f"\nbest dense: {ex['best_dense']} {ex['dense_ms']:.1f} ms at {ex['size'][0]}x"
+          f"{ex['size'][1]}, {ex['threads']} threads")
+    print(f"\n| level | motion (px) | chosen tau | mAP@0.5 / dense | cache hit | speedup |"
+          f"\n|---|---|---|---|---|---|")
     for lv in table.levels:
-        print(f"| {lv['name']} | {lv['motion']:.2f} | {lv['dense_map50']:.3f} | {lv['tau']} |")
-    print(f"\n| level | tau | mAP@0.5 | / dense | cache hit | sparse ms |\n|---|---|---|---|---|---|")
+        print(f"| {lv['name']} | {lv['motion']:.2f} | {lv['tau']} | {lv['map50']:.3f} / "
+              f"{lv['dense_map50']:.3f} | {lv['cache_hit']:.3f} | {lv['speedup']:.2f}x |")
+    print(f"\n| level | tau | mAP@0.5 | / dense | cache hit | sparse ms | speedup |"
+          f"\n|---|---|---|---|---|---|---|")
     for p in table.sweep:
         print(f"| {p['level']} | {p['tau']} | {p['map50']:.3f} | "
               f"{p['map50'] / max(p['dense_map50'], 1e-9):.3f} | {p['cache_hit']:.3f} | "
-              f"{p['sparse_ms']:.1f} |")
+              f"{p['sparse_ms']:.1f} | {p['speedup']:.2f}x |")
     print(f"\ntable: {args.out / 'truncation_table.json'}  plot: {args.out / 'truncation_profile.png'}"
           f"  ({time.perf_counter() - t0:.0f} s)")
     return 0

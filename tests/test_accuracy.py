@@ -114,3 +114,23 @@ def test_agreement_of_a_model_with_itself_is_one():
     assert sum(len(d) for d in dets) > 0  # prior biases put stride-32 scores near 0.004
     assert agreement(dets, dets)["map50"] == pytest.approx(1.0)
     assert agreement(dets, dets)["map50_95"] == pytest.approx(1.0)
+
+
+def test_truncation_profile_writes_table_plot_and_speedups(tmp_path):
+    """`fluxshard profile accuracy` end to end on tiny clips with the embedded detector: tau 0 is
+    exact reuse, so it keeps the dense mAP and always qualifies; every point carries a speedup
+    measured against the best dense runner of the same run."""
+    from fluxshard.truncation import TruncationTable, profile_accuracy
+
+    table = profile_accuracy(None, taus=(0.0, 0.06), frames=5, width=192, height=128,
+                             strict_rfap=True, out_dir=tmp_path, threads=1, progress=False)
+    assert [lv["name"] for lv in table.levels] and len(table.sweep) == 2 * len(table.levels)
+    for point in table.sweep:
+        assert point["speedup"] > 0 and point["sparse_ms"] > 0 and 0 <= point["cache_hit"] <= 1
+        if point["tau"] == 0.0:
+            assert point["map50"] == pytest.approx(point["dense_map50"], abs=1e-6)
+    assert all(lv["tau"] in (0.0, 0.06) for lv in table.levels)
+    assert table.executor["best_dense"] in ("fused_channels_last", "onnxruntime")
+    assert (tmp_path / "truncation_profile.png").stat().st_size > 0
+    again = TruncationTable.load(tmp_path / "truncation_table.json")
+    assert again.tau_for(0.0) == table.levels[0]["tau"]
