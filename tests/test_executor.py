@@ -101,15 +101,16 @@ def exact_clips(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("task,size", [
-    ("detect", (320, 320)),
-    ("segment", (320, 320)),
-    pytest.param("detect", (640, 384), marks=pytest.mark.slow),
-    pytest.param("segment", (640, 384), marks=pytest.mark.slow),
+@pytest.mark.parametrize("task,size,point_share", [
+    ("detect", (320, 320), 1.0),
+    ("segment", (320, 320), 1.0),
+    ("detect", (320, 320), 0.0),  # tile-batched convs only
+    pytest.param("detect", (640, 384), 1.0, marks=pytest.mark.slow),
+    pytest.param("segment", (640, 384), 0.5, marks=pytest.mark.slow),
 ])
-def test_strict_tau0_equals_dense_over_20_frames(exact_clips, task, size):
+def test_strict_tau0_equals_dense_over_20_frames(exact_clips, task, size, point_share):
     model = random_model(task)
-    executor = SparseExecutor(model, strict_rfap=True, tau=0.0)
+    executor = SparseExecutor(model, strict_rfap=True, tau=0.0, point_share=point_share)
     results = run_both(executor, model, exact_clips(*size))
     assert len(results) >= 21
     errors = [e for e, _ in results]
