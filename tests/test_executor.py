@@ -101,16 +101,18 @@ def exact_clips(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("task,size,point_share", [
-    ("detect", (320, 320), 1.0),
-    ("segment", (320, 320), 1.0),
-    ("detect", (320, 320), 0.0),  # tile-batched convs only
-    pytest.param("detect", (640, 384), 1.0, marks=pytest.mark.slow),
-    pytest.param("segment", (640, 384), 0.5, marks=pytest.mark.slow),
+@pytest.mark.parametrize("task,size,conv_mode", [
+    ("detect", (320, 320), "point"),
+    ("segment", (320, 320), "point"),
+    ("detect", (320, 320), "tile"),
+    pytest.param("detect", (640, 384), "point", marks=pytest.mark.slow),
+    pytest.param("segment", (640, 384), "tile", marks=pytest.mark.slow),
 ])
-def test_strict_tau0_equals_dense_over_20_frames(exact_clips, task, size, point_share):
+def test_strict_tau0_equals_dense_over_20_frames(exact_clips, task, size, conv_mode):
     model = random_model(task)
-    executor = SparseExecutor(model, strict_rfap=True, tau=0.0, point_share=point_share)
+    # dense_above 0.6: keep the sparse paths busy (the default hands big recompute sets to dense)
+    executor = SparseExecutor(model, strict_rfap=True, tau=0.0, conv_mode=conv_mode,
+                              dense_above=0.6)
     results = run_both(executor, model, exact_clips(*size))
     assert len(results) >= 21
     errors = [e for e, _ in results]

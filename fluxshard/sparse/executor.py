@@ -103,19 +103,21 @@ class SparseExecutor:
         first spatial layer (v1's practical scope).
     tau: truncation threshold (0 = exact reuse).
     tile: output tile edge of the tile-batched convs.
-    dense_above: an op whose active tiles exceed this share of the map runs as one dense call.
-    point_share: a conv computes exactly its recompute positions (im2col rows, one matmul) while
-        they fill at most this share of their active tiles, else whole tiles with their halo in
-        one conv call (v2's tile batching). 1.0 (per position whenever possible) measured fastest
-        on 2 CPU threads: a conv call on a small batch of tiles costs ~85 us of mkldnn setup,
-        more than gathering 9 rows per position; 0 gives the pure tile-batched executor.
+    dense_above: an op whose recompute positions ("point") or active tiles ("tile") exceed this
+        share of the map runs as one dense call (0.25: where the sparse path stops paying on 2
+        CPU threads, measured by perf/bench_sparse.py).
+    conv_mode: "point": a conv computes exactly its recompute positions (im2col rows, one
+        matmul); "tile": whole tiles with their halo in one conv call (v2's tile batching).
+        "point" measured faster on 2 CPU threads: a conv call on a small batch of tiles costs
+        ~85 us of mkldnn setup, more than gathering 9 rows per position. 1x1 convs always run
+        per position.
     keyframe_interval: force a dense key frame every N frames (None: only when asked).
     grid_snap: relax Cond. 2 to the nearest grid displacement (approximate; see rfap.RFAPPlan).
     """
 
     def __init__(self, model: YOLO11, *, strict_rfap: bool = False, tau: float = 0.0,
-                 tile: int = 8, dense_above: float = 0.6, keyframe_interval: int | None = None,
-                 grid_snap: bool = False, point_share: float = 1.0):
+                 tile: int = 8, dense_above: float = 0.25, keyframe_interval: int | None = None,
+                 grid_snap: bool = False, conv_mode: str = "point"):
         if strict_rfap and grid_snap:
             raise ValueError("grid_snap relaxes RFAP Cond. 2: it cannot be combined with strict_rfap")
         if not is_fused(model):
@@ -125,7 +127,9 @@ class SparseExecutor:
         self.tau = float(tau)
         self.tile = tile
         self.dense_above = dense_above
-        self.point_share = point_share
+        if conv_mode not in ("point", "tile"):
+            raise ValueError(f"conv_mode must be 'point' or 'tile', got {conv_mode!r}")
+        self.conv_mode = conv_mode
         self.keyframe_interval = keyframe_interval
         self.grid_snap = grid_snap
         self.names = {id(m): n for n, m in model.named_modules()}
@@ -296,11 +300,10 @@ class SparseExecutor:
 
     def _sparse_conv(self, conv: nn.Conv2d, act: nn.Module, plan: TileConv, x: Feat,
                      gathered: torch.Tensor, invalid: torch.Tensor | None, threshold: float):
-        """Recompute where the receptive field changed or RFAP fails; (y, changed, computed).
-
-        Three ways: per position (im2col rows of exactly those positions, one matmul) while
-        they fill at most ``point_share`` of their active tiles; tile-batched otherwise; one
-        dense call when the active tiles exceed ``dense_above`` of the map."""
+        """Recompute where the receptive field changed or RFAP fails; (y, changed, computed):
+        exactly those positions (``conv_mode`` "point": im2col rows, one matmul) or their whole
+        tiles with halo (``conv_mode`` "tile"), or one dense call when that share of the map
+        exceeds ``dense_above``."""
         k, s, p = plan.k, plan.s, plan.p
         recompute = dilate_mask(x.changed, k, s, p)
         if invalid is not None:
@@ -309,15 +312,15 @@ class SparseExecutor:
                 vectors = self._plan.grid(x.stride).vectors
                 recompute |= ~window_uniform(vectors, k, s, p)
         positions = plan.out_h * plan.out_w
-        n_points = int(recompute.sum())
         pointable = conv.groups == 1 or conv.groups == conv.in_channels == conv.out_channels
-        active = None if (k == 1 and s == 1) else plan.active_tiles(recompute)
-        tiled = positions if active is None else int(active.numel()) * plan.tile * plan.tile
-        if pointable and n_points <= self.dense_above * positions and \
-                n_points <= self.point_share * tiled:
-            return masked_point_conv(self._point_plan(k, s, p, x.value.shape[2:]), conv,
-                                     self._point_weight(conv), act, x.value, recompute, gathered,
-                                     threshold, force=invalid)
+        if pointable and (self.conv_mode == "point" or (k == 1 and s == 1)):
+            if int(recompute.sum()) <= self.dense_above * positions:
+                return masked_point_conv(self._point_plan(k, s, p, x.value.shape[2:]), conv,
+                                         self._point_weight(conv), act, x.value, recompute,
+                                         gathered, threshold, force=invalid)
+            active = None
+        else:
+            active = plan.active_tiles(recompute)
         if active is None or active.numel() > self.dense_above * plan.tiles_y * plan.tiles_x:
             y, changed = self._truncate(channels_last(act(conv(x.value))), gathered, threshold,
                                         invalid)
