@@ -181,3 +181,34 @@ def test_bad_input_is_refused_clearly():
     executor.run(stream, torch.zeros(1, 3, 64, 64), key=True)
     with pytest.raises(ValueError, match="does not fit"):
         executor.run(stream, torch.zeros(1, 3, 64, 64), np.zeros((40, 40, 2), np.float32))
+
+
+def test_dense_bypass_takes_unreusable_frames_and_resumes_with_a_key_frame():
+    """A frame with nothing to reuse runs on the bypass runner (here the dense model itself);
+    layer caches are dropped, the next reusable frame rebuilds them as a key frame, and the one
+    after that reuses them."""
+    model = random_model("detect")
+    calls = []
+
+    def runner(x):
+        calls.append(1)
+        with torch.no_grad():
+            return model(x)
+
+    executor = SparseExecutor(model, tau=0.0, bypass=runner, bypass_above=0.5)
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.rand(1, 3, 128, 160, generator=gen), torch.rand(1, 3, 128, 160, generator=gen)
+    c = b.clone()
+    c[:, :, :16, :16] = 0.5  # a small change: reusable
+    still = np.zeros((32, 40, 2), np.float32)
+    stream = StreamState()
+    reports = []
+    for x in (a, b, b, c):
+        out, rep = executor.run(stream, x, None if not reports else still, key=not reports)
+        with torch.no_grad():
+            assert excess_error(out, model(x)) <= 1.0
+        reports.append(rep)
+    assert [r.bypassed for r in reports] == [False, True, False, False]
+    assert [r.key for r in reports] == [True, False, True, False]
+    assert len(calls) == 1 and reports[1].computed_fraction == 1.0
+    assert reports[3].cache_hit_rate > 0.3

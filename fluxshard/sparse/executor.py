@@ -57,6 +57,7 @@ class FrameReport:
     layers: dict[int, LayerStats] = dc_field(default_factory=dict)
     input_changed: float = 0.0  # fraction of input pixels that differ from the aligned cache
     seconds: float = 0.0
+    bypassed: bool = False  # ran on the dense bypass runner (nothing reused, no layer stats)
 
     @property
     def positions(self) -> int:
@@ -64,6 +65,8 @@ class FrameReport:
 
     @property
     def computed_fraction(self) -> float:
+        if self.bypassed:
+            return 1.0
         return sum(s.computed for s in self.layers.values()) / max(self.positions, 1)
 
     @property
@@ -83,10 +86,18 @@ class StreamState:
     input_shape: tuple[int, ...] | None = None
     frames_since_key: int = 0
     truncation_skip: dict[str, int] = dc_field(default_factory=dict)  # op -> frames left
+    stale: bool = False  # layer caches dropped by a bypassed frame: the next run is a key frame
 
     def reset(self) -> None:
         self.caches.clear()
         self.truncation_skip.clear()
+        self.stale = False
+
+    def drop_layer_caches(self) -> None:
+        """After a frame that ran elsewhere: only the input cache still matches the stream."""
+        self.caches = {"input": self.caches["input"]} if "input" in self.caches else {}
+        self.truncation_skip.clear()
+        self.stale = True
         self.input_shape = None
         self.frames_since_key = 0
 
@@ -106,6 +117,11 @@ class SparseExecutor:
     dense_above: an op whose recompute positions ("point") or active tiles ("tile") exceed this
         share of the map runs as one dense call (0.25: where the sparse path stops paying on 2
         CPU threads, measured by perf/bench_sparse.py).
+    bypass: a dense runner (fluxshard.models.dense.DenseRunner, e.g. onnxruntime, or a callable
+        frame -> eval output) for frames whose non-reusable share (stride-8 positions failing
+        RFAP Cond. 2, else changed input pixels) exceeds ``bypass_above``:
+        nothing there is worth reusing, so the fastest dense engine runs instead and the layer
+        caches are dropped (the next frame below the threshold is a key frame). None: never.
     conv_mode: "point": a conv computes exactly its recompute positions (im2col rows, one
         matmul); "tile": whole tiles with their halo in one conv call (v2's tile batching).
         "point" measured faster on 2 CPU threads: a conv call on a small batch of tiles costs
@@ -117,7 +133,8 @@ class SparseExecutor:
 
     def __init__(self, model: YOLO11, *, strict_rfap: bool = False, tau: float = 0.0,
                  tile: int = 8, dense_above: float = 0.25, keyframe_interval: int | None = None,
-                 grid_snap: bool = False, conv_mode: str = "point"):
+                 grid_snap: bool = False, conv_mode: str = "point", bypass=None,
+                 bypass_above: float = 0.5):
         if strict_rfap and grid_snap:
             raise ValueError("grid_snap relaxes RFAP Cond. 2: it cannot be combined with strict_rfap")
         if not is_fused(model):
@@ -130,6 +147,8 @@ class SparseExecutor:
         if conv_mode not in ("point", "tile"):
             raise ValueError(f"conv_mode must be 'point' or 'tile', got {conv_mode!r}")
         self.conv_mode = conv_mode
+        self.bypass = bypass
+        self.bypass_above = bypass_above
         self.keyframe_interval = keyframe_interval
         self.grid_snap = grid_snap
         self.names = {id(m): n for n, m in model.named_modules()}
@@ -159,7 +178,22 @@ class SparseExecutor:
         self._plan = RFAPPlan(field, frame.shape[2], frame.shape[3], grid_snap=self.grid_snap)
         self._report = report = FrameReport(key=key)
         try:
-            out = self._walk(self._input(frame))
+            bypass = not key and self.bypass is not None and self._unaligned() > self.bypass_above
+            x = None if bypass else self._input(frame)  # the input compare is skipped then
+            if not bypass and not key and self.bypass is not None:
+                bypass = report.input_changed > self.bypass_above
+            if bypass:
+                out = self._run_bypass(frame)
+                report.bypassed = True
+                state.drop_layer_caches()
+                state.caches["input"] = channels_last(frame)
+            else:
+                if not key and state.stale:  # layer caches were dropped: a key frame rebuilds them
+                    state.reset()
+                    report.key = key = True
+                    self._plan = RFAPPlan(None, frame.shape[2], frame.shape[3])
+                    x = self._input(frame)
+                out = self._walk(x)
         except BaseException:
             state.reset()  # caches are half-updated: the next frame must be a key frame
             raise
@@ -168,6 +202,20 @@ class SparseExecutor:
         report.seconds = time.perf_counter() - t0
         del self._state, self._plan, self._report
         return out, report
+
+    def _unaligned(self) -> float:
+        """Share of stride-8 positions (where the heavy layers start) whose motion fails RFAP
+        Cond. 2: they are recomputed in every layer from there on, whatever the input holds."""
+        invalid = self._plan.grid(8).invalid
+        return 0.0 if invalid is None else float(invalid.float().mean())
+
+    def _run_bypass(self, frame: torch.Tensor):
+        """The dense bypass runner's output in the model's eval format (torch tensors)."""
+        out = self.bypass.run(frame) if hasattr(self.bypass, "run") else self.bypass(frame)
+        if isinstance(out, (list, tuple)):  # onnxruntime: [output0] or [output0, prototypes]
+            out = [torch.as_tensor(o) for o in out]
+            return out[0] if len(out) == 1 else tuple(out)
+        return out
 
     # ---------------------------------------------------------------- graph walk
     def _walk(self, x: Feat):
