@@ -139,7 +139,8 @@ class SparseExecutor:
             raise ValueError("grid_snap relaxes RFAP Cond. 2: it cannot be combined with strict_rfap")
         if not is_fused(model):
             fuse(model)
-        self.model = model.eval()
+        # channels_last weights like the maps: mkldnn reorders mismatched weights on every call
+        self.model = model.eval().to(memory_format=torch.channels_last)
         self.strict_rfap = strict_rfap
         self.tau = float(tau)
         self.tile = tile
