@@ -42,6 +42,9 @@ def add_run_arguments(p: argparse.ArgumentParser, demo_default: bool = False,
     p.add_argument("--latency-profile", type=Path, default=None,
                    help="latency tables (fluxshard profile latency; default "
                         "out/profile/latency.json when present, else built in)")
+    p.add_argument("--bypass", default="none",
+                   choices=("none", "onnxruntime", "fused_channels_last"),
+                   help="edge: dense engine for frames with nothing to reuse (default none)")
     p.add_argument("--margin-ms", type=float, default=2.0,
                    help="eps: within this margin prefer the cloud")
     p.add_argument("--frames", type=int, default=None,
@@ -72,7 +75,7 @@ def main(args: argparse.Namespace) -> int:
                       dispatch=args.dispatch, bandwidth_mbps=args.bandwidth_mbps, tau=args.tau,
                       tau_table=args.tau_table, latency_profile=args.latency_profile,
                       margin_ms=args.margin_ms, frames=args.frames, size=tuple(args.size),
-                      camera=args.camera,
+                      camera=args.camera, bypass=args.bypass,
                       progress=not args.no_progress)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"fluxshard run: {e}", file=sys.stderr)
@@ -116,7 +119,7 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
         tau: float | None = None, tau_table: str | Path | None = None,
         latency_profile: str | Path | None = None, margin_ms: float = 2.0,
         frames: int | None = None, size: tuple[int, int] = DEMO_SIZE, camera: str = "static",
-        progress: bool = True, stream_id: int = 1) -> dict:
+        progress: bool = True, stream_id: int = 1, bypass: str = "none") -> dict:
     """The main job; returns the summary (also written to ``out/summary.json``)."""
     import numpy as np
     from tqdm import tqdm
@@ -154,7 +157,7 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
         warnings.simplefilter("always")
         # one torch thread, like the server: on a small shared box (and beside a local
         # tritonserver) two spinning OpenMP threads were measured up to 10x slower, not faster
-        edge = LocalEndpoint(threads=1)
+        edge = LocalEndpoint(threads=1, bypass=bypass)
     notes = [str(w.message) for w in caught]
     for note in notes:
         print(f"warning: {note}", file=sys.stderr)

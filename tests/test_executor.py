@@ -212,3 +212,24 @@ def test_dense_bypass_takes_unreusable_frames_and_resumes_with_a_key_frame():
     assert [r.key for r in reports] == [True, False, True, False]
     assert len(calls) == 1 and reports[1].computed_fraction == 1.0
     assert reports[3].cache_hit_rate > 0.3
+
+
+def test_onnxruntime_bypass_per_input_shape_matches_dense(tmp_path):
+    """The serving bypass (a runner per input shape, onnxruntime exported on first use) returns
+    the model's eval output format and values."""
+    from fluxshard.models.dense import ShapeRunners
+
+    model = random_model("segment")
+    runners = ShapeRunners(model, "onnxruntime", threads=1, workdir=tmp_path)
+    executor = SparseExecutor(model, tau=0.0, bypass=runners)
+    gen = torch.Generator().manual_seed(1)
+    for h, w in ((96, 128), (64, 96)):
+        a, b = torch.rand(1, 3, h, w, generator=gen), torch.rand(1, 3, h, w, generator=gen)
+        stream = StreamState()
+        executor.run(stream, a, None, key=True)
+        out, rep = executor.run(stream, b, np.zeros((h // 4, w // 4, 2), np.float32))
+        assert rep.bypassed
+        with torch.no_grad():
+            dense = model(b)
+        assert excess_error(out[0], dense[0]) <= 1.0 and excess_error(out[1], dense[1]) <= 1.0
+    assert len(runners._runners) == 2

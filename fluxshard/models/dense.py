@@ -72,6 +72,28 @@ def dense_runners(model: YOLO11, imgsz: tuple[int, int] = (384, 640),
     return runners
 
 
+class ShapeRunners:
+    """One dense runner of ``kind`` per input shape, built on first use (an onnxruntime runner
+    needs a static-shape export: a few seconds, once per shape). Callable like a runner's
+    ``run``; what the sparse executor's ``bypass`` takes when streams differ in size."""
+
+    def __init__(self, model: YOLO11, kind: str = "onnxruntime", threads: int = 2,
+                 workdir: str | Path | None = None):
+        if kind not in RUNNER_KINDS:
+            raise ValueError(f"unknown runner kind {kind!r}; choose from {RUNNER_KINDS}")
+        self.model, self.kind, self.threads, self.workdir = model, kind, threads, workdir
+        self._runners: dict[tuple[int, int], DenseRunner] = {}
+
+    def __call__(self, x: torch.Tensor):
+        shape = tuple(int(v) for v in x.shape[-2:])
+        runner = self._runners.get(shape)
+        if runner is None:
+            runner = self._runners[shape] = dense_runners(
+                self.model, shape, kinds=(self.kind,), threads=self.threads,
+                workdir=self.workdir)[0]
+        return runner.run(x)
+
+
 def time_runner(runner: DenseRunner, x: torch.Tensor, warmup: int = 3, runs: int = 20) -> list[float]:
     """Wall times in ms of ``runs`` calls after ``warmup`` untimed ones."""
     for _ in range(warmup):

@@ -122,12 +122,14 @@ def yolo_session_factory(executor: str = "sparse", weights: str | None = None, s
                          threads: int = 1, conf_threshold: float = 0.25, seed: int = 0,
                          device: str = "cpu", tau: float = 0.0, strict_rfap: bool = False,
                          keyframe_interval: int | None = None, grid_snap: bool = False,
-                         model=None) -> SessionFactory:
+                         model=None, bypass: str = "none") -> SessionFactory:
     """Sessions for the ``fluxshard`` model, by ``executor``: "sparse" (default; per-stream feature
     caches, tau the executor's truncation threshold on the [0, 1] input scale, grid_snap the
     relaxed RFAP Cond. 2 of fluxshard.sparse) or "dense"
     (YOLO11 on every rebuilt frame). The Triton model and in-process users build theirs here, so
-    both run the same thing. ``model`` overrides the weights lookup (a loaded, fused YOLO11)."""
+    both run the same thing. ``model`` overrides the weights lookup (a loaded, fused YOLO11).
+    ``bypass``: "none", or a dense runner kind ("onnxruntime", "fused_channels_last") that runs
+    the frames with nothing to reuse (fluxshard.sparse.SparseExecutor's bypass)."""
     if executor not in EXECUTORS:
         raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}")
     if model is None:
@@ -136,8 +138,14 @@ def yolo_session_factory(executor: str = "sparse", weights: str | None = None, s
         return lambda corrid: DenseYoloSession(model, conf_threshold=conf_threshold)
     from fluxshard.sparse import SparseExecutor
 
+    runner = None
+    if bypass != "none":
+        from fluxshard.models.dense import ShapeRunners
+
+        runner = ShapeRunners(model, bypass, threads=threads)
     shared = SparseExecutor(model, strict_rfap=strict_rfap, tau=tau,
-                            keyframe_interval=keyframe_interval, grid_snap=grid_snap)
+                            keyframe_interval=keyframe_interval, grid_snap=grid_snap,
+                            bypass=runner)
     lock = threading.Lock()
     return lambda corrid: SparseYoloSession(shared, lock, conf_threshold=conf_threshold)
 

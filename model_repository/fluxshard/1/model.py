@@ -23,7 +23,8 @@ class TritonPythonModel:
                                        device=params.get("device", "cpu"),
                                        tau=float(params.get("tau", "0") or 0),
                                        keyframe_interval=keyframe_interval or None,
-                                       grid_snap=params.get("grid_snap", "false") == "true")
+                                       grid_snap=params.get("grid_snap", "false") == "true",
+                                       bypass=params.get("bypass", "none") or "none")
         # Triton frees a timed-out sequence's slot without telling the model: sweep with the same
         # timeout so the model frees its session too
         idle_us = int(config.get("sequence_batching", {}).get("max_sequence_idle_microseconds",
