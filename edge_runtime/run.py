@@ -44,7 +44,8 @@ def add_run_arguments(p: argparse.ArgumentParser, demo_default: bool = False,
                         "out/profile/latency.json when present, else built in)")
     p.add_argument("--bypass", default="none",
                    choices=("none", "onnxruntime", "fused_channels_last"),
-                   help="edge: dense engine for frames with nothing to reuse (default none)")
+                   help="edge: dense engine for frames with nothing to reuse, and for reusable "
+                        "ones while it measures faster (default none)")
     p.add_argument("--margin-ms", type=float, default=2.0,
                    help="eps: within this margin prefer the cloud")
     p.add_argument("--frames", type=int, default=None,

@@ -93,9 +93,11 @@ def _edge_inputs(video, tau: float):
 def profile_accuracy(weights=None, *, taus=DEFAULT_TAUS, alpha: float = 0.99, frames: int = 30,
                      clips_per_level: int = 1, width: int = 640, height: int = 384,
                      strict_rfap: bool = False, grid_snap: bool = False, out_dir: str | Path = "out/profile",
-                     threads: int = 2, progress: bool = True, bypass: bool = True) -> TruncationTable:
+                     threads: int = 2, progress: bool = True, bypass: bool = True,
+                     adaptive: bool = False) -> TruncationTable:
     """Sweep ``taus`` per motion level (see the module doc). ``bypass``: frames with nothing to
-    reuse run on the best dense runner (SparseExecutor's bypass), as deployed."""
+    reuse run on the best dense runner (SparseExecutor's bypass); ``adaptive``: reusable frames
+    too while the bypass measures faster (SparseExecutor's adaptive policy)."""
     import torch
     from tqdm import tqdm
 
@@ -145,7 +147,8 @@ def profile_accuracy(weights=None, *, taus=DEFAULT_TAUS, alpha: float = 0.99, fr
             points = []
             for tau in taus:
                 executor = SparseExecutor(model, strict_rfap=strict_rfap, tau=tau,
-                                          grid_snap=grid_snap, bypass=best if bypass else None)
+                                          grid_snap=grid_snap, bypass=best if bypass else None,
+                                          adaptive=adaptive)
                 preds, hits, seconds, bypassed, dense_seconds = [], [], [], [], []
                 for video, _gt in clips:
                     stream = StreamState()
@@ -185,7 +188,8 @@ def profile_accuracy(weights=None, *, taus=DEFAULT_TAUS, alpha: float = 0.99, fr
     levels[-1]["motion_max"] = float("inf")
     table = TruncationTable(alpha=alpha, levels=levels, sweep=sweep,
                             executor=dict(strict_rfap=strict_rfap, grid_snap=grid_snap,
-                                          bypass=bypass, threads=threads, size=[width, height],
+                                          bypass=bypass, adaptive=adaptive, threads=threads,
+                                          size=[width, height],
                                           best_dense=best.name, dense_ms=dense_ms))
     table.save(out_dir / "truncation_table.json")
     plot_sweep(table, out_dir / "truncation_profile.png")
@@ -238,6 +242,8 @@ def add_accuracy_arguments(p) -> None:
     p.add_argument("--out", type=Path, default=Path("out/profile"))
     p.add_argument("--no-bypass", action="store_true",
                    help="never hand unreusable frames to the best dense runner")
+    p.add_argument("--adaptive", action="store_true",
+                   help="also bypass reusable frames while the dense runner measures faster")
     p.add_argument("--quick", action="store_true", help="3 taus, 12 frames, 320x192")
 
 
@@ -249,7 +255,7 @@ def run_accuracy(args) -> int:
                              clips_per_level=args.clips_per_level, width=args.size[0],
                              height=args.size[1], strict_rfap=args.strict_rfap,
                              grid_snap=args.grid_snap, out_dir=args.out,
-                             bypass=not args.no_bypass)
+                             bypass=not args.no_bypass, adaptive=args.adaptive)
     ex = table.executor
     print(f"\nbest dense: {ex['best_dense']} {ex['dense_ms']:.1f} ms at {ex['size'][0]}x"
           f"{ex['size'][1]}, {ex['threads']} threads")

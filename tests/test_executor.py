@@ -15,6 +15,8 @@ an RFAP, gather or mask bug moves scores by 1e-2 and boxes by pixels.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -233,3 +235,30 @@ def test_onnxruntime_bypass_per_input_shape_matches_dense(tmp_path):
             dense = model(b)
         assert excess_error(out[0], dense[0]) <= 1.0 and excess_error(out[1], dense[1]) <= 1.0
     assert len(runners._runners) == 2
+
+
+@pytest.mark.parametrize("bypass_sleep_s,expect_mostly_bypassed", [(0.0, True), (0.3, False)])
+def test_adaptive_bypass_follows_measured_latency(bypass_sleep_s, expect_mostly_bypassed):
+    """Adaptive: after measuring both paths the stream bypasses reusable frames only while the
+    bypass is faster, and re-measures the sparse path every probe_interval bypassed frames."""
+    model = random_model("detect")
+    gen = torch.Generator().manual_seed(2)
+    frame = torch.rand(1, 3, 96, 128, generator=gen)
+    with torch.no_grad():
+        dense = model(frame)
+
+    def runner(x):
+        time.sleep(bypass_sleep_s)
+        return dense
+
+    executor = SparseExecutor(model, bypass=runner, adaptive=True, probe_interval=10)
+    stream, still = StreamState(), np.zeros((24, 32, 2), np.float32)
+    reports = [executor.run(stream, frame, None if i == 0 else still, key=i == 0)[1]
+               for i in range(30)]
+    bypassed = [r.bypassed for r in reports]
+    assert bypassed[:4] == [False, False, False, False] and bypassed[4]  # measure, then bypass once
+    if expect_mostly_bypassed:
+        assert sum(bypassed) >= 20
+        assert not all(bypassed[5:]), "the sparse path is re-measured (probe)"
+    else:
+        assert sum(bypassed) == 1

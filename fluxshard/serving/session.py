@@ -129,7 +129,8 @@ def yolo_session_factory(executor: str = "sparse", weights: str | None = None, s
     (YOLO11 on every rebuilt frame). The Triton model and in-process users build theirs here, so
     both run the same thing. ``model`` overrides the weights lookup (a loaded, fused YOLO11).
     ``bypass``: "none", or a dense runner kind ("onnxruntime", "fused_channels_last") that runs
-    the frames with nothing to reuse (fluxshard.sparse.SparseExecutor's bypass)."""
+    the frames with nothing to reuse, and reusable ones too while it measures faster per stream
+    (fluxshard.sparse.SparseExecutor's bypass, adaptive)."""
     if executor not in EXECUTORS:
         raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}")
     if model is None:
@@ -145,7 +146,7 @@ def yolo_session_factory(executor: str = "sparse", weights: str | None = None, s
         runner = ShapeRunners(model, bypass, threads=threads)
     shared = SparseExecutor(model, strict_rfap=strict_rfap, tau=tau,
                             keyframe_interval=keyframe_interval, grid_snap=grid_snap,
-                            bypass=runner)
+                            bypass=runner, adaptive=runner is not None)
     lock = threading.Lock()
     return lambda corrid: SparseYoloSession(shared, lock, conf_threshold=conf_threshold)
 

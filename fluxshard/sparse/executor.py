@@ -35,6 +35,8 @@ from .rfap import RFAPPlan
 
 # A densely computed op whose outputs mostly changed skips truncation for this many frames.
 TRUNCATION_PROBE = 4
+# Adaptive bypass: sparse frames measured per probe
+PROBE_FRAMES = 3
 
 
 class Feat(NamedTuple):
@@ -87,6 +89,11 @@ class StreamState:
     frames_since_key: int = 0
     truncation_skip: dict[str, int] = dc_field(default_factory=dict)  # op -> frames left
     stale: bool = False  # layer caches dropped by a bypassed frame: the next run is a key frame
+    # adaptive bypass (SparseExecutor.adaptive): measured latencies, kept across key frames
+    sparse_ms: float | None = None
+    bypass_ms: float | None = None
+    sparse_probe_left: int = 3  # sparse frames to measure before comparing (again)
+    bypassed_since_probe: int = 0
 
     def reset(self) -> None:
         self.caches.clear()
@@ -122,6 +129,10 @@ class SparseExecutor:
         RFAP Cond. 2, else changed input pixels) exceeds ``bypass_above``:
         nothing there is worth reusing, so the fastest dense engine runs instead and the layer
         caches are dropped (the next frame below the threshold is a key frame). None: never.
+    adaptive: with a bypass, also bypass reusable frames while the stream's measured sparse
+        latency (EWMA) exceeds the bypass's, re-measuring the sparse path every
+        ``probe_interval`` bypassed frames: the endpoint is then never much slower than its
+        fastest dense engine.
     conv_mode: "point": a conv computes exactly its recompute positions (im2col rows, one
         matmul); "tile": whole tiles with their halo in one conv call (v2's tile batching).
         "point" measured faster on 2 CPU threads: a conv call on a small batch of tiles costs
@@ -134,7 +145,7 @@ class SparseExecutor:
     def __init__(self, model: YOLO11, *, strict_rfap: bool = False, tau: float = 0.0,
                  tile: int = 8, dense_above: float = 0.25, keyframe_interval: int | None = None,
                  grid_snap: bool = False, conv_mode: str = "point", bypass=None,
-                 bypass_above: float = 0.5):
+                 bypass_above: float = 0.5, adaptive: bool = False, probe_interval: int = 30):
         if strict_rfap and grid_snap:
             raise ValueError("grid_snap relaxes RFAP Cond. 2: it cannot be combined with strict_rfap")
         if not is_fused(model):
@@ -150,6 +161,8 @@ class SparseExecutor:
         self.conv_mode = conv_mode
         self.bypass = bypass
         self.bypass_above = bypass_above
+        self.adaptive = adaptive
+        self.probe_interval = probe_interval
         self.keyframe_interval = keyframe_interval
         self.grid_snap = grid_snap
         self.names = {id(m): n for n, m in model.named_modules()}
@@ -179,7 +192,9 @@ class SparseExecutor:
         self._plan = RFAPPlan(field, frame.shape[2], frame.shape[3], grid_snap=self.grid_snap)
         self._report = report = FrameReport(key=key)
         try:
-            bypass = not key and self.bypass is not None and self._unaligned() > self.bypass_above
+            bypass = not key and self.bypass is not None and (
+                self._unaligned() > self.bypass_above
+                or (self.adaptive and self._bypass_is_faster(state)))
             x = None if bypass else self._input(frame)  # the input compare is skipped then
             if not bypass and not key and self.bypass is not None:
                 bypass = report.input_changed > self.bypass_above
@@ -201,8 +216,33 @@ class SparseExecutor:
         state.input_shape = tuple(frame.shape)
         state.frames_since_key = 0 if key else state.frames_since_key + 1
         report.seconds = time.perf_counter() - t0
+        self._record_latency(state, report)
         del self._state, self._plan, self._report
         return out, report
+
+    def _bypass_is_faster(self, state: StreamState) -> bool:
+        """Adaptive policy: bypass reusable frames too while this stream's measured sparse
+        latency exceeds the bypass's; every ``probe_interval`` bypassed frames, measure the
+        sparse path again (a key frame, then ``PROBE_FRAMES`` sparse frames)."""
+        if state.sparse_probe_left > 0 or state.sparse_ms is None:
+            return False
+        if state.bypass_ms is None:
+            return True  # measure the bypass once
+        if state.bypassed_since_probe >= self.probe_interval:
+            state.bypassed_since_probe = 0
+            state.sparse_probe_left = PROBE_FRAMES
+            return False
+        return state.sparse_ms > state.bypass_ms
+
+    @staticmethod
+    def _record_latency(state: StreamState, report: FrameReport) -> None:
+        ms = report.seconds * 1e3
+        if report.bypassed:
+            state.bypass_ms = _ewma(state.bypass_ms, ms)
+            state.bypassed_since_probe += 1
+        elif not report.key:
+            state.sparse_ms = _ewma(state.sparse_ms, ms)
+            state.sparse_probe_left = max(0, state.sparse_probe_left - 1)
 
     def _unaligned(self) -> float:
         """Share of stride-8 positions (where the heavy layers start) whose motion fails RFAP
@@ -461,6 +501,10 @@ def _truncate(fresh: torch.Tensor, gathered: torch.Tensor, threshold: float,
     if force is not None:
         changed |= force
     return channels_last(torch.where(changed, fresh, gathered)), changed
+
+
+def _ewma(old: float | None, new: float, alpha: float = 0.3) -> float:
+    return new if old is None else (1 - alpha) * old + alpha * new
 
 
 def _add(a: Feat, b: Feat) -> Feat:
