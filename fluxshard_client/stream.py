@@ -290,7 +290,29 @@ def _dispatcher(dispatch: str, profile, margin_ms: float, initial_mbps: float,
                       BandwidthEstimator(initial_mbps * 1e6 / 8), probe_interval)
 
 
-class FluxShardStream:
+class _StreamBase:
+    """What the sync and asyncio camera streams share: endpoints and the dispatch core."""
+
+    def _set_up(self, edge, cloud, dispatch, tau, profile, margin_ms, initial_mbps, block,
+                probe_interval) -> None:
+        self.edge = edge if edge is not None else LocalEndpoint()
+        self.cloud = cloud
+        if dispatch == "cloud" and cloud is None:
+            raise ValueError("dispatch 'cloud' needs a cloud endpoint")
+        self.core = _DispatchCore(_dispatcher(dispatch, profile, margin_ms, initial_mbps,
+                                              probe_interval), tau, block)
+
+    @property
+    def dispatcher(self) -> Dispatcher:
+        return self.core.dispatcher
+
+    @property
+    def states(self) -> dict[str, EndpointState]:
+        """Per-endpoint dispatch state: input cache and motion accumulated since it last ran."""
+        return self.core.states
+
+
+class FluxShardStream(_StreamBase):
     """One camera: decoded frames + motion fields in, detections out, edge or cloud per frame.
 
     ``edge``: a :class:`LocalEndpoint` (default: the in-process sparse executor), a
@@ -314,22 +336,8 @@ class FluxShardStream:
             cloud = RemoteEndpoint.connect(cloud, stream_id, block)
         elif cloud is not None and not hasattr(cloud, "run"):
             cloud = RemoteEndpoint(cloud)  # a transport Stream
-        self.edge = edge if edge is not None else LocalEndpoint()
-        self.cloud = cloud
-        if dispatch == "cloud" and cloud is None:
-            raise ValueError("dispatch 'cloud' needs a cloud endpoint")
-        self.core = _DispatchCore(_dispatcher(dispatch, profile, margin_ms, initial_mbps,
-                                              probe_interval), tau,
-                                  block)
-
-    @property
-    def dispatcher(self) -> Dispatcher:
-        return self.core.dispatcher
-
-    @property
-    def states(self) -> dict[str, EndpointState]:
-        """Per-endpoint dispatch state: input cache and motion accumulated since it last ran."""
-        return self.core.states
+        self._set_up(edge, cloud, dispatch, tau, profile, margin_ms, initial_mbps, block,
+                     probe_interval)
 
     def process(self, frame: np.ndarray, field: np.ndarray | None, is_key: bool = False,
                 index: int | None = None) -> FrameResult:
@@ -376,7 +384,7 @@ async def _call(endpoint, plan: _Plan, name: str) -> EndpointRun:
     return await asyncio.to_thread(endpoint.run, *args)  # in-process compute: off the loop
 
 
-class AsyncFluxShardStream:
+class AsyncFluxShardStream(_StreamBase):
     """asyncio twin of :class:`FluxShardStream`: ``cloud`` an :class:`AsyncRemoteEndpoint` or an
     :class:`fluxshard_client.AsyncStream`; the in-process edge runs in a worker thread so the
     event loop keeps serving other streams."""
@@ -387,21 +395,8 @@ class AsyncFluxShardStream:
                  probe_interval: int | None = 30):
         if cloud is not None and not hasattr(cloud, "run"):
             cloud = AsyncRemoteEndpoint(cloud)  # a transport AsyncStream
-        self.edge = edge if edge is not None else LocalEndpoint()
-        self.cloud = cloud
-        if dispatch == "cloud" and cloud is None:
-            raise ValueError("dispatch 'cloud' needs a cloud endpoint")
-        self.core = _DispatchCore(_dispatcher(dispatch, profile, margin_ms, initial_mbps,
-                                              probe_interval), tau,
-                                  block)
-
-    @property
-    def dispatcher(self) -> Dispatcher:
-        return self.core.dispatcher
-
-    @property
-    def states(self) -> dict[str, EndpointState]:
-        return self.core.states
+        self._set_up(edge, cloud, dispatch, tau, profile, margin_ms, initial_mbps, block,
+                     probe_interval)
 
     async def process(self, frame, field, is_key: bool = False,
                       index: int | None = None) -> FrameResult:

@@ -256,10 +256,10 @@ class FluxShardClient:
         self.close()
 
 
-class Stream:
-    """One camera stream on the cloud (a Triton sequence)."""
+class _StreamHandle:
+    """What the sync and asyncio streams share: their client and protocol core."""
 
-    def __init__(self, client: FluxShardClient, core: _StreamCore):
+    def __init__(self, client, core: _StreamCore):
         self.client, self.core = client, core
 
     @property
@@ -270,6 +270,10 @@ class Stream:
     def mirror(self) -> ReceiveState:
         """The edge's mirror of the cloud's input cache for this stream."""
         return self.core.mirror
+
+
+class Stream(_StreamHandle):
+    """One camera stream on the cloud (a Triton sequence)."""
 
     def send(self, frame: np.ndarray, field: np.ndarray | None = None,
              residual_mask: np.ndarray | None = None, key: bool = False,
@@ -362,19 +366,8 @@ class AsyncFluxShardClient:
         await self.close()
 
 
-class AsyncStream:
+class AsyncStream(_StreamHandle):
     """asyncio twin of :class:`Stream`; the same protocol, the same recovery."""
-
-    def __init__(self, client: AsyncFluxShardClient, core: _StreamCore):
-        self.client, self.core = client, core
-
-    @property
-    def stream_id(self) -> int:
-        return self.core.stream_id
-
-    @property
-    def mirror(self) -> ReceiveState:
-        return self.core.mirror
 
     async def send(self, frame: np.ndarray, field: np.ndarray | None = None,
                    residual_mask: np.ndarray | None = None, key: bool = False,
