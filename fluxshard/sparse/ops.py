@@ -106,6 +106,19 @@ def window_uniform(field: torch.Tensor, kernel: int, stride: int, padding: int) 
     return ~(box_any(step_x, kernel, kernel - 1, stride) | box_any(step_y, kernel - 1, kernel, stride))
 
 
+def window_rows(top: torch.Tensor, left: torch.Tensor, size: int, hw: tuple[int, int]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat row indices of ``size`` x ``size`` windows with top-left corners (top, left) in an
+    h x w map, (windows, size * size), clamped into the map, and which of them lie outside it."""
+    h, w = hw
+    r = torch.arange(size)
+    iy = (top[:, None] + r)[:, :, None]
+    ix = (left[:, None] + r)[:, None, :]
+    outside = (iy < 0) | (iy >= h) | (ix < 0) | (ix >= w)
+    flat = iy.clamp(0, h - 1) * w + ix.clamp(0, w - 1)
+    return flat.flatten(1), outside.flatten(1)
+
+
 class TileConv:
     """Tile-batched masked sparse conv for one conv geometry and one map size.
 
@@ -129,22 +142,13 @@ class TileConv:
         self.in_tile = it = (t - 1) * self.s + self.k
         ty = torch.arange(self.tiles_y).repeat_interleave(self.tiles_x)
         tx = torch.arange(self.tiles_x).repeat(self.tiles_y)
-        r = torch.arange(it)
-        iy = ty[:, None] * t * self.s - self.p + r  # (n_tiles, it) input rows / cols
-        ix = tx[:, None] * t * self.s - self.p + r
-        inside = ((iy >= 0) & (iy < h))[:, :, None] & ((ix >= 0) & (ix < w))[:, None, :]
-        self.in_rows = (iy.clamp(0, h - 1)[:, :, None] * w + ix.clamp(0, w - 1)[:, None, :]
-                        ).flatten(1)  # (n_tiles, it * it)
-        self.in_pad = (~inside).flatten(1)  # rows that read the zero padding
+        # (n_tiles, it * it) input rows of each haloed tile; in_pad: rows in the zero padding
+        self.in_rows, self.in_pad = window_rows(ty * t * self.s - self.p,
+                                                tx * t * self.s - self.p, it, (h, w))
         self.border = self.in_pad.any(1)  # (n_tiles,)
-        q = torch.arange(t)
-        oy = ty[:, None] * t + q
-        ox = tx[:, None] * t + q
-        fits = ((oy < self.out_h)[:, :, None] & (ox < self.out_w)[:, None, :]).flatten(1)
-        self.out_rows = (oy.clamp(max=self.out_h - 1)[:, :, None] * self.out_w
-                         + ox.clamp(max=self.out_w - 1)[:, None, :]).flatten(1)
-        self.out_fits = fits  # (n_tiles, t * t): False past the map's bottom/right edge
-        self.partial = ~fits.all(1)
+        self.out_rows, past_edge = window_rows(ty * t, tx * t, t, (self.out_h, self.out_w))
+        self.out_fits = ~past_edge  # (n_tiles, t * t): False past the map's bottom/right edge
+        self.partial = past_edge.any(1)
 
     def active_tiles(self, recompute: torch.Tensor) -> torch.Tensor:
         """Flat indices of tiles holding at least one recompute position."""
@@ -204,12 +208,8 @@ class PointConv:
             return
         oy = torch.arange(self.out_h).repeat_interleave(self.out_w)
         ox = torch.arange(self.out_w).repeat(self.out_h)
-        r = torch.arange(k)
-        iy = (oy[:, None] * s - p + r)[:, :, None].expand(-1, k, k)
-        ix = (ox[:, None] * s - p + r)[:, None, :].expand(-1, k, k)
-        inside = (iy >= 0) & (iy < h) & (ix >= 0) & (ix < w)
-        self.taps = (iy.clamp(0, h - 1) * w + ix.clamp(0, w - 1)).reshape(-1, k * k)
-        self.pad = (~inside).reshape(-1, k * k)  # taps that read the zero padding
+        # (positions, k * k) input rows under each window; pad: taps in the zero padding
+        self.taps, self.pad = window_rows(oy * s - p, ox * s - p, k, (h, w))
         self.border = self.pad.any(1)
 
     def columns(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
