@@ -1,8 +1,8 @@
 """Sparse executor vs the best dense run, measured in one run (ratios, not absolute times).
 
-1. Single convs of YOLO11 shapes: tile-batched masked conv vs the faster of NCHW / channels_last
-   dense conv, at 5/10/25/50/100% active tiles -> executor efficiency
-   (dense time x active fraction / sparse time).
+1. Single convs of YOLO11 shapes: masked conv per position (the executor's default) and
+   tile-batched, vs the faster of NCHW / channels_last dense conv, at 5/10/25/50/100% active
+   tiles -> executor efficiency (dense time x active fraction / sparse time).
 2. Whole model (yolo11n, yolo11s): a cached frame, then a frame whose random 32x32 patches
    changed (share = active fraction), no motion; sparse executor (tau 0, strict RFAP) vs the best
    dense runner (onnxruntime, fused channels_last torch, ...).
@@ -33,6 +33,7 @@ from fluxshard.models import build_yolo11, load_model, preprocess
 from fluxshard.models.dense import best_dense_runner
 from fluxshard.motion import EndpointState, iter_motion
 from fluxshard.sparse import SparseExecutor, StreamState, TileConv, masked_sparse_conv
+from fluxshard.sparse.ops import PointConv, masked_point_conv, point_weight
 from fluxshard.truncation import dispatch_threshold
 
 FRACTIONS = (0.05, 0.10, 0.25, 0.50, 1.00)
@@ -74,6 +75,7 @@ def bench_convs(shapes, tile: int, runs: int):
         plan = TileConv(conv, (h, w), tile)
         # the executor's layout: channels_last maps, gathered cache written in place
         gathered = torch.zeros(1, cout, plan.out_h, plan.out_w).to(memory_format=torch.channels_last)
+        points, weight = PointConv(k, s, k // 2, (h, w)), point_weight(conv)
         gen = torch.Generator().manual_seed(0)
         for frac in FRACTIONS:
             n_tiles = plan.tiles_y * plan.tiles_x
@@ -82,12 +84,15 @@ def bench_convs(shapes, tile: int, runs: int):
             tiles[chosen] = True
             mask = tiles.view(plan.tiles_y, plan.tiles_x).repeat_interleave(tile, 0) \
                 .repeat_interleave(tile, 1)[:plan.out_h, :plan.out_w]
-            sparse = median_ms(lambda: masked_sparse_conv(plan, conv, F.silu, x_cl, mask, gathered,
-                                                          0.0), runs)
+            tiled = median_ms(lambda: masked_sparse_conv(plan, conv, F.silu, x_cl, mask, gathered,
+                                                         0.0), runs)
+            point = median_ms(lambda: masked_point_conv(points, conv, weight, F.silu, x_cl, mask,
+                                                        gathered, 0.0), runs)
             active = float(tiles.float().mean())
             rows.append(dict(shape=f"{cin}->{cout} k{k}s{s} g{g} @{h}x{w}", fraction=active,
-                             dense_ms=dense, sparse_ms=sparse,
-                             efficiency=executor_efficiency(dense, active, sparse)))
+                             dense_ms=dense, tile_ms=tiled, point_ms=point,
+                             tile_efficiency=executor_efficiency(dense, active, tiled),
+                             point_efficiency=executor_efficiency(dense, active, point)))
     return rows
 
 
@@ -214,10 +219,13 @@ def plot(conv_rows, model_rows, per_layer, path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(18, 5))
     for shape in dict.fromkeys(r["shape"] for r in conv_rows):
         rs = [r for r in conv_rows if r["shape"] == shape]
-        axes[0].plot([r["fraction"] for r in rs], [r["efficiency"] for r in rs], "o-", label=shape)
+        line, = axes[0].plot([r["fraction"] for r in rs], [r["point_efficiency"] for r in rs],
+                             "o-", label=shape)
+        axes[0].plot([r["fraction"] for r in rs], [r["tile_efficiency"] for r in rs], "x--",
+                     color=line.get_color(), lw=1)
     axes[0].axhline(0.7, color="grey", ls="--", lw=1)
     axes[0].set(xlabel="active tile fraction", ylabel="executor efficiency", xscale="log",
-                title="single 3x3 convs (goal 0.7 at 10-40%)")
+                title="single 3x3 convs, per position (solid) / tiles (dashed); goal 0.7")
     axes[0].legend(fontsize=7)
     for m in dict.fromkeys(r["model"] for r in model_rows):
         rs = [r for r in model_rows if r["model"] == m]
