@@ -44,10 +44,10 @@ def compose_fields(d_acc: np.ndarray, d_t: np.ndarray) -> np.ndarray:
         raise ValueError(f"fields must have equal (Hb, Wb, 2) shapes, got {d_acc.shape} and "
                          f"{d_t.shape}")
     hb, wb = d_t.shape[:2]
-    by, bx = np.mgrid[0:hb, 0:wb]
     # Block (by, bx) centre moves by d_t pixels = d_t / 4 blocks; nearest block of the new centre.
-    sy = np.clip(by + np.floor(d_t[..., 1] / MV_BLOCK + 0.5).astype(np.int64), 0, hb - 1)
-    sx = np.clip(bx + np.floor(d_t[..., 0] / MV_BLOCK + 0.5).astype(np.int64), 0, wb - 1)
+    step = np.floor(d_t * (1 / MV_BLOCK) + 0.5).astype(np.int32)
+    sy = np.clip(np.arange(hb, dtype=np.int32)[:, None] + step[..., 1], 0, hb - 1)
+    sx = np.clip(np.arange(wb, dtype=np.int32)[None, :] + step[..., 0], 0, wb - 1)
     return d_t + d_acc[sy, sx]
 
 
@@ -62,13 +62,22 @@ def _block_sources(field: np.ndarray, height: int, width: int) -> tuple[np.ndarr
     return np.clip(sy, -MV_BLOCK, height), np.clip(sx, -MV_BLOCK, width)
 
 
-def _gather_blocks(image: np.ndarray, sy: np.ndarray, sx: np.ndarray) -> np.ndarray:
+def zero_bordered(image: np.ndarray) -> np.ndarray:
+    """``image`` with the 4-pixel zero border block gathers read from (make it once for an image
+    that is warped many times, such as an endpoint's input cache)."""
+    b = MV_BLOCK
+    return np.ascontiguousarray(np.pad(image, ((b, b), (b, b)) + ((0, 0),) * (image.ndim - 2)))
+
+
+def _gather_blocks(image: np.ndarray, sy: np.ndarray, sx: np.ndarray,
+                   padded: np.ndarray | None = None) -> np.ndarray:
     """Copy the 4x4 windows at block sources (sy, sx) of a 4-pixel zero-bordered ``image`` into
     a block grid laid out as an image ((Hb*4, Wb*4, ...)). Each block row is one contiguous run
-    of 4 pixels in the source, so the gather moves whole runs and needs no transpose."""
+    of 4 pixels in the source, so the gather moves whole runs and needs no transpose.
+    ``padded``: :func:`zero_bordered` of ``image`` when the caller has it."""
     b = MV_BLOCK
-    pad = ((b, b), (b, b)) + ((0, 0),) * (image.ndim - 2)
-    padded = np.ascontiguousarray(np.pad(image, pad))
+    if padded is None:
+        padded = zero_bordered(image)
     rows, cols = padded.shape[:2]
     pixel = padded.strides[1]
     # Overlapping view: element (y, x) is the run of b pixels starting there, as one opaque item.
@@ -85,7 +94,10 @@ def _gather_blocks(image: np.ndarray, sy: np.ndarray, sx: np.ndarray) -> np.ndar
 def block_leaves_frame(field: np.ndarray, height: int, width: int) -> np.ndarray:
     """(Hb, Wb) bool: some pixel of the 4x4 block takes its value from outside the frame
     (the last block row/column only counts the pixels the frame has)."""
-    sy, sx = _block_sources(field, height, width)
+    return _sources_leave_frame(*_block_sources(field, height, width), height, width)
+
+
+def _sources_leave_frame(sy: np.ndarray, sx: np.ndarray, height: int, width: int) -> np.ndarray:
     hb, wb = sy.shape
     rows = np.minimum(MV_BLOCK, height - np.arange(hb) * MV_BLOCK)[:, None]
     cols = np.minimum(MV_BLOCK, width - np.arange(wb) * MV_BLOCK)[None, :]
@@ -112,11 +124,15 @@ def warp(image: np.ndarray, field: np.ndarray) -> np.ndarray:
     image = np.asarray(image)
     if image.ndim not in (2, 3):
         raise ValueError(f"image must be (H, W) or (H, W, C), got shape {image.shape}")
+    return _warp(image, *_block_sources(field, *image.shape[:2]))
+
+
+def _warp(image: np.ndarray, sy: np.ndarray, sx: np.ndarray,
+          padded: np.ndarray | None = None) -> np.ndarray:
     height, width = image.shape[:2]
-    sy, sx = _block_sources(field, height, width)
     b = MV_BLOCK
     if image.dtype.itemsize == 1:
-        aligned = _gather_blocks(image, sy, sx)
+        aligned = _gather_blocks(image, sy, sx, padded)
     else:  # wider types: view each pixel as bytes
         as_bytes = np.ascontiguousarray(image).view(np.uint8).reshape(height, width, -1)
         aligned = _gather_blocks(as_bytes, sy, sx).view(image.dtype).reshape(

@@ -8,8 +8,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fluxshard.motion.field import (MV_BLOCK, block_leaves_frame, compose_fields,
-                                    motion_statistic, source_validity, warp, zero_field)
+from fluxshard.motion.field import (MV_BLOCK, _block_sources, _sources_leave_frame, _warp,
+                                    compose_fields, motion_statistic, source_validity,
+                                    zero_bordered, zero_field)
 
 RESIDUAL_BLOCK = 16
 
@@ -62,18 +63,21 @@ def block_max_abs_diff(a: np.ndarray, b: np.ndarray, block: int) -> np.ndarray:
 
 
 def residual_blocks(cache: np.ndarray, frame: np.ndarray, field: np.ndarray, tau: float,
-                    block: int = RESIDUAL_BLOCK) -> ResidualSet:
+                    block: int = RESIDUAL_BLOCK, *,
+                    bordered_cache: np.ndarray | None = None) -> ResidualSet:
     """Align ``cache`` with ``field`` and mark the blocks where it differs from ``frame`` by more
-    than ``tau`` or that hold an invalid (out-of-cache) pixel (docs/CONVENTIONS.md)."""
+    than ``tau`` or that hold an invalid (out-of-cache) pixel (docs/CONVENTIONS.md).
+    ``bordered_cache``: ``zero_bordered(cache)``, when the caller keeps it between frames."""
     if block < 1:
         raise ValueError(f"residual block must be >= 1, got {block}")
     if cache.shape != frame.shape:
         raise ValueError(f"cache {cache.shape} and frame {frame.shape} differ in size")
-    aligned = warp(cache, field)
-    worst = block_max_abs_diff(aligned, frame, block)
     h, w = frame.shape[:2]
+    sy, sx = _block_sources(field, h, w)
+    aligned = _warp(cache, sy, sx, bordered_cache)
+    worst = block_max_abs_diff(aligned, frame, block)
     if block % MV_BLOCK == 0:  # invalid pixels found per 4x4 block: no per-pixel mask needed
-        invalid = block_leaves_frame(field, h, w)
+        invalid = _sources_leave_frame(sy, sx, h, w)
         k = block // MV_BLOCK
     else:
         invalid, k = ~source_validity(field, h, w), block
@@ -92,6 +96,8 @@ class EndpointState:
     def __init__(self, residual_block: int = RESIDUAL_BLOCK):
         self.residual_block = residual_block
         self.cache: np.ndarray | None = None
+        self._bordered: np.ndarray | None = None
+        self._bordered_of: np.ndarray | None = None  # the cache _bordered was made from
         self.field: np.ndarray | None = None
         self.frames_since_reset = 0
 
@@ -101,6 +107,7 @@ class EndpointState:
         if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
             raise ValueError(f"frame must be (H, W, 3) uint8, got {frame.shape} {frame.dtype}")
         self.cache = np.array(frame, copy=True, order="C")
+        self._bordered = None  # zero_bordered(cache), made on the first residual after a reset
         self.field = zero_field(*frame.shape[:2])
         self.frames_since_reset = 0
 
@@ -119,8 +126,11 @@ class EndpointState:
 
     def residual(self, frame: np.ndarray, tau: float, block: int | None = None) -> ResidualSet:
         self._require()
+        if self._bordered is None or self._bordered_of is not self.cache:
+            # every residual until the next reset warps this cache: border it once
+            self._bordered, self._bordered_of = zero_bordered(self.cache), self.cache
         return residual_blocks(self.cache, np.asarray(frame), self.field, tau,
-                               block or self.residual_block)
+                               block or self.residual_block, bordered_cache=self._bordered)
 
     def motion_statistic(self) -> float:
         self._require()
