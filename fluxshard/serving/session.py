@@ -108,7 +108,8 @@ class SparseYoloSession:
                  "cache_hit_rate": round(report.cache_hit_rate, 6),
                  "computed_fraction": round(report.computed_fraction, 6),
                  "recomputed_fraction": round(report.computed_fraction, 6),
-                 "input_changed": round(report.input_changed, 6), "dense_pass": report.key}
+                 "input_changed": round(report.input_changed, 6), "dense_pass": report.key,
+                 "bypassed": report.bypassed}
         return rows, stats
 
     def close(self) -> None:

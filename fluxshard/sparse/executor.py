@@ -192,17 +192,15 @@ class SparseExecutor:
         self._plan = RFAPPlan(field, frame.shape[2], frame.shape[3], grid_snap=self.grid_snap)
         self._report = report = FrameReport(key=key)
         try:
+            x = self._input(frame)  # also keeps the input cache current for bypassed frames
             bypass = not key and self.bypass is not None and (
                 self._unaligned() > self.bypass_above
+                or report.input_changed > self.bypass_above
                 or (self.adaptive and self._bypass_is_faster(state)))
-            x = None if bypass else self._input(frame)  # the input compare is skipped then
-            if not bypass and not key and self.bypass is not None:
-                bypass = report.input_changed > self.bypass_above
             if bypass:
                 out = self._run_bypass(frame)
                 report.bypassed = True
                 state.drop_layer_caches()
-                state.caches["input"] = channels_last(frame)
             else:
                 if not key and state.stale:  # layer caches were dropped: a key frame rebuilds them
                     state.reset()
