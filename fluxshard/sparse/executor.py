@@ -57,7 +57,9 @@ class LayerStats:
 class FrameReport:
     key: bool
     layers: dict[int, LayerStats] = dc_field(default_factory=dict)
-    input_changed: float = 0.0  # fraction of input pixels that differ from the aligned cache
+    # fraction of input pixels that differ from the aligned cache; a frame bypassed before the
+    # compare (unaligned motion, or adaptive) reports the unaligned share of stride-8 positions
+    input_changed: float = 0.0
     seconds: float = 0.0
     bypassed: bool = False  # ran on the dense bypass runner (nothing reused, no layer stats)
 
@@ -192,11 +194,19 @@ class SparseExecutor:
         self._plan = RFAPPlan(field, frame.shape[2], frame.shape[3], grid_snap=self.grid_snap)
         self._report = report = FrameReport(key=key)
         try:
-            x = self._input(frame)  # also keeps the input cache current for bypassed frames
-            bypass = not key and self.bypass is not None and (
-                self._unaligned() > self.bypass_above
-                or report.input_changed > self.bypass_above
-                or (self.adaptive and self._bypass_is_faster(state)))
+            bypass = False
+            if not key and self.bypass is not None:
+                # Cheap tests first: an unaligned frame skips the input compare (which costs
+                # most when everything moves) and reports the unaligned share instead.
+                unaligned = self._unaligned()
+                bypass = unaligned > self.bypass_above or (
+                    self.adaptive and self._bypass_is_faster(state))
+                if bypass:
+                    report.input_changed = unaligned
+                    state.caches["input"] = channels_last(frame)
+            x = None if bypass else self._input(frame)
+            if not bypass and not key and self.bypass is not None:
+                bypass = report.input_changed > self.bypass_above
             if bypass:
                 out = self._run_bypass(frame)
                 report.bypassed = True
