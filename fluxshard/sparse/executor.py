@@ -190,7 +190,7 @@ class SparseExecutor:
             state.reset()
             field = None
         t0 = time.perf_counter()
-        self._state, self._key = state, key
+        self._state = state
         self._plan = RFAPPlan(field, frame.shape[2], frame.shape[3], grid_snap=self.grid_snap)
         self._report = report = FrameReport(key=key)
         try:
