@@ -173,11 +173,22 @@ def validate_field(current_luma: np.ndarray, previous_luma: np.ndarray, codec_fi
     # entering at the border): those blocks are residual anyway.
     # Isolated outliers (a vector to an older frame that happens to fit a smooth block): where
     # the 3x3 median vector is more than 1 px away and fits as well, the smoother field wins.
-    median = np.median(sliding_window_view(np.pad(field, ((1, 1), (1, 1), (0, 0)), mode="edge"),
-                                           (3, 3), axis=(0, 1)), axis=(-2, -1))
-    odd = np.argwhere((np.abs(median - field) > 1.0).any(-1))
+    padded = np.pad(field, ((1, 1), (1, 1), (0, 0)), mode="edge")
+    windows = sliding_window_view(padded, (3, 3), axis=(0, 1))  # (Hb, Wb, 2, 3, 3)
+    # A median lies within the window's range: only where the window spreads over more than
+    # 1 px can it differ from the block's own vector by more than 1 px (few blocks).
+    hb, wb = field.shape[:2]
+    hi, lo = field, field
+    for dy in range(3):
+        for dx in range(3):
+            shifted = padded[dy:dy + hb, dx:dx + wb]
+            hi, lo = np.maximum(hi, shifted), np.minimum(lo, shifted)
+    suspect = np.argwhere(((hi - lo) > 1.0).any(-1))
+    median = np.median(windows[suspect[:, 0], suspect[:, 1]], axis=(-2, -1))  # (S, 2)
+    far = (np.abs(median - field[suspect[:, 0], suspect[:, 1]]) > 1.0).any(-1)
+    odd, median = suspect[far], median[far]
     if len(odd):
-        vectors = median[odd[:, 0], odd[:, 1]]
+        vectors = median
         new_cost = costs_of(odd, vectors[:, None])[:, 0]
         adopt(odd, vectors, new_cost, new_cost <= cost[odd[:, 0], odd[:, 1]] + TIE_MARGIN)
     # Blocks that took a scaled vector are searched too: it is only as exact as its source
