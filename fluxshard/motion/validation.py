@@ -26,7 +26,8 @@ import numpy as np
 from fluxshard.motion.block_matching import DEFAULT_RADIUS, match_blocks
 from numpy.lib.stride_tricks import sliding_window_view
 
-from fluxshard.motion.field import MV_BLOCK, align_image, round_half_away
+from fluxshard.motion.field import (MV_BLOCK, _block_sources, _sources_leave_frame, _warp,
+                                    round_half_away)
 
 NOISE_FLOOR = 1.5  # grey levels (mean abs, 4x4 luma): at or below, a vector is as good as any
 ABS_TOL = 8.0  # above this a vector is always re-searched by block matching
@@ -47,12 +48,22 @@ def block_costs(current_luma: np.ndarray, previous_luma: np.ndarray,
                 field: np.ndarray) -> np.ndarray:
     """Mean abs difference per 4x4 block between the current luma and the previous luma
     compensated with ``field`` (integer-rounded, as alignment does). Invalid pixels cost 255."""
-    aligned, valid = align_image(previous_luma, field)
+    h, w = current_luma.shape
+    sy, sx = _block_sources(field, h, w)
+    aligned = _warp(previous_luma, sy, sx)
     diff = np.maximum(aligned, current_luma) - np.minimum(aligned, current_luma)
     diff = diff.astype(np.float32)
-    if not valid.all():
-        diff[~valid] = 255.0
-    h, w = diff.shape
+    leaving = np.argwhere(_sources_leave_frame(sy, sx, h, w))
+    if len(leaving):  # per-pixel validity of the few blocks that reach outside the frame
+        lin = np.arange(MV_BLOCK)
+        by, bx = leaving[:, 0], leaving[:, 1]
+        src_y = sy[by, bx][:, None, None] + lin[None, :, None]  # (K, 4, 1)
+        src_x = sx[by, bx][:, None, None] + lin[None, None, :]  # (K, 1, 4)
+        out = (src_y < 0) | (src_y >= h) | (src_x < 0) | (src_x >= w)  # (K, 4, 4)
+        py = np.broadcast_to(by[:, None, None] * MV_BLOCK + lin[None, :, None], out.shape)
+        px = np.broadcast_to(bx[:, None, None] * MV_BLOCK + lin[None, None, :], out.shape)
+        keep = out & (py < h) & (px < w)  # the last block row/column may overhang the frame
+        diff[py[keep], px[keep]] = 255.0
     ph, pw = -h % MV_BLOCK, -w % MV_BLOCK
     if ph or pw:
         diff = np.pad(diff, ((0, ph), (0, pw)), mode="edge")
