@@ -94,7 +94,7 @@ class StreamState:
     # adaptive bypass (SparseExecutor.adaptive): measured latencies, kept across key frames
     sparse_ms: float | None = None
     bypass_ms: float | None = None
-    sparse_probe_left: int = 3  # sparse frames to measure before comparing (again)
+    sparse_probe_left: int = PROBE_FRAMES  # sparse frames to measure before comparing
     bypassed_since_probe: int = 0
 
     def reset(self) -> None:
@@ -362,7 +362,7 @@ class SparseExecutor:
     def _conv(self, conv: nn.Conv2d, act: nn.Module, x: Feat) -> Feat:
         k, s, p = conv.kernel_size[0], conv.stride[0], conv.padding[0]
         out_stride = x.stride * s
-        name = self._op_name = self.names[id(conv)]
+        name = self.names[id(conv)]
         stats = self._report.layers[self._layer]
         threshold = self.tau / self.norms[id(conv)] if (self.tau > 0 and
                                                          isinstance(act, nn.SiLU)) else 0.0
@@ -378,24 +378,24 @@ class SparseExecutor:
         if cache is None or (everything and threshold == 0):
             # Key frame, or exact mode with every input changed: one dense call, and (practically)
             # every output changes, so the cache is not even gathered.
-            y = channels_last(act(conv(x.value)))
+            y = _dense_conv(conv, act, x)
             changed = torch.ones(plan.out_h, plan.out_w, dtype=torch.bool)
             stats.computed += positions
         else:
             gathered, invalid = self._gathered(cache, out_stride)
             if everything:  # one dense call; truncation says what changed
-                y, changed = self._truncate(channels_last(act(conv(x.value))), gathered,
+                y, changed = self._truncate(name, _dense_conv(conv, act, x), gathered,
                                             threshold, invalid)
                 stats.computed += positions
             else:
-                y, changed, computed = self._sparse_conv(conv, act, plan, x, gathered, invalid,
-                                                         threshold)
+                y, changed, computed = self._sparse_conv(name, conv, act, plan, x, gathered,
+                                                         invalid, threshold)
                 stats.computed += computed
         stats.changed += int(changed.sum())
         self._state.caches[name] = y
         return Feat(y, changed, out_stride)
 
-    def _sparse_conv(self, conv: nn.Conv2d, act: nn.Module, plan: TileConv, x: Feat,
+    def _sparse_conv(self, name: str, conv: nn.Conv2d, act: nn.Module, plan: TileConv, x: Feat,
                      gathered: torch.Tensor, invalid: torch.Tensor | None, threshold: float):
         """Recompute where the receptive field changed or RFAP fails; (y, changed, computed):
         exactly those positions (``conv_mode`` "point": im2col rows, one matmul) or their whole
@@ -419,7 +419,7 @@ class SparseExecutor:
         else:
             active = plan.active_tiles(recompute)
         if active is None or active.numel() > self.dense_above * plan.tiles_y * plan.tiles_x:
-            y, changed = self._truncate(channels_last(act(conv(x.value))), gathered, threshold,
+            y, changed = self._truncate(name, _dense_conv(conv, act, x), gathered, threshold,
                                         invalid)
             return y, changed, positions
         y, changed, n_active = masked_sparse_conv(plan, conv, act, x.value, recompute, gathered,
@@ -439,15 +439,14 @@ class SparseExecutor:
             weight = self._point_weights[id(conv)] = point_weight(conv)
         return weight
 
-    def _truncate(self, fresh: torch.Tensor, gathered: torch.Tensor, threshold: float,
-                  invalid: torch.Tensor | None):
+    def _truncate(self, name: str, fresh: torch.Tensor, gathered: torch.Tensor,
+                  threshold: float, invalid: torch.Tensor | None):
         """Truncation of a densely computed op (:func:`_truncate`), skipped while it does not
         pay: when most outputs of the op changed the last time it was compared, comparing
         again (several passes over the map) would only confirm that its consumers run densely.
         The op then reports every output changed, which is exact (y is the fresh value), and
         compares again after ``TRUNCATION_PROBE`` frames."""
         skip = self._state.truncation_skip
-        name = self._op_name
         left = skip.get(name, 0)
         if left > 0:
             skip[name] = left - 1
@@ -470,7 +469,7 @@ class SparseExecutor:
         """A block whose receptive field is global (or that is cheap): run it densely when any
         input changed; the difference to its gathered cache says which outputs changed."""
         out_stride = x.stride if out_stride is None else out_stride
-        name = self._op_name = self.names[id(block)]
+        name = self.names[id(block)]
         cache = self._state.caches.get(name)
         gathered, invalid = (None, None) if cache is None else self._gathered(cache, out_stride)
         stats = self._report.layers[self._layer]
@@ -488,7 +487,7 @@ class SparseExecutor:
             if gathered is None:
                 changed = torch.ones(y.shape[2:], dtype=torch.bool)
             else:
-                y, changed = self._truncate(y, gathered, threshold, invalid)
+                y, changed = self._truncate(name, y, gathered, threshold, invalid)
         stats.positions += y.shape[2] * y.shape[3]
         stats.computed += computed
         stats.changed += int(changed.sum())
@@ -497,6 +496,11 @@ class SparseExecutor:
 
 
 # -------------------------------------------------------------------- mask-carrying elementwise
+def _dense_conv(conv: nn.Conv2d, act: nn.Module, x: Feat) -> torch.Tensor:
+    """The op on the whole map, in the executor's layout."""
+    return channels_last(act(conv(x.value)))
+
+
 def _truncate(fresh: torch.Tensor, gathered: torch.Tensor, threshold: float,
               force: torch.Tensor | None = None):
     """Positions whose fresh value moved by more than ``threshold`` (any channel) against the
