@@ -96,7 +96,7 @@ class EndpointState:
     def __init__(self, residual_block: int = RESIDUAL_BLOCK):
         self.residual_block = residual_block
         self.cache: np.ndarray | None = None
-        self._bordered: np.ndarray | None = None
+        self._bordered: np.ndarray | None = None  # zero_bordered(cache), made on first use
         self._bordered_of: np.ndarray | None = None  # the cache _bordered was made from
         self.field: np.ndarray | None = None
         self.frames_since_reset = 0
@@ -107,7 +107,6 @@ class EndpointState:
         if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
             raise ValueError(f"frame must be (H, W, 3) uint8, got {frame.shape} {frame.dtype}")
         self.cache = np.array(frame, copy=True, order="C")
-        self._bordered = None  # zero_bordered(cache), made on the first residual after a reset
         self.field = zero_field(*frame.shape[:2])
         self.frames_since_reset = 0
 
