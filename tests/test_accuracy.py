@@ -130,8 +130,22 @@ def test_truncation_profile_writes_table_plot_and_speedups(tmp_path):
         assert point["speedup"] > 0 and point["sparse_ms"] > 0 and 0 <= point["cache_hit"] <= 1
         if point["tau"] == 0.0:
             assert point["map50"] == pytest.approx(point["dense_map50"], abs=1e-6)
+            assert point["map50_95"] == pytest.approx(point["dense_map50_95"], abs=1e-6)
     assert all(lv["tau"] in (0.0, 0.06) for lv in table.levels)
+    assert table.metric == "map50_95"
     assert table.executor["best_dense"] in ("fused_channels_last", "onnxruntime")
     assert (tmp_path / "truncation_profile.png").stat().st_size > 0
     again = TruncationTable.load(tmp_path / "truncation_table.json")
-    assert again.tau_for(0.0) == table.levels[0]["tau"]
+    assert again.tau_for(0.0) == table.levels[0]["tau"] and again.metric == table.metric
+
+
+def test_choose_tau_keeps_the_chosen_metric():
+    """mAP@0.5 admits a tau whose boxes drift (mAP@0.5:0.95 falls 11%); the default metric
+    refuses it, and tau 0 qualifies whatever it measures."""
+    from fluxshard.truncation import choose_tau
+
+    points = [dict(tau=0.0, map50=0.90, map50_95=0.70), dict(tau=0.25, map50=1.0, map50_95=0.95),
+              dict(tau=0.6, map50=0.998, map50_95=0.85)]
+    assert choose_tau(points, 1.0, 0.99, "map50") == 0.6
+    assert choose_tau(points, 0.952, 0.99, "map50_95") == 0.25
+    assert choose_tau(points[:1], 1.0, 0.99, "map50_95") == 0.0
