@@ -149,6 +149,23 @@ def test_static_scene_second_frame_recomputes_nothing():
     assert torch.equal(first, second)
 
 
+
+def test_index_tables_are_kept_for_a_bounded_number_of_input_sizes():
+    """A server fed ever new frame sizes keeps tables for the last GEOMETRY_SIZES only, and a
+    size that comes back is rebuilt correctly (its second frame reuses everything again)."""
+    from fluxshard.sparse.executor import GEOMETRY_SIZES
+
+    executor = SparseExecutor(random_model("detect"))
+    sizes = [(64, 64 + 32 * k) for k in range(GEOMETRY_SIZES + 2)] + [(64, 64)]
+    for h, w in sizes:
+        x = torch.rand(1, 3, h, w)
+        stream = StreamState()
+        executor.run(stream, x, None, key=True)
+        _, report = executor.run(stream, x, np.zeros((h // 4, w // 4, 2), np.float32))
+        assert report.computed_fraction == 0.0
+        assert len(executor._geometries) <= GEOMETRY_SIZES
+    assert list(executor._geometries)[-1] == (64, 64)
+
 @pytest.mark.slow
 def test_relaxed_and_truncated_error_is_bounded_and_does_not_drift(tmp_path):
     """Relaxed RFAP + tau > 0 over 100 frames with a key frame every 25: the error against dense

@@ -15,6 +15,7 @@ model are shared by all streams.
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field as dc_field
 from typing import NamedTuple
 
@@ -37,6 +38,10 @@ from .rfap import RFAPPlan
 TRUNCATION_PROBE = 4
 # Adaptive bypass: sparse frames measured per probe
 PROBE_FRAMES = 3
+# Index tables (tile and im2col rows) are kept for this many input sizes, least recently used
+# dropped: a server fed ever new frame sizes must not grow without bound (~16 MB per size for a
+# 640x384 detector).
+GEOMETRY_SIZES = 4
 
 
 class Feat(NamedTuple):
@@ -170,8 +175,8 @@ class SparseExecutor:
         self.names = {id(m): n for n, m in model.named_modules()}
         self.norms = {id(m): _l1_norm(m) for m in model.modules() if isinstance(m, nn.Conv2d)}
         self.first_spatial = model.model[0].conv  # Cond. 1 in relaxed mode
-        self._plans: dict[tuple, TileConv] = {}
-        self._points: dict[tuple, PointConv] = {}
+        # input (H, W) -> (TileConv per (layer, map size), PointConv per geometry), LRU order
+        self._geometries: OrderedDict[tuple[int, int], tuple[dict, dict]] = OrderedDict()
         self._point_weights: dict[int, torch.Tensor] = {}
 
     # ---------------------------------------------------------------- public API
@@ -190,6 +195,7 @@ class SparseExecutor:
             state.reset()
             field = None
         t0 = time.perf_counter()
+        self._plans, self._points = self._tables_for(tuple(frame.shape[2:]))
         self._state = state
         self._plan = RFAPPlan(field, frame.shape[2], frame.shape[3], grid_snap=self.grid_snap)
         self._report = report = FrameReport(key=key)
@@ -225,8 +231,15 @@ class SparseExecutor:
         state.frames_since_key = 0 if key else state.frames_since_key + 1
         report.seconds = time.perf_counter() - t0
         self._record_latency(state, report)
-        del self._state, self._plan, self._report
+        del self._state, self._plan, self._report, self._plans, self._points
         return out, report
+
+    def _tables_for(self, hw: tuple[int, int]) -> tuple[dict, dict]:
+        tables = self._geometries.pop(hw, None) or ({}, {})
+        self._geometries[hw] = tables  # most recently used last
+        while len(self._geometries) > GEOMETRY_SIZES:
+            self._geometries.popitem(last=False)
+        return tables
 
     def _bypass_is_faster(self, state: StreamState) -> bool:
         """Adaptive policy: bypass reusable frames too while this stream's measured sparse
