@@ -26,7 +26,15 @@ def detection_record(result, names) -> dict:
             "classes": classes, "names": [class_name(c, names) for c in classes],
             "latency_ms": round(result.latency_ms, 3), "uplink_bytes": result.uplink_bytes,
             "cache_hit_rate": round(result.cache_hit_rate, 4),
-            "residual_fraction": round(result.residual_fraction, 4)}
+            "residual_fraction": round(result.residual_fraction, 4),
+            "dispatch": _dispatch_record(result.decision)}
+
+
+def _dispatch_record(d) -> dict:
+    """Why the frame ran where it did: the estimates and the load factors they include."""
+    return {"reason": d.reason, "edge_ms": round(d.edge_ms, 2), "cloud_ms": round(d.cloud_ms, 2),
+            "transfer_ms": round(d.transfer_ms, 2), "edge_load": round(d.edge_load, 3),
+            "cloud_load": round(d.cloud_load, 3)}
 
 
 def jpeg_bytes(frame: np.ndarray, quality: int = 90) -> int:

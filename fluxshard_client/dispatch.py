@@ -4,11 +4,15 @@ For each frame the edge knows, per endpoint, the residual set that endpoint woul
 recompute (its active block fraction) and, for the cloud, the uplink bytes. Latencies come from
 profiled tables (``fluxshard profile latency``): latency against active residual-block fraction,
 interpolated piecewise-linearly. The uplink bandwidth estimate ``B_hat`` is an EWMA of measured
-bytes / transfer time. Then::
+bytes / transfer time, and each endpoint's load factor ``L`` an EWMA of measured / profiled
+latency (device load: other work on the edge, a busy server, throttling). Then::
 
-    T_edge  = T_edge_table[f_edge]
-    T_cloud = T_cloud_table[f_cloud] + bytes(S0_cloud) / B_hat
+    T_edge  = L_edge  * T_edge_table[f_edge]
+    T_cloud = L_cloud * T_cloud_table[f_cloud] + bytes(S0_cloud) / B_hat
     edge if T_edge < T_cloud - margin, else cloud (within the margin the cloud saves edge energy)
+
+B_hat and L learn only from the endpoint that ran, so in auto mode an endpoint left out for
+``probe_interval`` frames runs once (a probe): a stale estimate cannot lock it out for good.
 """
 
 from __future__ import annotations
@@ -137,22 +141,47 @@ class BandwidthEstimator:
         return self.bytes_per_s * 8 / 1e6
 
 
+class LoadEstimator:
+    """EWMA of measured / profiled latency of one endpoint: how much slower (> 1) or faster (< 1)
+    it runs now than its latency table says. Each ratio is clamped to ``bounds`` so that one
+    stalled call (a page fault storm, a GC pause) cannot swing the decision for long."""
+
+    def __init__(self, alpha: float = 0.3, bounds: tuple[float, float] = (0.25, 8.0)):
+        if not 0 < alpha <= 1 or not 0 < bounds[0] <= 1 <= bounds[1]:
+            raise ValueError("alpha must lie in (0, 1] and bounds around 1")
+        self.alpha = alpha
+        self.bounds = bounds
+        self.factor = 1.0
+        self.samples = 0
+
+    def observe(self, profiled_ms: float, measured_ms: float) -> float:
+        """One measured call against what the table predicted for it; returns the new factor."""
+        if not (profiled_ms > 0 and math.isfinite(measured_ms) and measured_ms >= 0):
+            return self.factor
+        ratio = min(max(measured_ms / profiled_ms, self.bounds[0]), self.bounds[1])
+        self.factor = self.alpha * ratio + (1 - self.alpha) * self.factor
+        self.samples += 1
+        return self.factor
+
+
 @dataclass
 class Decision:
     endpoint: str  # "edge" or "cloud"
     edge_ms: float  # estimated edge latency
     cloud_ms: float  # estimated cloud latency, transfer included
     transfer_ms: float  # the transfer part of cloud_ms
-    reason: str  # "auto" or the forcing policy
+    reason: str  # "auto", "probe" or the forcing policy
+    edge_load: float = 1.0  # the load factors the estimates include
+    cloud_load: float = 1.0
 
 
 class Dispatcher:
     """Chooses the endpoint per frame. ``policy``: auto (the rule above), edge, cloud, or
     alternate (edge and cloud in turn: for tests and demonstrations). ``margin_ms`` is eps.
 
-    ``probe_interval``: B_hat learns only from transfers, so once the edge wins, a stale low
-    estimate (or the initial guess) would keep the cloud out for good. In auto mode the cloud
-    runs at least once every ``probe_interval`` frames (None: never probe)."""
+    ``probe_interval``: B_hat and the load factors learn only from the endpoint that ran, so a
+    stale estimate (or the initial guess) would keep the other out for good. In auto mode each
+    endpoint runs at least once every ``probe_interval`` frames (None: never probe)."""
 
     def __init__(self, profile: LatencyProfile | None = None, policy: str = "auto",
                  margin_ms: float = 2.0, bandwidth: BandwidthEstimator | None = None,
@@ -168,7 +197,8 @@ class Dispatcher:
         self.margin_ms = margin_ms
         self.bandwidth = bandwidth or BandwidthEstimator()
         self.probe_interval = probe_interval
-        self.frames_since_cloud = 0
+        self.load = {name: LoadEstimator() for name in ENDPOINTS}
+        self.frames_since = {name: 0 for name in ENDPOINTS}  # frames since each endpoint ran
         self._turn = 0
 
     def candidates(self, cloud_available: bool = True) -> tuple[str, ...]:
@@ -179,11 +209,17 @@ class Dispatcher:
 
     def estimate(self, edge_fraction: float, cloud_fraction: float, cloud_bytes: int,
                  width: int, height: int) -> tuple[float, float, float]:
-        """(T_edge, T_cloud including transfer, transfer) in ms."""
-        scale = self.profile.scale(width, height)
+        """(T_edge, T_cloud including transfer, transfer) in ms, load factors included."""
         transfer_ms = 1e3 * cloud_bytes / self.bandwidth.bytes_per_s
-        edge_ms = scale * self.profile.edge(edge_fraction)
-        return edge_ms, scale * self.profile.cloud(cloud_fraction) + transfer_ms, transfer_ms
+        edge_ms = self.load["edge"].factor * self.profiled_ms("edge", edge_fraction, width, height)
+        cloud_ms = self.load["cloud"].factor * self.profiled_ms("cloud", cloud_fraction, width,
+                                                               height)
+        return edge_ms, cloud_ms + transfer_ms, transfer_ms
+
+    def profiled_ms(self, endpoint: str, fraction: float, width: int, height: int) -> float:
+        """The endpoint's latency table at ``fraction``, scaled to the frame size (no load)."""
+        table = self.profile.edge if endpoint == "edge" else self.profile.cloud
+        return self.profile.scale(width, height) * table(fraction)
 
     def decide(self, edge_fraction: float, cloud_fraction: float, cloud_bytes: int,
                width: int, height: int, cloud_available: bool = True) -> Decision:
@@ -199,12 +235,21 @@ class Dispatcher:
         else:
             choice = "edge" if edge_ms < cloud_ms - self.margin_ms else "cloud"
         reason = self.policy if cloud_available else "no cloud"
-        if (choice == "edge" and self.policy == "auto" and cloud_available
-                and self.probe_interval is not None
-                and self.frames_since_cloud + 1 >= self.probe_interval):
-            choice, reason = "cloud", "probe"
-        self.frames_since_cloud = 0 if choice == "cloud" else self.frames_since_cloud + 1
-        return Decision(choice, edge_ms, cloud_ms, transfer_ms, reason)
+        other = "cloud" if choice == "edge" else "edge"
+        if (self.policy == "auto" and cloud_available and self.probe_interval is not None
+                and self.frames_since[other] + 1 >= self.probe_interval):
+            choice, reason = other, "probe"
+        for name in ENDPOINTS:
+            self.frames_since[name] = 0 if name == choice else self.frames_since[name] + 1
+        return Decision(choice, edge_ms, cloud_ms, transfer_ms, reason,
+                        self.load["edge"].factor, self.load["cloud"].factor)
 
     def observe_uplink(self, nbytes: int, transfer_s: float) -> None:
         self.bandwidth.observe(nbytes, transfer_s)
+
+    def observe_latency(self, endpoint: str, fraction: float, width: int, height: int,
+                        measured_ms: float) -> float:
+        """A measured compute latency of ``endpoint`` (the edge's in-process call, the cloud's
+        server time) at active fraction ``fraction``; returns its new load factor."""
+        return self.load[endpoint].observe(self.profiled_ms(endpoint, fraction, width, height),
+                                           measured_ms)

@@ -270,6 +270,11 @@ class _DispatchCore:
                 self.wire_ratio[kind] = 0.7 * self.wire_ratio[kind] + 0.3 * min(ratio, 1.5)
             if run.transfer_s is not None and name == "cloud":
                 self.dispatcher.observe_uplink(run.uplink_bytes, run.transfer_s)
+        # the endpoint's load: its compute time (a remote one's server time: the uplink has its
+        # own estimate) against its latency table at the fraction it was estimated at
+        compute_ms = float(run.stats.get("server_ms", endpoint_ms)) if remote else endpoint_ms
+        fraction = 1.0 if run.key or residual is None else residual.fraction
+        self.dispatcher.observe_latency(name, fraction, w, h, compute_ms)
         mask = np.ones(grid, bool) if run.key or residual is None else residual.mask
         return FrameResult(
             index=plan.index, endpoint=name, key=run.key, detections=run.detections,

@@ -74,6 +74,35 @@ def test_an_idle_cloud_is_probed_so_the_estimate_can_recover():
     assert {d.decide(0.3, 0.3, 100_000, W, H).endpoint for _ in range(50)} == {"edge"}
 
 
+def test_measured_load_moves_the_decision_and_probes_let_it_recover():
+    """The edge's table says 10 ms, the cloud's 12 (fast link): edge. The edge then measures 3x
+    its table (another process took its cores): the load factor moves the frames to the cloud;
+    the edge is probed every probe_interval frames, and once it measures its table again the
+    frames come back."""
+    d = Dispatcher(flat_profile(edge_ms=10.0, cloud_ms=12.0), margin_ms=1.0, probe_interval=4,
+                   bandwidth=BandwidthEstimator(initial_bytes_per_s=1e12))
+    assert d.decide(0.2, 0.2, 1000, W, H).endpoint == "edge"
+    for _ in range(5):
+        d.observe_latency("edge", 0.2, W, H, 30.0)
+    decisions = [d.decide(0.2, 0.2, 1000, W, H) for _ in range(8)]
+    assert [x.endpoint for x in decisions] == (["cloud"] * 3 + ["edge"]) * 2
+    assert decisions[3].reason == "probe" and decisions[0].edge_load > 2.0
+    assert decisions[0].edge_ms == pytest.approx(10.0 * decisions[0].edge_load)
+    for _ in range(8):  # the probes measure the edge back at its table
+        d.observe_latency("edge", 0.2, W, H, 10.0)
+    assert d.decide(0.2, 0.2, 1000, W, H).endpoint == "edge"
+    assert d.load["cloud"].factor == 1.0  # the cloud was never measured
+
+
+def test_a_single_stall_moves_the_load_factor_a_bounded_step():
+    d = Dispatcher(flat_profile(edge_ms=10.0, cloud_ms=12.0))
+    factor = d.observe_latency("edge", 0.5, W, H, 10_000.0)  # a 10 s stall, e.g. swapping
+    assert factor == pytest.approx(1 + 0.3 * (8.0 - 1))
+    assert d.observe_latency("edge", 0.5, W, H, float("nan")) == factor  # unmeasurable: ignored
+    # the table scales with the frame size, and so does what a measurement is compared with
+    assert d.profiled_ms("cloud", 0.5, W // 2, H) == pytest.approx(6.0)
+
+
 def test_forced_policies_and_bad_policy():
     d = Dispatcher(flat_profile(1.0, 100.0), policy="cloud")
     assert d.decide(0, 1, 10**6, W, H).endpoint == "cloud"

@@ -101,6 +101,10 @@ def test_run_demo_writes_every_output(tritonserver, tmp_path, capsys):
     assert [line["index"] for line in lines] == list(range(frames))
     assert [line["endpoint"] for line in lines] == ["edge", "cloud"] * (frames // 2)
     assert all(len(line["boxes"]) == len(line["names"]) == len(line["scores"]) for line in lines)
+    # every frame says why it ran there; both endpoints ran, so both load factors were measured
+    assert {line["dispatch"]["reason"] for line in lines} == {"alternate"}
+    assert lines[0]["dispatch"]["edge_load"] == lines[0]["dispatch"]["cloud_load"] == 1.0
+    assert 1.0 not in (lines[-1]["dispatch"]["edge_load"], lines[-1]["dispatch"]["cloud_load"])
     with av.open(str(out / "annotated.mp4")) as container:
         decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     assert len(decoded) == frames and decoded[0].shape == (192, 320, 3)
