@@ -105,6 +105,13 @@ def main(argv=None) -> int:
               f"{r['uplink_steady_kb']:.1f} | {r['uplink_kb'] * 1e3 / jpeg_mean:.3f} | "
               f"{r['cache_hit']:.3f} | {r['residual']:.3f} |")
 
+    for policy, results in runs.items():  # how the dispatcher learned the endpoints' loads
+        if policy == "auto" and results:
+            last = results[-1].decision
+            print(f"auto per frame: {''.join(r.endpoint[0].upper() for r in results)} (E edge, "
+                  f"C cloud); load factors at the end: edge {last.edge_load:.2f}, cloud "
+                  f"{last.cloud_load:.2f} x the latency tables")
+
     fig, (ax_lat, ax_up) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
     for policy, results in runs.items():
         ax_lat.plot([r.index for r in results], [r.latency_ms for r in results], ".-", label=policy)

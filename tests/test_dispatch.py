@@ -94,11 +94,15 @@ def test_measured_load_moves_the_decision_and_probes_let_it_recover():
     assert d.load["cloud"].factor == 1.0  # the cloud was never measured
 
 
-def test_a_single_stall_moves_the_load_factor_a_bounded_step():
+def test_a_single_stall_moves_the_load_factor_a_bounded_step_a_lasting_change_all_the_way():
     d = Dispatcher(flat_profile(edge_ms=10.0, cloud_ms=12.0))
     factor = d.observe_latency("edge", 0.5, W, H, 10_000.0)  # a 10 s stall, e.g. swapping
-    assert factor == pytest.approx(1 + 0.3 * (8.0 - 1))
+    assert factor == pytest.approx(1 + 0.3 * (4.0 - 1))
     assert d.observe_latency("edge", 0.5, W, H, float("nan")) == factor  # unmeasurable: ignored
+    # a lasting change gets there: a server 20x slower than its table
+    for _ in range(20):
+        d.observe_latency("cloud", 0.5, W, H, 240.0)
+    assert d.load["cloud"].factor == pytest.approx(20.0, rel=0.05)
     # the table scales with the frame size, and so does what a measurement is compared with
     assert d.profiled_ms("cloud", 0.5, W // 2, H) == pytest.approx(6.0)
 
