@@ -8,7 +8,11 @@
    dense runner (onnxruntime, fused channels_last torch, ...).
 3. Synthetic clips at three motion levels (still camera, integer pan, pan+zoom) along the edge's
    data path (codec MVs -> residual blocks -> assembled input): tau=0 strict, tau=0 relaxed and
-   relaxed with tau > 0; speedup, cache hit rate, active fraction per layer.
+   relaxed with tau > 0; speedup, cache hit rate, active fraction per layer, and the mask bound:
+   the speedup a perfect executor would reach with the same recompute masks (each layer's dense
+   time x its computed share), i.e. what sparsity alone permits before executor overhead.
+Single convs also report gather_matmul_efficiency: the per-position conv's own work (im2col row
+gather + one matmul) against dense, the ceiling of that conv path before its bookkeeping.
 
     python3 perf/bench_sparse.py            # full (~15 min on 2 cores)
     python3 perf/bench_sparse.py --quick    # yolo11n, short clips (a few minutes)
@@ -89,10 +93,20 @@ def bench_convs(shapes, tile: int, runs: int):
             point = median_ms(lambda: masked_point_conv(points, conv, weight, F.silu, x_cl, mask,
                                                         gathered, 0.0), runs)
             active = float(tiles.float().mean())
+            ideal = float("nan")
+            if g == 1:  # the per-position conv's own work: its im2col gather and the matmul
+                index = mask.flatten().nonzero().squeeze(1)
+                taps = points.taps[index].flatten()
+                table = x_cl.permute(0, 2, 3, 1).reshape(-1, cin)
+                cols = table.index_select(0, taps).view(index.numel(), -1)
+                ideal = executor_efficiency(dense, active, median_ms(
+                    lambda: table.index_select(0, taps), runs) + median_ms(
+                    lambda: torch.addmm(conv.bias, cols, weight), runs))
             rows.append(dict(shape=f"{cin}->{cout} k{k}s{s} g{g} @{h}x{w}", fraction=active,
                              dense_ms=dense, tile_ms=tiled, point_ms=point,
                              tile_efficiency=executor_efficiency(dense, active, tiled),
-                             point_efficiency=executor_efficiency(dense, active, point)))
+                             point_efficiency=executor_efficiency(dense, active, point),
+                             gather_matmul_efficiency=ideal))
     return rows
 
 
@@ -169,11 +183,44 @@ def edge_inputs(video: Path, pixel_threshold: float):
 
 
 @torch.no_grad()
+def layer_dense_ms(model, x: torch.Tensor, runs: int) -> dict[int, float]:
+    """Median dense time of every top-level layer of a fused channels_last model on ``x``."""
+    times: dict[int, list[float]] = {m.i: [] for m in model.model}
+    x = x.contiguous(memory_format=torch.channels_last)
+    for _ in range(runs + 2):
+        outputs, y = [], x
+        for m in model.model:
+            if m.f != -1:
+                y = outputs[m.f] if isinstance(m.f, int) else [y if j == -1 else outputs[j]
+                                                              for j in m.f]
+            t0 = time.perf_counter()
+            y = m(y)
+            times[m.i].append((time.perf_counter() - t0) * 1e3)
+            outputs.append(y if m.i in model.save else None)
+    return {i: statistics.median(t[2:]) for i, t in times.items()}
+
+
+def mask_bound_speedup(dense_ms: dict[int, float], reports) -> float:
+    """Speedup a perfect executor would reach with the same recompute masks: every layer costs
+    its dense time x the share of positions it computed (layers without cached ops, concat and
+    upsample, in full), against the same layers run densely on the same engine."""
+    bound = 0.0
+    for i, ms in dense_ms.items():
+        stats = [r.layers[i] for r in reports]
+        share = (np.mean([s.computed / s.positions for s in stats])
+                 if all(s.positions for s in stats) else 1.0)
+        bound += ms * share
+    return sum(dense_ms.values()) / bound
+
+
+@torch.no_grad()
 def bench_clips(imgsz, frames: int, workdir: Path, best, tile: int):
     """The embedded demo detector (trained weights: truncation acts on real activations); the
-    best dense runner ``best`` is timed on every frame right after the executor."""
+    best dense runner ``best`` is timed on every frame right after the executor. ``mask bound``:
+    the speedup over the same engine's dense run that the recompute masks alone would allow
+    (:func:`mask_bound_speedup`): what sparsity permits, before any executor overhead."""
     model = load_model(None)
-    rows, per_layer = [], {}
+    rows, per_layer, dense_layers = [], {}, None
     for level, overrides in CLIP_LEVELS.items():
         spec = synth.SceneSpec(width=imgsz[1], height=imgsz[0], frames=frames, gop=frames, seed=7,
                                **overrides)
@@ -181,7 +228,10 @@ def bench_clips(imgsz, frames: int, workdir: Path, best, tile: int):
         for name, strict, tau in tqdm(CONFIGS, desc=f"clip: {level}"):
             inputs = edge_inputs(video, dispatch_threshold(tau))
             executor = SparseExecutor(model, strict_rfap=strict, tau=tau, tile=tile)
+            if dense_layers is None:  # the executor's own fused channels_last model
+                dense_layers = layer_dense_ms(executor.model, inputs[0][0], runs=10)
             stream, times, dense_times, hits, changed, layers = StreamState(), [], [], [], [], []
+            reports = []
             for x, field, key in inputs:
                 t0 = time.perf_counter()
                 _, rep = executor.run(stream, x, field, key=key)
@@ -191,10 +241,12 @@ def bench_clips(imgsz, frames: int, workdir: Path, best, tile: int):
                     hits.append(rep.cache_hit_rate)
                     changed.append(rep.input_changed)
                     layers.append(rep.active_fraction())
+                    reports.append(rep)
             sparse, dense = statistics.median(times), statistics.median(dense_times)
             rows.append(dict(level=level, config=name, input_changed=float(np.mean(changed)),
                              cache_hit=float(np.mean(hits)), sparse_ms=sparse, dense_ms=dense,
-                             speedup=speedup(dense, sparse)))
+                             speedup=speedup(dense, sparse),
+                             mask_bound=mask_bound_speedup(dense_layers, reports)))
             per_layer[(level, name)] = {i: float(np.mean([l[i] for l in layers])) for i in layers[0]}
     return rows, per_layer
 
