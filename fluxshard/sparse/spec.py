@@ -1,5 +1,6 @@
 """The one specification of FluxShard's two graph ops. The torch executor (fluxshard.sparse.ops),
-the ONNX local-function bodies and the TensorRT plugins all implement exactly this.
+the ONNX local-function bodies (fluxshard.graph.functions) and the TensorRT plugins all implement
+exactly this; ``tests/test_graph_ops.py`` checks the first two against each other.
 
 MVGather(cache, field_index, invalid) -> gathered
     cache        float32 (N, C, H, W)   a layer's output from the frame its endpoint last ran on
@@ -12,24 +13,28 @@ MVGather(cache, field_index, invalid) -> gathered
     away from zero) for a layer of cumulative stride s; Cond. 2 holds at a position when every
     input-level vector in its s x s window is equal and divisible by s.
 
-MaskedSparseConv(x, recompute, gathered, W, b; kernel, stride, pads, groups, activation,
+MaskedSparseConv(x, recompute, gathered, invalid, W, b; strides, pads, group, activation,
                  threshold, tile) -> (y, changed)
     x          float32 (1, Cin, Hi, Wi)  the assembled input of the layer
     recompute  bool    (Ho, Wo)          output positions that must be recomputed: the input's
                                          changed mask dilated by the kernel radius (through the
                                          stride), RFAP Cond. 1 failures, invalid gathered positions
     gathered   float32 (1, Cout, Ho, Wo) MVGather of this layer's cache
-    W, b                                 BN-fused weight and bias (ordinary Conv2d semantics, zero
-                                         padding ``pads``)
+    invalid    bool    (Ho, Wo)          MVGather's invalid mask at this layer's grid (inside
+                                         recompute); all False when nothing moved
+    W, b                                 BN-fused weight (Cout, Cin / group, k, k) and bias (Cout)
+    strides    ints [s, s]; pads ints [top, left, bottom, right]; group int: ordinary Conv
+               semantics (ONNX Conv attribute names), zero padding
     activation "silu" | "none"
     threshold  float >= 0                truncation: tau / ||W||_1 at activation outputs, else 0
     tile       int                       output tile edge; an output tile containing any recompute
                                          position is computed whole (with its input halo);
-                                         0 = per position: exactly the recompute positions
+                                         0 (or 1) = per position: exactly the recompute positions
+    computed = recompute, widened to whole tile x tile tiles (tiles start at the map's origin)
     fresh = act(conv(x, W, b)) on every computed position
-    changed = max_c |fresh - gathered| > threshold, or invalid (computed positions only;
-              False elsewhere): an invalid position always takes its fresh value, so what its
-              gathered value holds never matters
+    changed = computed and (max_c |fresh - gathered| > threshold, or invalid): an invalid
+              position always takes its fresh value, so what its gathered value holds (0 by
+              MVGather; executors that skip zeroing may leave anything) never matters
     y = fresh where changed, gathered elsewhere
     With threshold 0, y equals the dense conv on every position whose receptive field is
     unchanged and RFAP-consistent (exact reuse, v1 Eq. 3), and on every recomputed position up to
