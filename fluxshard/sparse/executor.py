@@ -146,13 +146,18 @@ class SparseExecutor:
         ~85 us of mkldnn setup, more than gathering 9 rows per position. 1x1 convs always run
         per position.
     keyframe_interval: force a dense key frame every N frames (None: only when asked).
+    truncation_probe: a densely computed op most of whose outputs changed skips the truncation
+        compare for this many frames and reports every output changed, taking the fresh values
+        (exact, and cheaper; at tau > 0 it departs from the spec's truncated values, which are
+        what the ONNX graph and the plugins compute). 0: always compare, as the spec says.
     grid_snap: relax Cond. 2 to the nearest grid displacement (approximate; see rfap.RFAPPlan).
     """
 
     def __init__(self, model: YOLO11, *, strict_rfap: bool = False, tau: float = 0.0,
                  tile: int = 8, dense_above: float = 0.25, keyframe_interval: int | None = None,
                  grid_snap: bool = False, conv_mode: str = "point", bypass=None,
-                 bypass_above: float = 0.5, adaptive: bool = False, probe_interval: int = 30):
+                 bypass_above: float = 0.5, adaptive: bool = False, probe_interval: int = 30,
+                 truncation_probe: int = TRUNCATION_PROBE):
         if strict_rfap and grid_snap:
             raise ValueError("grid_snap relaxes RFAP Cond. 2: it cannot be combined with strict_rfap")
         if not is_fused(model):
@@ -170,6 +175,7 @@ class SparseExecutor:
         self.bypass_above = bypass_above
         self.adaptive = adaptive
         self.probe_interval = probe_interval
+        self.truncation_probe = truncation_probe
         self.keyframe_interval = keyframe_interval
         self.grid_snap = grid_snap
         self.names = {id(m): n for n, m in model.named_modules()}
@@ -458,7 +464,7 @@ class SparseExecutor:
         pay: when most outputs of the op changed the last time it was compared, comparing
         again (several passes over the map) would only confirm that its consumers run densely.
         The op then reports every output changed, which is exact (y is the fresh value), and
-        compares again after ``TRUNCATION_PROBE`` frames."""
+        compares again after ``truncation_probe`` frames."""
         skip = self._state.truncation_skip
         left = skip.get(name, 0)
         if left > 0:
@@ -466,7 +472,7 @@ class SparseExecutor:
             return fresh, torch.ones(fresh.shape[2:], dtype=torch.bool)
         y, changed = _truncate(fresh, gathered, threshold, invalid)
         if float(changed.float().mean()) > self.dense_above:
-            skip[name] = TRUNCATION_PROBE
+            skip[name] = self.truncation_probe
         return y, changed
 
     def _tile_for(self, out_h: int, out_w: int) -> int:
