@@ -20,6 +20,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "serve": ("fluxshard.serving.tritonserver", "run the Triton server with the FluxShard models"),
     "train-demo": ("fluxshard.train.cli", "train the embedded demo weights"),
     "profile": ("fluxshard.profile", "offline profiles: latency tables, accuracy (tau table)"),
+    "export": ("fluxshard.graph.cli", "YOLO11 -> FluxShard ONNX graph (onnxruntime, TensorRT)"),
 }
 
 

@@ -95,3 +95,24 @@ def test_tensorrt_flavour_and_state_names(exact_clips):
     feeds = graph.feeds(np.zeros((32, 40, 2), np.float32), key=False)
     needed = {i.name for i in trt.graph.input} - {"images"} - set(ins)
     assert set(feeds) == needed
+
+
+def test_export_command_writes_both_flavours_and_verifies(tmp_path, capsys):
+    import json
+
+    from fluxshard.cli import main
+
+    out = tmp_path / "export"
+    assert main(["export", "--size", "160", "128", "--tau", "0.15", "--verify", "3",
+                 "--out", str(out)]) == 0
+    io = json.loads((out / "fluxshard_io.json").read_text())
+    assert io["images"] == [1, 3, 128, 160] and io["options"]["tau"] == 0.15
+    ort_model, trt_model = onnx.load(out / "fluxshard.onnx"), onnx.load(out / "fluxshard_trt.onnx")
+    assert len(io["states"]) == len([i for i in trt_model.graph.input
+                                     if i.name.startswith("cache_in_")]) > 50
+    assert {f.name for f in ort_model.functions} >= {"MVGather", "MaskedSparseConv"}
+    assert not trt_model.functions
+    printed = capsys.readouterr().out
+    worst = float(printed.split("decoded output: ")[1].split()[0])
+    assert worst < 1e-2, printed  # the executor and the graph took the same decisions
+    assert main(["export", "--size", "100", "100", "--out", str(out)]) == 2
