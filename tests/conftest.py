@@ -3,6 +3,11 @@ temporary folder with the real tools (PyAV encoders, the synthetic scene generat
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
 import pytest
 
 # Small, short clips keep the suite fast; 320x192 is a multiple of 16, 330x198 is not.
@@ -60,3 +65,22 @@ def tritonserver():
         pytest.skip(str(e))
     with TritonServer() as server:
         yield server
+
+
+PLUGINS_ROOT = Path(__file__).resolve().parents[1]
+CUDA_HOME = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda-13.0"))
+
+
+@pytest.fixture(scope="session")
+def plugin_build():
+    """(plugin library, self-test binary), built once per session by scripts/build_plugins.sh."""
+    if not (CUDA_HOME / "bin" / "nvcc").exists() or shutil.which("cmake") is None:
+        pytest.skip(f"no nvcc under {CUDA_HOME} or no cmake: install the CUDA toolkit to build "
+                    "plugins_trt/")
+    done = subprocess.run(["bash", str(PLUGINS_ROOT / "scripts" / "build_plugins.sh")],
+                          cwd=PLUGINS_ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    library = Path(done.stdout.strip().splitlines()[-1])
+    selftest = library.parent / "fluxshard_plugins_selftest"
+    assert library.is_file() and selftest.is_file()
+    return library, selftest

@@ -4,32 +4,10 @@ needed), and its CUDA kernels checked against the torch executor's golden cases 
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-CUDA_HOME = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda-13.0"))
-
-
-@pytest.fixture(scope="session")
-def plugin_build():
-    """(plugin library, self-test binary), built once per session by scripts/build_plugins.sh."""
-    if not (CUDA_HOME / "bin" / "nvcc").exists() or shutil.which("cmake") is None:
-        pytest.skip(f"no nvcc under {CUDA_HOME} or no cmake: install the CUDA toolkit to build "
-                    "plugins_trt/")
-    done = subprocess.run(["bash", str(ROOT / "scripts" / "build_plugins.sh")], cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-4000:]
-    library = Path(done.stdout.strip().splitlines()[-1])
-    selftest = library.parent / "fluxshard_plugins_selftest"
-    assert library.is_file() and selftest.is_file()
-    return library, selftest
-
 
 def test_plugins_answer_tensorrt_build_time_questions(plugin_build):
     """dlopen + getCreators as the registry does; creators, attribute validation, output types,
