@@ -1,0 +1,314 @@
+"""FluxShard against the baselines of shared/DESIGN.md, on the same decoded clips, in one run.
+
+Per motion level (the truncation profile's held-out clips: still camera, pan, pan + zoom):
+
+| baseline | what runs | uplink |
+|---|---|---|
+| edge dense | the best dense runner (onnxruntime) on every frame | none |
+| cloud dense, JPEG | the same on the JPEG (q90) of every frame | per-frame JPEG |
+| cloud dense, H.264 | the same on the decoded stream | the clip's H.264 packets |
+| edge similarity cache | SPINN/COACH-like: last result reused while the frame's mean abs difference to the last inferred frame stays under --similarity | none |
+| edge delta reuse, no MVs | DeltaCNN-like: the sparse executor with a pixel-aligned cache (zero motion) and truncation | none |
+| FluxShard edge | the sparse executor along the edge's data path (codec MVs, residual blocks) | none |
+| FluxShard edge + bypass | the same with the dense bypass (`fluxshard run --bypass onnxruntime`) | none |
+| FluxShard cloud | the cloud's receive layer + sparse executor | the wire payload |
+
+Everything runs in this process on this machine (2 threads). A cloud row's latency is
+transfer (uplink bytes / --bandwidth-mbps) + --rtt-ms + its compute time measured here divided
+by --cloud-speedup (how much faster the cloud GPU is than this CPU: an assumption, printed).
+Accuracy: mAP@0.5 and mAP@0.5:0.95 against ground truth, and agreement (mAP@0.5 of the
+baseline's detections against the dense model's detections with score >= --conf on the decoded
+frames: what a user of the dense model would have seen). Dispatch between edge and
+cloud over a real Triton server is perf/bench_e2e.py.
+
+    python3 perf/bench_baselines.py [--quick] [--frames 30] [--bandwidth-mbps 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+BASELINES = ["edge dense", "cloud dense, JPEG", "cloud dense, H.264", "edge similarity cache",
+             "edge delta reuse, no MVs", "FluxShard edge", "FluxShard edge + bypass",
+             "FluxShard cloud"]
+
+
+def packet_sizes(video: Path) -> list[int]:
+    """Bytes of each frame in the H.264 stream (decode order = display order: no B-frames)."""
+    import av
+
+    with av.open(str(video)) as container:
+        return [p.size for p in container.demux(video=0) if p.size]
+
+
+def jpeg_roundtrip(image: np.ndarray, quality: int = 90) -> tuple[np.ndarray, int]:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG", quality=quality)
+    size = buf.tell()
+    buf.seek(0)
+    return np.asarray(Image.open(buf).convert("RGB")), size
+
+
+class Timed:
+    """Collects (seconds, detections) per frame for one baseline."""
+
+    def __init__(self):
+        self.seconds, self.preds, self.bytes, self.reused = [], [], [], []
+
+
+def run_level(level: str, overrides: dict, args, model, best, tmp: Path) -> dict[str, Timed]:
+    import torch
+
+    from fluxshard import synth, wire
+    from fluxshard.models import postprocess, preprocess
+    from fluxshard.motion import EndpointState, iter_motion
+    from fluxshard.serving.receive import ReceiveState, invalid_blocks
+    from fluxshard.motion.state import residual_blocks
+    from fluxshard.sparse import SparseExecutor, StreamState
+    from fluxshard.train.data import scene_seed
+    from fluxshard.truncation import LEVELS, PROFILE_SCENE_OFFSET, dispatch_threshold
+
+    w, h = args.size
+    li = list(LEVELS).index(level)
+    spec = synth.SceneSpec(width=w, height=h, frames=args.frames, gop=args.frames,
+                           seed=scene_seed("heldout", PROFILE_SCENE_OFFSET + 100 * li), **overrides)
+    paths = synth.make_clip(spec, tmp, name=level, progress=False)
+    gt = synth.load_ground_truth(paths.ground_truth)
+    frames = list(iter_motion(paths.video))
+    sizes = packet_sizes(paths.video)
+    threshold = dispatch_threshold(args.tau)
+
+    def detect(out, x):
+        if isinstance(out, (list, tuple)) and not isinstance(out, torch.Tensor):
+            out = torch.as_tensor(out[0])
+        return postprocess(out, x.shape[-2:], (h, w), conf_thres=0.001)[0]
+
+    def dense(image):
+        x = preprocess(image)
+        t0 = time.perf_counter()
+        out = best.run(x)
+        return time.perf_counter() - t0, detect(out, x)
+
+    runs = {name: Timed() for name in BASELINES}
+    executors = {
+        "edge delta reuse, no MVs": SparseExecutor(model, tau=args.tau),
+        "FluxShard edge": SparseExecutor(model, tau=args.tau),
+        "FluxShard edge + bypass": SparseExecutor(model, tau=args.tau, bypass=best,
+                                                   adaptive=True),
+        "FluxShard cloud": SparseExecutor(model, tau=args.tau),
+    }
+    streams = {name: StreamState() for name in executors}
+    endpoints = {"edge delta reuse, no MVs": EndpointState(), "FluxShard edge": EndpointState()}
+    mirror, mirror_state = ReceiveState(), EndpointState()
+    last_inferred, last_preds = None, None
+
+    def sparse(name, image, field, key):
+        x = preprocess(image)
+        t0 = time.perf_counter()
+        out, report = executors[name].run(streams[name], x, field, key=key)
+        seconds = time.perf_counter() - t0
+        return seconds, detect(out, x), 0.0 if report.bypassed else report.cache_hit_rate
+
+    for mf, size in zip(frames, sizes):
+        seconds, preds = dense(mf.image)
+        runs["edge dense"].seconds.append(seconds)
+        runs["edge dense"].preds.append(preds)
+        runs["cloud dense, H.264"].seconds.append(seconds)
+        runs["cloud dense, H.264"].preds.append(preds)
+        runs["cloud dense, H.264"].bytes.append(size)
+        jpeg, jpeg_size = jpeg_roundtrip(mf.image)
+        seconds, preds = dense(jpeg)
+        runs["cloud dense, JPEG"].seconds.append(seconds)
+        runs["cloud dense, JPEG"].preds.append(preds)
+        runs["cloud dense, JPEG"].bytes.append(jpeg_size)
+
+        # similarity cache: the decision itself is part of its latency
+        sim = runs["edge similarity cache"]
+        t0 = time.perf_counter()
+        similar = last_inferred is not None and float(
+            np.abs(mf.image.astype(np.int16) - last_inferred).mean()) / 255.0 < args.similarity
+        decide = time.perf_counter() - t0
+        if similar:
+            sim.seconds.append(decide)
+            sim.preds.append(last_preds)
+        else:
+            seconds, last_preds = dense(mf.image)
+            last_inferred = mf.image.astype(np.int16)
+            sim.seconds.append(decide + seconds)
+            sim.preds.append(last_preds)
+        sim.reused.append(float(similar))
+
+        # the edge's data path: with codec motion, and DeltaCNN-like without (zero motion)
+        for name, field in (("FluxShard edge", mf.field),
+                            ("edge delta reuse, no MVs", np.zeros_like(mf.field))):
+            state = endpoints[name]
+            if state.cache is None or mf.is_key:
+                image, acc, key = mf.image, None, True
+            else:
+                state.accumulate(field)
+                image = state.residual(mf.image, threshold).assemble(mf.image)
+                acc, key = state.field, False
+            state.reset(image)
+            seconds, preds, hit = sparse(name, image, acc, key)
+            runs[name].seconds.append(seconds)
+            runs[name].preds.append(preds)
+            runs[name].reused.append(hit)
+            if name == "FluxShard edge":
+                seconds, preds, hit = sparse("FluxShard edge + bypass", image, acc, key)
+                runs["FluxShard edge + bypass"].seconds.append(seconds)
+                runs["FluxShard edge + bypass"].preds.append(preds)
+                runs["FluxShard edge + bypass"].reused.append(hit)
+
+        # the cloud: what the wire carries, and the executor on the input the cloud rebuilds
+        if mirror_state.cache is None or mf.is_key:
+            payload = wire.encode_key_frame(mf.image, mf.index)
+            field_q, key = None, True
+        else:
+            mirror_state.accumulate(mf.field)
+            field_q = wire.quantize_field(mirror_state.field)
+            mask = residual_blocks(mirror.cache, mf.image, field_q, threshold).mask
+            mask |= invalid_blocks(mirror.cache, field_q, 16)
+            payload = wire.encode_residual_frame(mf.image, field_q, mask, mf.index)
+            key = False
+        rebuilt = mirror.apply(wire.decode_request(payload))
+        mirror_state.reset(rebuilt)
+        seconds, preds, hit = sparse("FluxShard cloud", rebuilt, field_q, key)
+        runs["FluxShard cloud"].seconds.append(seconds)
+        runs["FluxShard cloud"].preds.append(preds)
+        runs["FluxShard cloud"].bytes.append(len(payload))
+        runs["FluxShard cloud"].reused.append(hit)
+    runs["_truth"] = [dict(boxes=b, classes=k) for b, k in zip(gt.boxes, gt.classes)][:len(frames)]
+    return runs
+
+
+def confident(d, threshold: float):
+    """The dense model's detections a user sees (score >= threshold): the reference of agreement."""
+    from fluxshard.models.ops import Detections
+
+    keep = d.scores >= threshold
+    return Detections(d.boxes[keep], d.scores[keep], d.classes[keep])
+
+
+def summarize(level: str, runs: dict, args) -> list[dict]:
+    from fluxshard.accuracy import agreement, evaluate_detections
+
+    truth = runs.pop("_truth")
+    dense_preds = [confident(d, args.conf) for d in runs["edge dense"].preds]
+    rows = []
+    for name, r in runs.items():
+        cloud = name.startswith("cloud") or name == "FluxShard cloud"
+        seconds = np.array(r.seconds[1:])  # frame 0 is a key frame everywhere
+        upload = np.array(r.bytes[1:], float) if r.bytes else np.zeros_like(seconds)
+        latency = seconds * 1e3
+        if cloud:
+            latency = (upload * 8 / (args.bandwidth_mbps * 1e6) * 1e3 + args.rtt_ms
+                       + latency / args.cloud_speedup)
+        acc = evaluate_detections(r.preds, truth)
+        rows.append(dict(level=level, baseline=name, latency_ms=float(latency.mean()),
+                         p90_ms=float(np.percentile(latency, 90)),
+                         compute_ms=float(seconds.mean() * 1e3),
+                         uplink_kb=float(upload.mean() / 1e3), map50=acc["map50"],
+                         map50_95=acc["map50_95"],
+                         agreement=agreement(r.preds, dense_preds)["map50"],
+                         reuse=float(np.mean(r.reused[1:])) if r.reused else 0.0))
+    return rows
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    levels = list(dict.fromkeys(r["level"] for r in rows))
+    fig, axes = plt.subplots(1, 3, figsize=(18, 5))
+    width = 0.8 / len(levels)
+    for k, level in enumerate(levels):
+        rs = [r for r in rows if r["level"] == level]
+        xs = np.arange(len(rs)) + k * width
+        axes[0].bar(xs, [r["latency_ms"] for r in rs], width, label=level)
+        axes[1].bar(xs, [r["uplink_kb"] for r in rs], width, label=level)
+        axes[2].bar(xs, [r["map50_95"] for r in rs], width, label=level)
+    for ax, title in zip(axes, ("latency per frame (ms)", "uplink kB / frame",
+                                "mAP@0.5:0.95 vs ground truth")):
+        ax.set_xticks(np.arange(len(BASELINES)) + 0.4 - width / 2)
+        ax.set_xticklabels(BASELINES, rotation=35, ha="right", fontsize=8)
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="320x192, 12 frames per level")
+    p.add_argument("--frames", type=int, default=30)
+    p.add_argument("--size", type=int, nargs=2, default=(640, 384), metavar=("W", "H"))
+    p.add_argument("--tau", type=float, default=0.15,
+                   help="FluxShard / delta-reuse truncation tau (input scale)")
+    p.add_argument("--conf", type=float, default=0.25,
+                   help="dense detections at this score are the reference of agreement")
+    p.add_argument("--similarity", type=float, default=0.02,
+                   help="similarity cache: reuse while the mean abs difference < this (0-1)")
+    p.add_argument("--bandwidth-mbps", type=float, default=20.0)
+    p.add_argument("--rtt-ms", type=float, default=5.0)
+    p.add_argument("--cloud-speedup", type=float, default=4.0,
+                   help="cloud compute = this machine's / this (an assumption)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=Path("out/perf"))
+    args = p.parse_args(argv)
+    if args.quick:
+        args.frames, args.size = 12, (320, 192)
+
+    import torch
+    from tqdm import tqdm
+
+    from fluxshard.models import load_model
+    from fluxshard.models.dense import best_dense_runner
+    from fluxshard.truncation import LEVELS
+
+    torch.set_num_threads(args.threads)
+    model = load_model(None, fused=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
+        best, medians = best_dense_runner(model, (args.size[1], args.size[0]),
+                                          threads=args.threads, kinds=("onnxruntime",),
+                                          workdir=tmp)
+        for level, overrides in tqdm(LEVELS.items(), desc="motion levels"):
+            rows += summarize(level, run_level(level, overrides, args, model, best, Path(tmp)),
+                              args)
+    print(f"\n{args.size[0]}x{args.size[1]}, {args.frames} frames per level, {args.threads} "
+          f"threads; cloud rows: uplink {args.bandwidth_mbps} Mbit/s, RTT {args.rtt_ms} ms, "
+          f"cloud compute = this machine's / {args.cloud_speedup}; tau {args.tau}")
+    keys = ["level", "baseline", "latency_ms", "p90_ms", "compute_ms", "uplink_kb", "map50",
+            "map50_95", "agreement", "reuse"]
+    print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
+    for r in rows:
+        print("| " + " | ".join(f"{r[k]:.3f}" if isinstance(r[k], float) else str(r[k])
+                                for k in keys) + " |")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_baselines.json").write_text(json.dumps(dict(
+        options={k: (list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v)
+                 for k, v in vars(args).items()}, rows=rows), indent=1))
+    plot(rows, args.out / "bench_baselines.png")
+    print(f"\nplot: {args.out / 'bench_baselines.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

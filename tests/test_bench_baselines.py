@@ -1,0 +1,30 @@
+"""perf/bench_baselines.py end to end on tiny clips: every baseline of shared/DESIGN.md gets a row
+per motion level, and the rows say what each baseline is."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_baselines_harness_writes_a_row_per_baseline_and_level(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_baselines",
+                                                  ROOT / "perf" / "bench_baselines.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--quick", "--frames", "5", "--threads", "1", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "bench_baselines.json").read_text())["rows"]
+    assert {(r["level"], r["baseline"]) for r in rows} == {
+        (level, b) for level in ("low", "medium", "high") for b in bench.BASELINES}
+    by = {(r["level"], r["baseline"]): r for r in rows}
+    for level in ("low", "medium", "high"):
+        assert by[(level, "edge dense")]["agreement"] == 1.0  # the reference agrees with itself
+        assert by[(level, "edge dense")]["uplink_kb"] == 0.0
+        assert by[(level, "cloud dense, JPEG")]["uplink_kb"] > by[(level, "cloud dense, H.264")][
+            "uplink_kb"] > 0
+        assert by[(level, "FluxShard cloud")]["uplink_kb"] > 0
+    assert by[("low", "FluxShard edge")]["reuse"] > 0.1  # a still camera reuses features
+    assert (tmp_path / "bench_baselines.png").stat().st_size > 0
