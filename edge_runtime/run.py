@@ -21,6 +21,9 @@ DEMO_SIZE = (640, 384)
 DEMO_FRAMES = 90  # 3 s at 30 fps
 
 
+UPLINK_CODECS = ("lossless", "jpeg")  # fluxshard.wire.Codec.ZLIB / .JPEG
+
+
 def add_run_arguments(p: argparse.ArgumentParser, demo_default: bool = False,
                       out_default: str = "out/run") -> None:
     if not demo_default:
@@ -46,6 +49,9 @@ def add_run_arguments(p: argparse.ArgumentParser, demo_default: bool = False,
                    choices=("none", "onnxruntime", "fused_channels_last"),
                    help="edge: dense engine for frames with nothing to reuse, and for reusable "
                         "ones while it measures faster (default none)")
+    p.add_argument("--uplink-codec", choices=UPLINK_CODECS, default="lossless",
+                   help="pixels sent to the cloud: lossless (zlib) or jpeg (quality 90, several "
+                        "times fewer bytes; the cloud detects on the decoded pixels)")
     p.add_argument("--margin-ms", type=float, default=2.0,
                    help="eps: within this margin prefer the cloud")
     p.add_argument("--frames", type=int, default=None,
@@ -77,7 +83,7 @@ def main(args: argparse.Namespace) -> int:
                       tau_table=args.tau_table, latency_profile=args.latency_profile,
                       margin_ms=args.margin_ms, frames=args.frames, size=tuple(args.size),
                       camera=args.camera, bypass=args.bypass,
-                      progress=not args.no_progress)
+                      uplink_codec=args.uplink_codec, progress=not args.no_progress)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"fluxshard run: {e}", file=sys.stderr)
         return 1
@@ -120,11 +126,13 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
         tau: float | None = None, tau_table: str | Path | None = None,
         latency_profile: str | Path | None = None, margin_ms: float = 2.0,
         frames: int | None = None, size: tuple[int, int] = DEMO_SIZE, camera: str = "static",
-        progress: bool = True, stream_id: int = 1, bypass: str = "none") -> dict:
+        progress: bool = True, stream_id: int = 1, bypass: str = "none",
+        uplink_codec: str = "lossless") -> dict:
     """The main job; returns the summary (also written to ``out/summary.json``)."""
     import numpy as np
     from tqdm import tqdm
 
+    from fluxshard import wire
     from fluxshard.motion import iter_motion
     from fluxshard.synth import CLASS_NAMES
     from fluxshard_client import (FluxShardClient, FluxShardStream, LatencyProfile,
@@ -137,6 +145,8 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
     out.mkdir(parents=True, exist_ok=True)
     if bandwidth_mbps is not None and bandwidth_mbps <= 0:
         raise ValueError(f"--bandwidth-mbps must be > 0, got {bandwidth_mbps}")
+    if uplink_codec not in UPLINK_CODECS:
+        raise ValueError(f"uplink codec must be one of {UPLINK_CODECS}, got {uplink_codec!r}")
     if demo:
         from fluxshard import synth
 
@@ -171,7 +181,9 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
         # a cloud gone for 10 s is given up on for a while: its frames run on the edge
         client = FluxShardClient(url, uplink_mbps=bandwidth_mbps,
                                  retry=RetryPolicy(reconnect_timeout_s=10.0)) if url else None
-        cloud = RemoteEndpoint(client.open_stream(stream_id)) if client else None
+        codec = wire.Codec.JPEG if uplink_codec == "jpeg" else wire.Codec.ZLIB
+        cloud = RemoteEndpoint(client.open_stream(stream_id, key_codec=codec,
+                                                  residual_codec=codec)) if client else None
         stream = FluxShardStream(edge, cloud, dispatch=dispatch if cloud else "edge",
                                  tau=tau_value, profile=profile, margin_ms=margin_ms,
                                  initial_mbps=bandwidth_mbps or 20.0)
@@ -208,7 +220,7 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
     summary = outputs.summarize(rows, {
         "video": video, "dispatch": dispatch if url else "edge (no cloud)",
         "cloud_url": cloud_url or ("local tritonserver" if url else None),
-        "bandwidth_limit_mbps": bandwidth_mbps,
+        "bandwidth_limit_mbps": bandwidth_mbps, "uplink_codec": uplink_codec,
         "bandwidth_estimate_mbps": round(stream.dispatcher.bandwidth.mbps, 3),
         "tau": tau_source, "latency_profile": profile.source, "margin_ms": margin_ms,
         "wall_s": round(time.perf_counter() - t_start, 2), "warnings": notes,

@@ -23,7 +23,14 @@ image content into small values: a 640x384 synthetic key frame takes 0.48 of the
 0.80 for plain zlib and 0.55 for PNG, and residual tiles 39% fewer bytes than undifferenced
 (perf/wire_size.py). The field needs no such step: it compresses to ~2 kB as it is.
 
-Loss: the motion field travels as int16 quarter-pel (``round(4 d) / 4``), the only lossy step.
+Codecs (header byte): ``ZLIB`` (the default: lossless as above), ``RAW`` (no compression) and
+``JPEG``: the pixels (the key frame, or the residual tiles laid out in a mosaic of whole tiles)
+travel as one baseline JPEG (quality :data:`JPEG_QUALITY`, Pillow); field and bitmap stay as above
+and the body is zlib'ed as a whole. JPEG is lossy, so the edge's mirror of the cloud's cache must
+apply the *decoded* payload (``decode_request(payload)``), which the client does; both ends then
+hold the same pixels, and the digest check catches any decoder that disagrees (resync).
+
+Loss (lossless codecs): the motion field travels as int16 quarter-pel (``round(4 d) / 4``), the only lossy step.
 The receiver must apply exactly the field the edge's mirror applies, so the edge quantizes its field
 with :func:`quantize_field` *before* it aligns its mirror and picks residual blocks; then both ends
 apply bit-identical fields. Codec MVs are quarter-pel already, so for them this changes nothing.
@@ -67,6 +74,15 @@ ZLIB_LEVEL = 3  # on a differenced 640x384 frame: 7% more bytes than level 6 at 
 class Codec(enum.IntEnum):
     RAW = 0  # no compression (debugging, or links where CPU is scarcer than bytes)
     ZLIB = 1
+    JPEG = 2  # pixels as JPEG (lossy: mirror the decoded payload), field and bitmap zlib'ed
+
+    @property
+    def lossy(self) -> bool:
+        return self == Codec.JPEG
+
+
+JPEG_QUALITY = 90
+MOSAIC_COLUMNS = 32  # residual tiles per mosaic row (JPEG codec)
 
 
 class PayloadError(ValueError):
@@ -173,7 +189,7 @@ def encode_key_frame(frame: np.ndarray, frame_index: int, block: int = 16,
     frame = _check_frame(frame)
     _check_block(block)
     h, w = frame.shape[:2]
-    raw = diff2d(frame, (0, 1)).tobytes()
+    raw = _jpeg(frame) if Codec(codec).lossy else diff2d(frame, (0, 1)).tobytes()
     return _header(FLAG_KEY, codec, block, frame_index, h, w, raw)
 
 
@@ -192,10 +208,60 @@ def encode_residual_frame(frame: np.ndarray, field: np.ndarray, residual_mask: n
     if residual_mask.dtype != bool or residual_mask.shape != residual_grid(h, w, block):
         raise ValueError(f"residual mask must be bool {residual_grid(h, w, block)} for a {h}x{w} "
                          f"frame and block {block}, got {residual_mask.dtype} {residual_mask.shape}")
-    tiles = diff2d(residual_tiles(frame, residual_mask, block), (1, 2))
+    tiles = residual_tiles(frame, residual_mask, block)
+    pixels = _jpeg(_mosaic(tiles)) if Codec(codec).lossy else diff2d(tiles, (1, 2)).tobytes()
     raw = (_field_to_int16(field).tobytes() + np.packbits(residual_mask, axis=None).tobytes()
-           + tiles.tobytes())
+           + pixels)
     return _header(0, codec, block, frame_index, h, w, raw)
+
+
+def _mosaic(tiles: np.ndarray) -> np.ndarray:
+    """(N, b, b, 3) tiles -> one image of whole tiles, MOSAIC_COLUMNS a row, zero-filled (tiles
+    of 16 px are whole JPEG MCUs, so one tile's pixels never bleed into another's)."""
+    n, b = tiles.shape[:2]
+    cols = max(1, min(n, MOSAIC_COLUMNS))
+    rows = -(-n // cols)
+    grid = np.zeros((rows * cols, b, b, 3), np.uint8)
+    grid[:n] = tiles
+    return grid.reshape(rows, cols, b, b, 3).swapaxes(1, 2).reshape(rows * b, cols * b, 3)
+
+
+def _unmosaic(image: np.ndarray, n: int, b: int) -> np.ndarray:
+    rows, cols = image.shape[0] // b, image.shape[1] // b
+    return image.reshape(rows, b, cols, b, 3).swapaxes(1, 2).reshape(rows * cols, b, b, 3)[:n]
+
+
+def _jpeg(image: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    if image.size == 0:
+        return b""
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image)).save(buf, format="JPEG", quality=JPEG_QUALITY)
+    return buf.getvalue()
+
+
+def _unjpeg(data: bytes, height: int, width: int) -> np.ndarray:
+    """Decode a JPEG that must be exactly height x width RGB (checked before decoding, so a
+    hostile header cannot make us allocate more)."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    if height * width == 0:
+        if data:
+            raise PayloadError("pixel bytes present where no pixels are expected")
+        return np.zeros((height, width, 3), np.uint8)
+    try:
+        with Image.open(io.BytesIO(data), formats=["JPEG"]) as image:
+            if image.size != (width, height) or image.mode not in ("RGB", "L", "YCbCr"):
+                raise PayloadError(f"JPEG is {image.size[0]}x{image.size[1]} {image.mode}, "
+                                   f"expected {width}x{height} RGB")
+            return np.asarray(image.convert("RGB"))
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise PayloadError(f"pixels are not a valid JPEG: {e}") from None
 
 
 def _header(flags, codec, block, frame_index, h, w, raw: bytes) -> bytes:
@@ -203,7 +269,7 @@ def _header(flags, codec, block, frame_index, h, w, raw: bytes) -> bytes:
     if not 0 <= frame_index < 2**63:
         raise ValueError(f"frame index {frame_index} out of range")
     codec = Codec(codec)
-    body = zlib.compress(raw, ZLIB_LEVEL) if codec == Codec.ZLIB else raw
+    body = zlib.compress(raw, ZLIB_LEVEL) if codec != Codec.RAW else raw
     return HEADER.pack(MAGIC, VERSION, flags, int(codec), block, 0, frame_index, h, w, len(body),
                        len(raw), zlib.crc32(raw)) + body
 
@@ -266,11 +332,13 @@ def peek_header(payload: bytes) -> dict:
 
 
 def max_raw_len(h: int, w: int, block: int, key: bool, codec: Codec) -> int:
+    # a JPEG of noise at high quality can exceed the raw pixels; never by 2x (+ headers)
+    pixels = (lambda n: 2 * n + 4096) if codec.lossy else (lambda n: n)
     if key:
-        return h * w * 3
+        return pixels(h * w * 3)
     fh, fw, _ = field_shape(h, w)
     rh, rw = residual_grid(h, w, block)
-    return fh * fw * 2 * 2 + -(-rh * rw // 8) + rh * rw * block * block * 3
+    return fh * fw * 2 * 2 + -(-rh * rw // 8) + pixels(rh * rw * block * block * 3)
 
 
 def decode_request(payload: bytes | bytearray | memoryview | np.ndarray) -> Request:
@@ -286,7 +354,10 @@ def decode_request(payload: bytes | bytearray | memoryview | np.ndarray) -> Requ
     raw = _decompress(body, hdr["codec"], hdr["raw_len"])
     if zlib.crc32(raw) != hdr["crc"]:
         raise PayloadError("body checksum mismatch (corrupted payload)")
+    lossy = hdr["codec"].lossy
     if hdr["key"]:
+        if lossy:
+            return Request(frame=_unjpeg(raw, h, w), **common)
         if len(raw) != h * w * 3:
             raise PayloadError(f"key frame body is {len(raw)} bytes, a {h}x{w} RGB frame is "
                                f"{h * w * 3}")
@@ -307,6 +378,14 @@ def decode_request(payload: bytes | bytearray | memoryview | np.ndarray) -> Requ
         raise PayloadError("residual bitmap has bits set past the last block")
     mask = all_bits[:rh * rw].astype(bool).reshape(rh, rw)
     n_tiles = int(mask.sum())
+    if lossy:
+        cols = max(1, min(n_tiles, MOSAIC_COLUMNS))
+        rows = -(-n_tiles // cols) if n_tiles else 0
+        mosaic = _unjpeg(raw[n_field + n_bitmap:], rows * block, cols * block if n_tiles else 0)
+        tiles = _unmosaic(mosaic, n_tiles, block) if n_tiles else np.zeros((0, block, block, 3),
+                                                                             np.uint8)
+        return Request(field=field, residual_mask=mask, tiles=np.ascontiguousarray(tiles),
+                       **common)
     tiles = np.frombuffer(raw, np.uint8, offset=n_field + n_bitmap)
     if tiles.size != n_tiles * block * block * 3:
         raise PayloadError(f"residual pixels are {tiles.size} bytes, the bitmap's {n_tiles} "
@@ -316,7 +395,7 @@ def decode_request(payload: bytes | bytearray | memoryview | np.ndarray) -> Requ
 
 
 def _decompress(body: bytes, codec: Codec, raw_len: int) -> bytes:
-    if codec == Codec.RAW:
+    if codec == Codec.RAW:  # every other codec zlib's its body
         if len(body) != raw_len:
             raise PayloadError(f"raw body is {len(body)} bytes, header says {raw_len}")
         return body

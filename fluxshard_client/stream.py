@@ -100,7 +100,9 @@ class LocalEndpoint:
 def _remote_run(result, stream) -> EndpointRun:
     server_s = float(result.stats.get("server_ms", 0.0)) / 1e3
     transfer = max(result.round_trip_ms / 1e3 - server_s, 0.0)
-    return EndpointRun(result.detections, result.stats, stream.mirror.cache, result.key,
+    # resyncs (why the frame was re-sent as a key frame) reach the application in the stats
+    stats = {**result.stats, "resyncs": list(result.resyncs)} if result.resyncs else result.stats
+    return EndpointRun(result.detections, stats, stream.mirror.cache, result.key,
                        result.wire_bytes, transfer)
 
 

@@ -119,14 +119,16 @@ def _uplink_delay(uplink_mbps: float | None):
 class _StreamCore:
     """The protocol state of one stream, shared by the sync and the asyncio streams."""
 
-    def __init__(self, stream_id: int, block: int, retry: RetryPolicy, key_codec: wire.Codec):
+    def __init__(self, stream_id: int, block: int, retry: RetryPolicy, key_codec: wire.Codec,
+                 residual_codec: wire.Codec = wire.Codec.ZLIB):
         if not 0 < int(stream_id) < 2**64:
             raise ValueError(f"stream id must be in [1, 2**64), got {stream_id} (0 means 'no "
                              "sequence' to Triton)")
         self.stream_id = int(stream_id)
         self.block = block
         self.retry = retry
-        self.key_codec = key_codec
+        self.key_codec = wire.Codec(key_codec)
+        self.residual_codec = wire.Codec(residual_codec)
         self.mirror = ReceiveState()  # what the cloud's input cache holds, as far as we know
         self.need_start = True  # next request opens the Triton sequence
         self.need_key = True
@@ -153,10 +155,13 @@ class _StreamCore:
             field_q = wire.quantize_field(field)
             mask = np.asarray(residual_mask, bool) | invalid_blocks(self.mirror.cache, field_q,
                                                                    self.block)
-            payload = wire.encode_residual_frame(frame, field_q, mask, index, self.block)
+            payload = wire.encode_residual_frame(frame, field_q, mask, index, self.block,
+                                                 codec=self.residual_codec)
             request = wire.Request(index, frame.shape[0], frame.shape[1], self.block, False,
                                    field=field_q, residual_mask=mask,
                                    tiles=wire.residual_tiles(frame, mask, self.block))
+        if (self.key_codec if key else self.residual_codec).lossy:
+            request = wire.decode_request(payload)  # the cloud will hold the decoded pixels
         predicted.apply(request)
         return payload, predicted, key, index
 
@@ -220,8 +225,12 @@ class FluxShardClient:
         self._client = tc.InferenceServerClient(url, **kwargs)
 
     def open_stream(self, stream_id: int, block: int = 16,
-                    key_codec: wire.Codec = wire.Codec.ZLIB) -> "Stream":
-        return Stream(self, _StreamCore(stream_id, block, self.retry, key_codec))
+                    key_codec: wire.Codec = wire.Codec.ZLIB,
+                    residual_codec: wire.Codec = wire.Codec.ZLIB) -> "Stream":
+        """A camera stream. Codecs of the pixels it sends (fluxshard.wire.Codec): ZLIB (lossless,
+        the default) or JPEG (lossy, several times fewer bytes; the mirror follows what the cloud
+        decodes)."""
+        return Stream(self, _StreamCore(stream_id, block, self.retry, key_codec, residual_codec))
 
     def is_ready(self) -> bool:
         try:
@@ -341,8 +350,11 @@ class AsyncFluxShardClient:
         self._client = aio.InferenceServerClient(url)
 
     def open_stream(self, stream_id: int, block: int = 16,
-                    key_codec: wire.Codec = wire.Codec.ZLIB) -> "AsyncStream":
-        return AsyncStream(self, _StreamCore(stream_id, block, self.retry, key_codec))
+                    key_codec: wire.Codec = wire.Codec.ZLIB,
+                    residual_codec: wire.Codec = wire.Codec.ZLIB) -> "AsyncStream":
+        """See :meth:`FluxShardClient.open_stream`."""
+        return AsyncStream(self, _StreamCore(stream_id, block, self.retry, key_codec,
+                                             residual_codec))
 
     async def infer(self, payload: bytes, stream_id: int, start: bool, end: bool):
         await asyncio.sleep(self.uplink_delay(len(payload)))

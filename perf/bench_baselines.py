@@ -11,7 +11,8 @@ Per motion level (the truncation profile's held-out clips: still camera, pan, pa
 | edge delta reuse, no MVs | DeltaCNN-like: the sparse executor with a pixel-aligned cache (zero motion) and truncation | none |
 | FluxShard edge | the sparse executor along the edge's data path (codec MVs, residual blocks) | none |
 | FluxShard edge + bypass | the same with the dense bypass (`fluxshard run --bypass onnxruntime`) | none |
-| FluxShard cloud | the cloud's receive layer + sparse executor | the wire payload |
+| FluxShard cloud | the cloud's receive layer + sparse executor | the wire payload (lossless) |
+| FluxShard cloud, JPEG tiles | the same, pixels sent as JPEG q90 (`--uplink-codec jpeg`) | the wire payload |
 
 Everything runs in this process on this machine (2 threads). A cloud row's latency is
 transfer (uplink bytes / --bandwidth-mbps) + --rtt-ms + its compute time measured here divided
@@ -40,7 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 BASELINES = ["edge dense", "cloud dense, JPEG", "cloud dense, H.264", "edge similarity cache",
              "edge delta reuse, no MVs", "FluxShard edge", "FluxShard edge + bypass",
-             "FluxShard cloud"]
+             "FluxShard cloud", "FluxShard cloud, JPEG tiles"]
+CLOUD_CODECS = {"FluxShard cloud": "ZLIB", "FluxShard cloud, JPEG tiles": "JPEG"}
 
 
 def packet_sizes(video: Path) -> list[int]:
@@ -110,10 +112,11 @@ def run_level(level: str, overrides: dict, args, model, best, tmp: Path) -> dict
         "FluxShard edge + bypass": SparseExecutor(model, tau=args.tau, bypass=best,
                                                    adaptive=True),
         "FluxShard cloud": SparseExecutor(model, tau=args.tau),
+        "FluxShard cloud, JPEG tiles": SparseExecutor(model, tau=args.tau),
     }
     streams = {name: StreamState() for name in executors}
     endpoints = {"edge delta reuse, no MVs": EndpointState(), "FluxShard edge": EndpointState()}
-    mirror, mirror_state = ReceiveState(), EndpointState()
+    mirrors = {name: (ReceiveState(), EndpointState()) for name in CLOUD_CODECS}
     last_inferred, last_preds = None, None
 
     def sparse(name, image, field, key):
@@ -174,23 +177,27 @@ def run_level(level: str, overrides: dict, args, model, best, tmp: Path) -> dict
                 runs["FluxShard edge + bypass"].reused.append(hit)
 
         # the cloud: what the wire carries, and the executor on the input the cloud rebuilds
-        if mirror_state.cache is None or mf.is_key:
-            payload = wire.encode_key_frame(mf.image, mf.index)
-            field_q, key = None, True
-        else:
-            mirror_state.accumulate(mf.field)
-            field_q = wire.quantize_field(mirror_state.field)
-            mask = residual_blocks(mirror.cache, mf.image, field_q, threshold).mask
-            mask |= invalid_blocks(mirror.cache, field_q, 16)
-            payload = wire.encode_residual_frame(mf.image, field_q, mask, mf.index)
-            key = False
-        rebuilt = mirror.apply(wire.decode_request(payload))
-        mirror_state.reset(rebuilt)
-        seconds, preds, hit = sparse("FluxShard cloud", rebuilt, field_q, key)
-        runs["FluxShard cloud"].seconds.append(seconds)
-        runs["FluxShard cloud"].preds.append(preds)
-        runs["FluxShard cloud"].bytes.append(len(payload))
-        runs["FluxShard cloud"].reused.append(hit)
+        for name, codec_name in CLOUD_CODECS.items():
+            codec = wire.Codec[codec_name]
+            mirror, mirror_state = mirrors[name]
+            if mirror_state.cache is None or mf.is_key:
+                payload = wire.encode_key_frame(mf.image, mf.index, codec=codec)
+                field_q, key = None, True
+            else:
+                mirror_state.accumulate(mf.field)
+                field_q = wire.quantize_field(mirror_state.field)
+                mask = residual_blocks(mirror.cache, mf.image, field_q, threshold).mask
+                mask |= invalid_blocks(mirror.cache, field_q, 16)
+                payload = wire.encode_residual_frame(mf.image, field_q, mask, mf.index,
+                                                     codec=codec)
+                key = False
+            rebuilt = mirror.apply(wire.decode_request(payload))
+            mirror_state.reset(rebuilt)
+            seconds, preds, hit = sparse(name, rebuilt, field_q, key)
+            runs[name].seconds.append(seconds)
+            runs[name].preds.append(preds)
+            runs[name].bytes.append(len(payload))
+            runs[name].reused.append(hit)
     runs["_truth"] = [dict(boxes=b, classes=k) for b, k in zip(gt.boxes, gt.classes)][:len(frames)]
     return runs
 
@@ -210,7 +217,7 @@ def summarize(level: str, runs: dict, args) -> list[dict]:
     dense_preds = [confident(d, args.conf) for d in runs["edge dense"].preds]
     rows = []
     for name, r in runs.items():
-        cloud = name.startswith("cloud") or name == "FluxShard cloud"
+        cloud = name.startswith("cloud") or name in CLOUD_CODECS
         seconds = np.array(r.seconds[1:])  # frame 0 is a key frame everywhere
         upload = np.array(r.bytes[1:], float) if r.bytes else np.zeros_like(seconds)
         latency = seconds * 1e3

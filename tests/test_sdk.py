@@ -85,6 +85,27 @@ def test_async_stream_matches_the_sync_stream(tritonserver, synth_clips, session
         np.testing.assert_array_equal(a.detections, b.detections)
 
 
+def test_jpeg_uplink_keeps_the_mirror_exact_with_far_fewer_bytes(tritonserver, synth_clips):
+    """Lossy pixels on the wire: the edge mirrors what the cloud decodes, so every digest
+    matches (no resync) while the payloads shrink several times against the lossless codec."""
+    paths, _spec = synth_clips("pan")
+    sizes = {}
+    with FluxShardClient(tritonserver.grpc_url) as client:
+        for k, codec in enumerate((wire.Codec.ZLIB, wire.Codec.JPEG)):
+            stream = FluxShardStream(cloud=client.open_stream(2100 + k, key_codec=codec,
+                                                              residual_codec=codec),
+                                     dispatch="cloud", edge=LocalEndpoint(threads=1))
+            results = list(stream.run(paths.video, max_frames=6))
+            stream.close()
+            # a digest mismatch would re-send the frame as a key frame, with the reason in stats
+            assert all(r.endpoint == "cloud" and "resyncs" not in r.stats for r in results)
+            assert [r.key for r in results] == [True] + [False] * 5
+            sizes[codec] = [r.uplink_bytes for r in results]
+            if codec == wire.Codec.JPEG:  # the cloud detected on the decoded pixels
+                assert any(len(r.boxes) for r in results)
+    assert sum(sizes[wire.Codec.JPEG]) < sum(sizes[wire.Codec.ZLIB]) / 3, sizes
+
+
 def test_run_demo_writes_every_output(tritonserver, tmp_path, capsys):
     import av
 
