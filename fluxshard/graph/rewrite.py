@@ -32,8 +32,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .functions import (DOMAIN, OPSET, masked_sparse_conv_node, mv_gather_node, opset_imports,
-                        with_bodies, without_bodies)
+from .functions import (DOMAIN, MV_GATHER, masked_sparse_conv_node, opset_imports, with_bodies,
+                        without_bodies)
 
 _LAYER = re.compile(r"^/model\.(\d+)/")
 
@@ -203,8 +203,7 @@ class _Rewriter:
         self.extra_outputs.append(cache_out)
         index, invalid = self._grid(stride)
         gathered = self._var("gathered", np.float32, shape)
-        node = mv_gather_node(cache_in.name, index.name, invalid.name, gathered.name)
-        self.new_nodes.append(gs.Node(node.op_type, self._name("mv_gather"), {},
+        self.new_nodes.append(gs.Node(MV_GATHER, self._name("mv_gather"), {},
                                       [cache_in, index, invalid], [gathered], domain=DOMAIN))
         return gathered, cache_out
 
