@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
@@ -39,11 +38,9 @@ def _dispatch_record(d) -> dict:
 
 def jpeg_bytes(frame: np.ndarray, quality: int = 90) -> int:
     """Size of the frame as a per-frame JPEG (Pillow), the uplink baseline."""
-    from PIL import Image
+    from fluxshard.wire import jpeg_encode
 
-    buf = io.BytesIO()
-    Image.fromarray(frame).save(buf, format="JPEG", quality=quality)
-    return buf.tell()
+    return len(jpeg_encode(frame, quality))
 
 
 def annotate(frame: np.ndarray, result, names, block: int) -> np.ndarray:

@@ -84,22 +84,6 @@ def choose_tau(points: list[dict], dense_map: float, alpha: float, metric: str =
     return max(ok) if ok else 0.0
 
 
-def _edge_inputs(video, tau: float):
-    """(assembled input, accumulated field or None, key) along the edge's data path."""
-    from fluxshard.motion import EndpointState, iter_motion
-
-    state = EndpointState()
-    for mf in iter_motion(video):
-        if state.cache is None:
-            image, fld, key = mf.image, None, True
-        else:
-            state.accumulate(mf.field)
-            image = state.residual(mf.image, dispatch_threshold(tau)).assemble(mf.image)
-            fld, key = state.field, False
-        state.reset(image)
-        yield mf, image, fld, key
-
-
 def profile_accuracy(weights=None, *, taus=DEFAULT_TAUS, alpha: float = 0.99, frames: int = 30,
                      clips_per_level: int = 1, width: int = 640, height: int = 384,
                      strict_rfap: bool = False, grid_snap: bool = False, out_dir: str | Path = "out/profile",
@@ -114,7 +98,7 @@ def profile_accuracy(weights=None, *, taus=DEFAULT_TAUS, alpha: float = 0.99, fr
     from fluxshard import synth
     from fluxshard.accuracy import evaluate_detections
     from fluxshard.models import load_model, postprocess, preprocess
-    from fluxshard.motion import iter_motion, motion_statistic
+    from fluxshard.motion import edge_inputs, iter_motion, motion_statistic
     from fluxshard.sparse import SparseExecutor, StreamState
     from fluxshard.train.data import scene_seed
 
@@ -162,7 +146,7 @@ def profile_accuracy(weights=None, *, taus=DEFAULT_TAUS, alpha: float = 0.99, fr
                 preds, hits, seconds, bypassed, dense_seconds = [], [], [], [], []
                 for video, _gt in clips:
                     stream = StreamState()
-                    for mf, image, fld, key in _edge_inputs(video, tau):
+                    for mf, image, fld, key in edge_inputs(video, dispatch_threshold(tau)):
                         x = preprocess(image)
                         out, report = executor.run(stream, x, fld, key=key)
                         preds.append(postprocess(out, x.shape[-2:], image.shape[:2],

@@ -189,7 +189,7 @@ def encode_key_frame(frame: np.ndarray, frame_index: int, block: int = 16,
     frame = _check_frame(frame)
     _check_block(block)
     h, w = frame.shape[:2]
-    raw = _jpeg(frame) if Codec(codec).lossy else diff2d(frame, (0, 1)).tobytes()
+    raw = jpeg_encode(frame) if Codec(codec).lossy else diff2d(frame, (0, 1)).tobytes()
     return _header(FLAG_KEY, codec, block, frame_index, h, w, raw)
 
 
@@ -209,7 +209,7 @@ def encode_residual_frame(frame: np.ndarray, field: np.ndarray, residual_mask: n
         raise ValueError(f"residual mask must be bool {residual_grid(h, w, block)} for a {h}x{w} "
                          f"frame and block {block}, got {residual_mask.dtype} {residual_mask.shape}")
     tiles = residual_tiles(frame, residual_mask, block)
-    pixels = _jpeg(_mosaic(tiles)) if Codec(codec).lossy else diff2d(tiles, (1, 2)).tobytes()
+    pixels = jpeg_encode(_mosaic(tiles)) if Codec(codec).lossy else diff2d(tiles, (1, 2)).tobytes()
     raw = (_field_to_int16(field).tobytes() + np.packbits(residual_mask, axis=None).tobytes()
            + pixels)
     return _header(0, codec, block, frame_index, h, w, raw)
@@ -231,7 +231,8 @@ def _unmosaic(image: np.ndarray, n: int, b: int) -> np.ndarray:
     return image.reshape(rows, b, cols, b, 3).swapaxes(1, 2).reshape(rows * cols, b, b, 3)[:n]
 
 
-def _jpeg(image: np.ndarray) -> bytes:
+def jpeg_encode(image: np.ndarray, quality: int = JPEG_QUALITY) -> bytes:
+    """(H, W, 3) uint8 RGB -> baseline JPEG bytes (Pillow); empty for an empty image."""
     import io
 
     from PIL import Image
@@ -239,11 +240,11 @@ def _jpeg(image: np.ndarray) -> bytes:
     if image.size == 0:
         return b""
     buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(image)).save(buf, format="JPEG", quality=JPEG_QUALITY)
+    Image.fromarray(np.ascontiguousarray(image)).save(buf, format="JPEG", quality=quality)
     return buf.getvalue()
 
 
-def _unjpeg(data: bytes, height: int, width: int) -> np.ndarray:
+def jpeg_decode(data: bytes, height: int, width: int) -> np.ndarray:
     """Decode a JPEG that must be exactly height x width RGB (checked before decoding, so a
     hostile header cannot make us allocate more)."""
     import io
@@ -357,7 +358,7 @@ def decode_request(payload: bytes | bytearray | memoryview | np.ndarray) -> Requ
     lossy = hdr["codec"].lossy
     if hdr["key"]:
         if lossy:
-            return Request(frame=_unjpeg(raw, h, w), **common)
+            return Request(frame=jpeg_decode(raw, h, w), **common)
         if len(raw) != h * w * 3:
             raise PayloadError(f"key frame body is {len(raw)} bytes, a {h}x{w} RGB frame is "
                                f"{h * w * 3}")
@@ -381,7 +382,7 @@ def decode_request(payload: bytes | bytearray | memoryview | np.ndarray) -> Requ
     if lossy:
         cols = max(1, min(n_tiles, MOSAIC_COLUMNS))
         rows = -(-n_tiles // cols) if n_tiles else 0
-        mosaic = _unjpeg(raw[n_field + n_bitmap:], rows * block, cols * block if n_tiles else 0)
+        mosaic = jpeg_decode(raw[n_field + n_bitmap:], rows * block, cols * block if n_tiles else 0)
         tiles = _unmosaic(mosaic, n_tiles, block) if n_tiles else np.zeros((0, block, block, 3),
                                                                              np.uint8)
         return Request(field=field, residual_mask=mask, tiles=np.ascontiguousarray(tiles),
@@ -454,4 +455,4 @@ def response_from_tensors(detections: np.ndarray, stats: np.ndarray, digest: np.
 __all__ = ["MAGIC", "VERSION", "Codec", "PayloadError", "Request", "Response", "quantize_field",
            "encode_key_frame", "encode_residual_frame", "decode_request", "peek_header",
            "cache_digest", "response_tensors", "response_from_tensors", "residual_tiles", "block_view", "pad_to_blocks",
-           "field_shape", "residual_grid"]
+           "field_shape", "residual_grid", "jpeg_encode", "jpeg_decode"]

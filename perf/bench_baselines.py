@@ -52,16 +52,12 @@ def packet_sizes(video: Path) -> list[int]:
         return [p.size for p in container.demux(video=0) if p.size]
 
 
-def jpeg_roundtrip(image: np.ndarray, quality: int = 90) -> tuple[np.ndarray, int]:
-    import io
+def jpeg_roundtrip(image: np.ndarray) -> tuple[np.ndarray, int]:
+    """What a cloud receiving per-frame JPEG q90 sees, and the bytes it took."""
+    from fluxshard.wire import jpeg_decode, jpeg_encode
 
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="JPEG", quality=quality)
-    size = buf.tell()
-    buf.seek(0)
-    return np.asarray(Image.open(buf).convert("RGB")), size
+    data = jpeg_encode(image, quality=90)
+    return jpeg_decode(data, *image.shape[:2]), len(data)
 
 
 class Timed:
@@ -70,13 +66,21 @@ class Timed:
     def __init__(self):
         self.seconds, self.preds, self.bytes, self.reused = [], [], [], []
 
+    def add(self, seconds: float, preds, reused: float | None = None, nbytes: int | None = None):
+        self.seconds.append(seconds)
+        self.preds.append(preds)
+        if reused is not None:
+            self.reused.append(reused)
+        if nbytes is not None:
+            self.bytes.append(nbytes)
+
 
 def run_level(level: str, overrides: dict, args, model, best, tmp: Path) -> dict[str, Timed]:
     import torch
 
     from fluxshard import synth, wire
     from fluxshard.models import postprocess, preprocess
-    from fluxshard.motion import EndpointState, iter_motion
+    from fluxshard.motion import EdgePath, EndpointState, iter_motion
     from fluxshard.serving.receive import ReceiveState, invalid_blocks
     from fluxshard.motion.state import residual_blocks
     from fluxshard.sparse import SparseExecutor, StreamState
@@ -114,7 +118,8 @@ def run_level(level: str, overrides: dict, args, model, best, tmp: Path) -> dict
         "FluxShard cloud, JPEG tiles": SparseExecutor(model, tau=args.tau),
     }
     streams = {name: StreamState() for name in executors}
-    endpoints = {"edge delta reuse, no MVs": EndpointState(), "FluxShard edge": EndpointState()}
+    edge_paths = {"FluxShard edge": EdgePath(threshold),
+             "edge delta reuse, no MVs": EdgePath(threshold, motion=False)}
     mirrors = {name: (ReceiveState(), EndpointState()) for name in CLOUD_CODECS}
     last_inferred, last_preds = None, None
 
@@ -127,16 +132,10 @@ def run_level(level: str, overrides: dict, args, model, best, tmp: Path) -> dict
 
     for mf, size in zip(frames, sizes):
         seconds, preds = dense(mf.image)
-        runs["edge dense"].seconds.append(seconds)
-        runs["edge dense"].preds.append(preds)
-        runs["cloud dense, H.264"].seconds.append(seconds)
-        runs["cloud dense, H.264"].preds.append(preds)
-        runs["cloud dense, H.264"].bytes.append(size)
+        runs["edge dense"].add(seconds, preds)
+        runs["cloud dense, H.264"].add(seconds, preds, nbytes=size)
         jpeg, jpeg_size = jpeg_roundtrip(mf.image)
-        seconds, preds = dense(jpeg)
-        runs["cloud dense, JPEG"].seconds.append(seconds)
-        runs["cloud dense, JPEG"].preds.append(preds)
-        runs["cloud dense, JPEG"].bytes.append(jpeg_size)
+        runs["cloud dense, JPEG"].add(*dense(jpeg), nbytes=jpeg_size)
 
         # similarity cache: the decision itself is part of its latency
         sim = runs["edge similarity cache"]
@@ -144,36 +143,19 @@ def run_level(level: str, overrides: dict, args, model, best, tmp: Path) -> dict
         similar = last_inferred is not None and float(
             np.abs(mf.image.astype(np.int16) - last_inferred).mean()) / 255.0 < args.similarity
         decide = time.perf_counter() - t0
-        if similar:
-            sim.seconds.append(decide)
-            sim.preds.append(last_preds)
-        else:
+        seconds = 0.0
+        if not similar:
             seconds, last_preds = dense(mf.image)
             last_inferred = mf.image.astype(np.int16)
-            sim.seconds.append(decide + seconds)
-            sim.preds.append(last_preds)
-        sim.reused.append(float(similar))
+        sim.add(decide + seconds, last_preds, reused=float(similar))
 
         # the edge's data path: with codec motion, and DeltaCNN-like without (zero motion)
-        for name, field in (("FluxShard edge", mf.field),
-                            ("edge delta reuse, no MVs", np.zeros_like(mf.field))):
-            state = endpoints[name]
-            if state.cache is None or mf.is_key:
-                image, acc, key = mf.image, None, True
-            else:
-                state.accumulate(field)
-                image = state.residual(mf.image, threshold).assemble(mf.image)
-                acc, key = state.field, False
-            state.reset(image)
-            seconds, preds, hit = sparse(name, image, acc, key)
-            runs[name].seconds.append(seconds)
-            runs[name].preds.append(preds)
-            runs[name].reused.append(hit)
+        for name, path in edge_paths.items():
+            image, acc, key = path.step(mf)
+            runs[name].add(*sparse(name, image, acc, key))
             if name == "FluxShard edge":
-                seconds, preds, hit = sparse("FluxShard edge + bypass", image, acc, key)
-                runs["FluxShard edge + bypass"].seconds.append(seconds)
-                runs["FluxShard edge + bypass"].preds.append(preds)
-                runs["FluxShard edge + bypass"].reused.append(hit)
+                runs["FluxShard edge + bypass"].add(
+                    *sparse("FluxShard edge + bypass", image, acc, key))
 
         # the cloud: what the wire carries, and the executor on the input the cloud rebuilds
         for name, codec_name in CLOUD_CODECS.items():
@@ -192,11 +174,7 @@ def run_level(level: str, overrides: dict, args, model, best, tmp: Path) -> dict
                 key = False
             rebuilt = mirror.apply(wire.decode_request(payload))
             mirror_state.reset(rebuilt)
-            seconds, preds, hit = sparse(name, rebuilt, field_q, key)
-            runs[name].seconds.append(seconds)
-            runs[name].preds.append(preds)
-            runs[name].bytes.append(len(payload))
-            runs[name].reused.append(hit)
+            runs[name].add(*sparse(name, rebuilt, field_q, key), nbytes=len(payload))
     runs["_truth"] = [dict(boxes=b, classes=k) for b, k in zip(gt.boxes, gt.classes)][:len(frames)]
     return runs
 

@@ -35,7 +35,7 @@ from fluxshard import synth
 from fluxshard.measures import executor_efficiency, speedup
 from fluxshard.models import build_yolo11, load_model, preprocess
 from fluxshard.models.dense import best_dense_runner
-from fluxshard.motion import EndpointState, iter_motion
+from fluxshard.motion import edge_inputs as motion_edge_inputs
 from fluxshard.sparse import SparseExecutor, StreamState, TileConv, masked_sparse_conv
 from fluxshard.sparse.ops import PointConv, masked_point_conv, point_weight
 from fluxshard.truncation import dispatch_threshold
@@ -169,17 +169,8 @@ CONFIGS = [("tau0 strict", True, 0.0), ("tau0 relaxed", False, 0.0), ("tau0.02 r
 def edge_inputs(video: Path, pixel_threshold: float):
     """(model input, accumulated field or None, key) per frame along the edge's data path: codec
     MVs -> residual blocks against ``pixel_threshold`` -> the assembled input the executor sees."""
-    inputs, state = [], EndpointState()
-    for mf in iter_motion(video):
-        if state.cache is None:
-            image, field, key = mf.image, None, True
-        else:
-            state.accumulate(mf.field)
-            image = state.residual(mf.image, pixel_threshold).assemble(mf.image)
-            field, key = state.field, False
-        state.reset(image)
-        inputs.append((preprocess(image), field, key))
-    return inputs
+    return [(preprocess(image), field, key)
+            for _, image, field, key in motion_edge_inputs(video, pixel_threshold)]
 
 
 @torch.no_grad()

@@ -23,7 +23,7 @@ import torch
 
 from fluxshard import synth
 from fluxshard.models import build_yolo11, preprocess
-from fluxshard.motion import EndpointState, iter_motion
+from fluxshard.motion import edge_inputs
 from fluxshard.sparse import SparseExecutor, StreamState
 
 EXACT_ATOL, EXACT_RTOL = 1e-4, 1e-5
@@ -46,15 +46,7 @@ def random_model(task: str, seed: int = 0):
 def assembled_inputs(video, dispatch_tau=DISPATCH_TAU):
     """(index, assembled frame, accumulated field, is_key) along the edge's data path, the
     endpoint running on every frame."""
-    state = EndpointState()
-    for mf in iter_motion(video):
-        if mf.is_key or state.cache is None:
-            image, field, key = mf.image, None, True
-        else:
-            state.accumulate(mf.field)
-            res = state.residual(mf.image, dispatch_tau)
-            image, field, key = res.assemble(mf.image), state.field, False
-        state.reset(image)
+    for mf, image, field, key in edge_inputs(video, dispatch_tau):
         yield mf.index, image, field, key
 
 

@@ -93,7 +93,7 @@ def test_hostile_jpeg_bodies_are_refused():
     head = (wire._field_to_int16(field).tobytes()
             + np.packbits(mask, axis=None).tobytes())
     for pixels, match in ((b"not a jpeg", "not a valid JPEG"),
-                          (wire._jpeg(np.zeros((B, B, 3), np.uint8)), "expected")):
+                          (wire.jpeg_encode(np.zeros((B, B, 3), np.uint8)), "expected")):
         payload = wire._header(0, Codec.JPEG, B, 1, H, W, head + pixels)
         with pytest.raises(PayloadError, match=match):
             wire.decode_request(payload)

@@ -79,7 +79,7 @@ def verify(model, graph, args, frames: int) -> float:
 
     from fluxshard import synth
     from fluxshard.models import preprocess
-    from fluxshard.motion import EndpointState, iter_motion
+    from fluxshard.motion import edge_inputs
     from fluxshard.sparse import SparseExecutor, StreamState
     from fluxshard.truncation import dispatch_threshold
 
@@ -89,18 +89,11 @@ def verify(model, graph, args, frames: int) -> float:
     onnx_stream = OnnxStream(graph)
     executor = SparseExecutor(model, tau=args.tau, strict_rfap=args.strict_rfap,
                               truncation_probe=0)
-    stream, endpoint, worst = StreamState(), EndpointState(), 0.0
+    stream, worst = StreamState(), 0.0
     with tempfile.TemporaryDirectory() as tmp:
         spec = synth.SceneSpec(width=w, height=h, frames=frames, gop=frames, camera="static")
         video = synth.make_clip(spec, tmp, name="verify", progress=False).video
-        for mf in iter_motion(video):
-            if endpoint.cache is None:
-                image, field, key = mf.image, None, True
-            else:
-                endpoint.accumulate(mf.field)
-                image = endpoint.residual(mf.image, dispatch_threshold(args.tau)).assemble(mf.image)
-                field, key = endpoint.field, False
-            endpoint.reset(image)
+        for _, image, field, key in edge_inputs(video, dispatch_threshold(args.tau)):
             x = preprocess(image)
             got = onnx_stream.run(x.numpy(), field, key)[0]
             with torch.no_grad():

@@ -32,6 +32,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from fluxshard.sparse.spec import l1_norm
+
 from .functions import (DOMAIN, MV_GATHER, masked_sparse_conv_node, opset_imports, with_bodies,
                         without_bodies)
 
@@ -316,7 +318,7 @@ class _Rewriter:
         recompute = self._or(parts)
         threshold = 0.0
         if self.tau > 0 and activation == "silu":
-            threshold = self.tau / _l1_norm(weight.values)
+            threshold = self.tau / l1_norm(weight.values)
         # the new op takes over the final tensor; the old conv (+ SiLU) nodes lose their outputs
         for node in removed:
             node.outputs.clear()
@@ -362,7 +364,7 @@ class _Rewriter:
             conv = next((t.inputs[0] for t in last.inputs
                          if t.inputs and t.inputs[0].op == "Conv"), None)
             if conv is not None:
-                threshold = self.tau / _l1_norm(conv.inputs[1].values)
+                threshold = self.tau / l1_norm(conv.inputs[1].values)
         consumers = {id(c) for c in fresh.outputs}
         hw = tuple(int(d) for d in fresh.shape[2:])
         gathered, cache_out = self._cache(fresh, stride)
@@ -442,8 +444,3 @@ class _Rewriter:
         return FluxShardGraph(model=model, height=self.h, width=self.w, caches=self.caches,
                               strides=sorted(self.grid_inputs), cond1=dict(self.cond1),
                               outputs=outputs)
-
-
-def _l1_norm(weight: np.ndarray) -> float:
-    """||W||_1 of the spec: the largest L1 norm over output channels."""
-    return float(np.abs(weight.reshape(weight.shape[0], -1)).sum(1).max())

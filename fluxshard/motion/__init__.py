@@ -5,8 +5,9 @@ from fluxshard.motion.decode import (MOTION_SOURCES, MotionFrame, MotionSourceEr
                                      iter_motion)
 from fluxshard.motion.field import (MV_BLOCK, align_image, compose_fields, field_at_stride,
                                     motion_statistic)
-from fluxshard.motion.state import EndpointState, ResidualSet, residual_blocks
+from fluxshard.motion.state import (EdgePath, EndpointState, ResidualSet, edge_inputs,
+                                    residual_blocks)
 
 __all__ = ["MV_BLOCK", "MOTION_SOURCES", "MotionFrame", "MotionSourceError", "iter_motion",
            "codec_field", "align_image", "compose_fields", "field_at_stride", "motion_statistic",
-           "EndpointState", "ResidualSet", "residual_blocks"]
+           "EdgePath", "EndpointState", "ResidualSet", "edge_inputs", "residual_blocks"]

@@ -134,3 +134,37 @@ class EndpointState:
     def motion_statistic(self) -> float:
         self._require()
         return motion_statistic(self.field)
+
+
+class EdgePath:
+    """The edge's data path for an endpoint that runs on every frame (benchmarks, profiles, tests):
+    codec MVs accumulated into its dispatch state -> residual blocks at ``threshold`` (uint8
+    pixels) -> the assembled input the executor sees, with the field since its last run.
+    ``motion=False`` ignores the MVs (a pixel-aligned cache: the DeltaCNN-like baseline)."""
+
+    def __init__(self, threshold: float, block: int = RESIDUAL_BLOCK, motion: bool = True):
+        self.state = EndpointState(block)
+        self.threshold = threshold
+        self.motion = motion
+
+    def step(self, frame) -> tuple[np.ndarray, np.ndarray | None, bool]:
+        """One decoded :class:`fluxshard.motion.MotionFrame` -> (assembled input, accumulated
+        field or None, key)."""
+        if self.state.cache is None or frame.is_key:
+            image, field, key = frame.image, None, True
+        else:
+            self.state.accumulate(frame.field if self.motion else np.zeros_like(frame.field))
+            image = self.state.residual(frame.image, self.threshold).assemble(frame.image)
+            field, key = self.state.field, False
+        self.state.reset(image)
+        return image, field, key
+
+
+def edge_inputs(video, threshold: float, **kwargs):
+    """(MotionFrame, assembled input, field or None, key) for every frame of ``video`` along
+    :class:`EdgePath` (``kwargs``: its options)."""
+    from fluxshard.motion.decode import iter_motion
+
+    path = EdgePath(threshold, **kwargs)
+    for frame in iter_motion(video):
+        yield (frame, *path.step(frame))

@@ -32,6 +32,7 @@ from fluxshard.models.yolo import YOLO11, fuse, is_fused
 from .ops import (PointConv, TileConv, channels_last, dilate_mask, masked_point_conv,
                   masked_sparse_conv, mv_gather_, point_weight, rows, window_uniform)
 from .rfap import RFAPPlan
+from .spec import l1_norm
 
 
 # A densely computed op whose outputs mostly changed skips truncation for this many frames.
@@ -116,11 +117,6 @@ class StreamState:
         self.frames_since_key = 0
 
 
-def _l1_norm(conv: nn.Conv2d) -> float:
-    """||w||_1 of the spec: the largest L1 norm of one output channel's kernel."""
-    return float(conv.weight.detach().abs().flatten(1).sum(1).max())
-
-
 class SparseExecutor:
     """Masked sparse inference of a YOLO11 model with per-stream feature caches.
 
@@ -179,7 +175,8 @@ class SparseExecutor:
         self.keyframe_interval = keyframe_interval
         self.grid_snap = grid_snap
         self.names = {id(m): n for n, m in model.named_modules()}
-        self.norms = {id(m): _l1_norm(m) for m in model.modules() if isinstance(m, nn.Conv2d)}
+        self.norms = {id(m): l1_norm(m.weight) for m in model.modules()
+                      if isinstance(m, nn.Conv2d)}
         self.first_spatial = model.model[0].conv  # Cond. 1 in relaxed mode
         # input (H, W) -> (TileConv per (layer, map size), PointConv per geometry), LRU order
         self._geometries: OrderedDict[tuple[int, int], tuple[dict, dict]] = OrderedDict()

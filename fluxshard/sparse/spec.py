@@ -46,3 +46,10 @@ Lipschitz bound of one output channel against a max-norm input change (v1 Eq. 4)
 
 OPS = ("MVGather", "MaskedSparseConv")
 ACTIVATIONS = ("silu", "none")
+
+
+def l1_norm(weight) -> float:
+    """||W||_1 of a (Cout, Cin / group, k, k) kernel (torch tensor or numpy array): the largest
+    L1 norm over output channels, the truncation scale of every executor."""
+    w = weight.detach().cpu().numpy() if hasattr(weight, "detach") else weight
+    return float(abs(w.reshape(w.shape[0], -1)).sum(1).max())
