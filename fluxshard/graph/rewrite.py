@@ -11,7 +11,11 @@ executor (fluxshard.sparse.executor) computes it:
 * Split / Slice along channels pass the mask on, Concat / Add or the masks, Resize (nearest
   upsampling) resizes it;
 * global blocks (SPPF, C2PSA) and the seg prototypes' transposed conv run densely; the difference
-  to their gathered cache says what changed (truncation at tau / ||w||_1 of the block's last conv);
+  to their gathered cache says what changed (truncation at tau / ||w||_1 of the block's last conv).
+  The blocks are found by their pattern (:func:`find_global_blocks`: a chain of stride-1 MaxPools
+  joined by a Concat; a Softmax between a conv's channel split and the Concat that joins the split
+  back), not by node names or layer indices, so any YOLO export with that layout works
+  (:func:`rewrite_onnx`, e.g. ``yolo export format=onnx`` from ultralytics);
 * everything else (the Detect / Segment decoding) reads the assembled values densely.
 
 Per cached op the graph has ``cache_in_NNN`` / ``cache_out_NNN`` (names that sort alike, for
@@ -23,8 +27,9 @@ decisions. A key frame is a frame whose grids are invalid everywhere.
 
 from __future__ import annotations
 
-import re
+import os
 import tempfile
+from collections import deque
 from dataclasses import dataclass, field as dc_field
 from pathlib import Path
 
@@ -36,9 +41,6 @@ from fluxshard.sparse.spec import l1_norm
 
 from .functions import (DOMAIN, MV_GATHER, masked_sparse_conv_node, opset_imports, with_bodies,
                         without_bodies)
-
-_LAYER = re.compile(r"^/model\.(\d+)/")
-
 
 @dataclass
 class FluxShardGraph:
@@ -52,6 +54,8 @@ class FluxShardGraph:
     strides: list[int]  # grids whose field_index_s / invalid_s are inputs
     cond1: dict[str, tuple[int, int, int, int]]  # input name -> (input stride, k, stride, pad)
     outputs: list[str] = dc_field(default_factory=list)  # the model's own outputs
+    input_name: str = "images"
+    global_blocks: list[tuple[str, str]] = dc_field(default_factory=list)  # (kind, first node)
 
     def tensorrt(self) -> onnx.ModelProto:
         """The same graph without the FluxShard bodies: TensorRT binds plugins to the nodes."""
@@ -103,7 +107,7 @@ class OnnxStream:
 
     def run(self, frame: np.ndarray, field: np.ndarray | None, key: bool = False):
         """``frame`` (1, 3, H, W) float32 in [0, 1]; returns the model's outputs (list)."""
-        feeds = {"images": np.ascontiguousarray(frame, np.float32), **self.caches,
+        feeds = {self.graph.input_name: np.ascontiguousarray(frame, np.float32), **self.caches,
                  **self.graph.feeds(field, key)}
         results = dict(zip(self._outputs, self.session.run(self._outputs, feeds)))
         for name_in, name_out, _ in self.graph.caches:
@@ -119,17 +123,83 @@ def rewrite(model, imgsz: tuple[int, int] = (384, 640), *, tau: float = 0.0,
     with the executor's semantics for ``tau`` and ``strict_rfap``; ``tile`` is the
     MaskedSparseConv execution hint (0: per position)."""
     from fluxshard.models.export import export_onnx
-    from fluxshard.models.modules import C2PSA, SPPF
     from fluxshard.models.yolo import fuse, is_fused
 
     if not is_fused(model):
         fuse(model)
-    h, w = imgsz
     with tempfile.TemporaryDirectory() as tmp:
         dense = onnx.load(export_onnx(model, Path(tmp) / "dense.onnx", imgsz))
-    graph = _static_graph(dense)
-    global_layers = {i for i, m in enumerate(model.model) if isinstance(m, (SPPF, C2PSA))}
-    return _Rewriter(graph, h, w, tau, strict_rfap, tile, global_layers).run()
+    return rewrite_onnx(dense, imgsz, tau=tau, strict_rfap=strict_rfap, tile=tile)
+
+
+def rewrite_onnx(source: str | os.PathLike | onnx.ModelProto,
+                 imgsz: tuple[int, int] | None = None, *, tau: float = 0.0,
+                 strict_rfap: bool = False, tile: int = 0) -> FluxShardGraph:
+    """Rewrite a dense YOLO ONNX graph (a path or a loaded model: our export, or ultralytics'
+    ``yolo export format=onnx``, BN folded, batch 1) into a FluxShard graph. ``imgsz`` (H, W):
+    the input size, needed when the graph's input has dynamic height/width; a static input must
+    match it. The global blocks are found by pattern (:func:`find_global_blocks`)."""
+    model = source if isinstance(source, onnx.ModelProto) else onnx.load(str(source))
+    model, (h, w), input_name = _fixed_input(model, imgsz)
+    graph = _static_graph(model)
+    blocks = find_global_blocks(graph)
+    return _Rewriter(graph, h, w, tau, strict_rfap, tile, blocks, input_name).run()
+
+
+def input_size(source: str | os.PathLike | onnx.ModelProto) -> tuple[int, int] | None:
+    """(H, W) of an image graph's input, or None where they are dynamic."""
+    model = source if isinstance(source, onnx.ModelProto) else onnx.load(str(source),
+                                                                         load_external_data=False)
+    dims = _image_input(model).type.tensor_type.shape.dim
+    hw = [d.dim_value if d.HasField("dim_value") else None for d in dims[2:]]
+    return None if None in hw else (hw[0], hw[1])
+
+
+def _image_input(model: onnx.ModelProto) -> onnx.ValueInfoProto:
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    if len(inputs) != 1 or len(inputs[0].type.tensor_type.shape.dim) != 4:
+        raise ValueError(f"expected one (1, 3, H, W) image input, got "
+                         f"{[(i.name, _dims(i)) for i in inputs]}")
+    return inputs[0]
+
+
+def _dims(value: onnx.ValueInfoProto) -> list:
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+            for d in value.type.tensor_type.shape.dim]
+
+
+def _fixed_input(model: onnx.ModelProto, imgsz):
+    """The model with a static (1, 3, H, W) input; ((H, W), input name)."""
+    image = _image_input(model)
+    batch, channels, *hw = _dims(image)
+    if channels != 3 or (isinstance(batch, int) and batch != 1):
+        raise ValueError(f"input {image.name!r} is {_dims(image)}; expected (1, 3, H, W)")
+    static = None if any(not isinstance(d, int) for d in hw) else tuple(hw)
+    if static is not None:
+        if imgsz is not None and tuple(imgsz) != static:
+            raise ValueError(f"the graph's input {image.name!r} is fixed at {static[1]}x"
+                             f"{static[0]} (W x H), not {imgsz[1]}x{imgsz[0]}: export it at that "
+                             "size, or with dynamic height/width")
+        size = static
+    elif imgsz is None:
+        raise ValueError(f"the graph's input {image.name!r} has dynamic size {_dims(image)}: "
+                         "give the size to rewrite it for")
+    else:
+        size = tuple(int(v) for v in imgsz)
+    if size[0] % 32 or size[1] % 32:
+        raise ValueError(f"input size {size[1]}x{size[0]} (W x H) is not a multiple of 32")
+    if static is None or batch != 1:
+        model = onnx.ModelProto.FromString(model.SerializeToString())
+        image = _image_input(model)
+        for dim, value in zip(image.type.tensor_type.shape.dim, (1, 3, *size)):
+            dim.Clear()
+            dim.dim_value = value
+        # shapes derived from the dynamic ones are re-inferred from the fixed input
+        del model.graph.value_info[:]
+        for out in model.graph.output:
+            out.type.tensor_type.ClearField("shape")
+    return model, size, image.name
 
 
 def _static_graph(model: onnx.ModelProto) -> gs.Graph:
@@ -142,17 +212,170 @@ def _static_graph(model: onnx.ModelProto) -> gs.Graph:
     return graph
 
 
-def _layer(node: gs.Node) -> int | None:
-    match = _LAYER.match(node.name or "")
-    return int(match.group(1)) if match else None
+# ------------------------------------------------------------------- global blocks by pattern
+
+@dataclass
+class GlobalBlock:
+    """A block that runs densely: ``kind`` "SPPF" or "C2PSA", its nodes (entry conv first) and
+    the tensor it hands to the rest of the graph."""
+
+    kind: str
+    nodes: list[gs.Node]
+    output: gs.Variable
+
+    @property
+    def name(self) -> str:
+        return self.nodes[0].name
+
+
+def find_global_blocks(graph: gs.Graph) -> list[GlobalBlock]:
+    """The SPPF and C2PSA blocks of a (shape-folded) YOLO graph, found by structure:
+
+    * SPPF: a Concat (channels) of a tensor and a chain of stride-1 MaxPools of it, with the conv
+      that makes the tensor and the conv that reads the Concat;
+    * C2PSA: a Softmax (the attention) downstream of a conv whose output is only split along
+      channels, one part of which a channel Concat downstream of the Softmax joins back, with the
+      conv that reads that Concat.
+
+    Each block spans every node between its entry conv and its exit conv."""
+    blocks: list[GlobalBlock] = []
+    taken: set[int] = set()
+    for node in graph.nodes:
+        if id(node) in taken:
+            continue
+        found = None
+        if node.op == "Concat" and _channel_axis(node.attrs.get("axis", 0)):
+            found = _sppf(node)
+        elif node.op == "Softmax":
+            found = _c2psa(node)
+        if found is None:
+            continue
+        kind, entry, exit_nodes = found
+        nodes = _between(graph, entry, exit_nodes[-1].outputs[0])
+        blocks.append(GlobalBlock(kind, nodes, exit_nodes[-1].outputs[0]))
+        taken.update(id(n) for n in nodes)
+    return blocks
+
+
+def _channel_axis(axis) -> bool:
+    return int(axis) in (1, -3)
+
+
+def _producer(tensor) -> gs.Node | None:
+    return tensor.inputs[0] if isinstance(tensor, gs.Variable) and tensor.inputs else None
+
+
+def _conv_act(tensor) -> list[gs.Node] | None:
+    """[conv] or [conv, sigmoid, mul] when ``tensor`` is a conv's output, with SiLU or without."""
+    node = _producer(tensor)
+    if node is None:
+        return None
+    if node.op == "Conv":
+        return [node]
+    if node.op == "Mul" and len(node.inputs) == 2:
+        producers = [_producer(t) for t in node.inputs]
+        conv = next((p for p in producers if p is not None and p.op == "Conv"), None)
+        sigmoid = next((p for p in producers if p is not None and p.op == "Sigmoid"), None)
+        if conv is not None and sigmoid is not None and sigmoid.inputs[0] is conv.outputs[0]:
+            return [conv, sigmoid, node]
+    return None
+
+
+def _exit_conv(tensor) -> list[gs.Node] | None:
+    """The conv(+SiLU) that alone reads ``tensor``."""
+    if len(tensor.outputs) != 1 or tensor.outputs[0].op != "Conv":
+        return None
+    conv = tensor.outputs[0]
+    users = list(conv.outputs[0].outputs)
+    mul = next((u for u in users if u.op == "Mul"), None)
+    if mul is not None and len(users) == 2 and any(u.op == "Sigmoid" for u in users):
+        nodes = _conv_act(mul.outputs[0])
+        if nodes is not None and nodes[0] is conv:
+            return nodes
+    return [conv]
+
+
+def _sppf(concat: gs.Node):
+    ins = concat.inputs
+    if len(ins) < 2:
+        return None
+    for prev, cur in zip(ins, ins[1:]):
+        pool = _producer(cur)
+        if pool is None or pool.op != "MaxPool" or pool.inputs[0] is not prev or any(
+                s != 1 for s in pool.attrs.get("strides", [1, 1])):
+            return None
+    entry, exit_nodes = _conv_act(ins[0]), _exit_conv(concat.outputs[0])
+    if entry is None or exit_nodes is None:
+        return None
+    return "SPPF", entry[0], exit_nodes
+
+
+def _is_channel_split(node: gs.Node) -> bool:
+    if node.op == "Split":
+        return _channel_axis(node.attrs.get("axis", 0))
+    if node.op == "Slice" and len(node.inputs) > 3 and isinstance(node.inputs[3], gs.Constant):
+        axes = node.inputs[3].values.reshape(-1)
+        return axes.size == 1 and _channel_axis(axes[0])
+    return False
+
+
+def _c2psa(softmax: gs.Node):
+    below = _descendants(softmax)
+    # the nearest conv above the attention whose output is only split along channels
+    queue, seen = deque(t for t in softmax.inputs if isinstance(t, gs.Variable)), set()
+    while queue:
+        tensor = queue.popleft()
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        entry = _conv_act(tensor)
+        if entry is not None and tensor.outputs and all(_is_channel_split(u)
+                                                        for u in tensor.outputs):
+            parts = [t for split in tensor.outputs for t in split.outputs]
+            joins = [u for t in parts for u in t.outputs
+                     if u.op == "Concat" and _channel_axis(u.attrs.get("axis", 0))
+                     and id(u) in below]
+            if joins:
+                exit_nodes = _exit_conv(joins[0].outputs[0])
+                if exit_nodes is not None:
+                    return "C2PSA", entry[0], exit_nodes
+        node = _producer(tensor)
+        if node is not None:
+            queue.extend(t for t in node.inputs if isinstance(t, gs.Variable))
+    return None
+
+
+def _descendants(node: gs.Node) -> set[int]:
+    out, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        for t in n.outputs:
+            for user in t.outputs:
+                if id(user) not in out:
+                    out.add(id(user))
+                    stack.append(user)
+    return out
+
+
+def _between(graph: gs.Graph, entry: gs.Node, output: gs.Variable) -> list[gs.Node]:
+    """Nodes on a path from ``entry`` to ``output`` (both ends included), in graph order."""
+    below = _descendants(entry) | {id(entry)}
+    above, stack = set(), [output]
+    while stack:
+        node = _producer(stack.pop())
+        if node is not None and id(node) not in above:
+            above.add(id(node))
+            stack.extend(t for t in node.inputs if isinstance(t, gs.Variable))
+    return [n for n in graph.nodes if id(n) in below and id(n) in above]
 
 
 class _Rewriter:
     def __init__(self, graph: gs.Graph, h: int, w: int, tau: float, strict: bool, tile: int,
-                 global_layers: set[int]):
+                 blocks: list[GlobalBlock], input_name: str = "images"):
         self.g, self.h, self.w = graph, h, w
         self.tau, self.strict, self.tile = float(tau), strict, tile
-        self.global_layers = global_layers
+        self.blocks = blocks
+        self.input_name = input_name
         self.masks: dict[str, tuple[gs.Variable, int]] = {}  # tensor -> (changed mask, stride)
         self.caches: list[tuple[str, str, tuple[int, ...]]] = []
         self.grid_inputs: dict[int, tuple[gs.Variable, gs.Variable]] = {}
@@ -247,15 +470,14 @@ class _Rewriter:
 
     # ------------------------------------------------------------------ the walk
     def run(self) -> FluxShardGraph:
-        images = next(t for t in self.g.inputs if t.name == "images")
+        images = next(t for t in self.g.inputs if t.name == self.input_name)
         self._input(images)
-        done: set[int] = set()
+        block_of = {id(n): b for b in self.blocks for n in b.nodes}
         for node in list(self.g.nodes):
-            layer = _layer(node)
-            if layer in self.global_layers:
-                if layer not in done and self._block_output(layer) is not None:
-                    done.add(layer)
-                    self._dense_block([n for n in self.g.nodes if _layer(n) == layer])
+            block = block_of.get(id(node))
+            if block is not None:
+                if node is block.nodes[0]:  # the entry conv: every input of the block is ready
+                    self._dense_block(block.nodes)
                 continue
             if node.op == "Conv" and node.inputs[0].name in self.masks:
                 self._conv(node)
@@ -336,15 +558,6 @@ class _Rewriter:
                                       [x, recompute, gathered, invalid, weight, bias],
                                       [fresh, changed], domain=DOMAIN))
         self.masks[fresh.name] = (changed, out_stride)
-
-    def _block_output(self, layer: int) -> gs.Variable | None:
-        nodes = [n for n in self.g.nodes if _layer(n) == layer]
-        inside = {id(n) for n in nodes}
-        for n in nodes:
-            for t in n.outputs:
-                if any(id(c) not in inside for c in t.outputs) or t in self.g.outputs:
-                    return t
-        return None
 
     def _dense_block(self, nodes: list[gs.Node]) -> None:
         """A block run densely; its difference to the gathered cache says what changed."""
@@ -443,4 +656,5 @@ class _Rewriter:
         model = with_bodies(model)
         return FluxShardGraph(model=model, height=self.h, width=self.w, caches=self.caches,
                               strides=sorted(self.grid_inputs), cond1=dict(self.cond1),
-                              outputs=outputs)
+                              outputs=outputs, input_name=self.input_name,
+                              global_blocks=[(b.kind, b.name) for b in self.blocks])
