@@ -34,6 +34,16 @@ def padded_shape(height: int, width: int, multiple: int = 32) -> tuple[int, int]
     return -(-height // multiple) * multiple, -(-width // multiple) * multiple
 
 
+def padded_size(width: int, height: int, who: str = "fluxshard", multiple: int = 32
+                ) -> tuple[int, int]:
+    """(W, H) rounded up to multiples of ``multiple`` (the model's largest stride), saying so on
+    stdout when that changes them: frames are padded bottom/right, as :func:`preprocess` does."""
+    ph, pw = padded_shape(height, width, multiple)
+    if (pw, ph) != (width, height):
+        print(f"{who}: size {width}x{height} padded to {pw}x{ph} (multiples of {multiple})")
+    return pw, ph
+
+
 def preprocess(frames: np.ndarray | list[np.ndarray], multiple: int = 32,
                device: torch.device | str = "cpu") -> torch.Tensor:
     """RGB uint8 frame(s) (H, W, 3) -> float32 (B, 3, H', W') in [0, 1], H' and W' the next
