@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-__version__ = "2"  # bump when rendering changes (training caches key on it)
+__version__ = "3"  # bump when rendering or encoding changes (training caches key on it)
 
 CLASS_NAMES: tuple[str, ...] = ("car", "person", "ball", "sign")
 CAMERAS = ("pan", "zoom", "pan+zoom", "static")
@@ -137,7 +137,10 @@ class _Sprite:
         colour = rng.uniform(0.15, 0.95, 3).astype(np.float32)
         second = 1 - colour
         if cls == 0:  # car: rounded rectangle, horizontal stripes, two dark wheels
-            mask = (np.abs(u) ** 6 + np.abs(v) ** 6) <= 1
+            # Products, not np.power: numpy's AVX-512 power (SVML) rounds differently from
+            # libm's, which would move the shape's edge pixels between CPUs.
+            u2, v2 = u * u, v * v
+            mask = (u2 * u2 * u2 + v2 * v2 * v2) <= 1
             pattern = (np.floor(yy / 4) % 2)[..., None]
             wheels = ((u + 0.55) ** 2 * 4 + (v - 0.7) ** 2 * 12 < 0.35) | \
                      ((u - 0.55) ** 2 * 4 + (v - 0.7) ** 2 * 12 < 0.35)
@@ -200,6 +203,12 @@ class Scene:
     def zoom_scale(self, t: float) -> float:
         return (1.0 + self.zoom_speed) ** t
 
+        if float(t).is_integer() and t >= 0:
+            # Repeated products are exact IEEE steps; libm's pow has CPU-specific (FMA) variants.
+            scale = 1.0
+            for _ in range(int(t)):
+                scale *= 1.0 + self.zoom_speed
+            return scale
     def _camera(self, t: float) -> tuple[np.ndarray, float]:
         return self.world_centre + self.pan_velocity * t, self.zoom_scale(t)
 
@@ -330,10 +339,12 @@ def _encoder_options(codec: str, spec: SceneSpec, ref: int, bframes: int, crf: i
         extra = ":mbtree=0" if bframes else ""
         return {"crf": str(crf), "preset": preset,
                 "x264-params": f"ref={ref}:bframes={bframes}:keyint={spec.gop}:"
-                               f"min-keyint={spec.gop}:scenecut=0:threads=1{extra}"}
-    return {"crf": str(crf), "preset": preset,
+        # asm=0: x264's SSSE3+ kernels take other mode decisions than its C code (measured), so
+        # the bitstream would depend on the CPU; the C code gives one clip everywhere.
+                               f"min-keyint={spec.gop}:scenecut=0:threads=1:asm=0{extra}"}
+    return {"crf": str(crf), "preset": preset,  # asm=0 for the same reason as x264
             "x265-params": f"ref={ref}:bframes={bframes}:keyint={spec.gop}:min-keyint={spec.gop}:"
-                           "scenecut=0:frame-threads=1:pools=1:log-level=error"}
+                           "scenecut=0:frame-threads=1:pools=1:asm=0:log-level=error"}
 
 
 def make_clip(spec: SceneSpec, out_dir: str | Path, codec: str = "libx264", ref: int = 1, *,
@@ -355,6 +366,9 @@ def make_clip(spec: SceneSpec, out_dir: str | Path, codec: str = "libx264", ref:
     video_path, truth_path = out_dir / f"{name}.mp4", out_dir / f"{name}.npz"
     scene = Scene(spec)
     counts, boxes, classes, ids, flows, uniform, background = [], [], [], [], [], [], []
+    from av.video.reformatter import Interpolation
+
+    exact = Interpolation.BILINEAR | Interpolation.ACCURATE_RND | Interpolation.BITEXACT
     prev_labels = None
     with av.open(str(video_path), "w") as container:
         stream = container.add_stream(codec, rate=spec.fps)
@@ -364,7 +378,10 @@ def make_clip(spec: SceneSpec, out_dir: str | Path, codec: str = "libx264", ref:
         for t in tqdm(range(spec.frames), desc=f"synth {name}", unit="frame", disable=not progress,
                       dynamic_ncols=True):
             frame = scene.render(t)
-            video_frame = av.VideoFrame.from_ndarray(frame.image, format="rgb24")
+            # Convert to the encoder's yuv420p here with bit-exact swscale: the encoder's own
+            # conversion would use the CPU's SIMD kernels, which round differently.
+            video_frame = av.VideoFrame.from_ndarray(frame.image, format="rgb24").reformat(
+                format="yuv420p", interpolation=exact)
             video_frame.pts = t
             for packet in stream.encode(video_frame):
                 container.mux(packet)

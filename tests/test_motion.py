@@ -157,7 +157,7 @@ def test_aligned_cache_equals_frame_on_background(accumulated_run):
     state, frames, scene, start, end, _ = accumulated_run
     _, disp = true_accumulated(scene, end, start)
     clean = clean_background(scene, start, end, disp)
-    residual = state.residual(frames[end].image, tau=0)
+    residual = state.residual(frames[end].image, 0)
     diff = np.abs(residual.aligned.astype(int) - frames[end].image.astype(int)).max(-1)
     # Codec noise of two decoded frames plus sub-pixel rounding of the zooming background.
     assert np.median(diff[clean & residual.valid]) <= 12
@@ -177,7 +177,7 @@ def test_residual_set_covers_objects_and_disocclusions(accumulated_run):
     source_label[inside] = cache_labels[sy[inside], sx[inside]]
     # Pixels the cache cannot predict: uncovered background, occluded objects, new content.
     changed = source_label != frame.labels
-    residual = state.residual(frame_image := frames[end].image, tau=40)
+    residual = state.residual(frame_image := frames[end].image, 40)
     must = blocks_of(changed, 16) & (
         np.pad(changed, ((0, -h % 16), (0, -w % 16))).reshape(-(-h // 16), 16, -(-w // 16), 16)
         .sum(axis=(1, 3)) >= 16)
@@ -270,7 +270,7 @@ def test_odd_size_clip(synth_clips):
     state = EndpointState()
     state.reset(frames[0].image)
     state.accumulate(frames[1].field)
-    assert state.residual(frames[1].image, tau=40).mask.shape == (13, 21)
+    assert state.residual(frames[1].image, 40).mask.shape == (13, 21)
 
 
 def test_unreadable_inputs_give_clear_errors(tmp_path, synth_clips):

@@ -7,6 +7,10 @@ blocks' neighbours' vectors (helps at object borders) and zero (static content o
 background). A tiny penalty on vector length breaks ties on flat content towards small motion.
 All candidates of all blocks are evaluated at once with numpy gathers; ``wanted`` restricts the
 work to some blocks (the validation fallback needs only the blocks whose codec vector failed).
+
+Exact integer arithmetic throughout (integer luma, a pyramid of 2x2 sums, int32 SADs, an integer
+length penalty, argmin taking the first of equal costs): the field is the same on every CPU, which
+float reductions and BLAS kernels (FMA, AVX-512) do not guarantee.
 """
 
 from __future__ import annotations
@@ -20,22 +24,37 @@ from fluxshard.motion.field import MV_BLOCK, field_shape
 
 MATCH_BLOCK = 8  # pixels per side at every pyramid level (4x4 field blocks come in 2x2 groups)
 DEFAULT_RADIUS = 16  # pixels at full resolution
-LENGTH_PENALTY = 0.02  # cost units (grey levels) per pixel of vector length
+LENGTH_PENALTY = 0.02  # cost units (grey levels of mean abs difference) per pixel of length
+# Costs are integers in 1/COST_SCALE of a SAD unit, so the length penalty keeps a fine resolution.
+COST_SCALE = 256
 
 
 def to_luma(image: np.ndarray) -> np.ndarray:
-    """(H, W) or (H, W, 3) uint8 -> (H, W) float32 luma (BT.601 weights)."""
+    """(H, W) or (H, W, 3) uint8 -> (H, W) int16 luma (BT.601 weights in 8-bit fixed point)."""
     image = np.asarray(image)
+    if image.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 image, got {image.dtype}")
     if image.ndim == 2:
-        return image.astype(np.float32)
+        return image.astype(np.int16)
     if image.ndim == 3 and image.shape[2] == 3:
-        return image.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+        rgb = image.astype(np.int32)
+        y = (77 * rgb[..., 0] + 150 * rgb[..., 1] + 29 * rgb[..., 2] + 128) >> 8
+        return y.astype(np.int16)
     raise ValueError(f"expected a (H, W) luma or (H, W, 3) RGB image, got shape {image.shape}")
 
 
 def _downsample(img: np.ndarray) -> np.ndarray:
-    # Four strided slices: several times faster than a reshape-mean on a whole frame.
-    return (img[0::2, 0::2] + img[1::2, 0::2] + img[0::2, 1::2] + img[1::2, 1::2]) * 0.25
+    # Sum, not mean: stays exact (4x the level's scale; 2 levels of uint8 fit int16).
+    # Four strided slices: several times faster than a reshape-sum on a whole frame.
+    return img[0::2, 0::2] + img[1::2, 0::2] + img[0::2, 1::2] + img[1::2, 1::2]
+
+
+def _length_penalty(vectors: np.ndarray, level: int, block: int) -> np.ndarray:
+    """LENGTH_PENALTY in integer cost units at a level whose pixels sum 4**level full-resolution
+    pixels. sqrt and one product are correctly rounded IEEE operations, then rounded to int."""
+    length = np.sqrt((vectors.astype(np.int64) ** 2).sum(-1).astype(np.float64))
+    per_px = LENGTH_PENALTY * block * block * (4 ** level) * COST_SCALE
+    return np.rint(length * per_px).astype(np.int64)
 
 
 def _offsets(radius: int) -> np.ndarray:
@@ -48,8 +67,9 @@ class _Level:
     (a sliding-window view, so one index per block and candidate). Source windows are clamped
     into a one-block border."""
 
-    def __init__(self, cur: np.ndarray, prev: np.ndarray, blocks: np.ndarray, block: int):
-        self.block = block
+    def __init__(self, cur: np.ndarray, prev: np.ndarray, blocks: np.ndarray, block: int,
+                 level: int = 0):
+        self.block, self.level = block, level
         # Edge-replicated border one block wide: border blocks whose source leaves the frame still
         # get a plausible match; sources further out are clamped.
         self.windows = sliding_window_view(np.pad(prev, block, mode="edge"), (block, block))
@@ -58,19 +78,24 @@ class _Level:
         grid = cur.reshape(cur.shape[0] // block, block, cur.shape[1] // block, block)
         self.cur = grid[blocks[:, 0], :, blocks[:, 1], :]  # (K, b, b)
 
-    def costs(self, vectors: np.ndarray, penalty: bool = True) -> np.ndarray:
-        """vectors (K, C, 2) int (dy, dx) -> mean abs difference (K, C) plus, with ``penalty``,
-        the length penalty."""
+    def sad(self, vectors: np.ndarray) -> np.ndarray:
+        """vectors (K, C, 2) int (dy, dx) -> int32 SAD (K, C) in this level's units."""
         sy = np.clip(self.y0[:, None] + vectors[..., 0], 0, self.max_y)
         sx = np.clip(self.x0[:, None] + vectors[..., 1], 0, self.max_x)
-        patches = self.windows[sy, sx]  # (K, C, b, b)
+        patches = self.windows[sy, sx]  # (K, C, b, b) int16
         k, c = sy.shape
-        n = self.block * self.block
-        diff = np.abs(patches - self.cur[:, None]).reshape(k * c, n)
-        sad = (diff @ np.full(n, 1 / n, np.float32)).reshape(k, c)  # faster than .mean(-1)
-        if not penalty:
-            return sad
-        return sad + LENGTH_PENALTY * np.sqrt((vectors.astype(np.float32) ** 2).sum(-1))
+        diff = np.abs(patches - self.cur[:, None]).reshape(k * c, self.block * self.block)
+        # einsum's integer sum is exact in any order and faster than .sum(-1) on short rows;
+        # level 0 (64 x 255) fits int16, coarser sums need int32.
+        if self.level:
+            diff = diff.astype(np.int32)
+        return np.einsum("ij->i", diff).astype(np.int32).reshape(k, c)
+
+    def costs(self, vectors: np.ndarray) -> np.ndarray:
+        """vectors (K, C, 2) int (dy, dx) -> int64 cost (K, C): SAD x COST_SCALE plus the length
+        penalty."""
+        return self.sad(vectors).astype(np.int64) * COST_SCALE + _length_penalty(
+            vectors, self.level, self.block)
 
 
 def _neighbour_vectors(grid: np.ndarray, blocks: np.ndarray) -> np.ndarray:
@@ -86,18 +111,20 @@ def _subpixel_offsets(level: _Level, best: np.ndarray) -> np.ndarray:
     """Quarter-pel refinement per axis by the equiangular (V-shape) fit that suits SAD costs:
     the minimum of two lines of equal slope through the costs at -1, 0, +1. Keeps composed
     fields from drifting by the integer rounding of every frame. (K, 2) (dy, dx) offsets."""
-    # Raw costs: the length penalty would pull every fit towards zero (a bias that composition
+    # Raw SADs: the length penalty would pull every fit towards zero (a bias that composition
     # accumulates frame after frame).
     steps = np.array([[0, 0], [-1, 0], [1, 0], [0, -1], [0, 1]])
-    around = level.costs(best[:, None, :] + steps[None], penalty=False)  # (K, 5)
+    around = level.sad(best[:, None, :] + steps[None]).astype(np.int64)  # (K, 5)
     best_cost, around = around[:, 0], around[:, 1:]
     offsets = np.zeros(best.shape, np.float32)
     for axis, (minus, plus) in enumerate(((0, 1), (2, 3))):
         cm, cp = around[:, minus], around[:, plus]
         slope = np.maximum(cm, cp) - best_cost
+        # Quarter-pel steps: 4 * (cm - cp) / (2 slope), one correctly rounded division of exact
+        # integers, then round half to even.
         with np.errstate(divide="ignore", invalid="ignore"):
-            delta = np.where(slope > 1e-6, (cm - cp) / (2 * slope), 0.0)
-        offsets[:, axis] = np.round(np.clip(delta, -0.5, 0.5) * 4) / 4
+            quarters = np.where(slope > 0, np.round(2.0 * (cm - cp) / slope), 0.0)
+        offsets[:, axis] = np.clip(quarters, -2, 2) / 4
     return offsets
 
 
@@ -107,7 +134,8 @@ def match_blocks(current: np.ndarray, previous: np.ndarray, *, radius: int = DEF
     """Backward motion of ``current`` relative to ``previous`` (both (H, W) luma or (H, W, 3) RGB,
     same size). Returns ``(field, cost)``: the field in the motion-layer layout
     ``(ceil(H/4), ceil(W/4), 2)`` float32 (quarter-pel with ``subpixel``, else integer) and the
-    mean abs luma difference per 4x4 block at the chosen integer vector. ``wanted`` ((Hb, Wb) bool on the 4x4 grid) limits the
+    mean abs luma difference (float32, exact: SAD / 64) of the 8x8 match block at the chosen
+    integer vector. ``wanted`` ((Hb, Wb) bool on the 4x4 grid) limits the
     search to those blocks; the others get zero vectors and NaN cost."""
     cur, prev = to_luma(current), to_luma(previous)
     if cur.shape != prev.shape:
@@ -125,6 +153,8 @@ def match_blocks(current: np.ndarray, previous: np.ndarray, *, radius: int = DEF
     pyramid = [(cur, prev)]
     for _ in range(levels - 1):
         c, p = pyramid[-1]
+        if 255 * 4 ** len(pyramid) > np.iinfo(np.int16).max:  # sums of 4**level pixels
+            c, p = c.astype(np.int32), p.astype(np.int32)
         pyramid.append((_downsample(c), _downsample(p)))
 
     # Which blocks to solve at each level: the ancestors of wanted 4x4 blocks.
@@ -144,12 +174,11 @@ def match_blocks(current: np.ndarray, previous: np.ndarray, *, radius: int = DEF
         needs.append(n.reshape(n.shape[0] // 2, 2, n.shape[1] // 2, 2).any(axis=(1, 3)))
 
     grid = None  # vectors (dy, dx) of the previous (coarser) level, in that level's pixels
-    cost_grid = None
     for level in range(levels - 1, -1, -1):
         c, p = pyramid[level]
         need = needs[level]
         blocks = np.argwhere(need)
-        lvl = _Level(c, p, blocks, MATCH_BLOCK)
+        lvl = _Level(c, p, blocks, MATCH_BLOCK, level)
         if grid is None:
             r = math.ceil(radius / (1 << level))
             candidates = np.broadcast_to(_offsets(r), (len(blocks), (2 * r + 1) ** 2, 2))
@@ -162,12 +191,15 @@ def match_blocks(current: np.ndarray, previous: np.ndarray, *, radius: int = DEF
             zero = np.zeros((len(blocks), 1, 2), np.int64)
             candidates = np.concatenate([local, neighbours, zero], 1)
         costs = lvl.costs(candidates)
-        best = costs.argmin(1)
+        best = costs.argmin(1)  # the first of equal costs: exact costs make this reproducible
         rows = np.arange(len(blocks))
+        chosen = candidates[rows, best]
         grid = np.zeros(need.shape + (2,), np.int64)
-        grid[blocks[:, 0], blocks[:, 1]] = candidates[rows, best]
-        cost_grid = np.full(need.shape, np.nan, np.float32)
-        cost_grid[blocks[:, 0], blocks[:, 1]] = costs[rows, best]
+        grid[blocks[:, 0], blocks[:, 1]] = chosen
+    cost_grid = np.full(need.shape, np.nan, np.float32)
+    if len(blocks):  # level 0 now: take the penalty off again (exact)
+        sad = (costs[rows, best] - _length_penalty(chosen, 0, MATCH_BLOCK)) // COST_SCALE
+        cost_grid[blocks[:, 0], blocks[:, 1]] = sad / (MATCH_BLOCK * MATCH_BLOCK)
     vectors = grid.astype(np.float32)
     if subpixel and len(blocks):
         vectors[blocks[:, 0], blocks[:, 1]] += _subpixel_offsets(

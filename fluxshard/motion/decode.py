@@ -105,13 +105,27 @@ def open_source(source: str | Path, *, timeout_s: float = LIVE_TIMEOUT_S):
     return container, container.streams.video[0]
 
 
+# swscale's default yuv->rgb path picks SIMD kernels by CPU (C, SSE2, AVX2, AVX-512 ...) that
+# round differently; with ACCURATE_RND + BITEXACT every CPU gives the C result (FFmpeg's own
+# conversion tests hold all architectures to one checksum with these flags).
+def _exact_interpolation():
+    from av.video.reformatter import Interpolation
+
+    return Interpolation.BILINEAR | Interpolation.ACCURATE_RND | Interpolation.BITEXACT
+
+
+def frame_rgb(frame) -> np.ndarray:
+    """A decoded ``av.VideoFrame`` as (H, W, 3) uint8 RGB, the same on every CPU."""
+    return frame.to_ndarray(format="rgb24", interpolation=_exact_interpolation())
+
+
 def _luma(frame) -> np.ndarray:
     """The Y plane as (H, W) uint8 without a colour conversion when the frame is planar YUV."""
     if frame.format.name in ("yuv420p", "yuvj420p", "yuv422p", "yuvj422p", "yuv444p", "yuvj444p"):
         plane = frame.planes[0]
         rows = np.frombuffer(plane, np.uint8).reshape(-1, plane.line_size)
         return rows[:frame.height, :frame.width]
-    return frame.to_ndarray(format="gray")
+    return frame.to_ndarray(format="gray", interpolation=_exact_interpolation())
 
 
 # FFmpeg's AVPictureType; PyAV returns a plain int for it in some versions.
@@ -161,7 +175,7 @@ def iter_motion(source: str | Path, *, validate: bool = True, radius: int = DEFA
                 raise MotionSourceError(f"{name}: stream broke off after {index} frames ({exc})") \
                     from exc
             height, width = frame.height, frame.width
-            image = frame.to_ndarray(format="rgb24")
+            image = frame_rgb(frame)
             luma = _luma(frame)
             pict = _picture_type(frame)
             is_key = (prev_luma is None or pict == "I" or bool(frame.key_frame)
@@ -200,5 +214,5 @@ def iter_motion(source: str | Path, *, validate: bool = True, radius: int = DEFA
         raise MotionSourceError(f"{name}: no decodable video frames")
 
 
-__all__ = ["MotionFrame", "MotionSourceError", "MOTION_SOURCES", "codec_field", "iter_motion",
-           "open_source"]
+__all__ = ["MotionFrame", "MotionSourceError", "MOTION_SOURCES", "codec_field", "frame_rgb",
+           "iter_motion", "open_source"]

@@ -15,6 +15,9 @@ predict from the future or from a past frame that is not t-1; intra blocks carry
   whose vector replaces the current one only when clearly better. If nothing is better
   (occlusion, new content) the vector stays: the residual set catches that block;
 * blocks with no past-reference vector (intra, future-only) take the best alternative.
+
+Costs are exact: integer SADs of uint8 luma, divided by 16 (exact in float32), so every
+comparison and argmin (first of equal costs) gives the same field on every CPU.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ def block_costs(current_luma: np.ndarray, previous_luma: np.ndarray,
     sy, sx = _block_sources(field, h, w)
     aligned = _warp(previous_luma, sy, sx)
     diff = np.maximum(aligned, current_luma) - np.minimum(aligned, current_luma)
-    diff = diff.astype(np.float32)
+    diff = diff.astype(np.int16)  # 16 x 255 fits: integer sums are exact in any order
     leaving = np.argwhere(_sources_leave_frame(sy, sx, h, w))
     if len(leaving):  # per-pixel validity of the few blocks that reach outside the frame
         lin = np.arange(MV_BLOCK)
@@ -63,13 +66,14 @@ def block_costs(current_luma: np.ndarray, previous_luma: np.ndarray,
         py = np.broadcast_to(by[:, None, None] * MV_BLOCK + lin[None, :, None], out.shape)
         px = np.broadcast_to(bx[:, None, None] * MV_BLOCK + lin[None, None, :], out.shape)
         keep = out & (py < h) & (px < w)  # the last block row/column may overhang the frame
-        diff[py[keep], px[keep]] = 255.0
+        diff[py[keep], px[keep]] = 255
     ph, pw = -h % MV_BLOCK, -w % MV_BLOCK
     if ph or pw:
         diff = np.pad(diff, ((0, ph), (0, pw)), mode="edge")
     hb, wb = diff.shape[0] // MV_BLOCK, diff.shape[1] // MV_BLOCK
-    rows = diff.reshape(hb, MV_BLOCK, wb * MV_BLOCK).sum(axis=1)  # fast: whole rows at once
-    return rows.reshape(hb, wb, MV_BLOCK).sum(axis=2) / (MV_BLOCK * MV_BLOCK)
+    rows = diff.reshape(hb, MV_BLOCK, wb * MV_BLOCK).sum(axis=1, dtype=np.int16)  # whole rows
+    sad = rows.reshape(hb, wb, MV_BLOCK).sum(axis=2, dtype=np.int16)
+    return sad.astype(np.float32) / (MV_BLOCK * MV_BLOCK)
 
 
 def leaves_frame(field: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -110,10 +114,11 @@ class CandidateCosts:
         sx = np.clip(blocks[rows, 1] * b + disp[rows, cols, 0], -b, self.width) + b
         windows = self.prev_windows[sy, sx]  # (P, b, b)
         cur_blocks = self.cur_windows[blocks[rows, 0] * b, blocks[rows, 1] * b]  # (P, b, b)
-        diff = np.minimum(np.abs(windows - cur_blocks), 255).astype(np.float32)
+        diff = np.minimum(np.abs(windows - cur_blocks), 255)  # int16
         out = np.full((k, c), np.inf, np.float32)
-        # A matrix-vector product is much faster than numpy's reduction over a short last axis.
-        out[rows, cols] = diff.reshape(-1, b * b) @ np.full(b * b, 1 / (b * b), np.float32)
+        # einsum's integer sum (16 x 255 fits int16) is exact, and faster than .sum(-1) here.
+        sad = np.einsum("ij->i", diff.reshape(-1, b * b))
+        out[rows, cols] = sad.astype(np.float32) / (b * b)
         return out
 
 
