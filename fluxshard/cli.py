@@ -1,4 +1,5 @@
-"""The `fluxshard` console script.
+"""FluxShard: motion-aware edge-cloud video inference. `fluxshard VERB --help` says what a verb
+does and lists its options with their defaults.
 
 Each verb lives in the module that owns it; that module exposes `register(subparsers)` which adds
 its sub-parser and sets `func`. Modules are imported only when their verb is used, so `fluxshard
@@ -9,7 +10,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+
+from fluxshard import cli_common
 
 # verb -> (module, one-line help). Order is the order `fluxshard --help` lists them.
 VERBS: dict[str, tuple[str, str]] = {
@@ -25,7 +29,9 @@ VERBS: dict[str, tuple[str, str]] = {
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fluxshard", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="fluxshard", description=cli_common.describe(__doc__, 1))
+    parser.add_argument("--version", action="version",
+                        version=f"%(prog)s {cli_common.package_version()}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     wanted = next((a for a in argv if not a.startswith("-")), None)
     for verb, (module, help_text) in VERBS.items():
@@ -33,7 +39,14 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
             importlib.import_module(module).register(sub)
         else:
             sub.add_parser(verb, help=help_text)
+    cli_common.set_formatter(parser)
+    parser.verbs = sub.choices  # verb -> its parser, for usage errors a verb raises later
     return parser
+
+
+# Runtime failures the verbs expect (bad files, a server that does not start, a stream that
+# breaks): one line, exit 1. FLUXSHARD_TRACEBACK=1 shows where instead.
+EXPECTED_ERRORS = (OSError, ValueError, RuntimeError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,7 +56,19 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    verb_parser = parser.verbs[args.verb]
+    try:
+        return int(args.func(args) or 0)
+    except cli_common.UsageError as e:
+        verb_parser.error(str(e))  # exits 2
+    except KeyboardInterrupt:
+        print(f"{verb_parser.prog}: interrupted", file=sys.stderr)
+        return 130
+    except EXPECTED_ERRORS as e:
+        if os.environ.get("FLUXSHARD_TRACEBACK"):
+            raise
+        print(f"{verb_parser.prog}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
