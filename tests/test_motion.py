@@ -192,6 +192,60 @@ def test_residual_set_covers_objects_and_disocclusions(accumulated_run):
     assert residual.pixel_mask().shape == frame_image.shape[:2]
 
 
+def motion_fingerprint(folder) -> str:
+    """Hashes of a small multi-reference clip at every stage: the H.264 bytes, then per frame the
+    decoded RGB, the validated field (codec vectors, alternatives, block matching) and a block
+    matching field on RGB input (to_luma)."""
+    import hashlib
+
+    spec = synth.SceneSpec(width=160, height=96, frames=8, gop=8, seed=5, num_objects=3)
+    paths = synth.make_clip(spec, folder, ref=4, name="fingerprint")
+    digest = hashlib.sha1(paths.video.read_bytes())
+    previous = None
+    for f in iter_motion(paths.video):
+        digest.update(f.image.tobytes())
+        digest.update(f.field.tobytes())
+        if previous is not None:
+            digest.update(match_blocks(f.image, previous, radius=8)[0].tobytes())
+        previous = f.image
+    return digest.hexdigest()
+
+
+_OTHER_CPU = """
+import ctypes, sys
+import av
+# FFmpeg's SIMD kernels (swscale conversions) as on a CPU with SSE2 only: MMX|MMXEXT|SSE|SSE2.
+libavutil = next(line.split()[-1] for line in open("/proc/self/maps") if "libavutil" in line)
+ctypes.CDLL(libavutil).av_force_cpu_flags(0x1 | 0x2 | 0x8 | 0x10)
+sys.path.insert(0, sys.argv[1])
+from test_motion import motion_fingerprint
+print(motion_fingerprint(sys.argv[2]))
+"""
+
+
+def test_fields_are_the_same_on_other_cpus(tmp_path):
+    """The clip, frames and fields do not depend on the CPU's SIMD kernels: a subprocess with
+    numpy's dispatched kernels off (its baseline only), OpenBLAS's oldest x86-64 kernels and
+    FFmpeg limited to SSE2 gives the same hashes. (swscale's default RGB conversion differs under
+    these settings, which made the residual-set bounds depend on the machine.)"""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from numpy._core._multiarray_umath import __cpu_dispatch__, __cpu_features__
+
+    here = motion_fingerprint(tmp_path / "here")
+    env = dict(os.environ, OPENBLAS_CORETYPE="Prescott", OPENBLAS_NUM_THREADS="1",
+               NPY_DISABLE_CPU_FEATURES=" ".join(
+                   f for f in __cpu_dispatch__ if __cpu_features__.get(f)))
+    done = subprocess.run([sys.executable, "-c", _OTHER_CPU, str(Path(__file__).parent),
+                           str(tmp_path / "there")], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == here
+
+
 def test_endpoint_state_errors():
     state = EndpointState()
     with pytest.raises(RuntimeError, match="reset"):
