@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import argparse
 
+from fluxshard import cli_common
+
 
 def register(subparsers) -> None:
     from edge_runtime.run import add_run_arguments
 
     p = subparsers.add_parser("demo", help="run the main job on the embedded default",
-                              description=__doc__.splitlines()[0])
+                              description=cli_common.describe(__doc__))
     add_run_arguments(p, demo_default=True, out_default="out/demo")
     p.set_defaults(func=_main)
 

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fluxshard import cli_common
+
 DEFAULT_FRACTIONS = (0.0, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
@@ -137,16 +139,21 @@ def _cloud_url(cloud_url: str | None):
 def _add_latency_arguments(p: argparse.ArgumentParser) -> None:
     from fluxshard_client.dispatch import DEFAULT_PROFILE_PATH
 
+    from fluxshard import cli_common
+
     p.add_argument("--out", type=Path, default=DEFAULT_PROFILE_PATH, help="JSON file to write")
-    p.add_argument("--size", type=int, nargs=2, default=(640, 384), metavar=("W", "H"))
-    p.add_argument("--fractions", type=float, nargs="+", default=list(DEFAULT_FRACTIONS),
+    p.add_argument("--size", type=cli_common.even_int, nargs=2, default=(640, 384),
+                   metavar=("W", "H"), help="frame size the tables are measured at")
+    p.add_argument("--fractions", type=cli_common.fraction, nargs="+",
+                   default=list(DEFAULT_FRACTIONS),
                    help="active residual-block fractions to measure")
-    p.add_argument("--repeats", type=int, default=5, help="runs per fraction (median kept)")
-    p.add_argument("--cloud-url", default=None,
+    p.add_argument("--repeats", type=cli_common.positive_int, default=5,
+                   help="runs per fraction (median kept)")
+    p.add_argument("--cloud-url", type=cli_common.host_port, default=None,
                    help="gRPC host:port of the cloud (default: start a local tritonserver)")
     p.add_argument("--no-cloud", action="store_true",
                    help="edge table only; keep the built-in cloud table")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _run_latency(args: argparse.Namespace) -> int:
@@ -191,10 +198,11 @@ SUB_VERBS = {
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("profile", help="offline profiles: latency tables, accuracy",
-                              description=__doc__.splitlines()[0])
+                              description=cli_common.describe(__doc__, 2))
     sub = p.add_subparsers(dest="profile_verb", metavar="SUB-VERB")
     for name, (help_text, add_arguments, run) in SUB_VERBS.items():
-        q = sub.add_parser(name, help=help_text, description=help_text)
+        q = sub.add_parser(name, help=help_text, description=f"{help_text[0].upper()}"
+                                                             f"{help_text[1:]}.")
         try:
             add_arguments(q)
         except ImportError as e:  # that sub-verb's module is not here: say so when it is used

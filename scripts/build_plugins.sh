@@ -9,6 +9,13 @@ PY=${PYTHON:-python3}
 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda-13.0}
 CACHE=.cache/plugins_trt
 HEADERS=$CACHE/tensorrt-include
+for tool in "$CUDA_HOME/bin/nvcc" cmake ninja; do
+    if ! command -v "$tool" >/dev/null; then
+        echo "build_plugins.sh: $tool not found (nvcc: the CUDA toolkit, set CUDA_HOME;" \
+             "cmake: apt-get install cmake; ninja: pip install ninja)" >&2
+        exit 1
+    fi
+done
 if [ ! -f "$HEADERS/NvInferRuntime.h" ]; then
     rm -rf "$CACHE/wheel" && mkdir -p "$CACHE/wheel" "$HEADERS"
     $PY -m pip download -q --disable-pip-version-check --no-deps -d "$CACHE/wheel" kernel-lens==2.0.1

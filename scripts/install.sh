@@ -6,6 +6,10 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 $PY -m pip install -q --disable-pip-version-check torch==2.13.0
 $PY -m pip install -q --disable-pip-version-check -e '.[test]'
+# the plugin build (scripts/build_plugins.sh) runs cmake with the Ninja generator
+if ! command -v ninja >/dev/null; then
+    $PY -m pip install -q --disable-pip-version-check ninja
+fi
 
 # Triton server for `fluxshard serve` and the serving tests: the nvidia-pytriton wheel bundles a
 # tritonserver binary and the python backend. Unpacked with --no-deps into a git-ignored cache so

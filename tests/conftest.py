@@ -74,9 +74,14 @@ CUDA_HOME = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda-13.0"))
 @pytest.fixture(scope="session")
 def plugin_build():
     """(plugin library, self-test binary), built once per session by scripts/build_plugins.sh."""
-    if not (CUDA_HOME / "bin" / "nvcc").exists() or shutil.which("cmake") is None:
-        pytest.skip(f"no nvcc under {CUDA_HOME} or no cmake: install the CUDA toolkit to build "
-                    "plugins_trt/")
+    # named one by one, so a skip says which tool to install
+    tools = ((f"nvcc (the CUDA toolkit under {CUDA_HOME}, or set CUDA_HOME)",
+              (CUDA_HOME / "bin" / "nvcc").exists()),
+             ("cmake (apt-get install cmake, or pip install cmake)", shutil.which("cmake")),
+             ("ninja (pip install ninja; scripts/install.sh does)", shutil.which("ninja")))
+    missing = [what for what, found in tools if not found]
+    if missing:
+        pytest.skip("plugins_trt/ needs " + ", ".join(missing))
     done = subprocess.run(["bash", str(PLUGINS_ROOT / "scripts" / "build_plugins.sh")],
                           cwd=PLUGINS_ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]

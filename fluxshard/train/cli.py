@@ -12,6 +12,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from fluxshard import cli_common
+
 DEFAULT_WORKDIR = Path("runs/train-demo")
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
 DEFAULT_OUT = {"detect": WEIGHTS_DIR / "yolo11n-detect-demo.pt",
@@ -20,22 +22,33 @@ DEFAULT_OUT = {"detect": WEIGHTS_DIR / "yolo11n-detect-demo.pt",
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train-demo", help="train the embedded demo weights",
-                       description=__doc__.splitlines()[0])
-    p.add_argument("--task", choices=["detect", "segment", "both"], default="both")
-    p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
+                       description=cli_common.describe(__doc__))
+    pos_int, pos_float = cli_common.positive_int, cli_common.positive_float
+    p.add_argument("--task", choices=["detect", "segment", "both"], default="both",
+                   help="which demo weights to train")
+    p.add_argument("--workdir", type=cli_common.output_folder, default=DEFAULT_WORKDIR,
                    help="checkpoints, history and the rendered-data cache (default %(default)s)")
     p.add_argument("--out", type=Path, default=None,
                    help="weights file (single task only; default: the package's embedded default)")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--batch", type=int, default=None)
-    p.add_argument("--crop", type=int, nargs=2, default=None, metavar=("H", "W"))
-    p.add_argument("--train-scenes", type=int, default=None)
-    p.add_argument("--frames-per-scene", type=int, default=None)
-    p.add_argument("--val-scenes", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--optimizer", choices=["adamw", "sgd"], default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
+    # None: TrainConfig's default (or --quick's); the help states both
+    p.add_argument("--epochs", type=pos_int, default=None,
+                   help="training epochs (default: 5; --quick: 2)")
+    p.add_argument("--batch", type=pos_int, default=None,
+                   help="images per step (default: 16; --quick: 8)")
+    p.add_argument("--crop", type=cli_common.multiple_of(32), nargs=2, default=None,
+                   metavar=("H", "W"),
+                   help="training crop, multiples of 32 (default: 320 320; --quick: 256 256)")
+    p.add_argument("--train-scenes", type=pos_int, default=None,
+                   help="synthetic training scenes (default: 600; --quick: 12)")
+    p.add_argument("--frames-per-scene", type=pos_int, default=None,
+                   help="frames sampled per training scene (default: 4; --quick: 2)")
+    p.add_argument("--val-scenes", type=pos_int, default=None,
+                   help="held-out validation scenes (default: 16; --quick: 2)")
+    p.add_argument("--lr", type=pos_float, default=None, help="peak learning rate (default: 0.002)")
+    p.add_argument("--optimizer", choices=["adamw", "sgd"], default=None,
+                   help="optimizer (default: adamw)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (data and initialisation)")
+    p.add_argument("--threads", type=pos_int, default=2, help="torch threads")
     p.add_argument("--fresh", action="store_true", help="discard an existing checkpoint")
     p.add_argument("--quick", action="store_true",
                    help="a few-minute smoke run (tiny data, 2 epochs); writes into the workdir")
@@ -63,7 +76,7 @@ def main(args: argparse.Namespace) -> int:
 
     tasks = ["detect", "segment"] if args.task == "both" else [args.task]
     if args.out is not None and len(tasks) > 1:
-        raise SystemExit("--out needs a single --task")
+        raise cli_common.UsageError("--out needs a single --task")
     command = "fluxshard " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     for task in tasks:
         cfg = config_for(task, args)
