@@ -17,6 +17,8 @@ import time
 import warnings
 from pathlib import Path
 
+from fluxshard import cli_common
+
 DEMO_SIZE = (640, 384)
 DEMO_FRAMES = 90  # 3 s at 30 fps
 
@@ -27,22 +29,28 @@ UPLINK_CODECS = ("lossless", "jpeg")  # fluxshard.wire.Codec.ZLIB / .JPEG
 def add_run_arguments(p: argparse.ArgumentParser, demo_default: bool = False,
                       out_default: str = "out/run") -> None:
     if not demo_default:
-        p.add_argument("video", nargs="?", help="video file or URL (RTSP, HTTP, ...)")
+        p.add_argument("video", nargs="?", type=cli_common.video_source,
+                       help="video file or URL (RTSP, HTTP, ...)")
         p.add_argument("--demo", action="store_true",
                        help="synthesize the default clip and run on it")
-    p.add_argument("--out", type=Path, default=Path(out_default), help="output folder")
-    p.add_argument("--cloud-url", default=None,
+    p.add_argument("--out", type=cli_common.output_folder, default=Path(out_default),
+                   help="output folder (created once the inputs are checked)")
+    p.add_argument("--cloud-url", type=cli_common.host_port, default=None,
                    help="gRPC host:port of a running `fluxshard serve` (default: start a local "
                         "tritonserver)")
     p.add_argument("--dispatch", choices=("auto", "edge", "cloud", "alternate"), default="auto",
                    help="auto: per-frame latency estimate; edge/cloud: force; alternate: in turn")
-    p.add_argument("--bandwidth-mbps", type=float, default=None,
+    p.add_argument("--fallback", choices=("none", "edge"), default="none",
+                   help="--dispatch cloud when the cloud cannot be reached: none stops with an "
+                        "error (exit 1); edge runs those frames on the edge and the summary says "
+                        "so. auto and alternate always fall back to the edge")
+    p.add_argument("--bandwidth-mbps", type=cli_common.positive_float, default=None,
                    help="simulate an uplink limited to this rate (Mbit/s)")
     p.add_argument("--tau", type=float, default=None,
                    help="dispatch tau on the [0, 1] input scale (default 40/255)")
-    p.add_argument("--tau-table", type=Path, default=None,
+    p.add_argument("--tau-table", type=cli_common.existing_file, default=None,
                    help="truncation table (fluxshard profile accuracy): tau per motion level")
-    p.add_argument("--latency-profile", type=Path, default=None,
+    p.add_argument("--latency-profile", type=cli_common.existing_file, default=None,
                    help="latency tables (fluxshard profile latency; default "
                         "out/profile/latency.json when present, else built in)")
     p.add_argument("--bypass", default="none",
@@ -52,11 +60,12 @@ def add_run_arguments(p: argparse.ArgumentParser, demo_default: bool = False,
     p.add_argument("--uplink-codec", choices=UPLINK_CODECS, default="lossless",
                    help="pixels sent to the cloud: lossless (zlib) or jpeg (quality 90, several "
                         "times fewer bytes; the cloud detects on the decoded pixels)")
-    p.add_argument("--margin-ms", type=float, default=2.0,
+    p.add_argument("--margin-ms", type=cli_common.nonnegative_float, default=2.0,
                    help="eps: within this margin prefer the cloud")
-    p.add_argument("--frames", type=int, default=None,
+    p.add_argument("--frames", type=cli_common.positive_int, default=None,
                    help="process at most this many frames (--demo: the clip length, default 90)")
-    p.add_argument("--size", type=int, nargs=2, default=DEMO_SIZE, metavar=("W", "H"),
+    p.add_argument("--size", type=cli_common.even_int, nargs=2, default=DEMO_SIZE,
+                   metavar=("W", "H"),
                    help="--demo clip size (default 640 384)")
     p.add_argument("--camera", default="static", choices=("static", "pan", "zoom", "pan+zoom"),
                    help="--demo camera (default static: a fixed camera with moving objects, the "
@@ -66,7 +75,7 @@ def add_run_arguments(p: argparse.ArgumentParser, demo_default: bool = False,
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("run", help="run a video (or --demo) through edge/cloud dispatch",
-                              description=__doc__.splitlines()[0])
+                              description=cli_common.describe(__doc__))
     add_run_arguments(p)
     p.set_defaults(func=main)
 
@@ -75,15 +84,20 @@ def main(args: argparse.Namespace) -> int:
     demo = getattr(args, "demo", True)
     video = getattr(args, "video", None)
     if demo == bool(video):
-        print("fluxshard run: give a VIDEO or --demo (not both)", file=sys.stderr)
-        return 2
+        raise cli_common.UsageError("give a VIDEO or --demo (not both)")
+    detections = Path(args.out) / "detections.jsonl"
     try:
-        summary = run(video, out=args.out, demo=demo, cloud_url=args.cloud_url,
-                      dispatch=args.dispatch, bandwidth_mbps=args.bandwidth_mbps, tau=args.tau,
-                      tau_table=args.tau_table, latency_profile=args.latency_profile,
-                      margin_ms=args.margin_ms, frames=args.frames, size=tuple(args.size),
-                      camera=args.camera, bypass=args.bypass,
-                      uplink_codec=args.uplink_codec, progress=not args.no_progress)
+        # a run that fails before its first frame leaves no files behind; frames already
+        # written (a Ctrl-C, a cloud lost mid-way) stay
+        with cli_common.clean_up_on_failure(
+                args.out, keep=lambda: detections.is_file() and detections.stat().st_size > 0):
+            summary = run(video, out=args.out, demo=demo, cloud_url=args.cloud_url,
+                          dispatch=args.dispatch, bandwidth_mbps=args.bandwidth_mbps,
+                          tau=args.tau, tau_table=args.tau_table,
+                          latency_profile=args.latency_profile, margin_ms=args.margin_ms,
+                          frames=args.frames, size=tuple(args.size), camera=args.camera,
+                          bypass=args.bypass, uplink_codec=args.uplink_codec,
+                          progress=not args.no_progress, fallback=args.fallback)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"fluxshard run: {e}", file=sys.stderr)
         return 1
@@ -127,8 +141,12 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
         latency_profile: str | Path | None = None, margin_ms: float = 2.0,
         frames: int | None = None, size: tuple[int, int] = DEMO_SIZE, camera: str = "static",
         progress: bool = True, stream_id: int = 1, bypass: str = "none",
-        uplink_codec: str = "lossless") -> dict:
-    """The main job; returns the summary (also written to ``out/summary.json``)."""
+        uplink_codec: str = "lossless", fallback: str = "none") -> dict:
+    """The main job; returns the summary (also written to ``out/summary.json``).
+
+    ``fallback`` (``dispatch="cloud"`` only): "none" raises RuntimeError when the cloud cannot be
+    reached, "edge" runs those frames on the edge (counted in the summary). Losing and regaining
+    the cloud is reported on stderr as it happens."""
     import numpy as np
     from tqdm import tqdm
 
@@ -142,11 +160,20 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
     from . import outputs
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     if bandwidth_mbps is not None and bandwidth_mbps <= 0:
         raise ValueError(f"--bandwidth-mbps must be > 0, got {bandwidth_mbps}")
+    if fallback not in ("none", "edge"):
+        raise ValueError(f"fallback must be 'none' or 'edge', got {fallback!r}")
     if uplink_codec not in UPLINK_CODECS:
         raise ValueError(f"uplink codec must be one of {UPLINK_CODECS}, got {uplink_codec!r}")
+    # a --cloud-url that does not answer is known before the clip is made or the model loads
+    where = cloud_url or "local tritonserver"
+    strict = dispatch == "cloud" and fallback == "none"
+    down = _unreachable(cloud_url) if cloud_url and dispatch != "edge" else None
+    if down and strict:
+        raise RuntimeError(f"--dispatch cloud: cannot reach the cloud at {where} ({down}); "
+                           "--fallback edge runs on the edge instead")
+    out.mkdir(parents=True, exist_ok=True)  # once the options are known to be good
     if demo:
         from fluxshard import synth
 
@@ -187,6 +214,14 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
         stream = FluxShardStream(edge, cloud, dispatch=dispatch if cloud else "edge",
                                  tau=tau_value, profile=profile, margin_ms=margin_ms,
                                  initial_mbps=bandwidth_mbps or 20.0)
+        cloud_events: list[str] = []  # losing / regaining the cloud, as printed
+        if down:
+            cloud_events.append(f"cloud {where} unreachable ({down}): running on the edge "
+                                "until it answers")
+            print(f"fluxshard run: {cloud_events[-1]}", file=sys.stderr)
+            # left out like a cloud that failed mid-run: tried again after a probe interval
+            stream.core.cloud_down_until = stream.dispatcher.probe_interval or 30
+        failures_seen, edge_fallback = 0, 0
         bar = tqdm(total=frames or _frame_count(video), desc="fluxshard run", unit="frame",
                    disable=not progress, dynamic_ncols=True)
         try:
@@ -194,6 +229,27 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
                 for mf in _frames_until_break(iter_motion(video, max_frames=frames), broke):
                     result = stream.process(mf.image, None if mf.is_key else mf.field,
                                             mf.is_key, mf.index)
+                    failures = stream.core.cloud_failures
+                    if len(failures) > failures_seen:  # the cloud gave up on this frame
+                        failures_seen = len(failures)
+                        if strict:
+                            raise RuntimeError(f"--dispatch cloud: lost the cloud at {where} "
+                                               f"({failures[-1]}); --fallback edge runs on the "
+                                               "edge instead")
+                        if not down:
+                            down = failures[-1]
+                            cloud_events.append(f"cloud {where} failed at {down}: running on "
+                                                "the edge until it answers")
+                            tqdm.write(f"fluxshard run: {cloud_events[-1]}", file=sys.stderr)
+                    elif down and result.endpoint == "cloud":
+                        down = None
+                        cloud_events.append(f"cloud {where} answers again from frame "
+                                            f"{result.index}")
+                        tqdm.write(f"fluxshard run: {cloud_events[-1]}", file=sys.stderr)
+                    reason = result.decision.reason
+                    if url and result.endpoint == "edge" and (
+                            reason == "no cloud" or reason.startswith("cloud failed")):
+                        edge_fallback += 1
                     record = outputs.detection_record(result, CLASS_NAMES)
                     det_file.write(json.dumps(record) + "\n")
                     record["jpeg_bytes"] = outputs.jpeg_bytes(mf.image)
@@ -225,10 +281,36 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
         "tau": tau_source, "latency_profile": profile.source, "margin_ms": margin_ms,
         "wall_s": round(time.perf_counter() - t_start, 2), "warnings": notes,
         "error": broke[0] if broke else None, "cloud_failures": stream.core.cloud_failures,
+        "fallback": fallback, "cloud_events": cloud_events if url else [],
+        "edge_fallback_frames": edge_fallback if url else 0,
         "outputs": {k: str(out / k) for k in ("detections.jsonl", "annotated.mp4", "report.png",
                                               "summary.json")}})
     outputs.write_json(out / "summary.json", summary)
     return summary
+
+
+def _unreachable(url: str, timeout_s: float = 5.0) -> str | None:
+    """Why the cloud at ``url`` cannot serve frames (None: its fluxshard model is ready). Asked
+    once before the first frame, so an unreachable cloud is reported at once rather than after
+    the stream's reconnect timeout."""
+    import tritonclient.grpc as tc
+    from tritonclient.utils import InferenceServerException
+
+    from fluxshard_client.transport import MODEL_NAME
+
+    client = tc.InferenceServerClient(url)
+    try:
+        if not client.is_server_ready(client_timeout=timeout_s):
+            return "server not ready"
+        if not client.is_model_ready(MODEL_NAME, client_timeout=timeout_s):
+            return f"model {MODEL_NAME!r} not ready"
+    except InferenceServerException as e:
+        return e.message() or str(e)
+    except Exception as e:  # noqa: BLE001 - any transport failure means unreachable
+        return f"{type(e).__name__}: {e}"
+    finally:
+        client.close()
+    return None
 
 
 def _frames_until_break(frames, broke: list[str]):
@@ -267,4 +349,8 @@ def print_summary(s: dict) -> None:
           f"{s['jpeg_q90_bytes_total'] / 1e3:.1f} kB (x{s['uplink_vs_jpeg']}); cache hit rate "
           f"{s['cache_hit_rate_mean']}; residual block fraction {s['residual_fraction_mean']}; "
           f"uplink estimate {s['bandwidth_estimate_mbps']} Mbit/s")
+    if s.get("edge_fallback_frames"):
+        how = " (--fallback edge)" if s.get("fallback") == "edge" else ""
+        print(f"cloud unreachable: {s['edge_fallback_frames']} of {s['frames']} frames ran on "
+              f"the edge instead{how}")
     print("outputs: " + ", ".join(s["outputs"].values()))

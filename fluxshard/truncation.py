@@ -227,18 +227,27 @@ def plot_sweep(table: TruncationTable, path: Path) -> None:
 
 
 def add_accuracy_arguments(p) -> None:
+    from fluxshard import cli_common
+
     p.add_argument("--weights", default=None, help="checkpoint (default: embedded demo detector)")
-    p.add_argument("--alpha", type=float, default=0.99)
+    p.add_argument("--alpha", type=cli_common.positive_float, default=0.99,
+                   help="a tau is feasible while its accuracy stays >= alpha x dense accuracy")
     p.add_argument("--metric", choices=METRICS, default=METRICS[0],
                    help="the accuracy a tau must keep >= alpha x dense (default: %(default)s)")
-    p.add_argument("--taus", type=float, nargs="+", default=list(DEFAULT_TAUS))
-    p.add_argument("--frames", type=int, default=30)
-    p.add_argument("--clips-per-level", type=int, default=1)
-    p.add_argument("--size", type=int, nargs=2, default=(640, 384), metavar=("W", "H"))
-    p.add_argument("--strict-rfap", action="store_true")
+    p.add_argument("--taus", type=float, nargs="+", default=list(DEFAULT_TAUS),
+                   help="taus to sweep, on the [0, 1] input scale")
+    p.add_argument("--frames", type=cli_common.positive_int, default=30,
+                   help="frames per held-out clip")
+    p.add_argument("--clips-per-level", type=cli_common.positive_int, default=1,
+                   help="held-out synthetic clips per motion level")
+    p.add_argument("--size", type=cli_common.even_int, nargs=2, default=(640, 384),
+                   metavar=("W", "H"), help="clip size")
+    p.add_argument("--strict-rfap", action="store_true",
+                   help="RFAP Cond. 1 at every spatial layer (less reuse, exact receptive fields)")
     p.add_argument("--grid-snap", action="store_true",
                    help="relax RFAP Cond. 2 to the nearest grid displacement (reuse under pans)")
-    p.add_argument("--out", type=Path, default=Path("out/profile"))
+    p.add_argument("--out", type=cli_common.output_folder, default=Path("out/profile"),
+                   help="folder for truncation_table.json and truncation_profile.png")
     p.add_argument("--no-bypass", action="store_true",
                    help="never hand unreusable frames to the best dense runner")
     p.add_argument("--adaptive", action="store_true",

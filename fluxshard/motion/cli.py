@@ -11,7 +11,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from fluxshard.motion.decode import MOTION_SOURCES, MotionSourceError, iter_motion
+from fluxshard import cli_common
+from fluxshard.motion.decode import MOTION_SOURCES, iter_motion
 from fluxshard.motion.field import motion_statistic
 from fluxshard.motion.state import RESIDUAL_BLOCK, EndpointState
 
@@ -137,24 +138,26 @@ def run(clips: list[str], out: Path, *, tau: float = DEFAULT_TAU,
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("motion", help="motion and residual statistics of a clip",
-                              description=__doc__.splitlines()[0])
-    p.add_argument("clips", nargs="+", metavar="CLIP", help="video file(s) or URL(s)")
-    p.add_argument("--out", type=Path, default=Path("out/motion"), help="folder for plots")
+                              description=cli_common.describe(__doc__))
+    p.add_argument("clips", nargs="+", metavar="CLIP", type=cli_common.video_source,
+                   help="video file(s) or URL(s)")
+    p.add_argument("--out", type=cli_common.output_folder, default=Path("out/motion"),
+                   help="folder for the plots and per-clip JSON")
     p.add_argument("--tau", type=float, default=DEFAULT_TAU,
                    help="residual threshold, grey levels (max abs per block)")
-    p.add_argument("--reset-every", type=int, default=DEFAULT_RESET_EVERY,
+    p.add_argument("--reset-every", type=cli_common.positive_int, default=DEFAULT_RESET_EVERY,
                    help="reset the endpoint state every N frames (and on key frames)")
     p.add_argument("--no-validate", action="store_true",
                    help="trust codec vectors without checking them against the previous frame")
-    p.add_argument("--max-frames", type=int, default=None)
+    p.add_argument("--max-frames", type=cli_common.positive_int, default=None,
+                   help="decode at most this many frames per clip (default: all)")
     p.set_defaults(func=_main)
 
 
 def _main(args: argparse.Namespace) -> int:
-    try:
+    # a clip that cannot be decoded is a runtime failure (exit 1, fluxshard.cli) that leaves
+    # no plots behind
+    with cli_common.clean_up_on_failure(args.out):
         run(args.clips, args.out, tau=args.tau, reset_every=args.reset_every,
             validate=not args.no_validate, max_frames=args.max_frames)
-    except (MotionSourceError, ValueError) as exc:
-        print(f"fluxshard motion: {exc}")
-        return 2
     return 0

@@ -247,19 +247,25 @@ class TritonServer:
 # ------------------------------------------------------------------------------------ CLI verb
 
 def register(subparsers) -> None:
+    from fluxshard import cli_common
+
     p = subparsers.add_parser("serve", help="run the Triton server with the FluxShard models",
                               description="Start tritonserver on the FluxShard model repository "
                                           "and serve until Ctrl-C.")
-    p.add_argument("--model-repository", default=str(DEFAULT_MODEL_REPOSITORY))
+    p.add_argument("--model-repository", type=cli_common.existing_folder,
+                   default=str(DEFAULT_MODEL_REPOSITORY), help="Triton model repository")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (0.0.0.0 to serve other machines)")
-    p.add_argument("--http-port", type=int, default=8000)
-    p.add_argument("--grpc-port", type=int, default=8001)
-    p.add_argument("--metrics-port", type=int, default=8002)
+    port = cli_common.int_range(1, 65535)
+    p.add_argument("--http-port", type=port, default=8000, help="HTTP/REST port")
+    p.add_argument("--grpc-port", type=port, default=8001,
+                   help="gRPC port (what `fluxshard run --cloud-url HOST:PORT` connects to)")
+    p.add_argument("--metrics-port", type=port, default=8002, help="Prometheus metrics port")
     p.add_argument("--model-config-name", default=None,
                    help="config variant: 'gpu' loads <model>/configs/gpu.pbtxt (GPU / Jetson)")
     p.add_argument("--log-file", default=None, help="server log (default: a temporary file)")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for readiness")
+    p.add_argument("--timeout", type=cli_common.positive_float, default=300.0,
+                   help="seconds to wait for readiness")
     p.set_defaults(func=_serve)
 
 
