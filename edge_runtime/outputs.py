@@ -26,6 +26,7 @@ def detection_record(result, names) -> dict:
             "latency_ms": round(result.latency_ms, 3), "uplink_bytes": result.uplink_bytes,
             "cache_hit_rate": round(result.cache_hit_rate, 4),
             "residual_fraction": round(result.residual_fraction, 4),
+            "tau": result.stats.get("tau"),  # the tau dispatch and the executor used
             "dispatch": _dispatch_record(result.decision)}
 
 

@@ -18,6 +18,7 @@ import warnings
 from pathlib import Path
 
 from fluxshard import cli_common
+from fluxshard.tau import tau_argument
 
 DEMO_SIZE = (640, 384)
 DEMO_FRAMES = 90  # 3 s at 30 fps
@@ -46,13 +47,19 @@ def add_run_arguments(p: argparse.ArgumentParser, demo_default: bool = False,
                         "so. auto and alternate always fall back to the edge")
     p.add_argument("--bandwidth-mbps", type=cli_common.positive_float, default=None,
                    help="simulate an uplink limited to this rate (Mbit/s)")
-    p.add_argument("--tau", type=float, default=None,
-                   help="dispatch tau on the [0, 1] input scale (default 40/255)")
+    p.add_argument("--tau", type=tau_argument, default=None,
+                   help="tau on the [0, 1] input scale, rounded to whole grey levels: picks the "
+                        "residual blocks and is the executors' truncation threshold, at the edge "
+                        "and in the cloud (default: 40/255)")
     p.add_argument("--tau-table", type=cli_common.existing_file, default=None,
                    help="truncation table (fluxshard profile accuracy): tau per motion level")
     p.add_argument("--latency-profile", type=cli_common.existing_file, default=None,
                    help="latency tables (fluxshard profile latency; default "
                         "out/profile/latency.json when present, else built in)")
+    p.add_argument("--weights", default=None,
+                   help="the detector: our checkpoint, an ultralytics state dict or converted .pt; "
+                        "class names and count come from it, and a local tritonserver serves it "
+                        "too (default: embedded demo detector)")
     p.add_argument("--bypass", default="none",
                    choices=("none", "onnxruntime", "fused_channels_last"),
                    help="edge: dense engine for frames with nothing to reuse, and for reusable "
@@ -97,7 +104,8 @@ def main(args: argparse.Namespace) -> int:
                           latency_profile=args.latency_profile, margin_ms=args.margin_ms,
                           frames=args.frames, size=tuple(args.size), camera=args.camera,
                           bypass=args.bypass, uplink_codec=args.uplink_codec,
-                          progress=not args.no_progress, fallback=args.fallback)
+                          progress=not args.no_progress, fallback=args.fallback,
+                          weights=args.weights)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"fluxshard run: {e}", file=sys.stderr)
         return 1
@@ -110,7 +118,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 @contextlib.contextmanager
-def _cloud(cloud_url: str | None, dispatch: str, out: Path):
+def _cloud(cloud_url: str | None, dispatch: str, out: Path, weights=None):
     """Yields the cloud's gRPC URL (None: edge only): --cloud-url, or a local tritonserver."""
     if dispatch == "edge":
         yield None
@@ -120,7 +128,8 @@ def _cloud(cloud_url: str | None, dispatch: str, out: Path):
         return
     from fluxshard.serving.tritonserver import TritonNotInstalled, TritonServer
 
-    server = TritonServer(models=["fluxshard"], log_file=out / "tritonserver.log")
+    server = TritonServer(models=["fluxshard"], log_file=out / "tritonserver.log",
+                          weights=weights)
     try:
         server.start()
     except TritonNotInstalled as e:
@@ -135,27 +144,43 @@ def _cloud(cloud_url: str | None, dispatch: str, out: Path):
         server.stop()
 
 
+def _executor_options(policy, bypass: str) -> dict:
+    """The edge executor's options: a truncation table's taus hold only for the executor options
+    it was profiled with, so those come from the table (an explicit --bypass still wins)."""
+    options = dict(bypass=bypass)
+    measured = policy.executor_options
+    for name in ("strict_rfap", "grid_snap"):
+        if name in measured:
+            options[name] = bool(measured[name])
+    if bypass == "none" and measured.get("bypass") and measured.get("best_dense"):
+        options["bypass"] = measured["best_dense"]
+    return options
+
+
 def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = False,
         cloud_url: str | None = None, dispatch: str = "auto", bandwidth_mbps: float | None = None,
         tau: float | None = None, tau_table: str | Path | None = None,
         latency_profile: str | Path | None = None, margin_ms: float = 2.0,
         frames: int | None = None, size: tuple[int, int] = DEMO_SIZE, camera: str = "static",
         progress: bool = True, stream_id: int = 1, bypass: str = "none",
-        uplink_codec: str = "lossless", fallback: str = "none") -> dict:
+        uplink_codec: str = "lossless", fallback: str = "none",
+        weights: str | Path | None = None) -> dict:
     """The main job; returns the summary (also written to ``out/summary.json``).
 
     ``fallback`` (``dispatch="cloud"`` only): "none" raises RuntimeError when the cloud cannot be
     reached, "edge" runs those frames on the edge (counted in the summary). Losing and regaining
-    the cloud is reported on stderr as it happens."""
+    the cloud is reported on stderr as it happens. ``weights``: the detector (None: the embedded
+    demo one); its class names label the outputs, and a local tritonserver loads it too."""
     import numpy as np
     from tqdm import tqdm
 
     from fluxshard import wire
     from fluxshard.motion import iter_motion
-    from fluxshard.synth import CLASS_NAMES
+    from fluxshard.models.ops import padded_size
+    from fluxshard.serving.session import load_dense_model
     from fluxshard_client import (FluxShardClient, FluxShardStream, LatencyProfile,
                                   LocalEndpoint, RemoteEndpoint, RetryPolicy)
-    from fluxshard_client.stream import DEFAULT_TAU
+    from fluxshard.tau import TauPolicy
 
     from . import outputs
 
@@ -183,19 +208,18 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
     video = str(video)
     if not (Path(video).exists() or "://" in video):
         raise FileNotFoundError(f"video not found: {video}")
-    tau_value = DEFAULT_TAU if tau is None else tau
-    tau_source = f"{tau_value:.4f}"
-    if tau_table is not None:
-        from fluxshard.truncation import TruncationTable
-
-        tau_value, tau_source = TruncationTable.load(tau_table).tau_for, str(tau_table)
+    # one tau for dispatch, the edge's executor and the cloud's (it travels with each frame)
+    tau_policy = TauPolicy.from_options(tau, tau_table)
+    executor_options = _executor_options(tau_policy, bypass)
     profile = LatencyProfile.load_or_default(latency_profile)
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         # one torch thread, like the server: on a small shared box (and beside a local
         # tritonserver) two spinning OpenMP threads were measured up to 10x slower, not faster
-        edge = LocalEndpoint(threads=1, bypass=bypass)
+        model = load_dense_model(str(weights) if weights else None, threads=1)
+        edge = LocalEndpoint(threads=1, model=model, **executor_options)
+    class_names = [model.names[k] for k in range(model.nc)]
     notes = [str(w.message) for w in caught]
     for note in notes:
         print(f"warning: {note}", file=sys.stderr)
@@ -204,7 +228,7 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
     broke: list[str] = []  # why the stream broke off mid-way, if it did
     writer = None
     t_start = time.perf_counter()
-    with _cloud(cloud_url, dispatch, out) as url:
+    with _cloud(cloud_url, dispatch, out, weights) as url:
         # a cloud gone for 10 s is given up on for a while: its frames run on the edge
         client = FluxShardClient(url, uplink_mbps=bandwidth_mbps,
                                  retry=RetryPolicy(reconnect_timeout_s=10.0)) if url else None
@@ -212,7 +236,7 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
         cloud = RemoteEndpoint(client.open_stream(stream_id, key_codec=codec,
                                                   residual_codec=codec)) if client else None
         stream = FluxShardStream(edge, cloud, dispatch=dispatch if cloud else "edge",
-                                 tau=tau_value, profile=profile, margin_ms=margin_ms,
+                                 tau=tau_policy, profile=profile, margin_ms=margin_ms,
                                  initial_mbps=bandwidth_mbps or 20.0)
         cloud_events: list[str] = []  # losing / regaining the cloud, as printed
         if down:
@@ -250,14 +274,15 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
                     if url and result.endpoint == "edge" and (
                             reason == "no cloud" or reason.startswith("cloud failed")):
                         edge_fallback += 1
-                    record = outputs.detection_record(result, CLASS_NAMES)
+                    record = outputs.detection_record(result, class_names)
                     det_file.write(json.dumps(record) + "\n")
                     record["jpeg_bytes"] = outputs.jpeg_bytes(mf.image)
                     rows.append(record)
                     h, w = mf.image.shape[:2]
                     if writer is None:
+                        padded_size(w, h, who="fluxshard run")  # preprocess pads each frame
                         writer = outputs.VideoWriter(out / "annotated.mp4", w - w % 2, h - h % 2)
-                    image = outputs.annotate(mf.image, result, CLASS_NAMES, stream.core.block)
+                    image = outputs.annotate(mf.image, result, class_names, stream.core.block)
                     writer.write(image[:h - h % 2, :w - w % 2])
                     bar.update(1)
                     bar.set_postfix_str(f"{result.endpoint} {result.latency_ms:.0f} ms")
@@ -278,7 +303,9 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
         "cloud_url": cloud_url or ("local tritonserver" if url else None),
         "bandwidth_limit_mbps": bandwidth_mbps, "uplink_codec": uplink_codec,
         "bandwidth_estimate_mbps": round(stream.dispatcher.bandwidth.mbps, 3),
-        "tau": tau_source, "latency_profile": profile.source, "margin_ms": margin_ms,
+        "weights": str(weights) if weights else "embedded demo detector",
+        "classes": class_names,
+        "tau": tau_policy.source, "latency_profile": profile.source, "margin_ms": margin_ms,
         "wall_s": round(time.perf_counter() - t_start, 2), "warnings": notes,
         "error": broke[0] if broke else None, "cloud_failures": stream.core.cloud_failures,
         "fallback": fallback, "cloud_events": cloud_events if url else [],

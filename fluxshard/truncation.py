@@ -17,16 +17,16 @@ that fails, so the chosen tau is the largest feasible one rather than the top of
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+# the table and the tau unit live in fluxshard.tau; re-exported for the profile's users
+from fluxshard.tau import METRICS, TruncationTable, quantize_tau
+
 DEFAULT_TAUS = (0.0, 0.02, 0.06, 0.1, 0.15, 0.25, 0.4, 0.6)
-METRICS = ("map50_95", "map50")  # the accuracy a tau must keep; the first is the default
 METRIC_NAMES = {"map50_95": "mAP@0.5:0.95", "map50": "mAP@0.5"}
 # motion level -> synthetic camera; the level's motion statistic is measured on its clips.
 LEVELS = {"low": dict(camera="static"), "medium": dict(camera="pan", pan_speed=1.5),
@@ -34,47 +34,21 @@ LEVELS = {"low": dict(camera="static"), "medium": dict(camera="pan", pan_speed=1
 PROFILE_SCENE_OFFSET = 20_000  # held-out scenes apart from the trainer's and bench_accuracy's
 
 
-def dispatch_threshold(tau: float) -> float:
-    """The residual-block threshold (uint8 pixels) of the dispatch layer for a global tau."""
-    return tau * 255.0
+def edge_path_outputs(executor, video, tau: float):
+    """The path the profile measures, frame by frame, as ``fluxshard run`` runs it on the edge:
+    decoded frames -> residual blocks at ``tau`` -> the assembled input -> ``executor``
+    truncating with the same tau. Yields (MotionFrame, assembled image, model input, model
+    output, FrameReport, key)."""
+    from fluxshard.models import preprocess
+    from fluxshard.motion import EdgePath, iter_motion
+    from fluxshard.sparse import StreamState
 
-
-@dataclass
-class TruncationTable:
-    """motion level -> tau. ``levels`` are sorted by ``motion_max``: a frame with motion
-    statistic m uses the first level with m <= motion_max (the last level beyond)."""
-
-    alpha: float
-    metric: str = METRICS[0]  # the accuracy alpha applies to (a key of the sweep's points)
-    levels: list[dict] = field(default_factory=list)  # {"name", "motion_max", "tau", ...}
-    sweep: list[dict] = field(default_factory=list)  # every measured (level, tau) point
-    executor: dict = field(default_factory=dict)  # the executor options the taus hold for
-
-    def tau_for(self, motion: float) -> float:
-        if not self.levels:
-            return 0.0
-        for level in self.levels:
-            if motion <= level["motion_max"]:
-                return float(level["tau"])
-        return float(self.levels[-1]["tau"])
-
-    def save(self, path: str | Path) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(asdict(self), indent=1))
-
-    @classmethod
-    def load(cls, path: str | Path) -> "TruncationTable":
-        try:
-            data = json.loads(Path(path).read_text())
-            table = cls(alpha=float(data["alpha"]), metric=str(data.get("metric", "map50")),
-                        levels=list(data["levels"]),
-                        sweep=list(data.get("sweep", [])), executor=dict(data.get("executor", {})))
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"{path} is not a truncation table: {exc}") from exc
-        if any(not {"motion_max", "tau"} <= set(lv) for lv in table.levels):
-            raise ValueError(f"{path}: every level needs motion_max and tau")
-        table.levels.sort(key=lambda lv: lv["motion_max"])
-        return table
+    path, stream = EdgePath(tau), StreamState()
+    for mf in iter_motion(video):
+        image, field, key = path.step(mf)
+        x = preprocess(image, device=executor.device)
+        out, report = executor.run(stream, x, field, key=key, tau=path.tau)
+        yield mf, image, x, out, report, key
 
 
 def choose_tau(points: list[dict], dense_map: float, alpha: float, metric: str = "map50"
@@ -98,17 +72,21 @@ def profile_accuracy(weights=None, *, taus=DEFAULT_TAUS, alpha: float = 0.99, fr
     from fluxshard import synth
     from fluxshard.accuracy import evaluate_detections
     from fluxshard.models import load_model, postprocess, preprocess
-    from fluxshard.motion import edge_inputs, iter_motion, motion_statistic
-    from fluxshard.sparse import SparseExecutor, StreamState
+    from fluxshard.motion import iter_motion, motion_statistic
+    from fluxshard.sparse import SparseExecutor
     from fluxshard.train.data import scene_seed
 
     from fluxshard.models.dense import best_dense_runner
+    from fluxshard.models.ops import padded_size
 
+    taus = sorted({quantize_tau(t) for t in taus})  # the wire's unit: whole grey levels
     torch.set_num_threads(threads)
     model = load_model(weights, fused=True)
     out_dir = Path(out_dir)
+    # the model sees the frames padded to multiples of 32 (preprocess); so does the baseline
+    model_w, model_h = padded_size(width, height, who="fluxshard profile accuracy")
     with tempfile.TemporaryDirectory() as tmp:  # the baseline every speedup is against
-        best, medians = best_dense_runner(model, (height, width), threads=threads,
+        best, medians = best_dense_runner(model, (model_h, model_w), threads=threads,
                                           kinds=("fused_channels_last", "onnxruntime"),
                                           workdir=tmp)
     dense_ms = medians[best.name]
@@ -145,10 +123,8 @@ def profile_accuracy(weights=None, *, taus=DEFAULT_TAUS, alpha: float = 0.99, fr
                                           adaptive=adaptive)
                 preds, hits, seconds, bypassed, dense_seconds = [], [], [], [], []
                 for video, _gt in clips:
-                    stream = StreamState()
-                    for mf, image, fld, key in edge_inputs(video, dispatch_threshold(tau)):
-                        x = preprocess(image)
-                        out, report = executor.run(stream, x, fld, key=key)
+                    for _mf, image, x, out, report, key in edge_path_outputs(executor, video,
+                                                                               tau):
                         preds.append(postprocess(out, x.shape[-2:], image.shape[:2],
                                                  conf_thres=0.001)[0])
                         if not key:

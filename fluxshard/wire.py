@@ -9,7 +9,7 @@ A request is one frame of one stream, either
 
 Layout (little endian)::
 
-    header  magic "FXS" | version u8 | flags u8 | codec u8 | block u8 | reserved u8
+    header  magic "FXS" | version u8 | flags u8 | codec u8 | block u8 | tau u8
             frame_index u64 | height u16 | width u16 | body_len u32 | raw_len u32 | crc32 u32
     body    codec-compressed bytes that decompress to exactly raw_len bytes:
             key frame:      the (H, W, 3) frame, 2-D differenced
@@ -35,6 +35,9 @@ The receiver must apply exactly the field the edge's mirror applies, so the edge
 with :func:`quantize_field` *before* it aligns its mirror and picks residual blocks; then both ends
 apply bit-identical fields. Codec MVs are quarter-pel already, so for them this changes nothing.
 
+tau (``fluxshard.tau``) travels in whole grey levels (0..255 = tau 0..1): the receiver's executor
+truncates with exactly the tau the edge's dispatch layer picked the residual blocks with.
+
 The response (Triton output tensors, see :func:`response_tensors`): DETECTIONS float32 (N, 6)
 ``x1, y1, x2, y2, score, class``, STATS JSON (uint8 bytes), DIGEST uint8 (16,) blake2b-128 of the
 rebuilt input cache, which the edge compares with its mirror to detect divergence.
@@ -52,7 +55,7 @@ from dataclasses import dataclass, field as dataclass_field
 import numpy as np
 
 MAGIC = b"FXS"
-VERSION = 1
+VERSION = 2  # 2: the reserved header byte carries tau
 HEADER = struct.Struct("<3sBBBBBQHHIII")
 HEADER_SIZE = HEADER.size
 
@@ -106,6 +109,7 @@ class Request:
     residual_mask: np.ndarray | None = None
     tiles: np.ndarray | None = None
     wire_bytes: int = 0
+    tau: float = 0.0  # on the [0, 1] input scale, a multiple of 1/255 (fluxshard.tau)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -184,17 +188,18 @@ def undiff2d(d: np.ndarray, axes: tuple[int, int]) -> np.ndarray:
 # --------------------------------------------------------------------------------------- encode
 
 def encode_key_frame(frame: np.ndarray, frame_index: int, block: int = 16,
-                     codec: Codec = Codec.ZLIB) -> bytes:
-    """A key frame: the full (H, W, 3) uint8 frame, lossless."""
+                     codec: Codec = Codec.ZLIB, tau: float = 0.0) -> bytes:
+    """A key frame: the full (H, W, 3) uint8 frame, lossless. ``tau``: see the module doc."""
     frame = _check_frame(frame)
     _check_block(block)
     h, w = frame.shape[:2]
     raw = jpeg_encode(frame) if Codec(codec).lossy else diff2d(frame, (0, 1)).tobytes()
-    return _header(FLAG_KEY, codec, block, frame_index, h, w, raw)
+    return _header(FLAG_KEY, codec, block, frame_index, h, w, raw, tau)
 
 
 def encode_residual_frame(frame: np.ndarray, field: np.ndarray, residual_mask: np.ndarray,
-                          frame_index: int, block: int = 16, codec: Codec = Codec.ZLIB) -> bytes:
+                          frame_index: int, block: int = 16, codec: Codec = Codec.ZLIB,
+                          tau: float = 0.0) -> bytes:
     """A residual frame: the accumulated field (quantized) and the pixels of ``frame`` inside the
     residual blocks of ``residual_mask`` ((Hr, Wr) bool, Hr = ceil(H / block))."""
     frame = _check_frame(frame)
@@ -212,7 +217,7 @@ def encode_residual_frame(frame: np.ndarray, field: np.ndarray, residual_mask: n
     pixels = jpeg_encode(_mosaic(tiles)) if Codec(codec).lossy else diff2d(tiles, (1, 2)).tobytes()
     raw = (_field_to_int16(field).tobytes() + np.packbits(residual_mask, axis=None).tobytes()
            + pixels)
-    return _header(0, codec, block, frame_index, h, w, raw)
+    return _header(0, codec, block, frame_index, h, w, raw, tau)
 
 
 def _mosaic(tiles: np.ndarray) -> np.ndarray:
@@ -265,13 +270,16 @@ def jpeg_decode(data: bytes, height: int, width: int) -> np.ndarray:
         raise PayloadError(f"pixels are not a valid JPEG: {e}") from None
 
 
-def _header(flags, codec, block, frame_index, h, w, raw: bytes) -> bytes:
+def _header(flags, codec, block, frame_index, h, w, raw: bytes, tau: float = 0.0) -> bytes:
     """Header + compressed body."""
+    from fluxshard.tau import quantize_tau, tau_levels
+
     if not 0 <= frame_index < 2**63:
         raise ValueError(f"frame index {frame_index} out of range")
+    levels = tau_levels(quantize_tau(tau))  # refuses a tau off the [0, 1] scale
     codec = Codec(codec)
     body = zlib.compress(raw, ZLIB_LEVEL) if codec != Codec.RAW else raw
-    return HEADER.pack(MAGIC, VERSION, flags, int(codec), block, 0, frame_index, h, w, len(body),
+    return HEADER.pack(MAGIC, VERSION, flags, int(codec), block, levels, frame_index, h, w, len(body),
                        len(raw), zlib.crc32(raw)) + body
 
 
@@ -299,14 +307,12 @@ def peek_header(payload: bytes) -> dict:
     if len(payload) < HEADER_SIZE:
         raise PayloadError(f"payload of {len(payload)} bytes is shorter than the {HEADER_SIZE}-byte "
                            "header (truncated, or not a FluxShard request)")
-    magic, version, flags, codec, block, reserved, frame_index, h, w, body_len, raw_len, crc = \
+    magic, version, flags, codec, block, tau_levels, frame_index, h, w, body_len, raw_len, crc = \
         HEADER.unpack_from(payload)
     if magic != MAGIC:
         raise PayloadError(f"bad magic {magic!r}: not a FluxShard request")
     if version != VERSION:
         raise PayloadError(f"wire version {version} is not supported (this end speaks {VERSION})")
-    if reserved:
-        raise PayloadError(f"reserved header byte is {reserved}, must be 0")
     if flags & ~KNOWN_FLAGS:
         raise PayloadError(f"unknown flags 0x{flags:02x}")
     try:
@@ -329,7 +335,7 @@ def peek_header(payload: bytes) -> dict:
         raise PayloadError(f"declared body size {raw_len} exceeds the {cap} bytes a {h}x{w} frame "
                            "can need")
     return dict(key=key, codec=codec, block=block, frame_index=frame_index, height=h, width=w,
-                body_len=body_len, raw_len=raw_len, crc=crc)
+                body_len=body_len, raw_len=raw_len, crc=crc, tau=tau_levels / 255)
 
 
 def max_raw_len(h: int, w: int, block: int, key: bool, codec: Codec) -> int:
@@ -351,7 +357,7 @@ def decode_request(payload: bytes | bytearray | memoryview | np.ndarray) -> Requ
     body = payload[HEADER_SIZE:]
     h, w, block = hdr["height"], hdr["width"], hdr["block"]
     common = dict(frame_index=hdr["frame_index"], height=h, width=w, block=block, key=hdr["key"],
-                  wire_bytes=len(payload))
+                  wire_bytes=len(payload), tau=hdr["tau"])
     raw = _decompress(body, hdr["codec"], hdr["raw_len"])
     if zlib.crc32(raw) != hdr["crc"]:
         raise PayloadError("body checksum mismatch (corrupted payload)")

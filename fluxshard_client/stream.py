@@ -22,20 +22,17 @@ import asyncio
 import time
 from dataclasses import dataclass, field as dataclass_field
 from pathlib import Path
-from typing import AsyncIterator, Callable, Iterator
+from typing import AsyncIterator, Iterator
 
 import numpy as np
 
 from fluxshard import wire
-from fluxshard.motion.state import EndpointState, ResidualSet, residual_blocks
+from fluxshard.motion.field import motion_statistic
+from fluxshard.motion.state import EndpointState, ResidualSet
+from fluxshard.tau import DEFAULT_TAU, TauPolicy, TruncationTable
 
 from .dispatch import BandwidthEstimator, Decision, Dispatcher, LatencyProfile
 from .transport import CloudError, DetectionRows
-
-# Dispatch tau on the [0, 1] input scale. Blocks are compared by their max pixel difference, and
-# integer-pel alignment of sub-pixel motion leaves ~10-30 grey levels on textured edges: at 8 grey
-# levels nearly every block is residual, at 40 (the motion tests' reference) 10-40% on a pan.
-DEFAULT_TAU = 40 / 255
 
 
 @dataclass
@@ -87,10 +84,10 @@ class LocalEndpoint:
         self.session = session
 
     def run(self, frame: np.ndarray, residual: ResidualSet | None, key: bool,
-            index: int) -> EndpointRun:
+            index: int, tau: float = 0.0) -> EndpointRun:
         image = frame if key else residual.assemble(frame)
         detections, stats = self.session.infer(image, None if key else residual.field,
-                                               None if key else residual.mask, key)
+                                               None if key else residual.mask, key, tau=tau)
         return EndpointRun(detections, stats, image, key)
 
     def close(self) -> None:
@@ -122,11 +119,12 @@ class RemoteEndpoint:
         endpoint._own_client = True
         return endpoint
 
-    def run(self, frame, residual, key, index) -> EndpointRun:
+    def run(self, frame, residual, key, index, tau: float = 0.0) -> EndpointRun:
         if key:
-            result = self.stream.send(frame, key=True, frame_index=index)
+            result = self.stream.send(frame, key=True, frame_index=index, tau=tau)
         else:
-            result = self.stream.send(frame, residual.field, residual.mask, frame_index=index)
+            result = self.stream.send(frame, residual.field, residual.mask, frame_index=index,
+                                      tau=tau)
         return _remote_run(result, self.stream)
 
     def close(self) -> None:
@@ -143,12 +141,12 @@ class AsyncRemoteEndpoint:
     def __init__(self, stream):
         self.stream = stream
 
-    async def run(self, frame, residual, key, index) -> EndpointRun:
+    async def run(self, frame, residual, key, index, tau: float = 0.0) -> EndpointRun:
         if key:
-            result = await self.stream.send(frame, key=True, frame_index=index)
+            result = await self.stream.send(frame, key=True, frame_index=index, tau=tau)
         else:
             result = await self.stream.send(frame, residual.field, residual.mask,
-                                            frame_index=index)
+                                            frame_index=index, tau=tau)
         return _remote_run(result, self.stream)
 
     async def close(self) -> None:
@@ -163,6 +161,7 @@ class _Plan:
     frame: np.ndarray
     key: dict  # endpoint -> must run as a key frame
     residual: dict  # endpoint -> ResidualSet | None
+    tau: dict  # endpoint -> the tau its residual set was picked at (its executor truncates with it)
     decision: Decision
     started: float
 
@@ -170,9 +169,9 @@ class _Plan:
 class _DispatchCore:
     """Algorithm 1 without the I/O: shared by the sync and the asyncio streams."""
 
-    def __init__(self, dispatcher: Dispatcher, tau: float | Callable[[float], float], block: int):
+    def __init__(self, dispatcher: Dispatcher, tau, block: int):
         self.dispatcher = dispatcher
-        self.tau = tau
+        self.tau = TauPolicy.of(tau)
         self.block = block
         self.states = {"edge": EndpointState(block), "cloud": EndpointState(block)}
         self.next_index = 0
@@ -181,10 +180,12 @@ class _DispatchCore:
         self.cloud_down_until = 0  # frame index from which the cloud may be tried again
         self.cloud_failures: list[str] = []
 
-    def residual_set(self, state: EndpointState, frame: np.ndarray) -> ResidualSet:
+    def residual_set(self, state: EndpointState, frame: np.ndarray) -> tuple[ResidualSet, float]:
+        """The residual set at the tau the policy picks for this endpoint, and that tau."""
         applied = wire.quantize_field(state.field)  # exactly what a receiver will apply
-        threshold = self.tau_for(state.motion_statistic()) * 255.0  # identity layer: ||w||_1 = 1
-        return residual_blocks(state.cache, frame, applied, threshold, self.block)
+        tau = self.tau.tau_for(motion_statistic(applied))
+        threshold = self.tau.dispatch_threshold(tau)
+        return state.residual(frame, threshold, self.block, field=applied), tau
 
     def cloud_usable(self, cloud) -> bool:
         return cloud is not None and self.next_index >= self.cloud_down_until
@@ -199,14 +200,14 @@ class _DispatchCore:
         state.cache = state.field = None
         edge = self.states["edge"]
         if plan.residual["edge"] is None and not plan.key["edge"]:
-            plan.residual["edge"] = self.residual_set(edge, plan.frame)
+            plan.residual["edge"], plan.tau["edge"] = self.residual_set(edge, plan.frame)
         d = plan.decision
         plan.decision = Decision("edge", d.edge_ms, d.cloud_ms, d.transfer_ms,
                                  f"cloud failed: {error}")
         return plan
 
     def tau_for(self, motion: float) -> float:
-        return float(self.tau(motion)) if callable(self.tau) else float(self.tau)
+        return self.tau.tau_for(motion)
 
     def estimate_bytes(self, residual: ResidualSet | None, shape) -> int:
         h, w = shape[:2]
@@ -237,6 +238,7 @@ class _DispatchCore:
             raise ValueError(f"motion field shape {np.asarray(field).shape} does not match a "
                              f"{h}x{w} frame ({wire.field_shape(h, w)})")
         key, residual, fraction = {}, {}, {}
+        taus = {name: self.tau.tau_for(0.0) for name in self.states}  # key frames: no motion
         candidates = self.dispatcher.candidates(cloud_available)
         for name, state in self.states.items():
             if name == "cloud" and name not in candidates:  # it will not run: keep no state
@@ -248,12 +250,12 @@ class _DispatchCore:
             if name not in candidates:  # the edge under a forced cloud: kept current, since it
                 key[name], residual[name], fraction[name] = False, None, 1.0  # is the fallback
                 continue
-            res = self.residual_set(state, frame)
+            res, taus[name] = self.residual_set(state, frame)
             key[name], residual[name], fraction[name] = False, res, res.fraction
         cloud_bytes = self.estimate_bytes(residual["cloud"], frame.shape)
         decision = self.dispatcher.decide(fraction["edge"], fraction["cloud"], cloud_bytes, w, h,
                                           cloud_available)
-        return _Plan(index, frame, key, residual, decision, started)
+        return _Plan(index, frame, key, residual, taus, decision, started)
 
     def commit(self, plan: _Plan, run: EndpointRun, endpoint_ms: float,
                remote: bool) -> FrameResult:
@@ -286,7 +288,8 @@ class _DispatchCore:
             computed_fraction=float(run.stats.get("computed_fraction", 1.0)),
             residual_fraction=float(mask.mean()), residual_mask=mask,
             field=None if run.key or residual is None else residual.field, decision=plan.decision,
-            bandwidth_mbps=self.dispatcher.bandwidth.mbps, stats=dict(run.stats))
+            bandwidth_mbps=self.dispatcher.bandwidth.mbps,
+            stats={"tau": plan.tau[name], **run.stats})  # a server's own word on tau wins
 
 
 def _dispatcher(dispatch: str, profile, margin_ms: float, initial_mbps: float,
@@ -325,8 +328,10 @@ class FluxShardStream(_StreamBase):
     ``edge``: a :class:`LocalEndpoint` (default: the in-process sparse executor), a
     :class:`RemoteEndpoint`, or a Triton URL (a local server on the edge box). ``cloud``: a
     :class:`RemoteEndpoint`, a transport :class:`fluxshard_client.Stream`, a URL, or None (edge
-    only). ``dispatch``: auto | edge | cloud | alternate. ``tau``: dispatch tau on the [0, 1]
-    input scale, or a callable motion statistic -> tau (e.g. ``TruncationTable.tau_for``).
+    only). ``dispatch``: auto | edge | cloud | alternate. ``tau``: the one tau
+    (``fluxshard.tau``) on the [0, 1] input scale, a :class:`fluxshard.tau.TruncationTable` or a
+    :class:`TauPolicy`; per frame it picks each endpoint's residual blocks, and that endpoint's
+    executor truncates with the same value.
     ``profile``: a :class:`LatencyProfile` or its JSON path (default: ``out/profile/latency.json``
     when present, else the built-in tables). ``margin_ms``: eps (within it, prefer the cloud).
     ``initial_mbps``: the uplink estimate before the first measurement. ``probe_interval``: in
@@ -334,7 +339,7 @@ class FluxShardStream(_StreamBase):
     """
 
     def __init__(self, edge=None, cloud=None, *, dispatch: str = "auto",
-                 tau: float | Callable[[float], float] = DEFAULT_TAU, profile=None,
+                 tau: float | TauPolicy | TruncationTable = DEFAULT_TAU, profile=None,
                  margin_ms: float = 2.0, initial_mbps: float = 20.0, block: int = 16,
                  probe_interval: int | None = 30, stream_id: int = 1):
         if isinstance(edge, str):
@@ -355,12 +360,14 @@ class FluxShardStream(_StreamBase):
         endpoint = self.edge if name == "edge" else self.cloud
         t0 = time.perf_counter()
         try:
-            run = endpoint.run(plan.frame, plan.residual[name], plan.key[name], plan.index)
+            run = endpoint.run(plan.frame, plan.residual[name], plan.key[name], plan.index,
+                               plan.tau[name])
         except CloudError as e:
             if name != "cloud":
                 raise
             plan, endpoint = self.core.cloud_failed(plan, e), self.edge
-            run = endpoint.run(plan.frame, plan.residual["edge"], plan.key["edge"], plan.index)
+            run = endpoint.run(plan.frame, plan.residual["edge"], plan.key["edge"], plan.index,
+                               plan.tau["edge"])
         return self.core.commit(plan, run, (time.perf_counter() - t0) * 1e3, endpoint.remote)
 
     def run(self, source, max_frames: int | None = None, validate: bool = True
@@ -385,7 +392,7 @@ class FluxShardStream(_StreamBase):
 
 
 async def _call(endpoint, plan: _Plan, name: str) -> EndpointRun:
-    args = (plan.frame, plan.residual[name], plan.key[name], plan.index)
+    args = (plan.frame, plan.residual[name], plan.key[name], plan.index, plan.tau[name])
     if asyncio.iscoroutinefunction(endpoint.run):
         return await endpoint.run(*args)
     return await asyncio.to_thread(endpoint.run, *args)  # in-process compute: off the loop
@@ -397,7 +404,7 @@ class AsyncFluxShardStream(_StreamBase):
     event loop keeps serving other streams."""
 
     def __init__(self, edge=None, cloud=None, *, dispatch: str = "auto",
-                 tau: float | Callable[[float], float] = DEFAULT_TAU, profile=None,
+                 tau: float | TauPolicy | TruncationTable = DEFAULT_TAU, profile=None,
                  margin_ms: float = 2.0, initial_mbps: float = 20.0, block: int = 16,
                  probe_interval: int | None = 30):
         if cloud is not None and not hasattr(cloud, "run"):

@@ -135,8 +135,9 @@ class _StreamCore:
         self.next_index = 0
         self.closed = False
 
-    def prepare(self, frame, field, residual_mask, key, frame_index):
-        """-> (payload, the mirror state after the cloud applies it, key)."""
+    def prepare(self, frame, field, residual_mask, key, frame_index, tau=0.0):
+        """-> (payload, the mirror state after the cloud applies it, key). ``tau``: the cloud's
+        executor truncates with it (``fluxshard.tau``)."""
         if self.closed:
             raise RuntimeError(f"stream {self.stream_id} is closed")
         index = self.next_index if frame_index is None else int(frame_index)
@@ -148,7 +149,8 @@ class _StreamCore:
             key = True  # the resolution changed
         predicted = ReceiveState(self.mirror.cache, self.mirror.frame_index, self.mirror.digest)
         if key:
-            payload = wire.encode_key_frame(frame, index, self.block, codec=self.key_codec)
+            payload = wire.encode_key_frame(frame, index, self.block, codec=self.key_codec,
+                                            tau=tau)
             request = wire.Request(index, frame.shape[0], frame.shape[1], self.block, True,
                                    frame=np.array(frame, copy=True, order="C"))
         else:
@@ -156,7 +158,7 @@ class _StreamCore:
             mask = np.asarray(residual_mask, bool) | invalid_blocks(self.mirror.cache, field_q,
                                                                    self.block)
             payload = wire.encode_residual_frame(frame, field_q, mask, index, self.block,
-                                                 codec=self.residual_codec)
+                                                 codec=self.residual_codec, tau=tau)
             request = wire.Request(index, frame.shape[0], frame.shape[1], self.block, False,
                                    field=field_q, residual_mask=mask,
                                    tiles=wire.residual_tiles(frame, mask, self.block))
@@ -286,14 +288,15 @@ class Stream(_StreamHandle):
 
     def send(self, frame: np.ndarray, field: np.ndarray | None = None,
              residual_mask: np.ndarray | None = None, key: bool = False,
-             frame_index: int | None = None, end: bool = False) -> CloudResult:
+             frame_index: int | None = None, end: bool = False, tau: float = 0.0) -> CloudResult:
         """Send one frame: a residual frame (``field``, ``residual_mask``) or, with ``key`` (or
         when the stream needs one), the full frame. ``frame`` is always the full decoded frame so
-        the stream can fall back to a key frame. ``end`` closes the stream after this frame."""
+        the stream can fall back to a key frame. ``end`` closes the stream after this frame. ``tau``:
+        the cloud's executor truncates with it (the tau the residual blocks were picked at)."""
         core, resyncs, started = self.core, [], time.monotonic()
         while True:
             payload, predicted, is_key, index = core.prepare(frame, field, residual_mask, key,
-                                                             frame_index)
+                                                             frame_index, tau)
             t0 = time.perf_counter()
             try:
                 outputs = self.client.infer(payload, core.stream_id, core.need_start, end)
@@ -383,11 +386,12 @@ class AsyncStream(_StreamHandle):
 
     async def send(self, frame: np.ndarray, field: np.ndarray | None = None,
                    residual_mask: np.ndarray | None = None, key: bool = False,
-                   frame_index: int | None = None, end: bool = False) -> CloudResult:
+                   frame_index: int | None = None, end: bool = False,
+                   tau: float = 0.0) -> CloudResult:
         core, resyncs, started = self.core, [], time.monotonic()
         while True:
             payload, predicted, is_key, index = core.prepare(frame, field, residual_mask, key,
-                                                             frame_index)
+                                                             frame_index, tau)
             t0 = time.perf_counter()
             try:
                 outputs = await self.client.infer(payload, core.stream_id, core.need_start, end)

@@ -38,6 +38,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from fluxshard.tau import TauPolicy, tau_argument  # noqa: E402
+
 BASELINES = ["edge dense", "cloud dense, JPEG", "cloud dense, H.264", "edge similarity cache",
              "edge delta reuse, no MVs", "FluxShard edge", "FluxShard edge + bypass",
              "FluxShard cloud", "FluxShard cloud, JPEG tiles"]
@@ -85,7 +87,7 @@ def run_level(level: str, overrides: dict, args, model, best, tmp: Path) -> dict
     from fluxshard.motion.state import residual_blocks
     from fluxshard.sparse import SparseExecutor, StreamState
     from fluxshard.train.data import scene_seed
-    from fluxshard.truncation import LEVELS, PROFILE_SCENE_OFFSET, dispatch_threshold
+    from fluxshard.truncation import LEVELS, PROFILE_SCENE_OFFSET
 
     w, h = args.size
     li = list(LEVELS).index(level)
@@ -95,7 +97,7 @@ def run_level(level: str, overrides: dict, args, model, best, tmp: Path) -> dict
     gt = synth.load_ground_truth(paths.ground_truth)
     frames = list(iter_motion(paths.video))
     sizes = packet_sizes(paths.video)
-    threshold = dispatch_threshold(args.tau)
+    threshold = TauPolicy.dispatch_threshold(args.tau)
 
     def detect(out, x):
         if isinstance(out, (list, tuple)) and not isinstance(out, torch.Tensor):
@@ -118,8 +120,8 @@ def run_level(level: str, overrides: dict, args, model, best, tmp: Path) -> dict
         "FluxShard cloud, JPEG tiles": SparseExecutor(model, tau=args.tau),
     }
     streams = {name: StreamState() for name in executors}
-    edge_paths = {"FluxShard edge": EdgePath(threshold),
-             "edge delta reuse, no MVs": EdgePath(threshold, motion=False)}
+    edge_paths = {"FluxShard edge": EdgePath(args.tau),
+                  "edge delta reuse, no MVs": EdgePath(args.tau, motion=False)}
     mirrors = {name: (ReceiveState(), EndpointState()) for name in CLOUD_CODECS}
     last_inferred, last_preds = None, None
 
@@ -243,8 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="320x192, 12 frames per level")
     p.add_argument("--frames", type=int, default=30)
     p.add_argument("--size", type=int, nargs=2, default=(640, 384), metavar=("W", "H"))
-    p.add_argument("--tau", type=float, default=0.15,
-                   help="FluxShard / delta-reuse truncation tau (input scale)")
+    p.add_argument("--tau", type=tau_argument, default=0.15,
+                   help="tau on the [0, 1] input scale (fluxshard.tau): FluxShard's and the "
+                        "delta reuse's residual blocks and truncation (default: %(default)s)")
     p.add_argument("--conf", type=float, default=0.25,
                    help="dense detections at this score are the reference of agreement")
     p.add_argument("--similarity", type=float, default=0.02,

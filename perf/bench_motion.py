@@ -33,7 +33,7 @@ from fluxshard.motion import EndpointState, iter_motion  # noqa: E402
 from fluxshard.motion.decode import open_source  # noqa: E402
 
 SIZES = ((640, 384), (1280, 720))
-TAU = 40
+THRESHOLD = 40
 RESET_EVERY = 10
 
 
@@ -56,7 +56,7 @@ def motion_pipeline(video: Path, validate: bool) -> int:
             state.reset(mf.image)
         else:
             state.accumulate(mf.field)
-            state.residual(mf.image, TAU)
+            state.residual(mf.image, THRESHOLD)
             if state.frames_since_reset >= RESET_EVERY:
                 state.reset(mf.image)
         n += 1

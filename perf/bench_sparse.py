@@ -38,7 +38,6 @@ from fluxshard.models.dense import best_dense_runner
 from fluxshard.motion import edge_inputs as motion_edge_inputs
 from fluxshard.sparse import SparseExecutor, StreamState, TileConv, masked_sparse_conv
 from fluxshard.sparse.ops import PointConv, masked_point_conv, point_weight
-from fluxshard.truncation import dispatch_threshold
 
 FRACTIONS = (0.05, 0.10, 0.25, 0.50, 1.00)
 # (in channels, out channels, kernel, stride, input H, input W, groups): YOLO11n/s 3x3 convs at 384x640
@@ -160,17 +159,17 @@ CLIP_LEVELS = {  # motion level -> SceneSpec overrides
     "integer pan": dict(camera="pan", pan_angle=0.0, pan_speed=2.0),
     "pan+zoom": dict(camera="pan+zoom"),
 }
-# (name, strict RFAP, tau on the model-input scale; the dispatch layer's residual threshold is
-# fluxshard.truncation.dispatch_threshold(tau), i.e. any changed pixel at tau 0)
+# (name, strict RFAP, tau on the model-input scale: fluxshard.tau; at tau 0 any changed pixel
+# makes its block residual)
 CONFIGS = [("tau0 strict", True, 0.0), ("tau0 relaxed", False, 0.0), ("tau0.02 relaxed", False, 0.02),
            ("tau0.06 relaxed", False, 0.06), ("tau0.15 relaxed", False, 0.15)]
 
 
-def edge_inputs(video: Path, pixel_threshold: float):
+def edge_inputs(video: Path, tau: float):
     """(model input, accumulated field or None, key) per frame along the edge's data path: codec
-    MVs -> residual blocks against ``pixel_threshold`` -> the assembled input the executor sees."""
+    MVs -> residual blocks at ``tau`` (fluxshard.tau) -> the assembled input the executor sees."""
     return [(preprocess(image), field, key)
-            for _, image, field, key in motion_edge_inputs(video, pixel_threshold)]
+            for _, image, field, key in motion_edge_inputs(video, tau)]
 
 
 @torch.no_grad()
@@ -217,7 +216,7 @@ def bench_clips(imgsz, frames: int, workdir: Path, best, tile: int):
                                **overrides)
         video = synth.make_clip(spec, workdir, name=level.replace(" ", "_").replace("+", "_")).video
         for name, strict, tau in tqdm(CONFIGS, desc=f"clip: {level}"):
-            inputs = edge_inputs(video, dispatch_threshold(tau))
+            inputs = edge_inputs(video, tau)
             executor = SparseExecutor(model, strict_rfap=strict, tau=tau, tile=tile)
             if dense_layers is None:  # the executor's own fused channels_last model
                 dense_layers = layer_dense_ms(executor.model, inputs[0][0], runs=10)

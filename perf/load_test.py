@@ -2,7 +2,7 @@
 
 Builds real request payloads from a synthetic H.264 clip (decoded with codec motion vectors, every
 frame sent to the cloud: a key frame, then residual frames with the accumulated field and the
-residual blocks at threshold ``--tau``), writes them as perf_analyzer input data (one stream per
+residual blocks at ``--tau``, fluxshard.tau), writes them as perf_analyzer input data (one stream per
 sequence), starts tritonserver, and sweeps the number of concurrent sequences. Prints one table.
 
     bash scripts/install_perf_tools.sh            # once: perf_analyzer + its libraries
@@ -26,6 +26,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from fluxshard.tau import tau_argument
 
 REPO = Path(__file__).resolve().parents[1]
 PERF_TOOLS = REPO / ".cache" / "perf_tools"
@@ -59,6 +61,7 @@ def sequence_payloads(frames: int, seq_len: int, tau: float, block: int, width: 
     from fluxshard.motion.state import EndpointState, residual_blocks
     from fluxshard.serving.receive import ReceiveState, invalid_blocks
     from fluxshard.synth import SceneSpec, make_clip
+    from fluxshard.tau import TauPolicy
 
     clip = make_clip(SceneSpec(width=width, height=height, frames=frames, gop=seq_len, seed=3),
                      workdir, name="load")
@@ -66,14 +69,15 @@ def sequence_payloads(frames: int, seq_len: int, tau: float, block: int, width: 
     state, mirror = EndpointState(block), ReceiveState()
     for k, mf in enumerate(iter_motion(clip.video, validate=False)):
         if k % seq_len == 0:
-            payload = wire.encode_key_frame(mf.image, k, block)
+            payload = wire.encode_key_frame(mf.image, k, block, tau=tau)
             sequences.append([payload])
         else:
             state.accumulate(mf.field)
             field_q = wire.quantize_field(state.field)
-            mask = residual_blocks(mirror.cache, mf.image, field_q, tau, block).mask
+            mask = residual_blocks(mirror.cache, mf.image, field_q,
+                                   TauPolicy.dispatch_threshold(tau), block).mask
             mask |= invalid_blocks(mirror.cache, field_q, block)
-            payload = wire.encode_residual_frame(mf.image, field_q, mask, k, block)
+            payload = wire.encode_residual_frame(mf.image, field_q, mask, k, block, tau=tau)
             sequences[-1].append(payload)
         mirror.apply(wire.decode_request(payload))
         state.reset(mirror.cache)  # the cloud's cache is the rebuilt input, not the decoded frame
@@ -113,7 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--height", type=int, default=192)
     ap.add_argument("--frames", type=int, default=48, help="frames in the synthetic clip")
     ap.add_argument("--sequence-length", type=int, default=16, help="frames per sequence")
-    ap.add_argument("--tau", type=float, default=12.0, help="residual threshold (pixel levels)")
+    ap.add_argument("--tau", type=tau_argument, default=12 / 255,
+                    help="tau on the [0, 1] input scale (fluxshard.tau): residual blocks and the "
+                         "server's truncation (default: 12/255)")
     ap.add_argument("--block", type=int, default=16)
     ap.add_argument("--requests-per-window", type=int, default=40)
     ap.add_argument("--url", default=None, help="an already running server (gRPC host:port)")

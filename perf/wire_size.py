@@ -5,7 +5,7 @@ PNG and WebP-lossless (Pillow). Residual frames: the shipped encoding (quarter-p
 2-D differenced tiles, zlib 6) against the same tiles without differencing, and the field's share. Encode/decode times are medians of this
 run. Every frame goes to the cloud (the cloud cache is the rebuilt input).
 
-    python perf/wire_size.py --width 640 --height 384 --frames 30 --tau 12
+    python perf/wire_size.py --width 640 --height 384 --frames 30 --tau 0.047
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fluxshard.tau import tau_argument
+
 
 def timed(fn, *a, **k):
     t0 = time.perf_counter()
@@ -33,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--width", type=int, default=640)
     ap.add_argument("--height", type=int, default=384)
     ap.add_argument("--frames", type=int, default=30)
-    ap.add_argument("--tau", type=float, default=12.0)
+    ap.add_argument("--tau", type=tau_argument, default=12 / 255,
+                    help="tau on the [0, 1] input scale (fluxshard.tau; default: 12/255)")
     ap.add_argument("--block", type=int, default=16)
     ap.add_argument("--camera", default="pan")
     args = ap.parse_args(argv)
@@ -45,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     from fluxshard.motion.state import EndpointState, residual_blocks
     from fluxshard.serving.receive import ReceiveState, invalid_blocks
     from fluxshard.synth import SceneSpec, make_clip
+    from fluxshard.tau import TauPolicy
 
     with tempfile.TemporaryDirectory() as tmp:
         clip = make_clip(SceneSpec(width=args.width, height=args.height, frames=args.frames,
@@ -86,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     for mf in frames[1:]:
         state.accumulate(mf.field)
         field_q = wire.quantize_field(state.field)
-        mask = residual_blocks(mirror.cache, mf.image, field_q, args.tau, args.block).mask
+        mask = residual_blocks(mirror.cache, mf.image, field_q,
+                               TauPolicy.dispatch_threshold(args.tau), args.block).mask
         mask |= invalid_blocks(mirror.cache, field_q, args.block)
         payload, te = timed(wire.encode_residual_frame, mf.image, field_q, mask, mf.index,
                             args.block)

@@ -15,11 +15,10 @@ an RFAP, gather or mask bug moves scores by 1e-2 and boxes by pixels.
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from fluxshard import synth
 from fluxshard.models import build_yolo11, preprocess
@@ -27,7 +26,11 @@ from fluxshard.motion import edge_inputs
 from fluxshard.sparse import SparseExecutor, StreamState
 
 EXACT_ATOL, EXACT_RTOL = 1e-4, 1e-5
-DISPATCH_TAU = 16  # pixel-level residual threshold of the dispatch layer
+DISPATCH_TAU = 16 / 255  # the dispatch layer's tau (16 grey levels)
+# scripts/gpu_check.sh runs the CUDA cases (`-k cuda`) on a lent GPU
+CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="no CUDA device here: scripts/gpu_check.sh runs the cuda cases on a GPU")])
 
 
 def random_model(task: str, seed: int = 0):
@@ -60,14 +63,15 @@ def excess_error(sparse: torch.Tensor, dense: torch.Tensor) -> float:
     return float(((sparse - dense).abs() / allowed).max())
 
 
-def run_both(executor, model, video, frames=None):
-    """Per frame: (error of the decoded output vs dense in allowed units, FrameReport)."""
+def run_both(executor, model, video, frames=None, device="cpu"):
+    """Per frame: (error of the decoded output vs dense in allowed units, FrameReport); model and
+    executor on ``device``."""
     stream = StreamState()
     results = []
     for index, image, field, key in assembled_inputs(video):
         if frames is not None and index >= frames:
             break
-        x = preprocess(image)
+        x = preprocess(image, device=device)
         with torch.no_grad():
             dense = model(x)
         sparse, report = executor.run(stream, x, field, key=key)
@@ -95,6 +99,22 @@ def exact_clips(tmp_path_factory):
     return get
 
 
+@pytest.fixture
+def exact_float32(device):
+    """Full float32 on CUDA: cuDNN's default TF32 convs round at ~1e-3, far beyond the exactness
+    tolerance, and would differ between the dense map and the sparse paths' matmuls."""
+    if device != "cuda":
+        yield
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("task,size,conv_mode", [
     ("detect", (320, 320), "point"),
     ("segment", (320, 320), "point"),
@@ -102,12 +122,13 @@ def exact_clips(tmp_path_factory):
     pytest.param("detect", (640, 384), "point", marks=pytest.mark.slow),
     pytest.param("segment", (640, 384), "tile", marks=pytest.mark.slow),
 ])
-def test_strict_tau0_equals_dense_over_20_frames(exact_clips, task, size, conv_mode):
-    model = random_model(task)
+def test_strict_tau0_equals_dense_over_20_frames(exact_clips, exact_float32, task, size,
+                                                 conv_mode, device):
+    model = random_model(task).to(device)
     # dense_above 0.6: keep the sparse paths busy (the default hands big recompute sets to dense)
     executor = SparseExecutor(model, strict_rfap=True, tau=0.0, conv_mode=conv_mode,
                               dense_above=0.6)
-    results = run_both(executor, model, exact_clips(*size))
+    results = run_both(executor, model, exact_clips(*size), device=device)
     assert len(results) >= 21
     errors = [e for e, _ in results]
     assert max(errors) <= 1.0, f"per-frame error in units of the tolerance: {errors}"
@@ -192,6 +213,69 @@ def test_bad_input_is_refused_clearly():
     executor.run(stream, torch.zeros(1, 3, 64, 64), key=True)
     with pytest.raises(ValueError, match="does not fit"):
         executor.run(stream, torch.zeros(1, 3, 64, 64), np.zeros((40, 40, 2), np.float32))
+    with pytest.raises(ValueError, match="frame is on meta but the model is on cpu"):
+        executor.run(stream, torch.zeros(1, 3, 64, 64, device="meta"), key=True)
+
+
+class RefuseHostCopies(TorchFunctionMode):
+    """Refuses ``Tensor.numpy()``, which a CUDA tensor cannot do without a host copy."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", None) == "numpy":
+            raise AssertionError("Tensor.numpy() inside the executor (impossible on CUDA)")
+        return func(*args, **(kwargs or {}))
+
+
+def _refuse_from_numpy(*args, **kwargs):
+    raise AssertionError("torch.from_numpy inside the executor: the tensor lands on the host "
+                         "(use torch.as_tensor(array, device=...))")
+
+
+@pytest.mark.parametrize("options", [
+    dict(strict_rfap=True, conv_mode="point", dense_above=0.6),
+    dict(strict_rfap=True, conv_mode="tile", dense_above=0.6),
+    dict(grid_snap=True, tau=0.3),  # snapped steps, truncation and its probe skip
+    "bypass",  # the dense runner's numpy outputs
+])
+def test_every_tensor_the_executor_makes_follows_the_input_device(monkeypatch, options):
+    """On CUDA, a mask or index table made on the host fails when mixed with the maps (or costs a
+    host copy per use). Here maps and weights live on the CPU while the default device is
+    'meta' (no data): any tensor the executor makes without taking its device from its inputs or
+    weights lands on meta, and the first op mixing it with a real map, or reading it (bool(),
+    int()), raises, or the output differs from the same run outside this mode (it must be
+    equal). Host round trips (Tensor.numpy, torch.from_numpy) are refused too."""
+    model = random_model("segment")
+    gen = torch.Generator().manual_seed(4)
+    a = torch.rand(1, 3, 96, 128, generator=gen)
+    b = a.roll(-8, 3).clone()  # a pan by 8 px: exact up to stride 8, invalid beyond
+    b[:, :, 40:60, 48:80] = 0.3  # an object moving by 3.4 px: fails Cond. 2 at every grid
+    c = b.clone()
+    c[:, :, 8:14, 8:20] = 0.9  # a small still change: scattered recompute sets
+    pan = np.zeros((24, 32, 2), np.float32)
+    pan[..., 0] = 8.0
+    pan[10:15, 12:20] = (3.4, 0.0)
+    frames = [(a, None, True), (b, pan, False), (c, np.zeros_like(pan), False)]
+    if options == "bypass":  # like onnxruntime: numpy outputs, made before the check
+        with torch.no_grad():
+            arrays = {id(x): [t.numpy() for t in model(x)] for x in (b, c)}
+        options = dict(bypass=lambda x: arrays[id(x)], bypass_above=0.0)
+
+    def run(executor):
+        stream = StreamState()
+        return [executor.run(stream, x, f, key=k) for x, f, k in frames]
+
+    expected = run(SparseExecutor(model, **options))
+    executor = SparseExecutor(model, **options)
+    monkeypatch.setattr(torch, "from_numpy", _refuse_from_numpy)
+    with torch.device("meta"), RefuseHostCopies():
+        got = run(executor)
+    monkeypatch.undo()
+    for (out, report), (want, want_report) in zip(got, expected):
+        for t, w in zip(out, want):
+            assert t.device == w.device and torch.equal(t, w)
+        assert report.bypassed == want_report.bypassed
+    if "bypass" in options:
+        assert [r.bypassed for _, r in got] == [False, True, True]
 
 
 def test_dense_bypass_takes_unreusable_frames_and_resumes_with_a_key_frame():

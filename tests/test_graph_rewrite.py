@@ -106,7 +106,9 @@ def test_export_command_writes_both_flavours_and_verifies(tmp_path, capsys):
     assert main(["export", "--size", "160", "128", "--tau", "0.15", "--verify", "3",
                  "--out", str(out)]) == 0
     io = json.loads((out / "fluxshard_io.json").read_text())
-    assert io["images"] == [1, 3, 128, 160] and io["options"]["tau"] == 0.15
+    from fluxshard.tau import quantize_tau
+
+    assert io["images"] == [1, 3, 128, 160] and io["options"]["tau"] == quantize_tau(0.15)
     ort_model, trt_model = onnx.load(out / "fluxshard.onnx"), onnx.load(out / "fluxshard_trt.onnx")
     assert len(io["states"]) == len([i for i in trt_model.graph.input
                                      if i.name.startswith("cache_in_")]) > 50

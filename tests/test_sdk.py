@@ -11,6 +11,7 @@ import pytest
 
 from fluxshard import wire
 from fluxshard.motion import iter_motion
+from fluxshard.tau import DEFAULT_TAU, quantize_tau
 from fluxshard_client import (AsyncFluxShardClient, AsyncFluxShardStream, FluxShardClient,
                               FluxShardStream, LocalEndpoint)
 
@@ -57,7 +58,10 @@ def test_alternating_dispatch_against_the_real_server(tritonserver, synth_clips,
     # the server's answers equal the same executor run here on the same inputs and fields
     local = sessions(2)
     for r in cloud:
-        expected, stats = local.infer(cloud_inputs[r.index], r.field, r.residual_mask, r.key)
+        # with the tau the dispatch layer used, which travelled with the frame
+        assert r.stats["tau"] == quantize_tau(DEFAULT_TAU)
+        expected, stats = local.infer(cloud_inputs[r.index], r.field, r.residual_mask, r.key,
+                                      tau=r.stats["tau"])
         np.testing.assert_allclose(r.detections, expected, rtol=1e-5, atol=1e-4)
         assert r.cache_hit_rate == pytest.approx(stats["cache_hit_rate"])
 

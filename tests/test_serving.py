@@ -301,7 +301,7 @@ class CountingSession:
     def __init__(self, log: list, corrid: int):
         self.log, self.corrid = log, corrid
 
-    def infer(self, rebuilt_frame, field, residual_mask, key):
+    def infer(self, rebuilt_frame, field, residual_mask, key, tau=0.0):
         self.log.append((self.corrid, key, wire.cache_digest(rebuilt_frame)))
         return np.zeros((0, 6), np.float32), {"compute": "counting", "recomputed_fraction": 0.0}
 

@@ -178,7 +178,7 @@ def test_encoder_rejects_inconsistent_inputs():
 # ----------------------------------------------------------------------------- hostile payloads
 
 def _with_header(payload: bytes, **changes) -> bytes:
-    names = ["magic", "version", "flags", "codec", "block", "reserved", "frame_index", "height",
+    names = ["magic", "version", "flags", "codec", "block", "tau", "frame_index", "height",
              "width", "body_len", "raw_len", "crc"]
     values = dict(zip(names, wire.HEADER.unpack_from(payload)))
     values.update(changes)
@@ -195,9 +195,8 @@ def _valid_residual() -> bytes:
     (lambda p: p[:-1], "truncated"),
     (lambda p: p + b"\0", "trailing"),
     (lambda p: b"XYZ" + p[3:], "bad magic"),
-    (lambda p: _with_header(p, version=2), "version 2"),
+    (lambda p: _with_header(p, version=1), "version 1"),  # before tau travelled with frames
     (lambda p: _with_header(p, flags=0x80), "unknown flags"),
-    (lambda p: _with_header(p, reserved=1), "reserved"),
     (lambda p: _with_header(p, codec=9), "unknown codec"),
     (lambda p: _with_header(p, block=12), "block 12"),
     (lambda p: _with_header(p, height=0), "outside the limits"),
@@ -271,5 +270,19 @@ def test_random_bytes_never_escape_as_other_errors():
 
 def test_header_layout_is_stable():
     # the format is versioned: changing the layout means bumping VERSION
-    assert wire.HEADER_SIZE == 32 and wire.MAGIC == b"FXS" and wire.VERSION == 1
+    assert wire.HEADER_SIZE == 32 and wire.MAGIC == b"FXS" and wire.VERSION == 2
+
+
+def test_tau_travels_in_whole_grey_levels():
+    """The receiver's executor truncates with exactly the tau the sender picked its residual
+    blocks at: tau crosses the wire as whole grey levels, and values off the scale are refused."""
+    from fluxshard.tau import quantize_tau
+
+    f, field, mask = residual_inputs()
+    for tau in (0.0, 0.15, 40 / 255, 1.0):
+        got = wire.decode_request(wire.encode_residual_frame(f, field, mask, 2, B, tau=tau))
+        assert got.tau == quantize_tau(tau) and abs(got.tau - tau) <= 0.5 / 255
+        assert wire.decode_request(wire.encode_key_frame(f, 0, B, tau=tau)).tau == got.tau
+    with pytest.raises(ValueError, match="grey levels"):
+        wire.encode_key_frame(f, 0, B, tau=40)
     assert struct.calcsize("<3sBBBBBQHHIII") == 32

@@ -15,8 +15,7 @@ from fluxshard import cli_common
 from fluxshard.motion.decode import MOTION_SOURCES, iter_motion
 from fluxshard.motion.field import motion_statistic
 from fluxshard.motion.state import RESIDUAL_BLOCK, EndpointState
-
-DEFAULT_TAU = 40  # grey levels (max abs per residual block); see README "Motion paths"
+from fluxshard.tau import DEFAULT_TAU, TauPolicy, tau_argument
 DEFAULT_RESET_EVERY = 10
 
 
@@ -52,7 +51,7 @@ def analyse_clip(source: str | Path, *, tau: float = DEFAULT_TAU,
             state.reset(mf.image)  # dense pass on a key frame
         else:
             state.accumulate(mf.field)
-            residual = state.residual(mf.image, tau).fraction
+            residual = state.residual(mf.image, TauPolicy.dispatch_threshold(tau)).fraction
             accumulated = state.motion_statistic()
             if state.frames_since_reset >= reset_every:
                 state.reset(mf.image)  # the endpoint ran inference on this frame
@@ -99,7 +98,7 @@ def plot_clip(name: str, stats: list[FrameStats], path: Path, tau: float) -> Non
     axes[0].set_ylabel("motion (px)")
     axes[0].legend(loc="upper right")
     axes[1].plot(t, [s.residual_fraction for s in stats], color="tab:red")
-    axes[1].set_ylabel(f"residual fraction\n(tau={tau:g})")
+    axes[1].set_ylabel(f"residual fraction\n(tau={tau:.3f})")
     axes[1].set_ylim(0, 1)
     codes = {k: i for i, k in enumerate(MOTION_SOURCES)}
     axes[2].scatter(t, [codes[s.motion_source] for s in stats], s=10)
@@ -143,8 +142,9 @@ def register(subparsers) -> None:
                    help="video file(s) or URL(s)")
     p.add_argument("--out", type=cli_common.output_folder, default=Path("out/motion"),
                    help="folder for the plots and per-clip JSON")
-    p.add_argument("--tau", type=float, default=DEFAULT_TAU,
-                   help="residual threshold, grey levels (max abs per block)")
+    p.add_argument("--tau", type=tau_argument, default=DEFAULT_TAU,
+                   help="tau on the [0, 1] input scale (fluxshard.tau): a block is residual when "
+                        "its max abs difference exceeds tau * 255 grey levels (default: 40/255)")
     p.add_argument("--reset-every", type=cli_common.positive_int, default=DEFAULT_RESET_EVERY,
                    help="reset the endpoint state every N frames (and on key frames)")
     p.add_argument("--no-validate", action="store_true",

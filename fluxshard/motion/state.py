@@ -1,6 +1,9 @@
 """Per-endpoint dispatch state (DESIGN.md steps 2-3): the input the endpoint last ran on (its
 input cache) and the motion accumulated from that input to now; the residual block set against
-tau; reset when the endpoint runs inference on a frame."""
+the dispatch threshold; reset when the endpoint runs inference on a frame.
+
+Thresholds here are uint8 grey levels (``threshold``); users give tau on the [0, 1] input scale
+and :class:`fluxshard.tau.TauPolicy` turns it into this threshold (``tau * 255``)."""
 
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ class ResidualSet:
     field: np.ndarray  # (ceil(H/4), ceil(W/4), 2) float32 accumulated motion used
     block_max_diff: np.ndarray  # (ceil(H/b), ceil(W/b)) int16: max |aligned - frame|, 256 if invalid
     block: int
-    tau: float
+    threshold: float  # grey levels: a block is residual when block_max_diff > threshold
 
     @property
     def fraction(self) -> float:
@@ -62,11 +65,11 @@ def block_max_abs_diff(a: np.ndarray, b: np.ndarray, block: int) -> np.ndarray:
     return rows.reshape(hr, wr, block).max(axis=2).astype(np.int16)
 
 
-def residual_blocks(cache: np.ndarray, frame: np.ndarray, field: np.ndarray, tau: float,
+def residual_blocks(cache: np.ndarray, frame: np.ndarray, field: np.ndarray, threshold: float,
                     block: int = RESIDUAL_BLOCK, *,
                     bordered_cache: np.ndarray | None = None) -> ResidualSet:
     """Align ``cache`` with ``field`` and mark the blocks where it differs from ``frame`` by more
-    than ``tau`` or that hold an invalid (out-of-cache) pixel (docs/CONVENTIONS.md).
+    than ``threshold`` grey levels or that hold an invalid (out-of-cache) pixel (docs/CONVENTIONS.md).
     ``bordered_cache``: ``zero_bordered(cache)``, when the caller keeps it between frames."""
     if block < 1:
         raise ValueError(f"residual block must be >= 1, got {block}")
@@ -86,8 +89,8 @@ def residual_blocks(cache: np.ndarray, frame: np.ndarray, field: np.ndarray, tau
         invalid = np.pad(invalid, ((0, ph), (0, pw)))
         hr, wr = invalid.shape[0] // k, invalid.shape[1] // k
         worst[invalid.reshape(hr, k, wr, k).any(axis=(1, 3))] = 256
-    return ResidualSet(mask=worst > tau, aligned=aligned, field=field, block_max_diff=worst,
-                       block=block, tau=float(tau))
+    return ResidualSet(mask=worst > threshold, aligned=aligned, field=field,
+                       block_max_diff=worst, block=block, threshold=float(threshold))
 
 
 class EndpointState:
@@ -123,12 +126,16 @@ class EndpointState:
         self.field = compose_fields(self.field, field)
         self.frames_since_reset += 1
 
-    def residual(self, frame: np.ndarray, tau: float, block: int | None = None) -> ResidualSet:
+    def residual(self, frame: np.ndarray, threshold: float, block: int | None = None,
+                 field: np.ndarray | None = None) -> ResidualSet:
+        """The residual set of ``frame`` at ``threshold`` grey levels, aligned with ``field``
+        (default: the accumulated field; senders pass it quantized as the wire carries it)."""
         self._require()
         if self._bordered is None or self._bordered_of is not self.cache:
             # every residual until the next reset warps this cache: border it once
             self._bordered, self._bordered_of = zero_bordered(self.cache), self.cache
-        return residual_blocks(self.cache, np.asarray(frame), self.field, tau,
+        field = self.field if field is None else field
+        return residual_blocks(self.cache, np.asarray(frame), field, threshold,
                                block or self.residual_block, bordered_cache=self._bordered)
 
     def motion_statistic(self) -> float:
@@ -138,33 +145,45 @@ class EndpointState:
 
 class EdgePath:
     """The edge's data path for an endpoint that runs on every frame (benchmarks, profiles, tests):
-    codec MVs accumulated into its dispatch state -> residual blocks at ``threshold`` (uint8
-    pixels) -> the assembled input the executor sees, with the field since its last run.
-    ``motion=False`` ignores the MVs (a pixel-aligned cache: the DeltaCNN-like baseline)."""
+    codec MVs accumulated into its dispatch state, quantized to the wire's quarter-pel as the SDK
+    does -> residual blocks at the policy's tau -> the assembled input the executor sees, with the
+    field since its last run. ``tau``: a number on the [0, 1] input scale, or a
+    :class:`fluxshard.tau.TauPolicy`; :attr:`tau` is the value the last frame used (the executor
+    truncates with it). ``motion=False`` ignores the MVs (a pixel-aligned cache: the DeltaCNN-like
+    baseline)."""
 
-    def __init__(self, threshold: float, block: int = RESIDUAL_BLOCK, motion: bool = True):
+    def __init__(self, tau, block: int = RESIDUAL_BLOCK, motion: bool = True):
+        from fluxshard.tau import TauPolicy
+
         self.state = EndpointState(block)
-        self.threshold = threshold
+        self.policy = TauPolicy.of(tau)
+        self.tau = self.policy.tau_for(0.0)
         self.motion = motion
 
     def step(self, frame) -> tuple[np.ndarray, np.ndarray | None, bool]:
         """One decoded :class:`fluxshard.motion.MotionFrame` -> (assembled input, accumulated
         field or None, key)."""
+        from fluxshard.wire import quantize_field
+
         if self.state.cache is None or frame.is_key:
             image, field, key = frame.image, None, True
+            self.tau = self.policy.tau_for(0.0)
         else:
             self.state.accumulate(frame.field if self.motion else np.zeros_like(frame.field))
-            image = self.state.residual(frame.image, self.threshold).assemble(frame.image)
-            field, key = self.state.field, False
+            field = quantize_field(self.state.field)  # exactly what a receiver would apply
+            self.tau = self.policy.tau_for(motion_statistic(field))
+            threshold = self.policy.dispatch_threshold(self.tau)
+            image = self.state.residual(frame.image, threshold, field=field).assemble(frame.image)
+            key = False
         self.state.reset(image)
         return image, field, key
 
 
-def edge_inputs(video, threshold: float, **kwargs):
+def edge_inputs(video, tau, **kwargs):
     """(MotionFrame, assembled input, field or None, key) for every frame of ``video`` along
-    :class:`EdgePath` (``kwargs``: its options)."""
+    :class:`EdgePath` at ``tau`` (``kwargs``: its options)."""
     from fluxshard.motion.decode import iter_motion
 
-    path = EdgePath(threshold, **kwargs)
+    path = EdgePath(tau, **kwargs)
     for frame in iter_motion(video):
         yield (frame, *path.step(frame))

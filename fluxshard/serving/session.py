@@ -27,8 +27,10 @@ class StreamSession(Protocol):
     """Per-stream compute. ``infer`` is called once per applied frame, in order."""
 
     def infer(self, rebuilt_frame: np.ndarray, field: np.ndarray | None,
-              residual_mask: np.ndarray | None, key: bool) -> tuple[np.ndarray, dict]:
-        """-> (detections (N, 6) float32 x1, y1, x2, y2, score, class; stats dict)."""
+              residual_mask: np.ndarray | None, key: bool,
+              tau: float = 0.0) -> tuple[np.ndarray, dict]:
+        """-> (detections (N, 6) float32 x1, y1, x2, y2, score, class; stats dict). ``tau``:
+        the frame's truncation tau (``fluxshard.tau``), as the sender picked its residual at."""
         ...
 
     def close(self) -> None:
@@ -48,7 +50,7 @@ class DenseYoloSession:
         self.conf_threshold = conf_threshold
         self.iou_threshold = iou_threshold
 
-    def infer(self, rebuilt_frame, field, residual_mask, key):
+    def infer(self, rebuilt_frame, field, residual_mask, key, tau=0.0):
         import torch
 
         from fluxshard.models import postprocess, preprocess
@@ -94,12 +96,13 @@ class SparseYoloSession:
         self.iou_threshold = iou_threshold
         self.last_report = None  # FrameReport of the last frame (per-layer detail for callers)
 
-    def infer(self, rebuilt_frame, field, residual_mask, key):
+    def infer(self, rebuilt_frame, field, residual_mask, key, tau=0.0):
         from fluxshard.models import postprocess, preprocess
 
         x = preprocess(rebuilt_frame, device=self.device)
         with self.lock:
-            out, report = self.executor.run(self.state, x, None if key else field, key=key)
+            out, report = self.executor.run(self.state, x, None if key else field, key=key,
+                                            tau=tau)
         rows = detection_rows(postprocess(out, x.shape[-2:], rebuilt_frame.shape[:2],
                                           conf_thres=self.conf_threshold,
                                           iou_thres=self.iou_threshold)[0])
@@ -121,11 +124,11 @@ EXECUTORS = ("sparse", "dense")
 
 def yolo_session_factory(executor: str = "sparse", weights: str | None = None, scale: str = "n",
                          threads: int = 1, conf_threshold: float = 0.25, seed: int = 0,
-                         device: str = "cpu", tau: float = 0.0, strict_rfap: bool = False,
+                         device: str = "cpu", strict_rfap: bool = False,
                          keyframe_interval: int | None = None, grid_snap: bool = False,
                          model=None, bypass: str = "none") -> SessionFactory:
     """Sessions for the ``fluxshard`` model, by ``executor``: "sparse" (default; per-stream feature
-    caches, tau the executor's truncation threshold on the [0, 1] input scale, grid_snap the
+    caches, truncating with the tau each frame carries (``StreamSession.infer``); grid_snap the
     relaxed RFAP Cond. 2 of fluxshard.sparse) or "dense"
     (YOLO11 on every rebuilt frame). The Triton model and in-process users build theirs here, so
     both run the same thing. ``model`` overrides the weights lookup (a loaded, fused YOLO11).
@@ -145,7 +148,7 @@ def yolo_session_factory(executor: str = "sparse", weights: str | None = None, s
         from fluxshard.models.dense import ShapeRunners
 
         runner = ShapeRunners(model, bypass, threads=threads)
-    shared = SparseExecutor(model, strict_rfap=strict_rfap, tau=tau,
+    shared = SparseExecutor(model, strict_rfap=strict_rfap,
                             keyframe_interval=keyframe_interval, grid_snap=grid_snap,
                             bypass=runner, adaptive=runner is not None)
     lock = threading.Lock()
@@ -237,7 +240,8 @@ class SessionManager:
         try:
             rebuilt = stream.receive.apply(request)
             detections, compute_stats = stream.session.infer(rebuilt, request.field,
-                                                             request.residual_mask, request.key)
+                                                             request.residual_mask, request.key,
+                                                             tau=request.tau)
         finally:
             if end:
                 self.close(corrid)
@@ -246,7 +250,7 @@ class SessionManager:
         stats = {"frame_index": request.frame_index, "key": request.key,
                  "wire_bytes": request.wire_bytes,
                  "residual_blocks": 0 if request.key else int(request.residual_mask.sum()),
-                 "total_blocks": int(grid.prod()),
+                 "total_blocks": int(grid.prod()), "tau": request.tau,
                  "server_ms": round((time.perf_counter() - t0) * 1e3, 3), **compute_stats}
         return Response(detections=detections, digest=stream.receive.digest, stats=stats)
 

@@ -10,12 +10,16 @@ decides what changed (truncation keeps what moved by no more than tau / ||w||_1)
 
 State is explicit: :class:`StreamState` holds every cache of one stream; the executor and the
 model are shared by all streams.
+
+Device: the executor runs where the model's weights are (CPU or CUDA); frames must be there too,
+and every mask, index table and plan it makes is created on that device.
 """
 
 from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field as dc_field
 from typing import NamedTuple
 
@@ -56,6 +60,7 @@ class LayerStats:
     positions: int = 0  # output positions of cached ops in this top-level layer
     computed: int = 0  # of those, positions computed this frame (whole active tiles)
     changed: int = 0  # positions whose value differs from the gathered cache
+    # SparseExecutor.clock time; on CUDA host time (kernels may still be queued), frames sync
     seconds: float = 0.0
 
 
@@ -147,13 +152,16 @@ class SparseExecutor:
         (exact, and cheaper; at tau > 0 it departs from the spec's truncated values, which are
         what the ONNX graph and the plugins compute). 0: always compare, as the spec says.
     grid_snap: relax Cond. 2 to the nearest grid displacement (approximate; see rfap.RFAPPlan).
+    clock: seconds for FrameReport / LayerStats and so for the adaptive policy (tests inject a
+        deterministic one). On CUDA the frame waits for its kernels before the last reading.
     """
 
     def __init__(self, model: YOLO11, *, strict_rfap: bool = False, tau: float = 0.0,
                  tile: int = 8, dense_above: float = 0.25, keyframe_interval: int | None = None,
                  grid_snap: bool = False, conv_mode: str = "point", bypass=None,
                  bypass_above: float = 0.5, adaptive: bool = False, probe_interval: int = 30,
-                 truncation_probe: int = TRUNCATION_PROBE):
+                 truncation_probe: int = TRUNCATION_PROBE,
+                 clock: Callable[[], float] = time.perf_counter):
         if strict_rfap and grid_snap:
             raise ValueError("grid_snap relaxes RFAP Cond. 2: it cannot be combined with strict_rfap")
         if not is_fused(model):
@@ -162,6 +170,7 @@ class SparseExecutor:
         self.model = model.eval().to(memory_format=torch.channels_last)
         self.strict_rfap = strict_rfap
         self.tau = float(tau)
+        self._tau = self.tau  # this frame's tau (run's argument)
         self.tile = tile
         self.dense_above = dense_above
         if conv_mode not in ("point", "tile"):
@@ -174,6 +183,7 @@ class SparseExecutor:
         self.truncation_probe = truncation_probe
         self.keyframe_interval = keyframe_interval
         self.grid_snap = grid_snap
+        self.clock = clock
         self.names = {id(m): n for n, m in model.named_modules()}
         self.norms = {id(m): l1_norm(m.weight) for m in model.modules()
                       if isinstance(m, nn.Conv2d)}
@@ -181,26 +191,44 @@ class SparseExecutor:
         # input (H, W) -> (TileConv per (layer, map size), PointConv per geometry), LRU order
         self._geometries: OrderedDict[tuple[int, int], tuple[dict, dict]] = OrderedDict()
         self._point_weights: dict[int, torch.Tensor] = {}
+        self._tables_device = self.device  # device the cached tables were built on
+
+    @property
+    def device(self) -> torch.device:
+        """Where the executor runs: its model's weights' device."""
+        return self.first_spatial.weight.device
 
     # ---------------------------------------------------------------- public API
     @torch.no_grad()
     def run(self, state: StreamState, frame: torch.Tensor, field: np.ndarray | None = None, *,
-            key: bool = False):
+            key: bool = False, tau: float | None = None):
         """Infer one frame. ``frame`` (1, 3, H, W) float in [0, 1] (fluxshard.models.preprocess);
         ``field`` the accumulated motion field from the frame this stream last ran on to this
-        one. Returns (the model's eval output, FrameReport)."""
+        one; ``tau`` this frame's truncation tau (``fluxshard.tau``: the one the dispatch layer
+        picked the input's residual blocks with; default: the executor's). Returns (the model's
+        eval output, FrameReport)."""
         if frame.ndim != 4 or frame.shape[0] != 1 or frame.shape[1] != 3:
             raise ValueError(f"expected one (1, 3, H, W) frame, got {tuple(frame.shape)}")
+        device = self.device
+        if frame.device != device:
+            raise ValueError(f"frame is on {frame.device} but the model is on {device}: "
+                             "move the frame (fluxshard.models.preprocess(..., device=...))")
+        if device != self._tables_device:  # the model moved: tables of the old device are void
+            self._geometries.clear()
+            self._point_weights.clear()
+            self._tables_device = device
         key = (key or state.input_shape != tuple(frame.shape)
                or (self.keyframe_interval is not None
                    and state.frames_since_key + 1 >= self.keyframe_interval))
         if key:
             state.reset()
             field = None
-        t0 = time.perf_counter()
+        t0 = self.clock()
+        self._tau = self.tau if tau is None else float(tau)
         self._plans, self._points = self._tables_for(tuple(frame.shape[2:]))
         self._state = state
-        self._plan = RFAPPlan(field, frame.shape[2], frame.shape[3], grid_snap=self.grid_snap)
+        self._plan = RFAPPlan(field, frame.shape[2], frame.shape[3], grid_snap=self.grid_snap,
+                              device=device)
         self._report = report = FrameReport(key=key)
         try:
             bypass = False
@@ -224,7 +252,7 @@ class SparseExecutor:
                 if not key and state.stale:  # layer caches were dropped: a key frame rebuilds them
                     state.reset()
                     report.key = key = True
-                    self._plan = RFAPPlan(None, frame.shape[2], frame.shape[3])
+                    self._plan = RFAPPlan(None, frame.shape[2], frame.shape[3], device=device)
                     x = self._input(frame)
                 out = self._walk(x)
         except BaseException:
@@ -232,7 +260,9 @@ class SparseExecutor:
             raise
         state.input_shape = tuple(frame.shape)
         state.frames_since_key = 0 if key else state.frames_since_key + 1
-        report.seconds = time.perf_counter() - t0
+        if device.type == "cuda":  # the frame's time includes its queued kernels
+            torch.cuda.synchronize(device)
+        report.seconds = self.clock() - t0
         self._record_latency(state, report)
         del self._state, self._plan, self._report, self._plans, self._points
         return out, report
@@ -278,7 +308,7 @@ class SparseExecutor:
         """The dense bypass runner's output in the model's eval format (torch tensors)."""
         out = self.bypass.run(frame) if hasattr(self.bypass, "run") else self.bypass(frame)
         if isinstance(out, (list, tuple)):  # onnxruntime: [output0] or [output0, prototypes]
-            out = [torch.as_tensor(o) for o in out]
+            out = [torch.as_tensor(o, device=frame.device) for o in out]
             return out[0] if len(out) == 1 else tuple(out)
         return out
 
@@ -291,9 +321,9 @@ class SparseExecutor:
                                                               for j in m.f]
             self._layer = m.i
             self._report.layers[m.i] = LayerStats()
-            t = time.perf_counter()
+            t = self.clock()
             x = self._module(m, x)
-            self._report.layers[m.i].seconds = time.perf_counter() - t
+            self._report.layers[m.i].seconds = self.clock() - t
             outputs.append(x if m.i in self.model.save else None)
         return x
 
@@ -356,7 +386,7 @@ class SparseExecutor:
         self._state.caches["input"] = frame
         h, w = frame.shape[2:]
         if cache is None:
-            changed = torch.ones(h, w, dtype=torch.bool)
+            changed = torch.ones(h, w, dtype=torch.bool, device=frame.device)
         else:
             now, before = rows(frame), rows(cache)
             changed = (now != before).any(1)
@@ -380,13 +410,14 @@ class SparseExecutor:
         out_stride = x.stride * s
         name = self.names[id(conv)]
         stats = self._report.layers[self._layer]
-        threshold = self.tau / self.norms[id(conv)] if (self.tau > 0 and
+        threshold = self._tau / self.norms[id(conv)] if (self._tau > 0 and
                                                          isinstance(act, nn.SiLU)) else 0.0
         h, w = x.value.shape[2:]
         plan = self._plans.get((name, h, w))
         if plan is None:
             plan = self._plans[(name, h, w)] = TileConv(conv, (h, w),
-                                                        self._tile_for(h // s, w // s))
+                                                        self._tile_for(h // s, w // s),
+                                                        device=x.value.device)
         positions = plan.out_h * plan.out_w
         stats.positions += positions
         cache = self._state.caches.get(name)
@@ -395,7 +426,7 @@ class SparseExecutor:
             # Key frame, or exact mode with every input changed: one dense call, and (practically)
             # every output changes, so the cache is not even gathered.
             y = _dense_conv(conv, act, x)
-            changed = torch.ones(plan.out_h, plan.out_w, dtype=torch.bool)
+            changed = torch.ones(plan.out_h, plan.out_w, dtype=torch.bool, device=y.device)
             stats.computed += positions
         else:
             gathered, invalid = self._gathered(cache, out_stride)
@@ -446,7 +477,7 @@ class SparseExecutor:
         key = (k, s, p, *hw)  # tap tables depend on the geometry only: shared by layers
         plan = self._points.get(key)
         if plan is None:
-            plan = self._points[key] = PointConv(k, s, p, tuple(hw))
+            plan = self._points[key] = PointConv(k, s, p, tuple(hw), device=self.device)
         return plan
 
     def _point_weight(self, conv: nn.Conv2d) -> torch.Tensor:
@@ -466,7 +497,7 @@ class SparseExecutor:
         left = skip.get(name, 0)
         if left > 0:
             skip[name] = left - 1
-            return fresh, torch.ones(fresh.shape[2:], dtype=torch.bool)
+            return fresh, torch.ones(fresh.shape[2:], dtype=torch.bool, device=fresh.device)
         y, changed = _truncate(fresh, gathered, threshold, invalid)
         if float(changed.float().mean()) > self.dense_above:
             skip[name] = self.truncation_probe
@@ -489,10 +520,11 @@ class SparseExecutor:
         cache = self._state.caches.get(name)
         gathered, invalid = (None, None) if cache is None else self._gathered(cache, out_stride)
         stats = self._report.layers[self._layer]
-        threshold = self.tau / self.norms[id(last_conv)] if (self.tau > 0 and last_conv is not None) \
-            else 0.0
+        threshold = (self._tau / self.norms[id(last_conv)]
+                     if self._tau > 0 and last_conv is not None else 0.0)
         if gathered is not None and not bool(x.changed.any()):
-            y, changed = gathered, torch.zeros(gathered.shape[2:], dtype=torch.bool)
+            y, changed = gathered, torch.zeros(gathered.shape[2:], dtype=torch.bool,
+                                               device=gathered.device)
             computed = 0
             if invalid is not None:  # nothing changed at the input, so nothing is invalid here
                 changed |= invalid
@@ -501,7 +533,7 @@ class SparseExecutor:
             y = channels_last(block(x.value.contiguous()))
             computed = y.shape[2] * y.shape[3]
             if gathered is None:
-                changed = torch.ones(y.shape[2:], dtype=torch.bool)
+                changed = torch.ones(y.shape[2:], dtype=torch.bool, device=y.device)
             else:
                 y, changed = self._truncate(name, y, gathered, threshold, invalid)
         stats.positions += y.shape[2] * y.shape[3]

@@ -21,7 +21,6 @@ class TritonPythonModel:
                                        threads=int(params.get("torch_threads", "1")),
                                        conf_threshold=float(params.get("conf_threshold", "0.25")),
                                        device=params.get("device", "cpu"),
-                                       tau=float(params.get("tau", "0") or 0),
                                        keyframe_interval=keyframe_interval or None,
                                        grid_snap=params.get("grid_snap", "false") == "true",
                                        bypass=params.get("bypass", "none") or "none")
