@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 # the table and the tau unit live in fluxshard.tau; re-exported for the profile's users
-from fluxshard.tau import METRICS, TruncationTable, quantize_tau
+from fluxshard.tau import METRICS, TruncationTable, quantize_tau, tau_argument
 
 DEFAULT_TAUS = (0.0, 0.02, 0.06, 0.1, 0.15, 0.25, 0.4, 0.6)
 METRIC_NAMES = {"map50_95": "mAP@0.5:0.95", "map50": "mAP@0.5"}
@@ -210,8 +210,9 @@ def add_accuracy_arguments(p) -> None:
                    help="a tau is feasible while its accuracy stays >= alpha x dense accuracy")
     p.add_argument("--metric", choices=METRICS, default=METRICS[0],
                    help="the accuracy a tau must keep >= alpha x dense (default: %(default)s)")
-    p.add_argument("--taus", type=float, nargs="+", default=list(DEFAULT_TAUS),
-                   help="taus to sweep, on the [0, 1] input scale")
+    p.add_argument("--taus", type=tau_argument, nargs="+", default=list(DEFAULT_TAUS),
+                   help="taus to sweep, on the [0, 1] input scale (fluxshard.tau; rounded to "
+                        "whole grey levels)")
     p.add_argument("--frames", type=cli_common.positive_int, default=30,
                    help="frames per held-out clip")
     p.add_argument("--clips-per-level", type=cli_common.positive_int, default=1,
