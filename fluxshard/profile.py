@@ -55,9 +55,10 @@ def _profile_frames(width: int, height: int, fraction: float, block: int, seed: 
 def profile_latency(*, width: int = 640, height: int = 384, fractions=DEFAULT_FRACTIONS,
                     repeats: int = 5, cloud_url: str | None = None, cloud: bool = True,
                     threads: int | None = None, block: int = 16, progress: bool = True,
-                    out: str | Path | None = None):
+                    out: str | Path | None = None, weights: str | Path | None = None):
     """Measure both tables; returns the :class:`fluxshard_client.LatencyProfile` (saved to
-    ``out`` when given). ``cloud=False`` keeps the built-in cloud table."""
+    ``out`` when given). ``cloud=False`` keeps the built-in cloud table. ``weights``: the
+    detector on both sides (None: the embedded demo one)."""
     import torch
     from tqdm import tqdm
 
@@ -72,7 +73,7 @@ def profile_latency(*, width: int = 640, height: int = 384, fractions=DEFAULT_FR
         raise ValueError(f"fractions must lie in [0, 1], got {fractions}")
     if threads:
         torch.set_num_threads(threads)
-    session = yolo_session_factory("sparse")(0)
+    session = yolo_session_factory("sparse", weights=str(weights) if weights else None)(0)
     cases = [_profile_frames(width, height, f, block, seed=k) for k, f in enumerate(fractions)]
     field = np.zeros(wire.field_shape(height, width), np.float32)
     bar = tqdm(total=len(fractions) * repeats * (2 if cloud else 1), desc="profile latency",
@@ -89,7 +90,7 @@ def profile_latency(*, width: int = 640, height: int = 384, fractions=DEFAULT_FR
         edge_ms.append(statistics.median(times))
     cloud_ms, where = None, None
     if cloud:
-        with _cloud_url(cloud_url) as url:
+        with _cloud_url(cloud_url, weights) as url:
             where = cloud_url or "local tritonserver"
             with FluxShardClient(url) as client:
                 stream = client.open_stream(7_000_001, block=block)
@@ -126,13 +127,13 @@ def profile_latency(*, width: int = 640, height: int = 384, fractions=DEFAULT_FR
 
 
 @contextlib.contextmanager
-def _cloud_url(cloud_url: str | None):
+def _cloud_url(cloud_url: str | None, weights=None):
     if cloud_url:
         yield cloud_url
         return
     from fluxshard.serving.tritonserver import TritonServer
 
-    with TritonServer(models=["fluxshard"]) as server:
+    with TritonServer(models=["fluxshard"], weights=weights) as server:
         yield server.grpc_url
 
 
@@ -144,6 +145,9 @@ def _add_latency_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=DEFAULT_PROFILE_PATH, help="JSON file to write")
     p.add_argument("--size", type=cli_common.even_int, nargs=2, default=(640, 384),
                    metavar=("W", "H"), help="frame size the tables are measured at")
+    p.add_argument("--weights", default=None,
+                   help="detector to profile: our checkpoint, an ultralytics state dict or "
+                        "converted .pt (default: embedded demo detector)")
     p.add_argument("--fractions", type=cli_common.fraction, nargs="+",
                    default=list(DEFAULT_FRACTIONS),
                    help="active residual-block fractions to measure")
@@ -157,11 +161,15 @@ def _add_latency_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_latency(args: argparse.Namespace) -> int:
+    from fluxshard.models.ops import padded_size
+
+    padded_size(*args.size, who="fluxshard profile latency")  # the frames' model input size
     try:
         profile = profile_latency(width=args.size[0], height=args.size[1],
                                   fractions=args.fractions, repeats=args.repeats,
                                   cloud_url=args.cloud_url, cloud=not args.no_cloud,
-                                  progress=not args.no_progress, out=args.out)
+                                  progress=not args.no_progress, out=args.out,
+                                  weights=args.weights)
     except Exception as e:  # noqa: BLE001 - a CLI reports, it does not trace back
         print(f"fluxshard profile latency: {type(e).__name__}: {e}", file=sys.stderr)
         return 1

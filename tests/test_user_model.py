@@ -244,3 +244,23 @@ def test_export_size_640_272_is_padded_to_640_288(tmp_path, capsys):
     io = json.loads((out / "fluxshard_io.json").read_text())
     assert io["images"] == [1, 3, 288, 640]
     assert io["names"] == {str(k): v for k, v in FACTORY_NAMES.items()}
+
+
+@pytest.mark.slow
+def test_run_starts_a_local_cloud_that_serves_the_same_weights(tmp_path, clip, capsys):
+    """The local tritonserver gets the weights too: with 3 classes and class 1 scoring high, the
+    cloud's detections are all "pallet" (the embedded detector has 4 other classes)."""
+    from fluxshard.serving.tritonserver import TritonNotInstalled, find_triton
+
+    try:
+        find_triton()
+    except TritonNotInstalled as e:
+        pytest.skip(str(e))
+    weights = save_checkpoint(user_model(FACTORY_NAMES), tmp_path / "factory.pt")
+    out = tmp_path / "run"
+    code, printed = run_verb(["run", clip, "--weights", weights, "--dispatch", "cloud",
+                              "--frames", "3", "--out", out, "--no-progress"], capsys)
+    assert code == 0, printed.err
+    records = [json.loads(line) for line in (out / "detections.jsonl").read_text().splitlines()]
+    assert [r["endpoint"] for r in records] == ["cloud"] * 3
+    assert all(r["classes"] and set(r["names"]) == {"pallet"} for r in records)

@@ -117,8 +117,12 @@ class TritonServer:
                  metrics_port: int | None = None, log_file: str | os.PathLike | None = None,
                  host: str = "127.0.0.1", models: list[str] | None = None,
                  extra_args: list[str] | None = None, log_verbose: int = 0,
-                 model_config_name: str | None = None):
+                 model_config_name: str | None = None,
+                 weights: str | os.PathLike | None = None):
         self.model_repository = Path(model_repository).resolve()
+        # the models' `weights` parameter (absolute: the server's working folder is not ours)
+        self.weights = Path(weights).resolve() if weights else None
+        self._weights_repository: tempfile.TemporaryDirectory | None = None
         self.http_port = http_port or free_port()
         self.grpc_port = grpc_port or free_port()
         self.metrics_port = metrics_port or free_port()
@@ -145,7 +149,9 @@ class TritonServer:
         return f"http://{self.host}:{self.metrics_port}/metrics"
 
     def command(self, install: TritonInstall) -> list[str]:
-        cmd = [str(install.binary), f"--model-repository={self.model_repository}",
+        repository = (Path(self._weights_repository.name) if self._weights_repository
+                      else self.model_repository)
+        cmd = [str(install.binary), f"--model-repository={repository}",
                f"--backend-directory={install.backend_dir}",
                f"--http-port={self.http_port}", f"--grpc-port={self.grpc_port}",
                f"--metrics-port={self.metrics_port}", f"--http-address={self.host}",
@@ -163,6 +169,12 @@ class TritonServer:
         if not self.model_repository.is_dir():
             raise FileNotFoundError(f"model repository not found: {self.model_repository}")
         install = find_triton()
+        if self.weights is not None and self._weights_repository is None:
+            if not self.weights.is_file():
+                raise FileNotFoundError(f"weights file not found: {self.weights}")
+            self._weights_repository = tempfile.TemporaryDirectory(prefix="fluxshard-models-")
+            repository_with_weights(self.model_repository, self.weights,
+                                    Path(self._weights_repository.name))
         with open(self.log_file, "ab") as log:
             # own process group: a Ctrl-C in the terminal reaches us, and we stop the server
             self.process = subprocess.Popen(self.command(install), stdout=log,
@@ -213,6 +225,14 @@ class TritonServer:
         """SIGTERM (Triton drains in-flight requests), then SIGKILL after ``grace`` seconds."""
         if self.process is None:
             return None
+        try:
+            return self._stop(grace)
+        finally:
+            if self._weights_repository is not None:
+                self._weights_repository.cleanup()
+                self._weights_repository = None
+
+    def _stop(self, grace: float) -> int | None:
         if self.process.poll() is None:
             self._signal(signal.SIGTERM)
             try:
@@ -244,6 +264,30 @@ class TritonServer:
             self.log_file.unlink(missing_ok=True)
 
 
+def repository_with_weights(source: Path, weights: Path, folder: Path) -> Path:
+    """A model repository in ``folder`` that serves ``source``'s models with ``weights``: each
+    model's files are linked, its configs (``config.pbtxt``, ``configs/*.pbtxt``) rewritten with
+    the ``weights`` parameter set where the model has one."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    for model_dir in sorted(p for p in Path(source).iterdir() if p.is_dir()):
+        target = folder / model_dir.name
+        target.mkdir(parents=True)
+        configs = [model_dir / "config.pbtxt", *sorted(model_dir.glob("configs/*.pbtxt"))]
+        for entry in model_dir.iterdir():
+            if entry.name not in ("config.pbtxt", "configs"):
+                (target / entry.name).symlink_to(entry.resolve())
+        for config in (c for c in configs if c.is_file()):
+            message = text_format.Parse(config.read_text(), model_config_pb2.ModelConfig())
+            if "weights" in message.parameters:
+                message.parameters["weights"].string_value = str(weights)
+            written = target / config.relative_to(model_dir)
+            written.parent.mkdir(parents=True, exist_ok=True)
+            written.write_text(text_format.MessageToString(message))
+    return folder
+
+
 # ------------------------------------------------------------------------------------ CLI verb
 
 def register(subparsers) -> None:
@@ -263,6 +307,9 @@ def register(subparsers) -> None:
     p.add_argument("--metrics-port", type=port, default=8002, help="Prometheus metrics port")
     p.add_argument("--model-config-name", default=None,
                    help="config variant: 'gpu' loads <model>/configs/gpu.pbtxt (GPU / Jetson)")
+    p.add_argument("--weights", default=None,
+                   help="detector the models serve: our checkpoint, an ultralytics state dict "
+                        "or converted .pt (default: embedded demo detector)")
     p.add_argument("--log-file", default=None, help="server log (default: a temporary file)")
     p.add_argument("--timeout", type=cli_common.positive_float, default=300.0,
                    help="seconds to wait for readiness")
@@ -270,8 +317,17 @@ def register(subparsers) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    if args.weights:
+        from fluxshard.models import load_model
+
+        # a file that is no detector fails here, in one line, not in the server's log
+        model = load_model(args.weights)
+        print(f"weights {args.weights}: yolo11{model.scale}-{model.task}, {model.nc} classes "
+              f"({', '.join(model.names[k] for k in range(min(model.nc, 8)))}"
+              f"{', ...' if model.nc > 8 else ''})")
     server = TritonServer(args.model_repository, args.http_port, args.grpc_port, args.metrics_port,
-                          args.log_file, host=args.host, model_config_name=args.model_config_name)
+                          args.log_file, host=args.host, model_config_name=args.model_config_name,
+                          weights=args.weights)
     try:
         server.start(args.timeout)
     except (TritonNotInstalled, TritonStartError, FileNotFoundError) as e:
