@@ -267,13 +267,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from fluxshard.models import load_model
     from fluxshard.models.dense import best_dense_runner
+    from fluxshard.models.ops import padded_size
     from fluxshard.truncation import LEVELS
 
+    model_w, model_h = padded_size(*args.size, who="bench_baselines")  # what the model sees
     torch.set_num_threads(args.threads)
     model = load_model(None, fused=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
-        best, medians = best_dense_runner(model, (args.size[1], args.size[0]),
+        best, medians = best_dense_runner(model, (model_h, model_w),
                                           threads=args.threads, kinds=("onnxruntime",),
                                           workdir=tmp)
         for level, overrides in tqdm(LEVELS.items(), desc="motion levels"):

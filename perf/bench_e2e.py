@@ -64,6 +64,9 @@ def main(argv=None) -> int:
     from fluxshard.serving.tritonserver import TritonServer
 
     torch.set_num_threads(1)  # the same thread count as the server's executor
+    from fluxshard.models.ops import padded_size
+
+    padded_size(*args.size, who="bench_e2e")  # the model input the frames are padded to
     factory = yolo_session_factory("sparse", threads=1)
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
