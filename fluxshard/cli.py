@@ -50,7 +50,18 @@ EXPECTED_ERRORS = (OSError, ValueError, RuntimeError)
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """The exit code: 0, 1 (runtime failure), 2 (usage error: argparse's message printed), 130.
+    Returned rather than raised, so callers in Python get it the same way for every error."""
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    except SystemExit as e:  # argparse: --help, --version, usage errors
+        if e.code is None or isinstance(e.code, int):
+            return e.code or 0
+        print(e.code, file=sys.stderr)  # SystemExit("message"), as Python would print it
+        return 1
+
+
+def _main(argv: list[str]) -> int:
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

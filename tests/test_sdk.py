@@ -144,17 +144,19 @@ def test_run_refuses_bad_input_clearly(tmp_path, capsys):
 
     not_video = tmp_path / "notes.mp4"
     not_video.write_text("not a video")
+    # usage errors (tests/test_cli.py has the full set): exit 2 while the command line is read
     assert main(["run", str(not_video), "--dispatch", "edge", "--out", str(tmp_path / "o"),
-                 "--no-progress"]) == 1
+                 "--no-progress"]) == 2
     assert "fluxshard run:" in capsys.readouterr().err
     assert main(["run", "--out", str(tmp_path / "o")]) == 2  # neither VIDEO nor --demo
     assert main(["run", "--demo", "--bandwidth-mbps", "0", "--out", str(tmp_path / "o"),
-                 "--no-progress"]) == 1
+                 "--no-progress"]) == 2
     assert "bandwidth" in capsys.readouterr().err
     # `fluxshard demo` is `run --demo`: the same checks, the same clear error
     assert main(["demo", "--bandwidth-mbps", "-1", "--out", str(tmp_path / "o"),
-                 "--no-progress"]) == 1
+                 "--no-progress"]) == 2
     assert "bandwidth" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_profile_latency_writes_a_table_the_dispatcher_loads(tritonserver, tmp_path):
@@ -173,4 +175,4 @@ def test_profile_latency_writes_a_table_the_dispatcher_loads(tritonserver, tmp_p
     decision = Dispatcher(profile).decide(0.5, 0.5, 0, 160, 96)
     assert decision.edge_ms == pytest.approx(profile.edge(0.5))
     assert main(["profile", "latency", "--fractions", "1.5", "--out", str(path),
-                 "--no-cloud", "--no-progress"]) == 1  # a clear error, not a traceback
+                 "--no-cloud", "--no-progress"]) == 2  # a usage error, not a traceback

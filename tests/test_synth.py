@@ -131,4 +131,4 @@ def test_synth_verb(tmp_path, capsys):
     assert rc == 0
     assert len(list(tmp_path.glob("*.mp4"))) == 1 and len(list(tmp_path.glob("*.npz"))) == 1
     assert cli_main(["synth", str(tmp_path), "--width", "97"]) == 2
-    assert "odd" in capsys.readouterr().out
+    assert "even" in capsys.readouterr().err
