@@ -1,0 +1,99 @@
+"""Dense engines that return the detection head's raw per-level maps (box DFL logits + class
+logits, before decoding) for a batch of equally sized inputs: what the tile executor runs its
+crop batches and full-frame refreshes on.
+
+``raw_head_maps`` walks the model like ``YOLO11.forward`` but stops before ``Detect.decode``, so
+crops of any size multiple of 32 can be merged into the per-stride output cache.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fluxshard.models.export import onnxruntime_session
+from fluxshard.models.modules import Detect, Segment
+from fluxshard.models.yolo import YOLO11, fuse, is_fused
+
+ENGINE_KINDS = ("torch", "onnxruntime")
+
+
+def raw_head_maps(model: YOLO11, x: torch.Tensor) -> list[torch.Tensor]:
+    """The head's raw maps [(B, 4*reg_max + nc, H/s, W/s) for s in 8, 16, 32] of ``x``."""
+    head = model.head
+    if isinstance(head, Segment):
+        raise NotImplementedError("the tile executor caches detect heads only (seg: not built yet)")
+    y: list[torch.Tensor | None] = []
+    for m in model.model:
+        if m.f != -1:
+            x = y[m.f] if isinstance(m.f, int) else [x if j == -1 else y[j] for j in m.f]
+        x = m.head_maps(x) if isinstance(m, Detect) else m(x)
+        y.append(x if m.i in model.save else None)
+    return x
+
+
+class _RawMaps(nn.Module):
+    """Export wrapper: the raw maps as graph outputs."""
+
+    def __init__(self, model: YOLO11):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return tuple(raw_head_maps(self.model, x))
+
+
+class TorchMapsEngine:
+    """BN-fused, channels_last torch (the fastest torch dense runner here)."""
+
+    name = "torch"
+
+    def __init__(self, model: YOLO11):
+        m = copy.deepcopy(model).float().cpu().eval()
+        if not is_fused(m):
+            fuse(m)
+        self.model = m.to(memory_format=torch.channels_last)
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        with torch.inference_mode():
+            maps = raw_head_maps(self.model, x.contiguous(memory_format=torch.channels_last))
+        return [m.contiguous() for m in maps]
+
+
+class OnnxMapsEngine:
+    """onnxruntime with a dynamic batch and input size (one session serves every crop bucket)."""
+
+    name = "onnxruntime"
+
+    def __init__(self, model: YOLO11, threads: int = 2, workdir: str | Path | None = None):
+        wd = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="fluxshard-tiles-"))
+        path = wd / f"yolo11{model.scale}-raw-maps-dynamic.onnx"
+        m = _RawMaps(copy.deepcopy(model).float().cpu().eval())
+        outputs = ["maps8", "maps16", "maps32"]
+        dynamic = {"images": {0: "batch", 2: "height", 3: "width"}}
+        dynamic.update({o: {0: "batch", 2: f"h_{o}", 3: f"w_{o}"} for o in outputs})
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer notices about shape checks: shapes are dynamic
+            torch.onnx.export(m, (torch.zeros(1, 3, 128, 128),), str(path), input_names=["images"],
+                              output_names=outputs, dynamic_axes=dynamic, opset_version=17,
+                              dynamo=False, do_constant_folding=True)
+        self.path = path
+        self.session = onnxruntime_session(path, threads=threads)
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        outs = self.session.run(None, {"images": x.detach().cpu().contiguous().numpy()})
+        return [torch.from_numpy(o) for o in outs]
+
+
+def make_engine(model: YOLO11, kind: str = "torch", threads: int = 2,
+                workdir: str | Path | None = None):
+    if kind == "torch":
+        return TorchMapsEngine(model)
+    if kind == "onnxruntime":
+        return OnnxMapsEngine(model, threads=threads, workdir=workdir)
+    raise ValueError(f"unknown engine kind {kind!r}; choose from {ENGINE_KINDS}")

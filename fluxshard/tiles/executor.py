@@ -1,0 +1,233 @@
+"""The v2 tile-batched executor (../shared/DESIGN.md "The tile executor (v2 4.5)").
+
+Per stream it caches the detection head's raw maps at strides 8/16/32. Each frame it warps them
+by the motion field (bilinear, sub-pixel), finds the critical blocks (changed against the
+previous frame warped by the field, invalid, out of the map, deferred before), ranks them by
+salience, takes what the budget allows, runs the rest of the frame from the cache, and computes
+the taken blocks as crops (with a halo of context) batched per size on a dense engine, writing
+back each crop's interior only. Key frames, every ``refresh_interval``-th frame and frames whose
+crops would cover more than ``dense_above`` of the input run dense. The output is the model's own
+eval output, so ``fluxshard.models.postprocess`` applies unchanged.
+
+The result approximates dense inference (crops see a limited context; warped outputs are
+resampled); accuracy is measured against dense by perf/bench_executors.py.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field as dc_field
+
+import numpy as np
+import torch
+
+from fluxshard.models.ops import PAD_VALUE, padded_shape
+from fluxshard.models.yolo import YOLO11
+from fluxshard.motion.field import block_leaves_frame
+from fluxshard.tiles import crops as C
+from fluxshard.tiles.engine import make_engine
+from fluxshard.tiles.warp import field_on_grid, project_boxes, warp_blocks, warp_map
+
+STRIDES = (8, 16, 32)
+
+
+@dataclass
+class TileStreamState:
+    """Everything one stream keeps between frames (the executor itself holds none)."""
+
+    maps: list[torch.Tensor] | None = None  # raw head maps (1, no, H/s, W/s), aligned to the last frame
+    previous: np.ndarray | None = None  # the last frame (H, W, 3) uint8
+    age: np.ndarray | None = None  # frames since each block was last computed (padded block grid)
+    deferred: np.ndarray | None = None  # critical blocks the budget pushed to a later frame
+    boxes: np.ndarray | None = None  # last output's confident boxes (xyxy), for salience
+    frames_since_dense: int = 0
+
+
+@dataclass
+class TileReport:
+    key: bool = False
+    dense: bool = False  # the whole frame ran on the engine (key, refresh, or too many misses)
+    refresh: bool = False  # ... because the refresh interval was due
+    crops: int = 0
+    crop_area_fraction: float = 0.0  # crop pixels run (halo included) / input pixels
+    critical_fraction: float = 0.0  # critical blocks / blocks
+    deferred_fraction: float = 0.0  # critical blocks left for later by the budget
+    refresh_fraction: float = 0.0  # blocks recomputed for freshness (not for change) / blocks
+    seconds: float = 0.0
+
+
+class TileExecutor:
+    """Tile-batched approximate inference of a YOLO11 detect model (see the module doc).
+
+    threshold: a block is critical when its mean abs difference (grey levels) against the
+        previous frame warped by the field exceeds this (v2 4.1).
+    block: critical block side (pixels, a multiple of 4 dividing 32).
+    halo: context added around each crop's interior (pixels).
+    budget: most input area (share, halo included) the crops of one frame may cover; further
+        critical blocks are deferred, least salient first.
+    dense_above: when the crops for every critical block would cover more than this share, the
+        frame runs dense instead (a constant for now; the issue asks for the latency table).
+    refresh_interval: a full dense refresh at the latest every this many frames (K).
+    refresh_age / refresh_share: blocks older than ``refresh_age`` frames are recomputed with
+        the spare budget, up to ``refresh_share`` of the blocks per frame, oldest first.
+    conf: class score above which a cached anchor's box counts as a detection for salience.
+    """
+
+    def __init__(self, model: YOLO11, *, engine="torch", threshold: float = 8.0, block: int = 16,
+                 halo: int = 32, budget: float = 0.45, dense_above: float = 0.6,
+                 refresh_interval: int = 30, refresh_age: int = 10, refresh_share: float = 0.05,
+                 conf: float = 0.25, threads: int = 2, clock=time.perf_counter):
+        if 32 % block or block % 4:
+            raise ValueError(f"block must be a multiple of 4 dividing 32, got {block}")
+        if not 0 < budget <= 1 or not 0 < dense_above <= 1:
+            raise ValueError("budget and dense_above are shares of the frame in (0, 1]")
+        if refresh_interval < 1:
+            raise ValueError(f"refresh_interval must be >= 1, got {refresh_interval}")
+        if model.task != "detect":
+            raise NotImplementedError("the tile executor handles detect models only so far")
+        self.model = model
+        self.head = model.head
+        self.engine = make_engine(model, engine, threads=threads) if isinstance(engine, str) \
+            else engine
+        self.threshold, self.block, self.halo = float(threshold), block, halo
+        self.budget, self.dense_above = budget, dense_above
+        self.refresh_interval, self.refresh_age = refresh_interval, refresh_age
+        self.refresh_share, self.conf = refresh_share, conf
+        self.clock = clock
+
+    # -- helpers -------------------------------------------------------------------------------
+    @staticmethod
+    def model_input(frame: np.ndarray, input_hw: tuple[int, int]) -> torch.Tensor:
+        """(1, 3, H', W') float in [0, 1], padded bottom/right with grey (as preprocess)."""
+        h, w = frame.shape[:2]
+        x = torch.full((1, 3, *input_hw), PAD_VALUE / 255.0)
+        x[0, :, :h, :w] = torch.from_numpy(frame).permute(2, 0, 1).float().div_(255.0)
+        return x
+
+    def _decode(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.head.decode(maps)
+
+    def _confident_boxes(self, output: torch.Tensor) -> np.ndarray:
+        scores = output[0, 4:].amax(0)
+        keep = scores > self.conf
+        if not bool(keep.any()):
+            return np.zeros((0, 4), np.float32)
+        xywh = output[0, :4, keep].T
+        xyxy = torch.cat([xywh[:, :2] - xywh[:, 2:] / 2, xywh[:, :2] + xywh[:, 2:] / 2], 1)
+        return xyxy.numpy().astype(np.float32)
+
+    def _finish(self, state, frame, maps, report, t0):
+        state.maps, state.previous = maps, np.array(frame, copy=True)
+        out = self._decode(maps)
+        state.boxes = self._confident_boxes(out)
+        report.seconds = self.clock() - t0
+        return out, report
+
+    def _dense(self, state, frame, x, grid, report, t0):
+        maps = self.engine(x)
+        state.age = np.zeros(grid, np.int32)
+        state.deferred = np.zeros(grid, bool)
+        state.frames_since_dense = 0
+        report.dense, report.crop_area_fraction = True, 1.0
+        return self._finish(state, frame, maps, report, t0)
+
+    # -- one frame -----------------------------------------------------------------------------
+    def run(self, state: TileStreamState, frame: np.ndarray, field: np.ndarray | None = None, *,
+            key: bool = False):
+        """Infer one frame: ``frame`` (H, W, 3) uint8 RGB; ``field`` the backward motion field
+        from the frame this stream last ran on (None on a key frame). Returns (eval output
+        (1, 4 + nc, A), TileReport)."""
+        t0 = self.clock()
+        frame = np.asarray(frame)
+        if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
+            raise ValueError(f"frame must be (H, W, 3) uint8, got {frame.shape} {frame.dtype}")
+        h, w = frame.shape[:2]
+        input_hw = padded_shape(h, w)
+        grid = (input_hw[0] // self.block, input_hw[1] // self.block)
+        x = self.model_input(frame, input_hw)
+        report = TileReport(key=key)
+        if (key or field is None or state.maps is None or state.previous is None
+                or state.previous.shape != frame.shape):
+            report.key = True
+            return self._dense(state, frame, x, grid, report, t0)
+        state.frames_since_dense += 1
+        if state.frames_since_dense >= self.refresh_interval:
+            report.refresh, report.refresh_fraction = True, 1.0
+            return self._dense(state, frame, x, grid, report, t0)
+
+        # 1. warp the cached outputs; sources outside a map are misses
+        misses = np.zeros(grid, bool)
+        maps = []
+        for s, m in zip(STRIDES, state.maps):
+            warped, miss = warp_map(m, field_on_grid(field, s, tuple(m.shape[2:])))
+            maps.append(warped)
+            if miss.any():
+                misses |= _to_blocks(miss.numpy(), s, self.block, grid)
+        # 2. critical blocks: changed, invalid, out of the map, deferred before
+        change = C.pad_grid(C.changed_blocks(frame, state.previous, field, self.block), grid, 0.0)
+        k = self.block // 4
+        invalid = block_leaves_frame(field, h, w)
+        invalid = np.pad(invalid, ((0, -invalid.shape[0] % k), (0, -invalid.shape[1] % k)))
+        invalid = invalid.reshape(invalid.shape[0] // k, k, invalid.shape[1] // k, k).any((1, 3))
+        misses |= C.pad_grid(invalid, grid)
+        misses |= change > self.threshold
+        misses |= warp_blocks(state.deferred, field, self.block, True)
+        age = warp_blocks(state.age, field, self.block, 0) + 1
+        total = misses.size
+        report.critical_fraction = float(misses.mean())
+        halo_blocks = -(-self.halo // self.block)
+        if C.halo_area(misses, halo_blocks) > self.dense_above * total:
+            return self._dense(state, frame, x, grid, report, t0)
+        # 3. salience and budget
+        budget_blocks = int(self.budget * total)
+        salient = C.boxes_to_blocks(project_boxes(state.boxes, field), grid, self.block)
+        order = C.salience_order(misses, salient, age, change)
+        if C.halo_area(misses, halo_blocks) > budget_blocks:
+            taken = C.take_within_budget(order, grid, halo_blocks, budget_blocks)
+        else:
+            taken = misses.copy()
+        deferred = misses & ~taken
+        # 4. freshness: the oldest blocks ride along while the budget has room
+        stale = (age >= self.refresh_age) & ~taken
+        refreshed = np.zeros(grid, bool)
+        if stale.any() and self.refresh_share > 0:
+            idx = np.flatnonzero(stale)
+            idx = idx[np.argsort(-age.ravel()[idx], kind="stable")][:max(1, int(self.refresh_share * total))]
+            with_refresh = C.take_within_budget(idx, grid, halo_blocks, budget_blocks, start=taken)
+            refreshed = with_refresh & ~taken
+            taken = with_refresh
+        # 5. crops, batched per size; each crop's interior goes into the warped cache
+        plan = C.plan_crops(taken, self.block, self.halo, input_hw)
+        by_size: dict[tuple[int, int], list[C.Crop]] = {}
+        for crop in plan:
+            by_size.setdefault((crop.h, crop.w), []).append(crop)
+        area = 0
+        for (ch, cw), group in by_size.items():
+            batch = torch.cat([x[:, :, c.y0:c.y0 + ch, c.x0:c.x0 + cw] for c in group])
+            outs = self.engine(batch)
+            for b, c in enumerate(group):
+                iy0, ix0, iy1, ix1 = c.interior
+                for s, full, out in zip(STRIDES, maps, outs):
+                    r0, r1 = iy0 // s, -(-iy1 // s)
+                    q0, q1 = ix0 // s, -(-ix1 // s)
+                    full[0, :, r0:r1, q0:q1] = out[b, :, r0 - c.y0 // s:r1 - c.y0 // s,
+                                                   q0 - c.x0 // s:q1 - c.x0 // s]
+                age[iy0 // self.block:-(-iy1 // self.block),
+                    ix0 // self.block:-(-ix1 // self.block)] = 0
+            area += len(group) * ch * cw
+        state.age, state.deferred = age, deferred
+        report.crops = len(plan)
+        report.crop_area_fraction = area / (input_hw[0] * input_hw[1])
+        report.deferred_fraction = float(deferred.mean())
+        report.refresh_fraction = float(refreshed.mean())
+        return self._finish(state, frame, maps, report, t0)
+
+
+def _to_blocks(mask: np.ndarray, stride: int, block: int, grid: tuple[int, int]) -> np.ndarray:
+    """A stride-``stride`` position mask on the block grid (any position in / over the block)."""
+    if stride < block:
+        k = block // stride
+        return mask.reshape(grid[0], k, grid[1], k).any((1, 3))
+    k = stride // block
+    return np.repeat(np.repeat(mask, k, 0), k, 1)[:grid[0], :grid[1]]
