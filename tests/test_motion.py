@@ -18,8 +18,14 @@ from fluxshard.motion import (MV_BLOCK, EndpointState, MotionSourceError, align_
 from fluxshard.motion.block_matching import match_blocks
 from fluxshard.motion.field import field_shape
 
+# Bounds come from seeds 0-4 of each clip kind (README "Measured quality" has the table): a lower
+# bound is the worst seed minus the margin, an upper bound the worst plus it, rounded outwards to
+# 0.01. The clips are the same on every CPU (test_fields_are_the_same_on_other_cpus), so the
+# margin only covers seeds and library versions.
+MARGIN = 0.03
 TOLERANCE_PX = 1.0
-MIN_SHARE = 0.95
+MIN_SHARE = 0.95  # worst 0.982 (pan+zoom seed 4, validated) minus MARGIN
+MAX_UNVALIDATED_MULTIREF = 0.66  # worst 0.629 (seed 2) plus MARGIN
 
 
 def background_accuracy(frames, truth) -> float:
@@ -70,7 +76,7 @@ def test_multiref_vectors_need_validation(synth_clips):
     what the validated path fixes."""
     paths, _ = synth_clips("multiref")
     frames, truth = decode(paths, validate=False)
-    assert background_accuracy(frames, truth) < 0.9
+    assert background_accuracy(frames, truth) < MAX_UNVALIDATED_MULTIREF
 
 
 def test_key_frames_are_flagged(tmp_path):
@@ -100,10 +106,16 @@ def blocks_of(pixel_mask, block):
 
 
 # Accumulation over 12 frames compounds per-frame errors: (share of clean background blocks within
-# 1.5 px of the true displacement, largest share of clean 16x16 blocks marked residual at tau 40).
-# Codec vectors are quarter-pel exact; block matching is sub-pixel refined but biased towards whole
-# pixels (about 0.05 px per frame here), and validated multi-reference fields keep a few outliers.
-ACCUMULATION_BOUNDS = {"pan_zoom": (0.95, 0.05), "multiref": (0.75, 0.12), "hevc": (0.8, 0.1)}
+# 1.5 px of the true displacement, largest share of clean 16x16 blocks marked residual at
+# threshold 40). Worst of seeds 0-4 -/+ MARGIN: pan_zoom 0.904 / 0.101, multiref 0.788 / 0.135,
+# hevc 0.863 / 0.036. Codec vectors are quarter-pel exact; block matching is sub-pixel refined but
+# biased towards whole pixels, and validated multi-reference fields keep a few outliers.
+ACCUMULATION_BOUNDS = {"pan_zoom": (0.87, 0.14), "multiref": (0.75, 0.17), "hevc": (0.83, 0.07)}
+MOTION_STATISTIC_REL = 0.17  # worst 0.139 (multiref seed 2) plus MARGIN
+ALIGNED_MEDIAN_MAX = 12  # grey levels: worst median 8 plus 4
+ALIGNED_WITHIN_32 = 0.92  # worst 0.958 (multiref seed 2) minus MARGIN
+MIN_RECALL = 0.95  # worst 0.986 (pan_zoom seed 2) minus MARGIN
+MAX_RESIDUAL_FRACTION = 0.58  # worst 0.546 (multiref seed 2) plus MARGIN
 
 
 @pytest.fixture(scope="module", params=list(ACCUMULATION_BOUNDS))
@@ -150,7 +162,7 @@ def test_accumulated_field_matches_true_displacement(accumulated_run):
     assert clean_blocks.sum() > 500
     assert (error <= 1.5).mean() >= min_share
     assert motion_statistic(state.field) == pytest.approx(
-        np.sqrt((true_blocks ** 2).sum(-1)).mean(), rel=0.15)
+        np.sqrt((true_blocks ** 2).sum(-1)).mean(), rel=MOTION_STATISTIC_REL)
 
 
 def test_aligned_cache_equals_frame_on_background(accumulated_run):
@@ -160,8 +172,8 @@ def test_aligned_cache_equals_frame_on_background(accumulated_run):
     residual = state.residual(frames[end].image, 0)
     diff = np.abs(residual.aligned.astype(int) - frames[end].image.astype(int)).max(-1)
     # Codec noise of two decoded frames plus sub-pixel rounding of the zooming background.
-    assert np.median(diff[clean & residual.valid]) <= 12
-    assert (diff[clean & residual.valid] <= 32).mean() >= 0.9
+    assert np.median(diff[clean & residual.valid]) <= ALIGNED_MEDIAN_MAX
+    assert (diff[clean & residual.valid] <= 32).mean() >= ALIGNED_WITHIN_32
 
 
 def test_residual_set_covers_objects_and_disocclusions(accumulated_run):
@@ -186,9 +198,9 @@ def test_residual_set_covers_objects_and_disocclusions(accumulated_run):
     clean = clean_background(scene, start, end, disp)
     clean_blocks = ~blocks_of(~clean, 16)
     false_alarms = (residual.mask & clean_blocks).sum() / clean_blocks.sum()
-    assert recall >= 0.9, recall
+    assert recall >= MIN_RECALL, recall
     assert false_alarms <= max_false_alarms, false_alarms
-    assert residual.fraction < 0.6
+    assert residual.fraction < MAX_RESIDUAL_FRACTION
     assert residual.pixel_mask().shape == frame_image.shape[:2]
 
 
@@ -310,7 +322,7 @@ def test_block_matching_recovers_large_motion():
     truth, _ = synth.block_motion(cur.flow)
     inner = np.zeros(field.shape[:2], bool)
     inner[4:-4, 4:-4] = True
-    assert (np.abs(field - truth).max(-1)[inner] <= 1).mean() >= 0.97
+    assert (np.abs(field - truth).max(-1)[inner] <= 1).mean() >= 0.97  # 1.0 at seeds 0-4
     assert np.isfinite(cost).all()
 
 

@@ -62,7 +62,7 @@ def test_flow_warps_previous_frame_onto_current():
     inside = (sx >= 0) & (sx < w) & (sy >= 0) & (sy < h)
     same = np.zeros_like(inside)
     same[inside] = prev.labels[sy[inside], sx[inside]] == cur.labels[inside]
-    assert same.mean() > 0.9
+    assert same.mean() > 0.94  # seeds 0-4: worst 0.977, minus 0.03 (rounded down)
     warped = prev.image[sy[same], sx[same]]
     assert np.array_equal(warped, cur.image[same])
 
@@ -75,7 +75,7 @@ def test_class_shapes_are_distinct():
         fill.setdefault(s.cls, []).append(s.mask.mean())
     assert len(fill) == len(synth.CLASS_NAMES)
     means = sorted(np.mean(v) for v in fill.values())
-    assert min(np.diff(means)) > 0.03
+    assert min(np.diff(means)) > 0.07  # seeds 0-4: worst 0.109, minus 0.03 (rounded down)
 
 
 @pytest.mark.parametrize("kwargs, problem", [
@@ -107,7 +107,7 @@ def test_make_clip_writes_video_and_ground_truth(tmp_path):
     mean, _ = synth.block_motion(frame.flow)
     assert np.allclose(truth.block_flow[13], mean)
     # Background blocks exist and have the camera's motion.
-    assert truth.background_blocks[13].mean() > 0.5
+    assert truth.background_blocks[13].mean() > 0.78  # seeds 0-4: worst 0.813, minus 0.03
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"bframes": 2}, {"codec": "libx265"}])
