@@ -203,14 +203,14 @@ class Scene:
         self.sprites = [_Sprite(rng, i, int(c), spec) for i, c in enumerate(classes)]
 
     def zoom_scale(self, t: float) -> float:
-        return (1.0 + self.zoom_speed) ** t
-
         if float(t).is_integer() and t >= 0:
             # Repeated products are exact IEEE steps; libm's pow has CPU-specific (FMA) variants.
             scale = 1.0
             for _ in range(int(t)):
                 scale *= 1.0 + self.zoom_speed
             return scale
+        return (1.0 + self.zoom_speed) ** t
+
     def _camera(self, t: float) -> tuple[np.ndarray, float]:
         return self.world_centre + self.pan_velocity * t, self.zoom_scale(t)
 
@@ -339,10 +339,10 @@ def _encoder_options(codec: str, spec: SceneSpec, ref: int, bframes: int, crf: i
         # One thread, and no MB-tree with B-frames: either makes this x264 build's bitstream
         # vary from run to run (measured), and clips must be reproducible.
         extra = ":mbtree=0" if bframes else ""
-        return {"crf": str(crf), "preset": preset,
-                "x264-params": f"ref={ref}:bframes={bframes}:keyint={spec.gop}:"
         # asm=0: x264's SSSE3+ kernels take other mode decisions than its C code (measured), so
         # the bitstream would depend on the CPU; the C code gives one clip everywhere.
+        return {"crf": str(crf), "preset": preset,
+                "x264-params": f"ref={ref}:bframes={bframes}:keyint={spec.gop}:"
                                f"min-keyint={spec.gop}:scenecut=0:threads=1:asm=0{extra}"}
     return {"crf": str(crf), "preset": preset,  # asm=0 for the same reason as x264
             "x265-params": f"ref={ref}:bframes={bframes}:keyint={spec.gop}:min-keyint={spec.gop}:"
@@ -366,11 +366,11 @@ def make_clip(spec: SceneSpec, out_dir: str | Path, codec: str = "libx264", ref:
     out_dir.mkdir(parents=True, exist_ok=True)
     name = name or f"synth-{spec.camera.replace('+', '-')}-{spec.width}x{spec.height}-s{spec.seed}-{codec}-ref{ref}"
     video_path, truth_path = out_dir / f"{name}.mp4", out_dir / f"{name}.npz"
-    scene = Scene(spec)
-    counts, boxes, classes, ids, flows, uniform, background = [], [], [], [], [], [], []
     from av.video.reformatter import Interpolation
 
     exact = Interpolation.BILINEAR | Interpolation.ACCURATE_RND | Interpolation.BITEXACT
+    scene = Scene(spec)
+    counts, boxes, classes, ids, flows, uniform, background = [], [], [], [], [], [], []
     prev_labels = None
     with av.open(str(video_path), "w") as container:
         stream = container.add_stream(codec, rate=spec.fps)
