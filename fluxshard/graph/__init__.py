@@ -1,18 +1,22 @@
 """FluxShard as ONNX graphs: the ops as nodes of domain ``fluxshard`` with local-function bodies
-(ONNX Runtime flavour) or without (TensorRT flavour, plugins bind)."""
+(ONNX Runtime flavour) or without (TensorRT flavour, plugins bind), and the whole-model rewrite of
+a YOLO11 ONNX export (``rewrite_onnx``: ours or ultralytics')."""
 
 import importlib
 
-__all__ = ["DOMAIN", "MASKED_SPARSE_CONV", "MV_GATHER", "OPSET", "functions",
-           "masked_sparse_conv_node", "mv_gather_node", "opset_imports", "with_bodies",
-           "without_bodies"]
+_FROM = {**{n: ".functions" for n in (
+    "DOMAIN", "MASKED_SPARSE_CONV", "MV_GATHER", "OPSET", "functions", "masked_sparse_conv_node",
+    "mv_gather_node", "opset_imports", "with_bodies", "without_bodies")},
+    **{n: ".rewrite" for n in ("rewrite", "rewrite_onnx", "find_global_blocks",
+                                "FluxShardGraph", "OnnxStream")}}
+__all__ = sorted(_FROM)
 
 
 def __getattr__(name: str):
-    # loaded on first use: .functions pulls in onnx and torch, which `fluxshard export --help`
+    # loaded on first use: these modules pull in onnx and torch, which `fluxshard export --help`
     # (fluxshard.graph.cli) and its argument checks should not wait for
-    if name not in __all__:
+    if name not in _FROM:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    module = importlib.import_module(".functions", __name__)
-    globals().update({n: getattr(module, n) for n in __all__})
-    return globals()[name]
+    value = getattr(importlib.import_module(_FROM[name], __name__), name)
+    globals()[name] = value
+    return value
