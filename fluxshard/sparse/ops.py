@@ -1,4 +1,6 @@
-"""CPU executor of the two FluxShard ops (specification: fluxshard.sparse.spec).
+"""Torch executor of the two FluxShard ops (specification: fluxshard.sparse.spec), on whatever
+device the maps live on: every index table and mask is created on the device of the tensor it
+indexes (a CPU table mixed into CUDA maps fails or round-trips through the host).
 
 Layout: every feature map the executor keeps is channels_last (NHWC in memory), so a map is a
 (H*W, C) table of rows and every sparse step (MV-gather, gathering input tiles with their halo,
@@ -99,7 +101,7 @@ def window_uniform(field: torch.Tensor, kernel: int, stride: int, padding: int) 
     if kernel == 1:
         out_h = (field.shape[1] - 1) // stride + 1
         out_w = (field.shape[2] - 1) // stride + 1
-        return torch.ones(out_h, out_w, dtype=torch.bool)
+        return torch.ones(out_h, out_w, dtype=torch.bool, device=field.device)
     f = F.pad(field, (padding,) * 4) if padding else field
     step_x = (f[0, :, 1:] != f[0, :, :-1]) | (f[1, :, 1:] != f[1, :, :-1])
     step_y = (f[0, 1:] != f[0, :-1]) | (f[1, 1:] != f[1, :-1])
@@ -109,9 +111,10 @@ def window_uniform(field: torch.Tensor, kernel: int, stride: int, padding: int) 
 def window_rows(top: torch.Tensor, left: torch.Tensor, size: int, hw: tuple[int, int]
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Flat row indices of ``size`` x ``size`` windows with top-left corners (top, left) in an
-    h x w map, (windows, size * size), clamped into the map, and which of them lie outside it."""
+    h x w map, (windows, size * size), clamped into the map, and which of them lie outside it
+    (on ``top``'s device)."""
     h, w = hw
-    r = torch.arange(size)
+    r = torch.arange(size, device=top.device)
     iy = (top[:, None] + r)[:, :, None]
     ix = (left[:, None] + r)[:, None, :]
     outside = (iy < 0) | (iy >= h) | (ix < 0) | (ix >= w)
@@ -125,10 +128,12 @@ class TileConv:
     Row indices depend only on the geometry, so an instance is cached per layer and map size:
     for every tile, the flat input rows of its haloed window (clamped, with a mask of the rows
     that fall into the zero padding) and the flat output rows it covers (with a mask for the
-    partial tiles at the bottom/right edge).
+    partial tiles at the bottom/right edge). Tables live on ``device`` (default: the conv's).
     """
 
-    def __init__(self, conv: torch.nn.Conv2d, in_hw: tuple[int, int], tile: int):
+    def __init__(self, conv: torch.nn.Conv2d, in_hw: tuple[int, int], tile: int,
+                 device: torch.device | str | None = None):
+        device = conv.weight.device if device is None else torch.device(device)
         self.k = conv.kernel_size[0]
         self.s = conv.stride[0]
         self.p = conv.padding[0]
@@ -140,8 +145,8 @@ class TileConv:
         self.tiles_y = -(-self.out_h // t)
         self.tiles_x = -(-self.out_w // t)
         self.in_tile = it = (t - 1) * self.s + self.k
-        ty = torch.arange(self.tiles_y).repeat_interleave(self.tiles_x)
-        tx = torch.arange(self.tiles_x).repeat(self.tiles_y)
+        ty = torch.arange(self.tiles_y, device=device).repeat_interleave(self.tiles_x)
+        tx = torch.arange(self.tiles_x, device=device).repeat(self.tiles_y)
         # (n_tiles, it * it) input rows of each haloed tile; in_pad: rows in the zero padding
         self.in_rows, self.in_pad = window_rows(ty * t * self.s - self.p,
                                                 tx * t * self.s - self.p, it, (h, w))
@@ -196,9 +201,11 @@ class PointConv:
     """Per-position masked conv for one window geometry (kernel, stride, padding) and map size:
     the im2col rows of exactly the recompute positions are gathered (k*k input rows each) and
     go through one matmul. No tile or halo waste, so it suits the scattered, small recompute
-    sets that truncation leaves; its cost is k*k gathered rows per position."""
+    sets that truncation leaves; its cost is k*k gathered rows per position. Tap tables live on
+    ``device``, the device of the maps the plan will index (None: torch's default device)."""
 
-    def __init__(self, kernel: int, stride: int, padding: int, in_hw: tuple[int, int]):
+    def __init__(self, kernel: int, stride: int, padding: int, in_hw: tuple[int, int],
+                 device: torch.device | str | None = None):
         h, w = in_hw
         k, s, p = kernel, stride, padding
         self.out_h, self.out_w = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
@@ -206,8 +213,8 @@ class PointConv:
         if k == 1 and s == 1:  # the position itself: no table needed
             self.taps = self.pad = self.border = None
             return
-        oy = torch.arange(self.out_h).repeat_interleave(self.out_w)
-        ox = torch.arange(self.out_w).repeat(self.out_h)
+        oy = torch.arange(self.out_h, device=device).repeat_interleave(self.out_w)
+        ox = torch.arange(self.out_w, device=device).repeat(self.out_h)
         # (positions, k * k) input rows under each window; pad: taps in the zero padding
         self.taps, self.pad = window_rows(oy * s - p, ox * s - p, k, (h, w))
         self.border = self.pad.any(1)
@@ -273,6 +280,6 @@ def _scatter(table: torch.Tensor, index: torch.Tensor, fresh: torch.Tensor, thre
     if threshold > 0:
         fresh = torch.where(changed_rows[:, None], fresh, old)
     table.index_copy_(0, index, fresh)
-    changed = torch.zeros(shape.numel(), dtype=torch.bool)
+    changed = torch.zeros(shape.numel(), dtype=torch.bool, device=table.device)
     changed[index] = changed_rows
     return changed.view(shape)

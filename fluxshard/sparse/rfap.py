@@ -4,6 +4,9 @@ cannot be reused whatever their inputs (Cond. 2 fails, or the source lies outsid
 
 Cond. 1 (all vectors inside a layer's receptive field equal) depends on the layer's kernel and is
 evaluated per layer from :attr:`GridPlan.vectors` by :func:`fluxshard.sparse.ops.window_uniform`.
+
+The plan lives on the device of the maps it indexes (``device``; None: torch's default device):
+the numpy field is copied there once and every index and mask is derived on it.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ class GridPlan:
         """The spec's dense MVGather index (flat source of every position; None = identity)."""
         if self.moved is None:
             return None
-        index = torch.arange(self.height * self.width)
+        index = torch.arange(self.height * self.width, device=self.moved.device)
         index[self.moved] = self.source
         return index
 
@@ -55,7 +58,7 @@ class RFAPPlan:
     """Per-frame plan: gather indices and invalid masks for every grid, built lazily and kept."""
 
     def __init__(self, field: np.ndarray | None, height: int, width: int, *,
-                 grid_snap: bool = False):
+                 grid_snap: bool = False, device: torch.device | str | None = None):
         if height % 32 or width % 32:
             raise ValueError(f"model input must be a multiple of 32, got {height}x{width}")
         self.height, self.width = height, width
@@ -75,8 +78,9 @@ class RFAPPlan:
             # The frame was padded bottom/right to a multiple of 32; padding never moves.
             disp = np.zeros((hb, wb, 2), np.int64)
             disp[:field.shape[0], :field.shape[1]] = round_half_away(field)
-        self.disp = torch.from_numpy(np.ascontiguousarray(disp.transpose(2, 0, 1)))  # (2, hb, wb)
-        self.zero_motion = not bool(self.disp.any())
+        self.zero_motion = not disp.any()  # decided on the host: no device sync
+        self.disp = torch.as_tensor(np.ascontiguousarray(disp.transpose(2, 0, 1)),
+                                    device=device)  # (2, hb, wb)
         self._grids: dict[int, GridPlan] = {}
 
     def grid(self, stride: int) -> GridPlan:
@@ -109,8 +113,8 @@ class RFAPPlan:
         if self.zero_motion:
             return GridPlan(s, h, w, None, None, None, vectors)
         if self.grid_snap:
-            coherent = torch.ones(block_vec.shape[1:], dtype=torch.bool)
-            step = torch.from_numpy(round_half_away(block_vec.numpy() / s))
+            coherent = torch.ones(block_vec.shape[1:], dtype=torch.bool, device=d.device)
+            step = _round_half_away(block_vec.to(torch.float64) / s)
         else:  # Cond. 2: uniform inside the cell and landing on the grid
             coherent = (block_vec % s == 0).all(0)
             step = torch.div(block_vec, s, rounding_mode="floor")
@@ -119,7 +123,7 @@ class RFAPPlan:
         invalid = expand(~coherent)
         # Only blocks that move and are coherent gather from elsewhere: enumerate their positions.
         by, bx = ((step != 0).any(0) & coherent).nonzero(as_tuple=True)
-        offs = torch.arange(rep)
+        offs = torch.arange(rep, device=d.device)
         ys = (by[:, None, None] * rep + offs[None, :, None]).expand(-1, rep, rep).flatten()
         xs = (bx[:, None, None] * rep + offs[None, None, :]).expand(-1, rep, rep).flatten()
         sy = ys + step[1][by, bx].repeat_interleave(rep * rep)
@@ -132,3 +136,8 @@ class RFAPPlan:
         moved = ys[inside] * w + xs[inside]
         source = sy[inside] * w + sx[inside]
         return GridPlan(s, h, w, moved, source, invalid, vectors)
+
+
+def _round_half_away(values: torch.Tensor) -> torch.Tensor:
+    """fluxshard.motion.field.round_half_away on a tensor, on its device (int64)."""
+    return ((values.abs() + 0.5).floor() * values.sign()).to(torch.int64)
