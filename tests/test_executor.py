@@ -259,6 +259,7 @@ def test_every_tensor_the_executor_makes_follows_the_input_device(monkeypatch, o
         with torch.no_grad():
             arrays = {id(x): [t.numpy() for t in model(x)] for x in (b, c)}
         options = dict(bypass=lambda x: arrays[id(x)], bypass_above=0.0)
+        frames.append((c, np.zeros_like(pan), False))  # nothing changed: a key frame rebuilds
 
     def run(executor):
         stream = StreamState()
@@ -275,7 +276,8 @@ def test_every_tensor_the_executor_makes_follows_the_input_device(monkeypatch, o
             assert t.device == w.device and torch.equal(t, w)
         assert report.bypassed == want_report.bypassed
     if "bypass" in options:
-        assert [r.bypassed for _, r in got] == [False, True, True]
+        assert [r.bypassed for _, r in got] == [False, True, True, False]
+        assert got[3][1].key
 
 
 def test_dense_bypass_takes_unreusable_frames_and_resumes_with_a_key_frame():
@@ -330,28 +332,53 @@ def test_onnxruntime_bypass_per_input_shape_matches_dense(tmp_path):
     assert len(runners._runners) == 2
 
 
-@pytest.mark.parametrize("bypass_sleep_s,expect_mostly_bypassed", [(0.0, True), (0.3, False)])
-def test_adaptive_bypass_follows_measured_latency(bypass_sleep_s, expect_mostly_bypassed):
-    """Adaptive: after measuring both paths the stream bypasses reusable frames only while the
-    bypass is faster, and re-measures the sparse path every probe_interval bypassed frames."""
+class StepClock:
+    """A deterministic clock: every reading advances it by one second, ``spend`` by more."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        self.now += 1.0
+        return self.now
+
+    def spend(self, seconds: float) -> None:
+        self.now += seconds
+
+
+# frames 0-3: key + PROBE_FRAMES sparse; 4: the bypass measured once; then the policy
+FAST_BYPASS = dict(bypassed=set(range(4, 14)) | set(range(18, 28)), keys={0, 14, 28})
+SLOW_BYPASS = dict(bypassed={4}, keys={0, 5})
+
+
+@pytest.mark.parametrize("bypass_cost_s,expected", [(0.0, FAST_BYPASS), (1e3, SLOW_BYPASS)])
+def test_adaptive_bypass_follows_measured_latency(bypass_cost_s, expected):
+    """Adaptive, timed by an injected clock: a sparse frame takes one step per clock reading
+    after its first (2 per layer + 1), a bypassed frame 1 plus what its runner spends. After
+    measuring both paths the stream bypasses reusable frames only while the bypass is faster;
+    every probe_interval (10) bypassed frames it re-measures the sparse path (a key frame
+    rebuilds the dropped caches, then PROBE_FRAMES sparse frames) and goes back to bypassing."""
+    from fluxshard.sparse.executor import PROBE_FRAMES
+
     model = random_model("detect")
     gen = torch.Generator().manual_seed(2)
     frame = torch.rand(1, 3, 96, 128, generator=gen)
     with torch.no_grad():
         dense = model(frame)
+    clock = StepClock()
 
     def runner(x):
-        time.sleep(bypass_sleep_s)
+        clock.spend(bypass_cost_s)
         return dense
 
-    executor = SparseExecutor(model, bypass=runner, adaptive=True, probe_interval=10)
+    executor = SparseExecutor(model, bypass=runner, adaptive=True, probe_interval=10,
+                              clock=clock)
     stream, still = StreamState(), np.zeros((24, 32, 2), np.float32)
     reports = [executor.run(stream, frame, None if i == 0 else still, key=i == 0)[1]
                for i in range(30)]
-    bypassed = [r.bypassed for r in reports]
-    assert bypassed[:4] == [False, False, False, False] and bypassed[4]  # measure, then bypass once
-    if expect_mostly_bypassed:
-        assert sum(bypassed) >= 20
-        assert not all(bypassed[5:]), "the sparse path is re-measured (probe)"
-    else:
-        assert sum(bypassed) == 1
+    assert PROBE_FRAMES == 3  # the expected schedules above assume it
+    sparse_s = 2 * len(model.model) + 1
+    assert {r.seconds for r in reports if not r.bypassed} == {sparse_s}
+    assert {r.seconds for r in reports if r.bypassed} == {1 + bypass_cost_s}
+    assert {i for i, r in enumerate(reports) if r.bypassed} == expected["bypassed"]
+    assert {i for i, r in enumerate(reports) if r.key} == expected["keys"]

@@ -251,21 +251,59 @@ def test_residual_body_inconsistencies():
         wire.decode_request(_rebody(bytes(H * W * 3 - 3), H, W, flags=wire.FLAG_KEY))
 
 
-def test_random_bytes_never_escape_as_other_errors():
+def _in_frame_pixels(req: wire.Request) -> np.ndarray:
+    """A residual request's tiles pasted at their blocks, cropped to the frame (the padding of
+    edge tiles is no content: the receiver drops it); zero outside the residual blocks."""
+    rh, rw = req.residual_mask.shape
+    canvas = np.zeros((rh * req.block, rw * req.block, 3), np.uint8)
+    wire.block_view(canvas, req.block)[req.residual_mask] = req.tiles
+    return canvas[:req.height, :req.width]
+
+
+def test_fuzzed_payloads_are_refused_or_decode_to_what_was_encoded():
+    """Random bytes, and valid payloads (residual zlib / raw, key frame) with 1-3 bytes flipped
+    anywhere or in the header only, either fail with PayloadError or decode to what was encoded:
+    the header fields as the header states them (the CRC covers the body only, so a flipped
+    frame index or tau is another valid message) and, from the body, exactly the source's
+    pixels, quantized field and residual mask within the decoded frame. A decoder that misreads,
+    skips or misaligns any part of an accepted body fails here."""
     rng = np.random.default_rng(0)
-    valid = _valid_residual()
+    f, field, mask = residual_inputs()
+    key_frame = frame(0)
+    sources = [wire.encode_residual_frame(f, field, mask, 2, B),
+               wire.encode_residual_frame(f, field, mask, 2, B, codec=Codec.RAW),
+               wire.encode_key_frame(key_frame, 5, B)]
+    accepted_changed = 0
     for k in range(300):
-        if k % 2:
+        source = sources[k % 3]
+        if k % 4 == 3:
             payload = rng.integers(0, 256, rng.integers(0, 200), dtype=np.uint8).tobytes()
-        else:  # flip a few bytes of a valid payload (header or body)
-            buf = bytearray(valid)
-            for pos in rng.integers(0, len(buf), 3):
+        else:  # flip bytes of a valid payload: anywhere, or (k % 4 in 1, 2) in the header only
+            buf = bytearray(source)
+            span = len(buf) if k % 4 == 0 else wire.HEADER_SIZE
+            for pos in rng.integers(0, span, rng.integers(1, 4)):
                 buf[pos] ^= int(rng.integers(1, 256))
             payload = bytes(buf)
         try:
-            wire.decode_request(payload)
+            req = wire.decode_request(payload)
         except PayloadError:
-            pass
+            continue
+        header = wire.peek_header(payload)
+        assert (req.key, req.frame_index, req.height, req.width, req.block, req.tau) == tuple(
+            header[n] for n in ("key", "frame_index", "height", "width", "block", "tau"))
+        assert req.wire_bytes == len(payload)
+        h, w = req.shape
+        if req.key:
+            np.testing.assert_array_equal(req.frame, key_frame[:h, :w])
+        else:
+            np.testing.assert_array_equal(req.field, wire.quantize_field(field))
+            np.testing.assert_array_equal(req.residual_mask, mask)
+            source_pixels = wire.pad_to_blocks(f, B).copy()
+            wire.block_view(source_pixels, B)[~mask] = 0
+            np.testing.assert_array_equal(_in_frame_pixels(req), source_pixels[:h, :w])
+        accepted_changed += payload != source
+    # the assertions above ran on mutated payloads, not only on untouched ones
+    assert accepted_changed >= 10, accepted_changed
 
 
 def test_header_layout_is_stable():
