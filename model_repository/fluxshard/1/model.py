@@ -5,6 +5,7 @@ import json
 import triton_python_backend_utils as pb_utils
 
 from fluxshard.serving.backend_tensors import error_response, input_array, output_tensor
+from fluxshard.serving.instance import instance_device
 from fluxshard.serving.receive import ResyncNeeded
 from fluxshard.serving.session import SessionManager, yolo_session_factory
 from fluxshard.wire import PayloadError, response_tensors
@@ -20,7 +21,7 @@ class TritonPythonModel:
         factory = yolo_session_factory(executor, weights=params.get("weights") or None,
                                        threads=int(params.get("torch_threads", "1")),
                                        conf_threshold=float(params.get("conf_threshold", "0.25")),
-                                       device=params.get("device", "cpu"),
+                                       device=instance_device(args, params),
                                        keyframe_interval=keyframe_interval or None,
                                        grid_snap=params.get("grid_snap", "false") == "true",
                                        bypass=params.get("bypass", "none") or "none")

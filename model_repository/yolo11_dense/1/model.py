@@ -6,6 +6,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from fluxshard.serving.backend_tensors import error_response, input_array, output_tensor
+from fluxshard.serving.instance import instance_device
 from fluxshard.serving.session import DenseYoloSession, load_dense_model
 from fluxshard.wire import MAX_PIXELS, MAX_SIDE
 
@@ -16,7 +17,7 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         model = load_dense_model(params.get("weights") or None,
                                  threads=int(params.get("torch_threads", "1")),
-                                 device=params.get("device", "cpu"))
+                                 device=instance_device(args, params))
         self.session = DenseYoloSession(model, float(params.get("conf_threshold", "0.25")))
 
     def execute(self, requests):
