@@ -13,6 +13,9 @@ from fluxshard.train.loss import (DetectionLoss, SegmentationLoss, TaskAlignedAs
 
 torch.set_num_threads(2)
 
+# bound: worst of seeds 0-4 (0.490) plus 0.03, rounded up to 0.01
+LOSS_RATIO_BOUND = 0.52
+
 
 # -- assigner ------------------------------------------------------------------------------------
 def grid_anchors(h: int, w: int, stride: float = 8.0) -> torch.Tensor:
@@ -117,7 +120,9 @@ def test_detection_loss_decreases_on_a_fixed_batch():
         loss.backward()
         opt.step()
         losses.append(float(parts.sum()))
-    assert losses[-1] < 0.7 * losses[0], losses
+    # last/first loss at torch seeds 0-4 (model init; the test keeps seed 0): 0.399 / 0.486 /
+    # 0.407 / 0.475 / 0.490 (README "Measured quality")
+    assert losses[-1] < LOSS_RATIO_BOUND * losses[0], losses
 
 
 def test_segmentation_loss_is_finite_and_reaches_the_prototypes():
