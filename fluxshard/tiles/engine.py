@@ -71,7 +71,14 @@ class OnnxMapsEngine:
     name = "onnxruntime"
 
     def __init__(self, model: YOLO11, threads: int = 2, workdir: str | Path | None = None):
-        wd = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="fluxshard-tiles-"))
+        if workdir is None:  # the session keeps the graph in memory: the file need not outlive it
+            with tempfile.TemporaryDirectory(prefix="fluxshard-tiles-") as tmp:
+                self._build(model, threads, Path(tmp))
+            self.path = None
+        else:
+            self._build(model, threads, Path(workdir))
+
+    def _build(self, model: YOLO11, threads: int, wd: Path) -> None:
         path = wd / f"yolo11{model.scale}-raw-maps-dynamic.onnx"
         m = _RawMaps(copy.deepcopy(model).float().cpu().eval())
         outputs = ["maps8", "maps16", "maps32"]
