@@ -33,6 +33,7 @@ from fluxshard.models import load_model, postprocess, preprocess
 from fluxshard.models.dense import best_dense_runner
 from fluxshard.motion import EdgePath, iter_motion
 from fluxshard.sparse import SparseExecutor, StreamState
+from fluxshard.tau import tau_argument
 from fluxshard.tiles import TileExecutor, TileStreamState
 from fluxshard.truncation import LEVELS
 
@@ -117,7 +118,9 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")
     p.add_argument("--width", type=int, default=640, help="clip width (default 640)")
     p.add_argument("--height", type=int, default=384, help="clip height (default 384)")
-    p.add_argument("--tau", type=float, default=0.0, help="exact executor's tau (default 0)")
+    p.add_argument("--tau", type=tau_argument, default=0.0,
+                   help="tau on the [0, 1] input scale (fluxshard.tau): the exact executor's "
+                        "residual blocks and truncation (default 0)")
     p.add_argument("--tiles-engine", choices=("onnxruntime", "torch"), default="onnxruntime",
                    help="engine of the tile executor's crops (default onnxruntime)")
     p.add_argument("--threshold", type=float, default=8.0,
