@@ -27,6 +27,24 @@ from fluxshard.sparse import SparseExecutor, StreamState
 
 EXACT_ATOL, EXACT_RTOL = 1e-4, 1e-5
 DISPATCH_TAU = 16 / 255  # the dispatch layer's tau (16 grey levels)
+# Statistical bounds (issue 11; README "Measured quality" has the per-seed table). The exactness
+# tolerances (EXACT_ATOL/RTOL, excess_error <= 1) are float rounding of the same computation and
+# stay as they are.
+# Strict tau=0 test, best per-frame cache hit rate over frames 1-21; clip seeds 0-4 (the test keeps
+# 3), worst over all five parametrizations: 0.165 (segment 640x384 tile, seed 3).
+# bound: worst of seeds 0-4 minus 0.03, rounded down to 0.01
+MIN_STRICT_REUSE = 0.13
+# Dense bypass test, frame 4 cache hit rate; torch.Generator seeds 0-4 (the test keeps 0): 0.658
+# at every seed (the changed 16x16 corner fixes it). bound: worst of seeds 0-4 minus 0.03, rounded
+# down to 0.01
+MIN_BYPASS_RESUME_REUSE = 0.62
+# 100-frame drift test, mean absolute score error per frame; clip seeds 0-5 (the test keeps 5):
+# worst per-frame maximum 3.7e-12 (seed 2), rounding level. bound: worst of seeds 0-5 times 1000,
+# rounded up to one significant digit
+DRIFT_MAX_ERROR = 4e-9
+# Same test, mean error of frames 75-99 over that of frames 0-24: worst 1.140 (seed 0).
+# bound: worst of seeds 0-5 plus 0.5, rounded up to 0.1
+DRIFT_RATIO = 1.7
 # scripts/gpu_check.sh runs the CUDA cases (`-k cuda`) on a lent GPU
 CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available(),
@@ -134,7 +152,7 @@ def test_strict_tau0_equals_dense_over_20_frames(exact_clips, exact_float32, tas
     assert max(errors) <= 1.0, f"per-frame error in units of the tolerance: {errors}"
     # The test only means something if caches were really reused.
     reused = [r.cache_hit_rate for _, r in results[1:]]
-    assert max(reused) > 0.05, f"no reuse happened: cache hit rates {reused}"
+    assert max(reused) > MIN_STRICT_REUSE, f"no reuse happened: cache hit rates {reused}"
     assert results[0][1].key and not any(r.key for _, r in results[1:])
 
 
@@ -198,9 +216,9 @@ def test_relaxed_and_truncated_error_is_bounded_and_does_not_drift(tmp_path):
         score_errors.append(float((sparse[:, 4:] - dense[:, 4:]).abs().mean()))
     errors = np.array(score_errors)
     assert len(errors) == 100
-    assert errors.max() < 0.05, errors.max()
+    assert errors.max() < DRIFT_MAX_ERROR, errors.max()
     first, last = errors[:25].mean(), errors[75:].mean()
-    assert last <= 2 * first + 1e-3, (first, last)
+    assert last <= DRIFT_RATIO * first, (first, last)
 
 
 def test_bad_input_is_refused_clearly():
@@ -308,7 +326,7 @@ def test_dense_bypass_takes_unreusable_frames_and_resumes_with_a_key_frame():
     assert [r.bypassed for r in reports] == [False, True, False, False]
     assert [r.key for r in reports] == [True, False, True, False]
     assert len(calls) == 1 and reports[1].computed_fraction == 1.0
-    assert reports[3].cache_hit_rate > 0.3
+    assert reports[3].cache_hit_rate > MIN_BYPASS_RESUME_REUSE
 
 
 def test_onnxruntime_bypass_per_input_shape_matches_dense(tmp_path):
