@@ -8,6 +8,11 @@ import json
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# "FluxShard edge" mean cache hit rate at the low motion level (--quick, 5 frames, 1 thread) over
+# scene seeds scene_seed("heldout", PROFILE_SCENE_OFFSET + k), k = 0-4 (the harness uses k = 0):
+# 0.354 / 0.372 / 0.377 / 0.501 / 0.388 (README "Measured quality").
+# bound: worst of seeds 0-4 minus 0.03, rounded down to 0.01
+MIN_LOW_MOTION_REUSE = 0.32
 
 
 def test_baselines_harness_writes_a_row_per_baseline_and_level(tmp_path):
@@ -26,5 +31,6 @@ def test_baselines_harness_writes_a_row_per_baseline_and_level(tmp_path):
         assert by[(level, "cloud dense, JPEG")]["uplink_kb"] > by[(level, "cloud dense, H.264")][
             "uplink_kb"] > 0
         assert by[(level, "FluxShard cloud")]["uplink_kb"] > 0
-    assert by[("low", "FluxShard edge")]["reuse"] > 0.1  # a still camera reuses features
+    # a still camera reuses features
+    assert by[("low", "FluxShard edge")]["reuse"] > MIN_LOW_MOTION_REUSE
     assert (tmp_path / "bench_baselines.png").stat().st_size > 0
