@@ -52,6 +52,18 @@ def test_residual_round_trip(codec):
         np.testing.assert_array_equal(tile[:inside.shape[0], :inside.shape[1]], inside)
 
 
+# JPEG codec test, measured on the synthetic frame at scene seeds 0-4 (the test keeps 0; README
+# "Measured quality"). Mean absolute pixel error of the key frame: worst 6.53 (seed 3), of the
+# residual tiles: worst 7.69 (seed 3). bound: worst of seeds 0-4 plus 1 grey level, rounded up
+# to a whole level
+JPEG_KEY_MAX_ERROR = 8
+JPEG_TILES_MAX_ERROR = 9
+# Payload size over the lossless codec's: key frame worst 0.172, residual frame worst 0.344.
+# bound: worst of seeds 0-4 plus 0.03, rounded up to 0.01
+JPEG_KEY_SIZE_RATIO = 0.21
+JPEG_RESIDUAL_SIZE_RATIO = 0.38
+
+
 def test_jpeg_codec_is_lossy_but_close_and_much_smaller():
     """A synthetic frame (textured like the demo scenes): JPEG q90 pixels stay within a few levels
     on average (the cloud-dense-JPEG baseline keeps dense mAP with the same loss), tiles keep
@@ -65,16 +77,16 @@ def test_jpeg_codec_is_lossy_but_close_and_much_smaller():
     mask = np.random.default_rng(3).random(wire.residual_grid(h, w, B)) < 0.3
     key_payload = wire.encode_key_frame(f, 0, B, codec=Codec.JPEG)
     key = wire.decode_request(key_payload)
-    assert key.frame.shape == f.shape and np.abs(key.frame.astype(int) - f).mean() < 10
-    assert len(key_payload) < len(wire.encode_key_frame(f, 0, B)) / 3
+    assert key.frame.shape == f.shape and np.abs(key.frame.astype(int) - f).mean() < JPEG_KEY_MAX_ERROR
+    assert len(key_payload) < JPEG_KEY_SIZE_RATIO * len(wire.encode_key_frame(f, 0, B))
     lossy = wire.encode_residual_frame(f, field, mask, 1, B, codec=Codec.JPEG)
     lossless = wire.encode_residual_frame(f, field, mask, 1, B, codec=Codec.ZLIB)
-    assert len(lossy) < len(lossless) / 2
+    assert len(lossy) < JPEG_RESIDUAL_SIZE_RATIO * len(lossless)
     req, exact = wire.decode_request(lossy), wire.decode_request(lossless)
     np.testing.assert_array_equal(req.field, exact.field)
     np.testing.assert_array_equal(req.residual_mask, exact.residual_mask)
     assert req.tiles.shape == exact.tiles.shape
-    assert np.abs(req.tiles.astype(int) - exact.tiles).mean() < 10
+    assert np.abs(req.tiles.astype(int) - exact.tiles).mean() < JPEG_TILES_MAX_ERROR
     # one tile's pixels do not leak into its mosaic neighbour: a flat tile stays flat
     flat = np.full((h, w, 3), 128, np.uint8)
     flat[:B, B:2 * B] = 255
