@@ -27,7 +27,6 @@ from typing import AsyncIterator, Iterator
 import numpy as np
 
 from fluxshard import wire
-from fluxshard.motion.field import motion_statistic
 from fluxshard.motion.state import EndpointState, ResidualSet
 from fluxshard.tau import DEFAULT_TAU, TauPolicy, TruncationTable
 
@@ -182,10 +181,7 @@ class _DispatchCore:
 
     def residual_set(self, state: EndpointState, frame: np.ndarray) -> tuple[ResidualSet, float]:
         """The residual set at the tau the policy picks for this endpoint, and that tau."""
-        applied = wire.quantize_field(state.field)  # exactly what a receiver will apply
-        tau = self.tau.tau_for(motion_statistic(applied))
-        threshold = self.tau.dispatch_threshold(tau)
-        return state.residual(frame, threshold, self.block, field=applied), tau
+        return state.residual_at_tau(frame, self.tau, self.block)
 
     def cloud_usable(self, cloud) -> bool:
         return cloud is not None and self.next_index >= self.cloud_down_until

@@ -138,6 +138,18 @@ class EndpointState:
         return residual_blocks(self.cache, np.asarray(frame), field, threshold,
                                block or self.residual_block, bordered_cache=self._bordered)
 
+    def residual_at_tau(self, frame: np.ndarray, policy,
+                        block: int | None = None) -> tuple[ResidualSet, float]:
+        """What a sender's dispatch takes: the accumulated field quantized as the wire carries it
+        (what a receiver applies), tau picked by ``policy`` (:class:`fluxshard.tau.TauPolicy`)
+        from that field's motion, and the residual set at that tau. -> (set, tau)."""
+        from fluxshard.wire import quantize_field
+
+        self._require()
+        applied = quantize_field(self.field)
+        tau = policy.tau_for(motion_statistic(applied))
+        return self.residual(frame, policy.dispatch_threshold(tau), block, field=applied), tau
+
     def motion_statistic(self) -> float:
         self._require()
         return motion_statistic(self.field)
@@ -163,18 +175,13 @@ class EdgePath:
     def step(self, frame) -> tuple[np.ndarray, np.ndarray | None, bool]:
         """One decoded :class:`fluxshard.motion.MotionFrame` -> (assembled input, accumulated
         field or None, key)."""
-        from fluxshard.wire import quantize_field
-
         if self.state.cache is None or frame.is_key:
             image, field, key = frame.image, None, True
             self.tau = self.policy.tau_for(0.0)
         else:
             self.state.accumulate(frame.field if self.motion else np.zeros_like(frame.field))
-            field = quantize_field(self.state.field)  # exactly what a receiver would apply
-            self.tau = self.policy.tau_for(motion_statistic(field))
-            threshold = self.policy.dispatch_threshold(self.tau)
-            image = self.state.residual(frame.image, threshold, field=field).assemble(frame.image)
-            key = False
+            residual, self.tau = self.state.residual_at_tau(frame.image, self.policy)
+            image, field, key = residual.assemble(frame.image), residual.field, False
         self.state.reset(image)
         return image, field, key
 
