@@ -53,6 +53,17 @@ def synth_clips(tmp_path_factory):
     return get
 
 
+@pytest.fixture
+def triton_installed():
+    """For tests that start their own server."""
+    from fluxshard.serving.tritonserver import TritonNotInstalled, find_triton
+
+    try:
+        find_triton()
+    except TritonNotInstalled as e:
+        pytest.skip(str(e))
+
+
 @pytest.fixture(scope="session")
 def tritonserver():
     """A real tritonserver on free local ports serving model_repository/, started once per session.

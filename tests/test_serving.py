@@ -77,17 +77,6 @@ def check_exact(results, stream):
     assert stream.mirror.digest == results[-1][2].digest
 
 
-@pytest.fixture
-def triton_installed():
-    """For tests that start their own server."""
-    from fluxshard.serving.tritonserver import TritonNotInstalled, find_triton
-
-    try:
-        find_triton()
-    except TritonNotInstalled as e:
-        pytest.skip(str(e))
-
-
 @pytest.fixture(scope="module")
 def client(tritonserver):
     with FluxShardClient(tritonserver.grpc_url) as c:

@@ -247,15 +247,10 @@ def test_export_size_640_272_is_padded_to_640_288(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_run_starts_a_local_cloud_that_serves_the_same_weights(tmp_path, clip, capsys):
+def test_run_starts_a_local_cloud_that_serves_the_same_weights(tmp_path, clip, capsys,
+                                                               triton_installed):
     """The local tritonserver gets the weights too: with 3 classes and class 1 scoring high, the
     cloud's detections are all "pallet" (the embedded detector has 4 other classes)."""
-    from fluxshard.serving.tritonserver import TritonNotInstalled, find_triton
-
-    try:
-        find_triton()
-    except TritonNotInstalled as e:
-        pytest.skip(str(e))
     weights = save_checkpoint(user_model(FACTORY_NAMES), tmp_path / "factory.pt")
     out = tmp_path / "run"
     code, printed = run_verb(["run", clip, "--weights", weights, "--dispatch", "cloud",
