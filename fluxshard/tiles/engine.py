@@ -48,6 +48,25 @@ class _RawMaps(nn.Module):
         return tuple(raw_head_maps(self.model, x))
 
 
+RAW_MAP_OUTPUTS = ("maps8", "maps16", "maps32")
+
+
+def export_raw_maps_onnx(model: YOLO11, path: str | Path) -> Path:
+    """The model up to the head's raw maps as ONNX (opset 17) with a dynamic batch, height and
+    width: input ``images`` (B, 3, H, W), outputs ``maps8/16/32``. One file serves every crop
+    bucket on onnxruntime and is what TensorRT builds its crop-bucket profiles from."""
+    path = Path(path)
+    m = _RawMaps(copy.deepcopy(model).float().cpu().eval())
+    dynamic = {"images": {0: "batch", 2: "height", 3: "width"}}
+    dynamic.update({o: {0: "batch", 2: f"h_{o}", 3: f"w_{o}"} for o in RAW_MAP_OUTPUTS})
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer notices about shape checks: shapes are dynamic
+        torch.onnx.export(m, (torch.zeros(1, 3, 128, 128),), str(path), input_names=["images"],
+                          output_names=list(RAW_MAP_OUTPUTS), dynamic_axes=dynamic,
+                          opset_version=17, dynamo=False, do_constant_folding=True)
+    return path
+
+
 class TorchMapsEngine:
     """BN-fused, channels_last torch (the fastest torch dense runner here)."""
 
@@ -79,18 +98,8 @@ class OnnxMapsEngine:
             self._build(model, threads, Path(workdir))
 
     def _build(self, model: YOLO11, threads: int, wd: Path) -> None:
-        path = wd / f"yolo11{model.scale}-raw-maps-dynamic.onnx"
-        m = _RawMaps(copy.deepcopy(model).float().cpu().eval())
-        outputs = ["maps8", "maps16", "maps32"]
-        dynamic = {"images": {0: "batch", 2: "height", 3: "width"}}
-        dynamic.update({o: {0: "batch", 2: f"h_{o}", 3: f"w_{o}"} for o in outputs})
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tracer notices about shape checks: shapes are dynamic
-            torch.onnx.export(m, (torch.zeros(1, 3, 128, 128),), str(path), input_names=["images"],
-                              output_names=outputs, dynamic_axes=dynamic, opset_version=17,
-                              dynamo=False, do_constant_folding=True)
-        self.path = path
-        self.session = onnxruntime_session(path, threads=threads)
+        self.path = export_raw_maps_onnx(model, wd / f"yolo11{model.scale}-raw-maps-dynamic.onnx")
+        self.session = onnxruntime_session(self.path, threads=threads)
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         outs = self.session.run(None, {"images": x.detach().cpu().contiguous().numpy()})
