@@ -333,17 +333,38 @@ def _background_blocks(labels: np.ndarray, prev_labels: np.ndarray, flow: np.nda
                         MV_BLOCK).all(axis=(1, 3))
 
 
+def x264_options(*, gop: int, ref: int = 1, bframes: int = 0, crf: int = 18,
+                 preset: str = "fast", tune: str | None = None) -> dict[str, str]:
+    """libx264 stream options that give the same bitstream on every CPU and run (a key frame
+    every ``gop`` frames, no scene-cut key frames). Encode on one codec thread as well."""
+    # One thread, and no MB-tree with B-frames: either makes this x264 build's bitstream
+    # vary from run to run (measured), and clips must be reproducible.
+    extra = ":mbtree=0" if bframes else ""
+    # asm=0: x264's SSSE3+ kernels take other mode decisions than its C code (measured), so
+    # the bitstream would depend on the CPU; the C code gives one clip everywhere.
+    options = {"crf": str(crf), "preset": preset,
+               "x264-params": f"ref={ref}:bframes={bframes}:keyint={gop}:"
+                              f"min-keyint={gop}:scenecut=0:threads=1:asm=0{extra}"}
+    if tune is not None:
+        options["tune"] = tune
+    return options
+
+
+def exact_yuv420p_frame(image: np.ndarray):
+    """(H, W, 3) uint8 RGB -> an ``av.VideoFrame`` in yuv420p, converted with bit-exact swscale:
+    the encoder's own conversion would use the CPU's SIMD kernels, which round differently."""
+    import av
+    from av.video.reformatter import Interpolation
+
+    exact = Interpolation.BILINEAR | Interpolation.ACCURATE_RND | Interpolation.BITEXACT
+    return av.VideoFrame.from_ndarray(image, format="rgb24").reformat(
+        format="yuv420p", interpolation=exact)
+
+
 def _encoder_options(codec: str, spec: SceneSpec, ref: int, bframes: int, crf: int,
                      preset: str) -> dict[str, str]:
     if codec == "libx264":
-        # One thread, and no MB-tree with B-frames: either makes this x264 build's bitstream
-        # vary from run to run (measured), and clips must be reproducible.
-        extra = ":mbtree=0" if bframes else ""
-        # asm=0: x264's SSSE3+ kernels take other mode decisions than its C code (measured), so
-        # the bitstream would depend on the CPU; the C code gives one clip everywhere.
-        return {"crf": str(crf), "preset": preset,
-                "x264-params": f"ref={ref}:bframes={bframes}:keyint={spec.gop}:"
-                               f"min-keyint={spec.gop}:scenecut=0:threads=1:asm=0{extra}"}
+        return x264_options(gop=spec.gop, ref=ref, bframes=bframes, crf=crf, preset=preset)
     return {"crf": str(crf), "preset": preset,  # asm=0 for the same reason as x264
             "x265-params": f"ref={ref}:bframes={bframes}:keyint={spec.gop}:min-keyint={spec.gop}:"
                            "scenecut=0:frame-threads=1:pools=1:asm=0:log-level=error"}
@@ -366,9 +387,6 @@ def make_clip(spec: SceneSpec, out_dir: str | Path, codec: str = "libx264", ref:
     out_dir.mkdir(parents=True, exist_ok=True)
     name = name or f"synth-{spec.camera.replace('+', '-')}-{spec.width}x{spec.height}-s{spec.seed}-{codec}-ref{ref}"
     video_path, truth_path = out_dir / f"{name}.mp4", out_dir / f"{name}.npz"
-    from av.video.reformatter import Interpolation
-
-    exact = Interpolation.BILINEAR | Interpolation.ACCURATE_RND | Interpolation.BITEXACT
     scene = Scene(spec)
     counts, boxes, classes, ids, flows, uniform, background = [], [], [], [], [], [], []
     prev_labels = None
@@ -380,10 +398,7 @@ def make_clip(spec: SceneSpec, out_dir: str | Path, codec: str = "libx264", ref:
         for t in tqdm(range(spec.frames), desc=f"synth {name}", unit="frame", disable=not progress,
                       dynamic_ncols=True):
             frame = scene.render(t)
-            # Convert to the encoder's yuv420p here with bit-exact swscale: the encoder's own
-            # conversion would use the CPU's SIMD kernels, which round differently.
-            video_frame = av.VideoFrame.from_ndarray(frame.image, format="rgb24").reformat(
-                format="yuv420p", interpolation=exact)
+            video_frame = exact_yuv420p_frame(frame.image)
             video_frame.pts = t
             for packet in stream.encode(video_frame):
                 container.mux(packet)
