@@ -2,6 +2,11 @@
 dispatches every frame to the in-process sparse executor (edge) or the Triton `fluxshard` model
 (cloud), and writes detections.jsonl, annotated.mp4, report.png and summary.json into --out.
 
+--executor picks what the edge runs: exact (the sparse executor on residual-assembled inputs),
+tiles (the v2 tile executor on onnxruntime: whole decoded frames with the motion accumulated since
+the edge last ran; detect models only) or dense (the fastest dense engine on every frame). The
+dispatcher uses that executor's latency table.
+
 With --demo it synthesizes the default clip and, unless --cloud-url is given, starts a local
 tritonserver as the cloud. --bandwidth-mbps simulates an uplink of that rate (each payload waits
 bytes / rate before it is sent), so the dispatcher has a link to adapt to on localhost.
@@ -25,6 +30,8 @@ DEMO_FRAMES = 90  # 3 s at 30 fps
 
 
 UPLINK_CODECS = ("lossless", "jpeg")  # fluxshard.wire.Codec.ZLIB / .JPEG
+EDGE_EXECUTORS = ("exact", "tiles", "dense")  # fluxshard.serving.session.EXECUTORS
+DEFAULT_EXECUTOR = "exact"  # what the edge runs unless --executor says otherwise
 
 
 def add_run_arguments(p: argparse.ArgumentParser, demo_default: bool = False,
@@ -60,6 +67,10 @@ def add_run_arguments(p: argparse.ArgumentParser, demo_default: bool = False,
                    help="the detector: our checkpoint, an ultralytics state dict or converted .pt; "
                         "class names and count come from it, and a local tritonserver serves it "
                         "too (default: embedded demo detector)")
+    p.add_argument("--executor", choices=EDGE_EXECUTORS, default=DEFAULT_EXECUTOR,
+                   help="edge executor: exact (sparse executor, reuse exact on the assembled "
+                        "input), tiles (v2 tile executor on onnxruntime, detect models only) or "
+                        "dense (fastest dense engine every frame)")
     p.add_argument("--bypass", default="none",
                    choices=("none", "onnxruntime", "fused_channels_last"),
                    help="edge: dense engine for frames with nothing to reuse, and for reusable "
@@ -105,7 +116,7 @@ def main(args: argparse.Namespace) -> int:
                           frames=args.frames, size=tuple(args.size), camera=args.camera,
                           bypass=args.bypass, uplink_codec=args.uplink_codec,
                           progress=not args.no_progress, fallback=args.fallback,
-                          weights=args.weights)
+                          weights=args.weights, executor=args.executor)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"fluxshard run: {e}", file=sys.stderr)
         return 1
@@ -157,6 +168,18 @@ def _executor_options(policy, bypass: str) -> dict:
     return options
 
 
+def _edge_session(executor: str, model, executor_options: dict):
+    """The in-process session behind the edge endpoint, on one thread like the server."""
+    from fluxshard.serving.session import best_dense_session_factory, yolo_session_factory
+
+    if executor == "dense":
+        return best_dense_session_factory(model, threads=1)(0)
+    if executor == "tiles":
+        return yolo_session_factory("tiles", model=model, threads=1,
+                                    tile_engine="onnxruntime")(0)
+    return yolo_session_factory("exact", model=model, threads=1, **executor_options)(0)
+
+
 def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = False,
         cloud_url: str | None = None, dispatch: str = "auto", bandwidth_mbps: float | None = None,
         tau: float | None = None, tau_table: str | Path | None = None,
@@ -164,13 +187,15 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
         frames: int | None = None, size: tuple[int, int] = DEMO_SIZE, camera: str = "static",
         progress: bool = True, stream_id: int = 1, bypass: str = "none",
         uplink_codec: str = "lossless", fallback: str = "none",
-        weights: str | Path | None = None) -> dict:
+        weights: str | Path | None = None, executor: str = DEFAULT_EXECUTOR) -> dict:
     """The main job; returns the summary (also written to ``out/summary.json``).
 
     ``fallback`` (``dispatch="cloud"`` only): "none" raises RuntimeError when the cloud cannot be
     reached, "edge" runs those frames on the edge (counted in the summary). Losing and regaining
     the cloud is reported on stderr as it happens. ``weights``: the detector (None: the embedded
-    demo one); its class names label the outputs, and a local tritonserver loads it too."""
+    demo one); its class names label the outputs, and a local tritonserver loads it too.
+    ``executor``: what the edge runs (:data:`EDGE_EXECUTORS`; ``bypass`` and a truncation
+    table's executor options apply to "exact" only)."""
     import numpy as np
     from tqdm import tqdm
 
@@ -191,6 +216,8 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
         raise ValueError(f"fallback must be 'none' or 'edge', got {fallback!r}")
     if uplink_codec not in UPLINK_CODECS:
         raise ValueError(f"uplink codec must be one of {UPLINK_CODECS}, got {uplink_codec!r}")
+    if executor not in EDGE_EXECUTORS:
+        raise ValueError(f"executor must be one of {EDGE_EXECUTORS}, got {executor!r}")
     # a --cloud-url that does not answer is known before the clip is made or the model loads
     where = cloud_url or "local tritonserver"
     strict = dispatch == "cloud" and fallback == "none"
@@ -198,16 +225,6 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
     if down and strict:
         raise RuntimeError(f"--dispatch cloud: cannot reach the cloud at {where} ({down}); "
                            "--fallback edge runs on the edge instead")
-    out.mkdir(parents=True, exist_ok=True)  # once the options are known to be good
-    if demo:
-        from fluxshard import synth
-
-        w, h = size
-        spec = synth.SceneSpec(width=w, height=h, frames=frames or DEMO_FRAMES, camera=camera)
-        video = synth.make_clip(spec, out, name="demo", progress=progress).video
-    video = str(video)
-    if not (Path(video).exists() or "://" in video):
-        raise FileNotFoundError(f"video not found: {video}")
     # one tau for dispatch, the edge's executor and the cloud's (it travels with each frame)
     tau_policy = TauPolicy.from_options(tau, tau_table)
     executor_options = _executor_options(tau_policy, bypass)
@@ -218,12 +235,26 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
         # one torch thread, like the server: on a small shared box (and beside a local
         # tritonserver) two spinning OpenMP threads were measured up to 10x slower, not faster
         model = load_dense_model(str(weights) if weights else None, threads=1)
-        edge = LocalEndpoint(threads=1, model=model, **executor_options)
+        if executor == "tiles" and model.task != "detect":
+            raise ValueError(f"--executor tiles handles detect models only; "
+                             f"{weights or 'the detector'} is a {model.task} model (use "
+                             "--executor exact or dense)")
+        edge = LocalEndpoint(_edge_session(executor, model, executor_options))
     class_names = [model.names[k] for k in range(model.nc)]
     notes = [str(w.message) for w in caught]
     for note in notes:
         print(f"warning: {note}", file=sys.stderr)
 
+    out.mkdir(parents=True, exist_ok=True)  # once the options are known to be good
+    if demo:
+        from fluxshard import synth
+
+        w, h = size
+        spec = synth.SceneSpec(width=w, height=h, frames=frames or DEMO_FRAMES, camera=camera)
+        video = synth.make_clip(spec, out, name="demo", progress=progress).video
+    video = str(video)
+    if not (Path(video).exists() or "://" in video):
+        raise FileNotFoundError(f"video not found: {video}")
     rows: list[dict] = []
     broke: list[str] = []  # why the stream broke off mid-way, if it did
     writer = None
@@ -275,6 +306,10 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
                             reason == "no cloud" or reason.startswith("cloud failed")):
                         edge_fallback += 1
                     record = outputs.detection_record(result, class_names)
+                    if result.endpoint == "edge":
+                        record["executor"] = executor
+                        if "crop_area_fraction" in result.stats:
+                            record["crop_area_fraction"] = result.stats["crop_area_fraction"]
                     det_file.write(json.dumps(record) + "\n")
                     record["jpeg_bytes"] = outputs.jpeg_bytes(mf.image)
                     rows.append(record)
@@ -298,8 +333,14 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
     outputs.plot_report(rows, out / "report.png",
                         f"{Path(video).name}: dispatch {dispatch}"
                         + (f", uplink {bandwidth_mbps} Mbit/s" if bandwidth_mbps else ""))
+    crops = [r["crop_area_fraction"] for r in rows if "crop_area_fraction" in r]
     summary = outputs.summarize(rows, {
         "video": video, "dispatch": dispatch if url else "edge (no cloud)",
+        "executor": executor,
+        # tiles: the share of the input its crops covered (halo included), over the edge's frames
+        "crop_area_fraction_mean": round(float(np.mean(crops)), 4) if crops else None,
+        "edge_latency_table": "profiled" if profile.source != "default"
+        and profile.has_edge_table(executor) else "built-in",
         "cloud_url": cloud_url or ("local tritonserver" if url else None),
         "bandwidth_limit_mbps": bandwidth_mbps, "uplink_codec": uplink_codec,
         "bandwidth_estimate_mbps": round(stream.dispatcher.bandwidth.mbps, 3),
@@ -366,8 +407,8 @@ def print_summary(s: dict) -> None:
     def ms(stat):
         return "-" if not stat else f"{stat['mean']:.1f} / {stat['p90']:.1f}"
 
-    print(f"\n{s['frames']} frames of {s['video']} (dispatch {s['dispatch']}, "
-          f"{s['wall_s']} s)")
+    print(f"\n{s['frames']} frames of {s['video']} (dispatch {s['dispatch']}, edge executor "
+          f"{s.get('executor', DEFAULT_EXECUTOR)}, {s['wall_s']} s)")
     print("| endpoint | frames | key frames | latency ms mean / p90 |\n|---|---|---|---|")
     for name, e in s["endpoints"].items():
         print(f"| {name} | {e['frames']} | {e['key_frames']} | {ms(e['latency_ms'])} |")
@@ -376,6 +417,9 @@ def print_summary(s: dict) -> None:
           f"{s['jpeg_q90_bytes_total'] / 1e3:.1f} kB (x{s['uplink_vs_jpeg']}); cache hit rate "
           f"{s['cache_hit_rate_mean']}; residual block fraction {s['residual_fraction_mean']}; "
           f"uplink estimate {s['bandwidth_estimate_mbps']} Mbit/s")
+    if s.get("crop_area_fraction_mean") is not None:
+        print(f"tiles: mean crop area {s['crop_area_fraction_mean']} of the input on the edge's "
+              "frames (halo included; key frames and dense refreshes count 1)")
     if s.get("edge_fallback_frames"):
         how = " (--fallback edge)" if s.get("fallback") == "edge" else ""
         print(f"cloud unreachable: {s['edge_fallback_frames']} of {s['frames']} frames ran on "

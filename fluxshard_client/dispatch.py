@@ -11,6 +11,12 @@ latency (device load: other work on the edge, a busy server, throttling). Then::
     T_cloud = L_cloud * T_cloud_table[f_cloud] + bytes(S0_cloud) / B_hat
     edge if T_edge < T_cloud - margin, else cloud (within the margin the cloud saves edge energy)
 
+The edge table is the one of the executor the edge runs (``Dispatcher.edge_executor``): the exact
+executor's is indexed by the active residual-block fraction; the tile executor's by the share of
+the input its crops cover (halo included), which the dispatcher predicts from the residual blocks
+(:func:`tile_crop_share`) and learns against the share the executor reports; the dense
+executor's is one latency whatever changed.
+
 B_hat and L learn only from the endpoint that ran, so in auto mode an endpoint left out for
 ``probe_interval`` frames runs once (a probe): a stale estimate cannot lock it out for good.
 """
@@ -26,6 +32,11 @@ import numpy as np
 
 POLICIES = ("auto", "edge", "cloud", "alternate")
 ENDPOINTS = ("edge", "cloud")
+# what the edge may run (fluxshard.serving.session.EXECUTORS; "sparse": older name of "exact")
+EDGE_EXECUTORS = ("exact", "tiles", "dense")
+EXECUTOR_ALIASES = {"sparse": "exact"}
+# the tile executor's defaults (fluxshard.tiles.TileExecutor) the crop-share prediction assumes
+TILE_HALO_PX, TILE_BUDGET, TILE_DENSE_ABOVE = 32, 0.45, 0.6
 PROFILE_VERSION = 1
 DEFAULT_PROFILE_PATH = Path("out/profile/latency.json")
 
@@ -53,10 +64,44 @@ class LatencyTable:
         return float(np.interp(min(max(float(fraction), 0.0), 1.0), self.fractions, self.ms))
 
 
+def edge_executor_name(name: str) -> str:
+    """The edge executor ``name`` means (older alias resolved); a clear error otherwise."""
+    canonical = EXECUTOR_ALIASES.get(name, name)
+    if canonical not in EDGE_EXECUTORS:
+        raise ValueError(f"edge executor must be one of {EDGE_EXECUTORS}, got {name!r}")
+    return canonical
+
+
+def tile_crop_share(mask: np.ndarray, block: int, halo_px: int = TILE_HALO_PX,
+                    budget: float = TILE_BUDGET, dense_above: float = TILE_DENSE_ABOVE) -> float:
+    """Predicted crop area share of the tile executor for residual blocks ``mask``: the blocks
+    grown by the halo; above ``dense_above`` the executor runs the frame dense (share 1), above
+    ``budget`` it defers the rest (share ``budget``)."""
+    mask = np.asarray(mask, bool)
+    if mask.size == 0 or not mask.any():
+        return 0.0
+    r = -(-int(halo_px) // int(block))
+    grown = mask
+    for axis in (0, 1):  # separable box dilation by r blocks
+        padded = np.pad(grown, [(r, r) if a == axis else (0, 0) for a in (0, 1)])
+        n = grown.shape[axis]
+        grown = np.zeros_like(grown)
+        for k in range(2 * r + 1):
+            grown |= padded[k:k + n] if axis == 0 else padded[:, k:k + n]
+    share = float(grown.mean())
+    if share > dense_above:
+        return 1.0
+    return min(share, budget)
+
+
 @dataclass
 class LatencyProfile:
     """Edge and cloud latency tables, measured at ``width`` x ``height``. Other frame sizes scale
-    the latencies by their pixel count (compute is about proportional to it)."""
+    the latencies by their pixel count (compute is about proportional to it).
+
+    ``edge`` is the exact executor's table (active residual-block fraction); ``edge_executors``
+    holds the other edge executors' tables by name: "tiles" against the crop area share, "dense"
+    flat. An executor without a profiled table uses the built-in one (older profiles have none)."""
 
     edge: LatencyTable
     cloud: LatencyTable
@@ -64,9 +109,25 @@ class LatencyProfile:
     height: int = 384
     source: str = "default"  # "default" (built in) or "profiled" (and where/when, in meta)
     meta: dict = dataclass_field(default_factory=dict)
+    edge_executors: dict = dataclass_field(default_factory=dict)  # name -> LatencyTable
 
     def scale(self, width: int, height: int) -> float:
         return (width * height) / float(self.width * self.height)
+
+    def has_edge_table(self, executor: str) -> bool:
+        executor = edge_executor_name(executor)
+        return executor == "exact" or executor in self.edge_executors
+
+    def edge_ms(self, executor: str, share: float, width: int, height: int) -> float:
+        """The edge latency of ``executor`` at ``share`` (its table's x), scaled to the frame
+        size; the built-in table when this profile has none for it."""
+        executor = edge_executor_name(executor)
+        if executor == "exact":
+            return self.scale(width, height) * self.edge(share)
+        if executor in self.edge_executors:
+            return self.scale(width, height) * self.edge_executors[executor](share)
+        builtin = LatencyProfile.default()
+        return builtin.scale(width, height) * builtin.edge_executors[executor](share)
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -86,9 +147,12 @@ class LatencyProfile:
             data = json.loads(path.read_text())
             if data.get("version") != PROFILE_VERSION:
                 raise ValueError(f"version {data.get('version')!r}, expected {PROFILE_VERSION}")
+            executors = {edge_executor_name(name): LatencyTable(**table)
+                         for name, table in dict(data.get("edge_executors") or {}).items()}
             return cls(edge=LatencyTable(**data["edge"]), cloud=LatencyTable(**data["cloud"]),
                        width=int(data["width"]), height=int(data["height"]),
-                       source=str(data.get("source", "profiled")), meta=dict(data.get("meta", {})))
+                       source=str(data.get("source", "profiled")), meta=dict(data.get("meta", {})),
+                       edge_executors=executors)
         except FileNotFoundError:
             raise
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -99,10 +163,16 @@ class LatencyProfile:
     def default(cls) -> "LatencyProfile":
         """Built-in tables for 640x384 YOLO11n: the edge is this class of machine (2 CPU cores,
         dense ~45 ms, DEVELOPERS.md; sparse pays fixed overhead at low fractions), the cloud a
-        server several times faster. Profile the real machines for anything that matters."""
+        server several times faster. The tile executor: its warp and decode at no crops, about
+        the dense engine's time at full area; dense: the best dense engine (onnxruntime here).
+        Profile the real machines for anything that matters."""
         return cls(edge=LatencyTable([0.0, 0.1, 0.25, 0.5, 1.0], [6.0, 14.0, 24.0, 36.0, 50.0]),
                    cloud=LatencyTable([0.0, 0.1, 0.25, 0.5, 1.0], [2.0, 3.5, 5.5, 8.0, 12.0]),
-                   source="default")
+                   source="default",
+                   edge_executors={
+                       "tiles": LatencyTable([0.0, 0.1, 0.25, 0.45, 1.0],
+                                             [5.0, 12.0, 22.0, 34.0, 45.0]),
+                       "dense": LatencyTable([0.0, 1.0], [45.0, 45.0])})
 
     @classmethod
     def load_or_default(cls, path: str | Path | None = None) -> "LatencyProfile":
@@ -184,11 +254,14 @@ class Dispatcher:
 
     ``probe_interval``: B_hat and the load factors learn only from the endpoint that ran, so a
     stale estimate (or the initial guess) would keep the other out for good. In auto mode each
-    endpoint runs at least once every ``probe_interval`` frames (None: never probe)."""
+    endpoint runs at least once every ``probe_interval`` frames (None: never probe).
+
+    ``edge_executor``: what the edge runs ("exact", "tiles", "dense"), which picks its latency
+    table and what the edge's share means (:meth:`edge_share`)."""
 
     def __init__(self, profile: LatencyProfile | None = None, policy: str = "auto",
                  margin_ms: float = 2.0, bandwidth: BandwidthEstimator | None = None,
-                 probe_interval: int | None = 30):
+                 probe_interval: int | None = 30, edge_executor: str = "exact"):
         if policy not in POLICIES:
             raise ValueError(f"dispatch policy must be one of {POLICIES}, got {policy!r}")
         if margin_ms < 0:
@@ -200,6 +273,7 @@ class Dispatcher:
         self.margin_ms = margin_ms
         self.bandwidth = bandwidth or BandwidthEstimator()
         self.probe_interval = probe_interval
+        self.edge_executor = edge_executor_name(edge_executor)
         self.load = {name: LoadEstimator() for name in ENDPOINTS}
         self.frames_since = {name: 0 for name in ENDPOINTS}  # frames since each endpoint ran
         self._turn = 0
@@ -220,9 +294,29 @@ class Dispatcher:
         return edge_ms, cloud_ms + transfer_ms, transfer_ms
 
     def profiled_ms(self, endpoint: str, fraction: float, width: int, height: int) -> float:
-        """The endpoint's latency table at ``fraction``, scaled to the frame size (no load)."""
-        table = self.profile.edge if endpoint == "edge" else self.profile.cloud
-        return self.profile.scale(width, height) * table(fraction)
+        """The endpoint's latency table at ``fraction`` (the edge's: its executor's table at its
+        share), scaled to the frame size (no load)."""
+        if endpoint == "edge":
+            return self.profile.edge_ms(self.edge_executor, fraction, width, height)
+        return self.profile.scale(width, height) * self.profile.cloud(fraction)
+
+    def edge_share(self, residual_mask: np.ndarray | None, block: int) -> float:
+        """The x of the edge's table for a frame whose edge residual blocks are
+        ``residual_mask`` (None: a key frame): the active fraction (exact), the predicted crop
+        area share (tiles), 1 (dense, and key frames)."""
+        if residual_mask is None or self.edge_executor == "dense":
+            return 1.0
+        if self.edge_executor == "tiles":
+            return tile_crop_share(residual_mask, block)
+        return float(np.asarray(residual_mask).mean()) if np.size(residual_mask) else 0.0
+
+    def observed_edge_share(self, stats: dict, residual_mask: np.ndarray | None,
+                            block: int) -> float:
+        """The x of the edge's table for a frame the edge ran: what the executor reports (the
+        tile executor's crop area share) when it does, else :meth:`edge_share`."""
+        if self.edge_executor == "tiles" and "crop_area_fraction" in stats:
+            return float(stats["crop_area_fraction"])
+        return self.edge_share(residual_mask, block)
 
     def decide(self, edge_fraction: float, cloud_fraction: float, cloud_bytes: int,
                width: int, height: int, cloud_available: bool = True) -> Decision:

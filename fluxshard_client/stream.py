@@ -30,7 +30,8 @@ from fluxshard import wire
 from fluxshard.motion.state import EndpointState, ResidualSet
 from fluxshard.tau import DEFAULT_TAU, TauPolicy, TruncationTable
 
-from .dispatch import BandwidthEstimator, Decision, Dispatcher, LatencyProfile
+from .dispatch import (BandwidthEstimator, Decision, Dispatcher, LatencyProfile,
+                       edge_executor_name)
 from .transport import CloudError, DetectionRows
 
 
@@ -70,8 +71,15 @@ class FrameResult(DetectionRows):
 # --------------------------------------------------------------------------------- endpoints
 
 class LocalEndpoint:
-    """The sparse executor in this process (any :class:`fluxshard.serving.session.StreamSession`
-    works). Default: ``yolo_session_factory("sparse")`` with the embedded demo weights."""
+    """An executor in this process (any :class:`fluxshard.serving.session.StreamSession`
+    works). Default: ``yolo_session_factory("exact")`` (the sparse executor) with the embedded
+    demo weights; ``factory_kwargs`` go to ``yolo_session_factory`` (``executor="tiles"``: the
+    tile executor).
+
+    The exact executor runs on the residual-assembled input (its reuse is exact on it); a
+    session with ``full_frame`` (tiles, dense) gets the whole decoded frame, with the field
+    accumulated since this endpoint last ran (frames dispatched to the cloud in between
+    included). Either way the input it ran on becomes the endpoint's dispatch cache."""
 
     remote = False
 
@@ -82,9 +90,15 @@ class LocalEndpoint:
             session = yolo_session_factory(**factory_kwargs)(0)
         self.session = session
 
+    @property
+    def executor(self) -> str:
+        """Which executor runs here ("exact", "tiles", "dense"): picks the latency table."""
+        return getattr(self.session, "executor_kind", "exact")
+
     def run(self, frame: np.ndarray, residual: ResidualSet | None, key: bool,
             index: int, tau: float = 0.0) -> EndpointRun:
-        image = frame if key else residual.assemble(frame)
+        full = key or getattr(self.session, "full_frame", False)
+        image = frame if full else residual.assemble(frame)
         detections, stats = self.session.infer(image, None if key else residual.field,
                                                None if key else residual.mask, key, tau=tau)
         return EndpointRun(detections, stats, image, key)
@@ -233,7 +247,7 @@ class _DispatchCore:
         elif field is not None and np.asarray(field).shape != wire.field_shape(h, w):
             raise ValueError(f"motion field shape {np.asarray(field).shape} does not match a "
                              f"{h}x{w} frame ({wire.field_shape(h, w)})")
-        key, residual, fraction = {}, {}, {}
+        key, residual, fraction = {}, {}, {}  # fraction: the x of each endpoint's table
         taus = {name: self.tau.tau_for(0.0) for name in self.states}  # key frames: no motion
         candidates = self.dispatcher.candidates(cloud_available)
         for name, state in self.states.items():
@@ -247,7 +261,10 @@ class _DispatchCore:
                 key[name], residual[name], fraction[name] = False, None, 1.0  # is the fallback
                 continue
             res, taus[name] = self.residual_set(state, frame)
-            key[name], residual[name], fraction[name] = False, res, res.fraction
+            # the edge's table is its executor's: for tiles the share is the predicted crop area
+            share = (self.dispatcher.edge_share(res.mask, self.block) if name == "edge"
+                     else res.fraction)
+            key[name], residual[name], fraction[name] = False, res, share
         cloud_bytes = self.estimate_bytes(residual["cloud"], frame.shape)
         decision = self.dispatcher.decide(fraction["edge"], fraction["cloud"], cloud_bytes, w, h,
                                           cloud_available)
@@ -273,7 +290,12 @@ class _DispatchCore:
         # the endpoint's load: its compute time (a remote one's server time: the uplink has its
         # own estimate) against its latency table at the fraction it was estimated at
         compute_ms = float(run.stats.get("server_ms", endpoint_ms)) if remote else endpoint_ms
-        fraction = 1.0 if run.key or residual is None else residual.fraction
+        if run.key or residual is None:
+            fraction = 1.0
+        elif name == "edge":
+            fraction = self.dispatcher.observed_edge_share(run.stats, residual.mask, self.block)
+        else:
+            fraction = residual.fraction
         self.dispatcher.observe_latency(name, fraction, w, h, compute_ms)
         mask = np.ones(grid, bool) if run.key or residual is None else residual.mask
         return FrameResult(
@@ -307,6 +329,9 @@ class _StreamBase:
             raise ValueError("dispatch 'cloud' needs a cloud endpoint")
         self.core = _DispatchCore(_dispatcher(dispatch, profile, margin_ms, initial_mbps,
                                               probe_interval), tau, block)
+        # the edge's latency table is the one of the executor it runs
+        self.core.dispatcher.edge_executor = edge_executor_name(
+            getattr(self.edge, "executor", "exact"))
 
     @property
     def dispatcher(self) -> Dispatcher:

@@ -118,10 +118,13 @@ class TritonServer:
                  host: str = "127.0.0.1", models: list[str] | None = None,
                  extra_args: list[str] | None = None, log_verbose: int = 0,
                  model_config_name: str | None = None,
-                 weights: str | os.PathLike | None = None):
+                 weights: str | os.PathLike | None = None,
+                 parameters: dict[str, str] | None = None):
         self.model_repository = Path(model_repository).resolve()
         # the models' `weights` parameter (absolute: the server's working folder is not ours)
         self.weights = Path(weights).resolve() if weights else None
+        # model parameters to set (e.g. {"executor": "tiles"}), in every model that has them
+        self.parameters = {str(k): str(v) for k, v in (parameters or {}).items()}
         self._weights_repository: tempfile.TemporaryDirectory | None = None
         self.http_port = http_port or free_port()
         self.grpc_port = grpc_port or free_port()
@@ -169,12 +172,15 @@ class TritonServer:
         if not self.model_repository.is_dir():
             raise FileNotFoundError(f"model repository not found: {self.model_repository}")
         install = find_triton()
-        if self.weights is not None and self._weights_repository is None:
-            if not self.weights.is_file():
+        if (self.weights is not None or self.parameters) and self._weights_repository is None:
+            if self.weights is not None and not self.weights.is_file():
                 raise FileNotFoundError(f"weights file not found: {self.weights}")
+            parameters = dict(self.parameters)
+            if self.weights is not None:
+                parameters["weights"] = str(self.weights)
             self._weights_repository = tempfile.TemporaryDirectory(prefix="fluxshard-models-")
-            repository_with_weights(self.model_repository, self.weights,
-                                    Path(self._weights_repository.name))
+            repository_with_parameters(self.model_repository, parameters,
+                                       Path(self._weights_repository.name))
         with open(self.log_file, "ab") as log:
             # own process group: a Ctrl-C in the terminal reaches us, and we stop the server
             self.process = subprocess.Popen(self.command(install), stdout=log,
@@ -265,12 +271,20 @@ class TritonServer:
 
 
 def repository_with_weights(source: Path, weights: Path, folder: Path) -> Path:
-    """A model repository in ``folder`` that serves ``source``'s models with ``weights``: each
-    model's files are linked, its configs (``config.pbtxt``, ``configs/*.pbtxt``) rewritten with
-    the ``weights`` parameter set where the model has one."""
+    """A model repository in ``folder`` that serves ``source``'s models with ``weights`` (see
+    :func:`repository_with_parameters`)."""
+    return repository_with_parameters(source, {"weights": str(weights)}, folder)
+
+
+def repository_with_parameters(source: Path, parameters: dict[str, str], folder: Path) -> Path:
+    """A model repository in ``folder`` that serves ``source``'s models with ``parameters`` set:
+    each model's files are linked, its configs (``config.pbtxt``, ``configs/*.pbtxt``) rewritten
+    with each parameter set where the model has one. A parameter no model has is an error (a
+    typo would otherwise serve the defaults silently)."""
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
+    unused = set(parameters)
     for model_dir in sorted(p for p in Path(source).iterdir() if p.is_dir()):
         target = folder / model_dir.name
         target.mkdir(parents=True)
@@ -280,11 +294,15 @@ def repository_with_weights(source: Path, weights: Path, folder: Path) -> Path:
                 (target / entry.name).symlink_to(entry.resolve())
         for config in (c for c in configs if c.is_file()):
             message = text_format.Parse(config.read_text(), model_config_pb2.ModelConfig())
-            if "weights" in message.parameters:
-                message.parameters["weights"].string_value = str(weights)
+            for key, value in parameters.items():
+                if key in message.parameters:
+                    message.parameters[key].string_value = str(value)
+                    unused.discard(key)
             written = target / config.relative_to(model_dir)
             written.parent.mkdir(parents=True, exist_ok=True)
             written.write_text(text_format.MessageToString(message))
+    if unused:
+        raise ValueError(f"no model in {source} has the parameter(s) {sorted(unused)}")
     return folder
 
 
@@ -310,6 +328,10 @@ def register(subparsers) -> None:
     p.add_argument("--weights", default=None,
                    help="detector the models serve: our checkpoint, an ultralytics state dict "
                         "or converted .pt (default: embedded demo detector)")
+    p.add_argument("--executor", choices=("exact", "tiles", "dense"), default=None,
+                   help="the fluxshard model's compute: exact (sparse executor), tiles (v2 tile "
+                        "executor, detect models only) or dense (default: the config's "
+                        "`executor` parameter, exact)")
     p.add_argument("--log-file", default=None, help="server log (default: a temporary file)")
     p.add_argument("--timeout", type=cli_common.positive_float, default=300.0,
                    help="seconds to wait for readiness")
@@ -322,15 +344,20 @@ def _serve(args: argparse.Namespace) -> int:
 
         # a file that is no detector fails here, in one line, not in the server's log
         model = load_model(args.weights)
+        if args.executor == "tiles" and model.task != "detect":
+            print(f"fluxshard serve: --executor tiles handles detect models only; "
+                  f"{args.weights} is a {model.task} model", file=sys.stderr)
+            return 2
         print(f"weights {args.weights}: yolo11{model.scale}-{model.task}, {model.nc} classes "
               f"({', '.join(model.names[k] for k in range(min(model.nc, 8)))}"
               f"{', ...' if model.nc > 8 else ''})")
     server = TritonServer(args.model_repository, args.http_port, args.grpc_port, args.metrics_port,
                           args.log_file, host=args.host, model_config_name=args.model_config_name,
-                          weights=args.weights)
+                          weights=args.weights,
+                          parameters={"executor": args.executor} if args.executor else None)
     try:
         server.start(args.timeout)
-    except (TritonNotInstalled, TritonStartError, FileNotFoundError) as e:
+    except (TritonNotInstalled, TritonStartError, FileNotFoundError, ValueError) as e:
         print(f"fluxshard serve: {e}", file=sys.stderr)
         return 1
     print(f"tritonserver ready (pid {server.process.pid})\n  gRPC    {server.grpc_url}\n"

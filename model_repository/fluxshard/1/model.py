@@ -16,7 +16,7 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         # "executor" picks the compute; "compute" is the older name of the same parameter
-        executor = params.get("executor") or params.get("compute") or "sparse"
+        executor = params.get("executor") or params.get("compute") or "exact"
         keyframe_interval = int(params.get("keyframe_interval", "0") or 0)
         factory = yolo_session_factory(executor, weights=params.get("weights") or None,
                                        threads=int(params.get("torch_threads", "1")),
