@@ -1,7 +1,8 @@
 """`fluxshard profile SUB-VERB`: the offline profiles the runtime loads.
 
 * ``latency``: the dispatcher's latency tables (edge: the in-process sparse executor; cloud: the
-  Triton ``fluxshard`` model's server time) at a few active residual-block fractions, written as
+  Triton ``fluxshard`` model's server time) at a few active residual-block fractions, and the other
+  edge executors' (tiles: against the crop area share it reports; dense: flat), written as
   JSON (default ``out/profile/latency.json``, which `fluxshard run` and ``FluxShardStream`` load
   when present).
 * ``accuracy``: the truncation table (tau per motion level), ``fluxshard.truncation``.
@@ -23,6 +24,7 @@ import numpy as np
 from fluxshard import cli_common
 
 DEFAULT_FRACTIONS = (0.0, 0.05, 0.1, 0.25, 0.5, 1.0)
+EDGE_EXECUTORS = ("exact", "tiles", "dense")
 
 
 # ------------------------------------------------------------------------------ latency tables
@@ -55,10 +57,13 @@ def _profile_frames(width: int, height: int, fraction: float, block: int, seed: 
 def profile_latency(*, width: int = 640, height: int = 384, fractions=DEFAULT_FRACTIONS,
                     repeats: int = 5, cloud_url: str | None = None, cloud: bool = True,
                     threads: int | None = None, block: int = 16, progress: bool = True,
-                    out: str | Path | None = None, weights: str | Path | None = None):
+                    out: str | Path | None = None, weights: str | Path | None = None,
+                    executors=EDGE_EXECUTORS):
     """Measure both tables; returns the :class:`fluxshard_client.LatencyProfile` (saved to
     ``out`` when given). ``cloud=False`` keeps the built-in cloud table. ``weights``: the
-    detector on both sides (None: the embedded demo one)."""
+    detector on both sides (None: the embedded demo one). ``executors``: the edge executors to
+    measure besides the exact one, whose table is always measured (tiles: detect models only,
+    left out with a note otherwise)."""
     import torch
     from tqdm import tqdm
 
@@ -71,6 +76,9 @@ def profile_latency(*, width: int = 640, height: int = 384, fractions=DEFAULT_FR
     fractions = sorted(set(float(f) for f in fractions))
     if fractions[0] < 0 or fractions[-1] > 1:
         raise ValueError(f"fractions must lie in [0, 1], got {fractions}")
+    unknown = set(executors) - set(EDGE_EXECUTORS)
+    if unknown:
+        raise ValueError(f"unknown edge executors {sorted(unknown)}; choose from {EDGE_EXECUTORS}")
     if threads:
         torch.set_num_threads(threads)
     session = yolo_session_factory("sparse", weights=str(weights) if weights else None)(0)
@@ -88,6 +96,8 @@ def profile_latency(*, width: int = 640, height: int = 384, fractions=DEFAULT_FR
             times.append((time.perf_counter() - t0) * 1e3)
             bar.update(1)
         edge_ms.append(statistics.median(times))
+    edge_executors, notes = _profile_edge_executors(session.executor.model, executors, cases,
+                                                    field, repeats, threads or 1)
     cloud_ms, where = None, None
     if cloud:
         with _cloud_url(cloud_url, weights) as url:
@@ -114,16 +124,64 @@ def profile_latency(*, width: int = 640, height: int = 384, fractions=DEFAULT_FR
         edge=LatencyTable(fractions, np.maximum.accumulate(edge_ms).tolist()),
         cloud=(LatencyTable(fractions, np.maximum.accumulate(cloud_ms).tolist()) if cloud_ms
                else default.cloud),
-        width=width, height=height, source="profiled",
-        meta={"measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        width=width, height=height, source="profiled", edge_executors=edge_executors,
+        meta={"edge_executor_notes": notes,"measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "repeats": repeats, "edge_threads": torch.get_num_threads(), "raw": raw,
               "cloud": where or "built-in default table",
               "what": "edge: in-process sparse executor (preprocess to detections); cloud: "
                       "server time of the fluxshard model (receive + compute); static content "
-                      "with the given share of residual blocks changed"})
+                      "with the given share of residual blocks changed; edge_executors: tiles "
+                      "against the crop area share it reported (a key frame's dense pass "
+                      "is share 1), dense flat"})
     if out is not None:
         profile.save(out)
     return profile
+
+
+def _profile_edge_executors(model, executors, cases, field, repeats: int, threads: int):
+    """{name: LatencyTable} of the tile and dense edge executors on ``cases``, and notes on any
+    left out. Tiles: each case's median time at the crop area share it reported (rising; more
+    area never cheaper); its key frames (dense passes) give share 1."""
+    from fluxshard.serving.session import best_dense_session_factory, tile_session_factory
+    from fluxshard_client import LatencyTable
+
+    tables, notes = {}, []
+    if "tiles" in executors:
+        try:
+            tiles = tile_session_factory(model, threads=threads)(0)
+        except ValueError as e:  # a seg model
+            notes.append(f"tiles left out: {e}")
+        else:
+            by_share: dict[float, float] = {}
+            key_ms = []
+            for base, changed, mask in cases:
+                times, shares = [], []
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    tiles.infer(base, None, None, True)
+                    key_ms.append((time.perf_counter() - t0) * 1e3)
+                    t0 = time.perf_counter()
+                    _, stats = tiles.infer(changed, field, mask, False)
+                    times.append((time.perf_counter() - t0) * 1e3)
+                    shares.append(float(stats["crop_area_fraction"]))
+                share = round(statistics.median(shares), 4)
+                by_share[share] = max(by_share.get(share, 0.0), statistics.median(times))
+            by_share[1.0] = max(by_share.get(1.0, 0.0), statistics.median(key_ms))
+            shares = sorted(by_share)
+            tables["tiles"] = LatencyTable(
+                shares, np.maximum.accumulate([by_share[x] for x in shares]).tolist())
+    if "dense" in executors:
+        dense = best_dense_session_factory(model, threads=threads)(0)
+        dense.infer(cases[0][1], None, None, True)  # picks the engine for this size
+        times = []
+        for _ in range(repeats):
+            for _base, changed, _mask in cases:
+                t0 = time.perf_counter()
+                dense.infer(changed, None, None, True)
+                times.append((time.perf_counter() - t0) * 1e3)
+        ms = statistics.median(times)
+        tables["dense"] = LatencyTable([0.0, 1.0], [ms, ms])
+    return tables, notes
 
 
 @contextlib.contextmanager
@@ -155,6 +213,8 @@ def _add_latency_arguments(p: argparse.ArgumentParser) -> None:
                    help="runs per fraction (median kept)")
     p.add_argument("--cloud-url", type=cli_common.host_port, default=None,
                    help="gRPC host:port of the cloud (default: start a local tritonserver)")
+    p.add_argument("--executors", nargs="+", choices=EDGE_EXECUTORS, default=list(EDGE_EXECUTORS),
+                   help="edge executors to profile (exact always: it is the `edge` table)")
     p.add_argument("--no-cloud", action="store_true",
                    help="edge table only; keep the built-in cloud table")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -169,13 +229,19 @@ def _run_latency(args: argparse.Namespace) -> int:
                                   fractions=args.fractions, repeats=args.repeats,
                                   cloud_url=args.cloud_url, cloud=not args.no_cloud,
                                   progress=not args.no_progress, out=args.out,
-                                  weights=args.weights)
+                                  weights=args.weights, executors=args.executors)
     except Exception as e:  # noqa: BLE001 - a CLI reports, it does not trace back
         print(f"fluxshard profile latency: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     print(f"\n| active fraction | edge ms | cloud ms |\n|---|---|---|")
     for f, e, c in zip(profile.edge.fractions, profile.edge.ms, profile.cloud.ms):
         print(f"| {f:.2f} | {e:.1f} | {c:.1f} |")
+    for name, table in profile.edge_executors.items():
+        what = "crop area share" if name == "tiles" else "share"
+        print(f"\nedge {name}: " + ", ".join(f"{what} {f:.2f}: {m:.1f} ms"
+                                             for f, m in zip(table.fractions, table.ms)))
+    for note in profile.meta.get("edge_executor_notes", []):
+        print(f"note: {note}")
     print(f"\n{profile.width}x{profile.height}; cloud: {profile.meta['cloud']}; written to {args.out}")
     return 0
 

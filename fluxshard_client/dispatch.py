@@ -36,7 +36,7 @@ ENDPOINTS = ("edge", "cloud")
 EDGE_EXECUTORS = ("exact", "tiles", "dense")
 EXECUTOR_ALIASES = {"sparse": "exact"}
 # the tile executor's defaults (fluxshard.tiles.TileExecutor) the crop-share prediction assumes
-TILE_HALO_PX, TILE_BUDGET, TILE_DENSE_ABOVE = 32, 0.45, 0.6
+TILE_HALO_PX, TILE_DENSE_ABOVE = 32, 0.6
 PROFILE_VERSION = 1
 DEFAULT_PROFILE_PATH = Path("out/profile/latency.json")
 
@@ -73,10 +73,11 @@ def edge_executor_name(name: str) -> str:
 
 
 def tile_crop_share(mask: np.ndarray, block: int, halo_px: int = TILE_HALO_PX,
-                    budget: float = TILE_BUDGET, dense_above: float = TILE_DENSE_ABOVE) -> float:
+                    dense_above: float = TILE_DENSE_ABOVE) -> float:
     """Predicted crop area share of the tile executor for residual blocks ``mask``: the blocks
-    grown by the halo; above ``dense_above`` the executor runs the frame dense (share 1), above
-    ``budget`` it defers the rest (share ``budget``)."""
+    grown by the halo; above ``dense_above`` the executor runs the frame dense (share 1). Its
+    area budget is left out: crops snapped to its size buckets can exceed it, and the load
+    factor learns against the share the executor reports."""
     mask = np.asarray(mask, bool)
     if mask.size == 0 or not mask.any():
         return 0.0
@@ -89,9 +90,7 @@ def tile_crop_share(mask: np.ndarray, block: int, halo_px: int = TILE_HALO_PX,
         for k in range(2 * r + 1):
             grown |= padded[k:k + n] if axis == 0 else padded[:, k:k + n]
     share = float(grown.mean())
-    if share > dense_above:
-        return 1.0
-    return min(share, budget)
+    return 1.0 if share > dense_above else share
 
 
 @dataclass
