@@ -36,8 +36,8 @@ def _clip_name(name: str) -> str:
         raise ValueError(f"clip name must be a string, got {type(name).__name__}")
     full = name if name.endswith(".mp4") else f"{name}.mp4"
     if full not in PACKAGED_CLIPS:
-        raise ValueError(f"unknown packaged clip {name!r}; valid names: {', '.join(PACKAGED_CLIPS)} "
-                         f"(camera footage: {', '.join(CAMERA_CLIPS)})")
+        raise ValueError(f"unknown packaged clip {name!r}; valid names: "
+                         f"{', '.join(PACKAGED_CLIPS)} (camera footage: {', '.join(CAMERA_CLIPS)})")
     return full
 
 

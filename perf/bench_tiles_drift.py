@@ -158,8 +158,8 @@ def plot(rows: list[dict], path: Path) -> None:
     style = {c: dict(color=col, lw=w, ms=m) for c, col, w, m in
              zip(configs, ("tab:green", "tab:orange", "tab:red"), (5, 3, 1.5), (9, 6, 4))}
     metrics = (("map5095_ratio", "mAP@.5:.95 / dense"), ("agreement", "agreement with dense"))
-    fig, axes = plt.subplots(2, len(clips), figsize=(4.2 * len(clips), 6.5), sharey="row", sharex="col",
-                             squeeze=False)
+    fig, axes = plt.subplots(2, len(clips), figsize=(4.2 * len(clips), 6.5), sharex="col",
+                             sharey="row", squeeze=False)
     for col, clip in enumerate(clips):
         for row, (key, label) in enumerate(metrics):
             ax = axes[row][col]
