@@ -48,35 +48,63 @@ def codec_field(vectors: np.ndarray | None, height: int, width: int) -> tuple[np
     """Exported codec vectors (PyAV ``MOTION_VECTORS`` structured array) -> per-4x4-block field and
     a ``covered`` mask. Only past-reference vectors (``source < 0``) are used; ``dst_x/dst_y`` is
     the block centre in the current frame and ``motion / motion_scale`` the displacement to the
-    reference (pixel x came from x + d). Blocks without a vector stay uncovered."""
+    reference (pixel x came from x + d). Blocks without a vector stay uncovered. Where partitions
+    overlap, the later one in the array wins."""
     hb, wb = field_shape(height, width)[:2]
     field = np.zeros((hb, wb, 2), np.float32)
     covered = np.zeros((hb, wb), bool)
     if vectors is None or len(vectors) == 0:
         return field, covered
-    past = vectors[vectors["source"] < 0]
-    if len(past) == 0:
+    past = vectors["source"] < 0
+    if past.all():  # P-frames: no copy of the whole record array
+        past = slice(None)
+    elif not past.any():
         return field, covered
-    scale = past["motion_scale"].astype(np.float32)
+    scale = vectors["motion_scale"][past].astype(np.float32)
     scale[scale == 0] = 1
-    dx = past["motion_x"] / scale
-    dy = past["motion_y"] / scale
-    bw = np.maximum(past["w"].astype(np.int64) // MV_BLOCK, 1)
-    bh = np.maximum(past["h"].astype(np.int64) // MV_BLOCK, 1)
-    bx0 = (past["dst_x"].astype(np.int64) - past["w"] // 2) // MV_BLOCK
-    by0 = (past["dst_y"].astype(np.int64) - past["h"] // 2) // MV_BLOCK
-    # Expand every partition into its 4x4 blocks in one pass: owner index and offset inside it.
-    counts = bh * bw
-    owner = np.repeat(np.arange(len(past)), counts)
-    offset = np.arange(owner.size) - np.repeat(np.cumsum(counts) - counts, counts)
-    ys = by0[owner] + offset // bw[owner]
-    xs = bx0[owner] + offset % bw[owner]
-    inside = (ys >= 0) & (ys < hb) & (xs >= 0) & (xs < wb)  # macroblocks overhang the frame
-    ys, xs, owner = ys[inside], xs[inside], owner[inside]
-    field[ys, xs, 0] = dx[owner]
-    field[ys, xs, 1] = dy[owner]
-    covered[ys, xs] = True
+    # int32 / float32 -> float64, rounded once to the field's float32
+    vector = np.empty((len(scale), 2), np.float32)
+    vector[:, 0] = vectors["motion_x"][past] / scale
+    vector[:, 1] = vectors["motion_y"][past] / scale
+    w = vectors["w"][past].astype(np.int32)
+    h = vectors["h"][past].astype(np.int32)
+    bw = np.maximum(w // MV_BLOCK, 1)
+    bh = np.maximum(h // MV_BLOCK, 1)
+    bx0 = (vectors["dst_x"][past].astype(np.int32) - w // 2) // MV_BLOCK
+    by0 = (vectors["dst_y"][past].astype(np.int32) - h // 2) // MV_BLOCK
+    inside = (by0.min() >= 0 and bx0.min() >= 0 and (by0 + bh).max() <= hb
+              and (bx0 + bw).max() <= wb)
+    if inside and max(bh.max(), bw.max()) <= _MAX_FAST_PARTITION:
+        # Partitions up to 16 px wholly in the frame: a fixed 4x4 stencil of flat block indices
+        # per partition, masked to its size, in the general path's order (partition by
+        # partition, row-major inside one).
+        keep = (_FAST_ROW < bh[:, None]) & (_FAST_COL < bw[:, None])
+        at = ((by0 * wb + bx0)[:, None] + (_FAST_ROW * wb + _FAST_COL))[keep]
+        counts = bh * bw
+    else:
+        ys, xs, owner = _partition_blocks(by0.astype(np.int64), bx0.astype(np.int64), bh, bw)
+        inside = (ys >= 0) & (ys < hb) & (xs >= 0) & (xs < wb)  # macroblocks overhang the frame
+        at = ys[inside] * wb + xs[inside]
+        counts = np.bincount(owner[inside], minlength=len(bh))
+    # Each (dx, dy) pair moves as one 8-byte item: one scatter into the flat grid, the same
+    # writes in the same order as a 2-D scatter (the last of overlapping partitions wins).
+    field.view(np.uint64).reshape(-1)[at] = np.repeat(vector.view(np.uint64).reshape(-1), counts)
+    covered.reshape(-1)[at] = True
     return field, covered
+
+
+_MAX_FAST_PARTITION = 4  # blocks per side: 16 px, the largest H.264 / MPEG partition
+_FAST_ROW, _FAST_COL = (np.divmod(np.arange(_MAX_FAST_PARTITION ** 2, dtype=np.int32),
+                                  _MAX_FAST_PARTITION))
+
+
+def _partition_blocks(by0, bx0, bh, bw):
+    """Every 4x4 block of every partition, partition by partition and row-major inside one:
+    (block rows, block cols, owning partition)."""
+    counts = bh * bw
+    owner = np.repeat(np.arange(len(bh)), counts)
+    offset = np.arange(owner.size) - np.repeat(np.cumsum(counts) - counts, counts)
+    return by0[owner] + offset // bw[owner], bx0[owner] + offset % bw[owner], owner
 
 
 def open_source(source: str | Path, *, timeout_s: float = LIVE_TIMEOUT_S):
@@ -114,9 +142,27 @@ def _exact_interpolation():
     return Interpolation.BILINEAR | Interpolation.ACCURATE_RND | Interpolation.BITEXACT
 
 
+class RGBConverter:
+    """Decoded frames -> (H, W, 3) uint8 RGB, the same on every CPU. Keeps one swscale context
+    for a stream (rebuilt only when the frame geometry changes) and converts on the calling
+    thread: swscale's automatic slice threads only contend for the cores the pipeline already
+    uses, and the output does not depend on either."""
+
+    def __init__(self):
+        from av.video.reformatter import VideoReformatter
+
+        self._reformatter = VideoReformatter()
+        self._interpolation = _exact_interpolation()
+
+    def __call__(self, frame) -> np.ndarray:
+        return self._reformatter.reformat(frame, format="rgb24", interpolation=self._interpolation,
+                                          threads=1).to_ndarray()
+
+
 def frame_rgb(frame) -> np.ndarray:
-    """A decoded ``av.VideoFrame`` as (H, W, 3) uint8 RGB, the same on every CPU."""
-    return frame.to_ndarray(format="rgb24", interpolation=_exact_interpolation())
+    """A decoded ``av.VideoFrame`` as (H, W, 3) uint8 RGB, the same on every CPU (one-off;
+    :class:`RGBConverter` for a stream)."""
+    return frame.to_ndarray(format="rgb24", interpolation=_exact_interpolation(), threads=1)
 
 
 def _luma(frame) -> np.ndarray:
@@ -160,6 +206,7 @@ def iter_motion(source: str | Path, *, validate: bool = True, radius: int = DEFA
     ctx.options = {"flags2": "+export_mvs"}
     ctx.thread_count = threads
     name = str(source)
+    to_rgb = RGBConverter()
     index = 0
     prev_luma = None
     prev_size = None
@@ -175,7 +222,7 @@ def iter_motion(source: str | Path, *, validate: bool = True, radius: int = DEFA
                 raise MotionSourceError(f"{name}: stream broke off after {index} frames ({exc})") \
                     from exc
             height, width = frame.height, frame.width
-            image = frame_rgb(frame)
+            image = to_rgb(frame)
             luma = _luma(frame)
             pict = _picture_type(frame)
             is_key = (prev_luma is None or pict == "I" or bool(frame.key_frame)
@@ -205,7 +252,9 @@ def iter_motion(source: str | Path, *, validate: bool = True, radius: int = DEFA
                               motion_source=path, pict_type=pict, replaced_fraction=replaced,
                               time=time)
             prev_field = None if is_key else field
-            prev_luma = luma.copy()  # the decoder reuses its buffers
+            # A view of the Y plane keeps the frame's reference-counted buffer alive, so the
+            # decoder cannot reuse it for the next frame: no copy needed.
+            prev_luma = luma
             prev_size = (height, width)
             index += 1
     finally:
@@ -214,5 +263,5 @@ def iter_motion(source: str | Path, *, validate: bool = True, radius: int = DEFA
         raise MotionSourceError(f"{name}: no decodable video frames")
 
 
-__all__ = ["MotionFrame", "MotionSourceError", "MOTION_SOURCES", "codec_field", "frame_rgb",
-           "iter_motion", "open_source"]
+__all__ = ["MotionFrame", "MotionSourceError", "MOTION_SOURCES", "RGBConverter", "codec_field",
+           "frame_rgb", "iter_motion", "open_source"]
