@@ -1,0 +1,311 @@
+"""The executor as a choice: `fluxshard run --executor exact|tiles|dense` on the edge, the
+`fluxshard` model's `executor` parameter (tiles served by a real tritonserver), and the dispatcher's
+per-executor edge latency tables. Real H.264 from fluxshard.synth, no mocks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fluxshard import wire
+from fluxshard.motion import EndpointState, iter_motion
+from fluxshard_client import (Dispatcher, FluxShardClient, FluxShardStream, LatencyProfile,
+                              LatencyTable, LocalEndpoint)
+from fluxshard_client.dispatch import tile_crop_share
+
+REPO = Path(__file__).resolve().parents[1]
+SEG_WEIGHTS = REPO / "fluxshard" / "weights" / "yolo11n-seg-demo.pt"
+TIMEOUT_S = 300  # a hang guard for subprocesses, not a timing assertion
+
+
+@pytest.fixture(scope="module")
+def model():
+    import torch
+
+    from fluxshard.serving.session import load_dense_model
+
+    threads = torch.get_num_threads()
+    yield load_dense_model(threads=1)
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tile_sessions(model):
+    """Tile sessions like the server's: onnxruntime, one thread."""
+    from fluxshard.serving.session import tile_session_factory
+
+    return tile_session_factory(model, threads=1)
+
+
+def _rows_close(got, expected, atol=1e-3):
+    assert got.shape == expected.shape, (got, expected)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=atol)
+
+
+# ------------------------------------------------------------------------------- edge (SDK)
+
+def test_tiles_edge_gets_the_whole_frame_and_the_field_since_it_last_ran(synth_clips, model,
+                                                                          tile_sessions):
+    """Dispatch alternates, so the edge runs every other frame: it must see the decoded frame
+    (not a residual-assembled one) and the motion of both frames since its last run."""
+    from fluxshard.serving.session import DenseYoloSession
+
+    paths, _spec = synth_clips("pan")
+    frames = 9
+    edge = LocalEndpoint(tile_sessions(1))
+    cloud = LocalEndpoint(DenseYoloSession(model))  # any endpoint: it only takes frames away
+    stream = FluxShardStream(edge, cloud, dispatch="alternate")
+    assert stream.dispatcher.edge_executor == "tiles"  # the tiles latency table
+    decoded = list(iter_motion(paths.video, max_frames=frames))
+    results = []
+    for mf in decoded:
+        results.append(stream.process(mf.image, None if mf.is_key else mf.field, mf.is_key,
+                                      mf.index))
+        if results[-1].endpoint == "edge":  # its dispatch cache is the frame it ran on
+            np.testing.assert_array_equal(stream.states["edge"].cache, mf.image)
+    assert [r.endpoint for r in results] == ["edge", "cloud"] * (frames // 2) + ["edge"]
+
+    # the same frames through a fresh tile session, fields accumulated between edge runs
+    local, state = tile_sessions(2), EndpointState()
+    for mf, r in zip(decoded, results):
+        if state.cache is not None and not mf.is_key:
+            state.accumulate(mf.field)
+        if r.endpoint != "edge":
+            continue
+        key = state.cache is None or mf.is_key
+        field = None if key else wire.quantize_field(state.field)
+        expected, stats = local.infer(mf.image, field, None, key)
+        assert r.key == key and r.stats["executor"] == "tiles"
+        if not key:
+            np.testing.assert_array_equal(r.field, field)  # two frames of motion, composed
+        _rows_close(r.detections, expected)
+        assert r.stats["crop_area_fraction"] == pytest.approx(stats["crop_area_fraction"])
+        state.reset(mf.image)
+    edge_stats = [r.stats for r in results if r.endpoint == "edge" and not r.key]
+    assert any(s["crop_area_fraction"] < 1 for s in edge_stats)  # crops, not dense passes
+    stream.close()
+
+
+def test_a_key_frame_resets_the_tiles_edge(synth_clips, tile_sessions):
+    paths, _spec = synth_clips("pan")
+    session = tile_sessions(3)
+    stream = FluxShardStream(LocalEndpoint(session), dispatch="edge")
+    decoded = list(iter_motion(paths.video, max_frames=3))
+    for mf in decoded:
+        stream.process(mf.image, None if mf.is_key else mf.field, mf.is_key, mf.index)
+    assert session.last_report is not None and not session.last_report.key
+    result = stream.process(decoded[0].image, None, True, 3)  # an I-frame mid-stream
+    assert result.key and session.last_report.key and session.last_report.dense
+    assert result.stats["crop_area_fraction"] == 1.0
+    stream.close()
+
+
+# -------------------------------------------------------------------------- fluxshard run
+
+def _run(tmp_path, *args):
+    from fluxshard.cli import main
+
+    out = tmp_path / "run"
+    rc = main(["run", "--demo", "--frames", "5", "--size", "320", "192", "--out", str(out),
+               "--dispatch", "edge", "--no-progress", *map(str, args)])
+    assert rc == 0
+    lines = [json.loads(line) for line in (out / "detections.jsonl").read_text().splitlines()]
+    return out, json.loads((out / "summary.json").read_text()), lines
+
+
+def test_run_executor_tiles_says_tiles_ran_with_its_crop_area(tmp_path, capsys):
+    out, summary, lines = _run(tmp_path, "--executor", "tiles")
+    assert summary["executor"] == "tiles"
+    crops = [line["crop_area_fraction"] for line in lines]
+    assert all(line["executor"] == "tiles" for line in lines) and crops[0] == 1.0  # key: dense
+    assert summary["crop_area_fraction_mean"] == pytest.approx(np.mean(crops), abs=1e-4)
+    assert min(crops) < 1.0  # frames after the key frame ran crops
+    printed = capsys.readouterr().out
+    assert "edge executor tiles" in printed and "crop area" in printed
+
+
+def test_run_executor_dense_gives_the_dense_models_detections(tmp_path, model):
+    from fluxshard.serving.session import DenseYoloSession
+
+    out, summary, lines = _run(tmp_path, "--executor", "dense")
+    assert summary["executor"] == "dense" and summary["crop_area_fraction_mean"] is None
+    dense = DenseYoloSession(model)
+    for mf, line in zip(iter_motion(str(out / "demo.mp4")), lines, strict=True):
+        rows, _ = dense.infer(mf.image, None, None, True)
+        assert line["executor"] == "dense" and line["classes"] == rows[:, 5].astype(int).tolist()
+        # the fastest engine may be onnxruntime: its floats differ from torch's in the last bits
+        np.testing.assert_allclose(line["boxes"], rows[:, :4].reshape(-1, 4), atol=0.05)
+        np.testing.assert_allclose(line["scores"], rows[:, 4], atol=2e-3)
+
+
+def test_run_executor_exact_is_the_default(tmp_path):
+    from edge_runtime.run import DEFAULT_EXECUTOR
+
+    _out, summary, lines = _run(tmp_path)
+    assert DEFAULT_EXECUTOR == "exact" and summary["executor"] == DEFAULT_EXECUTOR
+    assert summary["crop_area_fraction_mean"] is None
+    assert all(line["executor"] == "exact" for line in lines)
+
+
+def test_run_executor_tiles_refuses_a_seg_model_in_one_line(tmp_path):
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "fluxshard.cli", "run", "--demo", "--frames", "2",
+                           "--size", "160", "96", "--dispatch", "edge", "--executor", "tiles",
+                           "--weights", str(SEG_WEIGHTS), "--out", str(out), "--no-progress"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert done.returncode == 1, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("fluxshard run:")]
+    assert len(errors) == 1 and "detect models only" in errors[0], done.stderr
+    assert "Traceback" not in done.stderr and not out.exists()
+
+
+def test_run_refuses_an_unknown_executor_while_parsing(tmp_path):
+    from fluxshard.cli import main
+
+    assert main(["run", "--demo", "--executor", "fast", "--out", str(tmp_path / "o")]) == 2
+    assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------- serving
+
+@pytest.fixture(scope="module")
+def tiles_server(triton_installed_module):
+    from fluxshard.serving.tritonserver import TritonServer
+
+    with TritonServer(models=["fluxshard"], parameters={"executor": "tiles"}) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def triton_installed_module():
+    from fluxshard.serving.tritonserver import TritonNotInstalled, find_triton
+
+    try:
+        find_triton()
+    except TritonNotInstalled as e:
+        pytest.skip(str(e))
+
+
+@pytest.mark.slow
+def test_served_tiles_equal_the_tile_executor_on_the_rebuilt_frames(tiles_server, synth_clips,
+                                                                   tile_sessions):
+    paths, _spec = synth_clips("pan")
+    with FluxShardClient(tiles_server.grpc_url) as client:
+        stream = FluxShardStream(LocalEndpoint(tile_sessions(4)), client.open_stream(3001),
+                                 dispatch="cloud")
+        results, inputs = [], {}
+        for r in stream.run(paths.video, max_frames=8):
+            results.append(r)
+            inputs[r.index] = stream.states["cloud"].cache.copy()  # what the server rebuilt
+        stream.close()
+    assert [r.key for r in results] == [True] + [False] * 7
+    local = tile_sessions(5)
+    for r in results:
+        assert r.endpoint == "cloud" and r.stats["executor"] == "tiles"
+        expected, stats = local.infer(inputs[r.index], r.field, r.residual_mask, r.key)
+        _rows_close(r.detections, expected)
+        assert r.stats["crop_area_fraction"] == pytest.approx(stats["crop_area_fraction"])
+    assert any(r.stats["crop_area_fraction"] < 1 for r in results[1:])
+
+
+def test_default_server_reports_the_exact_executor(tritonserver, synth_clips):
+    paths, _spec = synth_clips("pan")
+    with FluxShardClient(tritonserver.grpc_url) as client:
+        stream = client.open_stream(3002)
+        frame = next(iter(iter_motion(paths.video, max_frames=1))).image
+        result = stream.send(frame, key=True, frame_index=0)
+        stream.close()
+    assert result.stats["executor"] == "exact"
+
+
+def test_server_parameters_are_written_where_a_model_has_them(tmp_path):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from fluxshard.serving.tritonserver import (DEFAULT_MODEL_REPOSITORY,
+                                                repository_with_parameters)
+
+    repo = repository_with_parameters(DEFAULT_MODEL_REPOSITORY, {"executor": "tiles"},
+                                      tmp_path / "repo")
+    for config in ("config.pbtxt", "configs/gpu.pbtxt"):
+        message = text_format.Parse((repo / "fluxshard" / config).read_text(),
+                                    model_config_pb2.ModelConfig())
+        assert message.parameters["executor"].string_value == "tiles"
+    with pytest.raises(ValueError, match="no model"):  # a typo must not serve the defaults
+        repository_with_parameters(DEFAULT_MODEL_REPOSITORY, {"exector": "tiles"},
+                                   tmp_path / "repo2")
+
+
+def test_session_factory_names_executors_and_refuses_tiles_on_seg():
+    from fluxshard.models import load_model
+    from fluxshard.serving.session import executor_name, yolo_session_factory
+
+    assert executor_name("sparse") == "exact" and executor_name("tiles") == "tiles"
+    with pytest.raises(ValueError, match="executor must be one of"):
+        executor_name("fast")
+    with pytest.raises(ValueError, match="detect models only"):
+        yolo_session_factory("tiles", model=load_model(SEG_WEIGHTS, fused=True))
+
+
+def test_serve_executor_tiles_refuses_a_seg_model_with_exit_2(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "fluxshard.cli", "serve", "--executor", "tiles",
+                           "--weights", str(SEG_WEIGHTS)], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=TIMEOUT_S)
+    assert done.returncode == 2 and "detect models only" in done.stderr, done.stderr
+
+
+# ---------------------------------------------------------------------- dispatch tables
+
+def test_edge_table_follows_the_executor_and_old_profiles_still_load(tmp_path):
+    old = {"version": 1, "width": 640, "height": 384, "source": "profiled",
+           "edge": {"fractions": [0.0, 1.0], "ms": [10.0, 50.0]},
+           "cloud": {"fractions": [0.0, 1.0], "ms": [2.0, 12.0]}}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    profile = LatencyProfile.load(tmp_path / "old.json")
+    assert profile.edge_executors == {} and not profile.has_edge_table("tiles")
+    builtin = LatencyProfile.default()
+    assert profile.edge_ms("tiles", 0.3, 640, 384) == builtin.edge_executors["tiles"](0.3)
+    assert profile.edge_ms("exact", 0.5, 640, 384) == 30.0
+
+    profile.edge_executors = {"tiles": LatencyTable([0.0, 0.5, 1.0], [4.0, 20.0, 40.0]),
+                              "dense": LatencyTable([0.0, 1.0], [35.0, 35.0])}
+    loaded = LatencyProfile.load(profile.save(tmp_path / "new.json"))
+    assert loaded.has_edge_table("tiles") and loaded.edge_ms("tiles", 0.25, 320, 192) == 3.0
+
+    mask = np.zeros((24, 40), bool)
+    mask[10, 20] = True  # one block: a 5x5-block crop with the 32-px halo
+    share = tile_crop_share(mask, 16)
+    assert share == pytest.approx(25 / mask.size)
+    for executor, expected in (("exact", loaded.edge(mask.mean())),
+                               ("tiles", loaded.edge_executors["tiles"](share)),
+                               ("dense", 35.0)):
+        d = Dispatcher(loaded, edge_executor=executor)
+        x = d.edge_share(mask, 16)
+        assert d.decide(x, 0.1, 0, 640, 384).edge_ms == pytest.approx(expected), executor
+    tiles = Dispatcher(loaded, edge_executor="tiles")
+    assert tiles.edge_share(np.ones_like(mask), 16) == 1.0  # too much area: the frame runs dense
+    # the load factor learns against the crop share the executor reports, not the prediction
+    assert tiles.observed_edge_share({"crop_area_fraction": 0.4}, mask, 16) == 0.4
+    with pytest.raises(ValueError, match="edge executor"):
+        Dispatcher(loaded, edge_executor="fast")
+
+
+def test_profile_latency_measures_tiles_against_crop_area(tmp_path):
+    from fluxshard.cli import main
+
+    path = tmp_path / "latency.json"
+    assert main(["profile", "latency", "--size", "160", "96", "--fractions", "0", "0.1", "1",
+                 "--repeats", "1", "--no-cloud", "--executors", "tiles", "dense", "--out",
+                 str(path), "--no-progress"]) == 0
+    profile = LatencyProfile.load(path)
+    tiles, dense = profile.edge_executors["tiles"], profile.edge_executors["dense"]
+    assert tiles.fractions[0] == 0.0 and tiles.fractions[-1] == 1.0  # nothing to crop .. dense
+    assert all(a <= b for a, b in zip(tiles.ms, tiles.ms[1:])) and tiles.ms[0] > 0
+    assert dense.ms[0] == dense.ms[-1] > 0
+    assert Dispatcher(profile, edge_executor="tiles").decide(1.0, 1.0, 0, 160, 96).edge_ms == \
+        pytest.approx(tiles.ms[-1])
