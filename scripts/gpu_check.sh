@@ -3,15 +3,26 @@
 # every GPU check in one run, each run even when another failed:
 #   1. the CUDA kernels of plugins_trt/ against the torch executor's golden cases;
 #   2. the torch sparse executor on CUDA: tau 0 with strict RFAP equals dense over decoded H.264
-#      (tests/test_executor.py -k cuda; the same cases run on the CPU everywhere else).
+#      (tests/test_executor.py -k cuda; the same cases run on the CPU everywhere else);
+#   3. the tile executor's TensorRT maps engine: build it from the carried raw-maps ONNX with its
+#      crop-bucket profiles, check its maps against onnxruntime / the torch model
+#      (tests/test_tiles_tensorrt.py -m gpu), time the whole frame against crop batches.
 # Everything is built, generated and downloaded HERE beforehand (the GPU machine has torch, numpy
 # and pytest, but not our toolchain, and no PyAV, which the executor case decodes its clips with):
 #
 #   scripts/build_plugins.sh && python3 -m fluxshard.graph.golden .cache/plugins_trt/golden
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #       --implementation cp --platform manylinux_2_28_x86_64 -d .whl av==18.1.0
-#   device run:  bash scripts/gpu_check.sh      (carry: .cache/plugins_trt, .whl)
+#   python3 -m pip download --no-deps --only-binary=:all: -d .whl polygraphy==0.53.6
+#   python3 -m fluxshard.tiles.tensorrt_engine export --out .cache/tiles_trt/yolo11n-raw-maps.onnx
+#   device run:  bash scripts/gpu_check.sh      (carry: .cache/plugins_trt, .cache/tiles_trt, .whl)
 #
+# Section 3 needs the full `tensorrt` Python module on the GPU machine: its libraries are not on
+# PyPI as binary wheels (NVIDIA's own index only, unreachable here) and are far over the 64 MiB
+# carry, so the section says so and fails when the image lacks it. The ONNX is exported here
+# because the export needs the `onnx` package; onnxruntime does not fit the carry beside PyAV,
+# so where the image lacks it the maps are checked against the torch model on the CPU. The
+# engine is built at builder optimization level 2 to keep the run short.
 # Exit status: 0 every check passed, 1 a check failed or lacks its inputs, 2 no CUDA device.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -45,6 +56,33 @@ if ! python3 -c 'import av' 2>/dev/null; then
     failed+=(executor)
 elif ! python3 -m pytest -q -rs -p no:cacheprovider tests/test_executor.py -k cuda; then
     failed+=(executor)
+fi
+
+echo "== 3. tile executor on TensorRT: crop-bucket profiles, maps against the CPU, timings"
+TRT_ONNX=.cache/tiles_trt/yolo11n-raw-maps.onnx
+TRT_ENGINE=/tmp/fluxshard_tiles_trt/yolo11n-raw-maps-384x640-b8.engine
+if ! python3 -c 'import tensorrt; print("tensorrt", tensorrt.__version__)'; then
+    echo "the tensorrt Python module is missing on this machine (trtexec: $(command -v trtexec || echo none);" \
+         "libnvinfer: $(ldconfig -p 2>/dev/null | grep -o 'libnvinfer.so[.0-9]*' | head -1 || true))" >&2
+    failed+=(tiles_trt)
+elif [ ! -f "$TRT_ONNX" ]; then
+    echo "missing $TRT_ONNX: export it here and carry .cache/tiles_trt (see above)" >&2
+    failed+=(tiles_trt)
+elif ! python3 -c 'import polygraphy' 2>/dev/null; then
+    echo "polygraphy is missing: download its wheel into .whl and carry it (see above)" >&2
+    failed+=(tiles_trt)
+elif ! python3 -c 'import fluxshard.tiles.tensorrt_engine'; then
+    echo "fluxshard.tiles does not import here (a dependency missing from the image?)" >&2
+    failed+=(tiles_trt)
+elif ! timeout 300 python3 -m fluxshard.tiles.tensorrt_engine build --onnx "$TRT_ONNX" \
+        --out "$TRT_ENGINE" --frame 384x640 --max-batch 8 --opt-level 2; then
+    failed+=(tiles_trt)
+else
+    FLUXSHARD_TILES_TRT_ENGINE=$TRT_ENGINE FLUXSHARD_TILES_TRT_ONNX=$TRT_ONNX \
+        python3 -m pytest -q -s -rs -p no:cacheprovider tests/test_tiles_tensorrt.py -m gpu \
+        || failed+=(tiles_trt)
+    timeout 120 python3 -m fluxshard.tiles.tensorrt_engine bench --engine "$TRT_ENGINE" \
+        || failed+=(tiles_trt_bench)
 fi
 
 if [ ${#failed[@]} -gt 0 ]; then

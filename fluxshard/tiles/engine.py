@@ -20,7 +20,7 @@ from fluxshard.models.export import onnxruntime_session
 from fluxshard.models.modules import Detect, Segment
 from fluxshard.models.yolo import YOLO11, fuse, is_fused
 
-ENGINE_KINDS = ("torch", "onnxruntime")
+ENGINE_KINDS = ("torch", "onnxruntime", "tensorrt")
 
 
 def raw_head_maps(model: YOLO11, x: torch.Tensor) -> list[torch.Tensor]:
@@ -107,7 +107,12 @@ class OnnxMapsEngine:
 
 
 def make_engine(model: YOLO11, kind: str = "torch", threads: int = 2,
-                workdir: str | Path | None = None):
+                workdir: str | Path | None = None, engine_path: str | Path | None = None):
+    if kind == "tensorrt":  # imported here: CPU machines never import tensorrt
+        from fluxshard.tiles.tensorrt_engine import TensorRTMapsEngine
+        if engine_path is None:
+            raise ValueError("the tensorrt engine needs engine_path (scripts/build_tiles_trt.sh)")
+        return TensorRTMapsEngine(engine_path, channels=model.head.no)
     if kind == "torch":
         return TorchMapsEngine(model)
     if kind == "onnxruntime":
