@@ -172,6 +172,8 @@ def test_profile_latency_writes_a_table_the_dispatcher_loads(tritonserver, tmp_p
     for table in (profile.edge, profile.cloud):
         assert table.fractions == [0.0, 0.5, 1.0]
         assert all(a <= b for a, b in zip(table.ms, table.ms[1:])) and table.ms[0] > 0
+    # the other edge executors' tables, by name (tiles: against the crop area share)
+    assert set(profile.edge_executors) == {"tiles", "dense"}
     decision = Dispatcher(profile).decide(0.5, 0.5, 0, 160, 96)
     assert decision.edge_ms == pytest.approx(profile.edge(0.5))
     assert main(["profile", "latency", "--fractions", "1.5", "--out", str(path),
