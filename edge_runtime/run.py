@@ -201,7 +201,7 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
 
     from fluxshard import wire
     from fluxshard.motion import iter_motion
-    from fluxshard.models.ops import padded_size
+    from fluxshard.models.ops import padded_shape, padded_size
     from fluxshard.serving.session import load_dense_model
     from fluxshard_client import (FluxShardClient, FluxShardStream, LatencyProfile,
                                   LocalEndpoint, RemoteEndpoint, RetryPolicy)
@@ -255,6 +255,10 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
     video = str(video)
     if not (Path(video).exists() or "://" in video):
         raise FileNotFoundError(f"video not found: {video}")
+    if executor == "dense":  # pick the engine before the first frame, not inside its latency
+        size = _video_size(video)
+        if size is not None:
+            edge.session.runners.prepare(padded_shape(size[1], size[0]))
     rows: list[dict] = []
     broke: list[str] = []  # why the stream broke off mid-way, if it did
     writer = None
@@ -390,6 +394,18 @@ def _frames_until_break(frames, broke: list[str]):
         yield from frames
     except MotionSourceError as e:
         broke.append(str(e))
+
+
+def _video_size(video: str) -> tuple[int, int] | None:
+    """(width, height) as the container says (None when it does not)."""
+    try:
+        import av
+
+        with av.open(video) as container:
+            ctx = container.streams.video[0].codec_context
+            return (int(ctx.width), int(ctx.height)) if ctx.width and ctx.height else None
+    except Exception:  # noqa: BLE001 - only an early engine pick; the first frame picks otherwise
+        return None
 
 
 def _frame_count(video: str) -> int | None:

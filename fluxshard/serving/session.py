@@ -233,18 +233,25 @@ class BestDenseRunners:
         self.lock = threading.Lock()
         self._best: dict = {}
 
-    def __call__(self, x):
-        import torch
-
+    def prepare(self, input_hw: tuple[int, int]):
+        """Pick the engine for model inputs of ``input_hw`` now (not in the first frame's
+        latency); returns the runner."""
         from fluxshard.models.dense import best_dense_runner
 
-        shape = tuple(int(v) for v in x.shape[-2:])
+        shape = tuple(int(v) for v in input_hw)
         with self.lock:
             runner = self._best.get(shape)
             if runner is None:
                 runner, _medians = best_dense_runner(self.model, shape, threads=self.threads,
                                                      warmup=self.warmup, runs=self.runs)
                 self._best[shape] = runner
+        return runner
+
+    def __call__(self, x):
+        import torch
+
+        runner = self.prepare(x.shape[-2:])
+        with self.lock:
             out = runner.run(x)
         if isinstance(out, (list, tuple)):  # onnxruntime: numpy outputs
             out = [torch.from_numpy(o) if isinstance(o, np.ndarray) else o for o in out]
