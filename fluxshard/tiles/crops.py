@@ -7,36 +7,88 @@ for) is written back into the output cache, the rest is halo (context) and is di
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 from scipy import ndimage
 
-from fluxshard.motion.field import warp
+from fluxshard.motion.field import MV_BLOCK
 
 SNAP = 32  # the model's largest stride: crops on this grid keep every level's cells aligned
-BUCKETS = (64, 128, 192, 256, 384, 512, 640, 768, 1024)  # crop sides, pixels
+# crop sides, pixels: every 32 up to 256 (small crops: padding would cost more than a call),
+# coarser above (large crops are few; fewer shapes batch better)
+BUCKETS = (64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512, 640, 768, 1024)
+MIN_FILL = 0.6  # a crop rectangle this full of needed blocks is not worth cutting further
 
 
 def block_mean_abs_diff(a: np.ndarray, b: np.ndarray, block: int) -> np.ndarray:
     """Mean |a - b| over each block's pixels and channels, (ceil(H/b), ceil(W/b)) float32;
     blocks cut by the frame edge average the pixels they have."""
-    diff = np.abs(a.astype(np.int16) - b.astype(np.int16)).sum(axis=2, dtype=np.int32)
-    h, w = diff.shape
+    return block_mean(cv2.absdiff(np.ascontiguousarray(a), np.ascontiguousarray(b)), block)
+
+
+def block_mean(values: np.ndarray, block: int) -> np.ndarray:
+    """Mean of (H, W) or (H, W, C) ``values`` over each block's pixels (and channels),
+    (ceil(H/b), ceil(W/b)) float32; blocks cut by the frame edge average the pixels they have."""
+    values = values.astype(np.float32)
+    h, w = values.shape[:2]
     ph, pw = -h % block, -w % block
-    counts = np.pad(np.ones((h, w), np.int32), ((0, ph), (0, pw)))
-    diff = np.pad(diff, ((0, ph), (0, pw)))
-    hr, wr = diff.shape[0] // block, diff.shape[1] // block
-    sums = diff.reshape(hr, block, wr, block).sum(axis=(1, 3))
-    n = counts.reshape(hr, block, wr, block).sum(axis=(1, 3)) * a.shape[2]
-    return (sums / np.maximum(n, 1)).astype(np.float32)
+    if ph or pw:  # edge blocks: sum what is there, divide by the pixels that are there
+        values = cv2.copyMakeBorder(values, 0, ph, 0, pw, cv2.BORDER_CONSTANT, value=0)
+    hr, wr = values.shape[0] // block, values.shape[1] // block
+    # INTER_AREA at an integer factor is the exact block mean
+    means = cv2.resize(values, (wr, hr), interpolation=cv2.INTER_AREA)
+    means = means.reshape(hr, wr, -1).mean(axis=2)
+    if ph or pw:
+        counts = np.full((hr, wr), float(block * block), np.float32)
+        if ph:
+            counts[-1, :] = (block - ph) * counts[-1, :] / block
+        if pw:
+            counts[:, -1] = (block - pw) * counts[:, -1] / block
+        means *= block * block / counts
+    return means.astype(np.float32)
+
+
+def warp_bilinear(image: np.ndarray, field: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``image`` (the previous frame) warped to the current one by the backward field at its
+    sub-pixel precision (bilinear; the codec predicts at quarter pixels, so an integer-rounded
+    warp leaves half-pixel errors that flag every textured block of a slow pan). Returns the
+    warped image, whose sources outside the image repeat its border, and the (H, W) float32
+    mask of those outside pixels (1.0 outside)."""
+    h, w = image.shape[:2]
+    field = np.asarray(field, np.float32)
+    per_pixel = cv2.resize(field, (field.shape[1] * MV_BLOCK, field.shape[0] * MV_BLOCK),
+                           interpolation=cv2.INTER_NEAREST)[:h, :w]
+    xs, ys = _pixel_grid(h, w)
+    map_x, map_y = xs + per_pixel[..., 0], ys + per_pixel[..., 1]
+    warped = cv2.remap(np.ascontiguousarray(image), map_x, map_y, cv2.INTER_LINEAR,
+                       borderMode=cv2.BORDER_REPLICATE)
+    outside = ((map_x < 0) | (map_x > w - 1) | (map_y < 0) | (map_y > h - 1)).astype(np.float32)
+    return warped, outside
+
+
+@functools.lru_cache(maxsize=8)
+def _pixel_grid(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    xs = np.broadcast_to(np.arange(w, dtype=np.float32)[None, :], (h, w))
+    ys = np.broadcast_to(np.arange(h, dtype=np.float32)[:, None], (h, w))
+    return xs, ys
 
 
 def changed_blocks(frame: np.ndarray, previous: np.ndarray, field: np.ndarray, block: int
-                   ) -> np.ndarray:
-    """v2 4.1: each block's mean |frame - previous warped by the field| in grey levels (invalid,
-    out-of-frame sources read as 0, so they differ by the frame's own brightness)."""
-    return block_mean_abs_diff(frame, warp(previous, field), block)
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """v2 4.1: each block's mean |frame - previous warped by the field| in grey levels, and the
+    share of each block's pixels whose source lies outside the previous frame (content never
+    seen: the entering edge of a pan). Sources outside compare with the nearest border pixel,
+    so the entering edge is judged by that share, not by a difference against black. A zero
+    field (still camera) compares the frames as they are."""
+    if not np.any(field):
+        change = block_mean_abs_diff(frame, previous, block)
+        return change, np.zeros_like(change)
+    warped, outside = warp_bilinear(previous, field)
+    return (block_mean_abs_diff(frame, warped, block),
+            block_mean(outside, block))
 
 
 def pad_grid(mask: np.ndarray, shape: tuple[int, int], fill=False) -> np.ndarray:
@@ -122,25 +174,93 @@ def _place(lo: int, hi: int, size: int, limit: int) -> int:
     return start // SNAP * SNAP if start + size <= limit else 0
 
 
+def _tight(mask: np.ndarray, r0: int, c0: int, r1: int, c1: int):
+    """The bounding box of ``mask``'s set cells inside [r0, r1) x [c0, c1), or None."""
+    sub = mask[r0:r1, c0:c1]
+    rows, cols = np.flatnonzero(sub.any(1)), np.flatnonzero(sub.any(0))
+    if not len(rows):
+        return None
+    return r0 + rows[0], c0 + cols[0], r0 + rows[-1] + 1, c0 + cols[-1] + 1
+
+
+def split_rectangles(mask: np.ndarray, min_fill: float = MIN_FILL) -> list[tuple[int, int, int, int]]:
+    """Cover ``mask``'s set cells with rectangles (r0, c0, r1, c1) each filled at least
+    ``min_fill`` or a single row/column: a rectangle that is too empty (an L-shaped edge strip
+    and an object far apart, a ring along the borders) is cut where the two parts' bounding
+    boxes add up to the least area (the fuller part on ties), recursively."""
+    out = []
+    stack = [b for b in [_tight(mask, 0, 0, *mask.shape)] if b is not None]
+    while stack:
+        r0, c0, r1, c1 = stack.pop()
+        area = (r1 - r0) * (c1 - c0)
+        if mask[r0:r1, c0:c1].sum() >= min_fill * area or r1 - r0 == 1 or c1 - c0 == 1:
+            out.append((r0, c0, r1, c1))
+            continue
+        best, parts = None, None
+        for axis in (0, 1):
+            lo, hi = (r0, r1) if axis == 0 else (c0, c1)
+            for cut in range(lo + 1, hi):
+                if axis == 0:
+                    a, b = _tight(mask, r0, c0, cut, c1), _tight(mask, cut, c0, r1, c1)
+                else:
+                    a, b = _tight(mask, r0, c0, r1, cut), _tight(mask, r0, cut, r1, c1)
+                if a is None or b is None:
+                    continue
+                areas = [(q[2] - q[0]) * (q[3] - q[1]) for q in (a, b)]
+                # least total area; on ties (a ring's bands) the cut leaving the fuller part
+                fill, size = max((mask[q[0]:q[2], q[1]:q[3]].sum() / n, n)
+                                 for q, n in zip((a, b), areas))
+                cost = (sum(areas), -fill, -size)
+                if best is None or cost < best:
+                    best, parts = cost, (a, b)
+        if parts is None:
+            out.append((r0, c0, r1, c1))
+        else:
+            stack.extend(parts)
+    return _merge_aligned(out)
+
+
+def _merge_aligned(rects: list) -> list:
+    """Join rectangles that share a whole side (their union is their sum): one crop, not two."""
+    rects = [tuple(int(v) for v in r) for r in rects]
+    merged = True
+    while merged:
+        merged = False
+        for i in range(len(rects)):
+            for j in range(i + 1, len(rects)):
+                a, b = rects[i], rects[j]
+                u = (min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3]))
+                area = lambda q: (q[2] - q[0]) * (q[3] - q[1])  # noqa: E731
+                if area(u) == area(a) + area(b):
+                    rects[i] = u
+                    del rects[j]
+                    merged = True
+                    break
+            if merged:
+                break
+    return rects
+
+
 def plan_crops(selected: np.ndarray, block: int, halo: int, input_hw: tuple[int, int]
                ) -> list[Crop]:
-    """Merge selected blocks into rectangles (connected components of the blocks grown by the
-    halo, so neighbours whose contexts touch share one crop), grow by the halo, snap to 32 px,
-    bucket each side to a few sizes and clamp into the frame."""
+    """Cover the selected blocks with crops: the blocks grown by the halo (so neighbours whose
+    contexts touch share a crop) are cut into well-filled rectangles (``split_rectangles``);
+    each rectangle's selected blocks are its interior, which grows by the halo, snaps to 32 px,
+    is bucketed to a few sizes and clamped into the frame."""
     H, W = input_hw
     if not selected.any():
         return []
     halo_blocks = -(-halo // block)
     grown = (ndimage.binary_dilation(selected, np.ones((2 * halo_blocks + 1,) * 2, bool))
              if halo_blocks else selected)
-    labels, n = ndimage.label(grown)
     crops = []
-    for sl in ndimage.find_objects(labels):
-        inner = selected[sl] & (labels[sl] > 0)
-        rows = np.flatnonzero(inner.any(1)) + sl[0].start
-        cols = np.flatnonzero(inner.any(0)) + sl[1].start
-        iy0, iy1 = rows[0] * block, min((rows[-1] + 1) * block, H)
-        ix0, ix1 = cols[0] * block, min((cols[-1] + 1) * block, W)
+    for rect in split_rectangles(grown):
+        inner = _tight(selected, *rect)
+        if inner is None:
+            continue
+        r0, c0, r1, c1 = inner
+        iy0, iy1 = r0 * block, min(r1 * block, H)
+        ix0, ix1 = c0 * block, min(c1 * block, W)
         y0 = max(iy0 - halo, 0) // SNAP * SNAP
         x0 = max(ix0 - halo, 0) // SNAP * SNAP
         y1 = min(-(-(iy1 + halo) // SNAP) * SNAP, H)
@@ -154,5 +274,6 @@ def plan_crops(selected: np.ndarray, block: int, halo: int, input_hw: tuple[int,
         while cx > ix0 or cx + w < ix1:
             w = _bucket(w + SNAP, W)
             cx = _place(x0, x1, w, W)
-        crops.append(Crop(cy, cx, h, w, (iy0, ix0, iy1, ix1)))
+        crops.append(Crop(int(cy), int(cx), int(h), int(w),
+                          (int(iy0), int(ix0), int(iy1), int(ix1))))
     return crops

@@ -23,7 +23,6 @@ import torch
 
 from fluxshard.models.ops import PAD_VALUE, padded_shape
 from fluxshard.models.yolo import YOLO11
-from fluxshard.motion.field import block_leaves_frame
 from fluxshard.tiles import crops as C
 from fluxshard.tiles.engine import make_engine
 from fluxshard.tiles.warp import field_on_grid, project_boxes, warp_blocks, warp_map
@@ -39,6 +38,7 @@ class TileStreamState:
     previous: np.ndarray | None = None  # the last frame (H, W, 3) uint8
     age: np.ndarray | None = None  # frames since each block was last computed (padded block grid)
     deferred: np.ndarray | None = None  # critical blocks the budget pushed to a later frame
+    unseen: np.ndarray | None = None  # share of each block's content never computed (edges)
     boxes: np.ndarray | None = None  # last output's confident boxes (xyxy), for salience
     frames_since_dense: int = 0
 
@@ -68,15 +68,17 @@ class TileExecutor:
     dense_above: when the crops for every critical block would cover more than this share, the
         frame runs dense instead (a constant for now; the issue asks for the latency table).
     refresh_interval: a full dense refresh at the latest every this many frames (K).
-    refresh_age / refresh_share: blocks older than ``refresh_age`` frames are recomputed with
-        the spare budget, up to ``refresh_share`` of the blocks per frame, oldest first.
+    refresh_age / refresh_share: a square of ``refresh_share`` of the blocks around the oldest
+        block older than ``refresh_age`` frames is recomputed with the spare budget.
+    unseen_share: a block whose content came from outside the previous frames (a pan's
+        entering edge) is critical once this share of it was never computed.
     conf: class score above which a cached anchor's box counts as a detection for salience.
     """
 
     def __init__(self, model: YOLO11, *, engine="torch", threshold: float = 8.0, block: int = 16,
                  halo: int = 32, budget: float = 0.45, dense_above: float = 0.6,
-                 refresh_interval: int = 30, refresh_age: int = 10, refresh_share: float = 0.05,
-                 conf: float = 0.25, threads: int = 2, clock=time.perf_counter):
+                 refresh_interval: int = 30, refresh_age: int = 10, refresh_share: float = 0.02,
+                 unseen_share: float = 0.25, conf: float = 0.25, threads: int = 2, clock=time.perf_counter):
         if 32 % block or block % 4:
             raise ValueError(f"block must be a multiple of 4 dividing 32, got {block}")
         if not 0 < budget <= 1 or not 0 < dense_above <= 1:
@@ -93,6 +95,7 @@ class TileExecutor:
         self.budget, self.dense_above = budget, dense_above
         self.refresh_interval, self.refresh_age = refresh_interval, refresh_age
         self.refresh_share, self.conf = refresh_share, conf
+        self.unseen_share = unseen_share
         self.clock = clock
 
     # -- helpers -------------------------------------------------------------------------------
@@ -127,6 +130,7 @@ class TileExecutor:
     def _dense(self, state, frame, x, grid, report, t0):
         maps = self.engine(x)
         state.age = np.zeros(grid, np.int32)
+        state.unseen = np.zeros(grid, np.float32)
         state.deferred = np.zeros(grid, bool)
         state.frames_since_dense = 0
         report.dense, report.crop_area_fraction = True, 1.0
@@ -165,12 +169,12 @@ class TileExecutor:
             if miss.any():
                 misses |= _to_blocks(miss.numpy(), s, self.block, grid)
         # 2. critical blocks: changed, invalid, out of the map, deferred before
-        change = C.pad_grid(C.changed_blocks(frame, state.previous, field, self.block), grid, 0.0)
-        k = self.block // 4
-        invalid = block_leaves_frame(field, h, w)
-        invalid = np.pad(invalid, ((0, -invalid.shape[0] % k), (0, -invalid.shape[1] % k)))
-        invalid = invalid.reshape(invalid.shape[0] // k, k, invalid.shape[1] // k, k).any((1, 3))
-        misses |= C.pad_grid(invalid, grid)
+        change, outside = C.changed_blocks(frame, state.previous, field, self.block)
+        change = C.pad_grid(change, grid, 0.0)
+        # content never seen (the entering edge of a pan) accumulates until it fills a share
+        # of the block: a slow pan recomputes its edge every few frames, not every frame
+        unseen = warp_blocks(state.unseen, field, self.block, 1.0) + C.pad_grid(outside, grid, 0.0)
+        misses |= unseen >= self.unseen_share
         misses |= change > self.threshold
         misses |= warp_blocks(state.deferred, field, self.block, True)
         age = warp_blocks(state.age, field, self.block, 0) + 1
@@ -188,13 +192,19 @@ class TileExecutor:
         else:
             taken = misses.copy()
         deferred = misses & ~taken
-        # 4. freshness: the oldest blocks ride along while the budget has room
+        # 4. freshness: a square around the oldest block rides along while the budget has room
+        # (one compact crop; scattered old blocks would each pay a whole halo)
         stale = (age >= self.refresh_age) & ~taken
         refreshed = np.zeros(grid, bool)
         if stale.any() and self.refresh_share > 0:
-            idx = np.flatnonzero(stale)
-            idx = idx[np.argsort(-age.ravel()[idx], kind="stable")][:max(1, int(self.refresh_share * total))]
-            with_refresh = C.take_within_budget(idx, grid, halo_blocks, budget_blocks, start=taken)
+            side = max(1, int(round(np.sqrt(self.refresh_share * total))))
+            r, c = np.unravel_index(int(np.argmax(np.where(stale, age, -1))), grid)
+            r0 = min(max(r - side // 2, 0), max(grid[0] - side, 0))
+            c0 = min(max(c - side // 2, 0), max(grid[1] - side, 0))
+            region = np.zeros(grid, bool)
+            region[r0:r0 + side, c0:c0 + side] = True
+            order = np.flatnonzero(region & ~taken)
+            with_refresh = C.take_within_budget(order, grid, halo_blocks, budget_blocks, start=taken)
             refreshed = with_refresh & ~taken
             taken = with_refresh
         # 5. crops, batched per size; each crop's interior goes into the warped cache
@@ -213,10 +223,11 @@ class TileExecutor:
                     q0, q1 = ix0 // s, -(-ix1 // s)
                     full[0, :, r0:r1, q0:q1] = out[b, :, r0 - c.y0 // s:r1 - c.y0 // s,
                                                    q0 - c.x0 // s:q1 - c.x0 // s]
-                age[iy0 // self.block:-(-iy1 // self.block),
-                    ix0 // self.block:-(-ix1 // self.block)] = 0
+                done = (slice(iy0 // self.block, -(-iy1 // self.block)),
+                        slice(ix0 // self.block, -(-ix1 // self.block)))
+                age[done], unseen[done] = 0, 0.0
             area += len(group) * ch * cw
-        state.age, state.deferred = age, deferred
+        state.age, state.deferred, state.unseen = age, deferred, unseen
         report.crops = len(plan)
         report.crop_area_fraction = area / (input_hw[0] * input_hw[1])
         report.deferred_fraction = float(deferred.mean())
