@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 
+import cv2
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
@@ -41,6 +42,18 @@ def to_luma(image: np.ndarray) -> np.ndarray:
         y = (77 * rgb[..., 0] + 150 * rgb[..., 1] + 29 * rgb[..., 2] + 128) >> 8
         return y.astype(np.int16)
     raise ValueError(f"expected a (H, W) luma or (H, W, 3) RGB image, got shape {image.shape}")
+
+
+def _replicate_border(img: np.ndarray, top: int, bottom: int, left: int, right: int) -> np.ndarray:
+    """``np.pad(img, ..., mode="edge")`` (an exact copy; OpenCV's is several times faster)."""
+    if not (top or bottom or left or right):
+        return img
+    return cv2.copyMakeBorder(img, top, bottom, left, right, cv2.BORDER_REPLICATE)
+
+
+def _any_2x2(mask: np.ndarray) -> np.ndarray:
+    """(2H, 2W) bool -> (H, W): any of each 2x2 group (ORs of strided views)."""
+    return mask[0::2, 0::2] | mask[1::2, 0::2] | mask[0::2, 1::2] | mask[1::2, 1::2]
 
 
 def _downsample(img: np.ndarray) -> np.ndarray:
@@ -72,7 +85,8 @@ class _Level:
         self.block, self.level = block, level
         # Edge-replicated border one block wide: border blocks whose source leaves the frame still
         # get a plausible match; sources further out are clamped.
-        self.windows = sliding_window_view(np.pad(prev, block, mode="edge"), (block, block))
+        self.windows = sliding_window_view(_replicate_border(prev, block, block, block, block),
+                                           (block, block))
         self.max_y, self.max_x = prev.shape[0] + block, prev.shape[1] + block
         self.y0, self.x0 = blocks[:, 0] * block + block, blocks[:, 1] * block + block
         grid = cur.reshape(cur.shape[0] // block, block, cur.shape[1] // block, block)
@@ -148,8 +162,8 @@ def match_blocks(current: np.ndarray, previous: np.ndarray, *, radius: int = DEF
     levels = 1 + max(0, math.ceil(math.log2(max(radius, 4) / 4)))
     unit = MATCH_BLOCK << (levels - 1)  # full-resolution pixels of one coarsest block
     ph, pw = -height % unit, -width % unit
-    cur = np.pad(cur, ((0, ph), (0, pw)), mode="edge")
-    prev = np.pad(prev, ((0, ph), (0, pw)), mode="edge")
+    cur = _replicate_border(cur, 0, ph, 0, pw)
+    prev = _replicate_border(prev, 0, ph, 0, pw)
     pyramid = [(cur, prev)]
     for _ in range(levels - 1):
         c, p = pyramid[-1]
@@ -164,14 +178,12 @@ def match_blocks(current: np.ndarray, previous: np.ndarray, *, radius: int = DEF
         wanted = np.asarray(wanted, bool)
         if wanted.shape != (hb, wb):
             raise ValueError(f"wanted mask shape {wanted.shape} != field grid {(hb, wb)}")
-        ratio = MATCH_BLOCK // MV_BLOCK
-        padded = np.zeros((fine_h * ratio, fine_w * ratio), bool)
+        padded = np.zeros((fine_h * 2, fine_w * 2), bool)  # MATCH_BLOCK is 2 MV_BLOCKs
         padded[:hb, :wb] = wanted
-        need = padded.reshape(fine_h, ratio, fine_w, ratio).any(axis=(1, 3))
+        need = _any_2x2(padded)
     needs = [need]
     for _ in range(levels - 1):
-        n = needs[-1]
-        needs.append(n.reshape(n.shape[0] // 2, 2, n.shape[1] // 2, 2).any(axis=(1, 3)))
+        needs.append(_any_2x2(needs[-1]))
 
     grid = None  # vectors (dy, dx) of the previous (coarser) level, in that level's pixels
     for level in range(levels - 1, -1, -1):
@@ -209,6 +221,6 @@ def match_blocks(current: np.ndarray, previous: np.ndarray, *, radius: int = DEF
     cost = np.repeat(np.repeat(cost_grid, ratio, 0), ratio, 1)[:hb, :wb]
     field = field.astype(np.float32)
     if wanted is not None:
-        field[~wanted] = 0
+        field = np.where(wanted[..., None], field, np.float32(0))
         cost = np.where(wanted, cost, np.nan).astype(np.float32)
     return np.ascontiguousarray(field), cost
