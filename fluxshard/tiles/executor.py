@@ -54,6 +54,37 @@ class TileReport:
     deferred_fraction: float = 0.0  # critical blocks left for later by the budget
     refresh_fraction: float = 0.0  # blocks recomputed for freshness (not for change) / blocks
     seconds: float = 0.0
+    # seconds per stage: warp (cached maps), change (critical blocks), plan (salience, budget,
+    # refresh, crops), engine (crop batches or the dense pass, with the merge), decode (boxes)
+    stages: dict = dc_field(default_factory=dict)
+
+
+class CropLatency:
+    """The executor's latency table, measured as it runs (with its clock): the dense pass's time
+    and how crop batches' time scales with their area share (crops pay per-call overhead and
+    small convolutions run less efficiently, so a share of the area costs more than that share
+    of the time). Running averages, so the table follows the machine's load."""
+
+    PRIOR_RATIO = 1.25  # before any crop batch ran: their time per area share against dense
+    WEIGHT = 0.2  # running-average weight of a new measurement
+
+    def __init__(self):
+        self.dense_seconds: float | None = None
+        self.ratio = self.PRIOR_RATIO
+
+    def observe(self, area_share: float, seconds: float) -> None:
+        if area_share >= 1.0:
+            self.dense_seconds = seconds if self.dense_seconds is None else \
+                (1 - self.WEIGHT) * self.dense_seconds + self.WEIGHT * seconds
+        elif self.dense_seconds and area_share > 0:
+            ratio = seconds / (area_share * self.dense_seconds)
+            self.ratio = (1 - self.WEIGHT) * self.ratio + self.WEIGHT * ratio
+
+    def crops_seconds(self, area_share: float) -> float | None:
+        return None if self.dense_seconds is None else area_share * self.ratio * self.dense_seconds
+
+    def dense_is_cheaper(self, area_share: float) -> bool:
+        return area_share * self.ratio >= 1.0
 
 
 class TileExecutor:
@@ -65,8 +96,9 @@ class TileExecutor:
     halo: context added around each crop's interior (pixels).
     budget: most input area (share, halo included) the crops of one frame may cover; further
         critical blocks are deferred, least salient first.
-    dense_above: when the crops for every critical block would cover more than this share, the
-        frame runs dense instead (a constant for now; the issue asks for the latency table).
+    dense_above: when set, the frame runs dense if the crops for every critical block would
+        cover more than this share. Unset (the default), the executor's latency table decides
+        (``CropLatency``: dense when the crops would take longer than the whole frame).
     refresh_interval: a full dense refresh at the latest every this many frames (K).
     refresh_age / refresh_share: a square of ``refresh_share`` of the blocks around the oldest
         block older than ``refresh_age`` frames is recomputed with the spare budget.
@@ -76,12 +108,12 @@ class TileExecutor:
     """
 
     def __init__(self, model: YOLO11, *, engine="torch", threshold: float = 8.0, block: int = 16,
-                 halo: int = 32, budget: float = 0.45, dense_above: float = 0.6,
+                 halo: int = 32, budget: float = 0.45, dense_above: float | None = None,
                  refresh_interval: int = 30, refresh_age: int = 10, refresh_share: float = 0.02,
                  unseen_share: float = 0.25, conf: float = 0.25, threads: int = 2, clock=time.perf_counter):
         if 32 % block or block % 4:
             raise ValueError(f"block must be a multiple of 4 dividing 32, got {block}")
-        if not 0 < budget <= 1 or not 0 < dense_above <= 1:
+        if not 0 < budget <= 1 or (dense_above is not None and not 0 < dense_above <= 1):
             raise ValueError("budget and dense_above are shares of the frame in (0, 1]")
         if refresh_interval < 1:
             raise ValueError(f"refresh_interval must be >= 1, got {refresh_interval}")
@@ -97,6 +129,7 @@ class TileExecutor:
         self.refresh_share, self.conf = refresh_share, conf
         self.unseen_share = unseen_share
         self.clock = clock
+        self.latency = CropLatency()
 
     # -- helpers -------------------------------------------------------------------------------
     @staticmethod
@@ -120,15 +153,25 @@ class TileExecutor:
         xyxy = torch.cat([xywh[:, :2] - xywh[:, 2:] / 2, xywh[:, :2] + xywh[:, 2:] / 2], 1)
         return xyxy.numpy().astype(np.float32)
 
+    def _stage(self, report, name, since):
+        now = self.clock()
+        report.stages[name] = report.stages.get(name, 0.0) + now - since
+        return now
+
     def _finish(self, state, frame, maps, report, t0):
+        t = self.clock()
         state.maps, state.previous = maps, np.array(frame, copy=True)
         out = self._decode(maps)
         state.boxes = self._confident_boxes(out)
+        self._stage(report, "decode", t)
         report.seconds = self.clock() - t0
         return out, report
 
     def _dense(self, state, frame, x, grid, report, t0):
+        t = self.clock()
         maps = self.engine(x)
+        self._stage(report, "engine", t)
+        self.latency.observe(1.0, report.stages["engine"])
         state.age = np.zeros(grid, np.int32)
         state.unseen = np.zeros(grid, np.float32)
         state.deferred = np.zeros(grid, bool)
@@ -160,6 +203,7 @@ class TileExecutor:
             report.refresh, report.refresh_fraction = True, 1.0
             return self._dense(state, frame, x, grid, report, t0)
 
+        t = self.clock()
         # 1. warp the cached outputs; sources outside a map are misses
         misses = np.zeros(grid, bool)
         maps = []
@@ -168,6 +212,7 @@ class TileExecutor:
             maps.append(warped)
             if miss.any():
                 misses |= _to_blocks(miss.numpy(), s, self.block, grid)
+        t = self._stage(report, "warp", t)
         # 2. critical blocks: changed, invalid, out of the map, deferred before
         change, outside = C.changed_blocks(frame, state.previous, field, self.block)
         change = C.pad_grid(change, grid, 0.0)
@@ -181,7 +226,13 @@ class TileExecutor:
         total = misses.size
         report.critical_fraction = float(misses.mean())
         halo_blocks = -(-self.halo // self.block)
-        if C.halo_area(misses, halo_blocks) > self.dense_above * total:
+        t = self._stage(report, "change", t)
+        # dense when crops for every critical block would cost more than the whole frame (the
+        # executor's own latency table), or, when ``dense_above`` is set, cover more than that
+        every = C.plan_crops(misses, self.block, self.halo, input_hw)
+        every_area = sum(c.h * c.w for c in every) / (input_hw[0] * input_hw[1])
+        if (every_area > self.dense_above if self.dense_above is not None
+                else self.latency.dense_is_cheaper(every_area)):
             return self._dense(state, frame, x, grid, report, t0)
         # 3. salience and budget
         budget_blocks = int(self.budget * total)
@@ -209,6 +260,7 @@ class TileExecutor:
             taken = with_refresh
         # 5. crops, batched per size; each crop's interior goes into the warped cache
         plan = C.plan_crops(taken, self.block, self.halo, input_hw)
+        t = self._stage(report, "plan", t)
         by_size: dict[tuple[int, int], list[C.Crop]] = {}
         for crop in plan:
             by_size.setdefault((crop.h, crop.w), []).append(crop)
@@ -227,6 +279,9 @@ class TileExecutor:
                         slice(ix0 // self.block, -(-ix1 // self.block)))
                 age[done], unseen[done] = 0, 0.0
             area += len(group) * ch * cw
+        self._stage(report, "engine", t)
+        if area:
+            self.latency.observe(area / (input_hw[0] * input_hw[1]), report.stages["engine"])
         state.age, state.deferred, state.unseen = age, deferred, unseen
         report.crops = len(plan)
         report.crop_area_fraction = area / (input_hw[0] * input_hw[1])
