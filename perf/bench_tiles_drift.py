@@ -51,10 +51,13 @@ NEVER = 10 ** 9  # a refresh interval no stream reaches
 CAMERA_CLIP = "bikes.mp4"
 
 
-def tile_configs(refresh_interval: int, refresh_share: float) -> dict[str, dict]:
-    return {"refresh": dict(refresh_interval=refresh_interval, refresh_share=refresh_share),
-            "no-interval": dict(refresh_interval=NEVER, refresh_share=refresh_share),
-            "no-refresh": dict(refresh_interval=NEVER, refresh_share=0.0)}
+def tile_configs(tuning: dict) -> dict[str, dict]:
+    """The three configurations; ``tuning`` holds only the options given on the command line,
+    everything else stays at the executor's own defaults."""
+    interval = {k: v for k, v in tuning.items() if k != "refresh_interval"}
+    return {"refresh": dict(tuning),
+            "no-interval": dict(interval, refresh_interval=NEVER),
+            "no-refresh": dict(interval, refresh_interval=NEVER, refresh_share=0.0)}
 
 
 def as_tensor(out):
@@ -206,11 +209,19 @@ def main() -> int:
     p.add_argument("--threads", type=positive_int, default=2, help="intra-op threads (default 2)")
     p.add_argument("--width", type=int, default=640, help="synthetic clip width (default 640)")
     p.add_argument("--height", type=int, default=384, help="synthetic clip height (default 384)")
-    p.add_argument("--refresh-interval", type=positive_int, default=30,
-                   help="tiles: full dense refresh every K frames in the refresh config "
-                        "(default 30)")
-    p.add_argument("--refresh-share", type=float, default=0.05,
-                   help="tiles: most blocks refreshed for age per frame (default 0.05)")
+    # tile executor options: unset ones keep TileExecutor's defaults (what ships)
+    p.add_argument("--threshold", type=float, default=None,
+                   help="tiles: critical block mean abs difference, grey levels")
+    p.add_argument("--halo", type=int, default=None, help="tiles: crop halo, pixels")
+    p.add_argument("--budget", type=float, default=None,
+                   help="tiles: most crop area share per frame")
+    p.add_argument("--dense-above", type=float, default=None,
+                   help="tiles: run dense when crops would cover more (default: the executor's "
+                        "latency table decides)")
+    p.add_argument("--refresh-interval", type=positive_int, default=None,
+                   help="tiles: full dense refresh every K frames in the refresh config")
+    p.add_argument("--refresh-share", type=float, default=None,
+                   help="tiles: share of blocks refreshed for age per frame")
     p.add_argument("--no-camera", action="store_true", help="synthetic clips only")
     p.add_argument("--footage-dir", type=Path, default=Path("out/footage"),
                    help="cache of re-encoded camera streams (default out/footage)")
@@ -227,11 +238,15 @@ def main() -> int:
     args.window = args.window or (50 if args.quick else 100)
     torch.set_num_threads(args.threads)
     model = load_model(None, fused=True)
-    executors = {name: TileExecutor(model, engine="onnxruntime", threads=args.threads,
-                                    threshold=8.0, halo=32, budget=0.45, dense_above=0.6,
-                                    **config)
-                 for name, config in tile_configs(args.refresh_interval,
-                                                  args.refresh_share).items()}
+    tuning = {k: getattr(args, k) for k in ("threshold", "halo", "budget", "dense_above",
+                                             "refresh_interval", "refresh_share")
+              if getattr(args, k) is not None}
+    executors = {name: TileExecutor(model, engine="onnxruntime", threads=args.threads, **config)
+                 for name, config in tile_configs(tuning).items()}
+    print("tile configurations:", {name: dict(refresh_interval=e.refresh_interval,
+                                              refresh_share=e.refresh_share,
+                                              dense_above=e.dense_above)
+                                   for name, e in executors.items()})
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         dense = DenseByShape(model, args.threads, tmp)
