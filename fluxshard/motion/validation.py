@@ -264,7 +264,8 @@ def validate_field(current_luma: np.ndarray, previous_luma: np.ndarray, codec_fi
         # Only candidates more than 1 px from the block's own vector are a different motion; a
         # closer one would only trade the codec's sub-pixel vector for a rounding alternative.
         own = codec_field[check[:, 0], check[:, 1]][:, None]
-        differs = (np.abs(candidates - own) > 1.0).any(-1)
+        far_axes = np.abs(candidates - own) > 1.0
+        differs = far_axes[..., 0] | far_axes[..., 1]  # faster than any() over a length-2 axis
         costs = costs_of(check, candidates, differs)
         best = costs.argmin(1)
         rows = np.arange(len(check))
@@ -286,13 +287,15 @@ def validate_field(current_luma: np.ndarray, previous_luma: np.ndarray, codec_fi
         for dx in range(3):
             shifted = padded[dy:dy + hb, dx:dx + wb]
             hi, lo = np.maximum(hi, shifted), np.minimum(lo, shifted)
-    suspect = np.argwhere(((hi - lo) > 1.0).any(-1))
+    spread = (hi - lo) > 1.0
+    suspect = np.argwhere(spread[..., 0] | spread[..., 1])
     around = windows[suspect[:, 0], suspect[:, 1]].reshape(-1, 9)  # (S * 2, 9)
     if np.isfinite(field).all() and not (np.signbit(field) & (field == 0)).any():
         median = _median9(around).reshape(-1, 2)  # (S, 2)
     else:
         median = np.median(around, axis=-1).reshape(-1, 2)
-    far = (np.abs(median - field[suspect[:, 0], suspect[:, 1]]) > 1.0).any(-1)
+    far_axes = np.abs(median - field[suspect[:, 0], suspect[:, 1]]) > 1.0
+    far = far_axes[:, 0] | far_axes[:, 1]
     odd, median = suspect[far], median[far]
     if len(odd):
         vectors = median
