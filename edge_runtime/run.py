@@ -71,6 +71,10 @@ def add_run_arguments(p: argparse.ArgumentParser, demo_default: bool = False,
                    help="edge executor: exact (sparse executor, reuse exact on the assembled "
                         "input), tiles (v2 tile executor on onnxruntime, detect models only) or "
                         "dense (fastest dense engine every frame)")
+    p.add_argument("--tiles-table", type=cli_common.existing_file, default=None,
+                   help="--executor tiles: the tiles table (fluxshard profile accuracy --executor "
+                        "tiles): the tile executor's knobs per motion level, picked per frame by "
+                        "the motion since the edge last ran (default: the executor's defaults)")
     p.add_argument("--bypass", default="none",
                    choices=("none", "onnxruntime", "fused_channels_last"),
                    help="edge: dense engine for frames with nothing to reuse, and for reusable "
@@ -116,7 +120,8 @@ def main(args: argparse.Namespace) -> int:
                           frames=args.frames, size=tuple(args.size), camera=args.camera,
                           bypass=args.bypass, uplink_codec=args.uplink_codec,
                           progress=not args.no_progress, fallback=args.fallback,
-                          weights=args.weights, executor=args.executor)
+                          weights=args.weights, executor=args.executor,
+                          tiles_table=args.tiles_table)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"fluxshard run: {e}", file=sys.stderr)
         return 1
@@ -168,12 +173,18 @@ def _executor_options(policy, bypass: str) -> dict:
     return options
 
 
-def _edge_session(executor: str, model, executor_options: dict):
+def _edge_session(executor: str, model, executor_options: dict, tiles_table=None):
     """The in-process session behind the edge endpoint, on one thread like the server."""
     from fluxshard.serving.session import best_dense_session_factory, yolo_session_factory
 
     if executor == "dense":
         return best_dense_session_factory(model, threads=1)(0)
+    if executor == "tiles" and tiles_table is not None:
+        from fluxshard.serving.session import TileYoloSession
+        from fluxshard.tiles.profile import ProfiledTileExecutor
+
+        return TileYoloSession(ProfiledTileExecutor(model, tiles_table, engine="onnxruntime",
+                                                    threads=1))
     if executor == "tiles":
         return yolo_session_factory("tiles", model=model, threads=1,
                                     tile_engine="onnxruntime")(0)
@@ -187,7 +198,8 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
         frames: int | None = None, size: tuple[int, int] = DEMO_SIZE, camera: str = "static",
         progress: bool = True, stream_id: int = 1, bypass: str = "none",
         uplink_codec: str = "lossless", fallback: str = "none",
-        weights: str | Path | None = None, executor: str = DEFAULT_EXECUTOR) -> dict:
+        weights: str | Path | None = None, executor: str = DEFAULT_EXECUTOR,
+        tiles_table: str | Path | None = None) -> dict:
     """The main job; returns the summary (also written to ``out/summary.json``).
 
     ``fallback`` (``dispatch="cloud"`` only): "none" raises RuntimeError when the cloud cannot be
@@ -195,7 +207,8 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
     the cloud is reported on stderr as it happens. ``weights``: the detector (None: the embedded
     demo one); its class names label the outputs, and a local tritonserver loads it too.
     ``executor``: what the edge runs (:data:`EDGE_EXECUTORS`; ``bypass`` and a truncation
-    table's executor options apply to "exact" only)."""
+    table's executor options apply to "exact" only). ``tiles_table``: with executor "tiles", a
+    tiles table (fluxshard.tiles.profile) whose knobs the edge takes per frame's motion level."""
     import numpy as np
     from tqdm import tqdm
 
@@ -218,6 +231,14 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
         raise ValueError(f"uplink codec must be one of {UPLINK_CODECS}, got {uplink_codec!r}")
     if executor not in EDGE_EXECUTORS:
         raise ValueError(f"executor must be one of {EDGE_EXECUTORS}, got {executor!r}")
+    if tiles_table is not None and executor != "tiles":
+        raise ValueError(f"--tiles-table sets the tile executor's knobs; give --executor tiles "
+                         f"with it (got --executor {executor})")
+    tiles_table_path = tiles_table
+    if tiles_table is not None:  # a bad table is refused before the model loads
+        from fluxshard.tiles.profile import TilesTable
+
+        tiles_table = TilesTable.load(tiles_table)
     # a --cloud-url that does not answer is known before the clip is made or the model loads
     where = cloud_url or "local tritonserver"
     strict = dispatch == "cloud" and fallback == "none"
@@ -239,7 +260,7 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
             raise ValueError(f"--executor tiles handles detect models only; "
                              f"{weights or 'the detector'} is a {model.task} model (use "
                              "--executor exact or dense)")
-        edge = LocalEndpoint(_edge_session(executor, model, executor_options))
+        edge = LocalEndpoint(_edge_session(executor, model, executor_options, tiles_table))
     class_names = [model.names[k] for k in range(model.nc)]
     notes = [str(w.message) for w in caught]
     for note in notes:
@@ -341,6 +362,7 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
     summary = outputs.summarize(rows, {
         "video": video, "dispatch": dispatch if url else "edge (no cloud)",
         "executor": executor,
+        "tiles_table": str(tiles_table_path) if tiles_table_path is not None else None,
         # tiles: the share of the input its crops covered (halo included), over the edge's frames
         "crop_area_fraction_mean": round(float(np.mean(crops)), 4) if crops else None,
         "edge_latency_table": "profiled" if profile.source != "default"

@@ -50,6 +50,16 @@ def tau_argument(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def level_for(levels: list[dict], motion: float) -> dict | None:
+    """The motion level a frame with motion statistic ``motion`` uses: the first of ``levels``
+    (sorted by ``motion_max``) with motion <= motion_max, the last beyond; None without levels.
+    Shared by every per-motion-level table (truncation, tiles)."""
+    for level in levels:
+        if motion <= level["motion_max"]:
+            return level
+    return levels[-1] if levels else None
+
+
 @dataclass
 class TruncationTable:
     """motion level -> tau. ``levels`` are sorted by ``motion_max``: a frame with motion
@@ -62,12 +72,8 @@ class TruncationTable:
     executor: dict = field(default_factory=dict)  # the executor options the taus hold for
 
     def tau_for(self, motion: float) -> float:
-        if not self.levels:
-            return 0.0
-        for level in self.levels:
-            if motion <= level["motion_max"]:
-                return quantize_tau(level["tau"])
-        return quantize_tau(self.levels[-1]["tau"])
+        level = level_for(self.levels, motion)
+        return 0.0 if level is None else quantize_tau(level["tau"])
 
     def save(self, path: str | Path) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -144,4 +150,4 @@ class TauPolicy:
 
 
 __all__ = ["GREY_LEVELS", "DEFAULT_TAU", "DEFAULT_TAU_LEVELS", "METRICS", "TauPolicy",
-           "TruncationTable", "quantize_tau", "tau_argument", "tau_levels"]
+           "TruncationTable", "level_for", "quantize_tau", "tau_argument", "tau_levels"]

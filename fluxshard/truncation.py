@@ -51,6 +51,18 @@ def edge_path_outputs(executor, video, tau: float):
         yield mf, image, x, out, report, key
 
 
+def bound_levels(levels: list[dict]) -> list[dict]:
+    """Sort ``levels`` by their measured ``motion`` and set each one's ``motion_max`` halfway to
+    the next (the last: unbounded), in place; ``fluxshard.tau.level_for`` reads them back.
+    Shared by every per-motion-level profile (truncation, tiles)."""
+    levels.sort(key=lambda lv: lv["motion"])
+    for a, b in zip(levels, levels[1:]):
+        a["motion_max"] = (a["motion"] + b["motion"]) / 2
+    if levels:
+        levels[-1]["motion_max"] = float("inf")
+    return levels
+
+
 def choose_tau(points: list[dict], dense_map: float, alpha: float, metric: str = "map50"
                ) -> float:
     """Largest tau whose ``metric`` >= alpha x the dense model's (tau 0 always qualifies: exact)."""
@@ -154,10 +166,7 @@ def profile_accuracy(weights=None, *, taus=DEFAULT_TAUS, alpha: float = 0.99, fr
                                dense_map50_95=dense["map50_95"], map50_95=chosen["map50_95"],
                                cache_hit=chosen["cache_hit"], speedup=chosen["speedup"]))
     bar.close()
-    levels.sort(key=lambda lv: lv["motion"])
-    for a, b in zip(levels, levels[1:]):  # level boundaries halfway between measured motions
-        a["motion_max"] = (a["motion"] + b["motion"]) / 2
-    levels[-1]["motion_max"] = float("inf")
+    bound_levels(levels)
     table = TruncationTable(alpha=alpha, metric=metric, levels=levels, sweep=sweep,
                             executor=dict(strict_rfap=strict_rfap, grid_snap=grid_snap,
                                           bypass=bypass, adaptive=adaptive, threads=threads,
@@ -213,8 +222,12 @@ def add_accuracy_arguments(p) -> None:
     p.add_argument("--taus", type=tau_argument, nargs="+", default=list(DEFAULT_TAUS),
                    help="taus to sweep, on the [0, 1] input scale (fluxshard.tau; rounded to "
                         "whole grey levels)")
-    p.add_argument("--frames", type=cli_common.positive_int, default=30,
-                   help="frames per held-out clip")
+    p.add_argument("--executor", choices=("exact", "tiles"), default="exact",
+                   help="what to profile: exact (tau per motion level, the truncation table) or "
+                        "tiles (the tile executor's knobs per motion level, the tiles table; "
+                        "fluxshard.tiles.profile)")
+    p.add_argument("--frames", type=cli_common.positive_int, default=None,
+                   help="frames per held-out clip (default 30; tiles: 60, --quick 30)")
     p.add_argument("--clips-per-level", type=cli_common.positive_int, default=1,
                    help="held-out synthetic clips per motion level")
     p.add_argument("--size", type=cli_common.even_int, nargs=2, default=(640, 384),
@@ -224,17 +237,38 @@ def add_accuracy_arguments(p) -> None:
     p.add_argument("--grid-snap", action="store_true",
                    help="relax RFAP Cond. 2 to the nearest grid displacement (reuse under pans)")
     p.add_argument("--out", type=cli_common.output_folder, default=Path("out/profile"),
-                   help="folder for truncation_table.json and truncation_profile.png")
+                   help="folder for truncation_table.json and truncation_profile.png (tiles: "
+                        "tiles_table.json and tiles_profile.png)")
     p.add_argument("--no-bypass", action="store_true",
                    help="never hand unreusable frames to the best dense runner")
     p.add_argument("--adaptive", action="store_true",
                    help="also bypass reusable frames while the dense runner measures faster")
-    p.add_argument("--quick", action="store_true", help="4 taus, 12 frames, 320x192")
+    p.add_argument("--quick", action="store_true",
+                   help="4 taus, 12 frames, 320x192 (tiles: a 2x2x2 knob grid, 30 frames, at "
+                        "--size)")
+    # --executor tiles (fluxshard.tiles.profile; its grids are named here, not imported: the
+    # tiles package imports torch, and a bad argument is refused before anything heavy loads)
+    p.add_argument("--thresholds", type=cli_common.positive_float, nargs="+", default=None,
+                   help="tiles: change thresholds to sweep, grey levels (default 4 6 8; --quick "
+                        "4 8)")
+    p.add_argument("--halos", type=cli_common.nonnegative_int, nargs="+", default=None,
+                   help="tiles: crop halos to sweep, pixels (default 32 48 64; --quick 32 64)")
+    p.add_argument("--refresh-intervals", type=cli_common.positive_int, nargs="+", default=None,
+                   help="tiles: full dense refresh intervals K to sweep, frames (default 15 30)")
+    p.add_argument("--min-map50-ratio", type=cli_common.fraction, default=0.99,
+                   help="tiles: a setting keeps accuracy while its mAP@0.5 / dense stays >= this")
+    p.add_argument("--min-map50-95-ratio", type=cli_common.fraction, default=0.97,
+                   help="tiles: ... and its mAP@0.5:0.95 / dense stays >= this")
 
 
 def run_accuracy(args) -> int:
+    if getattr(args, "executor", "exact") == "tiles":
+        from fluxshard.tiles.profile import run_tiles_accuracy
+
+        return run_tiles_accuracy(args)
     if args.quick:
         args.taus, args.frames, args.size = [0.0, 0.06, 0.25, 0.6], 12, (320, 192)
+    args.frames = args.frames or 30
     t0 = time.perf_counter()
     table = profile_accuracy(args.weights, taus=args.taus, alpha=args.alpha, frames=args.frames,
                              clips_per_level=args.clips_per_level, width=args.size[0],
