@@ -12,7 +12,7 @@ from fluxshard import synth
 from fluxshard.models import load_model, postprocess, preprocess
 from fluxshard.tiles import TileExecutor, TileStreamState, salience_order
 from fluxshard.tiles.crops import plan_crops, take_within_budget
-from fluxshard.tiles.warp import field_on_grid, warp_map
+from fluxshard.tiles.warp import carry_map, field_on_grid
 
 W, H = 320, 192
 
@@ -95,14 +95,25 @@ def test_integer_pan_shifts_cache_exactly(model, wide_frame):
         assert hit.any(), (box, got.boxes)
 
 
-def test_subpixel_warp_is_bilinear():
-    # a linear ramp resampled bilinearly at a quarter-cell shift is exact up to rounding
+def test_carried_cells_move_whole_and_keep_their_subcell_place():
+    # a quarter-cell pan per frame: cells are never resampled (no blur of a logit peak), each
+    # records where its content lies, and a cell moves once the content is nearer the next one
     ramp = torch.arange(12, dtype=torch.float32).repeat(8, 1)[None, None]  # (1, 1, 8, 12)
     field = np.zeros((8 * 8, 12 * 8, 2), np.float32)  # at stride 32 (8 blocks of 4 px per cell)
-    field[..., 0] = 8.0  # 8 px = a quarter of a 32-px cell
-    warped, miss = warp_map(ramp, field_on_grid(field, 32, (8, 12)))
-    assert torch.allclose(warped[0, 0, :, :11], ramp[0, 0, :, :11] + 0.25, atol=1e-5)
-    assert not miss.any()  # the last column's source is within half a cell of the map
+    field[..., 0] = 8.0  # 8 px = a quarter of a 32-px cell: content moves left
+    grid_field = field_on_grid(field, 32, (8, 12))
+    offset = np.zeros((8, 12, 2), np.float32)
+    cache = ramp
+    for frame in range(1, 5):
+        cache, offset, miss = carry_map(cache, offset, grid_field)
+        # the content that started at cell v (value v) now lies at v - frame / 4, and the cell
+        # holding it says so: cell p + its offset
+        cells = torch.arange(10, dtype=torch.float32)
+        place = cells + torch.from_numpy(offset[0, :10, 0])
+        assert torch.allclose(place, cache[0, 0, 0, :10] - frame / 4, atol=1e-5)
+    assert set(np.unique(cache[0, 0].numpy())) <= set(range(12))  # whole cells, never mixed
+    assert np.abs(offset[:, :10]).max() <= 0.5 + 1e-6  # the last column borders the unseen
+    assert not miss[:, :11].any()
 
 
 def _iou(a, b):

@@ -109,6 +109,13 @@ def boxes_to_blocks(boxes: np.ndarray, grid: tuple[int, int], block: int) -> np.
     return out
 
 
+def touched_regions(regions: np.ndarray, touch: np.ndarray) -> np.ndarray:
+    """The connected regions of ``regions`` that share a cell with ``touch``."""
+    labels, _ = ndimage.label(regions)
+    hit = np.unique(labels[touch & regions])
+    return np.isin(labels, hit[hit > 0])
+
+
 def salience_order(misses: np.ndarray, salient: np.ndarray, age: np.ndarray,
                    change: np.ndarray) -> np.ndarray:
     """Flat indices of the missed blocks, most urgent first: blocks overlapping the projected

@@ -25,7 +25,7 @@ from fluxshard.models.ops import PAD_VALUE, padded_shape
 from fluxshard.models.yolo import YOLO11
 from fluxshard.tiles import crops as C
 from fluxshard.tiles.engine import make_engine
-from fluxshard.tiles.warp import field_on_grid, project_boxes, warp_blocks, warp_map
+from fluxshard.tiles.warp import carry_map, field_on_grid, project_boxes, warp_blocks
 
 STRIDES = (8, 16, 32)
 
@@ -35,6 +35,7 @@ class TileStreamState:
     """Everything one stream keeps between frames (the executor itself holds none)."""
 
     maps: list[torch.Tensor] | None = None  # raw head maps (1, no, H/s, W/s), aligned to the last frame
+    offsets: list[np.ndarray] | None = None  # per map (H/s, W/s, 2): sub-cell place of each cell's content
     previous: np.ndarray | None = None  # the last frame (H, W, 3) uint8
     age: np.ndarray | None = None  # frames since each block was last computed (padded block grid)
     deferred: np.ndarray | None = None  # critical blocks the budget pushed to a later frame
@@ -104,13 +105,15 @@ class TileExecutor:
         block older than ``refresh_age`` frames is recomputed with the spare budget.
     unseen_share: a block whose content came from outside the previous frames (a pan's
         entering edge) is critical once this share of it was never computed.
+    whole_objects: a detection (of the last frame, moved by the field) with any critical block
+        is recomputed whole.
     conf: class score above which a cached anchor's box counts as a detection for salience.
     """
 
     def __init__(self, model: YOLO11, *, engine="torch", threshold: float = 8.0, block: int = 16,
                  halo: int = 32, budget: float = 0.45, dense_above: float | None = None,
                  refresh_interval: int = 30, refresh_age: int = 10, refresh_share: float = 0.02,
-                 unseen_share: float = 0.25, conf: float = 0.25, threads: int = 2, clock=time.perf_counter):
+                 unseen_share: float = 0.25, whole_objects: bool = True, conf: float = 0.25, threads: int = 2, clock=time.perf_counter):
         if 32 % block or block % 4:
             raise ValueError(f"block must be a multiple of 4 dividing 32, got {block}")
         if not 0 < budget <= 1 or (dense_above is not None and not 0 < dense_above <= 1):
@@ -127,7 +130,7 @@ class TileExecutor:
         self.budget, self.dense_above = budget, dense_above
         self.refresh_interval, self.refresh_age = refresh_interval, refresh_age
         self.refresh_share, self.conf = refresh_share, conf
-        self.unseen_share = unseen_share
+        self.unseen_share, self.whole_objects = unseen_share, whole_objects
         self.clock = clock
         self.latency = CropLatency()
 
@@ -140,9 +143,13 @@ class TileExecutor:
         x[0, :, :h, :w] = torch.from_numpy(frame).permute(2, 0, 1).float().div_(255.0)
         return x
 
-    def _decode(self, maps: list[torch.Tensor]) -> torch.Tensor:
+    def _decode(self, maps: list[torch.Tensor], offsets: list[np.ndarray]) -> torch.Tensor:
         with torch.inference_mode():
-            return self.head.decode(maps)
+            out = self.head.decode(maps)
+            # each cell's content lies at its sub-cell offset (carry_map): so do its boxes
+            shift = np.concatenate([o.reshape(-1, 2) * s for o, s in zip(offsets, STRIDES)])
+            out[0, :2] += torch.from_numpy(shift.T)
+            return out
 
     def _confident_boxes(self, output: torch.Tensor) -> np.ndarray:
         scores = output[0, 4:].amax(0)
@@ -161,7 +168,7 @@ class TileExecutor:
     def _finish(self, state, frame, maps, report, t0):
         t = self.clock()
         state.maps, state.previous = maps, np.array(frame, copy=True)
-        out = self._decode(maps)
+        out = self._decode(maps, state.offsets)
         state.boxes = self._confident_boxes(out)
         self._stage(report, "decode", t)
         report.seconds = self.clock() - t0
@@ -173,6 +180,7 @@ class TileExecutor:
         self._stage(report, "engine", t)
         self.latency.observe(1.0, report.stages["engine"])
         state.age = np.zeros(grid, np.int32)
+        state.offsets = [np.zeros((*m.shape[2:], 2), np.float32) for m in maps]
         state.unseen = np.zeros(grid, np.float32)
         state.deferred = np.zeros(grid, bool)
         state.frames_since_dense = 0
@@ -206,12 +214,13 @@ class TileExecutor:
         t = self.clock()
         # 1. warp the cached outputs; sources outside a map are misses
         misses = np.zeros(grid, bool)
-        maps = []
-        for s, m in zip(STRIDES, state.maps):
-            warped, miss = warp_map(m, field_on_grid(field, s, tuple(m.shape[2:])))
-            maps.append(warped)
+        maps, offsets = [], []
+        for s, m, o in zip(STRIDES, state.maps, state.offsets):
+            carried, o, miss = carry_map(m, o, field_on_grid(field, s, tuple(m.shape[2:])))
+            maps.append(carried)
+            offsets.append(o)
             if miss.any():
-                misses |= _to_blocks(miss.numpy(), s, self.block, grid)
+                misses |= _to_blocks(miss, s, self.block, grid)
         t = self._stage(report, "warp", t)
         # 2. critical blocks: changed, invalid, out of the map, deferred before
         change, outside = C.changed_blocks(frame, state.previous, field, self.block)
@@ -222,6 +231,11 @@ class TileExecutor:
         misses |= unseen >= self.unseen_share
         misses |= change > self.threshold
         misses |= warp_blocks(state.deferred, field, self.block, True)
+        salient = C.boxes_to_blocks(project_boxes(state.boxes, field), grid, self.block)
+        if self.whole_objects:
+            # a detected object with any critical block is recomputed whole: a crop that cuts
+            # it sees too little of it to place its box
+            misses |= C.touched_regions(salient, misses)
         age = warp_blocks(state.age, field, self.block, 0) + 1
         total = misses.size
         report.critical_fraction = float(misses.mean())
@@ -236,7 +250,6 @@ class TileExecutor:
             return self._dense(state, frame, x, grid, report, t0)
         # 3. salience and budget
         budget_blocks = int(self.budget * total)
-        salient = C.boxes_to_blocks(project_boxes(state.boxes, field), grid, self.block)
         order = C.salience_order(misses, salient, age, change)
         if C.halo_area(misses, halo_blocks) > budget_blocks:
             taken = C.take_within_budget(order, grid, halo_blocks, budget_blocks)
@@ -275,6 +288,7 @@ class TileExecutor:
                     q0, q1 = ix0 // s, -(-ix1 // s)
                     full[0, :, r0:r1, q0:q1] = out[b, :, r0 - c.y0 // s:r1 - c.y0 // s,
                                                    q0 - c.x0 // s:q1 - c.x0 // s]
+                    offsets[STRIDES.index(s)][r0:r1, q0:q1] = 0.0
                 done = (slice(iy0 // self.block, -(-iy1 // self.block)),
                         slice(ix0 // self.block, -(-ix1 // self.block)))
                 age[done], unseen[done] = 0, 0.0
@@ -283,6 +297,7 @@ class TileExecutor:
         if area:
             self.latency.observe(area / (input_hw[0] * input_hw[1]), report.stages["engine"])
         state.age, state.deferred, state.unseen = age, deferred, unseen
+        state.offsets = offsets
         report.crops = len(plan)
         report.crop_area_fraction = area / (input_hw[0] * input_hw[1])
         report.deferred_fraction = float(deferred.mean())

@@ -1,4 +1,5 @@
-"""Warping the cached head maps and per-block bookkeeping with a backward motion field
+"""Carrying the cached head maps (whole cells with their sub-cell place) and per-block
+bookkeeping along a backward motion field
 (docs/CONVENTIONS.md, "Motion fields": pixel (x, y) of the current frame came from (x+dx, y+dy)).
 """
 
@@ -6,7 +7,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from fluxshard.motion.field import MV_BLOCK
 
@@ -27,31 +27,34 @@ def field_on_grid(field: np.ndarray, stride: int, grid: tuple[int, int]) -> np.n
     return padded.reshape(gh, k, gw, k, 2).mean(axis=(1, 3)) / stride
 
 
-def warp_map(cache: torch.Tensor, field_grid: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    """Warp a cached map (1, C, H, W) by a field in grid units (H, W, 2). Returns the warped map
-    and a (H, W) bool miss mask: positions whose source lies outside the map.
+def carry_map(cache: torch.Tensor, offset: np.ndarray, field_grid: np.ndarray
+              ) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """Move a cached map (1, C, H, W) along a field in grid units (H, W, 2) without resampling.
 
-    Whole-cell displacements gather exactly (an integer pan shifts the cache bit for bit);
-    others sample bilinearly (grid_sample, align_corners=True: cell centres at integer
-    coordinates)."""
+    Each cell's content is tracked with its sub-cell ``offset`` (H, W, 2), x then y: the content
+    of cell n lies at n + offset[n]. Every new cell takes the whole content of the old cell
+    nearest to where its source lies, and records where that content now is; decoding shifts
+    each box by its cell's offset. So logits are never blurred (bilinear resampling every
+    frame smears a slowly moving object's class peak until it drops below the threshold) and
+    boxes keep their sub-pixel place. Returns (map, offset, miss): miss marks cells whose
+    source lies outside the map."""
     _, c, h, w = cache.shape
     ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
-    sx = xs + field_grid[..., 0]
-    sy = ys + field_grid[..., 1]
-    # half a cell of slack at the borders: a sub-pixel source by the edge is still inside
-    miss = (sx < -0.5) | (sx > w - 0.5) | (sy < -0.5) | (sy > h - 0.5)
-    miss_t = torch.from_numpy(miss)
-    if np.all(field_grid == np.round(field_grid)):
-        ix = np.clip(sx, 0, w - 1).astype(np.int64)
-        iy = np.clip(sy, 0, h - 1).astype(np.int64)
-        flat = cache.reshape(c, h * w)
-        warped = flat[:, torch.from_numpy(iy * w + ix).reshape(-1)].reshape(1, c, h, w)
-        return warped, miss_t
-    gx = np.clip(sx, 0, w - 1) * (2.0 / max(w - 1, 1)) - 1.0
-    gy = np.clip(sy, 0, h - 1) * (2.0 / max(h - 1, 1)) - 1.0
-    grid = torch.from_numpy(np.stack([gx, gy], -1)[None].astype(np.float32))
-    warped = F.grid_sample(cache, grid, mode="bilinear", padding_mode="border", align_corners=True)
-    return warped, miss_t
+    qx = xs + field_grid[..., 0]
+    qy = ys + field_grid[..., 1]
+    miss = (qx < -0.5) | (qx > w - 0.5) | (qy < -0.5) | (qy > h - 0.5)
+    # the old cell whose content lies nearest the source (its own offset taken into account)
+    # rounding half up everywhere: ties must go one way, or neighbours take the same content
+    ny = np.clip(np.floor(qy + 0.5), 0, h - 1).astype(np.int64)
+    nx = np.clip(np.floor(qx + 0.5), 0, w - 1).astype(np.int64)
+    ox, oy = offset[ny, nx, 0], offset[ny, nx, 1]
+    nx = np.clip(np.floor(qx - ox + 0.5), 0, w - 1).astype(np.int64)
+    ny = np.clip(np.floor(qy - oy + 0.5), 0, h - 1).astype(np.int64)
+    moved = np.stack([nx + offset[ny, nx, 0] - qx, ny + offset[ny, nx, 1] - qy], -1)
+    moved[miss] = 0.0
+    flat = cache.reshape(c, h * w)
+    carried = flat[:, torch.from_numpy(ny * w + nx).reshape(-1)].reshape(1, c, h, w)
+    return carried, moved.astype(np.float32), miss
 
 
 def warp_blocks(values: np.ndarray, field: np.ndarray, block: int, fill) -> np.ndarray:
