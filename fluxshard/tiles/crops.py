@@ -51,22 +51,32 @@ def block_mean(values: np.ndarray, block: int) -> np.ndarray:
     return means.astype(np.float32)
 
 
-def warp_bilinear(image: np.ndarray, field: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def warp_bilinear(image: np.ndarray, field: np.ndarray) -> np.ndarray:
     """``image`` (the previous frame) warped to the current one by the backward field at its
     sub-pixel precision (bilinear; the codec predicts at quarter pixels, so an integer-rounded
-    warp leaves half-pixel errors that flag every textured block of a slow pan). Returns the
-    warped image, whose sources outside the image repeat its border, and the (H, W) float32
-    mask of those outside pixels (1.0 outside)."""
+    warp leaves half-pixel errors that flag every textured block of a slow pan). Sources
+    outside the image repeat its border (``outside_share`` says how much of a block that is)."""
     h, w = image.shape[:2]
     field = np.asarray(field, np.float32)
     per_pixel = cv2.resize(field, (field.shape[1] * MV_BLOCK, field.shape[0] * MV_BLOCK),
                            interpolation=cv2.INTER_NEAREST)[:h, :w]
     xs, ys = _pixel_grid(h, w)
-    map_x, map_y = xs + per_pixel[..., 0], ys + per_pixel[..., 1]
-    warped = cv2.remap(np.ascontiguousarray(image), map_x, map_y, cv2.INTER_LINEAR,
-                       borderMode=cv2.BORDER_REPLICATE)
-    outside = ((map_x < 0) | (map_x > w - 1) | (map_y < 0) | (map_y > h - 1)).astype(np.float32)
-    return warped, outside
+    return cv2.remap(np.ascontiguousarray(image), xs + per_pixel[..., 0], ys + per_pixel[..., 1],
+                     cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+
+
+def outside_share(field: np.ndarray, height: int, width: int, block: int) -> np.ndarray:
+    """Per ``block``: the share of its pixels whose source (pixel + vector) lies outside the
+    previous frame, from each 4x4 motion block's vector (the share of its columns and rows
+    that fall outside)."""
+    field = np.asarray(field, np.float32)
+    hb, wb = field.shape[:2]
+    x0 = (np.arange(wb, dtype=np.float32) * MV_BLOCK)[None, :] + field[..., 0]
+    y0 = (np.arange(hb, dtype=np.float32) * MV_BLOCK)[:, None] + field[..., 1]
+    out_x = np.clip(-x0 / MV_BLOCK, 0, 1) + np.clip((x0 + MV_BLOCK - width) / MV_BLOCK, 0, 1)
+    out_y = np.clip(-y0 / MV_BLOCK, 0, 1) + np.clip((y0 + MV_BLOCK - height) / MV_BLOCK, 0, 1)
+    outside = 1.0 - (1.0 - np.minimum(out_x, 1)) * (1.0 - np.minimum(out_y, 1))
+    return block_mean(outside, block // MV_BLOCK)
 
 
 @functools.lru_cache(maxsize=8)
@@ -86,9 +96,8 @@ def changed_blocks(frame: np.ndarray, previous: np.ndarray, field: np.ndarray, b
     if not np.any(field):
         change = block_mean_abs_diff(frame, previous, block)
         return change, np.zeros_like(change)
-    warped, outside = warp_bilinear(previous, field)
-    return (block_mean_abs_diff(frame, warped, block),
-            block_mean(outside, block))
+    return (block_mean_abs_diff(frame, warp_bilinear(previous, field), block),
+            outside_share(field, *frame.shape[:2], block))
 
 
 def pad_grid(mask: np.ndarray, shape: tuple[int, int], fill=False) -> np.ndarray:
@@ -99,14 +108,18 @@ def pad_grid(mask: np.ndarray, shape: tuple[int, int], fill=False) -> np.ndarray
 
 
 def boxes_to_blocks(boxes: np.ndarray, grid: tuple[int, int], block: int) -> np.ndarray:
-    """(grid) bool: blocks overlapping any xyxy box."""
-    out = np.zeros(grid, bool)
-    for x1, y1, x2, y2 in np.asarray(boxes, np.float32).reshape(-1, 4):
-        c0, r0 = max(int(x1 // block), 0), max(int(y1 // block), 0)
-        c1, r1 = int(np.ceil(x2 / block)), int(np.ceil(y2 / block))
-        if c1 > c0 and r1 > r0:
-            out[r0:r1, c0:c1] = True
-    return out
+    """(grid) bool: blocks overlapping any xyxy box (a summed-area mark of every box at once)."""
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    h, w = grid
+    c0 = np.clip(np.floor(boxes[:, 0] / block), 0, w).astype(np.int64)
+    r0 = np.clip(np.floor(boxes[:, 1] / block), 0, h).astype(np.int64)
+    c1 = np.clip(np.ceil(boxes[:, 2] / block), 0, w).astype(np.int64)
+    r1 = np.clip(np.ceil(boxes[:, 3] / block), 0, h).astype(np.int64)
+    keep = (c1 > c0) & (r1 > r0)
+    marks = np.zeros((h + 1, w + 1), np.int64)
+    for rows, cols, sign in ((r0, c0, 1), (r0, c1, -1), (r1, c0, -1), (r1, c1, 1)):
+        np.add.at(marks, (rows[keep], cols[keep]), sign)
+    return marks.cumsum(0).cumsum(1)[:h, :w] > 0
 
 
 def touched_regions(regions: np.ndarray, touch: np.ndarray) -> np.ndarray:
@@ -190,6 +203,36 @@ def _tight(mask: np.ndarray, r0: int, c0: int, r1: int, c1: int):
     return r0 + rows[0], c0 + cols[0], r0 + rows[-1] + 1, c0 + cols[-1] + 1
 
 
+def _cut_costs(m: np.ndarray):
+    """For every cut between rows k-1 and k of ``m`` that leaves set cells on both sides: the
+    cost (summed bounding-box area, then minus the fuller part's fill and size, for ties) and
+    k. Vectorized over the cuts: bounding boxes come from running ORs from either end."""
+    n, w = m.shape
+    if n < 2:
+        return []
+    rows = m.any(1)
+    idx = np.arange(n)
+    last_above = np.maximum.accumulate(np.where(rows, idx, -1))  # [k]: last set row <= k
+    first_below = np.minimum.accumulate(np.where(rows, idx, n)[::-1])[::-1]  # first set row >= k
+    top, bottom = int(np.argmax(rows)), n - 1 - int(np.argmax(rows[::-1]))
+    cols_top = np.logical_or.accumulate(m, axis=0)[:-1]  # cut k: columns set in rows < k
+    cols_bot = np.logical_or.accumulate(m[::-1], axis=0)[::-1][1:]  # ... in rows >= k
+    k = np.arange(1, n)
+    ok = (last_above[:-1] >= 0) & (first_below[1:] < n)
+    width = lambda c: w - np.argmax(c[:, ::-1], axis=1) - np.argmax(c, axis=1)  # noqa: E731
+    a_area = (last_above[:-1] - top + 1) * width(cols_top)
+    b_area = (bottom - first_below[1:] + 1) * width(cols_bot)
+    count = np.cumsum(m.sum(1))
+    a_n, b_n = count[:-1], count[-1] - count[:-1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        a_fill, b_fill = a_n / a_area, b_n / b_area
+    a_wins = (a_fill > b_fill) | ((a_fill == b_fill) & (a_area >= b_area))
+    fill = np.where(a_wins, a_fill, b_fill)
+    size = np.where(a_wins, a_area, b_area)
+    return [((int(a_area[i] + b_area[i]), -float(fill[i]), -int(size[i])), int(k[i]))
+            for i in np.flatnonzero(ok)]
+
+
 def split_rectangles(mask: np.ndarray, min_fill: float = MIN_FILL) -> list[tuple[int, int, int, int]]:
     """Cover ``mask``'s set cells with rectangles (r0, c0, r1, c1) each filled at least
     ``min_fill`` or a single row/column: a rectangle that is too empty (an L-shaped edge strip
@@ -204,22 +247,16 @@ def split_rectangles(mask: np.ndarray, min_fill: float = MIN_FILL) -> list[tuple
             out.append((r0, c0, r1, c1))
             continue
         best, parts = None, None
+        sub = mask[r0:r1, c0:c1]
         for axis in (0, 1):
-            lo, hi = (r0, r1) if axis == 0 else (c0, c1)
-            for cut in range(lo + 1, hi):
-                if axis == 0:
-                    a, b = _tight(mask, r0, c0, cut, c1), _tight(mask, cut, c0, r1, c1)
-                else:
-                    a, b = _tight(mask, r0, c0, r1, cut), _tight(mask, r0, cut, r1, c1)
-                if a is None or b is None:
-                    continue
-                areas = [(q[2] - q[0]) * (q[3] - q[1]) for q in (a, b)]
-                # least total area; on ties (a ring's bands) the cut leaving the fuller part
-                fill, size = max((mask[q[0]:q[2], q[1]:q[3]].sum() / n, n)
-                                 for q, n in zip((a, b), areas))
-                cost = (sum(areas), -fill, -size)
+            m = sub if axis == 0 else sub.T  # cut between rows of m
+            for cost, cut in _cut_costs(m):
                 if best is None or cost < best:
-                    best, parts = cost, (a, b)
+                    best = cost
+                    if axis == 0:
+                        parts = (_tight(mask, r0, c0, r0 + cut, c1), _tight(mask, r0 + cut, c0, r1, c1))
+                    else:
+                        parts = (_tight(mask, r0, c0, r1, c0 + cut), _tight(mask, r0, c0 + cut, r1, c1))
         if parts is None:
             out.append((r0, c0, r1, c1))
         else:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field as dc_field
 
+import cv2
 import numpy as np
 import torch
 
@@ -36,7 +37,7 @@ class TileStreamState:
 
     maps: list[torch.Tensor] | None = None  # raw head maps (1, no, H/s, W/s), aligned to the last frame
     offsets: list[np.ndarray] | None = None  # per map (H/s, W/s, 2): sub-cell place of each cell's content
-    previous: np.ndarray | None = None  # the last frame (H, W, 3) uint8
+    previous: np.ndarray | None = None  # the last frame's luma (H, W) uint8
     age: np.ndarray | None = None  # frames since each block was last computed (padded block grid)
     deferred: np.ndarray | None = None  # critical blocks the budget pushed to a later frame
     unseen: np.ndarray | None = None  # share of each block's content never computed (edges)
@@ -88,6 +89,12 @@ class CropLatency:
         return area_share * self.ratio >= 1.0
 
 
+def luma(frame: np.ndarray) -> np.ndarray:
+    """(H, W) uint8 luma of an RGB frame: the change test's input (the codec's residual is
+    dominated by luma, and one channel is a third of the work)."""
+    return cv2.cvtColor(np.ascontiguousarray(frame), cv2.COLOR_RGB2GRAY)
+
+
 class TileExecutor:
     """Tile-batched approximate inference of a YOLO11 detect model (see the module doc).
 
@@ -136,12 +143,24 @@ class TileExecutor:
 
     # -- helpers -------------------------------------------------------------------------------
     @staticmethod
-    def model_input(frame: np.ndarray, input_hw: tuple[int, int]) -> torch.Tensor:
-        """(1, 3, H', W') float in [0, 1], padded bottom/right with grey (as preprocess)."""
+    def padded_frame(frame: np.ndarray, input_hw: tuple[int, int]) -> np.ndarray:
+        """(H', W', 3) uint8: the frame padded bottom/right with grey (as preprocess)."""
         h, w = frame.shape[:2]
-        x = torch.full((1, 3, *input_hw), PAD_VALUE / 255.0)
-        x[0, :, :h, :w] = torch.from_numpy(frame).permute(2, 0, 1).float().div_(255.0)
-        return x
+        if (h, w) == tuple(input_hw):
+            return frame
+        return cv2.copyMakeBorder(np.ascontiguousarray(frame), 0, input_hw[0] - h, 0,
+                                  input_hw[1] - w, cv2.BORDER_CONSTANT, value=(PAD_VALUE,) * 3)
+
+    @staticmethod
+    def batch_input(crops: list[np.ndarray]) -> torch.Tensor:
+        """Equally sized uint8 (h, w, 3) crops -> the engine's (B, 3, h, w) float in [0, 1]."""
+        batch = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2)
+        return batch.float().div_(255.0).contiguous()
+
+    @classmethod
+    def model_input(cls, frame: np.ndarray, input_hw: tuple[int, int]) -> torch.Tensor:
+        """(1, 3, H', W') float in [0, 1], padded bottom/right with grey (as preprocess)."""
+        return cls.batch_input([cls.padded_frame(frame, input_hw)])
 
     def _decode(self, maps: list[torch.Tensor], offsets: list[np.ndarray]) -> torch.Tensor:
         with torch.inference_mode():
@@ -167,16 +186,16 @@ class TileExecutor:
 
     def _finish(self, state, frame, maps, report, t0):
         t = self.clock()
-        state.maps, state.previous = maps, np.array(frame, copy=True)
+        state.maps, state.previous = maps, luma(frame)
         out = self._decode(maps, state.offsets)
         state.boxes = self._confident_boxes(out)
         self._stage(report, "decode", t)
         report.seconds = self.clock() - t0
         return out, report
 
-    def _dense(self, state, frame, x, grid, report, t0):
+    def _dense(self, state, frame, padded, grid, report, t0):
         t = self.clock()
-        maps = self.engine(x)
+        maps = self.engine(self.batch_input([padded]))
         self._stage(report, "engine", t)
         self.latency.observe(1.0, report.stages["engine"])
         state.age = np.zeros(grid, np.int32)
@@ -200,16 +219,16 @@ class TileExecutor:
         h, w = frame.shape[:2]
         input_hw = padded_shape(h, w)
         grid = (input_hw[0] // self.block, input_hw[1] // self.block)
-        x = self.model_input(frame, input_hw)
+        padded = self.padded_frame(frame, input_hw)
         report = TileReport(key=key)
         if (key or field is None or state.maps is None or state.previous is None
-                or state.previous.shape != frame.shape):
+                or state.previous.shape != frame.shape[:2]):
             report.key = True
-            return self._dense(state, frame, x, grid, report, t0)
+            return self._dense(state, frame, padded, grid, report, t0)
         state.frames_since_dense += 1
         if state.frames_since_dense >= self.refresh_interval:
             report.refresh, report.refresh_fraction = True, 1.0
-            return self._dense(state, frame, x, grid, report, t0)
+            return self._dense(state, frame, padded, grid, report, t0)
 
         t = self.clock()
         # 1. warp the cached outputs; sources outside a map are misses
@@ -223,7 +242,7 @@ class TileExecutor:
                 misses |= _to_blocks(miss, s, self.block, grid)
         t = self._stage(report, "warp", t)
         # 2. critical blocks: changed, invalid, out of the map, deferred before
-        change, outside = C.changed_blocks(frame, state.previous, field, self.block)
+        change, outside = C.changed_blocks(luma(frame), state.previous, field, self.block)
         change = C.pad_grid(change, grid, 0.0)
         # content never seen (the entering edge of a pan) accumulates until it fills a share
         # of the block: a slow pan recomputes its edge every few frames, not every frame
@@ -247,7 +266,7 @@ class TileExecutor:
         every_area = sum(c.h * c.w for c in every) / (input_hw[0] * input_hw[1])
         if (every_area > self.dense_above if self.dense_above is not None
                 else self.latency.dense_is_cheaper(every_area)):
-            return self._dense(state, frame, x, grid, report, t0)
+            return self._dense(state, frame, padded, grid, report, t0)
         # 3. salience and budget
         budget_blocks = int(self.budget * total)
         order = C.salience_order(misses, salient, age, change)
@@ -272,14 +291,15 @@ class TileExecutor:
             refreshed = with_refresh & ~taken
             taken = with_refresh
         # 5. crops, batched per size; each crop's interior goes into the warped cache
-        plan = C.plan_crops(taken, self.block, self.halo, input_hw)
+        plan = every if np.array_equal(taken, misses) else \
+            C.plan_crops(taken, self.block, self.halo, input_hw)
         t = self._stage(report, "plan", t)
         by_size: dict[tuple[int, int], list[C.Crop]] = {}
         for crop in plan:
             by_size.setdefault((crop.h, crop.w), []).append(crop)
         area = 0
         for (ch, cw), group in by_size.items():
-            batch = torch.cat([x[:, :, c.y0:c.y0 + ch, c.x0:c.x0 + cw] for c in group])
+            batch = self.batch_input([padded[c.y0:c.y0 + ch, c.x0:c.x0 + cw] for c in group])
             outs = self.engine(batch)
             for b, c in enumerate(group):
                 iy0, ix0, iy1, ix1 = c.interior

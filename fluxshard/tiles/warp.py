@@ -5,6 +5,9 @@ bookkeeping along a backward motion field
 
 from __future__ import annotations
 
+import functools
+
+import cv2
 import numpy as np
 import torch
 
@@ -22,9 +25,18 @@ def field_on_grid(field: np.ndarray, stride: int, grid: tuple[int, int]) -> np.n
         raise ValueError(f"stride must be a multiple of {MV_BLOCK}, got {stride}")
     gh, gw = grid
     hb, wb = field.shape[:2]
-    padded = np.zeros((gh * k, gw * k, 2), np.float32)
-    padded[:min(hb, gh * k), :min(wb, gw * k)] = field[:gh * k, :gw * k]
-    return padded.reshape(gh, k, gw, k, 2).mean(axis=(1, 3)) / stride
+    if (hb, wb) != (gh * k, gw * k):
+        padded = np.zeros((gh * k, gw * k, 2), np.float32)
+        padded[:min(hb, gh * k), :min(wb, gw * k)] = field[:gh * k, :gw * k]
+        field = padded
+    # INTER_AREA at an integer factor is the exact window mean
+    return cv2.resize(field, (gw, gh), interpolation=cv2.INTER_AREA) * (1.0 / stride)
+
+
+@functools.lru_cache(maxsize=16)
+def _cell_grid(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
+    return ys, xs
 
 
 def carry_map(cache: torch.Tensor, offset: np.ndarray, field_grid: np.ndarray
@@ -39,7 +51,9 @@ def carry_map(cache: torch.Tensor, offset: np.ndarray, field_grid: np.ndarray
     boxes keep their sub-pixel place. Returns (map, offset, miss): miss marks cells whose
     source lies outside the map."""
     _, c, h, w = cache.shape
-    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
+    if not field_grid.any() and not offset.any():  # nothing moved: the cache as it is
+        return cache, offset, np.zeros((h, w), bool)
+    ys, xs = _cell_grid(h, w)
     qx = xs + field_grid[..., 0]
     qy = ys + field_grid[..., 1]
     miss = (qx < -0.5) | (qx > w - 0.5) | (qy < -0.5) | (qy > h - 0.5)
@@ -52,8 +66,8 @@ def carry_map(cache: torch.Tensor, offset: np.ndarray, field_grid: np.ndarray
     ny = np.clip(np.floor(qy - oy + 0.5), 0, h - 1).astype(np.int64)
     moved = np.stack([nx + offset[ny, nx, 0] - qx, ny + offset[ny, nx, 1] - qy], -1)
     moved[miss] = 0.0
-    flat = cache.reshape(c, h * w)
-    carried = flat[:, torch.from_numpy(ny * w + nx).reshape(-1)].reshape(1, c, h, w)
+    index = torch.from_numpy((ny * w + nx).reshape(-1))
+    carried = cache.reshape(c, h * w).index_select(1, index).reshape(1, c, h, w)
     return carried, moved.astype(np.float32), miss
 
 
