@@ -37,7 +37,8 @@ class TileStreamState:
 
     maps: list[torch.Tensor] | None = None  # raw head maps (1, no, H/s, W/s), aligned to the last frame
     offsets: list[np.ndarray] | None = None  # per map (H/s, W/s, 2): sub-cell place of each cell's content
-    previous: np.ndarray | None = None  # the last frame (H, W, 3) uint8
+    previous: np.ndarray | None = None  # the last frame, downsampled for the change test
+    shape: tuple | None = None  # the last frame's (H, W, 3)
     age: np.ndarray | None = None  # frames since each block was last computed (padded block grid)
     deferred: np.ndarray | None = None  # critical blocks the budget pushed to a later frame
     unseen: np.ndarray | None = None  # share of each block's content never computed (edges)
@@ -180,7 +181,8 @@ class TileExecutor:
 
     def _finish(self, state, frame, maps, report, t0):
         t = self.clock()
-        state.maps, state.previous = maps, np.array(frame, copy=True)
+        state.maps, state.previous = maps, C.downsample(frame, C.CHANGE_SCALE)
+        state.shape = frame.shape
         out = self._decode(maps, state.offsets)
         state.boxes = self._confident_boxes(out)
         self._stage(report, "decode", t)
@@ -216,7 +218,7 @@ class TileExecutor:
         padded = self.padded_frame(frame, input_hw)
         report = TileReport(key=key)
         if (key or field is None or state.maps is None or state.previous is None
-                or state.previous.shape != frame.shape):
+                or state.shape != frame.shape):
             report.key = True
             return self._dense(state, frame, padded, grid, report, t0)
         state.frames_since_dense += 1
@@ -236,7 +238,8 @@ class TileExecutor:
                 misses |= _to_blocks(miss, s, self.block, grid)
         t = self._stage(report, "warp", t)
         # 2. critical blocks: changed, invalid, out of the map, deferred before
-        change, outside = C.changed_blocks(frame, state.previous, field, self.block)
+        change, outside = C.changed_blocks(C.downsample(frame, C.CHANGE_SCALE), state.previous,
+                                           field, self.block)
         change = C.pad_grid(change, grid, 0.0)
         # content never seen (the entering edge of a pan) accumulates until it fills a share
         # of the block: a slow pan recomputes its edge every few frames, not every frame
