@@ -42,7 +42,7 @@ from fluxshard.models.dense import best_dense_runner
 from fluxshard.models.ops import padded_shape
 from fluxshard.footage import camera_stream
 from fluxshard.motion import EdgePath, iter_motion
-from fluxshard.motion.decode import frame_rgb, open_source
+from fluxshard.motion.decode import decode_rgb_only, open_source
 from fluxshard.sparse import SparseExecutor, StreamState
 from fluxshard.tau import tau_argument
 from fluxshard.tiles import TileExecutor, TileStreamState
@@ -60,18 +60,6 @@ def as_tensor(out):
     return torch.from_numpy(out) if isinstance(out, np.ndarray) else out
 
 
-def decode_frames(video: Path) -> int:
-    """Decode and convert to RGB as iter_motion does, no motion: the floor every path pays."""
-    container, stream = open_source(video)
-    stream.codec_context.thread_count = 1
-    n = 0
-    with container:
-        for frame in container.decode(stream):
-            frame_rgb(frame)
-            n += 1
-    return n
-
-
 def motion_overhead_ms(video: Path, repeats: int = 2) -> dict[str, float]:
     """Per-frame ms the motion layer adds beyond decoding, for the trusted codec field (what the
     tile executor consumes: its own change test catches wrong vectors) and the validated one
@@ -81,7 +69,7 @@ def motion_overhead_ms(video: Path, repeats: int = 2) -> dict[str, float]:
         for name in best:
             t = time.perf_counter()
             if name == "decode":
-                n = decode_frames(video)
+                n = decode_rgb_only(video)
             else:
                 n = sum(1 for _ in iter_motion(video, validate=name == "validated"))
             best[name] = min(best[name], 1e3 * (time.perf_counter() - t) / n)

@@ -39,22 +39,11 @@ from fluxshard import synth  # noqa: E402
 from fluxshard.motion import EndpointState, iter_motion  # noqa: E402
 from fluxshard.motion import decode as motion_decode  # noqa: E402
 from fluxshard.motion import validation  # noqa: E402
-from fluxshard.motion.decode import open_source  # noqa: E402
+from fluxshard.motion.decode import decode_rgb_only, open_source  # noqa: E402
 
 SIZES = ((640, 384), (1280, 720))
 THRESHOLD = 40
 RESET_EVERY = 10
-
-
-def decode_only(video: Path) -> int:
-    container, stream = open_source(video)
-    stream.codec_context.thread_count = 1
-    n = 0
-    with container:
-        for frame in container.decode(stream):
-            frame.to_ndarray(format="rgb24")
-            n += 1
-    return n
 
 
 def motion_pipeline(video: Path, validate: bool) -> int:
@@ -211,11 +200,11 @@ def main(argv: list[str] | None = None) -> int:
             multi = synth.make_clip(spec, tmp, ref=4, name=f"x264ref4-{width}")
             hevc = synth.make_clip(spec, tmp, codec="libx265", name=f"hevc-{width}")
             size = f"{width}x{height}"
-            jobs += [(size, "decode only (x264)", decode_only, single.video),
+            jobs += [(size, "decode only (x264)", decode_rgb_only, single.video),
                      (size, "codec (trusted)", lambda v: motion_pipeline(v, False), single.video),
                      (size, "codec (validated)", lambda v: motion_pipeline(v, True), single.video),
                      (size, "multi-ref validated", lambda v: motion_pipeline(v, True), multi.video),
-                     (size, "decode only (HEVC)", decode_only, hevc.video),
+                     (size, "decode only (HEVC)", decode_rgb_only, hevc.video),
                      (size, "block matching (HEVC)", lambda v: motion_pipeline(v, True),
                       hevc.video)]
             if not stage_jobs:

@@ -165,6 +165,21 @@ def frame_rgb(frame) -> np.ndarray:
     return frame.to_ndarray(format="rgb24", interpolation=_exact_interpolation(), threads=1)
 
 
+def decode_rgb_only(source: str | Path, threads: int = 1) -> int:
+    """Decode ``source`` and convert every frame to RGB as ``iter_motion`` does, without motion
+    vectors: the floor every motion path pays (benchmarks time the motion layer against it).
+    Returns the number of frames."""
+    container, stream = open_source(source)
+    stream.codec_context.thread_count = threads
+    to_rgb = RGBConverter()
+    n = 0
+    with container:
+        for frame in container.decode(stream):
+            to_rgb(frame)
+            n += 1
+    return n
+
+
 def _luma(frame) -> np.ndarray:
     """The Y plane as (H, W) uint8 without a colour conversion when the frame is planar YUV."""
     if frame.format.name in ("yuv420p", "yuvj420p", "yuv422p", "yuvj422p", "yuv444p", "yuvj444p"):
@@ -264,4 +279,4 @@ def iter_motion(source: str | Path, *, validate: bool = True, radius: int = DEFA
 
 
 __all__ = ["MotionFrame", "MotionSourceError", "MOTION_SOURCES", "RGBConverter", "codec_field",
-           "frame_rgb", "iter_motion", "open_source"]
+           "decode_rgb_only", "frame_rgb", "iter_motion", "open_source"]
