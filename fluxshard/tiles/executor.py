@@ -15,6 +15,7 @@ resampled); accuracy is measured against dense by perf/bench_executors.py.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field as dc_field
 
@@ -35,7 +36,7 @@ STRIDES = (8, 16, 32)
 class TileStreamState:
     """Everything one stream keeps between frames (the executor itself holds none)."""
 
-    maps: list[torch.Tensor] | None = None  # raw head maps (1, no, H/s, W/s), aligned to the last frame
+    maps: list[torch.Tensor] | None = None  # decoded head maps relative to each cell (1, 4 + nc, H/s, W/s)
     offsets: list[np.ndarray] | None = None  # per map (H/s, W/s, 2): sub-cell place of each cell's content
     previous: np.ndarray | None = None  # the last frame, downsampled for the change test
     shape: tuple | None = None  # the last frame's (H, W, 3)
@@ -157,13 +158,30 @@ class TileExecutor:
         """(1, 3, H', W') float in [0, 1], padded bottom/right with grey (as preprocess)."""
         return cls.batch_input([cls.padded_frame(frame, input_hw)])
 
-    def _decode(self, maps: list[torch.Tensor], offsets: list[np.ndarray]) -> torch.Tensor:
-        with torch.inference_mode():
-            out = self.head.decode(maps)
-            # each cell's content lies at its sub-cell offset (carry_map): so do its boxes
-            shift = np.concatenate([o.reshape(-1, 2) * s for o, s in zip(offsets, STRIDES)])
-            out[0, :2] += torch.from_numpy(shift.T)
-            return out
+    def _relative(self, maps: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Raw head maps (B, 4*reg_max + nc, h, w) -> decoded per cell, relative to the cell:
+        (B, 4 + nc, h, w) with the box centre's offset from the cell's anchor and the box size in
+        pixels, and sigmoid class scores. What the cache holds: a cell's values stay right
+        wherever the cell is carried, and only computed cells are ever decoded."""
+        head, out = self.head, []
+        for m, s in zip(maps, STRIDES):
+            b, _, h, w = m.shape
+            box, cls = m.reshape(b, head.no, h * w).split((head.reg_max * 4, head.nc), 1)
+            lt, rb = head.dfl(box).chunk(2, 1)
+            rel = torch.cat(((rb - lt) * (s / 2), (lt + rb) * s, cls.sigmoid()), 1)
+            out.append(rel.reshape(b, 4 + head.nc, h, w))
+        return out
+
+    @staticmethod
+    def _assemble(maps: list[torch.Tensor], offsets: list[np.ndarray]) -> torch.Tensor:
+        """The model's eval output (1, 4 + nc, A) from the relative cache: each box centre is
+        its cell's anchor plus the cell's sub-cell offset (carry_map) plus its own offset."""
+        channels = maps[0].shape[1]
+        out = torch.cat([m.reshape(channels, -1) for m in maps], 1)
+        shift = np.concatenate([(_anchor_grid(*o.shape[:2]) + o).reshape(-1, 2) * s
+                                for o, s in zip(offsets, STRIDES)])
+        out[:2] += torch.from_numpy(shift.T)
+        return out[None]
 
     def _confident_boxes(self, output: torch.Tensor) -> np.ndarray:
         scores = output[0, 4:].amax(0)
@@ -183,7 +201,7 @@ class TileExecutor:
         t = self.clock()
         state.maps, state.previous = maps, C.downsample(frame, C.CHANGE_SCALE)
         state.shape = frame.shape
-        out = self._decode(maps, state.offsets)
+        out = self._assemble(maps, state.offsets)
         state.boxes = self._confident_boxes(out)
         self._stage(report, "decode", t)
         report.seconds = self.clock() - t0
@@ -191,7 +209,7 @@ class TileExecutor:
 
     def _dense(self, state, frame, padded, grid, report, t0):
         t = self.clock()
-        maps = self.engine(self.batch_input([padded]))
+        maps = self._relative(self.engine(self.batch_input([padded])))
         self._stage(report, "engine", t)
         self.latency.observe(1.0, report.stages["engine"])
         state.age = np.zeros(grid, np.int32)
@@ -208,6 +226,11 @@ class TileExecutor:
         """Infer one frame: ``frame`` (H, W, 3) uint8 RGB; ``field`` the backward motion field
         from the frame this stream last ran on (None on a key frame). Returns (eval output
         (1, 4 + nc, A), TileReport)."""
+        # the cached maps are written in place frame after frame: all under inference mode
+        with torch.inference_mode():
+            return self._run(state, frame, field, key)
+
+    def _run(self, state, frame, field, key):
         t0 = self.clock()
         frame = np.asarray(frame)
         if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
@@ -297,7 +320,7 @@ class TileExecutor:
         area = 0
         for (ch, cw), group in by_size.items():
             batch = self.batch_input([padded[c.y0:c.y0 + ch, c.x0:c.x0 + cw] for c in group])
-            outs = self.engine(batch)
+            outs = self._relative(self.engine(batch))
             for b, c in enumerate(group):
                 iy0, ix0, iy1, ix1 = c.interior
                 for s, full, out in zip(STRIDES, maps, outs):
@@ -320,6 +343,13 @@ class TileExecutor:
         report.deferred_fraction = float(deferred.mean())
         report.refresh_fraction = float(refreshed.mean())
         return self._finish(state, frame, maps, report, t0)
+
+
+@functools.lru_cache(maxsize=16)
+def _anchor_grid(h: int, w: int) -> np.ndarray:
+    """(h, w, 2) anchor centres in cell units, x then y (the model's: cell + 0.5)."""
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
+    return np.stack([xs + 0.5, ys + 0.5], -1)
 
 
 def _to_blocks(mask: np.ndarray, stride: int, block: int, grid: tuple[int, int]) -> np.ndarray:
