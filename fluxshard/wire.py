@@ -30,6 +30,15 @@ and the body is zlib'ed as a whole. JPEG is lossy, so the edge's mirror of the c
 apply the *decoded* payload (``decode_request(payload)``), which the client does; both ends then
 hold the same pixels, and the digest check catches any decoder that disagrees (resync).
 
+``H264`` (:mod:`fluxshard.uplink_h264`): the body is ``packet_seq u32 | one H.264 packet`` (Annex
+B, not zlib'ed: it is entropy-coded already). The key flag marks an IDR (``packet_seq`` 0); a
+P-frame's ``packet_seq`` counts the encoder's packets since that IDR, so the receiver's decoder
+sees a lost or repeated packet and asks for a resync. The header is unchanged (wire version 2): a
+peer that predates the codec refuses it as an unknown codec. The receiver decodes with its
+stream's own decoder and fills in the request's frame, field (the decoder's vectors) and mask
+(intra-coded blocks) in :meth:`fluxshard.serving.receive.ReceiveState.apply`; the edge runs the
+same decoder on its own packets for its mirror.
+
 Loss (lossless codecs): the motion field travels as int16 quarter-pel (``round(4 d) / 4``), the only lossy step.
 The receiver must apply exactly the field the edge's mirror applies, so the edge quantizes its field
 with :func:`quantize_field` *before* it aligns its mirror and picks residual blocks; then both ends
@@ -78,13 +87,20 @@ class Codec(enum.IntEnum):
     RAW = 0  # no compression (debugging, or links where CPU is scarcer than bytes)
     ZLIB = 1
     JPEG = 2  # pixels as JPEG (lossy: mirror the decoded payload), field and bitmap zlib'ed
+    H264 = 3  # one H.264 packet per frame, decoded by a per-stream decoder (stateful)
 
     @property
     def lossy(self) -> bool:
-        return self == Codec.JPEG
+        return self in (Codec.JPEG, Codec.H264)
+
+    @property
+    def compressed_body(self) -> bool:
+        """Whether the body is zlib'ed (RAW and H.264 bodies travel as they are)."""
+        return self not in (Codec.RAW, Codec.H264)
 
 
 JPEG_QUALITY = 90
+PACKET_SEQ = struct.Struct("<I")  # H264 body prefix: packets since the last IDR
 MOSAIC_COLUMNS = 32  # residual tiles per mosaic row (JPEG codec)
 
 
@@ -110,6 +126,9 @@ class Request:
     tiles: np.ndarray | None = None
     wire_bytes: int = 0
     tau: float = 0.0  # on the [0, 1] input scale, a multiple of 1/255 (fluxshard.tau)
+    codec: Codec = Codec.ZLIB
+    packet: bytes | None = None  # H264: the packet, until the receiver's decoder fills frame/field
+    packet_seq: int = 0  # H264: packets since the last IDR (0 on the IDR)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -220,6 +239,22 @@ def encode_residual_frame(frame: np.ndarray, field: np.ndarray, residual_mask: n
     return _header(0, codec, block, frame_index, h, w, raw, tau)
 
 
+def encode_h264_frame(packet: bytes, frame_index: int, height: int, width: int, key: bool,
+                      packet_seq: int, block: int = 16, tau: float = 0.0) -> bytes:
+    """One H.264 packet (an IDR when ``key``) of a ``height`` x ``width`` frame; ``packet_seq``:
+    the encoder's packets since that IDR (0 on it)."""
+    _check_block(block)
+    if not (0 < height <= MAX_SIDE and 0 < width <= MAX_SIDE and height * width <= MAX_PIXELS):
+        raise ValueError(f"frame {height}x{width} is outside the wire's limits")
+    if not packet:
+        raise ValueError("an H.264 frame needs a non-empty packet")
+    if not 0 <= packet_seq < 2**32 or (key and packet_seq != 0) or (not key and packet_seq == 0):
+        raise ValueError(f"packet_seq {packet_seq} does not fit a {'key' if key else 'P'} frame "
+                         "(0 exactly on IDRs)")
+    raw = PACKET_SEQ.pack(packet_seq) + bytes(packet)
+    return _header(FLAG_KEY if key else 0, Codec.H264, block, frame_index, height, width, raw, tau)
+
+
 def _mosaic(tiles: np.ndarray) -> np.ndarray:
     """(N, b, b, 3) tiles -> one image of whole tiles, MOSAIC_COLUMNS a row, zero-filled (tiles
     of 16 px are whole JPEG MCUs, so one tile's pixels never bleed into another's)."""
@@ -278,7 +313,7 @@ def _header(flags, codec, block, frame_index, h, w, raw: bytes, tau: float = 0.0
         raise ValueError(f"frame index {frame_index} out of range")
     levels = tau_levels(quantize_tau(tau))  # refuses a tau off the [0, 1] scale
     codec = Codec(codec)
-    body = zlib.compress(raw, ZLIB_LEVEL) if codec != Codec.RAW else raw
+    body = zlib.compress(raw, ZLIB_LEVEL) if codec.compressed_body else raw
     return HEADER.pack(MAGIC, VERSION, flags, int(codec), block, levels, frame_index, h, w, len(body),
                        len(raw), zlib.crc32(raw)) + body
 
@@ -339,6 +374,8 @@ def peek_header(payload: bytes) -> dict:
 
 
 def max_raw_len(h: int, w: int, block: int, key: bool, codec: Codec) -> int:
+    if codec == Codec.H264:  # one coded picture never needs more than its raw RGB (+ headers)
+        return PACKET_SEQ.size + h * w * 3 + 4096
     # a JPEG of noise at high quality can exceed the raw pixels; never by 2x (+ headers)
     pixels = (lambda n: 2 * n + 4096) if codec.lossy else (lambda n: n)
     if key:
@@ -357,10 +394,18 @@ def decode_request(payload: bytes | bytearray | memoryview | np.ndarray) -> Requ
     body = payload[HEADER_SIZE:]
     h, w, block = hdr["height"], hdr["width"], hdr["block"]
     common = dict(frame_index=hdr["frame_index"], height=h, width=w, block=block, key=hdr["key"],
-                  wire_bytes=len(payload), tau=hdr["tau"])
+                  wire_bytes=len(payload), tau=hdr["tau"], codec=hdr["codec"])
     raw = _decompress(body, hdr["codec"], hdr["raw_len"])
     if zlib.crc32(raw) != hdr["crc"]:
         raise PayloadError("body checksum mismatch (corrupted payload)")
+    if hdr["codec"] == Codec.H264:
+        if len(raw) <= PACKET_SEQ.size:
+            raise PayloadError(f"H.264 body of {len(raw)} bytes holds no packet")
+        (seq,) = PACKET_SEQ.unpack_from(raw)
+        if (seq == 0) != hdr["key"]:
+            raise PayloadError(f"H.264 packet_seq {seq} on a {'key' if hdr['key'] else 'P'} "
+                               "frame (0 exactly on IDRs)")
+        return Request(packet=raw[PACKET_SEQ.size:], packet_seq=seq, **common)
     lossy = hdr["codec"].lossy
     if hdr["key"]:
         if lossy:
@@ -402,7 +447,7 @@ def decode_request(payload: bytes | bytearray | memoryview | np.ndarray) -> Requ
 
 
 def _decompress(body: bytes, codec: Codec, raw_len: int) -> bytes:
-    if codec == Codec.RAW:  # every other codec zlib's its body
+    if not codec.compressed_body:
         if len(body) != raw_len:
             raise PayloadError(f"raw body is {len(body)} bytes, header says {raw_len}")
         return body
@@ -459,6 +504,6 @@ def response_from_tensors(detections: np.ndarray, stats: np.ndarray, digest: np.
 
 
 __all__ = ["MAGIC", "VERSION", "Codec", "PayloadError", "Request", "Response", "quantize_field",
-           "encode_key_frame", "encode_residual_frame", "decode_request", "peek_header",
+           "encode_key_frame", "encode_residual_frame", "encode_h264_frame", "decode_request", "peek_header",
            "cache_digest", "response_tensors", "response_from_tensors", "residual_tiles", "block_view", "pad_to_blocks",
            "field_shape", "residual_grid", "jpeg_encode", "jpeg_decode"]

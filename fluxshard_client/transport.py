@@ -7,6 +7,11 @@ server asks for a resync (unknown stream, frame out of order), when the digests 
 the server went away and came back, it re-sends the same frame as a key frame. A frame is either
 answered correctly or raises; it is never silently lost or answered from a wrong input.
 
+With the H.264 uplink (``residual_codec=Codec.H264``) the stream keeps a low-latency x264 encoder
+(``fluxshard.uplink_h264``) fed only the frames it sends, and decodes its own packets with the
+cloud's decoder for its mirror; field and residual mask are then not sent (the cloud takes the
+decoder's vectors), and every resync is an IDR. Any failed send makes the next frame an IDR.
+
 The caller's motion field is quantized to the wire's quarter-pel (``fluxshard.wire.quantize_field``)
 before use; callers that pick residual blocks themselves should quantize first too.
 """
@@ -96,7 +101,9 @@ def _classify(exc: Exception) -> Exception:
             return CloudError(f"cloud rejected the frame: {msg}")
         if ("unavailable" in status.lower() or "deadline" in status.lower()
                 or "not found" in low or "not ready" in low or "unavailable" in low
-                or "failed to connect" in low or "connection" in low or "socket closed" in low):
+                or "failed to connect" in low or "connection" in low or "socket closed" in low
+                # a dead python-backend stub: `fluxshard serve`'s supervisor restarts the server
+                or "is not healthy" in low):
             return _Unavailable(msg)
         return CloudError(f"cloud rejected the frame: {msg}")
     if isinstance(exc, (ConnectionError, OSError, TimeoutError)):
@@ -120,7 +127,7 @@ class _StreamCore:
     """The protocol state of one stream, shared by the sync and the asyncio streams."""
 
     def __init__(self, stream_id: int, block: int, retry: RetryPolicy, key_codec: wire.Codec,
-                 residual_codec: wire.Codec = wire.Codec.ZLIB):
+                 residual_codec: wire.Codec = wire.Codec.ZLIB, uplink_quality: int | None = None):
         if not 0 < int(stream_id) < 2**64:
             raise ValueError(f"stream id must be in [1, 2**64), got {stream_id} (0 means 'no "
                              "sequence' to Triton)")
@@ -129,6 +136,15 @@ class _StreamCore:
         self.retry = retry
         self.key_codec = wire.Codec(key_codec)
         self.residual_codec = wire.Codec(residual_codec)
+        self.encoder = None
+        if wire.Codec.H264 in (self.key_codec, self.residual_codec):
+            if self.key_codec != self.residual_codec:
+                raise ValueError("the H.264 uplink codes key and P-frames alike: pass "
+                                 "key_codec=residual_codec=Codec.H264")
+            from fluxshard.uplink_h264 import DEFAULT_CRF, H264Encoder
+
+            self.encoder = H264Encoder(DEFAULT_CRF if uplink_quality is None else uplink_quality)
+        self.encoder_seq = 0  # packets the encoder produced since its last IDR
         self.mirror = ReceiveState()  # what the cloud's input cache holds, as far as we know
         self.need_start = True  # next request opens the Triton sequence
         self.need_key = True
@@ -144,10 +160,15 @@ class _StreamCore:
         if index < self.next_index:
             raise ValueError(f"frame index {index} is not after the previous one "
                              f"({self.next_index - 1})")
-        key = key or self.need_key or field is None or residual_mask is None
+        # the H.264 uplink needs no field or mask: the codec finds the motion itself
+        key = key or self.need_key or (self.encoder is None and (field is None
+                                                                  or residual_mask is None))
         if not key and self.mirror.cache is not None and self.mirror.cache.shape != frame.shape:
             key = True  # the resolution changed
-        predicted = ReceiveState(self.mirror.cache, self.mirror.frame_index, self.mirror.digest)
+        predicted = ReceiveState(self.mirror.cache, self.mirror.frame_index, self.mirror.digest,
+                                 self.mirror.decoder, self.mirror.packet_seq)
+        if self.encoder is not None:
+            return self._prepare_h264(frame, key, index, tau, predicted)
         if key:
             payload = wire.encode_key_frame(frame, index, self.block, codec=self.key_codec,
                                             tau=tau)
@@ -165,6 +186,19 @@ class _StreamCore:
         if (self.key_codec if key else self.residual_codec).lossy:
             request = wire.decode_request(payload)  # the cloud will hold the decoded pixels
         predicted.apply(request)
+        return payload, predicted, key, index
+
+    def _prepare_h264(self, frame, key, index, tau, predicted: ReceiveState):
+        frame = np.ascontiguousarray(frame)
+        # an encoded packet the mirror never committed (its send failed) is the encoder's
+        # reference now, but not the cloud's: start over from an IDR
+        key = key or self.mirror.decoder is None or self.mirror.packet_seq != self.encoder_seq
+        packet, key = self.encoder.encode(frame, idr=key)
+        self.encoder_seq = 0 if key else self.encoder_seq + 1
+        payload = wire.encode_h264_frame(packet, index, frame.shape[0], frame.shape[1], key,
+                                         self.encoder_seq, self.block, tau)
+        # the mirror decodes our own packet with the decoder the cloud runs
+        predicted.apply(wire.decode_request(payload))
         return payload, predicted, key, index
 
     def finish(self, outputs: dict, predicted: ReceiveState, key: bool, index: int,
@@ -228,11 +262,14 @@ class FluxShardClient:
 
     def open_stream(self, stream_id: int, block: int = 16,
                     key_codec: wire.Codec = wire.Codec.ZLIB,
-                    residual_codec: wire.Codec = wire.Codec.ZLIB) -> "Stream":
+                    residual_codec: wire.Codec = wire.Codec.ZLIB,
+                    uplink_quality: int | None = None) -> "Stream":
         """A camera stream. Codecs of the pixels it sends (fluxshard.wire.Codec): ZLIB (lossless,
-        the default) or JPEG (lossy, several times fewer bytes; the mirror follows what the cloud
-        decodes)."""
-        return Stream(self, _StreamCore(stream_id, block, self.retry, key_codec, residual_codec))
+        the default), JPEG (lossy, several times fewer bytes; the mirror follows what the cloud
+        decodes) or H264 for both (a video encoder per stream; ``uplink_quality`` its crf,
+        default ``fluxshard.uplink_h264.DEFAULT_CRF``)."""
+        return Stream(self, _StreamCore(stream_id, block, self.retry, key_codec, residual_codec,
+                                        uplink_quality))
 
     def is_ready(self) -> bool:
         try:
@@ -310,6 +347,7 @@ class Stream(_StreamHandle):
                 if isinstance(kind, _Unavailable):
                     time.sleep(core.on_unavailable(str(kind), resyncs, started))
                     continue
+                core.need_key = True  # whatever the cloud holds now, come back with a key frame
                 raise kind from e
             if end:
                 core.closed = True
@@ -354,10 +392,11 @@ class AsyncFluxShardClient:
 
     def open_stream(self, stream_id: int, block: int = 16,
                     key_codec: wire.Codec = wire.Codec.ZLIB,
-                    residual_codec: wire.Codec = wire.Codec.ZLIB) -> "AsyncStream":
+                    residual_codec: wire.Codec = wire.Codec.ZLIB,
+                    uplink_quality: int | None = None) -> "AsyncStream":
         """See :meth:`FluxShardClient.open_stream`."""
         return AsyncStream(self, _StreamCore(stream_id, block, self.retry, key_codec,
-                                             residual_codec))
+                                             residual_codec, uplink_quality))
 
     async def infer(self, payload: bytes, stream_id: int, start: bool, end: bool):
         await asyncio.sleep(self.uplink_delay(len(payload)))
@@ -405,6 +444,7 @@ class AsyncStream(_StreamHandle):
                 if isinstance(kind, _Unavailable):
                     await asyncio.sleep(core.on_unavailable(str(kind), resyncs, started))
                     continue
+                core.need_key = True  # whatever the cloud holds now, come back with a key frame
                 raise kind from e
             if end:
                 core.closed = True

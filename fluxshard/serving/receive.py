@@ -3,6 +3,10 @@
 One function, :func:`rebuild_input`, used by both ends: the server applies each request to its
 per-stream cache, and the edge client applies the same request to its mirror of that cache, so the
 two stay bit-identical and their digests (:func:`fluxshard.wire.cache_digest`) agree.
+
+H.264 requests (``Codec.H264``) carry a packet instead: :class:`ReceiveState` keeps the stream's
+decoder (``fluxshard.uplink_h264.H264Decoder``), and the edge's mirror keeps its own, fed the same
+packets, so both hold the same decoded pixels.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fluxshard.motion.field import align_image  # the motion layer owns alignment semantics
-from fluxshard.wire import Request, block_view, cache_digest
+from fluxshard.wire import Codec, Request, block_view, cache_digest
 
 
 class ResyncNeeded(RuntimeError):
@@ -49,10 +53,15 @@ class ReceiveState:
     cache: np.ndarray | None = None
     frame_index: int = -1
     digest: bytes = b""
+    decoder: object | None = None  # H264: this stream's decoder (an IDR starts a fresh one)
+    packet_seq: int = -1  # H264: the last packet decoded since its IDR
 
     def apply(self, request: Request) -> np.ndarray:
         """Check order, rebuild, commit; returns the new cache. A failed apply leaves the state as
-        it was."""
+        it was (an H.264 decoder that failed is dropped: the next frame must be an IDR). An H.264
+        request gets its decoded ``frame``, ``field`` and ``residual_mask`` filled in."""
+        if request.codec == Codec.H264:
+            return self._apply_h264(request)
         if not request.key:
             if self.cache is None:
                 raise ResyncNeeded("no key frame received for this stream")
@@ -64,8 +73,52 @@ class ReceiveState:
         self.digest = cache_digest(new_cache)
         return new_cache
 
+    def _apply_h264(self, request: Request) -> np.ndarray:
+        from fluxshard.uplink_h264 import H264DecodeError, H264Decoder
+
+        if request.key:
+            decoder = H264Decoder()
+        else:
+            if self.cache is None or self.decoder is None:
+                raise ResyncNeeded("no IDR decoded for this stream (or its decoder failed)")
+            if request.frame_index <= self.frame_index:
+                raise ResyncNeeded(f"frame {request.frame_index} is out of order (last applied "
+                                   f"frame {self.frame_index})")
+            if request.packet_seq != self.packet_seq + 1:
+                raise ResyncNeeded(f"H.264 packet {request.packet_seq} does not follow packet "
+                                   f"{self.packet_seq} (a packet was lost or repeated)")
+            decoder = self.decoder
+        try:
+            decoded = decoder.decode(request.packet)
+        except H264DecodeError as e:
+            self.decoder = None
+            raise ResyncNeeded(str(e)) from None
+        if decoded.key != request.key or decoded.image.shape != (request.height, request.width, 3):
+            self.decoder = None
+            raise ResyncNeeded(f"H.264 packet decoded to a {decoded.image.shape[1]}x"
+                               f"{decoded.image.shape[0]} {'IDR' if decoded.key else 'P'} frame; "
+                               f"the header says {request.width}x{request.height} "
+                               f"{'IDR' if request.key else 'P'}")
+        request.frame = decoded.image
+        if not request.key:
+            request.field = decoded.field
+            request.residual_mask = _any_in_blocks(decoded.intra, request.block // 4)
+        self.decoder, self.packet_seq = decoder, request.packet_seq
+        self.cache, self.frame_index = decoded.image, request.frame_index
+        self.digest = cache_digest(decoded.image)
+        return decoded.image
+
     def reset(self) -> None:
         self.cache, self.frame_index, self.digest = None, -1, b""
+        self.decoder, self.packet_seq = None, -1
+
+
+def _any_in_blocks(mask: np.ndarray, factor: int) -> np.ndarray:
+    """(H4, W4) bool at 4 px -> (ceil(H4/f), ceil(W4/f)): any set in each f x f group."""
+    h, w = mask.shape
+    padded = np.zeros((-(-h // factor) * factor, -(-w // factor) * factor), bool)
+    padded[:h, :w] = mask
+    return padded.reshape(padded.shape[0] // factor, factor, -1, factor).any(axis=(1, 3))
 
 
 def invalid_blocks(cache: np.ndarray, field: np.ndarray, block: int) -> np.ndarray:

@@ -429,6 +429,7 @@ class SessionManager:
         stats = {"frame_index": request.frame_index, "key": request.key,
                  "wire_bytes": request.wire_bytes,
                  "residual_blocks": 0 if request.key else int(request.residual_mask.sum()),
+                 "uplink_codec": request.codec.name.lower(),
                  "total_blocks": int(grid.prod()), "tau": request.tau,
                  "server_ms": round((time.perf_counter() - t0) * 1e3, 3), **compute_stats}
         return Response(detections=detections, digest=stream.receive.digest, stats=stats)

@@ -1,0 +1,188 @@
+"""The cloud uplink through a real video codec: one low-latency H.264 encoder per cloud stream on
+the edge, one decoder per stream on the cloud (and one on the edge for its mirror).
+
+The edge feeds its encoder only the frames it dispatches to the cloud, so each P-frame codes
+exactly the change since the cloud last ran: the codec's motion field and transform-coded
+residual, with skipped macroblocks nearly free. Key frames (first frame, resync, scene cut) are
+IDR frames. The cloud takes the decoded frame as its input and the decoder's motion vectors as
+the accumulated field (backward, to the cloud's previous input: the only reference).
+
+Determinism: H.264 decoding is bit-exact by the standard (every conforming decoder, any SIMD
+path, gives the same YUV), and the YUV -> RGB conversion uses swscale's bit-exact flags
+(:class:`fluxshard.motion.decode.RGBConverter`), so edge and cloud decoding the same packets hold
+the same pixels and the digest check holds across CPUs. The *encoder* need not be reproducible
+(the edge mirrors what it sent, not what it meant to send), so it runs x264's SIMD kernels at
+real-time speed instead of ``asm=0``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+
+import numpy as np
+
+DEFAULT_CRF = 26  # quality per link: lower is better and larger (x264's constant rate factor)
+CRF_RANGE = (10, 45)
+DEFAULT_PRESET = "veryfast"
+
+
+class H264DecodeError(ValueError):
+    """A packet the stream's decoder cannot decode (corrupt, or not following the last one)."""
+
+
+def encoder_options(crf: int = DEFAULT_CRF, preset: str = DEFAULT_PRESET) -> dict[str, str]:
+    """libx264 options for the uplink: no B-frames and one reference (every P-frame predicts from
+    the cloud's previous input only, so the decoder's vectors are the accumulated field), zero
+    latency (one packet out per frame in), no key frames of its own (the edge decides: first
+    frame, resync, scene cut), one thread (the edge's cores run the executor)."""
+    if not CRF_RANGE[0] <= int(crf) <= CRF_RANGE[1]:
+        raise ValueError(f"H.264 uplink quality (crf) must be in {CRF_RANGE}, got {crf}")
+    return {"crf": str(int(crf)), "preset": preset, "tune": "zerolatency",
+            "forced-idr": "1",
+            "x264-params": "ref=1:bframes=0:keyint=infinite:min-keyint=infinite:scenecut=0:"
+                           "threads=1:repeat-headers=1:log-level=error"}
+
+
+class H264Encoder:
+    """One cloud stream's encoder. ``encode(frame, idr)`` -> the frame's packet (Annex B bytes,
+    SPS/PPS in front of every IDR so a fresh decoder can start there)."""
+
+    def __init__(self, crf: int = DEFAULT_CRF, preset: str = DEFAULT_PRESET):
+        self.options = encoder_options(crf, preset)
+        self.crf, self.preset = int(crf), preset
+        self._ctx = None
+        self._shape: tuple[int, int] | None = None
+        self._pts = 0
+
+    def _open(self, height: int, width: int) -> None:
+        import av
+
+        if height % 2 or width % 2:
+            raise ValueError(f"the H.264 uplink needs even frame sides (yuv420p), got "
+                             f"{width}x{height}")
+        ctx = av.CodecContext.create("libx264", "w")
+        ctx.width, ctx.height, ctx.pix_fmt = width, height, "yuv420p"
+        ctx.time_base = Fraction(1, 30)
+        ctx.thread_count = 1
+        ctx.options = dict(self.options)
+        ctx.open()
+        self._ctx, self._shape, self._pts = ctx, (height, width), 0
+
+    def encode(self, frame: np.ndarray, idr: bool) -> tuple[bytes, bool]:
+        """-> (packet bytes, whether it is an IDR). A new frame size reopens the encoder (IDR)."""
+        import av
+
+        import cv2
+
+        h, w = frame.shape[:2]
+        if self._ctx is None or self._shape != (h, w):
+            self._open(h, w)
+            idr = True
+        if idr:
+            self._pts = 0  # nothing before an IDR is referenced
+        # OpenCV's BT.601 I420 (the limited range the decoder's RGB conversion assumes): 10x
+        # faster than swscale's bit-exact path, and the encoder's input need not be reproducible
+        yuv = av.VideoFrame.from_ndarray(cv2.cvtColor(np.ascontiguousarray(frame),
+                                                      cv2.COLOR_RGB2YUV_I420), format="yuv420p")
+        yuv.pts = self._pts
+        yuv.pict_type = av.video.frame.PictureType.I if idr else av.video.frame.PictureType.NONE
+        self._pts += 1
+        packets = self._ctx.encode(yuv)
+        if len(packets) != 1:  # zero latency: exactly one packet per frame (checked, not assumed)
+            raise RuntimeError(f"the H.264 encoder returned {len(packets)} packets for one frame")
+        packet = packets[0]
+        return bytes(packet), bool(packet.is_keyframe)
+
+    def close(self) -> None:
+        self._ctx = None
+
+
+@dataclass
+class DecodedFrame:
+    image: np.ndarray  # (H, W, 3) uint8 RGB, bit-exact on every CPU
+    field: np.ndarray  # (ceil(H/4), ceil(W/4), 2) float32: backward to the previous input
+    intra: np.ndarray  # (ceil(H/4), ceil(W/4)) bool: 4x4 blocks without a vector (intra coded)
+    key: bool
+
+
+class H264Decoder:
+    """One stream's decoder (the cloud's, and the edge's mirror). Decodes one packet per call and
+    returns the frame with the codec's motion field. Any decoder error, or a packet that does not
+    produce exactly one frame, raises :class:`H264DecodeError`; the decoder is then unusable until
+    the next IDR (a fresh decoder)."""
+
+    def __init__(self):
+        import av
+
+        from fluxshard.motion.decode import RGBConverter
+
+        ctx = av.CodecContext.create("h264", "r")
+        ctx.thread_count = 1  # frame threads would delay output by a frame
+        # report damaged bitstreams instead of concealing them
+        ctx.options = {"flags2": "+export_mvs", "err_detect": "explode"}
+        self._ctx = ctx
+        self._to_rgb = RGBConverter()
+        self.broken = False
+
+    def decode(self, packet: bytes) -> DecodedFrame:
+        import av
+
+        from fluxshard.motion.decode import codec_field
+
+        if self.broken:
+            raise H264DecodeError("the decoder failed earlier; it needs an IDR")
+        try:
+            frames = self._ctx.decode(av.Packet(packet))
+        except av.error.FFmpegError as e:
+            self.broken = True
+            raise H264DecodeError(f"H.264 packet does not decode: {e}") from None
+        if len(frames) != 1:
+            self.broken = True
+            raise H264DecodeError(f"H.264 packet decoded to {len(frames)} frames, expected 1")
+        frame = frames[0]
+        side = frame.side_data.get("MOTION_VECTORS")
+        vectors = side.to_ndarray() if side is not None else None
+        field, covered = codec_field(vectors, frame.height, frame.width)
+        key = bool(frame.key_frame)
+        return DecodedFrame(self._to_rgb(frame), field, ~covered if not key else
+                            np.ones_like(covered), key)
+
+
+# P-frame sizes are learned per bin of the residual fraction (share of blocks changed since the
+# cloud last ran): a P-frame's bytes grow with it, roughly, and per scene
+FRACTION_BINS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.4, 0.7)
+
+
+class BytesModel:
+    """What an H.264 frame will cost on the wire, before it is encoded: bytes per pixel of IDRs,
+    and of P-frames per bin of the residual fraction, each an EWMA of what the encoder produced
+    (``observe``). The priors are rough guesses the first frames replace."""
+
+    def __init__(self, alpha: float = 0.3, key_bpp: float = 0.25,
+                 p_bpp: tuple[float, float] = (0.005, 0.06)):
+        self.alpha = alpha
+        self.key_bpp = key_bpp
+        self.p_bpp = [p_bpp[0] + p_bpp[1] * f for f in FRACTION_BINS]
+
+    @staticmethod
+    def _bin(fraction: float) -> int:
+        return max(0, int(np.searchsorted(FRACTION_BINS, float(fraction), side="right")) - 1)
+
+    def estimate(self, key: bool, fraction: float, pixels: int) -> int:
+        bpp = self.key_bpp if key else self.p_bpp[self._bin(fraction)]
+        return int(bpp * pixels)
+
+    def observe(self, key: bool, fraction: float, pixels: int, nbytes: int) -> None:
+        if pixels <= 0:
+            return
+        bpp = nbytes / pixels
+        if key:
+            self.key_bpp += self.alpha * (bpp - self.key_bpp)
+        else:
+            i = self._bin(fraction)
+            self.p_bpp[i] += self.alpha * (bpp - self.p_bpp[i])
+
+
+__all__ = ["BytesModel", "FRACTION_BINS", "DEFAULT_CRF", "DEFAULT_PRESET", "CRF_RANGE", "H264DecodeError", "H264Encoder",
+           "H264Decoder", "DecodedFrame", "encoder_options"]
