@@ -8,12 +8,20 @@ install named by ``FLUXSHARD_TRITON_HOME`` (a directory with ``bin/tritonserver`
 The python-backend stub embeds libpython: we put *this* interpreter's libpython first on
 LD_LIBRARY_PATH so the models run in the same Python, with our site-packages and this repository
 importable.
+
+Every server runs hardened (issue 14): model control ``none`` (the repository is loaded at start;
+no client can load, unload or upload a model), the admin protocol groups (model repository,
+shared memory, trace, logging) answer only requests carrying a header with a secret made per
+server (:meth:`TritonServer.admin_headers`), a short exit timeout, its own process group, and
+orphaned python-backend stubs and their ``/dev/shm`` regions from crashed servers are cleaned up
+(:func:`clean_leftovers`).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -30,6 +38,16 @@ DEFAULT_MODEL_REPOSITORY = REPO_ROOT / "model_repository"
 PYTRITON_VERSION = "0.7.0"
 CACHE_DIR = REPO_ROOT / ".cache" / "tritonserver"
 WHEEL_SITE = CACHE_DIR / "site"  # pip install --no-deps --target of the nvidia-pytriton wheel
+
+# Protocol groups only the launching process may use. health, metadata, inference, model-config
+# and statistics stay open: clients and perf_analyzer read them, and none of them changes anything.
+ADMIN_PROTOCOLS = ("model-repository", "shared-memory", "trace", "logging")
+ADMIN_HEADER = "fluxshard-admin"
+# tritonserver expects a restricted gRPC protocol's header key with this prefix
+GRPC_RESTRICTED_HEADER_PREFIX = "triton-grpc-protocol-"
+SHM_DIR = Path("/dev/shm")
+STUB_REGION_PREFIX = "triton_python_backend_shm_region_"
+STUB_NAME = "triton_python_backend_stub"
 
 
 class TritonNotInstalled(RuntimeError):
@@ -96,6 +114,29 @@ def server_environment(install: TritonInstall, base: dict | None = None) -> dict
     return env
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files for gRPC over TLS: the server's certificate and key, and with ``root`` (the CA
+    that signs client certificates) mutual TLS."""
+
+    cert: Path
+    key: Path
+    root: Path | None = None
+
+    def __post_init__(self):
+        for what, path in (("certificate", self.cert), ("key", self.key), ("root", self.root)):
+            if path is not None and not Path(path).is_file():
+                raise FileNotFoundError(f"TLS {what} file not found: {path}")
+
+    def args(self) -> list[str]:
+        args = [f"--grpc-server-cert={Path(self.cert).resolve()}",
+                f"--grpc-server-key={Path(self.key).resolve()}"]
+        if self.root is not None:
+            return ["--grpc-use-ssl-mutual=true",
+                    f"--grpc-root-cert={Path(self.root).resolve()}"] + args
+        return ["--grpc-use-ssl=true"] + args
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
@@ -119,7 +160,8 @@ class TritonServer:
                  extra_args: list[str] | None = None, log_verbose: int = 0,
                  model_config_name: str | None = None,
                  weights: str | os.PathLike | None = None,
-                 parameters: dict[str, str] | None = None):
+                 parameters: dict[str, str] | None = None, exit_timeout_s: int = 5,
+                 tls: TlsFiles | None = None):
         self.model_repository = Path(model_repository).resolve()
         # the models' `weights` parameter (absolute: the server's working folder is not ours)
         self.weights = Path(weights).resolve() if weights else None
@@ -130,7 +172,14 @@ class TritonServer:
         self.grpc_port = grpc_port or free_port()
         self.metrics_port = metrics_port or free_port()
         self.host = host
-        self.models = models
+        # the models to serve (None: all of the repository's); the server loads them at start
+        self.models = list(models) if models is not None else None
+        # Triton counts an open sequence as an in-flight inference and waits this long for it on
+        # a graceful stop; frames themselves finish well within it
+        self.exit_timeout_s = int(exit_timeout_s)
+        self.tls = tls
+        # the restricted protocols' header value: only this process knows it
+        self.admin_secret = secrets.token_urlsafe(24)
         self.extra_args = list(extra_args or [])
         self.log_verbose = log_verbose
         self.model_config_name = model_config_name  # e.g. "gpu": <model>/configs/gpu.pbtxt
@@ -151,19 +200,30 @@ class TritonServer:
     def metrics_url(self) -> str:
         return f"http://{self.host}:{self.metrics_port}/metrics"
 
+    def admin_headers(self, protocol: str = "grpc") -> dict[str, str]:
+        """Headers that open the restricted protocol groups (:data:`ADMIN_PROTOCOLS`)."""
+        if protocol not in ("grpc", "http"):
+            raise ValueError(f"protocol must be 'grpc' or 'http', got {protocol!r}")
+        key = (GRPC_RESTRICTED_HEADER_PREFIX if protocol == "grpc" else "") + ADMIN_HEADER
+        return {key: self.admin_secret}
+
     def command(self, install: TritonInstall) -> list[str]:
         repository = (Path(self._weights_repository.name) if self._weights_repository
                       else self.model_repository)
+        restricted = f"{','.join(ADMIN_PROTOCOLS)}:{ADMIN_HEADER}={self.admin_secret}"
         cmd = [str(install.binary), f"--model-repository={repository}",
                f"--backend-directory={install.backend_dir}",
                f"--http-port={self.http_port}", f"--grpc-port={self.grpc_port}",
                f"--metrics-port={self.metrics_port}", f"--http-address={self.host}",
                f"--grpc-address={self.host}", f"--log-verbose={self.log_verbose}",
-               "--allow-metrics=true", "--exit-on-error=true", "--strict-readiness=true"]
+               "--allow-metrics=true", "--exit-on-error=true", "--strict-readiness=true",
+               # no model uploads, loads or unloads over the network: what is served is fixed
+               "--model-control-mode=none", f"--exit-timeout-secs={self.exit_timeout_s}",
+               f"--grpc-restricted-protocol={restricted}", f"--http-restricted-api={restricted}"]
         if self.model_config_name:
             cmd.append(f"--model-config-name={self.model_config_name}")
-        if self.models is not None:
-            cmd += ["--model-control-mode=explicit"] + [f"--load-model={m}" for m in self.models]
+        if self.tls is not None:
+            cmd += self.tls.args()
         return cmd + self.extra_args
 
     def start(self, timeout: float = 180.0) -> "TritonServer":
@@ -172,7 +232,10 @@ class TritonServer:
         if not self.model_repository.is_dir():
             raise FileNotFoundError(f"model repository not found: {self.model_repository}")
         install = find_triton()
-        if (self.weights is not None or self.parameters) and self._weights_repository is None:
+        clean_leftovers()  # stubs and shared memory of servers that were killed
+        needs_own_repository = (self.weights is not None or self.parameters
+                                or self.models is not None)
+        if needs_own_repository and self._weights_repository is None:
             if self.weights is not None and not self.weights.is_file():
                 raise FileNotFoundError(f"weights file not found: {self.weights}")
             parameters = dict(self.parameters)
@@ -180,7 +243,7 @@ class TritonServer:
                 parameters["weights"] = str(self.weights)
             self._weights_repository = tempfile.TemporaryDirectory(prefix="fluxshard-models-")
             repository_with_parameters(self.model_repository, parameters,
-                                       Path(self._weights_repository.name))
+                                       Path(self._weights_repository.name), models=self.models)
         with open(self.log_file, "ab") as log:
             # own process group: a Ctrl-C in the terminal reaches us, and we stop the server
             self.process = subprocess.Popen(self.command(install), stdout=log,
@@ -227,13 +290,25 @@ class TritonServer:
     def is_running(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def stop(self, grace: float = 15.0) -> int | None:
-        """SIGTERM (Triton drains in-flight requests), then SIGKILL after ``grace`` seconds."""
+    def stub_pids(self) -> list[int]:
+        """The python-backend stubs this server started (alive, orphaned or not)."""
+        if self.process is None:
+            return []
+        return [stub.pid for stub in python_stubs() if stub.parent_pid == self.process.pid]
+
+    def stop(self, grace: float | None = None) -> int | None:
+        """SIGTERM (Triton drains in-flight requests for ``exit_timeout_s``), then SIGKILL after
+        ``grace`` seconds (default: the exit timeout and 10 s more); whatever is left of the
+        process group (stubs of a server that crashed) is killed and its shared memory freed."""
         if self.process is None:
             return None
+        if grace is None:
+            grace = self.exit_timeout_s + 10.0
         try:
             return self._stop(grace)
         finally:
+            self._signal(signal.SIGKILL)  # stubs outlive a killed server, deadlocked
+            clean_leftovers()
             if self._weights_repository is not None:
                 self._weights_repository.cleanup()
                 self._weights_repository = None
@@ -248,10 +323,21 @@ class TritonServer:
                 self.process.wait()
         return self.process.returncode
 
-    def kill(self) -> None:
-        """Die abruptly (tests: a crashed server)."""
+    def restart(self, timeout: float = 180.0) -> "TritonServer":
+        """Kill the server and its stubs (no drain: this is for a server whose model is dead)
+        and start it again on the same ports."""
+        self.kill()
+        self.stop()
+        return self.start(timeout)
+
+    def kill(self, whole_group: bool = True) -> None:
+        """Die abruptly (tests: a crashed server). ``whole_group=False`` kills tritonserver only,
+        as the OOM killer would, leaving its stubs behind."""
         if self.is_running():
-            self._signal(signal.SIGKILL)
+            if whole_group:
+                self._signal(signal.SIGKILL)
+            else:
+                self.process.kill()
             self.process.wait()
 
     def _signal(self, sig: int) -> None:
@@ -276,16 +362,24 @@ def repository_with_weights(source: Path, weights: Path, folder: Path) -> Path:
     return repository_with_parameters(source, {"weights": str(weights)}, folder)
 
 
-def repository_with_parameters(source: Path, parameters: dict[str, str], folder: Path) -> Path:
-    """A model repository in ``folder`` that serves ``source``'s models with ``parameters`` set:
-    each model's files are linked, its configs (``config.pbtxt``, ``configs/*.pbtxt``) rewritten
-    with each parameter set where the model has one. A parameter no model has is an error (a
-    typo would otherwise serve the defaults silently)."""
+def repository_with_parameters(source: Path, parameters: dict[str, str], folder: Path,
+                               models: list[str] | None = None) -> Path:
+    """A model repository in ``folder`` that serves ``source``'s models (only ``models`` when
+    given) with ``parameters`` set: each model's files are linked, its configs (``config.pbtxt``,
+    ``configs/*.pbtxt``) rewritten with each parameter set where the model has one. A parameter
+    no model has, or a model the source lacks, is an error (a typo would otherwise serve the
+    defaults silently)."""
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
+    model_dirs = sorted(p for p in Path(source).iterdir() if p.is_dir())
+    if models is not None:
+        missing = sorted(set(models) - {p.name for p in model_dirs})
+        if missing:
+            raise ValueError(f"no model {missing} in {source}")
+        model_dirs = [p for p in model_dirs if p.name in models]
     unused = set(parameters)
-    for model_dir in sorted(p for p in Path(source).iterdir() if p.is_dir()):
+    for model_dir in model_dirs:
         target = folder / model_dir.name
         target.mkdir(parents=True)
         configs = [model_dir / "config.pbtxt", *sorted(model_dir.glob("configs/*.pbtxt"))]
@@ -304,6 +398,127 @@ def repository_with_parameters(source: Path, parameters: dict[str, str], folder:
     if unused:
         raise ValueError(f"no model in {source} has the parameter(s) {sorted(unused)}")
     return folder
+
+
+# --------------------------------------------------------------------------- leftovers of crashes
+
+@dataclass(frozen=True)
+class StubProcess:
+    """A running python-backend stub, from its command line (model path, shared-memory region,
+    default and growth sizes, parent tritonserver's pid, ...)."""
+
+    pid: int
+    region: str
+    parent_pid: int
+    real_parent_pid: int
+    model_instance: str
+
+
+def _read_proc(pid: int | str, name: str) -> bytes | None:
+    try:
+        return Path(f"/proc/{pid}/{name}").read_bytes()
+    except OSError:  # gone, or not ours to read
+        return None
+
+
+def _parent_pid(pid: int | str) -> int | None:
+    stat = _read_proc(pid, "stat")
+    if not stat:
+        return None
+    # "pid (comm) state ppid ...": comm may hold spaces and parentheses
+    fields = stat[stat.rindex(b")") + 2:].split()
+    return None if fields[0] == b"Z" else int(fields[1])
+
+
+def python_stubs() -> list[StubProcess]:
+    """Every live python-backend stub on this machine that we may read."""
+    stubs = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        argv = (_read_proc(entry.name, "cmdline") or b"").split(b"\0")
+        if len(argv) < 9 or Path(argv[0].decode(errors="replace")).name != STUB_NAME:
+            continue
+        real_parent = _parent_pid(entry.name)
+        if real_parent is None or not argv[5].isdigit():
+            continue
+        stubs.append(StubProcess(int(entry.name), argv[2].decode(errors="replace"),
+                                 int(argv[5]), real_parent, argv[8].decode(errors="replace")))
+    return stubs
+
+
+def _is_tritonserver(pid: int) -> bool:
+    argv0 = (_read_proc(pid, "cmdline") or b"").split(b"\0")[0]
+    return Path(argv0.decode(errors="replace")).name == "tritonserver"
+
+
+def _shm_in_use() -> set[str]:
+    """Names of /dev/shm files some live process maps or holds open."""
+    used = set()
+    prefix = f"{SHM_DIR}/"
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        maps = _read_proc(entry.name, "maps") or b""
+        for line in maps.decode(errors="replace").splitlines():
+            path = line.split(maxsplit=5)[-1] if line.count(" ") >= 5 else ""
+            if path.startswith(prefix):
+                used.add(path[len(prefix):].removesuffix(" (deleted)"))
+        try:
+            fds = list((entry / "fd").iterdir())
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith(prefix):
+                used.add(target[len(prefix):])
+    return used
+
+
+@dataclass
+class Leftovers:
+    killed_stubs: list[int]
+    removed_regions: list[str]
+
+
+def clean_leftovers(shm_dir: Path | None = None, settle_s: float = 5.0) -> Leftovers:
+    """Kill python-backend stubs whose tritonserver is gone (they deadlock holding their memory)
+    and remove the stubs' shared-memory regions no live process uses. Only our own user's
+    processes and files are touched; stubs of live servers (anyone's) are left alone."""
+    shm_dir = SHM_DIR if shm_dir is None else Path(shm_dir)
+    uid = os.getuid()
+    killed = []
+    for stub in python_stubs():
+        orphaned = stub.real_parent_pid != stub.parent_pid or not _is_tritonserver(stub.parent_pid)
+        try:
+            if orphaned and os.stat(f"/proc/{stub.pid}").st_uid == uid:
+                os.kill(stub.pid, signal.SIGKILL)
+                killed.append(stub.pid)
+        except (ProcessLookupError, PermissionError, FileNotFoundError):
+            pass
+    # a killed stub unmaps its region when it is gone; its new parent reaps it
+    deadline = time.monotonic() + settle_s
+    while killed and time.monotonic() < deadline and any(
+            _parent_pid(pid) is not None for pid in killed):
+        time.sleep(0.05)
+    removed = []
+    try:
+        regions = [p for p in shm_dir.iterdir() if p.name.startswith(STUB_REGION_PREFIX)]
+    except OSError:
+        regions = []
+    if regions:
+        used = _shm_in_use()
+        for region in regions:
+            try:
+                if region.name not in used and region.stat().st_uid == uid:
+                    region.unlink()
+                    removed.append(region.name)
+            except OSError:
+                pass
+    return Leftovers(killed, removed)
 
 
 # ------------------------------------------------------------------------------------ CLI verb
@@ -335,10 +550,37 @@ def register(subparsers) -> None:
     p.add_argument("--log-file", default=None, help="server log (default: a temporary file)")
     p.add_argument("--timeout", type=cli_common.positive_float, default=300.0,
                    help="seconds to wait for readiness")
+    p.add_argument("--status-file", default=None,
+                   help="JSON file the supervisor rewrites on every change: state (ready, "
+                        "unhealthy, restarting, failed, stopped), ready, server pid, restarts")
+    p.add_argument("--probe-interval", type=cli_common.positive_float, default=5.0,
+                   help="seconds between the supervisor's probe inferences")
+    p.add_argument("--failures-before-restart", type=cli_common.positive_int, default=2,
+                   help="failed probes in a row after which the server is restarted")
+    p.add_argument("--no-supervise", action="store_true",
+                   help="no probes and no restarts: exit when tritonserver exits")
+    p.add_argument("--exit-timeout", type=cli_common.int_range(0, 3600), default=5,
+                   help="seconds a graceful stop waits for in-flight frames (Triton counts every "
+                        "open stream as one)")
+    p.add_argument("--tls-cert", type=cli_common.existing_file, default=None,
+                   help="PEM server certificate: gRPC over TLS (needs --tls-key)")
+    p.add_argument("--tls-key", type=cli_common.existing_file, default=None,
+                   help="PEM private key of --tls-cert")
+    p.add_argument("--tls-root", type=cli_common.existing_file, default=None,
+                   help="PEM CA certificate clients must present a certificate of (mutual TLS)")
     p.set_defaults(func=_serve)
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import threading
+
+    from fluxshard.serving.supervisor import ModelProbe, Supervisor
+
+    if (args.tls_cert is None) != (args.tls_key is None) or (args.tls_root and not args.tls_cert):
+        print("fluxshard serve: --tls-cert and --tls-key go together (and --tls-root needs them)",
+              file=sys.stderr)
+        return 2
+    tls = TlsFiles(args.tls_cert, args.tls_key, args.tls_root) if args.tls_cert else None
     if args.weights:
         from fluxshard.models import load_model
 
@@ -354,21 +596,57 @@ def _serve(args: argparse.Namespace) -> int:
     server = TritonServer(args.model_repository, args.http_port, args.grpc_port, args.metrics_port,
                           args.log_file, host=args.host, model_config_name=args.model_config_name,
                           weights=args.weights,
-                          parameters={"executor": args.executor} if args.executor else None)
+                          parameters={"executor": args.executor} if args.executor else None,
+                          exit_timeout_s=args.exit_timeout, tls=tls)
+    # systemd and `docker stop` send SIGTERM, a terminal SIGINT or SIGHUP: all stop the server
+    stop = threading.Event()
+    received = []
+
+    def on_signal(signum, _frame):
+        received.append(signal.Signals(signum).name)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, on_signal)
     try:
         server.start(args.timeout)
     except (TritonNotInstalled, TritonStartError, FileNotFoundError, ValueError) as e:
         print(f"fluxshard serve: {e}", file=sys.stderr)
+        server.stop()
         return 1
-    print(f"tritonserver ready (pid {server.process.pid})\n  gRPC    {server.grpc_url}\n"
-          f"  HTTP    http://{server.http_url}\n  metrics {server.metrics_url}\n"
-          f"  log     {server.log_file}\nCtrl-C to stop.", flush=True)
+    print(f"tritonserver ready (pid {server.process.pid})\n  gRPC    {server.grpc_url}"
+          f"{' (TLS)' if tls else ''}\n  HTTP    http://{server.http_url}\n"
+          f"  metrics {server.metrics_url}\n  log     {server.log_file}\nCtrl-C to stop.",
+          flush=True)
+    code = 0
     try:
-        while server.is_running():
-            time.sleep(0.5)
-        print(f"tritonserver exited with code {server.process.returncode}\n{server.log_tail()}",
-              file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("stopping tritonserver ...", flush=True)
-        return 0 if server.stop() in (0, None) else 1
+        if args.no_supervise:
+            while server.is_running() and not stop.wait(0.5):
+                pass
+            if not stop.is_set():
+                print(f"tritonserver exited with code {server.process.returncode}\n"
+                      f"{server.log_tail()}", file=sys.stderr)
+                code = 1
+        else:
+            probe = ModelProbe(server.grpc_url, ssl_options=_probe_ssl(tls))
+            supervisor = Supervisor(server, probe, args.probe_interval,
+                                    args.failures_before_restart, args.status_file,
+                                    start_timeout_s=args.timeout)
+            supervisor.run(stop)
+            supervisor.mark_stopped(f"signal {received[0]}" if received else "stopped")
+    finally:
+        if received:
+            print(f"{received[0]}: stopping tritonserver ...", flush=True)
+        returned = server.stop()
+    return code or (0 if returned in (0, None) or received else 1)
+
+
+def _probe_ssl(tls: TlsFiles | None) -> dict:
+    """The supervisor's probe connects like a client: TLS with the server's own certificate as the
+    trusted root and, under mutual TLS, the server's certificate and key as its identity."""
+    if tls is None:
+        return {}
+    options = {"ssl": True, "root_certificates": str(tls.cert)}
+    if tls.root is not None:
+        options.update(private_key=str(tls.key), certificate_chain=str(tls.cert))
+    return options
