@@ -29,7 +29,8 @@ DEMO_SIZE = (640, 384)
 DEMO_FRAMES = 90  # 3 s at 30 fps
 
 
-UPLINK_CODECS = ("lossless", "jpeg")  # fluxshard.wire.Codec.ZLIB / .JPEG
+UPLINK_CODECS = ("h264", "lossless", "jpeg")  # fluxshard.wire.Codec.H264 / .ZLIB / .JPEG
+UPLINK_WIRE_CODECS = {"h264": "H264", "lossless": "ZLIB", "jpeg": "JPEG"}
 EDGE_EXECUTORS = ("exact", "tiles", "dense")  # fluxshard.serving.session.EXECUTORS
 DEFAULT_EXECUTOR = "exact"  # what the edge runs unless --executor says otherwise
 
@@ -79,9 +80,10 @@ def add_run_arguments(p: argparse.ArgumentParser, demo_default: bool = False,
                    choices=("none", "onnxruntime", "fused_channels_last"),
                    help="edge: dense engine for frames with nothing to reuse, and for reusable "
                         "ones while it measures faster (default none)")
-    p.add_argument("--uplink-codec", choices=UPLINK_CODECS, default="lossless",
-                   help="pixels sent to the cloud: lossless (zlib) or jpeg (quality 90, several "
-                        "times fewer bytes; the cloud detects on the decoded pixels)")
+    p.add_argument("--uplink-codec", choices=UPLINK_CODECS, default="h264",
+                   help="what the cloud gets: h264 (default: an x264 encoder per cloud stream fed "
+                        "the cloud's frames; the cloud detects on the decoded frames), lossless "
+                        "residual tiles (zlib) or jpeg tiles (quality 90)")
     p.add_argument("--margin-ms", type=cli_common.nonnegative_float, default=2.0,
                    help="eps: within this margin prefer the cloud")
     p.add_argument("--frames", type=cli_common.positive_int, default=None,
@@ -197,7 +199,7 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
         latency_profile: str | Path | None = None, margin_ms: float = 2.0,
         frames: int | None = None, size: tuple[int, int] = DEMO_SIZE, camera: str = "static",
         progress: bool = True, stream_id: int = 1, bypass: str = "none",
-        uplink_codec: str = "lossless", fallback: str = "none",
+        uplink_codec: str = "h264", fallback: str = "none",
         weights: str | Path | None = None, executor: str = DEFAULT_EXECUTOR,
         tiles_table: str | Path | None = None) -> dict:
     """The main job; returns the summary (also written to ``out/summary.json``).
@@ -288,7 +290,7 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
         # a cloud gone for 10 s is given up on for a while: its frames run on the edge
         client = FluxShardClient(url, uplink_mbps=bandwidth_mbps,
                                  retry=RetryPolicy(reconnect_timeout_s=10.0)) if url else None
-        codec = wire.Codec.JPEG if uplink_codec == "jpeg" else wire.Codec.ZLIB
+        codec = wire.Codec[UPLINK_WIRE_CODECS[uplink_codec]]
         cloud = RemoteEndpoint(client.open_stream(stream_id, key_codec=codec,
                                                   residual_codec=codec)) if client else None
         stream = FluxShardStream(edge, cloud, dispatch=dispatch if cloud else "edge",

@@ -22,7 +22,7 @@ from fractions import Fraction
 
 import numpy as np
 
-DEFAULT_CRF = 26  # quality per link: lower is better and larger (x264's constant rate factor)
+DEFAULT_CRF = 23  # quality per link: lower is better and larger (x264's constant rate factor and default)
 CRF_RANGE = (10, 45)
 DEFAULT_PRESET = "veryfast"
 

@@ -190,6 +190,8 @@ class _DispatchCore:
         self.next_index = 0
         # uplink bytes per raw residual byte (EWMA of what the wire really carried)
         self.wire_ratio = {"key": 0.5, "residual": 0.5}
+        # H.264 uplink: bytes per pixel learned per residual fraction (fluxshard.uplink_h264)
+        self.h264_bytes = None
         self.cloud_down_until = 0  # frame index from which the cloud may be tried again
         self.cloud_failures: list[str] = []
 
@@ -221,6 +223,10 @@ class _DispatchCore:
 
     def estimate_bytes(self, residual: ResidualSet | None, shape) -> int:
         h, w = shape[:2]
+        if self.h264_bytes is not None:  # a P-frame codes the change since the cloud last ran
+            fraction = 1.0 if residual is None else residual.fraction
+            return (self.h264_bytes.estimate(residual is None, fraction, h * w)
+                    + wire.HEADER_SIZE + wire.PACKET_SEQ.size)
         if residual is None:
             return int(h * w * 3 * self.wire_ratio["key"]) + wire.HEADER_SIZE
         raw = int(residual.mask.sum()) * self.block * self.block * 3
@@ -278,7 +284,12 @@ class _DispatchCore:
         residual = plan.residual[name]
         h, w = plan.frame.shape[:2]
         grid = wire.residual_grid(h, w, self.block)
-        if remote:
+        if remote and name == "cloud" and self.h264_bytes is not None:
+            fraction = 1.0 if run.key or residual is None else residual.fraction
+            self.h264_bytes.observe(run.key, fraction, h * w, run.uplink_bytes)
+            if run.transfer_s is not None:
+                self.dispatcher.observe_uplink(run.uplink_bytes, run.transfer_s)
+        elif remote:
             raw = (h * w * 3 if run.key else
                    int(run.stats.get("residual_blocks", 0)) * self.block * self.block * 3)
             if raw:
@@ -329,6 +340,11 @@ class _StreamBase:
             raise ValueError("dispatch 'cloud' needs a cloud endpoint")
         self.core = _DispatchCore(_dispatcher(dispatch, profile, margin_ms, initial_mbps,
                                               probe_interval), tau, block)
+        transport = getattr(getattr(self.cloud, "stream", None), "core", None)
+        if getattr(transport, "encoder", None) is not None:  # the cloud's uplink is H.264
+            from fluxshard.uplink_h264 import BytesModel
+
+            self.core.h264_bytes = BytesModel()
         # the edge's latency table is the one of the executor it runs
         self.core.dispatcher.edge_executor = edge_executor_name(
             getattr(self.edge, "executor", "exact"))

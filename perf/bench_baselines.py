@@ -13,6 +13,12 @@ Per motion level (the truncation profile's held-out clips: still camera, pan, pa
 | FluxShard edge + bypass | the same with the dense bypass (`fluxshard run --bypass onnxruntime`) | none |
 | FluxShard cloud | the cloud's receive layer + sparse executor | the wire payload (lossless) |
 | FluxShard cloud, JPEG tiles | the same, pixels sent as JPEG q90 (`--uplink-codec jpeg`) | the wire payload |
+| FluxShard cloud, H.264 | the cloud's decoder + sparse executor on the decoded frame, the decoder's vectors as field (`--uplink-codec h264`) | the edge's x264 packets of the cloud's frames (wire Codec.H264) |
+| FluxShard cloud, H.264 pass-through | the same on the camera's own packets (the cloud sees every frame) | the clip's H.264 packets |
+
+Extra fields: ``key_kb`` (the first frame's uplink, a key frame everywhere; JPEG's row is the
+per-frame JPEG q90) and ``edge_codec_ms`` (H.264 row: the edge's encode + its mirror's decode
+per frame, on this process's thread).
 
 Everything runs in this process on this machine (2 threads). A cloud row's latency is
 transfer (uplink bytes / --bandwidth-mbps) + --rtt-ms + its compute time measured here divided
@@ -22,7 +28,7 @@ baseline's detections against the dense model's detections with score >= --conf 
 frames: what a user of the dense model would have seen). Dispatch between edge and
 cloud over a real Triton server is perf/bench_e2e.py.
 
-    python3 perf/bench_baselines.py [--quick] [--frames 30] [--bandwidth-mbps 20]
+    python3 perf/bench_baselines.py [--quick] [--frames 30] [--bandwidth-mbps 20] [--h264-crf 23]
 """
 
 from __future__ import annotations
@@ -42,7 +48,9 @@ from fluxshard.tau import TauPolicy, tau_argument  # noqa: E402
 
 BASELINES = ["edge dense", "cloud dense, JPEG", "cloud dense, H.264", "edge similarity cache",
              "edge delta reuse, no MVs", "FluxShard edge", "FluxShard edge + bypass",
-             "FluxShard cloud", "FluxShard cloud, JPEG tiles"]
+             "FluxShard cloud", "FluxShard cloud, JPEG tiles", "FluxShard cloud, H.264",
+             "FluxShard cloud, H.264 pass-through"]
+H264_ROWS = ("FluxShard cloud, H.264", "FluxShard cloud, H.264 pass-through")
 CLOUD_CODECS = {"FluxShard cloud": "ZLIB", "FluxShard cloud, JPEG tiles": "JPEG"}
 
 
@@ -67,6 +75,7 @@ class Timed:
 
     def __init__(self):
         self.seconds, self.preds, self.bytes, self.reused = [], [], [], []
+        self.codec_seconds = []  # the edge's encode + mirror decode (H.264 uplink)
 
     def add(self, seconds: float, preds, reused: float | None = None, nbytes: int | None = None):
         self.seconds.append(seconds)
@@ -87,6 +96,7 @@ def run_level(level: str, overrides: dict, args, model, best, tmp: Path) -> dict
     from fluxshard.motion.state import residual_blocks
     from fluxshard.sparse import SparseExecutor, StreamState
     from fluxshard.train.data import scene_seed
+    from fluxshard.uplink_h264 import H264Encoder
     from fluxshard.truncation import LEVELS, PROFILE_SCENE_OFFSET
 
     w, h = args.size
@@ -118,14 +128,20 @@ def run_level(level: str, overrides: dict, args, model, best, tmp: Path) -> dict
                                                    adaptive=True),
         "FluxShard cloud": SparseExecutor(model, tau=args.tau),
         "FluxShard cloud, JPEG tiles": SparseExecutor(model, tau=args.tau),
+        **{name: SparseExecutor(model, tau=args.tau) for name in H264_ROWS},
     }
     streams = {name: StreamState() for name in executors}
     edge_paths = {"FluxShard edge": EdgePath(args.tau),
                   "edge delta reuse, no MVs": EdgePath(args.tau, motion=False)}
     mirrors = {name: (ReceiveState(), EndpointState()) for name in CLOUD_CODECS}
     last_inferred, last_preds = None, None
+    encoder = H264Encoder(args.h264_crf)
+    h264_cloud, h264_mirror = ReceiveState(), ReceiveState()
+    packet_seq = 0
 
     def sparse(name, image, field, key):
+        if name not in args.baselines:  # left out of this run: not computed, not reported
+            return 0.0, None, 0.0
         x = preprocess(image)
         t0 = time.perf_counter()
         out, report = executors[name].run(streams[name], x, field, key=key)
@@ -177,6 +193,25 @@ def run_level(level: str, overrides: dict, args, model, best, tmp: Path) -> dict
             rebuilt = mirror.apply(wire.decode_request(payload))
             mirror_state.reset(rebuilt)
             runs[name].add(*sparse(name, rebuilt, field_q, key), nbytes=len(payload))
+
+        # the H.264 uplink: every frame goes to the cloud here, so the edge's encoder sees them all
+        t0 = time.perf_counter()
+        packet, key = encoder.encode(mf.image, idr=mf.index == 0 or mf.is_key)
+        packet_seq = 0 if key else packet_seq + 1
+        payload = wire.encode_h264_frame(packet, mf.index, h, w, key, packet_seq, tau=args.tau)
+        h264_mirror.apply(wire.decode_request(payload))
+        codec_seconds = time.perf_counter() - t0
+        request = wire.decode_request(payload)
+        h264_cloud.apply(request)
+        if h264_cloud.digest != h264_mirror.digest:
+            raise RuntimeError(f"frame {mf.index}: the edge's mirror decoded other pixels than "
+                               "the cloud")
+        name = "FluxShard cloud, H.264"
+        runs[name].add(*sparse(name, request.frame, request.field, key), nbytes=len(payload))
+        runs[name].codec_seconds.append(codec_seconds)
+        name = "FluxShard cloud, H.264 pass-through"
+        runs[name].add(*sparse(name, mf.image, None if mf.is_key else mf.field, mf.is_key),
+                       nbytes=size)
     runs["_truth"] = [dict(boxes=b, classes=k) for b, k in zip(gt.boxes, gt.classes)][:len(frames)]
     return runs
 
@@ -193,10 +228,11 @@ def summarize(level: str, runs: dict, args) -> list[dict]:
     from fluxshard.accuracy import agreement, evaluate_detections
 
     truth = runs.pop("_truth")
+    runs = {name: r for name, r in runs.items() if name in args.baselines}
     dense_preds = [confident(d, args.conf) for d in runs["edge dense"].preds]
     rows = []
     for name, r in runs.items():
-        cloud = name.startswith("cloud") or name in CLOUD_CODECS
+        cloud = name.startswith("cloud") or name in CLOUD_CODECS or name in H264_ROWS
         seconds = np.array(r.seconds[1:])  # frame 0 is a key frame everywhere
         upload = np.array(r.bytes[1:], float) if r.bytes else np.zeros_like(seconds)
         latency = seconds * 1e3
@@ -210,7 +246,10 @@ def summarize(level: str, runs: dict, args) -> list[dict]:
                          uplink_kb=float(upload.mean() / 1e3), map50=acc["map50"],
                          map50_95=acc["map50_95"],
                          agreement=agreement(r.preds, dense_preds)["map50"],
-                         reuse=float(np.mean(r.reused[1:])) if r.reused else 0.0))
+                         reuse=float(np.mean(r.reused[1:])) if r.reused else 0.0,
+                         key_kb=float(r.bytes[0] / 1e3) if r.bytes else 0.0,
+                         edge_codec_ms=float(np.mean(r.codec_seconds[1:]) * 1e3)
+                         if r.codec_seconds else 0.0))
     return rows
 
 
@@ -230,8 +269,9 @@ def plot(rows: list[dict], path: Path) -> None:
         axes[2].bar(xs, [r["map50_95"] for r in rs], width, label=level)
     for ax, title in zip(axes, ("latency per frame (ms)", "uplink kB / frame",
                                 "mAP@0.5:0.95 vs ground truth")):
-        ax.set_xticks(np.arange(len(BASELINES)) + 0.4 - width / 2)
-        ax.set_xticklabels(BASELINES, rotation=35, ha="right", fontsize=8)
+        names = [r["baseline"] for r in rows if r["level"] == levels[0]]
+        ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2)
+        ax.set_xticklabels(names, rotation=35, ha="right", fontsize=8)
         ax.set_title(title)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -256,11 +296,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rtt-ms", type=float, default=5.0)
     p.add_argument("--cloud-speedup", type=float, default=4.0,
                    help="cloud compute = this machine's / this (an assumption)")
+    p.add_argument("--h264-crf", type=int, default=None,
+                   help="H.264 uplink quality (x264 crf; default fluxshard.uplink_h264's)")
+    p.add_argument("--baselines", nargs="+", default=BASELINES, choices=BASELINES,
+                   metavar="NAME", help="rows to run (default: all; 'edge dense' always runs, "
+                                        "it is the reference of agreement)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=Path("out/perf"))
     args = p.parse_args(argv)
     if args.quick:
         args.frames, args.size = 12, (320, 192)
+    args.baselines = ["edge dense"] + [b for b in BASELINES
+                                       if b in args.baselines and b != "edge dense"]
+    if args.h264_crf is None:
+        from fluxshard.uplink_h264 import DEFAULT_CRF
+
+        args.h264_crf = DEFAULT_CRF
 
     import torch
     from tqdm import tqdm
@@ -285,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
           f"threads; cloud rows: uplink {args.bandwidth_mbps} Mbit/s, RTT {args.rtt_ms} ms, "
           f"cloud compute = this machine's / {args.cloud_speedup}; tau {args.tau}")
     keys = ["level", "baseline", "latency_ms", "p90_ms", "compute_ms", "uplink_kb", "map50",
-            "map50_95", "agreement", "reuse"]
+            "map50_95", "agreement", "reuse", "key_kb", "edge_codec_ms"]
     print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
     for r in rows:
         print("| " + " | ".join(f"{r[k]:.3f}" if isinstance(r[k], float) else str(r[k])

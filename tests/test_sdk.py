@@ -178,3 +178,25 @@ def test_profile_latency_writes_a_table_the_dispatcher_loads(tritonserver, tmp_p
     assert decision.edge_ms == pytest.approx(profile.edge(0.5))
     assert main(["profile", "latency", "--fractions", "1.5", "--out", str(path),
                  "--no-cloud", "--no-progress"]) == 2  # a usage error, not a traceback
+
+
+def test_h264_uplink_under_alternating_dispatch_learns_its_bytes(tritonserver, synth_clips):
+    """The H.264 uplink behind the SDK: the encoder sees only the cloud's frames (alternate
+    dispatch), every digest matches its mirror, and the dispatcher's byte estimate comes from
+    what the encoder produced."""
+    paths, _spec = synth_clips("pan")
+    with FluxShardClient(tritonserver.grpc_url) as client:
+        stream = FluxShardStream(cloud=client.open_stream(2200, key_codec=wire.Codec.H264,
+                                                          residual_codec=wire.Codec.H264),
+                                 dispatch="alternate", edge=LocalEndpoint(threads=1))
+        results = list(stream.run(paths.video, max_frames=8))
+        learned = stream.core.h264_bytes
+        stream.close()
+    cloud = [r for r in results if r.endpoint == "cloud"]
+    assert len(cloud) >= 3 and "resyncs" not in str([r.stats for r in cloud])
+    assert [r.key for r in cloud] == [True] + [False] * (len(cloud) - 1)
+    assert all(r.stats["uplink_codec"] == "h264" for r in cloud)
+    assert max(r.uplink_bytes for r in cloud[1:]) < cloud[0].uplink_bytes
+    assert any(len(r.boxes) for r in cloud)  # the cloud detected on the decoded frames
+    assert learned.key_bpp == pytest.approx(0.25 + 0.3 * (cloud[0].uplink_bytes / (320 * 192)
+                                                          - 0.25), rel=0.01)
