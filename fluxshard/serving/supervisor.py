@@ -55,8 +55,12 @@ class ModelProbe:
     def __call__(self) -> None:
         import tritonclient.grpc as grpcclient
 
+        from fluxshard.serving.tritonserver import grpc_channel_args
+
         try:
-            with grpcclient.InferenceServerClient(self.url, **self.ssl_options) as client:
+            # a connection of its own: a client's failed connects must not delay the probe's
+            with grpcclient.InferenceServerClient(self.url, channel_args=grpc_channel_args(True),
+                                                  **self.ssl_options) as client:
                 inp = grpcclient.InferInput("PAYLOAD", list(self.payload.shape), "UINT8")
                 inp.set_data_from_numpy(self.payload)
                 result = client.infer(self.model_name, [inp],
