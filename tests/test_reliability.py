@@ -180,3 +180,51 @@ def test_serve_refuses_half_a_tls_setup(tmp_path):
     done = subprocess.run([sys.executable, "-m", "fluxshard.cli", "serve", "--tls-cert",
                            str(cert)], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "--tls-key" in done.stderr
+
+
+def make_certificates(folder: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 / localhost and its key (PEM)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([
+                x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = folder / "server.pem", folder / "server.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+@pytest.mark.slow
+def test_grpc_over_tls_answers_tls_clients_only(tmp_path, triton_installed):
+    pytest.importorskip("cryptography")
+    import tritonclient.grpc as grpcclient
+
+    from fluxshard.serving.tritonserver import TlsFiles, _probe_ssl
+
+    cert, key = make_certificates(tmp_path)
+    tls = TlsFiles(cert, key)
+    with TritonServer(models=["fluxshard"], log_file=tmp_path / "server.log", tls=tls) as server:
+        ModelProbe(server.grpc_url, ssl_options=_probe_ssl(tls))()  # a TLS client is served
+        with grpcclient.InferenceServerClient(server.grpc_url) as plain:
+            with pytest.raises(Exception):
+                plain.is_server_live(client_timeout=5)
+    with pytest.raises(FileNotFoundError, match="TLS key"):
+        TlsFiles(cert, tmp_path / "missing.key")
