@@ -258,6 +258,10 @@ class FluxShardClient:
         self.retry = retry or RetryPolicy()
         self.uplink_delay = _uplink_delay(uplink_mbps)
         kwargs = {"network_timeout": timeout_s, "connection_timeout": 5.0} if protocol == "http" else {}
+        if protocol == "grpc":  # reconnect to a restarted server within a second
+            from fluxshard.serving.tritonserver import grpc_channel_args
+
+            kwargs["channel_args"] = grpc_channel_args()
         self._client = tc.InferenceServerClient(url, **kwargs)
 
     def open_stream(self, stream_id: int, block: int = 16,
@@ -388,7 +392,9 @@ class AsyncFluxShardClient:
         self.uplink_delay = _uplink_delay(uplink_mbps)
         self.url, self.model_name, self.timeout_s = url, model_name, timeout_s
         self.retry = retry or RetryPolicy()
-        self._client = aio.InferenceServerClient(url)
+        from fluxshard.serving.tritonserver import grpc_channel_args
+
+        self._client = aio.InferenceServerClient(url, channel_args=grpc_channel_args())
 
     def open_stream(self, stream_id: int, block: int = 16,
                     key_codec: wire.Codec = wire.Codec.ZLIB,
