@@ -57,14 +57,24 @@ def carry_map(cache: torch.Tensor, offset: np.ndarray, field_grid: np.ndarray
     qx = xs + field_grid[..., 0]
     qy = ys + field_grid[..., 1]
     miss = (qx < -0.5) | (qx > w - 0.5) | (qy < -0.5) | (qy > h - 0.5)
-    # the old cell whose content lies nearest the source (its own offset taken into account)
-    # rounding half up everywhere: ties must go one way, or neighbours take the same content
-    ny = np.clip(np.floor(qy + 0.5), 0, h - 1).astype(np.int64)
-    nx = np.clip(np.floor(qx + 0.5), 0, w - 1).astype(np.int64)
-    ox, oy = offset[ny, nx, 0], offset[ny, nx, 1]
-    nx = np.clip(np.floor(qx - ox + 0.5), 0, w - 1).astype(np.int64)
-    ny = np.clip(np.floor(qy - oy + 0.5), 0, h - 1).astype(np.int64)
-    moved = np.stack([nx + offset[ny, nx, 0] - qx, ny + offset[ny, nx, 1] - qy], -1)
+    # the old cell whose content lies nearest the source, among the 3x3 around it (its own
+    # offset taken into account; a wider or chained search lets offsets run away where
+    # neighbouring cells move differently)
+    cy = np.floor(qy + 0.5).astype(np.int64)
+    cx = np.floor(qx + 0.5).astype(np.int64)
+    best = np.full((h, w), np.inf, np.float32)
+    ny, nx = np.zeros((h, w), np.int64), np.zeros((h, w), np.int64)
+    moved = np.zeros((h, w, 2), np.float32)
+    for dy in (0, -1, 1):  # the centre first: ties keep the plain nearest cell
+        for dx in (0, -1, 1):
+            ty = np.clip(cy + dy, 0, h - 1)
+            tx = np.clip(cx + dx, 0, w - 1)
+            ex = tx + offset[ty, tx, 0] - qx
+            ey = ty + offset[ty, tx, 1] - qy
+            dist = ex * ex + ey * ey
+            better = dist < best
+            best[better], ny[better], nx[better] = dist[better], ty[better], tx[better]
+            moved[better] = np.stack([ex[better], ey[better]], -1)
     moved[miss] = 0.0
     index = torch.from_numpy((ny * w + nx).reshape(-1))
     carried = cache.reshape(c, h * w).index_select(1, index).reshape(1, c, h, w)
