@@ -33,6 +33,11 @@ def field_on_grid(field: np.ndarray, stride: int, grid: tuple[int, int]) -> np.n
     return cv2.resize(field, (gw, gh), interpolation=cv2.INTER_AREA) * (1.0 / stride)
 
 
+# the 3x3 neighbourhood, the centre first (argmin keeps the first of equal distances)
+_NEIGHBOURS = np.array([(0, 0)] + [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)
+                                   if (dy, dx) != (0, 0)], np.int32)
+
+
 @functools.lru_cache(maxsize=16)
 def _cell_grid(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
     ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
@@ -60,23 +65,19 @@ def carry_map(cache: torch.Tensor, offset: np.ndarray, field_grid: np.ndarray
     # the old cell whose content lies nearest the source, among the 3x3 around it (its own
     # offset taken into account; a wider or chained search lets offsets run away where
     # neighbouring cells move differently)
-    cy = np.floor(qy + 0.5).astype(np.int64)
-    cx = np.floor(qx + 0.5).astype(np.int64)
-    best = np.full((h, w), np.inf, np.float32)
-    ny, nx = np.zeros((h, w), np.int64), np.zeros((h, w), np.int64)
-    moved = np.zeros((h, w, 2), np.float32)
-    for dy in (0, -1, 1):  # the centre first: ties keep the plain nearest cell
-        for dx in (0, -1, 1):
-            ty = np.clip(cy + dy, 0, h - 1)
-            tx = np.clip(cx + dx, 0, w - 1)
-            ex = tx + offset[ty, tx, 0] - qx
-            ey = ty + offset[ty, tx, 1] - qy
-            dist = ex * ex + ey * ey
-            better = dist < best
-            best[better], ny[better], nx[better] = dist[better], ty[better], tx[better]
-            moved[better] = np.stack([ex[better], ey[better]], -1)
+    cy = np.floor(qy + 0.5).astype(np.int32)
+    cx = np.floor(qx + 0.5).astype(np.int32)
+    ty = np.clip(cy[None] + _NEIGHBOURS[:, 0, None, None], 0, h - 1)  # (9, h, w)
+    tx = np.clip(cx[None] + _NEIGHBOURS[:, 1, None, None], 0, w - 1)
+    flat = (ty * w + tx).reshape(9, -1)
+    ex = tx.reshape(9, -1) + offset[..., 0].ravel()[flat] - qx.ravel()
+    ey = ty.reshape(9, -1) + offset[..., 1].ravel()[flat] - qy.ravel()
+    pick = np.argmin(ex * ex + ey * ey, axis=0)  # first minimum: the centre on ties
+    cells = np.arange(h * w)
+    index = flat[pick, cells]
+    moved = np.stack([ex[pick, cells], ey[pick, cells]], -1).reshape(h, w, 2)
     moved[miss] = 0.0
-    index = torch.from_numpy((ny * w + nx).reshape(-1))
+    index = torch.from_numpy(index.astype(np.int64))
     carried = cache.reshape(c, h * w).index_select(1, index).reshape(1, c, h, w)
     return carried, moved.astype(np.float32), miss
 
