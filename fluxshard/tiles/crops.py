@@ -61,11 +61,24 @@ def warp_bilinear(image: np.ndarray, field: np.ndarray, scale: int = 1) -> np.nd
     h, w = image.shape[:2]
     field = np.asarray(field, np.float32) * (1.0 / scale)
     cell = MV_BLOCK // scale
-    per_pixel = cv2.resize(field, (field.shape[1] * cell, field.shape[0] * cell),
-                           interpolation=cv2.INTER_NEAREST)[:h, :w]
+    moving = field.any(-1)
+    rows, cols = np.flatnonzero(moving.any(1)), np.flatnonzero(moving.any(0))
+    if not len(rows):
+        return image
+    # only the rectangle that moves is resampled (a still camera's moving objects are small)
+    y0, y1 = rows[0] * cell, min((rows[-1] + 1) * cell, h)
+    x0, x1 = cols[0] * cell, min((cols[-1] + 1) * cell, w)
+    part = field[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    per_pixel = cv2.resize(part, (part.shape[1] * cell, part.shape[0] * cell),
+                           interpolation=cv2.INTER_NEAREST)[:y1 - y0, :x1 - x0]
     xs, ys = _pixel_grid(h, w)
-    return cv2.remap(np.ascontiguousarray(image), xs + per_pixel[..., 0], ys + per_pixel[..., 1],
-                     cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    out = image.copy()
+    # fixed-point maps (1/32 pixel, what remap interpolates with anyway) remap faster
+    map_xy, map_frac = cv2.convertMaps(xs[y0:y1, x0:x1] + per_pixel[..., 0],
+                                       ys[y0:y1, x0:x1] + per_pixel[..., 1], cv2.CV_16SC2)
+    out[y0:y1, x0:x1] = cv2.remap(np.ascontiguousarray(image), map_xy, map_frac, cv2.INTER_LINEAR,
+                                  borderMode=cv2.BORDER_REPLICATE)
+    return out
 
 
 def downsample(frame: np.ndarray, scale: int) -> np.ndarray:
