@@ -252,7 +252,7 @@ def add_accuracy_arguments(p) -> None:
                    help="tiles: change thresholds to sweep, grey levels (default 4 6 8; --quick "
                         "4 8)")
     p.add_argument("--halos", type=cli_common.nonnegative_int, nargs="+", default=None,
-                   help="tiles: crop halos to sweep, pixels (default 32 48 64; --quick 32 64)")
+                   help="tiles: crop halos to sweep, pixels (default 16 32 48; --quick 16 32)")
     p.add_argument("--refresh-intervals", type=cli_common.positive_int, nargs="+", default=None,
                    help="tiles: full dense refresh intervals K to sweep, frames (default 15 30)")
     p.add_argument("--min-map50-ratio", type=cli_common.fraction, default=0.99,

@@ -36,7 +36,7 @@ ENDPOINTS = ("edge", "cloud")
 EDGE_EXECUTORS = ("exact", "tiles", "dense")
 EXECUTOR_ALIASES = {"sparse": "exact"}
 # the tile executor's defaults (fluxshard.tiles.TileExecutor) the crop-share prediction assumes
-TILE_HALO_PX, TILE_DENSE_ABOVE = 32, 0.6
+TILE_HALO_PX, TILE_DENSE_ABOVE = 16, 0.6
 PROFILE_VERSION = 1
 DEFAULT_PROFILE_PATH = Path("out/profile/latency.json")
 

@@ -171,7 +171,7 @@ def main() -> int:
                    help="engine of the tile executor's crops (default onnxruntime)")
     p.add_argument("--threshold", type=float, default=8.0,
                    help="tiles: critical block mean abs difference, grey levels (default 8)")
-    p.add_argument("--halo", type=int, default=32, help="tiles: crop halo, pixels (default 32)")
+    p.add_argument("--halo", type=int, default=16, help="tiles: crop halo, pixels (default 16)")
     p.add_argument("--budget", type=float, default=0.45,
                    help="tiles: most crop area share per frame (default 0.45)")
     p.add_argument("--dense-above", type=float, default=None,

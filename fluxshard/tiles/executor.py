@@ -114,7 +114,7 @@ class TileExecutor:
     """
 
     def __init__(self, model: YOLO11, *, engine="torch", threshold: float = 8.0, block: int = 16,
-                 halo: int = 32, budget: float = 0.45, dense_above: float | None = None,
+                 halo: int = 16, budget: float = 0.45, dense_above: float | None = None,
                  refresh_interval: int = 30, refresh_age: int = 10, refresh_share: float = 0.02,
                  unseen_share: float = 0.25, whole_objects: bool = True, conf: float = 0.25, threads: int = 2, clock=time.perf_counter):
         if 32 % block or block % 4:

@@ -33,8 +33,8 @@ from fluxshard.tau import level_for
 TABLE_KIND = "fluxshard tiles table"
 TABLE_VERSION = 1
 TABLE_NAME, PLOT_NAME = "tiles_table.json", "tiles_profile.png"
-DEFAULT_GRID = {"threshold": (4, 6, 8), "halo": (32, 48, 64), "refresh_interval": (15, 30)}
-QUICK_GRID = {"threshold": (4, 8), "halo": (32, 64), "refresh_interval": (15, 30)}
+DEFAULT_GRID = {"threshold": (4, 6, 8), "halo": (16, 32, 48), "refresh_interval": (15, 30)}
+QUICK_GRID = {"threshold": (4, 8), "halo": (16, 32), "refresh_interval": (15, 30)}
 DEFAULT_FRAMES, QUICK_FRAMES = 60, 30  # two refresh intervals of the slower K fit the default
 MIN_MAP50_RATIO, MIN_MAP50_95_RATIO = 0.99, 0.97
 EVAL_CONF = 0.001  # mAP wants the full ranked list, as the truncation profile evaluates
