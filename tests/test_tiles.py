@@ -254,3 +254,26 @@ def test_dense_or_crops_follows_the_measured_latency(model, wide_frame):
         # measured so, the executor runs the frame dense
         assert [r.dense for r in reports][1:] == [dense_expected] * 3, reports
         assert not reports[0].dense
+
+
+def test_a_stream_whose_tiles_do_not_pay_runs_dense_and_probes(model, wide_frame):
+    a = np.ascontiguousarray(wide_frame[:, :W])
+    b = a.copy()
+    b[64:128, 64:160] = 255 - b[64:128, 64:160]
+    still = np.zeros((H // 4, W // 4, 2), np.float32)
+    ex = TileExecutor(model, refresh_interval=3, probe_interval=2)
+    # every clock reading costs time: a tile frame reads it at every stage, so it takes longer
+    # than a dense frame however small its crops
+    clock = SteppedClock(ex.engine, dense=1.0, per_call=0.0, frame_pixels=H * W)
+    ticking = lambda: clock.__setattr__("now", clock.now + 0.5) or clock.now  # noqa: E731
+    ex.engine, ex.clock = clock.run, ticking
+    state = TileStreamState()
+    ex.run(state, a, key=True)
+    reports = [ex.run(state, f, still)[1] for f in (b, a, b, a, b, a, b, a)]
+    kinds = ["refresh" if r.refresh else "fallback" if r.fallback else "dense" if r.dense
+             else "tiles" for r in reports]
+    # tiles, tiles, then the refresh measures dense: tiles no longer pay, so two frames dense,
+    # a probe with tiles, two dense again ...
+    assert kinds[:3] == ["tiles", "tiles", "refresh"], kinds
+    assert kinds[3:5] == ["fallback", "fallback"] and kinds[5] in ("tiles", "refresh"), kinds
+    assert state.tile_frame_seconds > state.dense_frame_seconds

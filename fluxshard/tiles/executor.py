@@ -45,6 +45,16 @@ class TileStreamState:
     unseen: np.ndarray | None = None  # share of each block's content never computed (edges)
     boxes: np.ndarray | None = None  # last output's confident boxes (xyxy), for salience
     frames_since_dense: int = 0
+    # whole-frame seconds of this stream's tile frames and dense frames (running averages), and
+    # frames run dense since tiles were last tried while tiles did not pay on this stream
+    tile_frame_seconds: float | None = None
+    dense_frame_seconds: float | None = None
+    frames_since_probe: int = 0
+    frames: int = 0  # frames run on this stream
+
+    def tiles_pay(self) -> bool:
+        return (self.tile_frame_seconds is None or self.dense_frame_seconds is None
+                or self.tile_frame_seconds < self.dense_frame_seconds)
 
 
 @dataclass
@@ -52,6 +62,7 @@ class TileReport:
     key: bool = False
     dense: bool = False  # the whole frame ran on the engine (key, refresh, or too many misses)
     refresh: bool = False  # ... because the refresh interval was due
+    fallback: bool = False  # ... because tile frames took longer than dense ones on this stream
     crops: int = 0
     crop_area_fraction: float = 0.0  # crop pixels run (halo included) / input pixels
     critical_fraction: float = 0.0  # critical blocks / blocks
@@ -110,13 +121,16 @@ class TileExecutor:
         entering edge) is critical once this share of it was never computed.
     whole_objects: a detection (of the last frame, moved by the field) with any critical block
         is recomputed whole.
+    probe_interval: when a stream's tile frames take longer than its dense ones (content that
+        changes almost everywhere), it runs dense and tries tiles again after this many frames.
     conf: class score above which a cached anchor's box counts as a detection for salience.
     """
 
     def __init__(self, model: YOLO11, *, engine="torch", threshold: float = 8.0, block: int = 16,
                  halo: int = 16, budget: float = 0.45, dense_above: float | None = None,
                  refresh_interval: int = 30, refresh_age: int = 10, refresh_share: float = 0.02,
-                 unseen_share: float = 0.25, whole_objects: bool = True, conf: float = 0.25, threads: int = 2, clock=time.perf_counter):
+                 unseen_share: float = 0.25, whole_objects: bool = True, probe_interval: int = 10,
+                 conf: float = 0.25, threads: int = 2, clock=time.perf_counter):
         if 32 % block or block % 4:
             raise ValueError(f"block must be a multiple of 4 dividing 32, got {block}")
         if not 0 < budget <= 1 or (dense_above is not None and not 0 < dense_above <= 1):
@@ -134,6 +148,7 @@ class TileExecutor:
         self.refresh_interval, self.refresh_age = refresh_interval, refresh_age
         self.refresh_share, self.conf = refresh_share, conf
         self.unseen_share, self.whole_objects = unseen_share, whole_objects
+        self.probe_interval = probe_interval
         self.clock = clock
         self.latency = CropLatency()
 
@@ -205,6 +220,13 @@ class TileExecutor:
         state.boxes = self._confident_boxes(out)
         self._stage(report, "decode", t)
         report.seconds = self.clock() - t0
+        state.frames += 1
+        if state.frames > 1:  # the first frame pays the engine's warm-up
+            w = CropLatency.WEIGHT
+            name = "dense_frame_seconds" if report.dense else "tile_frame_seconds"
+            last = getattr(state, name)
+            setattr(state, name, report.seconds if last is None
+                    else (1 - w) * last + w * report.seconds)
         return out, report
 
     def _dense(self, state, frame, padded, grid, report, t0):
@@ -248,6 +270,13 @@ class TileExecutor:
         if state.frames_since_dense >= self.refresh_interval:
             report.refresh, report.refresh_fraction = True, 1.0
             return self._dense(state, frame, padded, grid, report, t0)
+        if not state.tiles_pay() and state.frames_since_probe < self.probe_interval:
+            # this stream's content changes too much for crops to win: dense, trying tiles
+            # again every probe_interval frames
+            state.frames_since_probe += 1
+            report.fallback = True
+            return self._dense(state, frame, padded, grid, report, t0)
+        state.frames_since_probe = 0
 
         t = self.clock()
         # 1. warp the cached outputs; sources outside a map are misses
