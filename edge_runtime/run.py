@@ -186,10 +186,10 @@ def _edge_session(executor: str, model, executor_options: dict, tiles_table=None
         from fluxshard.tiles.profile import ProfiledTileExecutor
 
         return TileYoloSession(ProfiledTileExecutor(model, tiles_table, engine="onnxruntime",
-                                                    threads=1))
-    if executor == "tiles":
+                                                    threads=1, adaptive=True))
+    if executor == "tiles":  # the edge adapts to its machine's measured latency
         return yolo_session_factory("tiles", model=model, threads=1,
-                                    tile_engine="onnxruntime")(0)
+                                    tile_engine="onnxruntime", adaptive=True)(0)
     return yolo_session_factory("exact", model=model, threads=1, **executor_options)(0)
 
 

@@ -88,7 +88,8 @@ def run_clip(clip, level, video, truths, args, model, best):
     exact_path, exact_state = EdgePath(args.tau), StreamState()
     tiles = TileExecutor(model, engine=args.tiles_engine, threads=args.threads,
                          threshold=args.threshold, halo=args.halo, budget=args.budget,
-                         dense_above=args.dense_above, refresh_interval=args.refresh_interval)
+                         dense_above=args.dense_above, refresh_interval=args.refresh_interval,
+                         adaptive=not args.fixed_latency)
     tiles_state = TileStreamState()
 
     names = ("dense", "exact", "tiles")
@@ -177,6 +178,9 @@ def main() -> int:
     p.add_argument("--dense-above", type=float, default=None,
                    help="tiles: run dense when crops would cover more than this share (default: "
                         "the executor's own latency table decides)")
+    p.add_argument("--fixed-latency", action="store_true",
+                   help="tiles: keep the latency table's prior (reproducible outputs) instead of "
+                        "learning it from the clock (default: adaptive)")
     p.add_argument("--refresh-interval", type=int, default=30,
                    help="tiles: full dense refresh every K frames (default 30)")
     p.add_argument("--out", type=Path, default=Path("out/perf/bench_executors.json"))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -100,3 +101,22 @@ def plugin_build():
     selftest = library.parent / "fluxshard_plugins_selftest"
     assert library.is_file() and selftest.is_file()
     return library, selftest
+
+
+def run_in_threads(work, keys) -> None:
+    """Run ``work(key)`` for every key on a thread of its own, all at once; fail with every
+    exception raised (concurrent streams against one server)."""
+    errors = []
+
+    def worker(key):
+        try:
+            work(key)
+        except Exception as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(key,)) for key in keys]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors

@@ -278,9 +278,9 @@ def test_edge_table_follows_the_executor_and_old_profiles_still_load(tmp_path):
     assert loaded.has_edge_table("tiles") and loaded.edge_ms("tiles", 0.25, 320, 192) == 3.0
 
     mask = np.zeros((24, 40), bool)
-    mask[10, 20] = True  # one block: a 5x5-block crop with the 32-px halo
+    mask[10, 20] = True  # one block: a 3x3-block crop with the 16-px halo
     share = tile_crop_share(mask, 16)
-    assert share == pytest.approx(25 / mask.size)
+    assert share == pytest.approx(9 / mask.size)
     for executor, expected in (("exact", loaded.edge(mask.mean())),
                                ("tiles", loaded.edge_executors["tiles"](share)),
                                ("dense", 35.0)):

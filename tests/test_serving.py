@@ -12,6 +12,7 @@ import threading
 
 import numpy as np
 import pytest
+from conftest import run_in_threads
 
 from fluxshard import wire
 from fluxshard.motion.field import align_image
@@ -108,20 +109,8 @@ def test_three_concurrent_streams_are_served_exactly_and_isolated(client, local_
     scenes = {11: Scene(1, (2, 0)), 12: Scene(2, (0, 1)), 13: Scene(3, (-1, -2))}
     results = {sid: [] for sid in scenes}
     streams = {sid: client.open_stream(sid, block=B) for sid in scenes}
-    errors = []
-
-    def worker(sid):
-        try:
-            run_stream(streams[sid], scenes[sid], range(8), results[sid])
-        except Exception as e:  # surfaced below
-            errors.append(e)
-
-    threads = [threading.Thread(target=worker, args=(sid,)) for sid in scenes]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    assert not errors, errors
+    run_in_threads(lambda sid: run_stream(streams[sid], scenes[sid], range(8), results[sid]),
+                   scenes)
     digests = set()
     for sid, res in results.items():
         check_exact(res, streams[sid])

@@ -244,7 +244,7 @@ def test_dense_or_crops_follows_the_measured_latency(model, wide_frame):
     b[64:128, 64:160] = 255 - b[64:128, 64:160]  # one changed region: a few crops
     still = np.zeros((H // 4, W // 4, 2), np.float32)
     for per_call, dense_expected in ((0.0, False), (10.0, True)):
-        ex = TileExecutor(model)
+        ex = TileExecutor(model, adaptive=True)
         clock = SteppedClock(ex.engine, dense=1.0, per_call=per_call, frame_pixels=H * W)
         ex.engine, ex.clock = clock.run, clock
         state = TileStreamState()
@@ -261,7 +261,7 @@ def test_a_stream_whose_tiles_do_not_pay_runs_dense_and_probes(model, wide_frame
     b = a.copy()
     b[64:128, 64:160] = 255 - b[64:128, 64:160]
     still = np.zeros((H // 4, W // 4, 2), np.float32)
-    ex = TileExecutor(model, refresh_interval=3, probe_interval=2)
+    ex = TileExecutor(model, refresh_interval=3, adaptive=True, probe_interval=2)
     # every clock reading costs time: a tile frame reads it at every stage, so it takes longer
     # than a dense frame however small its crops
     clock = SteppedClock(ex.engine, dense=1.0, per_call=0.0, frame_pixels=H * W)

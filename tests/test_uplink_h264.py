@@ -8,6 +8,7 @@ import threading
 
 import numpy as np
 import pytest
+from conftest import run_in_threads
 
 from fluxshard import wire
 from fluxshard.serving.receive import ReceiveState, ResyncNeeded
@@ -170,23 +171,11 @@ def check_mirror(results, stream):
 def test_three_h264_streams_are_served_and_isolated(tritonserver):
     scenes = {21: Scene(5, (2, 0)), 22: Scene(6, (0, 1)), 23: Scene(7, (-1, -2))}
     results = {sid: [] for sid in scenes}
-    errors = []
     with FluxShardClient(tritonserver.grpc_url) as client:
         streams = {sid: client.open_stream(sid, block=B, key_codec=Codec.H264,
                                            residual_codec=Codec.H264) for sid in scenes}
-
-        def worker(sid):
-            try:
-                run_h264(streams[sid], scenes[sid], range(8), results[sid])
-            except Exception as e:  # surfaced below
-                errors.append(e)
-
-        threads = [threading.Thread(target=worker, args=(sid,)) for sid in scenes]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
-        assert not errors, errors
+        run_in_threads(lambda sid: run_h264(streams[sid], scenes[sid], range(8), results[sid]),
+                       scenes)
         digests = set()
         for sid, res in results.items():
             check_mirror(res, streams[sid])

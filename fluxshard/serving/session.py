@@ -289,11 +289,12 @@ def yolo_session_factory(executor: str = "exact", weights: str | None = None, sc
                          device: str = "cpu", strict_rfap: bool = False,
                          keyframe_interval: int | None = None, grid_snap: bool = False,
                          model=None, bypass: str = "none",
-                      tile_engine: str = "onnxruntime") -> SessionFactory:
+                      tile_engine: str = "onnxruntime", **tile_options) -> SessionFactory:
     """Sessions for the ``fluxshard`` model, by ``executor``: "exact" (default, older name
     "sparse"; per-stream feature caches, truncating with the tau each frame carries
     (``StreamSession.infer``); grid_snap the relaxed RFAP Cond. 2 of fluxshard.sparse), "tiles"
-    (``fluxshard.tiles.TileExecutor`` on ``tile_engine`` with ``threads``, detect models only)
+    (``fluxshard.tiles.TileExecutor`` on ``tile_engine`` with ``threads`` and ``tile_options``,
+    detect models only)
     or "dense" (YOLO11 on every rebuilt frame). The Triton model and in-process users build theirs here, so
     both run the same thing. ``model`` overrides the weights lookup (a loaded, fused YOLO11).
     ``bypass``: "none", or a dense runner kind ("onnxruntime", "fused_channels_last") that runs
@@ -306,7 +307,7 @@ def yolo_session_factory(executor: str = "exact", weights: str | None = None, sc
         return lambda corrid: DenseYoloSession(model, conf_threshold=conf_threshold)
     if executor == "tiles":
         return tile_session_factory(model, threads=threads, engine=tile_engine,
-                                    conf_threshold=conf_threshold)
+                                    conf_threshold=conf_threshold, **tile_options)
     from fluxshard.sparse import SparseExecutor
 
     runner = None

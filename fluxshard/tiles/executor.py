@@ -121,16 +121,19 @@ class TileExecutor:
         entering edge) is critical once this share of it was never computed.
     whole_objects: a detection (of the last frame, moved by the field) with any critical block
         is recomputed whole.
-    probe_interval: when a stream's tile frames take longer than its dense ones (content that
-        changes almost everywhere), it runs dense and tries tiles again after this many frames.
+    adaptive: learn the latency table from the executor's own clock as it runs, and let a
+        stream whose tile frames take longer than its dense ones (content that changes almost
+        everywhere) run dense, trying tiles again every ``probe_interval`` frames. Off, the
+        table keeps its prior and outputs depend on the frames alone (reproducible: what
+        servers and comparisons want).
     conf: class score above which a cached anchor's box counts as a detection for salience.
     """
 
     def __init__(self, model: YOLO11, *, engine="torch", threshold: float = 8.0, block: int = 16,
                  halo: int = 16, budget: float = 0.45, dense_above: float | None = None,
                  refresh_interval: int = 30, refresh_age: int = 10, refresh_share: float = 0.02,
-                 unseen_share: float = 0.25, whole_objects: bool = True, probe_interval: int = 10,
-                 conf: float = 0.25, threads: int = 2, clock=time.perf_counter):
+                 unseen_share: float = 0.25, whole_objects: bool = True, adaptive: bool = False,
+                 probe_interval: int = 10, conf: float = 0.25, threads: int = 2, clock=time.perf_counter):
         if 32 % block or block % 4:
             raise ValueError(f"block must be a multiple of 4 dividing 32, got {block}")
         if not 0 < budget <= 1 or (dense_above is not None and not 0 < dense_above <= 1):
@@ -148,7 +151,7 @@ class TileExecutor:
         self.refresh_interval, self.refresh_age = refresh_interval, refresh_age
         self.refresh_share, self.conf = refresh_share, conf
         self.unseen_share, self.whole_objects = unseen_share, whole_objects
-        self.probe_interval = probe_interval
+        self.adaptive, self.probe_interval = adaptive, probe_interval
         self.clock = clock
         self.latency = CropLatency()
 
@@ -233,7 +236,8 @@ class TileExecutor:
         t = self.clock()
         maps = self._relative(self.engine(self.batch_input([padded])))
         self._stage(report, "engine", t)
-        self.latency.observe(1.0, report.stages["engine"])
+        if self.adaptive:
+            self.latency.observe(1.0, report.stages["engine"])
         state.age = np.zeros(grid, np.int32)
         state.offsets = [np.zeros((*m.shape[2:], 2), np.float32) for m in maps]
         state.unseen = np.zeros(grid, np.float32)
@@ -270,7 +274,8 @@ class TileExecutor:
         if state.frames_since_dense >= self.refresh_interval:
             report.refresh, report.refresh_fraction = True, 1.0
             return self._dense(state, frame, padded, grid, report, t0)
-        if not state.tiles_pay() and state.frames_since_probe < self.probe_interval:
+        if (self.adaptive and not state.tiles_pay()
+                and state.frames_since_probe < self.probe_interval):
             # this stream's content changes too much for crops to win: dense, trying tiles
             # again every probe_interval frames
             state.frames_since_probe += 1
@@ -363,7 +368,7 @@ class TileExecutor:
                 age[done], unseen[done] = 0, 0.0
             area += len(group) * ch * cw
         self._stage(report, "engine", t)
-        if area:
+        if area and self.adaptive:
             self.latency.observe(area / (input_hw[0] * input_hw[1]), report.stages["engine"])
         state.age, state.deferred, state.unseen = age, deferred, unseen
         state.offsets = offsets

@@ -176,7 +176,7 @@ class ProfiledTileExecutor:
     frame runs dense whatever the knobs; it uses the lowest level. Same ``run`` as TileExecutor."""
 
     def __init__(self, model, table: TilesTable, *, engine="onnxruntime", threads: int = 1,
-                 clock=time.perf_counter):
+                 clock=time.perf_counter, adaptive: bool = False):
         from fluxshard.tiles.engine import make_engine
         from fluxshard.tiles.executor import TileExecutor
 
@@ -185,7 +185,8 @@ class ProfiledTileExecutor:
         shared = make_engine(model, engine, threads=threads) if isinstance(engine, str) else engine
         self.table = table
         self.executors = {lv["name"]: TileExecutor(model, engine=shared, threads=threads,
-                                                   clock=clock, **lv["settings"])
+                                                   clock=clock, adaptive=adaptive,
+                                                   **lv["settings"])
                           for lv in table.levels}
         self.last_level = table.levels[0]["name"]
 
