@@ -12,7 +12,7 @@ from fluxshard import synth
 from fluxshard.models import load_model, postprocess, preprocess
 from fluxshard.tiles import TileExecutor, TileStreamState, salience_order
 from fluxshard.tiles.crops import (boxes_to_blocks, outside_share, plan_crops, split_rectangles,
-                                   take_within_budget)
+                                   take_within_budget, unify_shapes)
 from fluxshard.tiles.warp import carry_map, field_on_grid
 
 W, H = 320, 192
@@ -277,3 +277,24 @@ def test_a_stream_whose_tiles_do_not_pay_runs_dense_and_probes(model, wide_frame
     assert kinds[:3] == ["tiles", "tiles", "refresh"], kinds
     assert kinds[3:5] == ["fallback", "fallback"] and kinds[5] in ("tiles", "refresh"), kinds
     assert state.tile_frame_seconds > state.dense_frame_seconds
+
+
+def test_crops_grow_to_one_shape_when_it_is_cheap():
+    selected = np.zeros((24, 40), bool)
+    selected[3:6, 5:8] = True  # two crops of different shapes, close in size
+    selected[15:19, 25:27] = True
+    crops = plan_crops(selected, 16, 16, (384, 640))
+    assert len({(c.h, c.w) for c in crops}) == 2
+    unified = unify_shapes(crops, (384, 640))
+    assert len({(c.h, c.w) for c in unified}) == 1  # one batched call
+    for before, after in zip(crops, unified):
+        iy0, ix0, iy1, ix1 = after.interior
+        assert after.interior == before.interior
+        assert after.y0 <= iy0 and iy1 <= after.y0 + after.h <= 384
+        assert after.x0 <= ix0 and ix1 <= after.x0 + after.w <= 640
+    # a small crop beside a large one would more than double its pixels: left alone
+    selected[:] = False
+    selected[0:20, 0:30] = True
+    selected[22, 38] = True
+    crops = plan_crops(selected, 16, 16, (384, 640))
+    assert unify_shapes(crops, (384, 640)) == crops

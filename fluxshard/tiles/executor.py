@@ -347,6 +347,7 @@ class TileExecutor:
         # 5. crops, batched per size; each crop's interior goes into the warped cache
         plan = every if np.array_equal(taken, misses) else \
             C.plan_crops(taken, self.block, self.halo, input_hw)
+        plan = C.unify_shapes(plan, input_hw)
         t = self._stage(report, "plan", t)
         by_size: dict[tuple[int, int], list[C.Crop]] = {}
         for crop in plan:
