@@ -30,6 +30,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -325,11 +326,13 @@ class TritonServer:
             return None
         if grace is None:
             grace = self.exit_timeout_s + 10.0
+        stubs = self.stub_pids()  # read before the server goes: their parent is in their argv
         try:
             return self._stop(grace)
         finally:
             self._signal(signal.SIGKILL)  # stubs outlive a killed server, deadlocked
-            clean_leftovers()
+            # a stub killed just now still maps its region until it is gone: wait for it
+            clean_leftovers(dying=stubs)
             if self._weights_repository is not None:
                 self._weights_repository.cleanup()
                 self._weights_repository = None
@@ -505,10 +508,12 @@ class Leftovers:
     removed_regions: list[str]
 
 
-def clean_leftovers(shm_dir: Path | None = None, settle_s: float = 5.0) -> Leftovers:
+def clean_leftovers(shm_dir: Path | None = None, settle_s: float = 5.0,
+                    dying: Sequence[int] = ()) -> Leftovers:
     """Kill python-backend stubs whose tritonserver is gone (they deadlock holding their memory)
     and remove the stubs' shared-memory regions no live process uses. Only our own user's
-    processes and files are touched; stubs of live servers (anyone's) are left alone."""
+    processes and files are touched; stubs of live servers (anyone's) are left alone.
+    ``dying``: processes already sent SIGKILL, waited for like the ones killed here."""
     shm_dir = SHM_DIR if shm_dir is None else Path(shm_dir)
     uid = os.getuid()
     killed = []
@@ -521,9 +526,10 @@ def clean_leftovers(shm_dir: Path | None = None, settle_s: float = 5.0) -> Lefto
         except (ProcessLookupError, PermissionError, FileNotFoundError):
             pass
     # a killed stub unmaps its region when it is gone; its new parent reaps it
+    waiting = killed + list(dying)
     deadline = time.monotonic() + settle_s
-    while killed and time.monotonic() < deadline and any(
-            _parent_pid(pid) is not None for pid in killed):
+    while waiting and time.monotonic() < deadline and any(
+            _parent_pid(pid) is not None for pid in waiting):
         time.sleep(0.05)
     removed = []
     try:
