@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import TickingClock, require_triton
 
 from fluxshard import wire
 from fluxshard.motion import EndpointState, iter_motion
@@ -183,12 +184,7 @@ def tiles_server(triton_installed_module):
 
 @pytest.fixture(scope="module")
 def triton_installed_module():
-    from fluxshard.serving.tritonserver import TritonNotInstalled, find_triton
-
-    try:
-        find_triton()
-    except TritonNotInstalled as e:
-        pytest.skip(str(e))
+    require_triton()
 
 
 @pytest.mark.slow
@@ -297,6 +293,7 @@ def test_edge_table_follows_the_executor_and_old_profiles_still_load(tmp_path):
 
 def test_profile_latency_measures_tiles_against_crop_area(tmp_path):
     from fluxshard.cli import main
+    from fluxshard.profile import profile_latency
 
     path = tmp_path / "latency.json"
     assert main(["profile", "latency", "--size", "160", "96", "--fractions", "0", "0.1", "1",
@@ -305,7 +302,15 @@ def test_profile_latency_measures_tiles_against_crop_area(tmp_path):
     profile = LatencyProfile.load(path)
     tiles, dense = profile.edge_executors["tiles"], profile.edge_executors["dense"]
     assert tiles.fractions[0] == 0.0 and tiles.fractions[-1] == 1.0  # nothing to crop .. dense
-    assert all(a <= b for a, b in zip(tiles.ms, tiles.ms[1:])) and tiles.ms[0] > 0
-    assert dense.ms[0] == dense.ms[-1] > 0
+    assert all(a <= b for a, b in zip(tiles.ms, tiles.ms[1:]))
+    assert dense.ms[0] == dense.ms[-1]
     assert Dispatcher(profile, edge_executor="tiles").decide(1.0, 1.0, 0, 160, 96).edge_ms == \
         pytest.approx(tiles.ms[-1])
+    # what the tables hold, on an injected clock: each timed run is exactly one 2 ms tick
+    timed = profile_latency(width=160, height=96, fractions=(0, 0.1, 1), repeats=1, cloud=False,
+                            executors=("tiles", "dense"), progress=False,
+                            clock=TickingClock(0.002))
+    assert timed.edge.ms == pytest.approx([2.0] * 3)
+    tiles_ms = timed.edge_executors["tiles"].ms
+    assert tiles_ms == pytest.approx([2.0] * len(tiles_ms))
+    assert timed.edge_executors["dense"].ms == pytest.approx([2.0, 2.0])

@@ -20,7 +20,7 @@ def test_plugins_answer_tensorrt_build_time_questions(plugin_build):
 
 
 def test_library_loads_into_the_tensorrt_lean_registry(plugin_build):
-    trt = pytest.importorskip("tensorrt_lean", reason="tensorrt-lean is a test dependency")
+    import tensorrt_lean as trt  # a test dependency (pyproject [test])
     library, _ = plugin_build
     registry = trt.get_plugin_registry()
     registry.load_library(str(library))

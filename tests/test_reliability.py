@@ -5,7 +5,6 @@ Every case runs a real tritonserver; streams are real SDK streams checked frame 
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import require_triton
 
 from fluxshard.serving.reliability import (StreamDriver, kill_stub, try_model_upload,
                                            try_shared_memory)
@@ -34,12 +34,7 @@ def alive(pid: int) -> bool:
 
 @pytest.fixture(scope="module")
 def locked_server(tmp_path_factory):
-    from fluxshard.serving.tritonserver import TritonNotInstalled, find_triton
-
-    try:
-        find_triton()
-    except TritonNotInstalled as e:
-        pytest.skip(str(e))
+    require_triton()
     log = tmp_path_factory.mktemp("locked") / "server.log"
     with TritonServer(models=["fluxshard"], log_file=log) as server:
         yield server
@@ -149,9 +144,9 @@ def test_serve_stops_its_whole_group_on_sigterm_without_waiting_for_open_streams
          str(log), "--exit-timeout", "2", "--probe-interval", "1"],
         cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 300
+        # until serve says ready (or dies); pytest's timeout (pyproject) is the hang guard
         while (status := read_status(status_file)) is None or not status["ready"]:
-            assert serve.poll() is None and time.monotonic() < deadline, serve.stdout.read()
+            assert serve.poll() is None, serve.stdout.read()
             time.sleep(0.5)
         server_pid = status["server_pid"]
         stubs = [s for s in python_stubs() if s.parent_pid == server_pid]
@@ -214,7 +209,6 @@ def make_certificates(folder: Path) -> tuple[Path, Path]:
 
 @pytest.mark.slow
 def test_grpc_over_tls_answers_tls_clients_only(tmp_path, triton_installed):
-    pytest.importorskip("cryptography")
     import tritonclient.grpc as grpcclient
 
     from fluxshard.serving.tritonserver import TlsFiles, _probe_ssl
