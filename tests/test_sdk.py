@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import TickingClock
 
 from fluxshard import wire
 from fluxshard.motion import iter_motion
@@ -161,6 +162,7 @@ def test_run_refuses_bad_input_clearly(tmp_path, capsys):
 
 def test_profile_latency_writes_a_table_the_dispatcher_loads(tritonserver, tmp_path):
     from fluxshard.cli import main
+    from fluxshard.profile import profile_latency
     from fluxshard_client import Dispatcher, LatencyProfile
 
     path = tmp_path / "latency.json"
@@ -171,7 +173,11 @@ def test_profile_latency_writes_a_table_the_dispatcher_loads(tritonserver, tmp_p
     assert profile.source == "profiled" and (profile.width, profile.height) == (160, 96)
     for table in (profile.edge, profile.cloud):
         assert table.fractions == [0.0, 0.5, 1.0]
-        assert all(a <= b for a, b in zip(table.ms, table.ms[1:])) and table.ms[0] > 0
+        assert all(a <= b for a, b in zip(table.ms, table.ms[1:]))
+    # the edge's runs are timed on the injected clock: exactly one 2 ms tick each
+    timed = profile_latency(width=160, height=96, fractions=(0, 0.5, 1), repeats=1, cloud=False,
+                            executors=(), progress=False, clock=TickingClock(0.002))
+    assert timed.edge.ms == pytest.approx([2.0, 2.0, 2.0])
     # the other edge executors' tables, by name (tiles: against the crop area share)
     assert set(profile.edge_executors) == {"tiles", "dense"}
     decision = Dispatcher(profile).decide(0.5, 0.5, 0, 160, 96)
