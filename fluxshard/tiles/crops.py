@@ -20,7 +20,6 @@ SNAP = 32  # the model's largest stride: crops on this grid keep every level's c
 # crop sides, pixels: every 32 up to 256 (small crops: padding would cost more than a call),
 # coarser above (large crops are few; fewer shapes batch better)
 BUCKETS = (64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512, 640, 768, 1024)
-CHANGE_SCALE = 1  # the change test's resolution divisor (2 flagged more blocks, not fewer)
 UNIFY_GROWTH = 1.4  # crops grow to one shape (one batched call) while the area grows this much at most
 MIN_FILL = 0.6  # a crop rectangle this full of needed blocks is not worth cutting further
 
@@ -53,15 +52,14 @@ def block_mean(values: np.ndarray, block: int) -> np.ndarray:
     return means.astype(np.float32)
 
 
-def warp_bilinear(image: np.ndarray, field: np.ndarray, scale: int = 1) -> np.ndarray:
-    """``image`` (the previous frame, downsampled by ``scale``) warped to the current one by
-    the backward field at its sub-pixel precision (bilinear; the codec predicts at quarter
-    pixels, so an integer-rounded warp leaves half-pixel errors that flag every textured block
-    of a slow pan). Sources outside the image repeat its border (``outside_share`` says how
-    much of a block that is)."""
+def warp_bilinear(image: np.ndarray, field: np.ndarray) -> np.ndarray:
+    """``image`` (the previous frame) warped to the current one by the backward field at its
+    sub-pixel precision (bilinear; the codec predicts at quarter pixels, so an integer-rounded
+    warp leaves half-pixel errors that flag every textured block of a slow pan). Sources
+    outside the image repeat its border (``outside_share`` says how much of a block that is)."""
     h, w = image.shape[:2]
-    field = np.asarray(field, np.float32) * (1.0 / scale)
-    cell = MV_BLOCK // scale
+    field = np.asarray(field, np.float32)
+    cell = MV_BLOCK
     moving = field.any(-1)
     rows, cols = np.flatnonzero(moving.any(1)), np.flatnonzero(moving.any(0))
     if not len(rows):
@@ -80,15 +78,6 @@ def warp_bilinear(image: np.ndarray, field: np.ndarray, scale: int = 1) -> np.nd
     out[y0:y1, x0:x1] = cv2.remap(np.ascontiguousarray(image), map_xy, map_frac, cv2.INTER_LINEAR,
                                   borderMode=cv2.BORDER_REPLICATE)
     return out
-
-
-def downsample(frame: np.ndarray, scale: int) -> np.ndarray:
-    """``frame`` averaged over ``scale`` x ``scale`` pixels (the change test's resolution)."""
-    if scale == 1:
-        return frame
-    h, w = frame.shape[:2]
-    return cv2.resize(np.ascontiguousarray(frame), (-(-w // scale), -(-h // scale)),
-                      interpolation=cv2.INTER_AREA)
 
 
 def outside_share(field: np.ndarray, height: int, width: int, block: int) -> np.ndarray:
@@ -112,21 +101,18 @@ def _pixel_grid(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
     return xs, ys
 
 
-def changed_blocks(frame: np.ndarray, previous: np.ndarray, field: np.ndarray, block: int,
-                   scale: int = CHANGE_SCALE) -> tuple[np.ndarray, np.ndarray]:
+def changed_blocks(frame: np.ndarray, previous: np.ndarray, field: np.ndarray, block: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
     """v2 4.1: each block's mean |frame - previous warped by the field| in grey levels, and the
     share of each block's pixels whose source lies outside the previous frame (content never
-    seen: the entering edge of a pan). ``frame`` and ``previous`` come downsampled by
-    ``scale`` (``downsample``): the test runs at that resolution, which also damps the
-    resampling error of textures. Sources outside compare with the nearest border pixel, so
+    seen: the entering edge of a pan). Sources outside compare with the nearest border pixel, so
     the entering edge is judged by that share, not by a difference against black. A zero field
     (still camera) compares the frames as they are."""
-    height, width = frame.shape[0] * scale, frame.shape[1] * scale
     if not np.any(field):
-        change = block_mean_abs_diff(frame, previous, block // scale)
+        change = block_mean_abs_diff(frame, previous, block)
         return change, np.zeros_like(change)
-    return (block_mean_abs_diff(frame, warp_bilinear(previous, field, scale), block // scale),
-            outside_share(field, height, width, block))
+    return (block_mean_abs_diff(frame, warp_bilinear(previous, field), block),
+            outside_share(field, *frame.shape[:2], block))
 
 
 def pad_grid(mask: np.ndarray, shape: tuple[int, int], fill=False) -> np.ndarray:

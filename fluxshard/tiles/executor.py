@@ -1,21 +1,21 @@
 """The v2 tile-batched executor (../shared/DESIGN.md "The tile executor (v2 4.5)").
 
-Per stream it caches the detection head's raw maps at strides 8/16/32. Each frame it warps them
-by the motion field (bilinear, sub-pixel), finds the critical blocks (changed against the
-previous frame warped by the field, invalid, out of the map, deferred before), ranks them by
-salience, takes what the budget allows, runs the rest of the frame from the cache, and computes
-the taken blocks as crops (with a halo of context) batched per size on a dense engine, writing
-back each crop's interior only. Key frames, every ``refresh_interval``-th frame and frames whose
-crops would cover more than ``dense_above`` of the input run dense. The output is the model's own
-eval output, so ``fluxshard.models.postprocess`` applies unchanged.
+Per stream it caches the detection head's outputs at strides 8/16/32, decoded relative to each
+cell. Each frame it carries them along the motion field (whole cells with their sub-cell place,
+``carry_map``), finds the critical blocks (changed against the previous frame warped by the
+field, content never seen, deferred before, detections touching those), ranks them by salience,
+takes what the budget allows, runs the rest of the frame from the cache, and computes the taken
+blocks as crops (with a halo of context) batched per size on a dense engine, writing back each
+crop's interior only. Key frames, every ``refresh_interval``-th frame and frames whose crops
+would cost more than the whole frame run dense. The output is the model's own eval output, so
+``fluxshard.models.postprocess`` applies unchanged.
 
-The result approximates dense inference (crops see a limited context; warped outputs are
-resampled); accuracy is measured against dense by perf/bench_executors.py.
+The result approximates dense inference (crops see a limited context; carried cells keep what
+they were computed with); accuracy is measured against dense by perf/bench_executors.py.
 """
 
 from __future__ import annotations
 
-import functools
 import time
 from dataclasses import dataclass, field as dc_field
 
@@ -38,8 +38,7 @@ class TileStreamState:
 
     maps: list[torch.Tensor] | None = None  # decoded head maps relative to each cell (1, 4 + nc, H/s, W/s)
     offsets: list[np.ndarray] | None = None  # per map (H/s, W/s, 2): sub-cell place of each cell's content
-    previous: np.ndarray | None = None  # the last frame, downsampled for the change test
-    shape: tuple | None = None  # the last frame's (H, W, 3)
+    previous: np.ndarray | None = None  # the last frame (H, W, 3) uint8, for the change test
     age: np.ndarray | None = None  # frames since each block was last computed (padded block grid)
     deferred: np.ndarray | None = None  # critical blocks the budget pushed to a later frame
     unseen: np.ndarray | None = None  # share of each block's content never computed (edges)
@@ -94,9 +93,6 @@ class CropLatency:
         elif self.dense_seconds and area_share > 0:
             ratio = seconds / (area_share * self.dense_seconds)
             self.ratio = (1 - self.WEIGHT) * self.ratio + self.WEIGHT * ratio
-
-    def crops_seconds(self, area_share: float) -> float | None:
-        return None if self.dense_seconds is None else area_share * self.ratio * self.dense_seconds
 
     def dense_is_cheaper(self, area_share: float) -> bool:
         return area_share * self.ratio >= 1.0
@@ -171,11 +167,6 @@ class TileExecutor:
         batch = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2)
         return batch.float().div_(255.0).contiguous()
 
-    @classmethod
-    def model_input(cls, frame: np.ndarray, input_hw: tuple[int, int]) -> torch.Tensor:
-        """(1, 3, H', W') float in [0, 1], padded bottom/right with grey (as preprocess)."""
-        return cls.batch_input([cls.padded_frame(frame, input_hw)])
-
     def _relative(self, maps: list[torch.Tensor]) -> list[torch.Tensor]:
         """Raw head maps (B, 4*reg_max + nc, h, w) -> decoded per cell, relative to the cell:
         (B, 4 + nc, h, w) with the box centre's offset from the cell's anchor and the box size in
@@ -190,15 +181,14 @@ class TileExecutor:
             out.append(rel.reshape(b, 4 + head.nc, h, w))
         return out
 
-    @staticmethod
-    def _assemble(maps: list[torch.Tensor], offsets: list[np.ndarray]) -> torch.Tensor:
+    def _assemble(self, maps: list[torch.Tensor], offsets: list[np.ndarray]) -> torch.Tensor:
         """The model's eval output (1, 4 + nc, A) from the relative cache: each box centre is
         its cell's anchor plus the cell's sub-cell offset (carry_map) plus its own offset."""
         channels = maps[0].shape[1]
         out = torch.cat([m.reshape(channels, -1) for m in maps], 1)
-        shift = np.concatenate([(_anchor_grid(*o.shape[:2]) + o).reshape(-1, 2) * s
-                                for o, s in zip(offsets, STRIDES)])
-        out[:2] += torch.from_numpy(shift.T)
+        anchors, strides = self.head.anchors_for(maps)  # (A, 2) cells, (A, 1): the model's own
+        places = anchors + torch.from_numpy(np.concatenate([o.reshape(-1, 2) for o in offsets]))
+        out[:2] += (places * strides).T
         return out[None]
 
     def _confident_boxes(self, output: torch.Tensor) -> np.ndarray:
@@ -217,8 +207,7 @@ class TileExecutor:
 
     def _finish(self, state, frame, maps, report, t0):
         t = self.clock()
-        state.maps, state.previous = maps, C.downsample(frame, C.CHANGE_SCALE)
-        state.shape = frame.shape
+        state.maps, state.previous = maps, np.array(frame, copy=True)
         out = self._assemble(maps, state.offsets)
         state.boxes = self._confident_boxes(out)
         self._stage(report, "decode", t)
@@ -267,7 +256,7 @@ class TileExecutor:
         padded = self.padded_frame(frame, input_hw)
         report = TileReport(key=key)
         if (key or field is None or state.maps is None or state.previous is None
-                or state.shape != frame.shape):
+                or state.previous.shape != frame.shape):
             report.key = True
             return self._dense(state, frame, padded, grid, report, t0)
         state.frames_since_dense += 1
@@ -295,8 +284,7 @@ class TileExecutor:
                 misses |= _to_blocks(miss, s, self.block, grid)
         t = self._stage(report, "warp", t)
         # 2. critical blocks: changed, invalid, out of the map, deferred before
-        change, outside = C.changed_blocks(C.downsample(frame, C.CHANGE_SCALE), state.previous,
-                                           field, self.block)
+        change, outside = C.changed_blocks(frame, state.previous, field, self.block)
         change = C.pad_grid(change, grid, 0.0)
         # content never seen (the entering edge of a pan) accumulates until it fills a share
         # of the block: a slow pan recomputes its edge every few frames, not every frame
@@ -358,12 +346,12 @@ class TileExecutor:
             outs = self._relative(self.engine(batch))
             for b, c in enumerate(group):
                 iy0, ix0, iy1, ix1 = c.interior
-                for s, full, out in zip(STRIDES, maps, outs):
+                for s, full, out, offset in zip(STRIDES, maps, outs, offsets):
                     r0, r1 = iy0 // s, -(-iy1 // s)
                     q0, q1 = ix0 // s, -(-ix1 // s)
                     full[0, :, r0:r1, q0:q1] = out[b, :, r0 - c.y0 // s:r1 - c.y0 // s,
                                                    q0 - c.x0 // s:q1 - c.x0 // s]
-                    offsets[STRIDES.index(s)][r0:r1, q0:q1] = 0.0
+                    offset[r0:r1, q0:q1] = 0.0
                 done = (slice(iy0 // self.block, -(-iy1 // self.block)),
                         slice(ix0 // self.block, -(-ix1 // self.block)))
                 age[done], unseen[done] = 0, 0.0
@@ -378,13 +366,6 @@ class TileExecutor:
         report.deferred_fraction = float(deferred.mean())
         report.refresh_fraction = float(refreshed.mean())
         return self._finish(state, frame, maps, report, t0)
-
-
-@functools.lru_cache(maxsize=16)
-def _anchor_grid(h: int, w: int) -> np.ndarray:
-    """(h, w, 2) anchor centres in cell units, x then y (the model's: cell + 0.5)."""
-    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
-    return np.stack([xs + 0.5, ys + 0.5], -1)
 
 
 def _to_blocks(mask: np.ndarray, stride: int, block: int, grid: tuple[int, int]) -> np.ndarray:
