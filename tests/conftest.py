@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import contextlib
 import subprocess
 import threading
 from pathlib import Path
@@ -115,6 +116,25 @@ class TickingClock:
     def __call__(self) -> float:
         self.now += self.step
         return self.now
+
+
+@contextlib.contextmanager
+def crash_and_restart(server, log_file):
+    """Kill ``server`` (a crash: no drain, no goodbye) and start a new one on its ports on a
+    thread; inside the block a client's next send waits for it. Stopped on the way out."""
+    from fluxshard.serving.tritonserver import TritonServer
+
+    server.kill()
+    restarted = TritonServer(http_port=server.http_port, grpc_port=server.grpc_port,
+                             metrics_port=server.metrics_port, log_file=log_file,
+                             models=server.models)
+    starter = threading.Thread(target=restarted.start)
+    starter.start()
+    try:
+        yield restarted
+    finally:
+        starter.join()
+        restarted.stop()
 
 
 def run_in_threads(work, keys) -> None:

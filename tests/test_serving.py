@@ -8,11 +8,10 @@ checked against the frame's own digest, not only against the client's mirror.
 from __future__ import annotations
 
 import asyncio
-import threading
 
 import numpy as np
 import pytest
-from conftest import run_in_threads
+from conftest import crash_and_restart, run_in_threads
 
 from fluxshard import wire
 from fluxshard.motion.field import align_image
@@ -246,17 +245,8 @@ def test_server_restart_mid_stream_loses_no_frame(tmp_path, triton_installed):
     with server, FluxShardClient(server.grpc_url, retry=retry) as client:
         stream = client.open_stream(901, block=B)
         prev = run_stream(stream, scene, range(3), results)
-        server.kill()  # a crash: no drain, no goodbye
-        restarted = TritonServer(http_port=server.http_port, grpc_port=server.grpc_port,
-                                 metrics_port=server.metrics_port,
-                                 log_file=tmp_path / "second.log", models=["fluxshard"])
-        starter = threading.Thread(target=restarted.start)
-        starter.start()  # the client's next send waits for it
-        try:
+        with crash_and_restart(server, tmp_path / "second.log"):
             run_stream(stream, scene, range(3, 7), results, prev)
-        finally:
-            starter.join()
-            restarted.stop()
     assert [t for t, _, _ in results] == list(range(7))
     check_exact(results, stream)
     first_after = results[3][2]

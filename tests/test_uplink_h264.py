@@ -4,11 +4,10 @@ tritonserver for several streams, a server restart and a dropped packet."""
 
 from __future__ import annotations
 
-import threading
 
 import numpy as np
 import pytest
-from conftest import run_in_threads
+from conftest import crash_and_restart, run_in_threads
 
 from fluxshard import wire
 from fluxshard.serving.receive import ReceiveState, ResyncNeeded
@@ -219,17 +218,8 @@ def test_server_restart_mid_h264_stream_loses_no_frame(tmp_path, triton_installe
     with server, FluxShardClient(server.grpc_url, retry=retry) as client:
         stream = client.open_stream(41, block=B, key_codec=Codec.H264, residual_codec=Codec.H264)
         run_h264(stream, scene, range(3), results)
-        server.kill()
-        restarted = TritonServer(http_port=server.http_port, grpc_port=server.grpc_port,
-                                 metrics_port=server.metrics_port,
-                                 log_file=tmp_path / "second.log", models=["fluxshard"])
-        starter = threading.Thread(target=restarted.start)
-        starter.start()
-        try:
+        with crash_and_restart(server, tmp_path / "second.log"):
             run_h264(stream, scene, range(3, 7), results)
-        finally:
-            starter.join()
-            restarted.stop()
     assert [t for t, _, _ in results] == list(range(7))
     check_mirror(results, stream)
     first_after = results[3][2]
