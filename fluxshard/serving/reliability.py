@@ -176,47 +176,45 @@ def try_model_upload(server, headers: dict | None = None) -> str:
     import json
 
     import tritonclient.grpc as grpcclient
-    from tritonclient.utils import InferenceServerException
 
     config = json.dumps({"name": "uploaded", "backend": "python", "max_batch_size": 0,
                          "input": [{"name": "X", "data_type": "TYPE_UINT8", "dims": [1]}],
                          "output": [{"name": "Y", "data_type": "TYPE_UINT8", "dims": [1]}]})
-    refusals = []
     with grpcclient.InferenceServerClient(server.grpc_url) as client:
-        for what, call in (
-                ("upload", lambda: client.load_model(
-                    "uploaded", config=config, files={"file:1/model.py": UPLOADED_MODEL.encode()},
-                    headers=headers)),
-                ("unload", lambda: client.unload_model("fluxshard", headers=headers))):
-            try:
-                call()
-            except InferenceServerException as e:
-                refusals.append(f"{what}: {e.message()}")
-                continue
-            raise AssertionError(f"the server accepted a model {what}")
-    return "; ".join(refusals)
+        return _all_refused("a model", (
+            ("upload", lambda: client.load_model(
+                "uploaded", config=config, files={"file:1/model.py": UPLOADED_MODEL.encode()},
+                headers=headers)),
+            ("unload", lambda: client.unload_model("fluxshard", headers=headers))))
 
 
 def try_shared_memory(server, headers: dict | None = None) -> str:
     """Try to read the shared-memory status and to register the python backend's own region."""
     import tritonclient.grpc as grpcclient
-    from tritonclient.utils import InferenceServerException
 
     from fluxshard.serving.tritonserver import python_stubs
 
     regions = [s.region for s in python_stubs() if s.parent_pid == server.process.pid]
-    refusals = []
     with grpcclient.InferenceServerClient(server.grpc_url) as client:
-        for what, call in (
-                ("status", lambda: client.get_system_shared_memory_status(headers=headers)),
-                ("register", lambda: client.register_system_shared_memory(
-                    "stolen", f"/{regions[0]}", 4096, headers=headers))):
-            try:
-                call()
-            except InferenceServerException as e:
-                refusals.append(f"{what}: {e.message()}")
-                continue
-            raise AssertionError(f"the server allowed shared-memory {what}")
+        return _all_refused("shared-memory", (
+            ("status", lambda: client.get_system_shared_memory_status(headers=headers)),
+            ("register", lambda: client.register_system_shared_memory(
+                "stolen", f"/{regions[0]}", 4096, headers=headers))))
+
+
+def _all_refused(subject: str, calls) -> str:
+    """Make each (what, call) admin call: every one must be refused; returns the refusals
+    ("what: message; ..."), raises AssertionError on the first call the server accepted."""
+    from tritonclient.utils import InferenceServerException
+
+    refusals = []
+    for what, call in calls:
+        try:
+            call()
+        except InferenceServerException as e:
+            refusals.append(f"{what}: {e.message()}")
+            continue
+        raise AssertionError(f"the server accepted {subject} {what}")
     return "; ".join(refusals)
 
 
