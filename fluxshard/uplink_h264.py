@@ -100,19 +100,24 @@ class H264Encoder:
 
 @dataclass
 class DecodedFrame:
-    image: np.ndarray  # (H, W, 3) uint8 RGB, bit-exact on every CPU
-    field: np.ndarray  # (ceil(H/4), ceil(W/4), 2) float32: backward to the previous input
-    intra: np.ndarray  # (ceil(H/4), ceil(W/4)) bool: 4x4 blocks without a vector (intra coded)
+    digest: bytes  # of the decoded picture's YUV planes (wire.cache_digest): equal at both ends
     key: bool
+    shape: tuple[int, int]  # (H, W)
+    # with pixels (the cloud's decoder); None in the edge's mirror, which needs only the digest
+    image: np.ndarray | None = None  # (H, W, 3) uint8 RGB, bit-exact on every CPU
+    field: np.ndarray | None = None  # (ceil(H/4), ceil(W/4), 2) float32: backward to the previous input
+    intra: np.ndarray | None = None  # (ceil(H/4), ceil(W/4)) bool: 4x4 blocks without a vector
 
 
 class H264Decoder:
     """One stream's decoder (the cloud's, and the edge's mirror). Decodes one packet per call and
-    returns the frame with the codec's motion field. Any decoder error, or a packet that does not
-    produce exactly one frame, raises :class:`H264DecodeError`; the decoder is then unusable until
-    the next IDR (a fresh decoder)."""
+    returns the frame's digest, and with ``pixels`` (the cloud) its RGB image and the codec's
+    motion field. The edge's mirror passes ``pixels=False``: it only checks that the cloud holds
+    the same picture, so it skips the RGB conversion and the motion vectors. Any decoder error,
+    or a packet that does not produce exactly one frame, raises :class:`H264DecodeError`; the
+    decoder is then unusable until the next IDR (a fresh decoder)."""
 
-    def __init__(self):
+    def __init__(self, pixels: bool = True):
         import av
 
         from fluxshard.motion.decode import RGBConverter
@@ -120,15 +125,17 @@ class H264Decoder:
         ctx = av.CodecContext.create("h264", "r")
         ctx.thread_count = 1  # frame threads would delay output by a frame
         # report damaged bitstreams instead of concealing them
-        ctx.options = {"flags2": "+export_mvs", "err_detect": "explode"}
+        ctx.options = {"err_detect": "explode", **({"flags2": "+export_mvs"} if pixels else {})}
         self._ctx = ctx
-        self._to_rgb = RGBConverter()
+        self.pixels = pixels
+        self._to_rgb = RGBConverter() if pixels else None
         self.broken = False
 
     def decode(self, packet: bytes) -> DecodedFrame:
         import av
 
         from fluxshard.motion.decode import codec_field
+        from fluxshard.wire import cache_digest
 
         if self.broken:
             raise H264DecodeError("the decoder failed earlier; it needs an IDR")
@@ -141,12 +148,20 @@ class H264Decoder:
             self.broken = True
             raise H264DecodeError(f"H.264 packet decoded to {len(frames)} frames, expected 1")
         frame = frames[0]
-        side = frame.side_data.get("MOTION_VECTORS")
-        vectors = side.to_ndarray() if side is not None else None
-        field, covered = codec_field(vectors, frame.height, frame.width)
+        if frame.format.name != "yuv420p":
+            self.broken = True
+            raise H264DecodeError(f"H.264 picture in {frame.format.name}, the uplink sends "
+                                  "yuv420p")
         key = bool(frame.key_frame)
-        return DecodedFrame(self._to_rgb(frame), field, ~covered if not key else
-                            np.ones_like(covered), key)
+        # the planes as the standard defines them (to_ndarray drops the line padding)
+        decoded = DecodedFrame(cache_digest(frame.to_ndarray()), key, (frame.height, frame.width))
+        if self.pixels:
+            side = frame.side_data.get("MOTION_VECTORS")
+            vectors = side.to_ndarray() if side is not None else None
+            decoded.field, covered = codec_field(vectors, frame.height, frame.width)
+            decoded.intra = np.ones_like(covered) if key else ~covered
+            decoded.image = self._to_rgb(frame)
+        return decoded
 
 
 # P-frame sizes are learned per bin of the residual fraction (share of blocks changed since the

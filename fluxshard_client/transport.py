@@ -19,6 +19,7 @@ before use; callers that pick residual blocks themselves should quantize first t
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from dataclasses import dataclass, field as dataclass_field
 
@@ -145,7 +146,8 @@ class _StreamCore:
 
             self.encoder = H264Encoder(DEFAULT_CRF if uplink_quality is None else uplink_quality)
         self.encoder_seq = 0  # packets the encoder produced since its last IDR
-        self.mirror = ReceiveState()  # what the cloud's input cache holds, as far as we know
+        # what the cloud's input cache holds, as far as we know (H.264: the picture's digest)
+        self.mirror = ReceiveState(pixels=self.encoder is None)
         self.need_start = True  # next request opens the Triton sequence
         self.need_key = True
         self.next_index = 0
@@ -165,8 +167,7 @@ class _StreamCore:
                                                                   or residual_mask is None))
         if not key and self.mirror.cache is not None and self.mirror.cache.shape != frame.shape:
             key = True  # the resolution changed
-        predicted = ReceiveState(self.mirror.cache, self.mirror.frame_index, self.mirror.digest,
-                                 self.mirror.decoder, self.mirror.packet_seq)
+        predicted = dataclasses.replace(self.mirror)
         if self.encoder is not None:
             return self._prepare_h264(frame, key, index, tau, predicted)
         if key:
@@ -197,8 +198,11 @@ class _StreamCore:
         self.encoder_seq = 0 if key else self.encoder_seq + 1
         payload = wire.encode_h264_frame(packet, index, frame.shape[0], frame.shape[1], key,
                                          self.encoder_seq, self.block, tau)
-        # the mirror decodes our own packet with the decoder the cloud runs
-        predicted.apply(wire.decode_request(payload))
+        # the mirror decodes our own packet with the decoder the cloud runs, and keeps the frame
+        # it sent as the reference the next residual is measured to
+        request = wire.decode_request(payload)
+        request.frame = np.array(frame, copy=True)
+        predicted.apply(request)
         return payload, predicted, key, index
 
     def finish(self, outputs: dict, predicted: ReceiveState, key: bool, index: int,
@@ -210,11 +214,15 @@ class _StreamCore:
                           f"{response.digest.hex()} != mirror {predicted.digest.hex()}")
         if response.frame_index != index:
             raise _Resync(f"cloud answered frame {response.frame_index} for frame {index}")
+        self.commit(predicted, index)
+        return CloudResult(index, response.detections, response.digest, response.stats, key,
+                           resyncs, len(payload), round_trip_ms)
+
+    def commit(self, predicted: ReceiveState, index: int) -> None:
+        """The cloud applied frame ``index``: the mirror becomes what ``prepare`` predicted."""
         self.mirror = predicted
         self.need_start = self.need_key = False
         self.next_index = index + 1
-        return CloudResult(index, response.detections, response.digest, response.stats, key,
-                           resyncs, len(payload), round_trip_ms)
 
     def on_resync(self, reason: str, resyncs: list[str]) -> None:
         resyncs.append(reason)

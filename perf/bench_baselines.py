@@ -96,7 +96,7 @@ def run_level(level: str, overrides: dict, args, model, best, tmp: Path) -> dict
     from fluxshard.motion.state import residual_blocks
     from fluxshard.sparse import SparseExecutor, StreamState
     from fluxshard.train.data import scene_seed
-    from fluxshard.uplink_h264 import H264Encoder
+    from fluxshard_client.transport import RetryPolicy, _StreamCore
     from fluxshard.truncation import LEVELS, PROFILE_SCENE_OFFSET
 
     w, h = args.size
@@ -135,9 +135,9 @@ def run_level(level: str, overrides: dict, args, model, best, tmp: Path) -> dict
                   "edge delta reuse, no MVs": EdgePath(args.tau, motion=False)}
     mirrors = {name: (ReceiveState(), EndpointState()) for name in CLOUD_CODECS}
     last_inferred, last_preds = None, None
-    encoder = H264Encoder(args.h264_crf)
-    h264_cloud, h264_mirror = ReceiveState(), ReceiveState()
-    packet_seq = 0
+    # the SDK's own uplink (encoder + mirror), so the edge's codec time is what ships
+    uplink = _StreamCore(1, 16, RetryPolicy(), wire.Codec.H264, wire.Codec.H264, args.h264_crf)
+    h264_cloud = ReceiveState()
 
     def sparse(name, image, field, key):
         if name not in args.baselines:  # left out of this run: not computed, not reported
@@ -196,14 +196,13 @@ def run_level(level: str, overrides: dict, args, model, best, tmp: Path) -> dict
 
         # the H.264 uplink: every frame goes to the cloud here, so the edge's encoder sees them all
         t0 = time.perf_counter()
-        packet, key = encoder.encode(mf.image, idr=mf.index == 0 or mf.is_key)
-        packet_seq = 0 if key else packet_seq + 1
-        payload = wire.encode_h264_frame(packet, mf.index, h, w, key, packet_seq, tau=args.tau)
-        h264_mirror.apply(wire.decode_request(payload))
+        payload, predicted, key, _ = uplink.prepare(mf.image, None, None, mf.is_key, mf.index,
+                                                    tau=args.tau)
         codec_seconds = time.perf_counter() - t0
+        uplink.commit(predicted, mf.index)
         request = wire.decode_request(payload)
         h264_cloud.apply(request)
-        if h264_cloud.digest != h264_mirror.digest:
+        if h264_cloud.digest != predicted.digest:
             raise RuntimeError(f"frame {mf.index}: the edge's mirror decoded other pixels than "
                                "the cloud")
         name = "FluxShard cloud, H.264"

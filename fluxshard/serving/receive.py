@@ -55,6 +55,9 @@ class ReceiveState:
     digest: bytes = b""
     decoder: object | None = None  # H264: this stream's decoder (an IDR starts a fresh one)
     packet_seq: int = -1  # H264: the last packet decoded since its IDR
+    # H264: decode the pixels (the cloud) or only the picture's digest (the edge's mirror, which
+    # then holds the frame it sent as its cache: the reference its next residual is measured to)
+    pixels: bool = True
 
     def apply(self, request: Request) -> np.ndarray:
         """Check order, rebuild, commit; returns the new cache. A failed apply leaves the state as
@@ -76,8 +79,12 @@ class ReceiveState:
     def _apply_h264(self, request: Request) -> np.ndarray:
         from fluxshard.uplink_h264 import H264DecodeError, H264Decoder
 
+        if not self.pixels and (request.frame is None or
+                                request.frame.shape[:2] != (request.height, request.width)):
+            raise ValueError("the mirror of an H.264 stream needs the frame it sent in "
+                             "request.frame")
         if request.key:
-            decoder = H264Decoder()
+            decoder = H264Decoder(self.pixels)
         else:
             if self.cache is None or self.decoder is None:
                 raise ResyncNeeded("no IDR decoded for this stream (or its decoder failed)")
@@ -93,20 +100,20 @@ class ReceiveState:
         except H264DecodeError as e:
             self.decoder = None
             raise ResyncNeeded(str(e)) from None
-        if decoded.key != request.key or decoded.image.shape != (request.height, request.width, 3):
+        if decoded.key != request.key or decoded.shape != (request.height, request.width):
             self.decoder = None
-            raise ResyncNeeded(f"H.264 packet decoded to a {decoded.image.shape[1]}x"
-                               f"{decoded.image.shape[0]} {'IDR' if decoded.key else 'P'} frame; "
-                               f"the header says {request.width}x{request.height} "
-                               f"{'IDR' if request.key else 'P'}")
-        request.frame = decoded.image
-        if not request.key:
-            request.field = decoded.field
-            request.residual_mask = _any_in_blocks(decoded.intra, request.block // 4)
+            raise ResyncNeeded(f"H.264 packet decoded to a {decoded.shape[1]}x{decoded.shape[0]} "
+                               f"{'IDR' if decoded.key else 'P'} frame; the header says "
+                               f"{request.width}x{request.height} {'IDR' if request.key else 'P'}")
+        if self.pixels:
+            request.frame = decoded.image
+            if not request.key:
+                request.field = decoded.field
+                request.residual_mask = _any_in_blocks(decoded.intra, request.block // 4)
         self.decoder, self.packet_seq = decoder, request.packet_seq
-        self.cache, self.frame_index = decoded.image, request.frame_index
-        self.digest = cache_digest(decoded.image)
-        return decoded.image
+        self.cache, self.frame_index = request.frame, request.frame_index
+        self.digest = decoded.digest
+        return request.frame
 
     def reset(self) -> None:
         self.cache, self.frame_index, self.digest = None, -1, b""
