@@ -420,7 +420,9 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, dela
             wait = due - clock()
             if wait > 0:
                 await asyncio.sleep(wait)
-            if not chunk:
+            if not chunk:  # half-close: the other direction may still carry answers
+                if writer.can_write_eof():
+                    writer.write_eof()
                 break
             writer.write(chunk)
             await writer.drain()
@@ -428,10 +430,6 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, dela
         pass
     finally:
         reading.cancel()
-        try:
-            writer.close()
-        except (ConnectionError, OSError):
-            pass
 
 
 async def serve_proxy(listen: tuple[str, int], target: tuple[str, int], delay_s: float,
@@ -447,6 +445,11 @@ async def serve_proxy(listen: tuple[str, int], target: tuple[str, int], delay_s:
             return
         await asyncio.gather(_pipe(client_reader, server_writer, delay_s, clock),
                              _pipe(server_reader, client_writer, delay_s, clock))
+        for writer in (server_writer, client_writer):
+            try:
+                writer.close()
+            except (ConnectionError, OSError):
+                pass
 
     server = await asyncio.start_server(handle, *listen)
     if ready is not None:
