@@ -51,6 +51,7 @@ class H264Encoder:
     def __init__(self, crf: int = DEFAULT_CRF, preset: str = DEFAULT_PRESET):
         self.options = encoder_options(crf, preset)
         self.crf, self.preset = int(crf), preset
+        self.opened_crf: int | None = None  # the crf the open encoder codes at
         self._ctx = None
         self._shape: tuple[int, int] | None = None
         self._pts = 0
@@ -68,6 +69,14 @@ class H264Encoder:
         ctx.options = dict(self.options)
         ctx.open()
         self._ctx, self._shape, self._pts = ctx, (height, width), 0
+        self.opened_crf = self.crf
+
+    def set_crf(self, crf: int) -> None:
+        """Code at ``crf`` from the next frame on. FFmpeg reconfigures x264's crf only through a
+        private option PyAV cannot set on an open encoder, so a change reopens it: the next
+        frame is an IDR (:class:`LinkRate` weighs that)."""
+        self.options = encoder_options(crf, self.preset)
+        self.crf = int(crf)
 
     def encode(self, frame: np.ndarray, idr: bool) -> tuple[bytes, bool]:
         """-> (packet bytes, whether it is an IDR). A new frame size reopens the encoder (IDR)."""
@@ -76,7 +85,7 @@ class H264Encoder:
         import cv2
 
         h, w = frame.shape[:2]
-        if self._ctx is None or self._shape != (h, w):
+        if self._ctx is None or self._shape != (h, w) or self.opened_crf != self.crf:
             self._open(h, w)
             idr = True
         if idr:
@@ -169,10 +178,77 @@ class H264Decoder:
 FRACTION_BINS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.4, 0.7)
 
 
+# x264's rate factor: about +6 crf halves a frame's bytes (the quantizer step doubles)
+CRF_PER_HALVING = 6.0
+DEFAULT_MAX_CRF = 35  # the worst quality the link may push the uplink to
+DEFAULT_TRANSFER_BUDGET_S = 0.015  # a P-frame should cross the link within half a 30 fps frame
+CRF_HYSTERESIS = 3  # better quality only when the link fits it with this much room
+
+
+def crf_scale(crf_from: float, crf_to: float) -> float:
+    """Bytes at ``crf_to`` over bytes at ``crf_from``, by x264's rule of thumb."""
+    return 2.0 ** ((crf_from - crf_to) / CRF_PER_HALVING)
+
+
+class LinkRate:
+    """The uplink's quality follows the link (ApproxBit: the payload adapts to the link): the
+    best crf, from the stream's own quality up to ``max_crf``, at which the P-frames the encoder
+    has been producing cross the link within ``budget_s``. A change costs an IDR
+    (:meth:`H264Encoder.set_crf`), so it happens at once only when an IDR is due anyway (first
+    frame, resync); otherwise the link must call for it ``patience`` cloud frames in a row, and
+    for better quality with ``CRF_HYSTERESIS`` to spare, so a noisy estimate does not flap."""
+
+    def __init__(self, base_crf: int = DEFAULT_CRF, max_crf: int = DEFAULT_MAX_CRF,
+                 budget_s: float = DEFAULT_TRANSFER_BUDGET_S, patience: int = 4,
+                 alpha: float = 0.3):
+        if not CRF_RANGE[0] <= base_crf <= max_crf <= CRF_RANGE[1]:
+            raise ValueError(f"need {CRF_RANGE[0]} <= base_crf <= max_crf <= {CRF_RANGE[1]}, got "
+                             f"{base_crf}, {max_crf}")
+        if not budget_s > 0 or patience < 1:
+            raise ValueError("budget_s must be > 0 and patience >= 1")
+        self.base_crf, self.max_crf = int(base_crf), int(max_crf)
+        self.budget_s, self.patience, self.alpha = budget_s, patience, alpha
+        self.crf = self.base_crf
+        self.p_bytes_at_base: float | None = None  # EWMA of P-frame bytes, rescaled to base_crf
+        self._streak = 0
+
+    def observe(self, key: bool, nbytes: int, crf: int) -> None:
+        """A packet the encoder produced at ``crf``."""
+        if key:
+            return
+        at_base = nbytes * crf_scale(crf, self.base_crf)
+        self.p_bytes_at_base = (at_base if self.p_bytes_at_base is None else
+                                self.p_bytes_at_base + self.alpha * (at_base - self.p_bytes_at_base))
+
+    def fitting_crf(self, link_bytes_per_s: float) -> int:
+        """The best crf whose P-frames fit the budget on this link (max_crf if none does)."""
+        if self.p_bytes_at_base is None or not link_bytes_per_s > 0:
+            return self.crf
+        budget = link_bytes_per_s * self.budget_s
+        excess = np.log2(max(self.p_bytes_at_base, 1.0) / budget) * CRF_PER_HALVING
+        return int(np.clip(self.base_crf + np.ceil(max(excess, 0.0)), self.base_crf, self.max_crf))
+
+    def decide(self, link_bytes_per_s: float | None, idr_due: bool) -> int:
+        """The crf for the next cloud frame."""
+        if link_bytes_per_s is None:
+            return self.crf
+        wanted = self.fitting_crf(link_bytes_per_s)
+        if idr_due:
+            self.crf, self._streak = wanted, 0
+        elif wanted > self.crf or wanted <= self.crf - CRF_HYSTERESIS:
+            self._streak += 1
+            if self._streak >= self.patience:
+                self.crf, self._streak = wanted, 0
+        else:
+            self._streak = 0
+        return self.crf
+
+
 class BytesModel:
     """What an H.264 frame will cost on the wire, before it is encoded: bytes per pixel of IDRs,
     and of P-frames per bin of the residual fraction, each an EWMA of what the encoder produced
-    (``observe``). The priors are rough guesses the first frames replace."""
+    (``observe``), kept at the default crf and rescaled to the crf asked for. The priors are
+    rough guesses the first frames replace."""
 
     def __init__(self, alpha: float = 0.3, key_bpp: float = 0.25,
                  p_bpp: tuple[float, float] = (0.005, 0.06)):
@@ -184,14 +260,16 @@ class BytesModel:
     def _bin(fraction: float) -> int:
         return max(0, int(np.searchsorted(FRACTION_BINS, float(fraction), side="right")) - 1)
 
-    def estimate(self, key: bool, fraction: float, pixels: int) -> int:
+    def estimate(self, key: bool, fraction: float, pixels: int, crf: int = DEFAULT_CRF) -> int:
         bpp = self.key_bpp if key else self.p_bpp[self._bin(fraction)]
-        return int(bpp * pixels)
+        return int(bpp * pixels * crf_scale(DEFAULT_CRF, crf))
 
-    def observe(self, key: bool, fraction: float, pixels: int, nbytes: int) -> None:
+    def observe(self, key: bool, fraction: float, pixels: int, nbytes: int,
+                crf: int = DEFAULT_CRF) -> None:
+        """A frame of ``nbytes`` coded at ``crf`` (learned as its equivalent at the default)."""
         if pixels <= 0:
             return
-        bpp = nbytes / pixels
+        bpp = nbytes / pixels * crf_scale(crf, DEFAULT_CRF)
         if key:
             self.key_bpp += self.alpha * (bpp - self.key_bpp)
         else:
@@ -199,5 +277,6 @@ class BytesModel:
             self.p_bpp[i] += self.alpha * (bpp - self.p_bpp[i])
 
 
-__all__ = ["BytesModel", "FRACTION_BINS", "DEFAULT_CRF", "DEFAULT_PRESET", "CRF_RANGE", "H264DecodeError", "H264Encoder",
-           "H264Decoder", "DecodedFrame", "encoder_options"]
+__all__ = ["BytesModel", "LinkRate", "crf_scale", "FRACTION_BINS", "DEFAULT_CRF", "DEFAULT_MAX_CRF",
+           "DEFAULT_PRESET", "DEFAULT_TRANSFER_BUDGET_S", "CRF_RANGE", "H264DecodeError",
+           "H264Encoder", "H264Decoder", "DecodedFrame", "encoder_options"]

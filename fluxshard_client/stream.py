@@ -192,6 +192,7 @@ class _DispatchCore:
         self.wire_ratio = {"key": 0.5, "residual": 0.5}
         # H.264 uplink: bytes per pixel learned per residual fraction (fluxshard.uplink_h264)
         self.h264_bytes = None
+        self.h264_uplink = None  # the cloud transport's core: its quality follows the link
         self.cloud_down_until = 0  # frame index from which the cloud may be tried again
         self.cloud_failures: list[str] = []
 
@@ -225,7 +226,8 @@ class _DispatchCore:
         h, w = shape[:2]
         if self.h264_bytes is not None:  # a P-frame codes the change since the cloud last ran
             fraction = 1.0 if residual is None else residual.fraction
-            return (self.h264_bytes.estimate(residual is None, fraction, h * w)
+            return (self.h264_bytes.estimate(residual is None, fraction, h * w,
+                                             self.h264_uplink.link_rate.crf)
                     + wire.HEADER_SIZE + wire.PACKET_SEQ.size)
         if residual is None:
             return int(h * w * 3 * self.wire_ratio["key"]) + wire.HEADER_SIZE
@@ -271,6 +273,8 @@ class _DispatchCore:
             share = (self.dispatcher.edge_share(res.mask, self.block) if name == "edge"
                      else res.fraction)
             key[name], residual[name], fraction[name] = False, res, share
+        if self.h264_uplink is not None:
+            self.h264_uplink.link_bytes_per_s = self.dispatcher.bandwidth.bytes_per_s
         cloud_bytes = self.estimate_bytes(residual["cloud"], frame.shape)
         decision = self.dispatcher.decide(fraction["edge"], fraction["cloud"], cloud_bytes, w, h,
                                           cloud_available)
@@ -286,7 +290,8 @@ class _DispatchCore:
         grid = wire.residual_grid(h, w, self.block)
         if remote and name == "cloud" and self.h264_bytes is not None:
             fraction = 1.0 if run.key or residual is None else residual.fraction
-            self.h264_bytes.observe(run.key, fraction, h * w, run.uplink_bytes)
+            self.h264_bytes.observe(run.key, fraction, h * w, run.uplink_bytes,
+                                    self.h264_uplink.encoder.crf)
             if run.transfer_s is not None:
                 self.dispatcher.observe_uplink(run.uplink_bytes, run.transfer_s)
         elif remote:
@@ -345,6 +350,7 @@ class _StreamBase:
             from fluxshard.uplink_h264 import BytesModel
 
             self.core.h264_bytes = BytesModel()
+            self.core.h264_uplink = transport
         # the edge's latency table is the one of the executor it runs
         self.core.dispatcher.edge_executor = edge_executor_name(
             getattr(self.edge, "executor", "exact"))

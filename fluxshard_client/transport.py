@@ -137,14 +137,18 @@ class _StreamCore:
         self.retry = retry
         self.key_codec = wire.Codec(key_codec)
         self.residual_codec = wire.Codec(residual_codec)
-        self.encoder = None
+        self.encoder = self.link_rate = None
         if wire.Codec.H264 in (self.key_codec, self.residual_codec):
             if self.key_codec != self.residual_codec:
                 raise ValueError("the H.264 uplink codes key and P-frames alike: pass "
                                  "key_codec=residual_codec=Codec.H264")
-            from fluxshard.uplink_h264 import DEFAULT_CRF, H264Encoder
+            from fluxshard.uplink_h264 import DEFAULT_CRF, DEFAULT_MAX_CRF, H264Encoder, LinkRate
 
-            self.encoder = H264Encoder(DEFAULT_CRF if uplink_quality is None else uplink_quality)
+            crf = DEFAULT_CRF if uplink_quality is None else uplink_quality
+            self.encoder = H264Encoder(crf)
+            self.link_rate = LinkRate(crf, max(crf, DEFAULT_MAX_CRF))
+        # the uplink's bytes/s as the dispatcher measures it: the H.264 quality follows it
+        self.link_bytes_per_s: float | None = None
         self.encoder_seq = 0  # packets the encoder produced since its last IDR
         # what the cloud's input cache holds, as far as we know (H.264: the picture's digest)
         self.mirror = ReceiveState(pixels=self.encoder is None)
@@ -194,7 +198,11 @@ class _StreamCore:
         # an encoded packet the mirror never committed (its send failed) is the encoder's
         # reference now, but not the cloud's: start over from an IDR
         key = key or self.mirror.decoder is None or self.mirror.packet_seq != self.encoder_seq
+        crf = self.link_rate.decide(self.link_bytes_per_s, idr_due=key)
+        if crf != self.encoder.crf:
+            self.encoder.set_crf(crf)  # the next packet is an IDR at the new quality
         packet, key = self.encoder.encode(frame, idr=key)
+        self.link_rate.observe(key, len(packet), crf)
         self.encoder_seq = 0 if key else self.encoder_seq + 1
         payload = wire.encode_h264_frame(packet, index, frame.shape[0], frame.shape[1], key,
                                          self.encoder_seq, self.block, tau)

@@ -12,7 +12,7 @@ from conftest import crash_and_restart, run_in_threads
 from fluxshard import wire
 from fluxshard.serving.receive import ReceiveState, ResyncNeeded
 from fluxshard.serving.tritonserver import TritonServer
-from fluxshard.uplink_h264 import BytesModel, H264Decoder, H264Encoder
+from fluxshard.uplink_h264 import BytesModel, H264Decoder, H264Encoder, LinkRate
 from fluxshard.wire import Codec, PayloadError
 from fluxshard_client import FluxShardClient, RetryPolicy
 from fluxshard_client.transport import _StreamCore
@@ -165,6 +165,76 @@ def test_bytes_model_learns_per_fraction():
     assert model.estimate(False, 0.1, pixels) == pytest.approx(500, rel=0.05)
     assert model.estimate(True, 1.0, pixels) == pytest.approx(9000, rel=0.05)
     assert first != model.estimate(False, 0.1, pixels)
+
+
+def test_bytes_model_rescales_what_it_learned_to_another_crf():
+    model = BytesModel()
+    for _ in range(30):
+        model.observe(False, 0.1, H * W, 600, crf=29)  # one halving above the default
+    assert model.estimate(False, 0.1, H * W, crf=29) == pytest.approx(600, rel=0.05)
+    assert model.estimate(False, 0.1, H * W, crf=23) == pytest.approx(1200, rel=0.05)
+
+
+def test_link_rate_picks_the_best_crf_whose_p_frames_fit_the_link():
+    rate = LinkRate(base_crf=23, max_crf=35, budget_s=0.01, patience=3)
+    assert rate.decide(None, idr_due=False) == 23  # no link estimate: the stream's own quality
+    rate.observe(True, 50_000, 23)  # IDRs do not say what a P-frame costs
+    assert rate.p_bytes_at_base is None
+    rate.observe(False, 4000, 23)
+    assert rate.fitting_crf(4000 / 0.01) == 23  # fits exactly
+    assert rate.fitting_crf(1000 / 0.01) == 35  # a quarter of the bytes needs +12 (capped at 35)
+    assert rate.fitting_crf(2000 / 0.01) == 29  # half the bytes: one halving
+    assert rate.fitting_crf(1e12) == 23  # never better than the stream's own quality
+    # a tight link: the switch (an IDR) waits for `patience` frames unless an IDR is due anyway
+    assert [rate.decide(2000 / 0.01, idr_due=False) for _ in range(3)] == [23, 23, 29]
+    rate.observe(False, 2000, 29)  # as predicted
+    assert rate.decide(2000 / 0.01, idr_due=False) == 29
+    # the link recovers a little: within the hysteresis, no switch (it would cost an IDR)
+    assert rate.fitting_crf(2500 / 0.01) == 28
+    assert [rate.decide(2500 / 0.01, idr_due=False) for _ in range(5)] == [29] * 5
+    # it recovers fully: back to the base quality after `patience` frames, at once at an IDR
+    assert [rate.decide(1e9, idr_due=False) for _ in range(3)] == [29, 29, 23]
+    rate.decide(2000 / 0.01, idr_due=True)
+    assert rate.crf == 29
+    with pytest.raises(ValueError):
+        LinkRate(base_crf=30, max_crf=25)
+
+
+def test_a_crf_change_reopens_the_encoder_with_an_idr_and_smaller_p_frames():
+    scene = Scene(10, (2, 1))
+    encoder, sizes = H264Encoder(crf=20), {}
+    assert encoder.encode(scene.frame(0), idr=True)[1]
+    sizes[20] = [len(encoder.encode(scene.frame(t), idr=False)[0]) for t in (1, 2, 3)]
+    encoder.set_crf(32)
+    packet, key = encoder.encode(scene.frame(4), idr=False)
+    assert key, "a new quality starts with an IDR"
+    decoder = H264Decoder()  # a fresh decoder starts at that IDR
+    decoder.decode(packet)
+    sizes[32] = []
+    for t in (5, 6, 7):
+        packet, key = encoder.encode(scene.frame(t), idr=False)
+        assert not key
+        decoder.decode(packet)
+        sizes[32].append(len(packet))
+    assert np.mean(sizes[32]) < np.mean(sizes[20]) / 2
+
+
+def test_the_stream_core_codes_at_the_quality_the_link_allows():
+    scene = Scene(11, (1, 2))
+    core = _StreamCore(51, B, RetryPolicy(), Codec.H264, Codec.H264, uplink_quality=23)
+
+    def send(t):
+        payload, predicted, key, index = core.prepare(scene.frame(t), None, None, False, t)
+        core.commit(predicted, index)
+        return key, len(payload)
+
+    assert [send(t)[0] for t in range(4)] == [True, False, False, False]
+    p_bytes = core.link_rate.p_bytes_at_base
+    # a link on which these P-frames take 4x the budget: two halvings after `patience` frames
+    core.link_bytes_per_s = p_bytes / 4 / core.link_rate.budget_s
+    keys = [send(t)[0] for t in range(4, 4 + core.link_rate.patience + 1)]
+    assert keys == [False] * (core.link_rate.patience - 1) + [True, False]
+    assert core.encoder.crf == 23 + 12
 
 
 # ------------------------------------------------------------------------ a real tritonserver
