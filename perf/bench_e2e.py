@@ -24,14 +24,16 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def run_policy(policy, video, url, factory, stream_id, bandwidth_mbps, frames, progress):
+def run_policy(policy, video, url, factory, stream_id, bandwidth_mbps, frames, progress,
+               **stream_kwargs):
+    """``stream_kwargs``: to ``open_stream`` (e.g. the uplink codecs)."""
     from tqdm import tqdm
 
     from fluxshard_client import FluxShardClient, FluxShardStream, LocalEndpoint
 
     with FluxShardClient(url, uplink_mbps=bandwidth_mbps) as client:
         stream = FluxShardStream(LocalEndpoint(factory(stream_id)),
-                                 client.open_stream(stream_id), dispatch=policy,
+                                 client.open_stream(stream_id, **stream_kwargs), dispatch=policy,
                                  initial_mbps=bandwidth_mbps or 20.0)
         results = list(tqdm(stream.run(video, max_frames=frames), total=frames, unit="frame",
                             desc=policy, disable=not progress))
