@@ -14,6 +14,7 @@ executor that ran (``stats["executor"]``).
 
 from __future__ import annotations
 
+import hmac
 import threading
 import time
 import warnings
@@ -22,7 +23,8 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from fluxshard.wire import PayloadError, Request, Response, decode_request
+from fluxshard.wire import PayloadError, Request, Response, decode_request, peek_header
+from fluxshard.serving.limits import FrameLimits, release_memory
 from fluxshard.serving.receive import ReceiveState, ResyncNeeded
 
 
@@ -370,61 +372,89 @@ def load_dense_model(weights: str | None = None, scale: str = "n", threads: int 
 @dataclass
 class _Stream:
     session: StreamSession
+    secret: str = ""  # fixed at START: every later frame, START and END must carry it
     receive: ReceiveState = dataclass_field(default_factory=ReceiveState)
     last_seen: float = 0.0
     frames: int = 0
 
 
+class ServerFull(RuntimeError):
+    """No room for another stream on this instance (``max_streams``); retry later."""
+
+
+def unknown_stream(corrid: int) -> ResyncNeeded:
+    """The one answer for a stream this server does not hold *and* for a secret that does not
+    match one it holds: a stranger learns nothing about other streams from it."""
+    return ResyncNeeded(f"unknown stream {corrid} (server restarted, stream timed out, or the "
+                        "stream secret does not match)")
+
+
 class SessionManager:
-    """Per-stream sessions keyed by correlation id.
+    """Per-stream sessions keyed by correlation id, each owned by the secret it started with.
 
     ``handle`` applies one request: START resets the stream (and must carry a key frame), END frees
-    it after answering, streams idle longer than ``idle_seconds`` are freed by :meth:`sweep` (Triton
-    does not tell a python-backend model when a sequence times out). Errors the client can fix by
-    sending a key frame raise :class:`ResyncNeeded`; malformed payloads raise ``PayloadError``.
+    it (always: whatever the payload, once the secret matches), streams idle longer than
+    ``idle_seconds`` are freed by :meth:`sweep` (Triton does not tell a python-backend model when a
+    sequence times out). A stream's secret is fixed when it opens; a request with another secret
+    gets exactly the unknown-stream answer (:func:`unknown_stream`), so it can neither read,
+    reset nor end the stream. Frames over ``frame_limits`` are refused from their header, before
+    any decoding. Errors the client can fix by sending a key frame raise :class:`ResyncNeeded`;
+    malformed or oversized payloads raise ``PayloadError``; a full instance :class:`ServerFull`.
     """
 
     def __init__(self, session_factory: SessionFactory, idle_seconds: float = 60.0,
-                 max_streams: int = 256, clock: Callable[[], float] = time.monotonic):
+                 max_streams: int = 256, clock: Callable[[], float] = time.monotonic,
+                 frame_limits: FrameLimits | None = None):
         self.session_factory = session_factory
         self.idle_seconds = idle_seconds
         self.max_streams = max_streams
         self.clock = clock
+        self.frame_limits = frame_limits or FrameLimits()
         self.streams: dict[int, _Stream] = {}
         self._lock = threading.RLock()  # in-process users may call from several threads
 
-    def handle(self, corrid: int, start: bool, end: bool, payload: bytes) -> Response:
+    def handle(self, corrid: int, start: bool, end: bool, payload: bytes,
+               secret: str = "") -> Response:
         t0 = time.perf_counter()
-        request = decode_request(payload)
-        with self._lock:
-            return self._handle(corrid, start, end, request, t0)
+        try:
+            if isinstance(payload, np.ndarray):
+                payload = payload.tobytes()
+            header = peek_header(payload)
+            self.frame_limits.check(header["height"], header["width"])  # before any decode work
+            request = decode_request(payload)
+            with self._lock:
+                return self._handle(corrid, start, end, request, t0, secret)
+        finally:
+            if end:  # END frees the session whatever became of the frame
+                self.end(corrid, secret)
 
-    def _handle(self, corrid: int, start: bool, end: bool, request: Request, t0: float) -> Response:
+    def _handle(self, corrid: int, start: bool, end: bool, request: Request, t0: float,
+                secret: str) -> Response:
         now = self.clock()
         self.sweep(now)
         stream = self.streams.get(corrid)
+        # checked before the secret, so its answer does not depend on whether the stream exists
         if start and not request.key:
             raise ResyncNeeded(f"stream {corrid} started with a residual frame; the first frame of "
                                "a sequence must be a key frame")
+        if stream is not None and not _same_secret(stream.secret, secret):
+            raise unknown_stream(corrid)
         if start or (stream is None and request.key):
             # START resets; a key frame also re-opens a stream the server forgot (restart, sweep)
             if stream is not None:
                 stream.session.close()
-            elif len(self.streams) >= self.max_streams:
-                raise RuntimeError(f"too many open streams ({self.max_streams}); end some first")
-            stream = _Stream(self.session_factory(corrid))
+            elif len(self.streams) >= self.max_streams and not end:
+                raise ServerFull(f"server full: this instance holds its limit of "
+                                 f"{self.max_streams} streams (max_streams); retry later")
+            stream = _Stream(self.session_factory(corrid), secret=secret)
             self.streams[corrid] = stream
         elif stream is None:
-            raise ResyncNeeded(f"unknown stream {corrid} (server restarted or stream timed out)")
+            raise unknown_stream(corrid)
         stream.last_seen = now
-        try:
-            rebuilt = stream.receive.apply(request)
-            detections, compute_stats = stream.session.infer(rebuilt, request.field,
-                                                             request.residual_mask, request.key,
-                                                             tau=request.tau)
-        finally:
-            if end:
-                self.close(corrid)
+        rebuilt = stream.receive.apply(request)
+        detections, compute_stats = stream.session.infer(rebuilt, request.field,
+                                                         request.residual_mask, request.key,
+                                                         tau=request.tau)
         stream.frames += 1
         grid = -(-np.array(request.shape) // request.block)
         stats = {"frame_index": request.frame_index, "key": request.key,
@@ -436,10 +466,23 @@ class SessionManager:
         return Response(detections=detections, digest=stream.receive.digest, stats=stats)
 
     def close(self, corrid: int) -> None:
+        """Free a stream, whoever owns it (the server's own clean-up)."""
         with self._lock:
             stream = self.streams.pop(corrid, None)
         if stream is not None:
             stream.session.close()
+            release_memory()
+
+    def end(self, corrid: int, secret: str) -> bool:
+        """Free a stream on its owner's END; whether one was freed."""
+        with self._lock:
+            stream = self.streams.get(corrid)
+            if stream is None or not _same_secret(stream.secret, secret):
+                return False
+            del self.streams[corrid]
+        stream.session.close()
+        release_memory()
+        return True
 
     def sweep(self, now: float | None = None) -> list[int]:
         """Free streams idle longer than ``idle_seconds``; returns their ids."""
@@ -448,11 +491,18 @@ class SessionManager:
             stale = [c for c, s in self.streams.items() if now - s.last_seen > self.idle_seconds]
             for c in stale:
                 self.streams.pop(c).session.close()
-            return stale
+        if stale:
+            release_memory()
+        return stale
+
+
+def _same_secret(expected: str, given: str) -> bool:
+    return hmac.compare_digest(expected.encode(), given.encode())
 
 
 __all__ = ["StreamSession", "SessionFactory", "DenseYoloSession", "SparseYoloSession",
            "TileYoloSession", "DenseRunnerSession", "BestDenseRunners",
            "best_dense_session_factory", "tile_session_factory", "executor_name",
            "EXECUTORS", "EXECUTOR_ALIASES", "yolo_session_factory", "detection_rows",
-           "dense_yolo_factory", "load_dense_model", "SessionManager", "ResyncNeeded", "PayloadError"]
+           "dense_yolo_factory", "load_dense_model", "SessionManager", "ResyncNeeded", "PayloadError",
+           "ServerFull", "unknown_stream"]

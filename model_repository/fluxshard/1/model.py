@@ -6,9 +6,20 @@ import triton_python_backend_utils as pb_utils
 
 from fluxshard.serving.backend_tensors import error_response, input_array, output_tensor
 from fluxshard.serving.instance import instance_device
+from fluxshard.serving.limits import FrameLimits, max_streams_from_parameters
 from fluxshard.serving.receive import ResyncNeeded
-from fluxshard.serving.session import SessionManager, yolo_session_factory
+from fluxshard.serving.session import ServerFull, SessionManager, yolo_session_factory
 from fluxshard.wire import PayloadError, response_tensors
+
+# the request parameter carrying the stream's secret (fluxshard_client sets it on every request)
+SECRET_PARAMETER = "fluxshard_stream_secret"
+
+
+def stream_secret(request) -> str:
+    """The request's stream secret; empty when it carries none (a stream opened without one
+    is open to any request without one, and to no other)."""
+    value = json.loads(request.parameters() or "{}").get(SECRET_PARAMETER, "")
+    return value if isinstance(value, str) else ""
 
 
 class TritonPythonModel:
@@ -30,7 +41,8 @@ class TritonPythonModel:
         idle_us = int(config.get("sequence_batching", {}).get("max_sequence_idle_microseconds",
                                                               60_000_000))
         self.manager = SessionManager(factory, idle_seconds=idle_us / 1e6,
-                                      max_streams=int(params.get("max_streams", "256")))
+                                      max_streams=max_streams_from_parameters(params),
+                                      frame_limits=FrameLimits.from_parameters(params))
 
     def execute(self, requests):
         responses = []
@@ -40,7 +52,7 @@ class TritonPythonModel:
                 start = bool(input_array(request, "START").reshape(-1)[0])
                 end = bool(input_array(request, "END").reshape(-1)[0])
                 payload = input_array(request, "PAYLOAD").reshape(-1).tobytes()
-                response = self.manager.handle(corrid, start, end, payload)
+                response = self.manager.handle(corrid, start, end, payload, stream_secret(request))
                 # batch dimension of 1 (max_batch_size > 0)
                 out = [output_tensor(name, value[None])
                        for name, value in response_tensors(response).items()]
@@ -49,6 +61,8 @@ class TritonPythonModel:
                 responses.append(error_response(str(e), "INVALID_ARG"))
             except PayloadError as e:
                 responses.append(error_response(f"bad payload: {e}", "INVALID_ARG"))
+            except ServerFull as e:
+                responses.append(error_response(str(e), "UNAVAILABLE"))
             except Exception as e:  # the server keeps serving other streams
                 responses.append(error_response(f"internal error: {type(e).__name__}: {e}"))
         return responses
