@@ -303,6 +303,8 @@ def jpeg_decode(data: bytes, height: int, width: int) -> np.ndarray:
             return np.asarray(image.convert("RGB"))
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise PayloadError(f"pixels are not a valid JPEG: {e}") from None
+    except Image.DecompressionBombError as e:  # Pillow's own size guard, hit while opening
+        raise PayloadError(f"JPEG header claims an absurd size: {e}") from None
 
 
 def _header(flags, codec, block, frame_index, h, w, raw: bytes, tau: float = 0.0) -> bytes:
@@ -490,6 +492,9 @@ def response_tensors(response: Response) -> dict[str, np.ndarray]:
 
 def response_from_tensors(detections: np.ndarray, stats: np.ndarray, digest: np.ndarray) -> Response:
     """Parse the output tensors (batch dimension of 1 allowed) into a :class:`Response`."""
+    for name, tensor in (("DETECTIONS", detections), ("STATS", stats), ("DIGEST", digest)):
+        if np.asarray(tensor).dtype.kind not in "biuf":
+            raise PayloadError(f"{name} must be a numeric tensor, got {np.asarray(tensor).dtype}")
     det = np.asarray(detections, dtype=np.float32)
     if det.ndim == 3 and det.shape[0] == 1:
         det = det[0]
@@ -500,8 +505,13 @@ def response_from_tensors(detections: np.ndarray, stats: np.ndarray, digest: np.
         raise PayloadError(f"DIGEST must be {DIGEST_SIZE} bytes, got {digest.size}")
     try:
         stats_dict = json.loads(np.asarray(stats, np.uint8).tobytes().decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise PayloadError(f"STATS is not JSON: {e}") from None
+    if not isinstance(stats_dict, dict):
+        raise PayloadError(f"STATS must be a JSON object, got {type(stats_dict).__name__}")
+    frame_index = stats_dict.get("frame_index", -1)
+    if type(frame_index) is not int:
+        raise PayloadError(f"STATS frame_index must be an integer, got {frame_index!r:.40}")
     return Response(detections=det, digest=digest.tobytes(), stats=stats_dict)
 
 
