@@ -1,5 +1,5 @@
-"""plugins_trt/<Op>_PluginConfig.yaml describe each op once more (as TensorRT OSS plugin folders
-do): they must agree with the ONNX function signatures, the node builder's attributes, the golden
+"""plugins_trt/<name>Plugin/<Op>_PluginConfig.yaml describe each op once more (as TensorRT OSS
+plugin folders do): they must agree with the ONNX function signatures, the node builder's attributes, the golden
 tolerances and, where the library is built, the plugin creators' fields."""
 
 from __future__ import annotations
@@ -19,10 +19,24 @@ ROOT = Path(__file__).resolve().parents[1]
 FUNCTIONS = {"MVGather": mv_gather_function, "MaskedSparseConv": masked_sparse_conv_function}
 
 
-def config(op: str) -> dict:
-    data = yaml.safe_load((ROOT / "plugins_trt" / f"{op}_PluginConfig.yaml").read_text())
+def plugin_config(op: str) -> dict:
+    """The op's whole PluginConfig (name, domain, versions), found in its plugin folder."""
+    found = list((ROOT / "plugins_trt").glob(f"*/{op}_PluginConfig.yaml"))
+    assert len(found) == 1, f"one {op}_PluginConfig.yaml in a plugins_trt/ folder, found {found}"
+    data = yaml.safe_load(found[0].read_text())
     assert data["name"] == op and data["domain"] == "fluxshard"
-    return data["versions"]["1"]
+    return data
+
+
+def plugin_version(op: str) -> str:
+    """The one version the plugin library builds of the op."""
+    versions = list(plugin_config(op)["versions"])
+    assert len(versions) == 1, versions
+    return versions[0]
+
+
+def config(op: str) -> dict:
+    return plugin_config(op)["versions"][plugin_version(op)]
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -53,7 +67,7 @@ def test_config_matches_the_built_plugin_creators(plugin_build):
              "char": trt.PluginFieldType.CHAR}
     for op in OPS:
         c = config(op)
-        creator = registry.get_creator(op, "1", "")
+        creator = registry.get_creator(op, plugin_version(op), "")
         fields = [(f.name, f.type) for f in creator.field_names]
         assert fields == [(a, types[c["attribute_types"][a]]) for a in c["attributes"]]
     assert np.isfinite(config("MaskedSparseConv")["abs_tol"])

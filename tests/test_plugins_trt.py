@@ -9,6 +9,9 @@ import subprocess
 import numpy as np
 import pytest
 
+from fluxshard.sparse.spec import OPS
+from test_plugin_configs import config, plugin_version
+
 def test_plugins_answer_tensorrt_build_time_questions(plugin_build):
     """dlopen + getCreators as the registry does; creators, attribute validation, output types,
     formats, shape checks, workspace, serialized fields round trip, clone (selftest.cpp)."""
@@ -24,11 +27,10 @@ def test_library_loads_into_the_tensorrt_lean_registry(plugin_build):
     library, _ = plugin_build
     registry = trt.get_plugin_registry()
     registry.load_library(str(library))
-    ours = {c.name: c for c in registry.all_creators if c.name in ("MVGather", "MaskedSparseConv")}
-    assert set(ours) == {"MVGather", "MaskedSparseConv"}
-    conv = registry.get_creator("MaskedSparseConv", "1", "")
-    assert [f.name for f in conv.field_names] == ["kernel_shape", "strides", "pads", "group",
-                                                  "activation", "threshold", "tile"]
+    ours = {(c.name, c.plugin_version) for c in registry.all_creators if c.name in OPS}
+    assert ours == {(op, plugin_version(op)) for op in OPS}
+    conv = registry.get_creator("MaskedSparseConv", plugin_version("MaskedSparseConv"), "")
+    assert [f.name for f in conv.field_names] == config("MaskedSparseConv")["attributes"]
 
     def fields(activation: bytes):
         return trt.PluginFieldCollection([
@@ -42,7 +44,8 @@ def test_library_loads_into_the_tensorrt_lean_registry(plugin_build):
 
     plugin = conv.create_plugin("layer", fields(b"silu"), trt.TensorRTPhase.BUILD)
     core = plugin.get_capability_interface(trt.PluginCapabilityType.CORE)
-    assert (core.plugin_name, core.plugin_version) == ("MaskedSparseConv", "1")
+    assert (core.plugin_name, core.plugin_version) == ("MaskedSparseConv",
+                                                       plugin_version("MaskedSparseConv"))
     assert conv.create_plugin("layer", fields(b"relu"), trt.TensorRTPhase.BUILD) is None
 
 

@@ -1,30 +1,11 @@
-// One CUDA kernel per step of the FluxShard ops; semantics in fluxshard/sparse/spec.py.
-#include "fluxshard_kernels.h"
+// One CUDA kernel per step of MaskedSparseConv; semantics in fluxshard/sparse/spec.py.
+#include "cudaLaunch.cuh"
+#include "maskedSparseConvKernel.h"
 
 namespace fluxshard
 {
 namespace
 {
-constexpr int kThreads = 256;
-
-inline unsigned blocksFor(int64_t n)
-{
-    return static_cast<unsigned>((n + kThreads - 1) / kThreads);
-}
-
-__global__ void mvGatherKernel(float const* cache, int64_t const* index, bool const* invalid,
-    float* gathered, int64_t planes, int64_t positions)
-{
-    int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-    if (i >= planes * positions)
-        return;
-    int64_t p = i % positions;
-    int64_t plane = i / positions;
-    int64_t source = index[p];
-    bool readable = !invalid[p] && source >= 0 && source < positions;
-    gathered[i] = readable ? cache[plane * positions + source] : 0.0F;
-}
-
 // computed[p]: some recompute position lies in p's tile (tiles start at the map's origin).
 __global__ void widenToTiles(bool const* recompute, bool* computed, int32_t h, int32_t w, int32_t tile)
 {
@@ -103,16 +84,6 @@ inline size_t aligned(size_t bytes)
     return (bytes + 255) / 256 * 256;
 }
 } // namespace
-
-cudaError_t launchMvGather(float const* cache, int64_t const* index, bool const* invalid,
-    float* gathered, int64_t planes, int64_t positions, cudaStream_t stream)
-{
-    if (planes * positions == 0)
-        return cudaSuccess;
-    mvGatherKernel<<<blocksFor(planes * positions), kThreads, 0, stream>>>(
-        cache, index, invalid, gathered, planes, positions);
-    return cudaGetLastError();
-}
 
 size_t maskedSparseConvWorkspace(ConvGeometry const& g)
 {

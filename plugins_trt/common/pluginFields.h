@@ -1,5 +1,5 @@
-// What both FluxShard plugins share: attribute parsing, logging through TensorRT's logger, and the
-// capability plumbing of IPluginV3.
+// Plugin attributes as TensorRT passes them (PluginFieldCollection): reading them by name when a
+// creator makes a plugin, and the collections a plugin serializes and a creator declares.
 #pragma once
 
 #include <NvInferRuntime.h>
@@ -12,12 +12,6 @@
 
 namespace fluxshard
 {
-
-constexpr char const* kPluginVersion = "1";
-constexpr char const* kPluginNamespace = "";
-
-// TensorRT's logger, once the library loader has handed us its finder (setLoggerFinder).
-void logError(std::string const& message) noexcept;
 
 // Reads named attributes from a PluginFieldCollection (the ONNX parser passes ints as kINT32,
 // floats as kFLOAT32, strings as kCHAR). Throws std::invalid_argument with the attribute's name.
@@ -86,51 +80,29 @@ private:
     nvinfer1::PluginFieldCollection const* mFields;
 };
 
-inline bool isLinear(nvinfer1::PluginTensorDesc const& d, nvinfer1::DataType type)
+// A string field pointing at `text` (with its terminating NUL, as the engine stores it).
+inline nvinfer1::PluginField stringField(char const* name, std::string const& text)
 {
-    return d.format == nvinfer1::TensorFormat::kLINEAR && d.type == type;
+    return {name, text.c_str(), nvinfer1::PluginFieldType::kCHAR, static_cast<int32_t>(text.size() + 1)};
 }
 
-inline int64_t volume(nvinfer1::Dims const& d)
+// What a creator declares (getFieldNames) for the fields a plugin serializes: names, types and
+// lengths without data; a string's length is 0 (any length).
+inline std::vector<nvinfer1::PluginField> declaredFields(std::vector<nvinfer1::PluginField> fields)
 {
-    int64_t v = 1;
-    for (int32_t i = 0; i < d.nbDims; ++i)
-        v *= d.d[i];
-    return v;
+    for (nvinfer1::PluginField& f : fields)
+    {
+        f.data = nullptr;
+        if (f.type == nvinfer1::PluginFieldType::kCHAR)
+            f.length = 0;
+    }
+    return fields;
 }
 
-// IPluginV3 with the three V3One capabilities implemented by one object.
-class PluginBase : public nvinfer1::IPluginV3,
-                   public nvinfer1::IPluginV3OneCore,
-                   public nvinfer1::IPluginV3OneBuild,
-                   public nvinfer1::IPluginV3OneRuntime
+// A collection over `fields`, which must outlive it (both live in the plugin or creator).
+inline nvinfer1::PluginFieldCollection collectionOf(std::vector<nvinfer1::PluginField>& fields)
 {
-public:
-    nvinfer1::IPluginCapability* getCapabilityInterface(nvinfer1::PluginCapabilityType type) noexcept override
-    {
-        switch (type)
-        {
-        case nvinfer1::PluginCapabilityType::kCORE: return static_cast<nvinfer1::IPluginV3OneCore*>(this);
-        case nvinfer1::PluginCapabilityType::kBUILD: return static_cast<nvinfer1::IPluginV3OneBuild*>(this);
-        case nvinfer1::PluginCapabilityType::kRUNTIME: return static_cast<nvinfer1::IPluginV3OneRuntime*>(this);
-        }
-        return nullptr;
-    }
-
-    char const* getPluginVersion() const noexcept override
-    {
-        return kPluginVersion;
-    }
-
-    char const* getPluginNamespace() const noexcept override
-    {
-        return kPluginNamespace;
-    }
-
-    nvinfer1::IPluginV3* attachToContext(nvinfer1::IPluginResourceContext*) noexcept override
-    {
-        return clone();
-    }
-};
+    return {static_cast<int32_t>(fields.size()), fields.data()};
+}
 
 } // namespace fluxshard
