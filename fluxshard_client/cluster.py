@@ -28,6 +28,8 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
+from fluxshard import wire
+
 from . import transport
 from .transport import FluxShardClient, RetryPolicy, Stream
 
@@ -89,15 +91,15 @@ class ClusterClient:
         return next((url for url in rank(stream_id, self.urls)
                      if url not in exclude and not self.is_down(url)), None)
 
-    def open_stream(self, stream_id: int, block: int = 16, **stream_kwargs) -> Stream:
-        """A :class:`fluxshard_client.Stream` homed by the stream id; ``stream_kwargs`` as for
-        :meth:`FluxShardClient.open_stream` (codecs, uplink quality). Its ``client`` is a
-        :class:`HomedRoute`: ``stream.client.home`` is where it lives now."""
-        codecs = {k: stream_kwargs.pop(k) for k in ("key_codec", "residual_codec",
-                                                     "uplink_quality") if k in stream_kwargs}
-        if stream_kwargs:
-            raise TypeError(f"unexpected stream options {sorted(stream_kwargs)}")
-        core = transport._StreamCore(stream_id, block, self.retry, **codecs)
+    def open_stream(self, stream_id: int, block: int = 16,
+                    key_codec: wire.Codec = wire.Codec.ZLIB,
+                    residual_codec: wire.Codec = wire.Codec.ZLIB,
+                    uplink_quality: int | None = None) -> Stream:
+        """A :class:`fluxshard_client.Stream` homed by the stream id; the options as for
+        :meth:`FluxShardClient.open_stream`. Its ``client`` is a :class:`HomedRoute`:
+        ``stream.client.home`` is where it lives now."""
+        core = transport._StreamCore(stream_id, block, self.retry, key_codec, residual_codec,
+                                     uplink_quality)
         return Stream(HomedRoute(self, core.stream_id), core)
 
     def close(self) -> None:

@@ -30,7 +30,7 @@ from fluxshard.serving.tritonserver import (TritonServer, find_triton, free_port
                                             python_stubs)
 
 NOT_BUILT = ("fuzzed and hostile payloads", "soak (hours, memory growth)",
-             "shaped / lossy uplinks", "many streams (scale)", "TLS handshake abuse")
+             "shaped / lossy uplinks", "TLS handshake abuse")
 
 
 def _alive(pid: int) -> bool:
@@ -197,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     log_dir.mkdir(exist_ok=True)
     t0 = time.monotonic()
     rows = supervised_cases(args, log_dir) + [sigterm_case(args, log_dir)]
+    import reliability_scale  # perf/reliability_scale.py: streams per server, 2 servers
+
+    rows += reliability_scale.cases(args, log_dir)
     rows += [{"case": case, "server_survived": None, "other_streams_unaffected": None,
               "frames_lost": 0, "worst_stall_s": None, "rss_before_mb": None,
               "rss_after_mb": None, "passed": None, "note": "not built"} for case in NOT_BUILT]

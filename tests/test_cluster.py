@@ -7,6 +7,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from conftest import run_in_threads
 
 from fluxshard_client.cluster import ClusterClient, home, rank
 
@@ -72,11 +73,11 @@ def test_stream_moves_to_the_other_server_when_its_server_stops(triton_installed
     from fluxshard.serving.reliability import Scene, residual_mask
     from fluxshard.serving.tritonserver import TritonServer
 
-    servers = [TritonServer(models=["fluxshard"], log_file=tmp_path / f"server{k}.log")
+    servers = [TritonServer(models=["fluxshard"], log_file=tmp_path / f"server{k}.log",
+                            exit_timeout_s=1)
                for k in range(2)]
     try:
-        for server in servers:
-            server.start()
+        run_in_threads(lambda server: server.start(), servers)
         urls = [s.grpc_url for s in servers]
         # a stream homed on the first server
         stream_id = next(i for i in range(1, 1000) if home(i, urls) == urls[0])

@@ -1,0 +1,190 @@
+"""Scale rows of perf/reliability.py (issue 14): 1, 2, 3 and 6 streams on one server, and a
+stream set spread over 2 servers by the SDK's rendezvous homing, one server stopped mid-run.
+
+Streams send frames back to back (each waits for its answer, then sends the next), so per-stream
+latency and total throughput show where one server saturates: past that, more streams share the
+same frames per second and each waits longer. Every answer is checked against the true frame's
+digest (fluxshard.serving.reliability.StreamDriver). ``cases(args, log_dir)``: ``args.quick``
+runs 1 and 3 streams and few frames.
+
+    python3 perf/reliability.py [--quick]          # with the other cases
+    python3 perf/reliability_scale.py [--quick]    # these rows alone
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from fluxshard.serving.reliability import Scene, StreamDriver, group_rss_mb  # noqa: E402
+from fluxshard.serving.tritonserver import TritonServer  # noqa: E402
+
+FRAME_SIZE = (192, 320)  # H, W: a small camera frame, a few residual blocks per frame
+# throughput that grows less than this from one stream count to the next: saturated
+SATURATION_GAIN = 1.15
+
+
+class TimedDriver(StreamDriver):
+    """A :class:`StreamDriver` on :data:`FRAME_SIZE` frames that records each frame's latency."""
+
+    def __init__(self, url: str, stream_id: int, cluster=None):
+        super().__init__(url, stream_id, seed=stream_id)
+        self.scene = Scene(stream_id, *FRAME_SIZE)
+        self.latencies_s: list[float] = []
+        if cluster is not None:  # send through the cluster's homing instead
+            self.client.close()
+            self.stream = cluster.open_stream(stream_id, block=self.stream.core.block)
+            self.client = self.stream.client  # HomedRoute: closing it leaves the cluster open
+
+    def send_next(self) -> None:
+        t0 = time.perf_counter()
+        super().send_next()
+        self.latencies_s.append(time.perf_counter() - t0)
+
+
+def _wait_answered(drivers, frames: int, timeout_s: float = 600.0) -> None:
+    marks = [d.report.frames_answered + frames for d in drivers]
+    deadline = time.monotonic() + timeout_s
+    while not all(d.report.frames_answered >= m or d.report.frames_lost for d, m in
+                  zip(drivers, marks)):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {frames} more answers per stream")
+        time.sleep(0.02)
+
+
+def _window(drivers, frames: int) -> dict:
+    """Throughput and latency over the next ``frames`` answers of every stream."""
+    starts = [(d.report.frames_answered, len(d.latencies_s)) for d in drivers]
+    t0 = time.perf_counter()
+    _wait_answered(drivers, frames)
+    seconds = time.perf_counter() - t0
+    answered = sum(d.report.frames_answered - a for d, (a, _) in zip(drivers, starts))
+    lat = np.concatenate([d.latencies_s[k:] for d, (_, k) in zip(drivers, starts)]) * 1e3
+    return {"throughput_fps": round(answered / seconds, 2),
+            "latency_mean_ms": round(float(lat.mean()), 1),
+            "latency_p95_ms": round(float(np.percentile(lat, 95)), 1)}
+
+
+def _row(case, reports, before, after, survived, passed, note, **extra) -> dict:
+    return {"case": case, "server_survived": survived,
+            "other_streams_unaffected": all(r.unaffected for r in reports),
+            "frames_lost": sum(r.frames_lost for r in reports),
+            "worst_stall_s": round(max(r.worst_stall_s for r in reports), 2),
+            "rss_before_mb": round(before, 1), "rss_after_mb": round(after, 1),
+            "resyncs": sum(r.resyncs for r in reports), "passed": passed, "note": note, **extra}
+
+
+def one_server(server: TritonServer, counts, frames: int) -> list[dict]:
+    rows = []
+    for n in counts:
+        before = group_rss_mb(server.process.pid)
+        drivers = [TimedDriver(server.grpc_url, 100 * n + k) for k in range(1, n + 1)]
+        for d in drivers:
+            d.start(pause_s=0.0)
+        try:
+            _wait_answered(drivers, 2)  # the key frame and one residual frame: warm
+            measured = _window(drivers, frames)
+        finally:
+            reports = [d.stop() for d in drivers]
+        lost = sum(r.frames_lost for r in reports)
+        rows.append(_row(f"scale: {n} stream{'s' * (n > 1)} on one server", reports, before,
+                         group_rss_mb(server.process.pid), server.is_running(),
+                         server.is_running() and lost == 0,
+                         f"{measured['throughput_fps']} frames/s in all; per stream "
+                         f"{measured['latency_mean_ms']} ms mean, {measured['latency_p95_ms']} "
+                         "ms p95", streams=n, **measured))
+    saturated = next((a["streams"] for a, b in zip(rows, rows[1:])
+                      if b["throughput_fps"] < SATURATION_GAIN * a["throughput_fps"]), None)
+    for row in rows:
+        row["saturated_from_streams"] = saturated
+    if saturated is not None:
+        rows[-1]["note"] += f"; throughput flat from {saturated} stream(s): saturated"
+    return rows
+
+
+def two_servers(servers: list[TritonServer], streams: int, frames: int) -> dict:
+    """``streams`` homed over 2 servers; the first server stops mid-run."""
+    from fluxshard_client.cluster import ClusterClient, home
+
+    urls = [s.grpc_url for s in servers]
+    before = sum(group_rss_mb(s.process.pid) for s in servers)
+    # stream ids with homes on both servers, the first server homing at least one
+    ids = list(range(1001, 1001 + streams))
+    homed = {url: [i for i in ids if home(i, urls) == url] for url in urls}
+    with ClusterClient(urls, retry=None) as cluster:
+        drivers = [TimedDriver(urls[0], i, cluster=cluster) for i in ids]
+        for d in drivers:
+            d.start(pause_s=0.0)
+        try:
+            _wait_answered(drivers, 2)
+            both = _window(drivers, frames)
+            servers[0].stop()  # the home of some streams leaves
+            _wait_answered(drivers, 2)  # the moved streams' key frames
+            one = _window(drivers, frames)
+        finally:
+            reports = [d.stop() for d in drivers]
+    moved = [d for d in drivers if d.stream.client.rehomes]
+    expected = set(homed[urls[0]])
+    lost = sum(r.frames_lost for r in reports)
+    ok = ({d.report.stream_id for d in moved} == expected
+          and all(d.stream.client.home == urls[1] for d in drivers) and lost == 0)
+    return _row("2 servers, streams homed by rendezvous hashing; one server stopped", reports,
+                before, group_rss_mb(servers[1].process.pid), servers[1].is_running(), ok,
+                f"{len(homed[urls[0]])} + {len(homed[urls[1]])} streams; {len(moved)} re-homed "
+                f"with a key frame; {both['throughput_fps']} frames/s on 2 servers, "
+                f"{one['throughput_fps']} on 1", streams=streams,
+                throughput_two_fps=both["throughput_fps"],
+                throughput_one_fps=one["throughput_fps"],
+                latency_mean_ms=one["latency_mean_ms"], latency_p95_ms=one["latency_p95_ms"])
+
+
+def cases(args, log_dir: Path) -> list[dict]:
+    quick = getattr(args, "quick", False)
+    counts = (1, 3) if quick else (1, 2, 3, 6)
+    frames = 4 if quick else 30
+    servers = [TritonServer(models=["fluxshard"], log_file=Path(log_dir) / f"scale-server{k}.log",
+                            exit_timeout_s=1) for k in range(2)]
+    starting = [threading.Thread(target=s.start) for s in servers]
+    try:
+        for th in starting:
+            th.start()
+        for th in starting:
+            th.join()
+        for s in servers:
+            if not s.is_running():
+                raise RuntimeError(f"a scale server did not start: {s.log_tail()}")
+        rows = one_server(servers[0], counts, frames)
+        rows.append(two_servers(servers, 4, frames))
+    finally:
+        for s in servers:
+            s.stop()
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", type=Path, default=REPO_ROOT / "out" / "perf")
+    args = ap.parse_args(argv)
+    log_dir = args.out / "reliability-logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    rows = cases(args, log_dir)
+    cols = ["case", "frames_lost", "worst_stall_s", "throughput_fps", "latency_mean_ms",
+            "latency_p95_ms", "rss_before_mb", "rss_after_mb", "passed"]
+    print("| " + " | ".join(cols) + " | note |")
+    print("|" + " --- |" * (len(cols) + 1))
+    for r in rows:
+        print("| " + " | ".join(str(r.get(c, "")) for c in cols) + f" | {r['note']} |")
+    return 0 if all(r["passed"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
