@@ -30,7 +30,7 @@ from fluxshard.serving.tritonserver import (TritonServer, find_triton, free_port
                                             python_stubs)
 
 NOT_BUILT = ("fuzzed and hostile payloads", "soak (hours, memory growth)",
-             "shaped / lossy uplinks", "TLS handshake abuse")
+             "lossy uplinks", "TLS handshake abuse")
 
 
 def _alive(pid: int) -> bool:

@@ -146,6 +146,42 @@ def two_servers(servers: list[TritonServer], streams: int, frames: int) -> dict:
                 latency_mean_ms=one["latency_mean_ms"], latency_p95_ms=one["latency_p95_ms"])
 
 
+def shaped_link(frames: int, log_dir: Path) -> dict:
+    """Two streams to a server behind a shaped link (fluxshard.serving.netshape: 25 Mbit/s,
+    20 ms RTT, then a trace down to 5 Mbit/s): slower, but no frame lost."""
+    from fluxshard.serving.netshape import (RateTrace, ShapedLink, ShapingUnavailable,
+                                            check_privileges)
+
+    case = "shaped link: 2 streams at 25 Mbit/s, 20 ms RTT, then a 56/10/5 Mbit/s trace"
+    try:
+        check_privileges()
+    except ShapingUnavailable as e:
+        return {"case": case, "server_survived": None, "other_streams_unaffected": None,
+                "frames_lost": 0, "worst_stall_s": None, "rss_before_mb": None,
+                "rss_after_mb": None, "passed": None, "note": str(e)}
+    with ShapedLink(25, rtt_ms=20) as link:
+        server = link.start_server(models=["fluxshard"], exit_timeout_s=1,
+                                   log_file=Path(log_dir) / "shaped-server.log")
+        before = group_rss_mb(server.process.pid)
+        drivers = [TimedDriver(link.grpc_url, k) for k in (2001, 2002)]
+        for d in drivers:
+            d.start(pause_s=0.0)
+        try:
+            _wait_answered(drivers, 2)
+            steady = _window(drivers, frames)
+            link.follow(RateTrace(((2.0, 56.0), (2.0, 10.0), (2.0, 5.0))))
+            traced = _window(drivers, frames)
+        finally:
+            reports = [d.stop() for d in drivers]
+            link.stop_trace()
+        after = group_rss_mb(server.process.pid)
+        survived = server.is_running()
+    lost = sum(r.frames_lost for r in reports)
+    return _row(case, reports, before, after, survived, survived and lost == 0,
+                f"{steady['latency_mean_ms']} ms mean per frame at 25 Mbit/s, "
+                f"{traced['latency_mean_ms']} ms on the trace", streams=2, **traced)
+
+
 def cases(args, log_dir: Path) -> list[dict]:
     quick = getattr(args, "quick", False)
     counts = (1, 3) if quick else (1, 2, 3, 6)
@@ -166,6 +202,8 @@ def cases(args, log_dir: Path) -> list[dict]:
     finally:
         for s in servers:
             s.stop()
+    if not quick:  # one more server start: out of the quick (CI) budget
+        rows.append(shaped_link(frames, log_dir))
     return rows
 
 
