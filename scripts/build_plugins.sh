@@ -2,7 +2,7 @@
 # Build plugins_trt/ (TensorRT IPluginV3 plugins + kernel self-test) with nvcc for sm_87 and sm_90.
 # TensorRT headers come from the MIT kernel-lens wheel, unpacked into a git-ignored cache (never
 # committed). Output: .cache/plugins_trt/build/libfluxshard_trt_plugins.so and
-# fluxshard_kernels_selftest. Idempotent; prints the library path last.
+# fluxshard_plugins_selftest. Idempotent; prints the library path last.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}

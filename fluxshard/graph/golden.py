@@ -6,7 +6,7 @@ against them.
 
 Each case folder holds ``meta.txt`` ("key value" lines: op, geometry, tolerances) and raw
 little-endian tensors: float32 ``*.f32``, int64 ``*.i64``, bool ``*.u8``
-(plugins_trt/src/selftest.cpp reads them).
+(the plugins_trt/ self-test reads them: each plugin's <name>Selftest.cpp).
 
 Conv cases are built so that the changed masks are decided far from any threshold: cached values
 differ from the fresh ones by 0.5 (changed) or by at most 0.01 against a threshold of 0.05 (kept),

@@ -61,10 +61,31 @@ struct NoAttributes
     }
 };
 
+// Name, version and namespace of Plugin, for its IPluginV3OneCore and its creator alike.
+template <typename Plugin, typename Interface>
+class PluginIdentity : public Interface
+{
+public:
+    char const* getPluginName() const noexcept override
+    {
+        return Plugin::kName;
+    }
+
+    char const* getPluginVersion() const noexcept override
+    {
+        return Plugin::kVersion;
+    }
+
+    char const* getPluginNamespace() const noexcept override
+    {
+        return kPluginNamespace;
+    }
+};
+
 // IPluginV3 with the three V3One capabilities implemented by one object.
 template <typename Derived, typename Attributes = NoAttributes>
 class PluginV3Base : public nvinfer1::IPluginV3,
-                     public nvinfer1::IPluginV3OneCore,
+                     public PluginIdentity<Derived, nvinfer1::IPluginV3OneCore>,
                      public nvinfer1::IPluginV3OneBuild,
                      public nvinfer1::IPluginV3OneRuntime
 {
@@ -101,22 +122,6 @@ public:
     nvinfer1::IPluginV3* clone() noexcept override
     {
         return new (std::nothrow) Derived(static_cast<Derived const&>(*this));
-    }
-
-    // ------------------------------------------------------------------------ IPluginV3OneCore
-    char const* getPluginName() const noexcept override
-    {
-        return Derived::kName;
-    }
-
-    char const* getPluginVersion() const noexcept override
-    {
-        return Derived::kVersion;
-    }
-
-    char const* getPluginNamespace() const noexcept override
-    {
-        return kPluginNamespace;
     }
 
     // ----------------------------------------------------------------------- IPluginV3OneBuild
@@ -217,28 +222,13 @@ private:
 // The creator of Plugin: its name, version and declared fields come from the plugin; createPlugin
 // parses the attributes and logs (and returns null for) what they refuse.
 template <typename Plugin>
-class PluginCreatorV3 final : public nvinfer1::IPluginCreatorV3One
+class PluginCreatorV3 final : public PluginIdentity<Plugin, nvinfer1::IPluginCreatorV3One>
 {
 public:
     PluginCreatorV3()
         : mFields(declaredFields(typename Plugin::AttributesType{}.fields()))
         , mCollection(collectionOf(mFields))
     {
-    }
-
-    char const* getPluginName() const noexcept override
-    {
-        return Plugin::kName;
-    }
-
-    char const* getPluginVersion() const noexcept override
-    {
-        return Plugin::kVersion;
-    }
-
-    char const* getPluginNamespace() const noexcept override
-    {
-        return kPluginNamespace;
     }
 
     nvinfer1::PluginFieldCollection const* getFieldNames() noexcept override
