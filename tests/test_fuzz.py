@@ -426,7 +426,7 @@ def exact_sessions():
     return yolo_session_factory("exact", threads=1)
 
 
-HEALTHY = 7  # the healthy stream's correlation id; the hostile ones use others
+HEALTHY, HEALTHY_SECRET = 7, "the healthy stream's own secret"
 TIMING_STATS = ("server_ms", "compute_ms")
 
 
@@ -447,32 +447,45 @@ def answer(response: wire.Response) -> tuple:
 
 @st.composite
 def hostile_requests(draw):
-    corrid = draw(st.sampled_from([0, 1, 2, 3, HEALTHY + 1, 2**64 - 1]))
+    """A stranger's request: any stream id (the healthy one's too), its own secrets."""
+    corrid = draw(st.sampled_from([0, 1, 2, HEALTHY, HEALTHY + 1, 2**64 - 1]))
+    secret = draw(st.sampled_from(["", "a", "b"]))
     payload = draw(st.sampled_from(sorted(SEEDS)).map(SEEDS.get) | hostile_payloads())
-    return corrid, draw(st.booleans()), draw(st.booleans()), payload
+    return corrid, draw(st.booleans()), draw(st.booleans()), payload, secret
 
 
-@settings(FUZZ, max_examples=25)
-@given(hostile=st.lists(st.tuples(st.integers(0, 3), hostile_requests()), max_size=10))
-def test_session_manager_answers_hostile_streams_with_documented_errors_only(exact_sessions,
-                                                                               hostile):
+@pytest.fixture(scope="module")
+def healthy_solo(exact_sessions):
+    """The healthy stream's answers when it has the server to itself."""
     from fluxshard.serving.session import SessionManager
 
     payloads = healthy_payloads()
     solo = SessionManager(exact_sessions, clock=lambda: 0.0)
-    expected = [answer(solo.handle(HEALTHY, t == 0, t == len(payloads) - 1, p))
-                for t, p in enumerate(payloads)]
+    return [answer(solo.handle(HEALTHY, t == 0, t == len(payloads) - 1, p,
+                               secret=HEALTHY_SECRET)) for t, p in enumerate(payloads)]
+
+
+@settings(FUZZ, max_examples=25)
+@given(hostile=st.lists(st.tuples(st.integers(0, 3), hostile_requests()), max_size=10))
+def test_session_manager_answers_hostile_streams_with_documented_errors_only(
+        exact_sessions, healthy_solo, hostile):
+    from fluxshard.serving.session import ServerFull, SessionManager
+
+    payloads = healthy_payloads()
+    last = len(payloads) - 1
     # few slots, so hostile streams also run into the cap
     manager = SessionManager(exact_sessions, max_streams=3, clock=lambda: 0.0)
     answers = []
     for t, p in enumerate(payloads):
-        answers.append(answer(manager.handle(HEALTHY, t == 0, t == len(payloads) - 1, p)))
-        for _after, (corrid, start, end, payload) in (h for h in hostile if h[0] == t):
+        answers.append(answer(manager.handle(HEALTHY, t == 0, t == last, p,
+                                             secret=HEALTHY_SECRET)))
+        for _after, (corrid, start, end, payload, secret) in (h for h in hostile if h[0] == t):
             try:
-                manager.handle(corrid, start, end, payload)
-            except (PayloadError, ResyncNeeded) as e:
+                manager.handle(corrid, start, end, payload, secret=secret)
+            except (PayloadError, ResyncNeeded, ServerFull) as e:
                 assert str(e)
-            except RuntimeError as e:  # the open-streams cap
-                assert "streams" in str(e)
-    assert answers == expected
+            held = manager.streams.get(corrid)
+            assert not (end and held is not None and held.secret == secret), "END kept a session"
+            assert len(manager.streams) <= manager.max_streams
+    assert answers == healthy_solo
     assert HEALTHY not in manager.streams
