@@ -60,7 +60,8 @@ def summarize(link: str, policy: str, results, mean_mbit: float, dense) -> dict:
 
     lat = np.array([r.latency_ms for r in results[1:]] or [results[0].latency_ms])
     up = np.array([r.uplink_bytes for r in results], float)
-    return dict(link=link, policy=policy, link_mbit=round(mean_mbit, 1), frames=len(results),
+    return dict(link=link, policy=policy, frames=len(results),
+                link_mbit=None if mean_mbit is None else round(mean_mbit, 1),
                 mean_ms=float(lat.mean()), p95_ms=float(np.percentile(lat, 95)),
                 uplink_kb=float(up.mean() / 1e3),
                 cloud_share=float(np.mean([r.endpoint == "cloud" for r in results])),
@@ -132,7 +133,7 @@ def main(argv=None) -> int:
 
             t0 = time.monotonic()
             edge = run("edge")
-            edge_row = summarize("any", "edge", edge, 0.0, dense)
+            edge_row = summarize("any", "edge", edge, None, dense)
             print(f"edge: {time.monotonic() - t0:.1f} s", file=sys.stderr)
             for name in args.links:
                 for policy in ("cloud", "auto"):
@@ -147,7 +148,7 @@ def main(argv=None) -> int:
                     rows.append(summarize(name, policy, results, link.mean_rate_since(t0, t1),
                                           dense))
                     print(f"{name} {policy}: {t1 - t0:.1f} s", file=sys.stderr)
-                rows.append({**edge_row, "link": name, "link_mbit": rows[-1]["link_mbit"]})
+                rows.append({**edge_row, "link": name})  # the edge sends nothing
 
     print(f"\n{args.frames} frames {args.size[0]}x{args.size[1]} {args.camera} clip, H.264 uplink, "
           f"RTT {args.rtt_ms:.0f} ms; trace {args.trace.steps} s:Mbit/s (repeating)")
@@ -156,7 +157,8 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         agree = "n/a" if r["agreement"] is None else f"{r['agreement']:.3f}"
-        print(f"| {r['link']} | {r['policy']} | {r['link_mbit']:.0f} | {r['mean_ms']:.1f} / "
+        mbit = "-" if r["link_mbit"] is None else f"{r['link_mbit']:.0f}"
+        print(f"| {r['link']} | {r['policy']} | {mbit} | {r['mean_ms']:.1f} / "
               f"{r['p95_ms']:.1f} | {r['uplink_kb']:.1f} | {r['cloud_share']:.0%} | {agree} |")
     for r in rows:
         if r["policy"] == "auto":

@@ -185,7 +185,7 @@ class ShapedLink:
     """A shaped, delayed link from this namespace to a namespace of its own (module doc).
 
     ``rate_mbit``: edge -> cloud rate; ``return_rate_mbit`` cloud -> edge (default the same;
-    None for... the same; 0 leaves the return direction unshaped). ``rtt_ms``: round trip the
+    0 leaves it unshaped). ``rtt_ms``: round trip the
     proxy adds (half each way) to the gRPC port. ``check``: the privilege check (tests inject
     one)."""
 
