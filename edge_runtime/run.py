@@ -198,7 +198,7 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
         tau: float | None = None, tau_table: str | Path | None = None,
         latency_profile: str | Path | None = None, margin_ms: float = 2.0,
         frames: int | None = None, size: tuple[int, int] = DEMO_SIZE, camera: str = "static",
-        progress: bool = True, stream_id: int = 1, bypass: str = "none",
+        progress: bool = True, stream_id: int | None = None, bypass: str = "none",
         uplink_codec: str = "h264", fallback: str = "none",
         weights: str | Path | None = None, executor: str = DEFAULT_EXECUTOR,
         tiles_table: str | Path | None = None) -> dict:

@@ -125,7 +125,7 @@ class RemoteEndpoint:
         self.stream = stream
 
     @classmethod
-    def connect(cls, url: str, stream_id: int, block: int = 16, **client_kwargs) -> "RemoteEndpoint":
+    def connect(cls, url: str, stream_id: int | None, block: int = 16, **client_kwargs) -> "RemoteEndpoint":
         from .transport import FluxShardClient
 
         endpoint = cls(FluxShardClient(url, **client_kwargs).open_stream(stream_id, block=block))
@@ -384,7 +384,7 @@ class FluxShardStream(_StreamBase):
     def __init__(self, edge=None, cloud=None, *, dispatch: str = "auto",
                  tau: float | TauPolicy | TruncationTable = DEFAULT_TAU, profile=None,
                  margin_ms: float = 2.0, initial_mbps: float = 20.0, block: int = 16,
-                 probe_interval: int | None = 30, stream_id: int = 1):
+                 probe_interval: int | None = 30, stream_id: int | None = None):
         if isinstance(edge, str):
             edge = RemoteEndpoint.connect(edge, stream_id, block)
         if isinstance(cloud, str):

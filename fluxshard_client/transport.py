@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import secrets
 import time
 from dataclasses import dataclass, field as dataclass_field
 
@@ -100,6 +101,11 @@ def _classify(exc: Exception) -> Exception:
             return _Resync(msg)
         if "bad payload" in low or "internal error" in low:  # the model's own answers
             return CloudError(f"cloud rejected the frame: {msg}")
+        if "cancelled" in status.lower() and not msg:
+            # Triton's answer to a START that waited in its backlog for a sequence slot until the
+            # idle timeout: every slot is held by other streams
+            return _Unavailable("the server has no free stream slot (Triton cancelled the "
+                                "queued start)")
         if ("unavailable" in status.lower() or "deadline" in status.lower()
                 or "not found" in low or "not ready" in low or "unavailable" in low
                 or "failed to connect" in low or "connection" in low or "socket closed" in low
@@ -110,6 +116,15 @@ def _classify(exc: Exception) -> Exception:
     if isinstance(exc, (ConnectionError, OSError, TimeoutError)):
         return _Unavailable(f"{type(exc).__name__}: {exc}")
     return exc
+
+
+# the request parameter the fluxshard model reads the stream's secret from
+SECRET_PARAMETER = "fluxshard_stream_secret"
+
+
+def random_stream_id() -> int:
+    """A stream id no other client can guess: uniform in [1, 2**63)."""
+    return secrets.randbelow(2**63 - 1) + 1
 
 
 def _uplink_delay(uplink_mbps: float | None):
@@ -127,8 +142,13 @@ def _uplink_delay(uplink_mbps: float | None):
 class _StreamCore:
     """The protocol state of one stream, shared by the sync and the asyncio streams."""
 
-    def __init__(self, stream_id: int, block: int, retry: RetryPolicy, key_codec: wire.Codec,
-                 residual_codec: wire.Codec = wire.Codec.ZLIB, uplink_quality: int | None = None):
+    def __init__(self, stream_id: int | None, block: int, retry: RetryPolicy,
+                 key_codec: wire.Codec, residual_codec: wire.Codec = wire.Codec.ZLIB,
+                 uplink_quality: int | None = None, secret: str | None = None):
+        if stream_id is None:
+            stream_id = random_stream_id()
+        # fixed for the stream's life: the server lets only requests carrying it touch the stream
+        self.secret = secret or secrets.token_urlsafe(24)
         if not 0 < int(stream_id) < 2**64:
             raise ValueError(f"stream id must be in [1, 2**64), got {stream_id} (0 means 'no "
                              "sequence' to Triton)")
@@ -280,16 +300,19 @@ class FluxShardClient:
             kwargs["channel_args"] = grpc_channel_args()
         self._client = tc.InferenceServerClient(url, **kwargs)
 
-    def open_stream(self, stream_id: int, block: int = 16,
+    def open_stream(self, stream_id: int | None = None, block: int = 16,
                     key_codec: wire.Codec = wire.Codec.ZLIB,
                     residual_codec: wire.Codec = wire.Codec.ZLIB,
-                    uplink_quality: int | None = None) -> "Stream":
+                    uplink_quality: int | None = None, secret: str | None = None) -> "Stream":
         """A camera stream. Codecs of the pixels it sends (fluxshard.wire.Codec): ZLIB (lossless,
         the default), JPEG (lossy, several times fewer bytes; the mirror follows what the cloud
         decodes) or H264 for both (a video encoder per stream; ``uplink_quality`` its crf,
-        default ``fluxshard.uplink_h264.DEFAULT_CRF``)."""
+        default ``fluxshard.uplink_h264.DEFAULT_CRF``). ``stream_id``: the Triton sequence id;
+        None (the default) draws a random 63-bit one no other client can guess. ``secret``: the
+        stream's secret, sent with every request (default: a random one; pass your own to
+        re-open the same stream from another process while the server still holds it)."""
         return Stream(self, _StreamCore(stream_id, block, self.retry, key_codec, residual_codec,
-                                        uplink_quality))
+                                        uplink_quality, secret))
 
     def is_ready(self) -> bool:
         try:
@@ -297,7 +320,8 @@ class FluxShardClient:
         except Exception:
             return False
 
-    def infer(self, payload: bytes, stream_id: int, start: bool, end: bool) -> dict[str, np.ndarray]:
+    def infer(self, payload: bytes, stream_id: int, start: bool, end: bool, *,
+              secret: str | None = None) -> dict[str, np.ndarray]:
         """One raw request; tritonclient exceptions propagate."""
         time.sleep(self.uplink_delay(len(payload)))
         tc = self._tc
@@ -311,7 +335,9 @@ class FluxShardClient:
             outputs = [tc.InferRequestedOutput(n) for n in OUTPUTS]
             extra = {"client_timeout": self.timeout_s}
         result = self._client.infer(self.model_name, [inp], outputs=outputs, sequence_id=stream_id,
-                                    sequence_start=start, sequence_end=end, **extra)
+                                    sequence_start=start, sequence_end=end,
+                                    parameters={SECRET_PARAMETER: secret} if secret else None,
+                                    **extra)
         return {n: result.as_numpy(n) for n in OUTPUTS}
 
     def close(self) -> None:
@@ -356,7 +382,8 @@ class Stream(_StreamHandle):
                                                              frame_index, tau)
             t0 = time.perf_counter()
             try:
-                outputs = self.client.infer(payload, core.stream_id, core.need_start, end)
+                outputs = self.client.infer(payload, core.stream_id, core.need_start, end,
+                                            secret=core.secret)
                 result = core.finish(outputs, predicted, is_key, index, payload, resyncs,
                                      (time.perf_counter() - t0) * 1e3)
             except Exception as e:  # noqa: BLE001 - classified below
@@ -412,15 +439,16 @@ class AsyncFluxShardClient:
 
         self._client = aio.InferenceServerClient(url, channel_args=grpc_channel_args())
 
-    def open_stream(self, stream_id: int, block: int = 16,
+    def open_stream(self, stream_id: int | None = None, block: int = 16,
                     key_codec: wire.Codec = wire.Codec.ZLIB,
                     residual_codec: wire.Codec = wire.Codec.ZLIB,
-                    uplink_quality: int | None = None) -> "AsyncStream":
+                    uplink_quality: int | None = None, secret: str | None = None) -> "AsyncStream":
         """See :meth:`FluxShardClient.open_stream`."""
         return AsyncStream(self, _StreamCore(stream_id, block, self.retry, key_codec,
-                                             residual_codec, uplink_quality))
+                                             residual_codec, uplink_quality, secret))
 
-    async def infer(self, payload: bytes, stream_id: int, start: bool, end: bool):
+    async def infer(self, payload: bytes, stream_id: int, start: bool, end: bool, *,
+                    secret: str | None = None):
         await asyncio.sleep(self.uplink_delay(len(payload)))
         aio = self._aio
         data = np.frombuffer(payload, np.uint8)[None]
@@ -429,7 +457,8 @@ class AsyncFluxShardClient:
         result = await self._client.infer(self.model_name, [inp],
                                           outputs=[aio.InferRequestedOutput(n) for n in OUTPUTS],
                                           sequence_id=stream_id, sequence_start=start,
-                                          sequence_end=end, client_timeout=self.timeout_s)
+                                          sequence_end=end, client_timeout=self.timeout_s,
+                                          parameters={SECRET_PARAMETER: secret} if secret else None)
         return {n: result.as_numpy(n) for n in OUTPUTS}
 
     async def close(self) -> None:
@@ -455,7 +484,8 @@ class AsyncStream(_StreamHandle):
                                                              frame_index, tau)
             t0 = time.perf_counter()
             try:
-                outputs = await self.client.infer(payload, core.stream_id, core.need_start, end)
+                outputs = await self.client.infer(payload, core.stream_id, core.need_start, end,
+                                                  secret=core.secret)
                 result = core.finish(outputs, predicted, is_key, index, payload, resyncs,
                                      (time.perf_counter() - t0) * 1e3)
             except Exception as e:  # noqa: BLE001 - classified below

@@ -12,6 +12,7 @@ probes every second and runs few frames per phase.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import signal
 import subprocess
@@ -29,6 +30,8 @@ from fluxshard.serving.supervisor import Supervisor, read_status  # noqa: E402
 from fluxshard.serving.tritonserver import (TritonServer, find_triton, free_port,  # noqa: E402
                                             python_stubs)
 
+# perf/ modules with more rows, each exposing cases(args, log_dir) -> list[dict]
+CASE_MODULES = ("reliability_limits",)
 NOT_BUILT = ("fuzzed and hostile payloads", "soak (hours, memory growth)",
              "lossy uplinks", "TLS handshake abuse")
 
@@ -197,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     log_dir.mkdir(exist_ok=True)
     t0 = time.monotonic()
     rows = supervised_cases(args, log_dir) + [sigterm_case(args, log_dir)]
+    for name in CASE_MODULES:
+        rows += importlib.import_module(name).cases(args, log_dir)
     import reliability_scale  # perf/reliability_scale.py: streams per server, 2 servers
 
     rows += reliability_scale.cases(args, log_dir)

@@ -171,8 +171,10 @@ def test_stream_resyncs_when_the_server_forgets_it(client):
     stream = client.open_stream(601, block=B)
     results = []
     prev = run_stream(stream, scene, range(2), results)
-    # end the sequence behind the stream's back: the server frees the session, Triton the slot
-    client.infer(wire.encode_key_frame(scene.frame(2), 2, B), 601, start=False, end=True)
+    # end the sequence behind the stream's back (with its secret: nobody else may end it): the
+    # server frees the session, Triton the slot
+    client.infer(wire.encode_key_frame(scene.frame(2), 2, B), 601, start=False, end=True,
+                 secret=stream.core.secret)
     prev = run_stream(stream, scene, range(3, 5), results, prev)
     check_exact(results, stream)
     t3 = results[2][2]

@@ -25,8 +25,9 @@ from typing import Callable
 
 import numpy as np
 
-# Streams pick their ids; the probe uses one no camera is likely to (CORRID is a uint64).
-PROBE_STREAM_ID = 2**63 - 11
+# Streams pick their ids; None: every probe draws a random id and secret, so no client can
+# occupy the probe's sequence and make a healthy server look dead (CORRID is a uint64).
+PROBE_STREAM_ID = None
 PROBE_SIZE = (64, 96)  # (H, W): the smallest frames the tests use; a key frame costs milliseconds
 
 
@@ -39,7 +40,7 @@ class ModelProbe:
     sequence; passes when the answer carries the digest of exactly that frame."""
 
     def __init__(self, url: str, model_name: str = "fluxshard", timeout_s: float = 20.0,
-                 stream_id: int = PROBE_STREAM_ID, ssl_options: dict | None = None):
+                 stream_id: int | None = PROBE_STREAM_ID, ssl_options: dict | None = None):
         from fluxshard import wire
 
         self.url, self.model_name, self.timeout_s = url, model_name, timeout_s
@@ -53,9 +54,12 @@ class ModelProbe:
         self.expected_digest = wire.cache_digest(self.frame)
 
     def __call__(self) -> None:
+        import secrets
+
         import tritonclient.grpc as grpcclient
 
         from fluxshard.serving.tritonserver import grpc_channel_args
+        from fluxshard_client.transport import SECRET_PARAMETER, random_stream_id
 
         try:
             # a connection of its own: a client's failed connects must not delay the probe's
@@ -65,8 +69,10 @@ class ModelProbe:
                 inp.set_data_from_numpy(self.payload)
                 result = client.infer(self.model_name, [inp],
                                       outputs=[grpcclient.InferRequestedOutput("DIGEST")],
-                                      sequence_id=self.stream_id, sequence_start=True,
-                                      sequence_end=True, client_timeout=self.timeout_s)
+                                      sequence_id=self.stream_id or random_stream_id(),
+                                      sequence_start=True, sequence_end=True,
+                                      client_timeout=self.timeout_s,
+                                      parameters={SECRET_PARAMETER: secrets.token_urlsafe(16)})
                 digest = result.as_numpy("DIGEST")
         except Exception as e:  # noqa: BLE001 - any failure of the request is a failed probe
             message = e.message() if hasattr(e, "message") and callable(e.message) else str(e)
