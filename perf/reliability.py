@@ -31,9 +31,8 @@ from fluxshard.serving.tritonserver import (TritonServer, find_triton, free_port
                                             python_stubs)
 
 # perf/ modules with more rows, each exposing cases(args, log_dir) -> list[dict]
-CASE_MODULES = ("reliability_limits",)
-NOT_BUILT = ("fuzzed and hostile payloads", "soak (hours, memory growth)",
-             "lossy uplinks", "TLS handshake abuse")
+CASE_MODULES = ("reliability_limits", "reliability_fuzz", "reliability_soak")
+NOT_BUILT = ("lossy uplinks", "TLS handshake abuse")
 
 
 def _alive(pid: int) -> bool:
@@ -191,6 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="CI: 1 s probes, few frames per phase")
     ap.add_argument("--out", type=Path, default=REPO_ROOT / "out" / "perf")
+    ap.add_argument("--soak-minutes", type=float, default=None,
+                    help="soak length (default 10; 20 s with --quick)")
+    ap.add_argument("--soak-streams", type=int, default=None,
+                    help="soak streams (default 3; 2 with --quick)")
     args = ap.parse_args(argv)
     args.probe_interval = 1.0 if args.quick else 5.0
     args.frames = 3 if args.quick else 20
