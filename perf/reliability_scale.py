@@ -116,9 +116,14 @@ def two_servers(servers: list[TritonServer], streams: int, frames: int) -> dict:
 
     urls = [s.grpc_url for s in servers]
     before = sum(group_rss_mb(s.process.pid) for s in servers)
-    # stream ids with homes on both servers, the first server homing at least one
-    ids = list(range(1001, 1001 + streams))
-    homed = {url: [i for i in ids if home(i, urls) == url] for url in urls}
+    # stream ids homed half on each server (the servers' ports, hence the homes, vary per run)
+    homed = {url: [] for url in urls}
+    for i in range(1001, 100000):
+        if len(homed[home(i, urls)]) < streams // 2:
+            homed[home(i, urls)].append(i)
+        if sum(map(len, homed.values())) == streams // 2 * 2:
+            break
+    ids = sorted(homed[urls[0]] + homed[urls[1]])
     with ClusterClient(urls, retry=None) as cluster:
         drivers = [TimedDriver(urls[0], i, cluster=cluster) for i in ids]
         for d in drivers:
