@@ -91,15 +91,16 @@ class ClusterClient:
         return next((url for url in rank(stream_id, self.urls)
                      if url not in exclude and not self.is_down(url)), None)
 
-    def open_stream(self, stream_id: int, block: int = 16,
+    def open_stream(self, stream_id: int | None = None, block: int = 16,
                     key_codec: wire.Codec = wire.Codec.ZLIB,
                     residual_codec: wire.Codec = wire.Codec.ZLIB,
-                    uplink_quality: int | None = None) -> Stream:
-        """A :class:`fluxshard_client.Stream` homed by the stream id; the options as for
-        :meth:`FluxShardClient.open_stream`. Its ``client`` is a :class:`HomedRoute`:
+                    uplink_quality: int | None = None, secret: str | None = None) -> Stream:
+        """A :class:`fluxshard_client.Stream` homed by its stream id; the options as for
+        :meth:`FluxShardClient.open_stream` (no id: a random one; the secret goes to whichever
+        server the stream lives on). Its ``client`` is a :class:`HomedRoute`:
         ``stream.client.home`` is where it lives now."""
         core = transport._StreamCore(stream_id, block, self.retry, key_codec, residual_codec,
-                                     uplink_quality)
+                                     uplink_quality, secret)
         return Stream(HomedRoute(self, core.stream_id), core)
 
     def close(self) -> None:
