@@ -18,6 +18,10 @@ executor (fluxshard.sparse.executor) computes it:
   (:func:`rewrite_onnx`, e.g. ``yolo export format=onnx`` from ultralytics);
 * everything else (the Detect / Segment decoding) reads the assembled values densely.
 
+Which step an op type takes is its mask rule (fluxshard.sparse.rules, the torch executor's rules
+too); an op on the masked path with no rule warns and stays dense (its consumers read its values
+densely: exact, only slower).
+
 Per cached op the graph has ``cache_in_NNN`` / ``cache_out_NNN`` (names that sort alike, for
 Triton's implicit state), and per grid stride s the RFAP plan's ``field_index_s`` and
 ``invalid_s``; :meth:`FluxShardGraph.feeds` computes them from a motion field with the same
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from collections import deque
 from dataclasses import dataclass, field as dc_field
 from pathlib import Path
@@ -37,6 +42,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from fluxshard.sparse.rules import rule_for_onnx_op
 from fluxshard.sparse.spec import l1_norm
 
 from .functions import (DOMAIN, MV_GATHER, masked_sparse_conv_node, opset_imports, with_bodies,
@@ -469,26 +475,30 @@ class _Rewriter:
         return out
 
     # ------------------------------------------------------------------ the walk
+    # The public steps (conv, dense_block, channel_slice, merge, resize) are what the mask
+    # rules (fluxshard.sparse.rules) call per node.
     def run(self) -> FluxShardGraph:
         images = next(t for t in self.g.inputs if t.name == self.input_name)
         self._input(images)
         block_of = {id(n): b for b in self.blocks for n in b.nodes}
+        unknown: dict[str, str] = {}  # op type -> first node, for the warning
         for node in list(self.g.nodes):
             block = block_of.get(id(node))
             if block is not None:
                 if node is block.nodes[0]:  # the entry conv: every input of the block is ready
-                    self._dense_block(block.nodes)
+                    self.dense_block(block.nodes)
                 continue
-            if node.op == "Conv" and node.inputs[0].name in self.masks:
-                self._conv(node)
-            elif node.op == "ConvTranspose" and node.inputs[0].name in self.masks:
-                self._dense_block([node])
-            elif node.op in ("Split", "Slice"):
-                self._channel_slice(node)
-            elif node.op in ("Concat", "Add"):
-                self._merge(node)
-            elif node.op == "Resize" and node.inputs[0].name in self.masks:
-                self._resize(node)
+            if not any(t.name in self.masks for t in node.inputs if isinstance(t, gs.Variable)):
+                continue  # not on the masked path
+            rule = rule_for_onnx_op(node.op)
+            if rule is None:
+                unknown.setdefault(node.op, node.name)
+            else:
+                rule.rewrite(self, node)
+        for op, name in unknown.items():
+            warnings.warn(f"the FluxShard rewrite has no mask rule for ONNX op {op!r} (first at "
+                          f"{name!r}): it runs densely and its consumers recompute everything; "
+                          "register a MaskRule in fluxshard/sparse/rules.py", stacklevel=3)
         return self._finish()
 
     def _input(self, images: gs.Variable) -> None:
@@ -499,7 +509,7 @@ class _Rewriter:
         moved = self._moved(images, gathered, 0.0)
         self.masks[images.name] = (self._or([moved, invalid]), 1)
 
-    def _conv(self, conv: gs.Node) -> None:
+    def conv(self, conv: gs.Node) -> None:
         x, weight = conv.inputs[0], conv.inputs[1]
         bias = conv.inputs[2] if len(conv.inputs) > 2 else None
         if not isinstance(weight, gs.Constant) or (bias is not None
@@ -559,7 +569,7 @@ class _Rewriter:
                                       [fresh, changed], domain=DOMAIN))
         self.masks[fresh.name] = (changed, out_stride)
 
-    def _dense_block(self, nodes: list[gs.Node]) -> None:
+    def dense_block(self, nodes: list[gs.Node]) -> None:
         """A block run densely; its difference to the gathered cache says what changed."""
         inside = {id(n) for n in nodes}
         produced = {t.name for n in nodes for t in n.outputs}
@@ -598,7 +608,7 @@ class _Rewriter:
                         consumer.inputs[i] = y
         self.masks[y.name] = (changed, stride)
 
-    def _channel_slice(self, node: gs.Node) -> None:
+    def channel_slice(self, node: gs.Node) -> None:
         x = node.inputs[0]
         if x.name not in self.masks:
             return
@@ -612,7 +622,7 @@ class _Rewriter:
             for out in node.outputs:
                 self.masks[out.name] = self.masks[x.name]
 
-    def _merge(self, node: gs.Node) -> None:
+    def merge(self, node: gs.Node) -> None:
         ins = node.inputs
         if not all(t.name in self.masks for t in ins):
             return
@@ -624,7 +634,7 @@ class _Rewriter:
         self.masks[node.outputs[0].name] = (self._or([self.masks[t.name][0] for t in ins]),
                                             strides.pop())
 
-    def _resize(self, node: gs.Node) -> None:
+    def resize(self, node: gs.Node) -> None:
         """Nearest upsampling by an integer factor f: every mask position repeated f x f."""
         scales = node.inputs[2] if len(node.inputs) > 2 else None
         if (node.attrs.get("mode", "nearest") != "nearest" or not isinstance(scales, gs.Constant)

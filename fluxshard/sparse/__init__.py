@@ -2,10 +2,12 @@
 conv, truncation. One specification (spec.py), executed here in PyTorch on the model's device
 (CPU or CUDA)."""
 
-from .executor import FrameReport, LayerStats, SparseExecutor, StreamState
+from .bypass import AdaptiveBypass
+from .executor import FrameContext, FrameReport, LayerStats, SparseExecutor, StreamState
 from .ops import TileConv, dilate_mask, masked_sparse_conv, mv_gather, window_uniform
 from .rfap import GridPlan, RFAPPlan
+from .rules import MaskRule, register
 
-__all__ = ["FrameReport", "LayerStats", "SparseExecutor", "StreamState", "TileConv",
-           "dilate_mask", "masked_sparse_conv", "mv_gather", "window_uniform", "GridPlan",
-           "RFAPPlan"]
+__all__ = ["AdaptiveBypass", "FrameContext", "FrameReport", "LayerStats", "SparseExecutor",
+           "StreamState", "TileConv", "dilate_mask", "masked_sparse_conv", "mv_gather",
+           "window_uniform", "GridPlan", "RFAPPlan", "MaskRule", "register"]
