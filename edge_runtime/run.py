@@ -23,6 +23,7 @@ import warnings
 from pathlib import Path
 
 from fluxshard import cli_common
+from fluxshard.serving.tritonserver import auth_header
 from fluxshard.tau import tau_argument
 
 DEMO_SIZE = (640, 384)
@@ -55,6 +56,20 @@ def add_run_arguments(p: argparse.ArgumentParser, demo_default: bool = False,
                         "so. auto and alternate always fall back to the edge")
     p.add_argument("--bandwidth-mbps", type=cli_common.positive_float, default=None,
                    help="simulate an uplink limited to this rate (Mbit/s)")
+    p.add_argument("--deadline-ms", type=cli_common.positive_float, default=None,
+                   help="a cloud frame not answered within this is abandoned and run on the "
+                        "edge (default: derived per frame from the edge's latency table and the "
+                        "cloud's estimate, at least 500 ms; --dispatch cloud --fallback none: no "
+                        "deadline)")
+    p.add_argument("--tls-ca", type=cli_common.existing_file, default=None,
+                   help="--cloud-url over TLS: PEM CA certificate to trust (the server's, or "
+                        "its signer's)")
+    p.add_argument("--tls-cert", type=cli_common.existing_file, default=None,
+                   help="PEM client certificate for mutual TLS (needs --tls-key and --tls-ca)")
+    p.add_argument("--tls-key", type=cli_common.existing_file, default=None,
+                   help="PEM private key of --tls-cert")
+    p.add_argument("--auth-header", type=auth_header, default=None, metavar="KEY=VALUE",
+                   help="the header a `fluxshard serve --auth-header KEY=VALUE` cloud requires")
     p.add_argument("--tau", type=tau_argument, default=None,
                    help="tau on the [0, 1] input scale, rounded to whole grey levels: picks the "
                         "residual blocks and is the executors' truncation threshold, at the edge "
@@ -123,7 +138,9 @@ def main(args: argparse.Namespace) -> int:
                           bypass=args.bypass, uplink_codec=args.uplink_codec,
                           progress=not args.no_progress, fallback=args.fallback,
                           weights=args.weights, executor=args.executor,
-                          tiles_table=args.tiles_table)
+                          tiles_table=args.tiles_table, deadline_ms=args.deadline_ms,
+                          tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                          auth_header=args.auth_header)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"fluxshard run: {e}", file=sys.stderr)
         return 1
@@ -201,7 +218,9 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
         progress: bool = True, stream_id: int | None = None, bypass: str = "none",
         uplink_codec: str = "h264", fallback: str = "none",
         weights: str | Path | None = None, executor: str = DEFAULT_EXECUTOR,
-        tiles_table: str | Path | None = None) -> dict:
+        tiles_table: str | Path | None = None, deadline_ms: float | None = None,
+        tls_ca: str | Path | None = None, tls_cert: str | Path | None = None,
+        tls_key: str | Path | None = None, auth_header: tuple[str, str] | None = None) -> dict:
     """The main job; returns the summary (also written to ``out/summary.json``).
 
     ``fallback`` (``dispatch="cloud"`` only): "none" raises RuntimeError when the cloud cannot be
@@ -210,7 +229,9 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
     demo one); its class names label the outputs, and a local tritonserver loads it too.
     ``executor``: what the edge runs (:data:`EDGE_EXECUTORS`; ``bypass`` and a truncation
     table's executor options apply to "exact" only). ``tiles_table``: with executor "tiles", a
-    tiles table (fluxshard.tiles.profile) whose knobs the edge takes per frame's motion level."""
+    tiles table (fluxshard.tiles.profile) whose knobs the edge takes per frame's motion level.
+    ``deadline_ms``: see ``--deadline-ms``. ``tls_ca``/``tls_cert``/``tls_key``/``auth_header``:
+    how to reach a ``cloud_url`` served with TLS and an auth header (``fluxshard serve``)."""
     import numpy as np
     from tqdm import tqdm
 
@@ -241,10 +262,13 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
         from fluxshard.tiles.profile import TilesTable
 
         tiles_table = TilesTable.load(tiles_table)
+    connection = _connection(cloud_url, tls_ca, tls_cert, tls_key, auth_header)
     # a --cloud-url that does not answer is known before the clip is made or the model loads
     where = cloud_url or "local tritonserver"
     strict = dispatch == "cloud" and fallback == "none"
-    down = _unreachable(cloud_url) if cloud_url and dispatch != "edge" else None
+    if strict and deadline_ms is None:
+        deadline_ms = float("inf")  # the cloud's answer or an error, never the edge's
+    down = _unreachable(cloud_url, **connection) if cloud_url and dispatch != "edge" else None
     if down and strict:
         raise RuntimeError(f"--dispatch cloud: cannot reach the cloud at {where} ({down}); "
                            "--fallback edge runs on the edge instead")
@@ -287,22 +311,23 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
     writer = None
     t_start = time.perf_counter()
     with _cloud(cloud_url, dispatch, out, weights) as url:
-        # a cloud gone for 10 s is given up on for a while: its frames run on the edge
+        # without a deadline (--dispatch cloud --fallback none) a cloud gone for 10 s ends the run
         client = FluxShardClient(url, uplink_mbps=bandwidth_mbps,
-                                 retry=RetryPolicy(reconnect_timeout_s=10.0)) if url else None
+                                 retry=RetryPolicy(reconnect_timeout_s=10.0),
+                                 **connection) if url else None
         codec = wire.Codec[UPLINK_WIRE_CODECS[uplink_codec]]
         cloud = RemoteEndpoint(client.open_stream(stream_id, key_codec=codec,
                                                   residual_codec=codec)) if client else None
         stream = FluxShardStream(edge, cloud, dispatch=dispatch if cloud else "edge",
                                  tau=tau_policy, profile=profile, margin_ms=margin_ms,
-                                 initial_mbps=bandwidth_mbps or 20.0)
+                                 initial_mbps=bandwidth_mbps or 20.0, deadline_ms=deadline_ms)
         cloud_events: list[str] = []  # losing / regaining the cloud, as printed
         if down:
             cloud_events.append(f"cloud {where} unreachable ({down}): running on the edge "
                                 "until it answers")
             print(f"fluxshard run: {cloud_events[-1]}", file=sys.stderr)
-            # left out like a cloud that failed mid-run: tried again after a probe interval
-            stream.core.cloud_down_until = stream.dispatcher.probe_interval or 30
+            # left out like a cloud that failed mid-run: back once it answers a readiness probe
+            stream.cloud_lost(f"unreachable ({down})")
         failures_seen, edge_fallback = 0, 0
         bar = tqdm(total=frames or _frame_count(video), desc="fluxshard run", unit="frame",
                    disable=not progress, dynamic_ncols=True)
@@ -330,7 +355,8 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
                         tqdm.write(f"fluxshard run: {cloud_events[-1]}", file=sys.stderr)
                     reason = result.decision.reason
                     if url and result.endpoint == "edge" and (
-                            reason == "no cloud" or reason.startswith("cloud failed")):
+                            reason == "no cloud"
+                            or reason.startswith(("cloud failed", "cloud down"))):
                         edge_fallback += 1
                     record = outputs.detection_record(result, class_names)
                     if result.endpoint == "edge":
@@ -375,6 +401,8 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
         "weights": str(weights) if weights else "embedded demo detector",
         "classes": class_names,
         "tau": tau_policy.source, "latency_profile": profile.source, "margin_ms": margin_ms,
+        "deadline_ms": "derived" if deadline_ms is None else deadline_ms,
+        "tls": bool(connection.get("ssl")), "auth_header": auth_header is not None,
         "wall_s": round(time.perf_counter() - t_start, 2), "warnings": notes,
         "error": broke[0] if broke else None, "cloud_failures": stream.core.cloud_failures,
         "fallback": fallback, "cloud_events": cloud_events if url else [],
@@ -385,7 +413,26 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
     return summary
 
 
-def _unreachable(url: str, timeout_s: float = 5.0) -> str | None:
+def _connection(cloud_url, tls_ca, tls_cert, tls_key, auth) -> dict:
+    """FluxShardClient's TLS and header arguments for ``cloud_url``."""
+    from fluxshard_client import auth_headers
+
+    if (tls_cert is None) != (tls_key is None) or (tls_cert is not None and tls_ca is None):
+        raise ValueError("--tls-cert and --tls-key go together, with --tls-ca")
+    if not cloud_url:
+        if tls_ca or auth:
+            raise ValueError("--tls-ca and --auth-header are for a --cloud-url (a local "
+                             "tritonserver needs neither)")
+        return {}
+    connection = {"headers": auth_headers(*auth)} if auth else {}
+    if tls_ca:
+        connection.update(ssl=True, root_certificates=str(tls_ca))
+        if tls_cert:
+            connection.update(private_key=str(tls_key), certificate_chain=str(tls_cert))
+    return connection
+
+
+def _unreachable(url: str, timeout_s: float = 5.0, headers=None, **tls) -> str | None:
     """Why the cloud at ``url`` cannot serve frames (None: its fluxshard model is ready). Asked
     once before the first frame, so an unreachable cloud is reported at once rather than after
     the stream's reconnect timeout."""
@@ -394,14 +441,21 @@ def _unreachable(url: str, timeout_s: float = 5.0) -> str | None:
 
     from fluxshard_client.transport import MODEL_NAME
 
-    client = tc.InferenceServerClient(url)
+    client = tc.InferenceServerClient(url, **tls)
     try:
         if not client.is_server_ready(client_timeout=timeout_s):
             return "server not ready"
         if not client.is_model_ready(MODEL_NAME, client_timeout=timeout_s):
             return f"model {MODEL_NAME!r} not ready"
+        # health is open to all: a model-config request tells whether the auth header is right
+        client.get_model_config(MODEL_NAME, headers=headers, client_timeout=timeout_s)
     except InferenceServerException as e:
-        return e.message() or str(e)
+        message = e.message() or str(e)
+        if "protocol is restricted" in message:
+            return f"{message}: the cloud requires --auth-header KEY=VALUE"
+        if not tls and "socket closed" in message.lower():
+            return f"{message} (a TLS server? --tls-ca)"
+        return message
     except Exception as e:  # noqa: BLE001 - any transport failure means unreachable
         return f"{type(e).__name__}: {e}"
     finally:

@@ -12,8 +12,10 @@ from .stream import (AsyncFluxShardStream, AsyncRemoteEndpoint, EndpointRun, Flu
                      FrameResult, LocalEndpoint, RemoteEndpoint)
 from .transport import (AsyncFluxShardClient, AsyncStream, CloudError, CloudResult, FluxShardClient,
                         RetryPolicy, Stream)
+from .transport import CloudUnavailable, DeadlineMissed, auth_headers
 
 __all__ = ["FluxShardClient", "Stream", "AsyncFluxShardClient", "AsyncStream", "CloudResult",
            "CloudError", "RetryPolicy", "FluxShardStream", "AsyncFluxShardStream", "FrameResult",
            "EndpointRun", "LocalEndpoint", "RemoteEndpoint", "AsyncRemoteEndpoint", "Dispatcher",
-           "Decision", "LatencyProfile", "LatencyTable", "BandwidthEstimator", "POLICIES"]
+           "Decision", "LatencyProfile", "LatencyTable", "BandwidthEstimator", "POLICIES",
+           "CloudUnavailable", "DeadlineMissed", "auth_headers"]

@@ -34,6 +34,8 @@ CLOUD_ESTIMATES_PER_DEADLINE = 4.0
 # pauses between readiness probes of a cloud that stopped answering: first, largest
 PROBE_BACKOFF_S = (0.2, 2.0)
 PROBE_TIMEOUT_S = 2.0
+# a stream's closing END frame: one prompt try (a server that is gone frees it by its idle sweep)
+CLOSE_TIMEOUT_S = 5.0
 
 
 def default_deadline_ms(edge_full_frame_ms: float, cloud_estimate_ms: float,
@@ -61,10 +63,11 @@ class Deadline:
 
     at: float
     clock: Callable[[], float] = time.monotonic
+    seconds: float | None = None  # how long it was set for
 
     @classmethod
     def after(cls, seconds: float, clock: Callable[[], float] = time.monotonic) -> "Deadline":
-        return cls(clock() + seconds, clock)
+        return cls(clock() + seconds, clock, seconds)
 
     def remaining(self) -> float:
         return self.at - self.clock()

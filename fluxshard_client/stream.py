@@ -32,7 +32,9 @@ from fluxshard.tau import DEFAULT_TAU, TauPolicy, TruncationTable
 
 from .dispatch import (BandwidthEstimator, Decision, Dispatcher, LatencyProfile,
                        edge_executor_name)
-from .transport import CloudError, DetectionRows
+from .deadline import (PROBE_TIMEOUT_S, CloudWatch, Deadline, check_deadline_ms,
+                       default_deadline_ms, no_deadline)
+from .transport import CloudError, CloudUnavailable, DeadlineMissed, DetectionRows
 
 
 @dataclass
@@ -132,13 +134,18 @@ class RemoteEndpoint:
         endpoint._own_client = True
         return endpoint
 
-    def run(self, frame, residual, key, index, tau: float = 0.0) -> EndpointRun:
+    def run(self, frame, residual, key, index, tau: float = 0.0, deadline=None) -> EndpointRun:
         if key:
-            result = self.stream.send(frame, key=True, frame_index=index, tau=tau)
+            result = self.stream.send(frame, key=True, frame_index=index, tau=tau,
+                                      deadline=deadline)
         else:
             result = self.stream.send(frame, residual.field, residual.mask, frame_index=index,
-                                      tau=tau)
+                                      tau=tau, deadline=deadline)
         return _remote_run(result, self.stream)
+
+    def probe(self) -> bool:
+        """Whether the server and its model are ready (asked off the frame path)."""
+        return self.stream.client.is_ready(PROBE_TIMEOUT_S)
 
     def close(self) -> None:
         self.stream.close()
@@ -154,13 +161,18 @@ class AsyncRemoteEndpoint:
     def __init__(self, stream):
         self.stream = stream
 
-    async def run(self, frame, residual, key, index, tau: float = 0.0) -> EndpointRun:
+    async def run(self, frame, residual, key, index, tau: float = 0.0,
+                  deadline=None) -> EndpointRun:
         if key:
-            result = await self.stream.send(frame, key=True, frame_index=index, tau=tau)
+            result = await self.stream.send(frame, key=True, frame_index=index, tau=tau,
+                                            deadline=deadline)
         else:
             result = await self.stream.send(frame, residual.field, residual.mask,
-                                            frame_index=index, tau=tau)
+                                            frame_index=index, tau=tau, deadline=deadline)
         return _remote_run(result, self.stream)
+
+    async def probe(self) -> bool:
+        return await self.stream.client.is_ready(PROBE_TIMEOUT_S)
 
     async def close(self) -> None:
         await self.stream.close()
@@ -177,12 +189,20 @@ class _Plan:
     tau: dict  # endpoint -> the tau its residual set was picked at (its executor truncates with it)
     decision: Decision
     started: float
+    deadline: Deadline | None = None  # of the cloud call (None: the edge runs it, or no deadline)
+    fallback: str | None = None  # why the edge runs a frame the cloud would have
+    cloud_attempt_ms: float | None = None  # how long the failed cloud call took
 
 
 class _DispatchCore:
     """Algorithm 1 without the I/O: shared by the sync and the asyncio streams."""
 
-    def __init__(self, dispatcher: Dispatcher, tau, block: int):
+    def __init__(self, dispatcher: Dispatcher, tau, block: int, deadline_ms: float | None = None,
+                 clock=time.monotonic):
+        self.deadline_ms = check_deadline_ms(deadline_ms)  # None: derived per frame
+        self.clock = clock  # what the frames' deadlines are measured on
+        self.watch: CloudWatch | None = None  # the cloud's readiness, probed off the frame path
+        self.cloud_warm = False  # it answered since it was (re)gained
         self.dispatcher = dispatcher
         self.tau = TauPolicy.of(tau)
         self.block = block
@@ -201,13 +221,36 @@ class _DispatchCore:
         return state.residual_at_tau(frame, self.tau, self.block)
 
     def cloud_usable(self, cloud) -> bool:
-        return cloud is not None and self.next_index >= self.cloud_down_until
+        return (cloud is not None and self.next_index >= self.cloud_down_until
+                and (self.watch is None or self.watch.up))
 
-    def cloud_failed(self, plan: _Plan, error: Exception) -> _Plan:
+    def cloud_down(self) -> str:
+        """Why the cloud is left out now."""
+        if self.watch is not None and not self.watch.up:
+            return f"waiting for it to answer ({self.watch.reason})"
+        return self.cloud_failures[-1] if self.cloud_failures else "left out"
+
+    def frame_deadline(self, decision: Decision, width: int, height: int) -> Deadline | None:
+        """The deadline of this frame's cloud call (fluxshard_client.deadline)."""
+        if decision.endpoint != "cloud" or no_deadline(self.deadline_ms):
+            return None
+        ms = self.deadline_ms
+        if ms is None:
+            edge_full_ms = (self.dispatcher.load["edge"].factor
+                            * self.dispatcher.profiled_ms("edge", 1.0, width, height))
+            ms = default_deadline_ms(edge_full_ms, decision.cloud_ms, self.cloud_warm)
+        return Deadline.after(ms / 1e3, self.clock)
+
+    def cloud_failed(self, plan: _Plan, error: Exception,
+                     attempt_started: float | None = None) -> _Plan:
         """The cloud gave up on this frame (unreachable past its reconnect timeout, or it
         rejected the frame): run it on the edge, leave the cloud out for a while, and restart
         its state with a key frame when it is back."""
-        self.cloud_down_until = plan.index + (self.dispatcher.probe_interval or 30)
+        if isinstance(error, (CloudUnavailable, DeadlineMissed)) and self.watch is not None:
+            self.watch.lost(str(error))  # back in dispatch once it answers a readiness probe
+            self.cloud_warm = False
+        else:
+            self.cloud_down_until = plan.index + (self.dispatcher.probe_interval or 30)
         self.cloud_failures.append(f"frame {plan.index}: {error}")
         state = self.states["cloud"]
         state.cache = state.field = None
@@ -217,6 +260,9 @@ class _DispatchCore:
         d = plan.decision
         plan.decision = Decision("edge", d.edge_ms, d.cloud_ms, d.transfer_ms,
                                  f"cloud failed: {error}")
+        plan.fallback = plan.decision.reason
+        if attempt_started is not None:  # perf_counter when the cloud call began
+            plan.cloud_attempt_ms = (time.perf_counter() - attempt_started) * 1e3
         return plan
 
     def tau_for(self, motion: float) -> float:
@@ -278,13 +324,15 @@ class _DispatchCore:
         cloud_bytes = self.estimate_bytes(residual["cloud"], frame.shape)
         decision = self.dispatcher.decide(fraction["edge"], fraction["cloud"], cloud_bytes, w, h,
                                           cloud_available)
-        return _Plan(index, frame, key, residual, taus, decision, started)
+        return _Plan(index, frame, key, residual, taus, decision, started,
+                     self.frame_deadline(decision, w, h))
 
     def commit(self, plan: _Plan, run: EndpointRun, endpoint_ms: float,
                remote: bool) -> FrameResult:
         name = plan.decision.endpoint
         self.states[name].reset(run.input_image)
         self.next_index = plan.index + 1
+        self.cloud_warm = self.cloud_warm or name == "cloud"
         residual = plan.residual[name]
         h, w = plan.frame.shape[:2]
         grid = wire.residual_grid(h, w, self.block)
@@ -323,7 +371,12 @@ class _DispatchCore:
             residual_fraction=float(mask.mean()), residual_mask=mask,
             field=None if run.key or residual is None else residual.field, decision=plan.decision,
             bandwidth_mbps=self.dispatcher.bandwidth.mbps,
-            stats={"tau": plan.tau[name], **run.stats})  # a server's own word on tau wins
+            stats={"tau": plan.tau[name], **run.stats,  # a server's own word on tau wins
+                   **({"cloud_fallback": plan.fallback} if plan.fallback else {}),
+                   **({"cloud_attempt_ms": round(plan.cloud_attempt_ms, 1)}
+                      if plan.cloud_attempt_ms is not None else {}),
+                   **({"deadline_ms": round(plan.deadline.seconds * 1e3, 1)}
+                      if plan.deadline is not None else {})})
 
 
 def _dispatcher(dispatch: str, profile, margin_ms: float, initial_mbps: float,
@@ -338,13 +391,15 @@ class _StreamBase:
     """What the sync and asyncio camera streams share: endpoints and the dispatch core."""
 
     def _set_up(self, edge, cloud, dispatch, tau, profile, margin_ms, initial_mbps, block,
-                probe_interval) -> None:
+                probe_interval, deadline_ms=None, clock=time.monotonic) -> None:
         self.edge = edge if edge is not None else LocalEndpoint()
         self.cloud = cloud
         if dispatch == "cloud" and cloud is None:
             raise ValueError("dispatch 'cloud' needs a cloud endpoint")
         self.core = _DispatchCore(_dispatcher(dispatch, profile, margin_ms, initial_mbps,
-                                              probe_interval), tau, block)
+                                              probe_interval), tau, block, deadline_ms, clock)
+        if hasattr(self.cloud, "probe"):
+            self.core.watch = CloudWatch(self.cloud.probe)
         transport = getattr(getattr(self.cloud, "stream", None), "core", None)
         if getattr(transport, "encoder", None) is not None:  # the cloud's uplink is H.264
             from fluxshard.uplink_h264 import BytesModel
@@ -358,6 +413,21 @@ class _StreamBase:
     @property
     def dispatcher(self) -> Dispatcher:
         return self.core.dispatcher
+
+    def cloud_lost(self, reason: str) -> None:
+        """Leave the cloud out until it answers a readiness probe (off the frame path)."""
+        if self.core.watch is not None:
+            self.core.watch.lost(reason)
+        else:
+            self.core.cloud_down_until = self.core.next_index + (self.dispatcher.probe_interval
+                                                                 or 30)
+
+    def _plan(self, frame, field, is_key: bool, index: int | None) -> _Plan:
+        usable = self.core.cloud_usable(self.cloud)
+        plan = self.core.plan(frame, field, is_key, index, usable)
+        if self.cloud is not None and not usable:
+            plan.decision.reason = plan.fallback = f"cloud down: {self.core.cloud_down()}"
+        return plan
 
     @property
     def states(self) -> dict[str, EndpointState]:
@@ -379,12 +449,17 @@ class FluxShardStream(_StreamBase):
     when present, else the built-in tables). ``margin_ms``: eps (within it, prefer the cloud).
     ``initial_mbps``: the uplink estimate before the first measurement. ``probe_interval``: in
     auto mode the cloud runs at least every N frames, so the estimate and its cache stay fresh.
+    ``deadline_ms``: a cloud call not answered within it is abandoned and the edge runs the
+    frame (None: derived per frame, :func:`fluxshard_client.deadline.default_deadline_ms`;
+    ``math.inf``: none); an unreachable cloud is left out until it answers a readiness probe
+    made off the frame path. ``clock``: what deadlines are measured on.
     """
 
     def __init__(self, edge=None, cloud=None, *, dispatch: str = "auto",
                  tau: float | TauPolicy | TruncationTable = DEFAULT_TAU, profile=None,
                  margin_ms: float = 2.0, initial_mbps: float = 20.0, block: int = 16,
-                 probe_interval: int | None = 30, stream_id: int | None = None):
+                 probe_interval: int | None = 30, stream_id: int | None = None,
+                 deadline_ms: float | None = None, clock=time.monotonic):
         if isinstance(edge, str):
             edge = RemoteEndpoint.connect(edge, stream_id, block)
         if isinstance(cloud, str):
@@ -392,23 +467,23 @@ class FluxShardStream(_StreamBase):
         elif cloud is not None and not hasattr(cloud, "run"):
             cloud = RemoteEndpoint(cloud)  # a transport Stream
         self._set_up(edge, cloud, dispatch, tau, profile, margin_ms, initial_mbps, block,
-                     probe_interval)
+                     probe_interval, deadline_ms, clock)
 
     def process(self, frame: np.ndarray, field: np.ndarray | None, is_key: bool = False,
                 index: int | None = None) -> FrameResult:
         """One decoded frame (H, W, 3) uint8 RGB and its per-frame motion field (pixel x of this
         frame came from x + d(x) in the previous one; None or ``is_key`` on key frames)."""
-        plan = self.core.plan(frame, field, is_key, index, self.core.cloud_usable(self.cloud))
+        plan = self._plan(frame, field, is_key, index)
         name = plan.decision.endpoint
         endpoint = self.edge if name == "edge" else self.cloud
         t0 = time.perf_counter()
         try:
             run = endpoint.run(plan.frame, plan.residual[name], plan.key[name], plan.index,
-                               plan.tau[name])
+                               plan.tau[name], **_deadline(plan, endpoint))
         except CloudError as e:
             if name != "cloud":
                 raise
-            plan, endpoint = self.core.cloud_failed(plan, e), self.edge
+            plan, endpoint = self.core.cloud_failed(plan, e, t0), self.edge
             run = endpoint.run(plan.frame, plan.residual["edge"], plan.key["edge"], plan.index,
                                plan.tau["edge"])
         return self.core.commit(plan, run, (time.perf_counter() - t0) * 1e3, endpoint.remote)
@@ -423,6 +498,8 @@ class FluxShardStream(_StreamBase):
             yield self.process(mf.image, None if mf.is_key else mf.field, mf.is_key, mf.index)
 
     def close(self) -> None:
+        if self.core.watch is not None:
+            self.core.watch.close()
         for endpoint in (self.edge, self.cloud):
             if endpoint is not None:
                 endpoint.close()
@@ -434,10 +511,16 @@ class FluxShardStream(_StreamBase):
         self.close()
 
 
+def _deadline(plan: _Plan, endpoint, name: str = "cloud") -> dict:
+    """The deadline argument of a remote cloud's call, when the frame has one."""
+    return ({"deadline": plan.deadline} if name == "cloud" and plan.deadline is not None
+            and endpoint.remote else {})
+
+
 async def _call(endpoint, plan: _Plan, name: str) -> EndpointRun:
     args = (plan.frame, plan.residual[name], plan.key[name], plan.index, plan.tau[name])
     if asyncio.iscoroutinefunction(endpoint.run):
-        return await endpoint.run(*args)
+        return await endpoint.run(*args, **_deadline(plan, endpoint, name))
     return await asyncio.to_thread(endpoint.run, *args)  # in-process compute: off the loop
 
 
@@ -449,15 +532,16 @@ class AsyncFluxShardStream(_StreamBase):
     def __init__(self, edge=None, cloud=None, *, dispatch: str = "auto",
                  tau: float | TauPolicy | TruncationTable = DEFAULT_TAU, profile=None,
                  margin_ms: float = 2.0, initial_mbps: float = 20.0, block: int = 16,
-                 probe_interval: int | None = 30):
+                 probe_interval: int | None = 30, deadline_ms: float | None = None,
+                 clock=time.monotonic):
         if cloud is not None and not hasattr(cloud, "run"):
             cloud = AsyncRemoteEndpoint(cloud)  # a transport AsyncStream
         self._set_up(edge, cloud, dispatch, tau, profile, margin_ms, initial_mbps, block,
-                     probe_interval)
+                     probe_interval, deadline_ms, clock)
 
     async def process(self, frame, field, is_key: bool = False,
                       index: int | None = None) -> FrameResult:
-        plan = self.core.plan(frame, field, is_key, index, self.core.cloud_usable(self.cloud))
+        plan = self._plan(frame, field, is_key, index)
         name = plan.decision.endpoint
         endpoint = self.edge if name == "edge" else self.cloud
         t0 = time.perf_counter()
@@ -466,7 +550,7 @@ class AsyncFluxShardStream(_StreamBase):
         except CloudError as e:
             if name != "cloud":
                 raise
-            plan, endpoint = self.core.cloud_failed(plan, e), self.edge
+            plan, endpoint = self.core.cloud_failed(plan, e, t0), self.edge
             run = await _call(endpoint, plan, "edge")
         return self.core.commit(plan, run, (time.perf_counter() - t0) * 1e3, endpoint.remote)
 
@@ -483,6 +567,8 @@ class AsyncFluxShardStream(_StreamBase):
                                      mf.index)
 
     async def close(self) -> None:
+        if self.core.watch is not None:
+            self.core.watch.close()
         if self.cloud is not None:
             await self.cloud.close()
         if self.edge is not None:

@@ -23,6 +23,7 @@ import dataclasses
 import secrets
 import time
 from dataclasses import dataclass, field as dataclass_field
+from pathlib import Path
 
 import numpy as np
 
@@ -36,6 +37,16 @@ OUTPUTS = ("DETECTIONS", "STATS", "DIGEST")
 class CloudError(RuntimeError):
     """The cloud rejected a frame for a reason a key frame does not fix (bad payload, internal
     error), or did not come back within the reconnect timeout."""
+
+
+class CloudUnavailable(CloudError):
+    """The cloud could not be reached and the frame has a deadline: given up at once, without
+    the retry policy's pauses (the caller runs the frame elsewhere and watches for the cloud)."""
+
+
+class DeadlineMissed(CloudError):
+    """The cloud did not answer within the frame's deadline: the call was abandoned (the cloud
+    may or may not have applied the frame, so the stream's next frame is a key frame)."""
 
 
 class _Resync(Exception):
@@ -106,6 +117,10 @@ def _classify(exc: Exception) -> Exception:
             # idle timeout: every slot is held by other streams
             return _Unavailable("the server has no free stream slot (Triton cancelled the "
                                 "queued start)")
+        if "protocol is restricted" in low:  # Triton says so with status UNAVAILABLE
+            return CloudError(f"cloud refused the request: {msg} (the server requires an auth "
+                              "header: FluxShardClient(headers=auth_headers(KEY, VALUE)), "
+                              "`fluxshard run --auth-header KEY=VALUE`)")
         if ("unavailable" in status.lower() or "deadline" in status.lower()
                 or "not found" in low or "not ready" in low or "unavailable" in low
                 or "failed to connect" in low or "connection" in low or "socket closed" in low
@@ -118,6 +133,37 @@ def _classify(exc: Exception) -> Exception:
     return exc
 
 
+def _tls_options(protocol: str, ssl: bool, root_certificates, private_key,
+                 certificate_chain) -> dict:
+    """tritonclient's gRPC TLS arguments (PEM file paths): ``ssl`` with the CA to trust
+    (``root_certificates``; None: the system's) and, for mutual TLS, the client's key and
+    certificate chain."""
+    if (private_key is None) != (certificate_chain is None):
+        raise ValueError("private_key and certificate_chain go together (mutual TLS)")
+    ssl = bool(ssl or root_certificates or private_key)
+    if not ssl:
+        return {}
+    if protocol != "grpc":
+        raise ValueError("TLS needs protocol 'grpc' (tritonserver serves gRPC over TLS; its "
+                         "HTTP endpoint has none)")
+    for what, path in (("root_certificates", root_certificates), ("private_key", private_key),
+                       ("certificate_chain", certificate_chain)):
+        if path is not None and not Path(path).is_file():
+            raise FileNotFoundError(f"TLS {what} file not found: {path}")
+    return {"ssl": True, "root_certificates": None if root_certificates is None
+            else str(root_certificates), "private_key": None if private_key is None
+            else str(private_key), "certificate_chain": None if certificate_chain is None
+            else str(certificate_chain)}
+
+
+def auth_headers(key: str, value: str, protocol: str = "grpc") -> dict[str, str]:
+    """The request header that opens a ``fluxshard serve --auth-header KEY=VALUE`` server
+    (Triton matches gRPC restricted-protocol headers under a fixed key prefix)."""
+    from fluxshard.serving.tritonserver import restricted_header
+
+    return restricted_header(key, value, protocol)
+
+
 # the request parameter the fluxshard model reads the stream's secret from
 SECRET_PARAMETER = "fluxshard_stream_secret"
 
@@ -125,6 +171,12 @@ SECRET_PARAMETER = "fluxshard_stream_secret"
 def random_stream_id() -> int:
     """A stream id no other client can guess: uniform in [1, 2**63)."""
     return secrets.randbelow(2**63 - 1) + 1
+
+
+def _close_deadline():
+    from .deadline import CLOSE_TIMEOUT_S, Deadline
+
+    return Deadline.after(CLOSE_TIMEOUT_S)
 
 
 def _uplink_delay(uplink_mbps: float | None):
@@ -261,8 +313,30 @@ class _StreamCore:
         # a resync may mean Triton forgot the sequence; START makes the key frame open it again
         self.need_start = True
 
-    def on_unavailable(self, reason: str, resyncs: list[str], started: float) -> float:
-        """Mark the stream for a key frame and return the pause before the next try."""
+    def time_left(self, deadline) -> float | None:
+        """Seconds left until the frame's ``deadline`` (None: it has none). A deadline already
+        gone abandons the frame and makes the next one a key frame: the cloud may or may not
+        have applied it."""
+        if deadline is None:
+            return None
+        left = deadline.remaining()
+        if left <= 0:
+            self.need_key = self.need_start = True
+            raise DeadlineMissed(f"stream {self.stream_id}: no answer within the frame's "
+                                 "deadline")
+        return left
+
+    def on_unavailable(self, reason: str, resyncs: list[str], started: float,
+                       deadline=None) -> float:
+        """Mark the stream for a key frame and return the pause before the next try; a frame
+        with a deadline is given up at once (no pauses inside a frame)."""
+        if deadline is not None:
+            self.need_key = self.need_start = True
+            if "deadline exceeded" in reason.lower():  # the call's own timeout: the deadline's
+                raise DeadlineMissed(f"stream {self.stream_id}: no answer within the frame's "
+                                     f"deadline ({reason})")
+            self.time_left(deadline)
+            raise CloudUnavailable(f"stream {self.stream_id}: cloud unreachable: {reason}")
         if time.monotonic() - started > self.retry.reconnect_timeout_s:
             raise CloudError(f"stream {self.stream_id}: cloud unreachable for "
                              f"{self.retry.reconnect_timeout_s:.0f} s: {reason}")
@@ -277,11 +351,18 @@ class _StreamCore:
 
 class FluxShardClient:
     """A connection to the cloud model. ``protocol`` is "grpc" (url like ``host:8001``) or
-    "http" (``host:8000``)."""
+    "http" (``host:8000``). gRPC over TLS: ``ssl=True`` with ``root_certificates`` (PEM file of
+    the CA to trust; None: the system's), and for mutual TLS ``private_key`` and
+    ``certificate_chain`` (the client's). ``headers`` go with every request (an auth header:
+    :func:`auth_headers`)."""
 
     def __init__(self, url: str, protocol: str = "grpc", model_name: str = MODEL_NAME,
                  timeout_s: float = 60.0, retry: RetryPolicy | None = None,
-                 uplink_mbps: float | None = None):
+                 uplink_mbps: float | None = None, ssl: bool = False,
+                 root_certificates: str | None = None, private_key: str | None = None,
+                 certificate_chain: str | None = None, headers: dict[str, str] | None = None):
+        tls = _tls_options(protocol, ssl, root_certificates, private_key, certificate_chain)
+        self.headers = dict(headers) if headers else None  # sent with every request
         if protocol == "grpc":
             import tritonclient.grpc as tc
         elif protocol == "http":
@@ -298,7 +379,7 @@ class FluxShardClient:
             from fluxshard.serving.tritonserver import grpc_channel_args
 
             kwargs["channel_args"] = grpc_channel_args()
-        self._client = tc.InferenceServerClient(url, **kwargs)
+        self._client = tc.InferenceServerClient(url, **kwargs, **tls)
 
     def open_stream(self, stream_id: int | None = None, block: int = 16,
                     key_codec: wire.Codec = wire.Codec.ZLIB,
@@ -314,16 +395,27 @@ class FluxShardClient:
         return Stream(self, _StreamCore(stream_id, block, self.retry, key_codec, residual_codec,
                                         uplink_quality, secret))
 
-    def is_ready(self) -> bool:
+    def is_ready(self, timeout_s: float | None = None) -> bool:
+        extra = {"headers": self.headers}
+        if timeout_s is not None and self.protocol == "grpc":
+            extra["client_timeout"] = timeout_s
         try:
-            return bool(self._client.is_server_ready() and self._client.is_model_ready(self.model_name))
+            return bool(self._client.is_server_ready(**extra)
+                        and self._client.is_model_ready(self.model_name, **extra))
         except Exception:
             return False
 
-    def infer(self, payload: bytes, stream_id: int, start: bool, end: bool, *,
+    def infer(self, payload: bytes, stream_id: int, start: bool, end: bool,
+              timeout_s: float | None = None, *,
               secret: str | None = None) -> dict[str, np.ndarray]:
-        """One raw request; tritonclient exceptions propagate."""
-        time.sleep(self.uplink_delay(len(payload)))
+        """One raw request; tritonclient exceptions propagate. ``timeout_s``: this call's limit
+        (gRPC; at most the client's ``timeout_s``), the simulated uplink's wait included."""
+        limit = self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s)
+        delay = self.uplink_delay(len(payload))
+        if delay >= limit:
+            time.sleep(limit)
+            raise TimeoutError("deadline exceeded on the simulated uplink")
+        time.sleep(delay)
         tc = self._tc
         data = np.frombuffer(payload, np.uint8)[None]
         inp = tc.InferInput("PAYLOAD", list(data.shape), "UINT8")
@@ -333,9 +425,9 @@ class FluxShardClient:
             extra = {}
         else:
             outputs = [tc.InferRequestedOutput(n) for n in OUTPUTS]
-            extra = {"client_timeout": self.timeout_s}
+            extra = {"client_timeout": limit - delay}
         result = self._client.infer(self.model_name, [inp], outputs=outputs, sequence_id=stream_id,
-                                    sequence_start=start, sequence_end=end,
+                                    sequence_start=start, sequence_end=end, headers=self.headers,
                                     parameters={SECRET_PARAMETER: secret} if secret else None,
                                     **extra)
         return {n: result.as_numpy(n) for n in OUTPUTS}
@@ -371,19 +463,25 @@ class Stream(_StreamHandle):
 
     def send(self, frame: np.ndarray, field: np.ndarray | None = None,
              residual_mask: np.ndarray | None = None, key: bool = False,
-             frame_index: int | None = None, end: bool = False, tau: float = 0.0) -> CloudResult:
+             frame_index: int | None = None, end: bool = False, tau: float = 0.0,
+             deadline=None) -> CloudResult:
         """Send one frame: a residual frame (``field``, ``residual_mask``) or, with ``key`` (or
         when the stream needs one), the full frame. ``frame`` is always the full decoded frame so
         the stream can fall back to a key frame. ``end`` closes the stream after this frame. ``tau``:
-        the cloud's executor truncates with it (the tau the residual blocks were picked at)."""
+        the cloud's executor truncates with it (the tau the residual blocks were picked at).
+        ``deadline`` (:class:`fluxshard_client.deadline.Deadline`): past it the frame is
+        abandoned (:class:`DeadlineMissed`), and an unreachable cloud raises
+        :class:`CloudUnavailable` at once instead of waiting out the retry policy."""
         core, resyncs, started = self.core, [], time.monotonic()
         while True:
+            left = core.time_left(deadline)
             payload, predicted, is_key, index = core.prepare(frame, field, residual_mask, key,
                                                              frame_index, tau)
             t0 = time.perf_counter()
             try:
-                outputs = self.client.infer(payload, core.stream_id, core.need_start, end,
+                outputs = self.client.infer(payload, core.stream_id, core.need_start, end, left,
                                             secret=core.secret)
+                core.time_left(deadline)  # an answer past the deadline was not waited for
                 result = core.finish(outputs, predicted, is_key, index, payload, resyncs,
                                      (time.perf_counter() - t0) * 1e3)
             except Exception as e:  # noqa: BLE001 - classified below
@@ -392,7 +490,7 @@ class Stream(_StreamHandle):
                     core.on_resync(kind.reason, resyncs)
                     continue
                 if isinstance(kind, _Unavailable):
-                    time.sleep(core.on_unavailable(str(kind), resyncs, started))
+                    time.sleep(core.on_unavailable(str(kind), resyncs, started, deadline))
                     continue
                 core.need_key = True  # whatever the cloud holds now, come back with a key frame
                 raise kind from e
@@ -410,7 +508,8 @@ class Stream(_StreamHandle):
             zero = np.zeros(wire.field_shape(h, w), np.float32)
             none = np.zeros(wire.residual_grid(h, w, core.block), bool)
             try:
-                self.send(core.mirror.cache, zero, none, end=True)
+                # one prompt try: a server that is gone frees the sequence by its idle sweep
+                self.send(core.mirror.cache, zero, none, end=True, deadline=_close_deadline())
             except CloudError:
                 pass  # the server forgot the stream already; its idle sweep frees the rest
         core.closed = True
@@ -428,16 +527,32 @@ class AsyncFluxShardClient:
     """The asyncio client (gRPC): many streams in one event loop."""
 
     def __init__(self, url: str, model_name: str = MODEL_NAME, timeout_s: float = 60.0,
-                 retry: RetryPolicy | None = None, uplink_mbps: float | None = None):
+                 retry: RetryPolicy | None = None, uplink_mbps: float | None = None,
+                 ssl: bool = False, root_certificates: str | None = None,
+                 private_key: str | None = None, certificate_chain: str | None = None,
+                 headers: dict[str, str] | None = None):
+        """TLS and ``headers``: see :class:`FluxShardClient`."""
         import tritonclient.grpc.aio as aio
 
+        tls = _tls_options("grpc", ssl, root_certificates, private_key, certificate_chain)
+        self.headers = dict(headers) if headers else None
         self._aio = aio
         self.uplink_delay = _uplink_delay(uplink_mbps)
         self.url, self.model_name, self.timeout_s = url, model_name, timeout_s
         self.retry = retry or RetryPolicy()
         from fluxshard.serving.tritonserver import grpc_channel_args
 
-        self._client = aio.InferenceServerClient(url, channel_args=grpc_channel_args())
+        self._client = aio.InferenceServerClient(url, channel_args=grpc_channel_args(), **tls)
+
+    async def is_ready(self, timeout_s: float | None = None) -> bool:
+        try:
+            return bool(await self._client.is_server_ready(headers=self.headers,
+                                                           client_timeout=timeout_s)
+                        and await self._client.is_model_ready(self.model_name,
+                                                              headers=self.headers,
+                                                              client_timeout=timeout_s))
+        except Exception:
+            return False
 
     def open_stream(self, stream_id: int | None = None, block: int = 16,
                     key_codec: wire.Codec = wire.Codec.ZLIB,
@@ -447,9 +562,14 @@ class AsyncFluxShardClient:
         return AsyncStream(self, _StreamCore(stream_id, block, self.retry, key_codec,
                                              residual_codec, uplink_quality, secret))
 
-    async def infer(self, payload: bytes, stream_id: int, start: bool, end: bool, *,
-                    secret: str | None = None):
-        await asyncio.sleep(self.uplink_delay(len(payload)))
+    async def infer(self, payload: bytes, stream_id: int, start: bool, end: bool,
+                    timeout_s: float | None = None, *, secret: str | None = None):
+        limit = self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s)
+        delay = self.uplink_delay(len(payload))
+        if delay >= limit:
+            await asyncio.sleep(limit)
+            raise TimeoutError("deadline exceeded on the simulated uplink")
+        await asyncio.sleep(delay)
         aio = self._aio
         data = np.frombuffer(payload, np.uint8)[None]
         inp = aio.InferInput("PAYLOAD", list(data.shape), "UINT8")
@@ -457,7 +577,8 @@ class AsyncFluxShardClient:
         result = await self._client.infer(self.model_name, [inp],
                                           outputs=[aio.InferRequestedOutput(n) for n in OUTPUTS],
                                           sequence_id=stream_id, sequence_start=start,
-                                          sequence_end=end, client_timeout=self.timeout_s,
+                                          sequence_end=end, client_timeout=limit - delay,
+                                          headers=self.headers,
                                           parameters={SECRET_PARAMETER: secret} if secret else None)
         return {n: result.as_numpy(n) for n in OUTPUTS}
 
@@ -477,15 +598,17 @@ class AsyncStream(_StreamHandle):
     async def send(self, frame: np.ndarray, field: np.ndarray | None = None,
                    residual_mask: np.ndarray | None = None, key: bool = False,
                    frame_index: int | None = None, end: bool = False,
-                   tau: float = 0.0) -> CloudResult:
+                   tau: float = 0.0, deadline=None) -> CloudResult:
         core, resyncs, started = self.core, [], time.monotonic()
         while True:
+            left = core.time_left(deadline)
             payload, predicted, is_key, index = core.prepare(frame, field, residual_mask, key,
                                                              frame_index, tau)
             t0 = time.perf_counter()
             try:
                 outputs = await self.client.infer(payload, core.stream_id, core.need_start, end,
-                                                  secret=core.secret)
+                                                  left, secret=core.secret)
+                core.time_left(deadline)  # an answer past the deadline was not waited for
                 result = core.finish(outputs, predicted, is_key, index, payload, resyncs,
                                      (time.perf_counter() - t0) * 1e3)
             except Exception as e:  # noqa: BLE001 - classified below
@@ -494,7 +617,8 @@ class AsyncStream(_StreamHandle):
                     core.on_resync(kind.reason, resyncs)
                     continue
                 if isinstance(kind, _Unavailable):
-                    await asyncio.sleep(core.on_unavailable(str(kind), resyncs, started))
+                    await asyncio.sleep(core.on_unavailable(str(kind), resyncs, started,
+                                                            deadline))
                     continue
                 core.need_key = True  # whatever the cloud holds now, come back with a key frame
                 raise kind from e
@@ -511,7 +635,8 @@ class AsyncStream(_StreamHandle):
             zero = np.zeros(wire.field_shape(h, w), np.float32)
             none = np.zeros(wire.residual_grid(h, w, core.block), bool)
             try:
-                await self.send(core.mirror.cache, zero, none, end=True)
+                await self.send(core.mirror.cache, zero, none, end=True,
+                                deadline=_close_deadline())
             except CloudError:
                 pass
         core.closed = True

@@ -31,8 +31,8 @@ from fluxshard.serving.tritonserver import (TritonServer, find_triton, free_port
                                             python_stubs)
 
 # perf/ modules with more rows, each exposing cases(args, log_dir) -> list[dict]
-CASE_MODULES = ("reliability_limits", "reliability_fuzz", "reliability_soak")
-NOT_BUILT = ("lossy uplinks", "TLS handshake abuse")
+CASE_MODULES = ("reliability_limits", "reliability_fuzz", "reliability_soak", "reliability_edge")
+NOT_BUILT = ("lossy uplinks",)
 
 
 def _alive(pid: int) -> bool:

@@ -40,12 +40,14 @@ class ModelProbe:
     sequence; passes when the answer carries the digest of exactly that frame."""
 
     def __init__(self, url: str, model_name: str = "fluxshard", timeout_s: float = 20.0,
-                 stream_id: int | None = PROBE_STREAM_ID, ssl_options: dict | None = None):
+                 stream_id: int | None = PROBE_STREAM_ID, ssl_options: dict | None = None,
+                 headers: dict[str, str] | None = None):
         from fluxshard import wire
 
         self.url, self.model_name, self.timeout_s = url, model_name, timeout_s
         self.stream_id = stream_id
         self.ssl_options = dict(ssl_options or {})
+        self.headers = headers  # the server's auth header, when it requires one
         h, w = PROBE_SIZE
         # a gradient, not a flat frame: the probe exercises decode, rebuild and compute alike
         ramp = np.add.outer(np.arange(h), np.arange(w)).astype(np.uint8)
@@ -71,7 +73,7 @@ class ModelProbe:
                                       outputs=[grpcclient.InferRequestedOutput("DIGEST")],
                                       sequence_id=self.stream_id or random_stream_id(),
                                       sequence_start=True, sequence_end=True,
-                                      client_timeout=self.timeout_s,
+                                      client_timeout=self.timeout_s, headers=self.headers,
                                       parameters={SECRET_PARAMETER: secrets.token_urlsafe(16)})
                 digest = result.as_numpy("DIGEST")
         except Exception as e:  # noqa: BLE001 - any failure of the request is a failed probe

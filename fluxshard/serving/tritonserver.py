@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -46,6 +47,10 @@ ADMIN_PROTOCOLS = ("model-repository", "shared-memory", "trace", "logging")
 ADMIN_HEADER = "fluxshard-admin"
 # tritonserver expects a restricted gRPC protocol's header key with this prefix
 GRPC_RESTRICTED_HEADER_PREFIX = "triton-grpc-protocol-"
+# what `--auth-header` closes to clients without it: all but health (load balancers, probes)
+AUTH_PROTOCOLS = ("inference", "metadata", "model-config", "statistics")
+AUTH_HEADER_KEY = re.compile(r"[a-z0-9][a-z0-9_.-]*")  # gRPC metadata keys are lowercase
+AUTH_HEADER_VALUE = re.compile(r"[A-Za-z0-9._~+/-]+")  # no separators of Triton's flag syntax
 SHM_DIR = Path("/dev/shm")
 STUB_REGION_PREFIX = "triton_python_backend_shm_region_"
 STUB_NAME = "triton_python_backend_stub"
@@ -138,6 +143,28 @@ class TlsFiles:
         return ["--grpc-use-ssl=true"] + args
 
 
+def auth_header(text: str) -> tuple[str, str]:
+    """``KEY=VALUE`` of ``--auth-header`` (an argparse type): a lowercase header key and a
+    token value (letters, digits, ``._~+/-``)."""
+    key, sep, value = str(text).partition("=")
+    if not sep or not AUTH_HEADER_KEY.fullmatch(key) or not AUTH_HEADER_VALUE.fullmatch(value):
+        raise argparse.ArgumentTypeError(
+            f"expected KEY=VALUE with a lowercase key (a-z 0-9 _ . -) and a token value "
+            f"(letters, digits, ._~+/-), got {text!r}")
+    if key == ADMIN_HEADER:
+        raise argparse.ArgumentTypeError(f"{ADMIN_HEADER!r} is the admin protocols' header; "
+                                         "pick another key")
+    return key, value
+
+
+def restricted_header(key: str, value: str, protocol: str = "grpc") -> dict[str, str]:
+    """The request header a ``--grpc-restricted-protocol`` / ``--http-restricted-api`` restriction
+    with ``key=value`` expects."""
+    if protocol not in ("grpc", "http"):
+        raise ValueError(f"protocol must be 'grpc' or 'http', got {protocol!r}")
+    return {(GRPC_RESTRICTED_HEADER_PREFIX if protocol == "grpc" else "") + key: value}
+
+
 def grpc_channel_args(own_connection: bool = False) -> list[tuple[str, int]]:
     """gRPC channel options for clients of our servers: tritonclient's defaults, but reconnect
     attempts at most a second apart, so a client notices a restarted server within a second
@@ -157,6 +184,15 @@ def grpc_channel_args(own_connection: bool = False) -> list[tuple[str, int]]:
     if own_connection:
         args.append(("grpc.use_local_subchannel_pool", 1))
     return args
+
+
+def auth_header_of(pair) -> tuple[str, str]:
+    """A (key, value) auth header, checked like ``--auth-header``; ValueError otherwise."""
+    try:
+        key, value = pair
+        return auth_header(f"{key}={value}")
+    except (TypeError, argparse.ArgumentTypeError) as e:
+        raise ValueError(f"auth header: {e}") from None
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -183,7 +219,7 @@ class TritonServer:
                  model_config_name: str | None = None,
                  weights: str | os.PathLike | None = None,
                  parameters: dict[str, str] | None = None, exit_timeout_s: int = 5,
-                 tls: TlsFiles | None = None):
+                 tls: TlsFiles | None = None, auth_header: tuple[str, str] | None = None):
         self.model_repository = Path(model_repository).resolve()
         # the models' `weights` parameter (absolute: the server's working folder is not ours)
         self.weights = Path(weights).resolve() if weights else None
@@ -200,6 +236,8 @@ class TritonServer:
         # a graceful stop; frames themselves finish well within it
         self.exit_timeout_s = int(exit_timeout_s)
         self.tls = tls
+        # (key, value) every client request but health must carry (AUTH_PROTOCOLS)
+        self.auth_header = auth_header if auth_header is None else auth_header_of(auth_header)
         # the restricted protocols' header value: only this process knows it
         self.admin_secret = secrets.token_urlsafe(24)
         self.extra_args = list(extra_args or [])
@@ -246,7 +284,15 @@ class TritonServer:
             cmd.append(f"--model-config-name={self.model_config_name}")
         if self.tls is not None:
             cmd += self.tls.args()
+        if self.auth_header is not None:
+            auth = f"{','.join(AUTH_PROTOCOLS)}:{'='.join(self.auth_header)}"
+            cmd += [f"--grpc-restricted-protocol={auth}", f"--http-restricted-api={auth}"]
         return cmd + self.extra_args
+
+    def client_headers(self, protocol: str = "grpc") -> dict[str, str] | None:
+        """The auth header its clients send (None: it requires none)."""
+        return None if self.auth_header is None else restricted_header(*self.auth_header,
+                                                                        protocol)
 
     def start(self, timeout: float = 180.0) -> "TritonServer":
         if self.process is not None and self.process.poll() is None:
@@ -595,6 +641,10 @@ def register(subparsers) -> None:
                    help="PEM private key of --tls-cert")
     p.add_argument("--tls-root", type=cli_common.existing_file, default=None,
                    help="PEM CA certificate clients must present a certificate of (mutual TLS)")
+    p.add_argument("--auth-header", type=auth_header, default=None, metavar="KEY=VALUE",
+                   help="requests other than health checks must carry this header (clients: "
+                        "`fluxshard run --auth-header KEY=VALUE`, "
+                        "FluxShardClient(headers=auth_headers(KEY, VALUE)))")
     p.set_defaults(func=_serve)
 
 
@@ -624,7 +674,8 @@ def _serve(args: argparse.Namespace) -> int:
                           args.log_file, host=args.host, model_config_name=args.model_config_name,
                           weights=args.weights,
                           parameters={"executor": args.executor} if args.executor else None,
-                          exit_timeout_s=args.exit_timeout, tls=tls)
+                          exit_timeout_s=args.exit_timeout, tls=tls,
+                          auth_header=args.auth_header)
     # systemd and `docker stop` send SIGTERM, a terminal SIGINT or SIGHUP: all stop the server
     stop = threading.Event()
     received = []
@@ -642,7 +693,8 @@ def _serve(args: argparse.Namespace) -> int:
         server.stop()
         return 1
     print(f"tritonserver ready (pid {server.process.pid})\n  gRPC    {server.grpc_url}"
-          f"{' (TLS)' if tls else ''}\n  HTTP    http://{server.http_url}\n"
+          f"{' (TLS)' if tls else ''}{' (auth header)' if args.auth_header else ''}"
+          f"\n  HTTP    http://{server.http_url}\n"
           f"  metrics {server.metrics_url}\n  log     {server.log_file}\nCtrl-C to stop.",
           flush=True)
     code = 0
@@ -655,7 +707,8 @@ def _serve(args: argparse.Namespace) -> int:
                       f"{server.log_tail()}", file=sys.stderr)
                 code = 1
         else:
-            probe = ModelProbe(server.grpc_url, ssl_options=_probe_ssl(tls))
+            probe = ModelProbe(server.grpc_url, ssl_options=_probe_ssl(tls),
+                               headers=server.client_headers())
             supervisor = Supervisor(server, probe, args.probe_interval,
                                     args.failures_before_restart, args.status_file,
                                     start_timeout_s=args.timeout)
