@@ -28,8 +28,8 @@ from fluxshard.serving.reliability import Scene, StreamDriver, group_rss_mb  # n
 from fluxshard.serving.tritonserver import TritonServer  # noqa: E402
 
 FRAME_SIZE = (192, 320)  # H, W: a small camera frame, a few residual blocks per frame
-# throughput that grows less than this from one stream count to the next: saturated
-SATURATION_GAIN = 1.15
+# a stream count whose throughput reaches this share of the peak: the server is saturated
+SATURATED = 0.9
 
 
 class TimedDriver(StreamDriver):
@@ -103,12 +103,15 @@ def one_server(server: TritonServer, counts, frames: int) -> list[dict]:
                          f"{measured['throughput_fps']} frames/s in all; per stream "
                          f"{measured['latency_mean_ms']} ms mean, {measured['latency_p95_ms']} "
                          "ms p95", streams=n, **measured))
-    saturated = next((a["streams"] for a, b in zip(rows, rows[1:])
-                      if b["throughput_fps"] < SATURATION_GAIN * a["throughput_fps"]), None)
+    peak = max(row["throughput_fps"] for row in rows)
+    saturated = next(row["streams"] for row in rows if row["throughput_fps"] >= SATURATED * peak)
+    if saturated == rows[-1]["streams"]:
+        saturated = None  # still growing at the most streams tried
     for row in rows:
         row["saturated_from_streams"] = saturated
     if saturated is not None:
-        rows[-1]["note"] += f"; throughput flat from {saturated} stream(s): saturated"
+        rows[-1]["note"] += (f"; from {saturated} stream(s) within {1 - SATURATED:.0%} of the "
+                             "peak throughput: saturated")
     return rows
 
 
