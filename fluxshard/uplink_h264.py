@@ -124,9 +124,10 @@ class H264Decoder:
     motion field. The edge's mirror passes ``pixels=False``: it only checks that the cloud holds
     the same picture, so it skips the RGB conversion and the motion vectors. Any decoder error,
     or a packet that does not produce exactly one frame, raises :class:`H264DecodeError`; the
-    decoder is then unusable until the next IDR (a fresh decoder)."""
+    decoder is then unusable until the next IDR (a fresh decoder). ``max_pixels``: pictures
+    larger than this are refused before they are allocated."""
 
-    def __init__(self, pixels: bool = True):
+    def __init__(self, pixels: bool = True, max_pixels: int | None = None):
         import av
 
         from fluxshard.motion.decode import RGBConverter
@@ -134,7 +135,10 @@ class H264Decoder:
         ctx = av.CodecContext.create("h264", "r")
         ctx.thread_count = 1  # frame threads would delay output by a frame
         # report damaged bitstreams instead of concealing them
-        ctx.options = {"err_detect": "explode", **({"flags2": "+export_mvs"} if pixels else {})}
+        ctx.options = {"err_detect": "explode", **({"flags2": "+export_mvs"} if pixels else {}),
+                       # a stream header declaring a larger picture than the request's header
+                       # is refused before the decoder allocates it
+                       **({"max_pixels": str(int(max_pixels))} if max_pixels else {})}
         self._ctx = ctx
         self.pixels = pixels
         self._to_rgb = RGBConverter() if pixels else None

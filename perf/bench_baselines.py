@@ -17,8 +17,10 @@ Per motion level (the truncation profile's held-out clips: still camera, pan, pa
 | FluxShard cloud, H.264 pass-through | the same on the camera's own packets (the cloud sees every frame) | the clip's H.264 packets |
 
 Extra fields: ``key_kb`` (the first frame's uplink, a key frame everywhere; JPEG's row is the
-per-frame JPEG q90) and ``edge_codec_ms`` (H.264 row: the edge's encode + its mirror's decode
-per frame, on this process's thread).
+per-frame JPEG q90), ``edge_codec_ms`` (H.264 row: the edge's encode + its mirror's decode
+per frame, on this process's thread, through the SDK's own uplink) and ``uplink_crf`` (H.264
+row: mean quality; it follows --bandwidth-mbps as the SDK's follows its measured link,
+``fluxshard.uplink_h264.LinkRate``).
 
 Everything runs in this process on this machine (2 threads). A cloud row's latency is
 transfer (uplink bytes / --bandwidth-mbps) + --rtt-ms + its compute time measured here divided
@@ -76,6 +78,7 @@ class Timed:
     def __init__(self):
         self.seconds, self.preds, self.bytes, self.reused = [], [], [], []
         self.codec_seconds = []  # the edge's encode + mirror decode (H.264 uplink)
+        self.crfs = []  # the quality each frame was coded at (H.264 uplink)
 
     def add(self, seconds: float, preds, reused: float | None = None, nbytes: int | None = None):
         self.seconds.append(seconds)
@@ -137,6 +140,7 @@ def run_level(level: str, overrides: dict, args, model, best, tmp: Path) -> dict
     last_inferred, last_preds = None, None
     # the SDK's own uplink (encoder + mirror), so the edge's codec time is what ships
     uplink = _StreamCore(1, 16, RetryPolicy(), wire.Codec.H264, wire.Codec.H264, args.h264_crf)
+    uplink.link_bytes_per_s = args.bandwidth_mbps * 1e6 / 8  # its quality follows the link
     h264_cloud = ReceiveState()
 
     def sparse(name, image, field, key):
@@ -208,6 +212,7 @@ def run_level(level: str, overrides: dict, args, model, best, tmp: Path) -> dict
         name = "FluxShard cloud, H.264"
         runs[name].add(*sparse(name, request.frame, request.field, key), nbytes=len(payload))
         runs[name].codec_seconds.append(codec_seconds)
+        runs[name].crfs.append(uplink.encoder.crf)
         name = "FluxShard cloud, H.264 pass-through"
         runs[name].add(*sparse(name, mf.image, None if mf.is_key else mf.field, mf.is_key),
                        nbytes=size)
@@ -248,7 +253,8 @@ def summarize(level: str, runs: dict, args) -> list[dict]:
                          reuse=float(np.mean(r.reused[1:])) if r.reused else 0.0,
                          key_kb=float(r.bytes[0] / 1e3) if r.bytes else 0.0,
                          edge_codec_ms=float(np.mean(r.codec_seconds[1:]) * 1e3)
-                         if r.codec_seconds else 0.0))
+                         if r.codec_seconds else 0.0,
+                         uplink_crf=float(np.mean(r.crfs)) if r.crfs else None))
     return rows
 
 
@@ -335,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
           f"threads; cloud rows: uplink {args.bandwidth_mbps} Mbit/s, RTT {args.rtt_ms} ms, "
           f"cloud compute = this machine's / {args.cloud_speedup}; tau {args.tau}")
     keys = ["level", "baseline", "latency_ms", "p90_ms", "compute_ms", "uplink_kb", "map50",
-            "map50_95", "agreement", "reuse", "key_kb", "edge_codec_ms"]
+            "map50_95", "agreement", "reuse", "key_kb", "edge_codec_ms", "uplink_crf"]
     print("| " + " | ".join(keys) + " |\n|" + "---|" * len(keys))
     for r in rows:
         print("| " + " | ".join(f"{r[k]:.3f}" if isinstance(r[k], float) else str(r[k])

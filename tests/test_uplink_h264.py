@@ -125,6 +125,11 @@ def test_corrupt_packets_are_refused_clearly_never_crash():
     with pytest.raises(ResyncNeeded, match="header says"):
         ReceiveState().apply(wire.decode_request(wire.encode_h264_frame(other, 0, H, W, True, 0,
                                                                          B)))
+    # a picture larger than the header says is refused before the decoder allocates it
+    larger = H264Encoder().encode(np.zeros((H * 4, W * 4, 3), np.uint8), idr=True)[0]
+    with pytest.raises(ResyncNeeded, match="does not decode"):
+        ReceiveState().apply(wire.decode_request(wire.encode_h264_frame(larger, 0, H, W, True, 0,
+                                                                          B)))
     # header-level checks
     with pytest.raises(PayloadError, match="packet_seq"):
         body = payloads[1]  # a P-frame body claiming the key flag
@@ -288,7 +293,7 @@ def test_a_dropped_packet_is_refused_and_the_stream_recovers_with_an_idr(tritons
         packet, key = core.encoder.encode(scene.frame(4), idr=False)
         late = wire.encode_h264_frame(packet, 4, H, W, key, core.encoder_seq + 1, B)
         with pytest.raises(InferenceServerException, match="resync needed.*does not follow"):
-            client.infer(late, 31, start=False, end=False)
+            client.infer(late, 31, start=False, end=False, secret=core.secret)
         run_h264(stream, scene, range(5, 8), results)  # the stream's next frame is an IDR
         check_mirror(results, stream)
         assert [r.key for _, _, r in results] == [True, False, False, True, False, False]

@@ -84,7 +84,10 @@ class ReceiveState:
             raise ValueError("the mirror of an H.264 stream needs the frame it sent in "
                              "request.frame")
         if request.key:
-            decoder = H264Decoder(self.pixels)
+            # the bound has room for the decoder's own padding (it checks aligned sizes); the
+            # exact size is checked after decoding
+            decoder = H264Decoder(self.pixels, max_pixels=(request.height + 128)
+                                  * (request.width + 128))
         else:
             if self.cache is None or self.decoder is None:
                 raise ResyncNeeded("no IDR decoded for this stream (or its decoder failed)")
