@@ -63,7 +63,9 @@ def profile_latency(*, width: int = 640, height: int = 384, fractions=DEFAULT_FR
     ``out`` when given). ``cloud=False`` keeps the built-in cloud table. ``weights``: the
     detector on both sides (None: the embedded demo one). ``executors``: the edge executors to
     measure besides the exact one, whose table is always measured (tiles: detect models only,
-    left out with a note otherwise). ``clock``: seconds, what the edge runs are timed with."""
+    left out with a note otherwise). ``clock``: seconds, what the edge runs are timed with.
+    ``threads``: the other edge executors' engines' (torch's own are the process's: the entry
+    point sets them)."""
     import torch
     from tqdm import tqdm
 
@@ -79,8 +81,6 @@ def profile_latency(*, width: int = 640, height: int = 384, fractions=DEFAULT_FR
     unknown = set(executors) - set(EDGE_EXECUTORS)
     if unknown:
         raise ValueError(f"unknown edge executors {sorted(unknown)}; choose from {EDGE_EXECUTORS}")
-    if threads:
-        torch.set_num_threads(threads)
     session = yolo_session_factory("sparse", weights=str(weights) if weights else None)(0)
     cases = [_profile_frames(width, height, f, block, seed=k) for k, f in enumerate(fractions)]
     field = np.zeros(wire.field_shape(height, width), np.float32)
@@ -222,7 +222,12 @@ def _add_latency_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_latency(args: argparse.Namespace) -> int:
+    import torch
+
     from fluxshard.models.ops import padded_size
+
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)  # once, here at the entry point
 
     padded_size(*args.size, who="fluxshard profile latency")  # the frames' model input size
     try:

@@ -92,7 +92,6 @@ def profile_accuracy(weights=None, *, taus=DEFAULT_TAUS, alpha: float = 0.99, fr
     from fluxshard.models.ops import padded_size
 
     taus = sorted({quantize_tau(t) for t in taus})  # the wire's unit: whole grey levels
-    torch.set_num_threads(threads)
     model = load_model(weights, fused=True)
     out_dir = Path(out_dir)
     # the model sees the frames padded to multiples of 32 (preprocess); so does the baseline
@@ -262,6 +261,9 @@ def add_accuracy_arguments(p) -> None:
 
 
 def run_accuracy(args) -> int:
+    import torch
+
+    torch.set_num_threads(getattr(args, "threads", None) or 2)  # once, here at the entry point
     if getattr(args, "executor", "exact") == "tiles":
         from fluxshard.tiles.profile import run_tiles_accuracy
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import statistics
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,14 +84,18 @@ class ShapeRunners:
             raise ValueError(f"unknown runner kind {kind!r}; choose from {RUNNER_KINDS}")
         self.model, self.kind, self.threads, self.workdir = model, kind, threads, workdir
         self._runners: dict[tuple[int, int], DenseRunner] = {}
+        self._building = threading.Lock()  # streams on threads share one: build each shape once
 
     def __call__(self, x: torch.Tensor):
         shape = tuple(int(v) for v in x.shape[-2:])
         runner = self._runners.get(shape)
         if runner is None:
-            runner = self._runners[shape] = dense_runners(
-                self.model, shape, kinds=(self.kind,), threads=self.threads,
-                workdir=self.workdir)[0]
+            with self._building:
+                runner = self._runners.get(shape)
+                if runner is None:
+                    runner = self._runners[shape] = dense_runners(
+                        self.model, shape, kinds=(self.kind,), threads=self.threads,
+                        workdir=self.workdir)[0]
         return runner.run(x)
 
 
@@ -122,8 +127,9 @@ def best_dense_runner(model: YOLO11, imgsz: tuple[int, int] = (384, 640), thread
                       warmup: int = 3, runs: int = 10, kinds: tuple[str, ...] = RUNNER_KINDS,
                       workdir: str | Path | None = None) -> tuple[DenseRunner, dict[str, float]]:
     """The fastest dense runner for ``model`` at ``imgsz`` on this machine, and every runner's
-    median ms. Sets torch's intra-op threads to ``threads`` (as the runners are timed with)."""
-    torch.set_num_threads(threads)
+    median ms. ``threads``: the onnxruntime runners'; torch runs on the process's intra-op
+    threads, which the entry point sets once (``torch.set_num_threads``), not this function:
+    a server picks runners while other streams run."""
     runners = dense_runners(model, imgsz, kinds=kinds, threads=threads, workdir=workdir)
     x = torch.rand(1, 3, *imgsz)
     medians = time_runners(runners, x, warmup=warmup, runs=runs)

@@ -274,7 +274,6 @@ def sweep_tiles(model, levels: dict | None = None, grid: dict | None = None,
                          f"{getattr(model, 'task', type(model).__name__)} model")
     settings = expand_grid(grid)
     model_w, model_h = padded_size(width, height, who="fluxshard profile accuracy --executor tiles")
-    torch.set_num_threads(threads)
     engine = make_engine(model, tiles_engine, threads=threads)
     executors = [TileExecutor(model, engine=engine, threads=threads, clock=clock, **s)
                  for s in settings]  # a bad knob value fails here, before any clip is made

@@ -72,7 +72,11 @@ def config_for(task: str, args: argparse.Namespace):
 
 
 def main(args: argparse.Namespace) -> int:
+    import torch
+
     from .trainer import Trainer
+
+    torch.set_num_threads(args.threads)  # once, here at the entry point
 
     tasks = ["detect", "segment"] if args.task == "both" else [args.task]
     if args.out is not None and len(tasks) > 1:

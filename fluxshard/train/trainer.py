@@ -160,7 +160,6 @@ class Trainer:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else self.workdir / "cache"
-        torch.set_num_threads(cfg.threads)
         names = dict(enumerate(synth.CLASS_NAMES))
         torch.manual_seed(cfg.seed)
         self.model = build_yolo11(cfg.scale, cfg.task, len(names), names).train()
