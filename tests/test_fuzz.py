@@ -260,7 +260,7 @@ def _jpeg_claiming(height: int, width: int) -> bytes:
                             len(body), len(jpeg), zlib.crc32(jpeg)) + body
 
 
-@settings(FUZZ, max_examples=1000)
+@settings(FUZZ, max_examples=1500)
 @given(payload=hostile_payloads())
 @example(payload=_bomb())
 @example(payload=_jpeg_claiming(65535, 65535))  # Pillow's decompression-bomb limit, not ours
@@ -310,7 +310,7 @@ def packet_sends(draw):
     return packet, key, seq, height, width, index_step, damage == "none" and source == "this"
 
 
-@settings(FUZZ, max_examples=200)
+@settings(FUZZ, max_examples=300)
 @given(sends=st.lists(packet_sends(), min_size=1, max_size=8))
 def test_damaged_h264_packets_decode_or_ask_for_a_resync_and_the_next_idr_recovers(sends):
     state = ReceiveState()
@@ -397,7 +397,7 @@ def digest_tensors(draw):
 
 
 @pytest.mark.filterwarnings("ignore:.*encountered in cast:RuntimeWarning")
-@settings(FUZZ, max_examples=300)
+@settings(FUZZ, max_examples=400)
 @given(detections=detection_tensors(), stats=stats_tensors(), digest=digest_tensors())
 @example(detections=np.zeros((1, 0, 6), np.float32), stats=np.frombuffer(b"[]", np.uint8),
          digest=np.zeros(16, np.uint8))
@@ -465,7 +465,7 @@ def healthy_solo(exact_sessions):
                                secret=HEALTHY_SECRET)) for t, p in enumerate(payloads)]
 
 
-@settings(FUZZ, max_examples=25)
+@settings(FUZZ, max_examples=30)
 @given(hostile=st.lists(st.tuples(st.integers(0, 3), hostile_requests()), max_size=10))
 def test_session_manager_answers_hostile_streams_with_documented_errors_only(
         exact_sessions, healthy_solo, hostile):
