@@ -99,6 +99,10 @@ def add_run_arguments(p: argparse.ArgumentParser, demo_default: bool = False,
                    help="what the cloud gets: h264 (default: an x264 encoder per cloud stream fed "
                         "the cloud's frames; the cloud detects on the decoded frames), lossless "
                         "residual tiles (zlib) or jpeg tiles (quality 90)")
+    p.add_argument("--uplink-quality", type=uplink_quality, default=None, metavar="CRF",
+                   help="h264 uplink: the x264 crf when the link has room (lower is better and "
+                        "larger; default fluxshard.uplink_h264.DEFAULT_CRF); on a slower link "
+                        "the quality follows the measured bandwidth")
     p.add_argument("--margin-ms", type=cli_common.nonnegative_float, default=2.0,
                    help="eps: within this margin prefer the cloud")
     p.add_argument("--frames", type=cli_common.positive_int, default=None,
@@ -136,6 +140,7 @@ def main(args: argparse.Namespace) -> int:
                           latency_profile=args.latency_profile, margin_ms=args.margin_ms,
                           frames=args.frames, size=tuple(args.size), camera=args.camera,
                           bypass=args.bypass, uplink_codec=args.uplink_codec,
+                          uplink_quality=args.uplink_quality,
                           progress=not args.no_progress, fallback=args.fallback,
                           weights=args.weights, executor=args.executor,
                           tiles_table=args.tiles_table, deadline_ms=args.deadline_ms,
@@ -210,13 +215,33 @@ def _edge_session(executor: str, model, executor_options: dict, tiles_table=None
     return yolo_session_factory("exact", model=model, threads=1, **executor_options)(0)
 
 
+def uplink_quality(text: str) -> int:
+    """--uplink-quality: an x264 crf the uplink accepts."""
+    from fluxshard.uplink_h264 import CRF_RANGE
+
+    value = cli_common.positive_int(text)
+    if not CRF_RANGE[0] <= value <= CRF_RANGE[1]:
+        raise argparse.ArgumentTypeError(f"must be a crf in {CRF_RANGE[0]}..{CRF_RANGE[1]}, "
+                                         f"got {value}")
+    return value
+
+
+def _uplink_quality_summary(cloud) -> dict:
+    core = getattr(getattr(cloud, "stream", None), "core", None)
+    rate = getattr(core, "link_rate", None)
+    if rate is None:
+        return {}
+    return {"uplink_quality_crf": rate.base_crf, "uplink_crf_final": rate.crf,
+            "uplink_crf_changes": rate.changes}
+
+
 def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = False,
         cloud_url: str | None = None, dispatch: str = "auto", bandwidth_mbps: float | None = None,
         tau: float | None = None, tau_table: str | Path | None = None,
         latency_profile: str | Path | None = None, margin_ms: float = 2.0,
         frames: int | None = None, size: tuple[int, int] = DEMO_SIZE, camera: str = "static",
         progress: bool = True, stream_id: int | None = None, bypass: str = "none",
-        uplink_codec: str = "h264", fallback: str = "none",
+        uplink_codec: str = "h264", uplink_quality: int | None = None, fallback: str = "none",
         weights: str | Path | None = None, executor: str = DEFAULT_EXECUTOR,
         tiles_table: str | Path | None = None, deadline_ms: float | None = None,
         tls_ca: str | Path | None = None, tls_cert: str | Path | None = None,
@@ -316,8 +341,9 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
                                  retry=RetryPolicy(reconnect_timeout_s=10.0),
                                  **connection) if url else None
         codec = wire.Codec[UPLINK_WIRE_CODECS[uplink_codec]]
-        cloud = RemoteEndpoint(client.open_stream(stream_id, key_codec=codec,
-                                                  residual_codec=codec)) if client else None
+        cloud = RemoteEndpoint(client.open_stream(stream_id, key_codec=codec, residual_codec=codec,
+                                                  uplink_quality=uplink_quality)
+                               ) if client else None
         stream = FluxShardStream(edge, cloud, dispatch=dispatch if cloud else "edge",
                                  tau=tau_policy, profile=profile, margin_ms=margin_ms,
                                  initial_mbps=bandwidth_mbps or 20.0, deadline_ms=deadline_ms)
@@ -397,6 +423,8 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
         and profile.has_edge_table(executor) else "built-in",
         "cloud_url": cloud_url or ("local tritonserver" if url else None),
         "bandwidth_limit_mbps": bandwidth_mbps, "uplink_codec": uplink_codec,
+        # h264: the crf the uplink ended at (it follows the measured link) and how often it moved
+        **_uplink_quality_summary(cloud),
         "bandwidth_estimate_mbps": round(stream.dispatcher.bandwidth.mbps, 3),
         "weights": str(weights) if weights else "embedded demo detector",
         "classes": class_names,

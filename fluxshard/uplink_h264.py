@@ -22,7 +22,7 @@ from fractions import Fraction
 
 import numpy as np
 
-DEFAULT_CRF = 23  # quality per link: lower is better and larger (x264's constant rate factor and default)
+DEFAULT_CRF = 21  # quality per link: lower is better and larger (x264's constant rate factor)
 CRF_RANGE = (10, 45)
 DEFAULT_PRESET = "veryfast"
 
@@ -213,6 +213,7 @@ class LinkRate:
         self.base_crf, self.max_crf = int(base_crf), int(max_crf)
         self.budget_s, self.patience, self.alpha = budget_s, patience, alpha
         self.crf = self.base_crf
+        self.changes = 0  # quality switches so far (each cost an IDR unless one was due)
         self.p_bytes_at_base: float | None = None  # EWMA of P-frame bytes, rescaled to base_crf
         self._streak = 0
 
@@ -238,14 +239,18 @@ class LinkRate:
             return self.crf
         wanted = self.fitting_crf(link_bytes_per_s)
         if idr_due:
-            self.crf, self._streak = wanted, 0
+            self._switch(wanted)
         elif wanted > self.crf or wanted <= self.crf - CRF_HYSTERESIS:
             self._streak += 1
             if self._streak >= self.patience:
-                self.crf, self._streak = wanted, 0
+                self._switch(wanted)
         else:
             self._streak = 0
         return self.crf
+
+    def _switch(self, crf: int) -> None:
+        self.changes += crf != self.crf
+        self.crf, self._streak = crf, 0
 
 
 class BytesModel:

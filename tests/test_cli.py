@@ -80,10 +80,12 @@ def _bad_inputs(tmp_path):
             "empty file": ([empty], "is empty"),
             "folder": ([folder], "is a folder"),
             "missing file": ([tmp_path / "missing.mp4"], "no such file"),
-            "--frames 0": (["--demo", "--frames", "0"], "--frames")}
+            "--frames 0": (["--demo", "--frames", "0"], "--frames"),
+            "--uplink-quality 60": (["--demo", "--uplink-quality", "60"], "--uplink-quality")}
 
 
-BAD = ["text renamed .mp4", "empty file", "folder", "missing file", "--frames 0"]
+BAD = ["text renamed .mp4", "empty file", "folder", "missing file", "--frames 0",
+       "--uplink-quality 60"]
 
 
 @pytest.mark.parametrize("case", BAD)

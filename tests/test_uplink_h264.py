@@ -175,7 +175,7 @@ def test_bytes_model_learns_per_fraction():
 def test_bytes_model_rescales_what_it_learned_to_another_crf():
     model = BytesModel()
     for _ in range(30):
-        model.observe(False, 0.1, H * W, 600, crf=29)  # one halving above the default
+        model.observe(False, 0.1, H * W, 600, crf=29)  # coded 6 crf (one halving) above 23
     assert model.estimate(False, 0.1, H * W, crf=29) == pytest.approx(600, rel=0.05)
     assert model.estimate(False, 0.1, H * W, crf=23) == pytest.approx(1200, rel=0.05)
 
@@ -200,7 +200,7 @@ def test_link_rate_picks_the_best_crf_whose_p_frames_fit_the_link():
     # it recovers fully: back to the base quality after `patience` frames, at once at an IDR
     assert [rate.decide(1e9, idr_due=False) for _ in range(3)] == [29, 29, 23]
     rate.decide(2000 / 0.01, idr_due=True)
-    assert rate.crf == 29
+    assert rate.crf == 29 and rate.changes == 3
     with pytest.raises(ValueError):
         LinkRate(base_crf=30, max_crf=25)
 
