@@ -33,6 +33,39 @@ MV_BLOCK = 4  # ground-truth block motion uses the motion layer's block (docs/CO
 MIN_VISIBLE_PIXELS = 24  # an object with fewer visible pixels is not labelled in that frame
 
 
+# Scene seeds: split base + index. The gap makes the ranges disjoint for any realistic set size.
+SPLIT_SEED_BASE = {"train": 1_000_000, "heldout": 2_000_000}
+MAX_SCENES_PER_SPLIT = 1_000_000
+# The motion levels every per-level profile and benchmark measures (the truncation profile, the
+# tiles table, the baselines, the executors): level -> synthetic camera
+MOTION_LEVELS = {"low": dict(camera="static"), "medium": dict(camera="pan", pan_speed=1.5),
+                 "high": dict(camera="pan+zoom", pan_speed=4.0, object_speed=5.0)}
+# held-out scenes of the motion levels, apart from the trainer's and bench_accuracy's
+HELDOUT_SCENE_OFFSET = 20_000
+
+
+def scene_seed(split: str, index: int) -> int:
+    """The seed of scene ``index`` of a split ("train" or "heldout"): splits never share one."""
+    if split not in SPLIT_SEED_BASE:
+        raise ValueError(f"split must be one of {list(SPLIT_SEED_BASE)}, got {split!r}")
+    if not 0 <= index < MAX_SCENES_PER_SPLIT:
+        raise ValueError(f"scene index {index} outside [0, {MAX_SCENES_PER_SPLIT})")
+    return SPLIT_SEED_BASE[split] + index
+
+
+def heldout_spec(level: str, clip: int = 0, *, width: int = 640, height: int = 384,
+                 frames: int = 30, levels: dict | None = None) -> "SceneSpec":
+    """Held-out clip ``clip`` of a motion level, one key frame: the scenes the truncation
+    profile, the tiles table and the baselines all measure. ``levels``: {name: SceneSpec
+    overrides} (default :data:`MOTION_LEVELS`); a level's scenes follow its place in it."""
+    levels = MOTION_LEVELS if levels is None else levels
+    if level not in levels:
+        raise ValueError(f"motion level must be one of {list(levels)}, got {level!r}")
+    seed = scene_seed("heldout", HELDOUT_SCENE_OFFSET + 100 * list(levels).index(level) + clip)
+    return SceneSpec(width=width, height=height, frames=frames, gop=frames, seed=seed,
+                     **levels[level])
+
+
 @dataclass
 class SceneSpec:
     width: int = 640

@@ -24,14 +24,11 @@ from pathlib import Path
 import numpy as np
 
 # the table and the tau unit live in fluxshard.tau; re-exported for the profile's users
+from fluxshard.synth import MOTION_LEVELS
 from fluxshard.tau import METRICS, TruncationTable, quantize_tau, tau_argument
 
 DEFAULT_TAUS = (0.0, 0.02, 0.06, 0.1, 0.15, 0.25, 0.4, 0.6)
 METRIC_NAMES = {"map50_95": "mAP@0.5:0.95", "map50": "mAP@0.5"}
-# motion level -> synthetic camera; the level's motion statistic is measured on its clips.
-LEVELS = {"low": dict(camera="static"), "medium": dict(camera="pan", pan_speed=1.5),
-          "high": dict(camera="pan+zoom", pan_speed=4.0, object_speed=5.0)}
-PROFILE_SCENE_OFFSET = 20_000  # held-out scenes apart from the trainer's and bench_accuracy's
 
 
 def edge_path_outputs(executor, video, tau: float):
@@ -86,7 +83,6 @@ def profile_accuracy(weights=None, *, taus=DEFAULT_TAUS, alpha: float = 0.99, fr
     from fluxshard.models import load_model, postprocess, preprocess
     from fluxshard.motion import iter_motion, motion_statistic
     from fluxshard.sparse import SparseExecutor
-    from fluxshard.train.data import scene_seed
 
     from fluxshard.models.dense import best_dense_runner
     from fluxshard.models.ops import padded_size
@@ -102,15 +98,13 @@ def profile_accuracy(weights=None, *, taus=DEFAULT_TAUS, alpha: float = 0.99, fr
                                           workdir=tmp)
     dense_ms = medians[best.name]
     sweep, levels = [], []
-    bar = tqdm(total=len(LEVELS) * clips_per_level * (len(taus) + 1), disable=not progress,
+    bar = tqdm(total=len(MOTION_LEVELS) * clips_per_level * (len(taus) + 1), disable=not progress,
                desc="profile accuracy")
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
-        for li, (level, overrides) in enumerate(LEVELS.items()):
+        for level in MOTION_LEVELS:
             clips, motions = [], []
             for c in range(clips_per_level):
-                seed = scene_seed("heldout", PROFILE_SCENE_OFFSET + 100 * li + c)
-                spec = synth.SceneSpec(width=width, height=height, frames=frames, gop=frames,
-                                       seed=seed, **overrides)
+                spec = synth.heldout_spec(level, c, width=width, height=height, frames=frames)
                 paths = synth.make_clip(spec, tmp, name=f"{level}{c}")
                 gt = synth.load_ground_truth(paths.ground_truth)
                 clips.append((paths.video, [dict(boxes=b, classes=k) for b, k in

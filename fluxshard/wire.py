@@ -5,7 +5,7 @@ A request is one frame of one stream, either
 * a **key frame**: the full RGB frame, lossless, which resets the receiver's input cache; or
 * a **residual frame**: the accumulated motion field from the receiver's cache to this frame plus
   the pixels of the residual blocks. The receiver aligns its cache with the field and overwrites the
-  residual blocks (see :mod:`fluxshard.serving.receive`).
+  residual blocks (see :mod:`fluxshard.receive`).
 
 Layout (little endian)::
 
@@ -36,7 +36,7 @@ P-frame's ``packet_seq`` counts the encoder's packets since that IDR, so the rec
 sees a lost or repeated packet and asks for a resync. The header is unchanged (wire version 2): a
 peer that predates the codec refuses it as an unknown codec. The receiver decodes with its
 stream's own decoder and fills in the request's frame, field (the decoder's vectors) and mask
-(intra-coded blocks) in :meth:`fluxshard.serving.receive.ReceiveState.apply`; the edge runs the
+(intra-coded blocks) in :meth:`fluxshard.receive.ReceiveState.apply`; the edge runs the
 same decoder on its own packets for its mirror.
 
 Loss (lossless codecs): the motion field travels as int16 quarter-pel (``round(4 d) / 4``), the only lossy step.

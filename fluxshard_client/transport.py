@@ -28,7 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from fluxshard import wire
-from fluxshard.serving.receive import ReceiveState, invalid_blocks
+from fluxshard.protocol import (SECRET_PARAMETER, grpc_channel_args, random_stream_id,
+                                restricted_header)
+from fluxshard.receive import ReceiveState, invalid_blocks
 
 MODEL_NAME = "fluxshard"
 OUTPUTS = ("DETECTIONS", "STATS", "DIGEST")
@@ -159,18 +161,7 @@ def _tls_options(protocol: str, ssl: bool, root_certificates, private_key,
 def auth_headers(key: str, value: str, protocol: str = "grpc") -> dict[str, str]:
     """The request header that opens a ``fluxshard serve --auth-header KEY=VALUE`` server
     (Triton matches gRPC restricted-protocol headers under a fixed key prefix)."""
-    from fluxshard.serving.tritonserver import restricted_header
-
     return restricted_header(key, value, protocol)
-
-
-# the request parameter the fluxshard model reads the stream's secret from
-SECRET_PARAMETER = "fluxshard_stream_secret"
-
-
-def random_stream_id() -> int:
-    """A stream id no other client can guess: uniform in [1, 2**63)."""
-    return secrets.randbelow(2**63 - 1) + 1
 
 
 def _close_deadline():
@@ -376,8 +367,6 @@ class FluxShardClient:
         self.uplink_delay = _uplink_delay(uplink_mbps)
         kwargs = {"network_timeout": timeout_s, "connection_timeout": 5.0} if protocol == "http" else {}
         if protocol == "grpc":  # reconnect to a restarted server within a second
-            from fluxshard.serving.tritonserver import grpc_channel_args
-
             kwargs["channel_args"] = grpc_channel_args()
         self._client = tc.InferenceServerClient(url, **kwargs, **tls)
 
@@ -540,8 +529,6 @@ class AsyncFluxShardClient:
         self.uplink_delay = _uplink_delay(uplink_mbps)
         self.url, self.model_name, self.timeout_s = url, model_name, timeout_s
         self.retry = retry or RetryPolicy()
-        from fluxshard.serving.tritonserver import grpc_channel_args
-
         self._client = aio.InferenceServerClient(url, channel_args=grpc_channel_args(), **tls)
 
     async def is_ready(self, timeout_s: float | None = None) -> bool:

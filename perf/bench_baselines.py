@@ -89,23 +89,19 @@ class Timed:
             self.bytes.append(nbytes)
 
 
-def run_level(level: str, overrides: dict, args, model, best, tmp: Path) -> dict[str, Timed]:
+def run_level(level: str, args, model, best, tmp: Path) -> dict[str, Timed]:
     import torch
 
     from fluxshard import synth, wire
     from fluxshard.models import postprocess, preprocess
     from fluxshard.motion import EdgePath, EndpointState, iter_motion
-    from fluxshard.serving.receive import ReceiveState, invalid_blocks
+    from fluxshard.receive import ReceiveState, invalid_blocks
     from fluxshard.motion.state import residual_blocks
     from fluxshard.sparse import SparseExecutor, StreamState
-    from fluxshard.train.data import scene_seed
     from fluxshard_client.transport import RetryPolicy, _StreamCore
-    from fluxshard.truncation import LEVELS, PROFILE_SCENE_OFFSET
 
     w, h = args.size
-    li = list(LEVELS).index(level)
-    spec = synth.SceneSpec(width=w, height=h, frames=args.frames, gop=args.frames,
-                           seed=scene_seed("heldout", PROFILE_SCENE_OFFSET + 100 * li), **overrides)
+    spec = synth.heldout_spec(level, width=w, height=h, frames=args.frames)
     paths = synth.make_clip(spec, tmp, name=level, progress=False)
     gt = synth.load_ground_truth(paths.ground_truth)
     frames = list(iter_motion(paths.video))
@@ -324,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     from fluxshard.models import load_model
     from fluxshard.models.dense import best_dense_runner
     from fluxshard.models.ops import padded_size
-    from fluxshard.truncation import LEVELS
+    from fluxshard.synth import MOTION_LEVELS
 
     model_w, model_h = padded_size(*args.size, who="bench_baselines")  # what the model sees
     torch.set_num_threads(args.threads)
@@ -334,8 +330,8 @@ def main(argv: list[str] | None = None) -> int:
         best, medians = best_dense_runner(model, (model_h, model_w),
                                           threads=args.threads, kinds=("onnxruntime",),
                                           workdir=tmp)
-        for level, overrides in tqdm(LEVELS.items(), desc="motion levels"):
-            rows += summarize(level, run_level(level, overrides, args, model, best, Path(tmp)),
+        for level in tqdm(MOTION_LEVELS, desc="motion levels"):
+            rows += summarize(level, run_level(level, args, model, best, Path(tmp)),
                               args)
     print(f"\n{args.size[0]}x{args.size[1]}, {args.frames} frames per level, {args.threads} "
           f"threads; cloud rows: uplink {args.bandwidth_mbps} Mbit/s, RTT {args.rtt_ms} ms, "

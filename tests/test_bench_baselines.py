@@ -9,7 +9,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # "FluxShard edge" mean cache hit rate at the low motion level (--quick, 5 frames, 1 thread) over
-# scene seeds scene_seed("heldout", PROFILE_SCENE_OFFSET + k), k = 0-4 (the harness uses k = 0):
+# scenes synth.heldout_spec(level, k), k = 0-4 (the harness uses k = 0):
 # 0.354 / 0.372 / 0.377 / 0.501 / 0.388 (README "Measured quality").
 # bound: worst of seeds 0-4 minus 0.03, rounded down to 0.01
 MIN_LOW_MOTION_REUSE = 0.32

@@ -30,7 +30,7 @@ from hypothesis import HealthCheck, event, example, given, settings, strategies 
 from hypothesis.extra import numpy as hnp
 
 from fluxshard import wire
-from fluxshard.serving.receive import ReceiveState, ResyncNeeded
+from fluxshard.receive import ReceiveState, ResyncNeeded
 from fluxshard.serving.reliability import Scene, residual_mask
 from fluxshard.uplink_h264 import H264Encoder
 from fluxshard.wire import Codec, PayloadError

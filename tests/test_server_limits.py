@@ -15,7 +15,7 @@ from conftest import require_triton
 from fluxshard import wire
 from fluxshard.serving.limits import (FrameLimits, FrameTooLarge, derived_max_streams,
                                       max_streams_from_parameters, release_memory, rss_mb)
-from fluxshard.serving.receive import ResyncNeeded
+from fluxshard.receive import ResyncNeeded
 from fluxshard.serving.reliability import Scene, StreamDriver, residual_mask
 from fluxshard.serving.session import ServerFull, SessionManager
 from fluxshard.serving.tritonserver import TritonServer

@@ -280,7 +280,7 @@ class CountingSession:
 
 
 def test_session_manager_sweeps_idle_streams_and_accepts_any_compute():
-    from fluxshard.serving.receive import ResyncNeeded
+    from fluxshard.receive import ResyncNeeded
     from fluxshard.serving.session import SessionManager
 
     now = [0.0]

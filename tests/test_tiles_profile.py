@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 
-from fluxshard.truncation import LEVELS
+from fluxshard.synth import MOTION_LEVELS
 
 FAST = dict(width=320, height=192, threads=1, progress=False)
 TINY_GRID = {"threshold": (4, 8), "halo": (32,)}
@@ -39,7 +39,7 @@ def model():
 def swept(model, tmp_path_factory):
     from fluxshard.tiles.profile import sweep_tiles
 
-    levels = {k: LEVELS[k] for k in ("low", "high")}
+    levels = {k: MOTION_LEVELS[k] for k in ("low", "high")}
     return sweep_tiles(model, levels, TINY_GRID, frames=4, clock=StepClock(), **FAST)
 
 
@@ -221,7 +221,7 @@ def test_cli_writes_the_table_and_the_plot(tmp_path, capsys):
     table = TilesTable.load(out / TABLE_NAME)
     assert (out / PLOT_NAME).stat().st_size > 0
     assert [lv["settings"] for lv in table.levels] == \
-        [dict(threshold=6.0, halo=32, refresh_interval=30)] * len(LEVELS)
+        [dict(threshold=6.0, halo=32, refresh_interval=30)] * len(MOTION_LEVELS)
     printed = capsys.readouterr().out
     assert "chosen setting" in printed and "threshold=6.0 halo=32 refresh_interval=30" in printed
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from fluxshard.models import build_yolo11
-from fluxshard.train.data import Sample, augment, collate, scene_seed
+from fluxshard.synth import scene_seed
+from fluxshard.train.data import Sample, augment, collate
 from fluxshard.train.loss import (DetectionLoss, SegmentationLoss, TaskAlignedAssigner, bbox_iou,
                                   dfl_loss)
 

@@ -10,7 +10,7 @@ import pytest
 from conftest import crash_and_restart, run_in_threads
 
 from fluxshard import wire
-from fluxshard.serving.receive import ReceiveState, ResyncNeeded
+from fluxshard.receive import ReceiveState, ResyncNeeded
 from fluxshard.serving.tritonserver import TritonServer
 from fluxshard.uplink_h264 import BytesModel, H264Decoder, H264Encoder, LinkRate
 from fluxshard.wire import Codec, PayloadError

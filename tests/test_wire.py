@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fluxshard import wire
-from fluxshard.serving.receive import ReceiveState, ResyncNeeded, rebuild_input
+from fluxshard.receive import ReceiveState, ResyncNeeded, rebuild_input
 from fluxshard.wire import Codec, PayloadError
 
 H, W, B = 40, 72, 16  # not multiples of the block: edge blocks are partial

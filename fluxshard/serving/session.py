@@ -25,7 +25,7 @@ import numpy as np
 
 from fluxshard.wire import PayloadError, Request, Response, decode_request, peek_header
 from fluxshard.serving.limits import FrameLimits, release_memory
-from fluxshard.serving.receive import ReceiveState, ResyncNeeded
+from fluxshard.receive import ReceiveState, ResyncNeeded
 
 
 class StreamSession(Protocol):

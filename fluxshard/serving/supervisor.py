@@ -60,8 +60,7 @@ class ModelProbe:
 
         import tritonclient.grpc as grpcclient
 
-        from fluxshard.serving.tritonserver import grpc_channel_args
-        from fluxshard_client.transport import SECRET_PARAMETER, random_stream_id
+        from fluxshard.protocol import SECRET_PARAMETER, grpc_channel_args, random_stream_id
 
         try:
             # a connection of its own: a client's failed connects must not delay the probe's

@@ -35,6 +35,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from fluxshard.protocol import GRPC_RESTRICTED_HEADER_PREFIX, restricted_header
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL_REPOSITORY = REPO_ROOT / "model_repository"
 PYTRITON_VERSION = "0.7.0"
@@ -45,8 +47,6 @@ WHEEL_SITE = CACHE_DIR / "site"  # pip install --no-deps --target of the nvidia-
 # and statistics stay open: clients and perf_analyzer read them, and none of them changes anything.
 ADMIN_PROTOCOLS = ("model-repository", "shared-memory", "trace", "logging")
 ADMIN_HEADER = "fluxshard-admin"
-# tritonserver expects a restricted gRPC protocol's header key with this prefix
-GRPC_RESTRICTED_HEADER_PREFIX = "triton-grpc-protocol-"
 # what `--auth-header` closes to clients without it: all but health (load balancers, probes)
 AUTH_PROTOCOLS = ("inference", "metadata", "model-config", "statistics")
 AUTH_HEADER_KEY = re.compile(r"[a-z0-9][a-z0-9_.-]*")  # gRPC metadata keys are lowercase
@@ -155,35 +155,6 @@ def auth_header(text: str) -> tuple[str, str]:
         raise argparse.ArgumentTypeError(f"{ADMIN_HEADER!r} is the admin protocols' header; "
                                          "pick another key")
     return key, value
-
-
-def restricted_header(key: str, value: str, protocol: str = "grpc") -> dict[str, str]:
-    """The request header a ``--grpc-restricted-protocol`` / ``--http-restricted-api`` restriction
-    with ``key=value`` expects."""
-    if protocol not in ("grpc", "http"):
-        raise ValueError(f"protocol must be 'grpc' or 'http', got {protocol!r}")
-    return {(GRPC_RESTRICTED_HEADER_PREFIX if protocol == "grpc" else "") + key: value}
-
-
-def grpc_channel_args(own_connection: bool = False) -> list[tuple[str, int]]:
-    """gRPC channel options for clients of our servers: tritonclient's defaults, but reconnect
-    attempts at most a second apart, so a client notices a restarted server within a second
-    instead of gRPC's default backoff of up to two minutes. ``own_connection``: a channel that
-    shares no connection (nor its backoff) with other channels to the same address."""
-    from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE, KeepAliveOptions
-
-    keepalive = KeepAliveOptions()
-    args = [("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
-            ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
-            ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
-            ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
-            ("grpc.keepalive_permit_without_calls", keepalive.keepalive_permit_without_calls),
-            ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
-            ("grpc.initial_reconnect_backoff_ms", 250), ("grpc.min_reconnect_backoff_ms", 250),
-            ("grpc.max_reconnect_backoff_ms", 1000)]
-    if own_connection:
-        args.append(("grpc.use_local_subchannel_pool", 1))
-    return args
 
 
 def auth_header_of(pair) -> tuple[str, str]:

@@ -2,7 +2,7 @@
 
 :func:`sweep_tiles` runs every setting of a knob grid (threshold, halo, refresh interval, ...) of
 :class:`fluxshard.tiles.TileExecutor` on the truncation profile's held-out synthetic clips
-(``fluxshard.truncation.LEVELS``, ``PROFILE_SCENE_OFFSET``), one motion level at a time. Each clip
+(``fluxshard.synth.heldout_spec``), one motion level at a time. Each clip
 is decoded once; the best dense runner gives the reference detections once per clip and is timed
 again right after every tile frame (machine drift hits both alike, so the ratio means something).
 Per setting it records mAP@0.5 and mAP@0.5:0.95 against ground truth as ratios to dense, the mean
@@ -212,19 +212,15 @@ def _as_tensor(out):
     return torch.from_numpy(out) if isinstance(out, np.ndarray) else out
 
 
-def _level_clips(level: str, level_index: int, overrides: dict, *, clips: int, frames: int,
-                 width: int, height: int, workdir: Path):
+def _level_clips(level: str, levels: dict, *, clips: int, frames: int, width: int, height: int,
+                 workdir: Path):
     """The truncation profile's held-out clips of one level, decoded once: [(frames, truths)]."""
     from fluxshard import synth
     from fluxshard.motion import iter_motion
-    from fluxshard.train.data import scene_seed
-    from fluxshard.truncation import PROFILE_SCENE_OFFSET
-
     decoded = []
     for c in range(clips):
-        seed = scene_seed("heldout", PROFILE_SCENE_OFFSET + 100 * level_index + c)
-        spec = synth.SceneSpec(width=width, height=height, frames=frames, gop=frames, seed=seed,
-                               **overrides)
+        spec = synth.heldout_spec(level, c, width=width, height=height, frames=frames,
+                                  levels=levels)
         paths = synth.make_clip(spec, workdir, name=f"tiles-{level}{c}")
         gt = synth.load_ground_truth(paths.ground_truth)
         truths = [dict(boxes=b, classes=k) for b, k in zip(gt.boxes, gt.classes)]
@@ -246,7 +242,7 @@ def sweep_tiles(model, levels: dict | None = None, grid: dict | None = None,
                 clock=time.perf_counter, progress: bool = True,
                 workdir: str | Path | None = None) -> TilesTable:
     """Sweep ``grid`` ({knob: values}; default :data:`DEFAULT_GRID`) of the tile executor on
-    ``levels`` ({name: synth.SceneSpec overrides}; default ``fluxshard.truncation.LEVELS``) with
+    ``levels`` ({name: synth.SceneSpec overrides}; default ``fluxshard.synth.MOTION_LEVELS``) with
     ``frames`` per clip at ``width`` x ``height`` (see the module doc). ``model``: a loaded,
     fused detect YOLO11; ``weights`` only names it in the table. ``clock``: what both executors
     are timed with (seconds). Returns the table (not saved)."""
@@ -260,9 +256,10 @@ def sweep_tiles(model, levels: dict | None = None, grid: dict | None = None,
     from fluxshard.motion import motion_statistic
     from fluxshard.tiles.engine import make_engine
     from fluxshard.tiles.executor import TileExecutor, TileStreamState
-    from fluxshard.truncation import LEVELS, bound_levels
+    from fluxshard.synth import MOTION_LEVELS
+    from fluxshard.truncation import bound_levels
 
-    levels = LEVELS if levels is None else levels
+    levels = MOTION_LEVELS if levels is None else levels
     grid = DEFAULT_GRID if grid is None else grid
     if not levels:
         raise ValueError("no motion levels to sweep")
@@ -285,8 +282,8 @@ def sweep_tiles(model, levels: dict | None = None, grid: dict | None = None,
         tmp = Path(workdir) if workdir is not None else Path(tmp)
         best, medians = best_dense_runner(model, (model_h, model_w), threads=threads,
                                           kinds=dense_kinds, workdir=tmp)
-        for li, (level, overrides) in enumerate(levels.items()):
-            clips = _level_clips(level, li, overrides, clips=clips_per_level, frames=frames,
+        for level in levels:
+            clips = _level_clips(level, levels, clips=clips_per_level, frames=frames,
                                  width=width, height=height, workdir=tmp)
             truths = [t for _frames, clip_truths in clips for t in clip_truths]
             motions = [motion_statistic(mf.field) for mfs, _ in clips for mf in mfs

@@ -24,10 +24,8 @@ import torch
 from tqdm import tqdm
 
 from fluxshard import synth
+from fluxshard.synth import scene_seed
 
-# Scene seeds: split base + index. The gap makes the ranges disjoint for any realistic set size.
-SPLIT_SEED_BASE = {"train": 1_000_000, "heldout": 2_000_000}
-MAX_SCENES_PER_SPLIT = 1_000_000
 CAMERAS = ("pan", "zoom", "pan+zoom", "static")
 MASK_STRIDE = 4  # masks are kept at prototype resolution (input / 4)
 PAD_VALUE = 114
@@ -39,14 +37,6 @@ class Sample:
     boxes: np.ndarray  # (N, 4) float32 xyxy pixels
     classes: np.ndarray  # (N,) int64
     masks: np.ndarray | None = None  # (N, H / 4, W / 4) bool, segmentation data only
-
-
-def scene_seed(split: str, index: int) -> int:
-    if split not in SPLIT_SEED_BASE:
-        raise ValueError(f"split must be one of {list(SPLIT_SEED_BASE)}, got {split!r}")
-    if not 0 <= index < MAX_SCENES_PER_SPLIT:
-        raise ValueError(f"scene index {index} outside [0, {MAX_SCENES_PER_SPLIT})")
-    return SPLIT_SEED_BASE[split] + index
 
 
 def scene_spec(split: str, index: int, frames: int = 48,

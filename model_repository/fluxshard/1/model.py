@@ -7,12 +7,10 @@ import triton_python_backend_utils as pb_utils
 from fluxshard.serving.backend_tensors import error_response, input_array, output_tensor
 from fluxshard.serving.instance import instance_device
 from fluxshard.serving.limits import FrameLimits, max_streams_from_parameters
-from fluxshard.serving.receive import ResyncNeeded
+from fluxshard.receive import ResyncNeeded
 from fluxshard.serving.session import ServerFull, SessionManager, yolo_session_factory
+from fluxshard.protocol import SECRET_PARAMETER
 from fluxshard.wire import PayloadError, response_tensors
-
-# the request parameter carrying the stream's secret (fluxshard_client sets it on every request)
-SECRET_PARAMETER = "fluxshard_stream_secret"
 
 
 def stream_secret(request) -> str:
