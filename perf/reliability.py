@@ -31,7 +31,10 @@ from fluxshard.serving.tritonserver import (TritonServer, find_triton, free_port
                                             python_stubs)
 
 # perf/ modules with more rows, each exposing cases(args, log_dir) -> list[dict]
-CASE_MODULES = ("reliability_limits", "reliability_fuzz", "reliability_soak", "reliability_edge")
+# perf/reliability_*.py: each has cases(args, log_dir) -> rows, and runs alone through main()
+CASE_MODULES = ("reliability_limits", "reliability_fuzz", "reliability_soak", "reliability_edge",
+                "reliability_scale")
+EXTRA_COLUMNS = ("throughput_fps", "latency_mean_ms", "latency_p95_ms")
 NOT_BUILT = ("lossy uplinks",)
 
 
@@ -179,6 +182,9 @@ def sigterm_case(args, log_dir: Path) -> dict:
 def print_table(rows: list[dict]) -> None:
     cols = ["case", "server_survived", "other_streams_unaffected", "frames_lost", "worst_stall_s",
             "rss_before_mb", "rss_after_mb", "passed"]
+    # columns some modules add (scale: throughput and latency per stream count)
+    cols += [c for c in dict.fromkeys(k for r in rows for k in r)
+             if c in EXTRA_COLUMNS and c not in cols]
     print("| " + " | ".join(cols) + " | note |")
     print("|" + " --- |" * (len(cols) + 1))
     for r in rows:
@@ -186,8 +192,10 @@ def print_table(rows: list[dict]) -> None:
         print("| " + " | ".join(cells) + f" | {r.get('note', '')} |")
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, modules: tuple[str, ...] | None = None) -> int:
+    """All cases, or (``modules``: a perf/reliability_*.py module run alone) only its rows."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if modules is None else
+                                 sys.modules["__main__"].__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="CI: 1 s probes, few frames per phase")
     ap.add_argument("--out", type=Path, default=REPO_ROOT / "out" / "perf")
     ap.add_argument("--soak-minutes", type=float, default=None,
@@ -202,21 +210,22 @@ def main(argv: list[str] | None = None) -> int:
     log_dir = args.out / "reliability-logs"
     log_dir.mkdir(exist_ok=True)
     t0 = time.monotonic()
-    rows = supervised_cases(args, log_dir) + [sigterm_case(args, log_dir)]
-    for name in CASE_MODULES:
+    rows = [] if modules else supervised_cases(args, log_dir) + [sigterm_case(args, log_dir)]
+    for name in modules or CASE_MODULES:
         rows += importlib.import_module(name).cases(args, log_dir)
-    import reliability_scale  # perf/reliability_scale.py: streams per server, 2 servers
-
-    rows += reliability_scale.cases(args, log_dir)
-    rows += [{"case": case, "server_survived": None, "other_streams_unaffected": None,
-              "frames_lost": 0, "worst_stall_s": None, "rss_before_mb": None,
-              "rss_after_mb": None, "passed": None, "note": "not built"} for case in NOT_BUILT]
+    if not modules:
+        rows += [{"case": case, "server_survived": None, "other_streams_unaffected": None,
+                  "frames_lost": 0, "worst_stall_s": None, "rss_before_mb": None,
+                  "rss_after_mb": None, "passed": None, "note": "not built"}
+                 for case in NOT_BUILT]
     total_lost = sum(r["frames_lost"] for r in rows)
     report = {"quick": args.quick, "frames_lost": total_lost, "seconds": round(time.monotonic() - t0),
               "rows": rows}
-    (args.out / "reliability.json").write_text(json.dumps(report, indent=1))
+    out = args.out / ("reliability.json" if not modules else
+                      f"reliability-{'-'.join(m.removeprefix('reliability_') for m in modules)}.json")
+    out.write_text(json.dumps(report, indent=1))
     print_table(rows)
-    print(f"\nframes lost: {total_lost}; {report['seconds']} s; {args.out / 'reliability.json'}")
+    print(f"\nframes lost: {total_lost}; {report['seconds']} s; {out}")
     failed = [r["case"] for r in rows if r["passed"] is False]
     if failed:
         print(f"FAILED: {', '.join(failed)}", file=sys.stderr)

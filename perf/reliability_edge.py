@@ -15,8 +15,6 @@ streams frames, one without the header and one without a client certificate are 
 
 from __future__ import annotations
 
-import argparse
-import json
 import signal
 import sys
 import threading
@@ -30,7 +28,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from fluxshard import wire  # noqa: E402
 from fluxshard.serving.reliability import Scene, group_rss_mb  # noqa: E402
-from fluxshard.serving.tritonserver import TlsFiles, TritonServer, find_triton  # noqa: E402
+from fluxshard.serving.tritonserver import TlsFiles, TritonServer  # noqa: E402
 
 FRAME_SIZE = (192, 320)  # H, W
 FRAME_INTERVAL_S = 0.05  # a camera's pace between frames
@@ -213,18 +211,10 @@ def cases(args, log_dir: Path) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="few frames per phase")
-    ap.add_argument("--out", type=Path, default=REPO_ROOT / "out" / "perf")
-    args = ap.parse_args(argv)
-    find_triton()
-    log_dir = args.out / "reliability-logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    rows = cases(args, log_dir)
-    (args.out / "reliability-edge.json").write_text(json.dumps(rows, indent=1))
-    for row in rows:
-        print(json.dumps(row))
-    return 0 if all(r["passed"] for r in rows) else 1
+    sys.path.insert(0, str(REPO_ROOT / "perf"))
+    import reliability
+
+    return reliability.main(argv, modules=("reliability_edge",))
 
 
 if __name__ == "__main__":

@@ -16,8 +16,6 @@ cases' subject: the SDK's default ids are unguessable.)
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from collections import Counter
 from pathlib import Path
@@ -27,7 +25,7 @@ sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "tests"))  # the fuzz strategies live with the fuzz tests
 
 from fluxshard.serving.reliability import StreamDriver, group_rss_mb  # noqa: E402
-from fluxshard.serving.tritonserver import TritonServer, find_triton  # noqa: E402
+from fluxshard.serving.tritonserver import TritonServer  # noqa: E402
 
 QUICK_REQUESTS, DEFAULT_REQUESTS = 150, 2000
 # answers that mean the model did not expect what it got, or its process died
@@ -117,17 +115,10 @@ def cases(args, log_dir: Path) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true",
-                    help=f"CI: {QUICK_REQUESTS} hostile requests (else {DEFAULT_REQUESTS})")
-    ap.add_argument("--out", type=Path, default=REPO_ROOT / "out" / "perf")
-    args = ap.parse_args(argv)
-    find_triton()  # a missing install fails here with the fix
-    log_dir = args.out / "reliability-logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    rows = cases(args, log_dir)
-    print(json.dumps(rows, indent=1))
-    return 0 if all(r["passed"] for r in rows) else 1
+    sys.path.insert(0, str(REPO_ROOT / "perf"))
+    import reliability
+
+    return reliability.main(argv, modules=("reliability_fuzz",))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ sends fewer ENDs and measures a 640x384 session instead of a 1920x1088 one.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -186,19 +185,11 @@ def cases(args, log_dir: Path) -> list[dict]:
     return rows
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(REPO_ROOT / "perf"))
-    from reliability import print_table
+    import reliability
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    args = ap.parse_args(argv)
-    args.frames = 3 if args.quick else 20
-    log_dir = REPO_ROOT / "out" / "perf" / "reliability-logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    rows = cases(args, log_dir)
-    print_table(rows)
-    return 0 if all(r["passed"] for r in rows) else 1
+    return reliability.main(argv, modules=("reliability_limits",))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ runs 1 and 3 streams and few frames.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import threading
 import time
@@ -217,21 +216,11 @@ def cases(args, log_dir: Path) -> list[dict]:
     return rows
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", type=Path, default=REPO_ROOT / "out" / "perf")
-    args = ap.parse_args(argv)
-    log_dir = args.out / "reliability-logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    rows = cases(args, log_dir)
-    cols = ["case", "frames_lost", "worst_stall_s", "throughput_fps", "latency_mean_ms",
-            "latency_p95_ms", "rss_before_mb", "rss_after_mb", "passed"]
-    print("| " + " | ".join(cols) + " | note |")
-    print("|" + " --- |" * (len(cols) + 1))
-    for r in rows:
-        print("| " + " | ".join(str(r.get(c, "")) for c in cols) + f" | {r['note']} |")
-    return 0 if all(r["passed"] for r in rows) else 1
+def main(argv: list[str] | None = None) -> int:
+    sys.path.insert(0, str(REPO_ROOT / "perf"))
+    import reliability
+
+    return reliability.main(argv, modules=("reliability_scale",))
 
 
 if __name__ == "__main__":

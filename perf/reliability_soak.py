@@ -22,10 +22,8 @@ noise; it checks that nothing is lost and that memory does not grow by more than
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -35,7 +33,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from fluxshard.serving.reliability import Scene, StreamDriver, group_rss_mb  # noqa: E402
-from fluxshard.serving.tritonserver import TritonServer, find_triton  # noqa: E402
+from fluxshard.serving.tritonserver import TritonServer  # noqa: E402
 
 DEFAULT_STREAMS, DEFAULT_MINUTES = 3, 10.0
 QUICK_STREAMS, QUICK_MINUTES = 2, 1 / 3
@@ -186,20 +184,10 @@ def cases(args, log_dir: Path) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="CI: 2 streams x 20 s")
-    ap.add_argument("--minutes", dest="soak_minutes", type=float, default=None,
-                    help=f"default {DEFAULT_MINUTES:g} ({QUICK_MINUTES * 60:g} s with --quick)")
-    ap.add_argument("--streams", dest="soak_streams", type=int, default=None,
-                    help=f"default {DEFAULT_STREAMS} ({QUICK_STREAMS} with --quick)")
-    ap.add_argument("--out", type=Path, default=REPO_ROOT / "out" / "perf")
-    args = ap.parse_args(argv)
-    find_triton()  # a missing install fails here with the fix
-    log_dir = args.out / "reliability-logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    rows = cases(args, log_dir)
-    print(json.dumps(rows, indent=1))
-    return 0 if all(r["passed"] for r in rows) else 1
+    sys.path.insert(0, str(REPO_ROOT / "perf"))
+    import reliability
+
+    return reliability.main(argv, modules=("reliability_soak",))
 
 
 if __name__ == "__main__":
