@@ -1,30 +1,17 @@
-"""`fluxshard run VIDEO|--demo`: the edge process. Decodes the stream with its motion fields,
-dispatches every frame to the in-process sparse executor (edge) or the Triton `fluxshard` model
-(cloud), and writes detections.jsonl, annotated.mp4, report.png and summary.json into --out.
-
---executor picks what the edge runs: exact (the sparse executor on residual-assembled inputs),
-tiles (the v2 tile executor on onnxruntime: whole decoded frames with the motion accumulated since
-the edge last ran; detect models only) or dense (the fastest dense engine on every frame). The
-dispatcher uses that executor's latency table.
-
-With --demo it synthesizes the default clip and, unless --cloud-url is given, starts a local
-tritonserver as the cloud. --bandwidth-mbps simulates an uplink of that rate (each payload waits
-bytes / rate before it is sent), so the dispatcher has a link to adapt to on localhost.
+"""The edge process behind `fluxshard run` (fluxshard.tools.run): :func:`run` decodes the stream
+with its motion fields, dispatches every frame to the in-process edge executor or the Triton
+`fluxshard` model (cloud), and writes detections.jsonl, annotated.mp4, report.png and
+summary.json.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import sys
 import time
 import warnings
 from pathlib import Path
-
-from fluxshard import cli_common
-from fluxshard.serving.tritonserver import auth_header
-from fluxshard.tau import tau_argument
 
 DEMO_SIZE = (640, 384)
 DEMO_FRAMES = 90  # 3 s at 30 fps
@@ -34,127 +21,6 @@ UPLINK_CODECS = ("h264", "lossless", "jpeg")  # fluxshard.wire.Codec.H264 / .ZLI
 UPLINK_WIRE_CODECS = {"h264": "H264", "lossless": "ZLIB", "jpeg": "JPEG"}
 EDGE_EXECUTORS = ("exact", "tiles", "dense")  # fluxshard.serving.session.EXECUTORS
 DEFAULT_EXECUTOR = "exact"  # what the edge runs unless --executor says otherwise
-
-
-def add_run_arguments(p: argparse.ArgumentParser, demo_default: bool = False,
-                      out_default: str = "out/run") -> None:
-    if not demo_default:
-        p.add_argument("video", nargs="?", type=cli_common.video_source,
-                       help="video file or URL (RTSP, HTTP, ...)")
-        p.add_argument("--demo", action="store_true",
-                       help="synthesize the default clip and run on it")
-    p.add_argument("--out", type=cli_common.output_folder, default=Path(out_default),
-                   help="output folder (created once the inputs are checked)")
-    p.add_argument("--cloud-url", type=cli_common.host_port, default=None,
-                   help="gRPC host:port of a running `fluxshard serve` (default: start a local "
-                        "tritonserver)")
-    p.add_argument("--dispatch", choices=("auto", "edge", "cloud", "alternate"), default="auto",
-                   help="auto: per-frame latency estimate; edge/cloud: force; alternate: in turn")
-    p.add_argument("--fallback", choices=("none", "edge"), default="none",
-                   help="--dispatch cloud when the cloud cannot be reached: none stops with an "
-                        "error (exit 1); edge runs those frames on the edge and the summary says "
-                        "so. auto and alternate always fall back to the edge")
-    p.add_argument("--bandwidth-mbps", type=cli_common.positive_float, default=None,
-                   help="simulate an uplink limited to this rate (Mbit/s)")
-    p.add_argument("--deadline-ms", type=cli_common.positive_float, default=None,
-                   help="a cloud frame not answered within this is abandoned and run on the "
-                        "edge (default: derived per frame from the edge's latency table and the "
-                        "cloud's estimate, at least 500 ms; --dispatch cloud --fallback none: no "
-                        "deadline)")
-    p.add_argument("--tls-ca", type=cli_common.existing_file, default=None,
-                   help="--cloud-url over TLS: PEM CA certificate to trust (the server's, or "
-                        "its signer's)")
-    p.add_argument("--tls-cert", type=cli_common.existing_file, default=None,
-                   help="PEM client certificate for mutual TLS (needs --tls-key and --tls-ca)")
-    p.add_argument("--tls-key", type=cli_common.existing_file, default=None,
-                   help="PEM private key of --tls-cert")
-    p.add_argument("--auth-header", type=auth_header, default=None, metavar="KEY=VALUE",
-                   help="the header a `fluxshard serve --auth-header KEY=VALUE` cloud requires")
-    p.add_argument("--tau", type=tau_argument, default=None,
-                   help="tau on the [0, 1] input scale, rounded to whole grey levels: picks the "
-                        "residual blocks and is the executors' truncation threshold, at the edge "
-                        "and in the cloud (default: 40/255)")
-    p.add_argument("--tau-table", type=cli_common.existing_file, default=None,
-                   help="truncation table (fluxshard profile accuracy): tau per motion level")
-    p.add_argument("--latency-profile", type=cli_common.existing_file, default=None,
-                   help="latency tables (fluxshard profile latency; default "
-                        "out/profile/latency.json when present, else built in)")
-    p.add_argument("--weights", default=None,
-                   help="the detector: our checkpoint, an ultralytics state dict or converted .pt; "
-                        "class names and count come from it, and a local tritonserver serves it "
-                        "too (default: embedded demo detector)")
-    p.add_argument("--executor", choices=EDGE_EXECUTORS, default=DEFAULT_EXECUTOR,
-                   help="edge executor: exact (sparse executor, reuse exact on the assembled "
-                        "input), tiles (v2 tile executor on onnxruntime, detect models only) or "
-                        "dense (fastest dense engine every frame)")
-    p.add_argument("--tiles-table", type=cli_common.existing_file, default=None,
-                   help="--executor tiles: the tiles table (fluxshard profile accuracy --executor "
-                        "tiles): the tile executor's knobs per motion level, picked per frame by "
-                        "the motion since the edge last ran (default: the executor's defaults)")
-    p.add_argument("--bypass", default="none",
-                   choices=("none", "onnxruntime", "fused_channels_last"),
-                   help="edge: dense engine for frames with nothing to reuse, and for reusable "
-                        "ones while it measures faster (default none)")
-    p.add_argument("--uplink-codec", choices=UPLINK_CODECS, default="h264",
-                   help="what the cloud gets: h264 (default: an x264 encoder per cloud stream fed "
-                        "the cloud's frames; the cloud detects on the decoded frames), lossless "
-                        "residual tiles (zlib) or jpeg tiles (quality 90)")
-    p.add_argument("--uplink-quality", type=uplink_quality, default=None, metavar="CRF",
-                   help="h264 uplink: the x264 crf when the link has room (lower is better and "
-                        "larger; default fluxshard.uplink_h264.DEFAULT_CRF); on a slower link "
-                        "the quality follows the measured bandwidth")
-    p.add_argument("--margin-ms", type=cli_common.nonnegative_float, default=2.0,
-                   help="eps: within this margin prefer the cloud")
-    p.add_argument("--frames", type=cli_common.positive_int, default=None,
-                   help="process at most this many frames (--demo: the clip length, default 90)")
-    p.add_argument("--size", type=cli_common.even_int, nargs=2, default=DEMO_SIZE,
-                   metavar=("W", "H"),
-                   help="--demo clip size (default 640 384)")
-    p.add_argument("--camera", default="static", choices=("static", "pan", "zoom", "pan+zoom"),
-                   help="--demo camera (default static: a fixed camera with moving objects, the "
-                        "common edge deployment; a sub-pixel pan reuses little, see README)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser("run", help="run a video (or --demo) through edge/cloud dispatch",
-                              description=cli_common.describe(__doc__))
-    add_run_arguments(p)
-    p.set_defaults(func=main)
-
-
-def main(args: argparse.Namespace) -> int:
-    demo = getattr(args, "demo", True)
-    video = getattr(args, "video", None)
-    if demo == bool(video):
-        raise cli_common.UsageError("give a VIDEO or --demo (not both)")
-    detections = Path(args.out) / "detections.jsonl"
-    try:
-        # a run that fails before its first frame leaves no files behind; frames already
-        # written (a Ctrl-C, a cloud lost mid-way) stay
-        with cli_common.clean_up_on_failure(
-                args.out, keep=lambda: detections.is_file() and detections.stat().st_size > 0):
-            summary = run(video, out=args.out, demo=demo, cloud_url=args.cloud_url,
-                          dispatch=args.dispatch, bandwidth_mbps=args.bandwidth_mbps,
-                          tau=args.tau, tau_table=args.tau_table,
-                          latency_profile=args.latency_profile, margin_ms=args.margin_ms,
-                          frames=args.frames, size=tuple(args.size), camera=args.camera,
-                          bypass=args.bypass, uplink_codec=args.uplink_codec,
-                          uplink_quality=args.uplink_quality,
-                          progress=not args.no_progress, fallback=args.fallback,
-                          weights=args.weights, executor=args.executor,
-                          tiles_table=args.tiles_table, deadline_ms=args.deadline_ms,
-                          tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
-                          auth_header=args.auth_header)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"fluxshard run: {e}", file=sys.stderr)
-        return 1
-    print_summary(summary)
-    if summary.get("error"):
-        print(f"fluxshard run: the stream broke off after {summary['frames']} frames: "
-              f"{summary['error']}", file=sys.stderr)
-        return 1
-    return 0
 
 
 @contextlib.contextmanager
@@ -213,17 +79,6 @@ def _edge_session(executor: str, model, executor_options: dict, tiles_table=None
         return yolo_session_factory("tiles", model=model, threads=1,
                                     tile_engine="onnxruntime", adaptive=True)(0)
     return yolo_session_factory("exact", model=model, threads=1, **executor_options)(0)
-
-
-def uplink_quality(text: str) -> int:
-    """--uplink-quality: an x264 crf the uplink accepts."""
-    from fluxshard.uplink_h264 import CRF_RANGE
-
-    value = cli_common.positive_int(text)
-    if not CRF_RANGE[0] <= value <= CRF_RANGE[1]:
-        raise argparse.ArgumentTypeError(f"must be a crf in {CRF_RANGE[0]}..{CRF_RANGE[1]}, "
-                                         f"got {value}")
-    return value
 
 
 def _uplink_quality_summary(cloud) -> dict:
@@ -523,27 +378,3 @@ def _frame_count(video: str) -> int | None:
             return int(container.streams.video[0].frames) or None
     except Exception:  # noqa: BLE001 - only a progress-bar nicety; decoding reports real errors
         return None
-
-
-def print_summary(s: dict) -> None:
-    def ms(stat):
-        return "-" if not stat else f"{stat['mean']:.1f} / {stat['p90']:.1f}"
-
-    print(f"\n{s['frames']} frames of {s['video']} (dispatch {s['dispatch']}, edge executor "
-          f"{s.get('executor', DEFAULT_EXECUTOR)}, {s['wall_s']} s)")
-    print("| endpoint | frames | key frames | latency ms mean / p90 |\n|---|---|---|---|")
-    for name, e in s["endpoints"].items():
-        print(f"| {name} | {e['frames']} | {e['key_frames']} | {ms(e['latency_ms'])} |")
-    print(f"| all | {s['frames']} | | {ms(s['latency_ms'])} |")
-    print(f"uplink {s['uplink_bytes_total'] / 1e3:.1f} kB vs per-frame JPEG q90 "
-          f"{s['jpeg_q90_bytes_total'] / 1e3:.1f} kB (x{s['uplink_vs_jpeg']}); cache hit rate "
-          f"{s['cache_hit_rate_mean']}; residual block fraction {s['residual_fraction_mean']}; "
-          f"uplink estimate {s['bandwidth_estimate_mbps']} Mbit/s")
-    if s.get("crop_area_fraction_mean") is not None:
-        print(f"tiles: mean crop area {s['crop_area_fraction_mean']} of the input on the edge's "
-              "frames (halo included; key frames and dense refreshes count 1)")
-    if s.get("edge_fallback_frames"):
-        how = " (--fallback edge)" if s.get("fallback") == "edge" else ""
-        print(f"cloud unreachable: {s['edge_fallback_frames']} of {s['frames']} frames ran on "
-              f"the edge instead{how}")
-    print("outputs: " + ", ".join(s["outputs"].values()))

@@ -1,9 +1,10 @@
 """FluxShard: motion-aware edge-cloud video inference. `fluxshard VERB --help` says what a verb
 does and lists its options with their defaults.
 
-Each verb lives in the module that owns it; that module exposes `register(subparsers)` which adds
-its sub-parser and sets `func`. Modules are imported only when their verb is used, so `fluxshard
-synth` does not pay for importing torch.
+Each verb is one module of fluxshard.tools, which exposes `register(subparsers)` (adds its
+sub-parser, sets `func`); the options several verbs share are defined once in
+fluxshard.tools.args. Modules are imported only when their verb is used, so `fluxshard synth` does
+not pay for importing torch.
 """
 
 from __future__ import annotations
@@ -17,14 +18,15 @@ from fluxshard import cli_common
 
 # verb -> (module, one-line help). Order is the order `fluxshard --help` lists them.
 VERBS: dict[str, tuple[str, str]] = {
-    "run": ("edge_runtime.run", "run a video (or --demo) through edge/cloud dispatch"),
-    "demo": ("fluxshard.demo", "run the main job on the embedded default (= run --demo)"),
-    "synth": ("fluxshard.synth", "make a synthetic H.264 clip with ground truth"),
-    "motion": ("fluxshard.motion.cli", "motion and residual statistics of a clip (table + plot)"),
-    "serve": ("fluxshard.serving.tritonserver", "run the Triton server with the FluxShard models"),
-    "train-demo": ("fluxshard.train.cli", "train the embedded demo weights"),
-    "profile": ("fluxshard.profile", "offline profiles: latency tables, accuracy (tau table)"),
-    "export": ("fluxshard.graph.cli", "YOLO11 -> FluxShard ONNX graph (onnxruntime, TensorRT)"),
+    "run": ("fluxshard.tools.run", "run a video (or --demo) through edge/cloud dispatch"),
+    "demo": ("fluxshard.tools.demo", "run the main job on the embedded default (= run --demo)"),
+    "synth": ("fluxshard.tools.synth", "make a synthetic H.264 clip with ground truth"),
+    "motion": ("fluxshard.tools.motion", "motion and residual statistics of a clip (table + plot)"),
+    "serve": ("fluxshard.tools.serve", "run the Triton server with the FluxShard models"),
+    "train-demo": ("fluxshard.tools.train_demo", "train the embedded demo weights"),
+    "profile": ("fluxshard.tools.profile",
+                "offline profiles: latency tables, accuracy (tau table)"),
+    "export": ("fluxshard.tools.export", "YOLO11 -> FluxShard ONNX graph (onnxruntime, TensorRT)"),
 }
 
 

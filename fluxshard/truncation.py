@@ -25,7 +25,7 @@ import numpy as np
 
 # the table and the tau unit live in fluxshard.tau; re-exported for the profile's users
 from fluxshard.synth import MOTION_LEVELS
-from fluxshard.tau import METRICS, TruncationTable, quantize_tau, tau_argument
+from fluxshard.tau import METRICS, TruncationTable, quantize_tau
 
 DEFAULT_TAUS = (0.0, 0.02, 0.06, 0.1, 0.15, 0.25, 0.4, 0.6)
 METRIC_NAMES = {"map50_95": "mAP@0.5:0.95", "map50": "mAP@0.5"}
@@ -202,92 +202,3 @@ def plot_sweep(table: TruncationTable, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def add_accuracy_arguments(p) -> None:
-    from fluxshard import cli_common
-
-    p.add_argument("--weights", default=None, help="checkpoint (default: embedded demo detector)")
-    p.add_argument("--alpha", type=cli_common.positive_float, default=0.99,
-                   help="a tau is feasible while its accuracy stays >= alpha x dense accuracy")
-    p.add_argument("--metric", choices=METRICS, default=METRICS[0],
-                   help="the accuracy a tau must keep >= alpha x dense (default: %(default)s)")
-    p.add_argument("--taus", type=tau_argument, nargs="+", default=list(DEFAULT_TAUS),
-                   help="taus to sweep, on the [0, 1] input scale (fluxshard.tau; rounded to "
-                        "whole grey levels)")
-    p.add_argument("--executor", choices=("exact", "tiles"), default="exact",
-                   help="what to profile: exact (tau per motion level, the truncation table) or "
-                        "tiles (the tile executor's knobs per motion level, the tiles table; "
-                        "fluxshard.tiles.profile)")
-    p.add_argument("--frames", type=cli_common.positive_int, default=None,
-                   help="frames per held-out clip (default 30; tiles: 60, --quick 30)")
-    p.add_argument("--clips-per-level", type=cli_common.positive_int, default=1,
-                   help="held-out synthetic clips per motion level")
-    p.add_argument("--size", type=cli_common.even_int, nargs=2, default=(640, 384),
-                   metavar=("W", "H"), help="clip size")
-    p.add_argument("--strict-rfap", action="store_true",
-                   help="RFAP Cond. 1 at every spatial layer (less reuse, exact receptive fields)")
-    p.add_argument("--grid-snap", action="store_true",
-                   help="relax RFAP Cond. 2 to the nearest grid displacement (reuse under pans)")
-    p.add_argument("--out", type=cli_common.output_folder, default=Path("out/profile"),
-                   help="folder for truncation_table.json and truncation_profile.png (tiles: "
-                        "tiles_table.json and tiles_profile.png)")
-    p.add_argument("--no-bypass", action="store_true",
-                   help="never hand unreusable frames to the best dense runner")
-    p.add_argument("--adaptive", action="store_true",
-                   help="also bypass reusable frames while the dense runner measures faster")
-    p.add_argument("--quick", action="store_true",
-                   help="4 taus, 12 frames, 320x192 (tiles: a 2x2x2 knob grid, 30 frames, at "
-                        "--size)")
-    # --executor tiles (fluxshard.tiles.profile; its grids are named here, not imported: the
-    # tiles package imports torch, and a bad argument is refused before anything heavy loads)
-    p.add_argument("--thresholds", type=cli_common.positive_float, nargs="+", default=None,
-                   help="tiles: change thresholds to sweep, grey levels (default 4 6 8; --quick "
-                        "4 8)")
-    p.add_argument("--halos", type=cli_common.nonnegative_int, nargs="+", default=None,
-                   help="tiles: crop halos to sweep, pixels (default 16 32 48; --quick 16 32)")
-    p.add_argument("--refresh-intervals", type=cli_common.positive_int, nargs="+", default=None,
-                   help="tiles: full dense refresh intervals K to sweep, frames (default 15 30)")
-    p.add_argument("--min-map50-ratio", type=cli_common.fraction, default=0.99,
-                   help="tiles: a setting keeps accuracy while its mAP@0.5 / dense stays >= this")
-    p.add_argument("--min-map50-95-ratio", type=cli_common.fraction, default=0.97,
-                   help="tiles: ... and its mAP@0.5:0.95 / dense stays >= this")
-
-
-def run_accuracy(args) -> int:
-    import torch
-
-    torch.set_num_threads(getattr(args, "threads", None) or 2)  # once, here at the entry point
-    if getattr(args, "executor", "exact") == "tiles":
-        from fluxshard.tiles.profile import run_tiles_accuracy
-
-        return run_tiles_accuracy(args)
-    if args.quick:
-        args.taus, args.frames, args.size = [0.0, 0.06, 0.25, 0.6], 12, (320, 192)
-    args.frames = args.frames or 30
-    t0 = time.perf_counter()
-    table = profile_accuracy(args.weights, taus=args.taus, alpha=args.alpha, frames=args.frames,
-                             clips_per_level=args.clips_per_level, width=args.size[0],
-                             height=args.size[1], strict_rfap=args.strict_rfap,
-                             grid_snap=args.grid_snap, out_dir=args.out,
-                             bypass=not args.no_bypass, adaptive=args.adaptive,
-                             metric=args.metric)
-    ex = table.executor
-    print(f"\nbest dense: {ex['best_dense']} {ex['dense_ms']:.1f} ms at {ex['size'][0]}x"
-          f"{ex['size'][1]}, {ex['threads']} threads")
-    print(f"\nchosen: largest tau keeping {METRIC_NAMES[table.metric]} >= {table.alpha} x dense")
-    print(f"\n| level | motion (px) | chosen tau | mAP@0.5 / dense | mAP@0.5:0.95 / dense |"
-          f" cache hit | speedup |\n|---|---|---|---|---|---|---|")
-    for lv in table.levels:
-        print(f"| {lv['name']} | {lv['motion']:.2f} | {lv['tau']} | {lv['map50']:.3f} / "
-              f"{lv['dense_map50']:.3f} | {lv['map50_95']:.3f} / {lv['dense_map50_95']:.3f} | "
-              f"{lv['cache_hit']:.3f} | {lv['speedup']:.2f}x |")
-    print(f"\n| level | tau | mAP@0.5 / dense | mAP@0.5:0.95 / dense | cache hit | bypassed | ms |"
-          f" speedup |\n|---|---|---|---|---|---|---|---|")
-    for p in table.sweep:
-        print(f"| {p['level']} | {p['tau']} | {p['map50'] / max(p['dense_map50'], 1e-9):.3f} | "
-              f"{p['map50_95'] / max(p['dense_map50_95'], 1e-9):.3f} | {p['cache_hit']:.3f} | "
-              f"{p['bypassed']:.2f} | {p['sparse_ms']:.1f} | {p['speedup']:.2f}x |")
-    print(f"\ntable: {args.out / 'truncation_table.json'}  plot: {args.out / 'truncation_profile.png'}"
-          f"  ({time.perf_counter() - t0:.0f} s)")
-    return 0

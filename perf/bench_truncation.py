@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fluxshard.truncation import add_accuracy_arguments, run_accuracy
+from fluxshard.tools.profile import add_accuracy_arguments, run_accuracy
 
 
 def main(argv: list[str] | None = None) -> int:

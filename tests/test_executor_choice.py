@@ -293,7 +293,7 @@ def test_edge_table_follows_the_executor_and_old_profiles_still_load(tmp_path):
 
 def test_profile_latency_measures_tiles_against_crop_area(tmp_path):
     from fluxshard.cli import main
-    from fluxshard.profile import profile_latency
+    from fluxshard.tools.profile import profile_latency
 
     path = tmp_path / "latency.json"
     assert main(["profile", "latency", "--size", "160", "96", "--fractions", "0", "0.1", "1",

@@ -162,7 +162,7 @@ def test_run_refuses_bad_input_clearly(tmp_path, capsys):
 
 def test_profile_latency_writes_a_table_the_dispatcher_loads(tritonserver, tmp_path):
     from fluxshard.cli import main
-    from fluxshard.profile import profile_latency
+    from fluxshard.tools.profile import profile_latency
     from fluxshard_client import Dispatcher, LatencyProfile
 
     path = tmp_path / "latency.json"

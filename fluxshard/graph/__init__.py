@@ -14,7 +14,7 @@ __all__ = sorted(_FROM)
 
 def __getattr__(name: str):
     # loaded on first use: these modules pull in onnx and torch, which `fluxshard export --help`
-    # (fluxshard.graph.cli) and its argument checks should not wait for
+    # (fluxshard.tools.export) and its argument checks should not wait for
     if name not in _FROM:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     value = getattr(importlib.import_module(_FROM[name], __name__), name)

@@ -398,13 +398,6 @@ def plot_tiles_table(table: TilesTable, path: str | Path) -> Path:
     return path
 
 
-def tiles_grid(args) -> dict:
-    base = QUICK_GRID if args.quick else DEFAULT_GRID
-    return {"threshold": tuple(args.thresholds or base["threshold"]),
-            "halo": tuple(args.halos or base["halo"]),
-            "refresh_interval": tuple(args.refresh_intervals or base["refresh_interval"])}
-
-
 def print_tiles_table(table: TilesTable) -> None:
     ex = table.executor
     floors = table.thresholds
@@ -431,33 +424,6 @@ def print_tiles_table(table: TilesTable) -> None:
               f"{level['speedup']:.2f}x | {'yes' if level['meets_accuracy'] else 'NO'} |")
 
 
-def run_tiles_accuracy(args) -> int:
-    """`fluxshard profile accuracy --executor tiles`: sweep, print, write table and plot."""
-    import sys
-
-    from fluxshard.models import load_model
-
-    frames = args.frames or (QUICK_FRAMES if args.quick else DEFAULT_FRAMES)
-    t0 = time.perf_counter()
-    try:
-        model = load_model(args.weights, fused=True)
-        table = sweep_tiles(model, grid=tiles_grid(args), frames=frames, width=args.size[0],
-                            height=args.size[1], clips_per_level=args.clips_per_level,
-                            threads=getattr(args, "threads", None) or 2,
-                            min_map50_ratio=args.min_map50_ratio,
-                            min_map50_95_ratio=args.min_map50_95_ratio, weights=args.weights,
-                            progress=not getattr(args, "no_progress", False))
-    except (ValueError, RuntimeError, FileNotFoundError, NotImplementedError) as e:
-        print(f"fluxshard profile accuracy --executor tiles: {e}", file=sys.stderr)
-        return 1
-    out = Path(args.out)
-    table_path = table.save(out / TABLE_NAME)
-    plot_path = plot_tiles_table(table, out / PLOT_NAME)
-    print_tiles_table(table)
-    print(f"\ntable: {table_path}  plot: {plot_path}  ({time.perf_counter() - t0:.0f} s)")
-    return 0
-
-
 __all__ = ["DEFAULT_GRID", "QUICK_GRID", "ProfiledTileExecutor", "TilesTable",
-           "choose_setting", "expand_grid", "plot_tiles_table", "run_tiles_accuracy",
+           "choose_setting", "expand_grid", "plot_tiles_table",
            "sweep_tiles", "tile_knobs"]

@@ -1,2 +1,2 @@
 """Training the demo YOLO11 weights on synthetic scenes: losses (``loss``), data (``data``), the
-resumable loop (``trainer``) and the ``fluxshard train-demo`` verb (``cli``)."""
+resumable loop (``trainer``); the ``fluxshard train-demo`` verb is fluxshard.tools.train_demo."""

@@ -1,21 +1,20 @@
-"""`fluxshard motion CLIP... [--out DIR]`: decode each clip through the motion layer, keep one
-endpoint's dispatch state (reset on key frames and every ``--reset-every`` frames, as if that
-endpoint ran inference then), print a per-clip table and plot per-frame motion statistic,
-residual fraction and motion path."""
+"""Motion and residual statistics of clips (`fluxshard motion`, fluxshard.tools.motion): each clip
+decoded through the motion layer with one endpoint's dispatch state (reset on key frames and every
+``reset_every`` frames, as if that endpoint ran inference then); a per-clip table, per-frame JSON
+and a plot of motion statistic, residual fraction and motion path."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from fluxshard import cli_common
 from fluxshard.motion.decode import MOTION_SOURCES, iter_motion
 from fluxshard.motion.field import motion_statistic
 from fluxshard.motion.state import RESIDUAL_BLOCK, EndpointState
-from fluxshard.tau import DEFAULT_TAU, TauPolicy, tau_argument
+from fluxshard.tau import DEFAULT_TAU, TauPolicy
+
 DEFAULT_RESET_EVERY = 10
 
 
@@ -133,31 +132,3 @@ def run(clips: list[str], out: Path, *, tau: float = DEFAULT_TAU,
     for r in rows:
         print(f"plot: {r['plot']}")
     return rows
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser("motion", help="motion and residual statistics of a clip",
-                              description=cli_common.describe(__doc__))
-    p.add_argument("clips", nargs="+", metavar="CLIP", type=cli_common.video_source,
-                   help="video file(s) or URL(s)")
-    p.add_argument("--out", type=cli_common.output_folder, default=Path("out/motion"),
-                   help="folder for the plots and per-clip JSON")
-    p.add_argument("--tau", type=tau_argument, default=DEFAULT_TAU,
-                   help="tau on the [0, 1] input scale (fluxshard.tau): a block is residual when "
-                        "its max abs difference exceeds tau * 255 grey levels (default: 40/255)")
-    p.add_argument("--reset-every", type=cli_common.positive_int, default=DEFAULT_RESET_EVERY,
-                   help="reset the endpoint state every N frames (and on key frames)")
-    p.add_argument("--no-validate", action="store_true",
-                   help="trust codec vectors without checking them against the previous frame")
-    p.add_argument("--max-frames", type=cli_common.positive_int, default=None,
-                   help="decode at most this many frames per clip (default: all)")
-    p.set_defaults(func=_main)
-
-
-def _main(args: argparse.Namespace) -> int:
-    # a clip that cannot be decoded is a runtime failure (exit 1, fluxshard.cli) that leaves
-    # no plots behind
-    with cli_common.clean_up_on_failure(args.out):
-        run(args.clips, args.out, tau=args.tau, reset_every=args.reset_every,
-            validate=not args.no_validate, max_frames=args.max_frames)
-    return 0

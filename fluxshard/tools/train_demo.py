@@ -13,9 +13,10 @@ import sys
 from pathlib import Path
 
 from fluxshard import cli_common
+from fluxshard.tools import args as shared
 
 DEFAULT_WORKDIR = Path("runs/train-demo")
-WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights"  # fluxshard/weights
 DEFAULT_OUT = {"detect": WEIGHTS_DIR / "yolo11n-detect-demo.pt",
                "segment": WEIGHTS_DIR / "yolo11n-seg-demo.pt"}
 
@@ -48,16 +49,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--optimizer", choices=["adamw", "sgd"], default=None,
                    help="optimizer (default: adamw)")
     p.add_argument("--seed", type=int, default=0, help="random seed (data and initialisation)")
-    p.add_argument("--threads", type=pos_int, default=2, help="torch threads")
+    shared.add_threads(p, default=2)
     p.add_argument("--fresh", action="store_true", help="discard an existing checkpoint")
     p.add_argument("--quick", action="store_true",
                    help="a few-minute smoke run (tiny data, 2 epochs); writes into the workdir")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm bars (for log files)")
+    shared.add_no_progress(p, help="no tqdm bars (for log files)")
     p.set_defaults(func=main)
 
 
 def config_for(task: str, args: argparse.Namespace):
-    from .trainer import TrainConfig
+    from fluxshard.train.trainer import TrainConfig
 
     overrides = {"epochs": args.epochs, "batch": args.batch, "crop": args.crop,
                  "train_scenes": args.train_scenes, "frames_per_scene": args.frames_per_scene,
@@ -74,7 +75,7 @@ def config_for(task: str, args: argparse.Namespace):
 def main(args: argparse.Namespace) -> int:
     import torch
 
-    from .trainer import Trainer
+    from fluxshard.train.trainer import Trainer
 
     torch.set_num_threads(args.threads)  # once, here at the entry point
 

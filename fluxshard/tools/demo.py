@@ -4,21 +4,12 @@ dispatch every frame, write detections, annotated video, report and summary into
 
 from __future__ import annotations
 
-import argparse
-
 from fluxshard import cli_common
+from fluxshard.tools.run import add_run_arguments, main
 
 
 def register(subparsers) -> None:
-    from edge_runtime.run import add_run_arguments
-
     p = subparsers.add_parser("demo", help="run the main job on the embedded default",
                               description=cli_common.describe(__doc__))
     add_run_arguments(p, demo_default=True, out_default="out/demo")
-    p.set_defaults(func=_main)
-
-
-def _main(args: argparse.Namespace) -> int:
-    from edge_runtime.run import main
-
-    return main(args)
+    p.set_defaults(func=main)

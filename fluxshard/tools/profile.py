@@ -22,9 +22,10 @@ from pathlib import Path
 import numpy as np
 
 from fluxshard import cli_common
+from fluxshard.tools import args as shared
+from fluxshard.tools.args import EDGE_EXECUTORS
 
 DEFAULT_FRACTIONS = (0.0, 0.05, 0.1, 0.25, 0.5, 1.0)
-EDGE_EXECUTORS = ("exact", "tiles", "dense")
 
 
 # ------------------------------------------------------------------------------ latency tables
@@ -199,26 +200,22 @@ def _cloud_url(cloud_url: str | None, weights=None):
 def _add_latency_arguments(p: argparse.ArgumentParser) -> None:
     from fluxshard_client.dispatch import DEFAULT_PROFILE_PATH
 
-    from fluxshard import cli_common
-
     p.add_argument("--out", type=Path, default=DEFAULT_PROFILE_PATH, help="JSON file to write")
-    p.add_argument("--size", type=cli_common.even_int, nargs=2, default=(640, 384),
-                   metavar=("W", "H"), help="frame size the tables are measured at")
-    p.add_argument("--weights", default=None,
-                   help="detector to profile: our checkpoint, an ultralytics state dict or "
-                        "converted .pt (default: embedded demo detector)")
+    shared.add_size(p, help="frame size the tables are measured at")
+    shared.add_weights(p, help="detector to profile: our checkpoint, an ultralytics state dict "
+                               "or converted .pt (default: embedded demo detector)")
     p.add_argument("--fractions", type=cli_common.fraction, nargs="+",
                    default=list(DEFAULT_FRACTIONS),
                    help="active residual-block fractions to measure")
     p.add_argument("--repeats", type=cli_common.positive_int, default=5,
                    help="runs per fraction (median kept)")
-    p.add_argument("--cloud-url", type=cli_common.host_port, default=None,
-                   help="gRPC host:port of the cloud (default: start a local tritonserver)")
+    shared.add_cloud_url(p, help="gRPC host:port of the cloud (default: start a local "
+                                 "tritonserver)")
     p.add_argument("--executors", nargs="+", choices=EDGE_EXECUTORS, default=list(EDGE_EXECUTORS),
                    help="edge executors to profile (exact always: it is the `edge` table)")
     p.add_argument("--no-cloud", action="store_true",
                    help="edge table only; keep the built-in cloud table")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    shared.add_no_progress(p)
 
 
 def _run_latency(args: argparse.Namespace) -> int:
@@ -254,16 +251,133 @@ def _run_latency(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- accuracy (tau)
 
-def _add_accuracy_arguments(p: argparse.ArgumentParser) -> None:
-    from fluxshard.truncation import add_accuracy_arguments
+def add_accuracy_arguments(p: argparse.ArgumentParser) -> None:
+    """`fluxshard profile accuracy`'s options (also perf/bench_truncation.py's)."""
+    from fluxshard.tau import METRICS, tau_argument
+    from fluxshard.truncation import DEFAULT_TAUS
 
-    add_accuracy_arguments(p)
+    shared.add_weights(p, help="checkpoint (default: embedded demo detector)")
+    p.add_argument("--alpha", type=cli_common.positive_float, default=0.99,
+                   help="a tau is feasible while its accuracy stays >= alpha x dense accuracy")
+    p.add_argument("--metric", choices=METRICS, default=METRICS[0],
+                   help="the accuracy a tau must keep >= alpha x dense (default: %(default)s)")
+    p.add_argument("--taus", type=tau_argument, nargs="+", default=list(DEFAULT_TAUS),
+                   help="taus to sweep, on the [0, 1] input scale (fluxshard.tau; rounded to "
+                        "whole grey levels)")
+    shared.add_executor(p, choices=("exact", "tiles"),
+                        help="what to profile: exact (tau per motion level, the truncation table) "
+                             "or tiles (the tile executor's knobs per motion level, the tiles "
+                             "table; fluxshard.tiles.profile)")
+    p.add_argument("--frames", type=cli_common.positive_int, default=None,
+                   help="frames per held-out clip (default 30; tiles: 60, --quick 30)")
+    p.add_argument("--clips-per-level", type=cli_common.positive_int, default=1,
+                   help="held-out synthetic clips per motion level")
+    shared.add_size(p, help="clip size")
+    p.add_argument("--strict-rfap", action="store_true",
+                   help="RFAP Cond. 1 at every spatial layer (less reuse, exact receptive fields)")
+    p.add_argument("--grid-snap", action="store_true",
+                   help="relax RFAP Cond. 2 to the nearest grid displacement (reuse under pans)")
+    p.add_argument("--out", type=cli_common.output_folder, default=Path("out/profile"),
+                   help="folder for truncation_table.json and truncation_profile.png (tiles: "
+                        "tiles_table.json and tiles_profile.png)")
+    p.add_argument("--no-bypass", action="store_true",
+                   help="never hand unreusable frames to the best dense runner")
+    p.add_argument("--adaptive", action="store_true",
+                   help="also bypass reusable frames while the dense runner measures faster")
+    p.add_argument("--quick", action="store_true",
+                   help="4 taus, 12 frames, 320x192 (tiles: a 2x2x2 knob grid, 30 frames, at "
+                        "--size)")
+    # --executor tiles (fluxshard.tiles.profile; its grids are named here, not imported: the
+    # tiles package imports torch, and a bad argument is refused before anything heavy loads)
+    p.add_argument("--thresholds", type=cli_common.positive_float, nargs="+", default=None,
+                   help="tiles: change thresholds to sweep, grey levels (default 4 6 8; --quick "
+                        "4 8)")
+    p.add_argument("--halos", type=cli_common.nonnegative_int, nargs="+", default=None,
+                   help="tiles: crop halos to sweep, pixels (default 16 32 48; --quick 16 32)")
+    p.add_argument("--refresh-intervals", type=cli_common.positive_int, nargs="+", default=None,
+                   help="tiles: full dense refresh intervals K to sweep, frames (default 15 30)")
+    p.add_argument("--min-map50-ratio", type=cli_common.fraction, default=0.99,
+                   help="tiles: a setting keeps accuracy while its mAP@0.5 / dense stays >= this")
+    p.add_argument("--min-map50-95-ratio", type=cli_common.fraction, default=0.97,
+                   help="tiles: ... and its mAP@0.5:0.95 / dense stays >= this")
 
 
-def _run_accuracy(args: argparse.Namespace) -> int:
-    from fluxshard.truncation import run_accuracy
+def run_accuracy(args: argparse.Namespace) -> int:
+    """`fluxshard profile accuracy`: sweep, print, write the table and its plot."""
+    import torch
 
-    return run_accuracy(args)
+    from fluxshard.truncation import METRIC_NAMES, profile_accuracy
+
+    torch.set_num_threads(getattr(args, "threads", None) or 2)  # once, here at the entry point
+    if getattr(args, "executor", "exact") == "tiles":
+        return run_tiles_accuracy(args)
+    if args.quick:
+        args.taus, args.frames, args.size = [0.0, 0.06, 0.25, 0.6], 12, (320, 192)
+    args.frames = args.frames or 30
+    t0 = time.perf_counter()
+    table = profile_accuracy(args.weights, taus=args.taus, alpha=args.alpha, frames=args.frames,
+                             clips_per_level=args.clips_per_level, width=args.size[0],
+                             height=args.size[1], strict_rfap=args.strict_rfap,
+                             grid_snap=args.grid_snap, out_dir=args.out,
+                             bypass=not args.no_bypass, adaptive=args.adaptive,
+                             metric=args.metric)
+    ex = table.executor
+    print(f"\nbest dense: {ex['best_dense']} {ex['dense_ms']:.1f} ms at {ex['size'][0]}x"
+          f"{ex['size'][1]}, {ex['threads']} threads")
+    print(f"\nchosen: largest tau keeping {METRIC_NAMES[table.metric]} >= {table.alpha} x dense")
+    print(f"\n| level | motion (px) | chosen tau | mAP@0.5 / dense | mAP@0.5:0.95 / dense |"
+          f" cache hit | speedup |\n|---|---|---|---|---|---|---|")
+    for lv in table.levels:
+        print(f"| {lv['name']} | {lv['motion']:.2f} | {lv['tau']} | {lv['map50']:.3f} / "
+              f"{lv['dense_map50']:.3f} | {lv['map50_95']:.3f} / {lv['dense_map50_95']:.3f} | "
+              f"{lv['cache_hit']:.3f} | {lv['speedup']:.2f}x |")
+    print(f"\n| level | tau | mAP@0.5 / dense | mAP@0.5:0.95 / dense | cache hit | bypassed | ms |"
+          f" speedup |\n|---|---|---|---|---|---|---|---|")
+    for p in table.sweep:
+        print(f"| {p['level']} | {p['tau']} | {p['map50'] / max(p['dense_map50'], 1e-9):.3f} | "
+              f"{p['map50_95'] / max(p['dense_map50_95'], 1e-9):.3f} | {p['cache_hit']:.3f} | "
+              f"{p['bypassed']:.2f} | {p['sparse_ms']:.1f} | {p['speedup']:.2f}x |")
+    print(f"\ntable: {args.out / 'truncation_table.json'}  plot: {args.out / 'truncation_profile.png'}"
+          f"  ({time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+def run_tiles_accuracy(args) -> int:
+    """`fluxshard profile accuracy --executor tiles`: sweep, print, write table and plot."""
+    from fluxshard.models import load_model
+    from fluxshard.tiles.profile import (DEFAULT_FRAMES, PLOT_NAME, QUICK_FRAMES, TABLE_NAME,
+                                         plot_tiles_table, print_tiles_table, sweep_tiles)
+
+    frames = args.frames or (QUICK_FRAMES if args.quick else DEFAULT_FRAMES)
+    t0 = time.perf_counter()
+    try:
+        model = load_model(args.weights, fused=True)
+        table = sweep_tiles(model, grid=tiles_grid(args), frames=frames, width=args.size[0],
+                            height=args.size[1], clips_per_level=args.clips_per_level,
+                            threads=getattr(args, "threads", None) or 2,
+                            min_map50_ratio=args.min_map50_ratio,
+                            min_map50_95_ratio=args.min_map50_95_ratio, weights=args.weights,
+                            progress=not getattr(args, "no_progress", False))
+    except (ValueError, RuntimeError, FileNotFoundError, NotImplementedError) as e:
+        print(f"fluxshard profile accuracy --executor tiles: {e}", file=sys.stderr)
+        return 1
+    out = Path(args.out)
+    table_path = table.save(out / TABLE_NAME)
+    plot_path = plot_tiles_table(table, out / PLOT_NAME)
+    print_tiles_table(table)
+    print(f"\ntable: {table_path}  plot: {plot_path}  ({time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+def tiles_grid(args: argparse.Namespace) -> dict:
+    """The knob grid --thresholds/--halos/--refresh-intervals ask for, the rest from --quick's
+    or the default grid."""
+    from fluxshard.tiles.profile import DEFAULT_GRID, QUICK_GRID
+
+    base = QUICK_GRID if args.quick else DEFAULT_GRID
+    return {"threshold": tuple(args.thresholds or base["threshold"]),
+            "halo": tuple(args.halos or base["halo"]),
+            "refresh_interval": tuple(args.refresh_intervals or base["refresh_interval"])}
 
 
 # sub-verb -> (help, add arguments, run). A sub-verb whose module cannot be imported reports that
@@ -272,7 +386,7 @@ SUB_VERBS = {
     "latency": ("latency tables (edge/cloud vs active residual fraction) for the dispatcher",
                 _add_latency_arguments, _run_latency),
     "accuracy": ("truncation table: largest tau per motion level within alpha x dense accuracy",
-                 _add_accuracy_arguments, _run_accuracy),
+                 add_accuracy_arguments, run_accuracy),
 }
 
 

@@ -1,0 +1,115 @@
+"""The argument groups several verbs share, each defined once (polygraphy's ``args`` idea): the
+model and its weights, tau, the cloud (URL, TLS, auth header), the edge executor, threads, the
+frame size and the progress bar.
+
+A group adds its options to a verb's parser with the verb's own help text where the verbs word it
+differently (``fluxshard VERB --help`` is what users read, so it says what the option means for
+that verb); types, defaults and metavars come from here. Nothing heavy is imported: bad input is
+refused while the command line is parsed, before torch loads or a server starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from fluxshard import cli_common
+from fluxshard.tau import tau_argument
+
+EDGE_EXECUTORS = ("exact", "tiles", "dense")  # fluxshard.serving.session.EXECUTORS
+
+# ----------------------------------------------------------------------------- model and weights
+
+WEIGHTS_HELP = ("the detector: our checkpoint, an ultralytics state dict or converted .pt; class "
+                "names and count come from it, and a local tritonserver serves it too (default: "
+                "embedded demo detector)")
+
+
+def add_weights(p: argparse.ArgumentParser, help: str = WEIGHTS_HELP) -> None:
+    """``--weights``: the detector (None: the embedded demo one, fluxshard.models.weights)."""
+    p.add_argument("--weights", default=None, help=help)
+
+
+# ------------------------------------------------------------------------------------------ tau
+
+TAU_HELP = ("tau on the [0, 1] input scale, rounded to whole grey levels: picks the residual "
+            "blocks and is the executors' truncation threshold, at the edge and in the cloud "
+            "(default: 40/255)")
+
+
+def add_tau(p: argparse.ArgumentParser, default: float | None = None, help: str = TAU_HELP,
+            table: bool = False) -> None:
+    """``--tau`` (fluxshard.tau's unit), and with ``table`` the ``--tau-table`` that sets it per
+    motion level instead."""
+    p.add_argument("--tau", type=tau_argument, default=default, help=help)
+    if table:
+        p.add_argument("--tau-table", type=cli_common.existing_file, default=None,
+                       help="truncation table (fluxshard profile accuracy): tau per motion level")
+
+
+# ---------------------------------------------------------------------------------------- cloud
+
+CLOUD_URL_HELP = ("gRPC host:port of a running `fluxshard serve` (default: start a local "
+                  "tritonserver)")
+
+
+def add_cloud_url(p: argparse.ArgumentParser, help: str = CLOUD_URL_HELP) -> None:
+    """``--cloud-url HOST:PORT`` (None: the verb starts a local tritonserver)."""
+    p.add_argument("--cloud-url", type=cli_common.host_port, default=None, help=help)
+
+
+def add_cloud_connection(p: argparse.ArgumentParser) -> None:
+    """How a client reaches a ``fluxshard serve --tls-* --auth-header`` cloud: ``--tls-ca``,
+    ``--tls-cert``, ``--tls-key``, ``--auth-header`` (FluxShardClient's TLS and headers)."""
+    p.add_argument("--tls-ca", type=cli_common.existing_file, default=None,
+                   help="--cloud-url over TLS: PEM CA certificate to trust (the server's, or "
+                        "its signer's)")
+    p.add_argument("--tls-cert", type=cli_common.existing_file, default=None,
+                   help="PEM client certificate for mutual TLS (needs --tls-key and --tls-ca)")
+    p.add_argument("--tls-key", type=cli_common.existing_file, default=None,
+                   help="PEM private key of --tls-cert")
+    add_auth_header(p, "the header a `fluxshard serve --auth-header KEY=VALUE` cloud requires")
+
+
+def add_auth_header(p: argparse.ArgumentParser, help: str) -> None:
+    """``--auth-header KEY=VALUE``: what a client sends, or what a server requires."""
+    from fluxshard.serving.tritonserver import auth_header  # stdlib-only at import
+
+    p.add_argument("--auth-header", type=auth_header, default=None, metavar="KEY=VALUE",
+                   help=help)
+
+
+# ------------------------------------------------------------------------------------- executor
+
+def add_executor(p: argparse.ArgumentParser, help: str, default: str | None = "exact",
+                 choices: tuple[str, ...] = EDGE_EXECUTORS) -> None:
+    """``--executor``: what computes the model (exact: the sparse executor, tiles: the v2 tile
+    executor, dense: the fastest dense engine)."""
+    p.add_argument("--executor", choices=choices, default=default, help=help)
+
+
+def add_threads(p: argparse.ArgumentParser, default: int, help: str = "torch threads") -> None:
+    """``--threads``: torch's intra-op threads, set once by the verb (the entry point)."""
+    p.add_argument("--threads", type=cli_common.positive_int, default=default, help=help)
+
+
+# ----------------------------------------------------------------------------- frames, progress
+
+def add_size(p: argparse.ArgumentParser, help: str, default=(640, 384),
+             type=cli_common.even_int) -> None:
+    """``--size W H``: the frame size (even sides by default: yuv420p clips)."""
+    p.add_argument("--size", type=type, nargs=2, default=default, metavar=("W", "H"), help=help)
+
+
+def add_no_progress(p: argparse.ArgumentParser, help: str = "no progress bar") -> None:
+    p.add_argument("--no-progress", action="store_true", help=help)
+
+
+def uplink_quality(text: str) -> int:
+    """--uplink-quality: an x264 crf the uplink accepts."""
+    from fluxshard.uplink_h264 import CRF_RANGE
+
+    value = cli_common.positive_int(text)
+    if not CRF_RANGE[0] <= value <= CRF_RANGE[1]:
+        raise argparse.ArgumentTypeError(f"must be a crf in {CRF_RANGE[0]}..{CRF_RANGE[1]}, "
+                                         f"got {value}")
+    return value
