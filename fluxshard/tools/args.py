@@ -57,17 +57,37 @@ def add_cloud_url(p: argparse.ArgumentParser, help: str = CLOUD_URL_HELP) -> Non
     p.add_argument("--cloud-url", type=cli_common.host_port, default=None, help=help)
 
 
+# (option, help) of the PEM files each side of a TLS connection takes
+CLIENT_TLS = (
+    ("--tls-ca", "--cloud-url over TLS: PEM CA certificate to trust (the server's, or its "
+                 "signer's)"),
+    ("--tls-cert", "PEM client certificate for mutual TLS (needs --tls-key and --tls-ca)"),
+    ("--tls-key", "PEM private key of --tls-cert"))
+SERVER_TLS = (
+    ("--tls-cert", "PEM server certificate: gRPC over TLS (needs --tls-key)"),
+    ("--tls-key", "PEM private key of --tls-cert"),
+    ("--tls-root", "PEM CA certificate clients must present a certificate of (mutual TLS)"))
+
+
 def add_cloud_connection(p: argparse.ArgumentParser) -> None:
     """How a client reaches a ``fluxshard serve --tls-* --auth-header`` cloud: ``--tls-ca``,
     ``--tls-cert``, ``--tls-key``, ``--auth-header`` (FluxShardClient's TLS and headers)."""
-    p.add_argument("--tls-ca", type=cli_common.existing_file, default=None,
-                   help="--cloud-url over TLS: PEM CA certificate to trust (the server's, or "
-                        "its signer's)")
-    p.add_argument("--tls-cert", type=cli_common.existing_file, default=None,
-                   help="PEM client certificate for mutual TLS (needs --tls-key and --tls-ca)")
-    p.add_argument("--tls-key", type=cli_common.existing_file, default=None,
-                   help="PEM private key of --tls-cert")
+    _add_pem_files(p, CLIENT_TLS)
     add_auth_header(p, "the header a `fluxshard serve --auth-header KEY=VALUE` cloud requires")
+
+
+def add_server_security(p: argparse.ArgumentParser) -> None:
+    """What `fluxshard serve` requires of its clients: TLS (``--tls-cert``, ``--tls-key``,
+    ``--tls-root`` for mutual TLS) and an ``--auth-header``."""
+    _add_pem_files(p, SERVER_TLS)
+    add_auth_header(p, "requests other than health checks must carry this header (clients: "
+                       "`fluxshard run --auth-header KEY=VALUE`, "
+                       "FluxShardClient(headers=auth_headers(KEY, VALUE)))")
+
+
+def _add_pem_files(p: argparse.ArgumentParser, options) -> None:
+    for flag, help in options:
+        p.add_argument(flag, type=cli_common.existing_file, default=None, help=help)
 
 
 def add_auth_header(p: argparse.ArgumentParser, help: str) -> None:

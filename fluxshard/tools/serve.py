@@ -49,15 +49,7 @@ def register(subparsers) -> None:
     p.add_argument("--exit-timeout", type=cli_common.int_range(0, 3600), default=5,
                    help="seconds a graceful stop waits for in-flight frames (Triton counts every "
                         "open stream as one)")
-    p.add_argument("--tls-cert", type=cli_common.existing_file, default=None,
-                   help="PEM server certificate: gRPC over TLS (needs --tls-key)")
-    p.add_argument("--tls-key", type=cli_common.existing_file, default=None,
-                   help="PEM private key of --tls-cert")
-    p.add_argument("--tls-root", type=cli_common.existing_file, default=None,
-                   help="PEM CA certificate clients must present a certificate of (mutual TLS)")
-    shared.add_auth_header(p, help="requests other than health checks must carry this header "
-                                   "(clients: `fluxshard run --auth-header KEY=VALUE`, "
-                                   "FluxShardClient(headers=auth_headers(KEY, VALUE)))")
+    shared.add_server_security(p)
     p.set_defaults(func=_serve)
 
 
