@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fluxshard.motion.field import align_image  # the motion layer owns alignment semantics
+from fluxshard.motion.field import warp  # the motion layer owns alignment semantics
 from fluxshard.wire import Codec, Request, block_view, cache_digest
 
 
@@ -28,9 +28,11 @@ class ResyncNeeded(RuntimeError):
         self.reason = reason
 
 
-def rebuild_input(cache: np.ndarray | None, request: Request) -> np.ndarray:
+def rebuild_input(cache: np.ndarray | None, request: Request,
+                  aligned: np.ndarray | None = None) -> np.ndarray:
     """The new input cache after ``request``: the key frame itself, or ``cache`` aligned with the
-    request's field and overwritten by its residual blocks. Never modifies ``cache``."""
+    request's field and overwritten by its residual blocks. Never modifies ``cache``.
+    ``aligned``: ``cache`` already warped with the request's field (a sender's residual set)."""
     if request.key:
         return request.frame
     if cache is None:
@@ -38,7 +40,8 @@ def rebuild_input(cache: np.ndarray | None, request: Request) -> np.ndarray:
     if cache.shape != (request.height, request.width, 3):
         raise ResyncNeeded(f"frame size {request.height}x{request.width} differs from the cached "
                            f"{cache.shape[0]}x{cache.shape[1]}")
-    aligned, _valid = align_image(cache, request.field)
+    if aligned is None:
+        aligned = warp(cache, request.field)
     b = request.block
     padded = np.zeros((-(-request.height // b) * b, -(-request.width // b) * b, 3), np.uint8)
     padded[:request.height, :request.width] = aligned
@@ -59,10 +62,11 @@ class ReceiveState:
     # then holds the frame it sent as its cache: the reference its next residual is measured to)
     pixels: bool = True
 
-    def apply(self, request: Request) -> np.ndarray:
+    def apply(self, request: Request, aligned: np.ndarray | None = None) -> np.ndarray:
         """Check order, rebuild, commit; returns the new cache. A failed apply leaves the state as
         it was (an H.264 decoder that failed is dropped: the next frame must be an IDR). An H.264
-        request gets its decoded ``frame``, ``field`` and ``residual_mask`` filled in."""
+        request gets its decoded ``frame``, ``field`` and ``residual_mask`` filled in.
+        ``aligned``: the cache already warped with the request's field (see rebuild_input)."""
         if request.codec == Codec.H264:
             return self._apply_h264(request)
         if not request.key:
@@ -71,7 +75,7 @@ class ReceiveState:
             if request.frame_index <= self.frame_index:
                 raise ResyncNeeded(f"frame {request.frame_index} is out of order (last applied "
                                    f"frame {self.frame_index})")
-        new_cache = rebuild_input(self.cache, request)
+        new_cache = rebuild_input(self.cache, request, aligned)
         self.cache, self.frame_index = new_cache, request.frame_index
         self.digest = cache_digest(new_cache)
         return new_cache
@@ -130,13 +134,3 @@ def _any_in_blocks(mask: np.ndarray, factor: int) -> np.ndarray:
     padded[:h, :w] = mask
     return padded.reshape(padded.shape[0] // factor, factor, -1, factor).any(axis=(1, 3))
 
-
-def invalid_blocks(cache: np.ndarray, field: np.ndarray, block: int) -> np.ndarray:
-    """(Hr, Wr) bool: residual blocks holding a pixel whose source lies outside the cached frame.
-    Such pixels have no aligned value, so their blocks must always travel."""
-    h, w = cache.shape[:2]
-    _, valid = align_image(cache, field)
-    hr, wr = -(-h // block), -(-w // block)
-    padded = np.ones((hr * block, wr * block), bool)
-    padded[:h, :w] = valid
-    return ~padded.reshape(hr, block, wr, block).all(axis=(1, 3))

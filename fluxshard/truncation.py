@@ -36,16 +36,17 @@ def edge_path_outputs(executor, video, tau: float):
     decoded frames -> residual blocks at ``tau`` -> the assembled input -> ``executor``
     truncating with the same tau. Yields (MotionFrame, assembled image, model input, model
     output, FrameReport, key)."""
+    from fluxshard.endpoint import EndpointPath
     from fluxshard.models import preprocess
-    from fluxshard.motion import EdgePath, iter_motion
+    from fluxshard.motion import iter_motion
     from fluxshard.sparse import StreamState
 
-    path, stream = EdgePath(tau), StreamState()
+    path, stream = EndpointPath(tau), StreamState()
     for mf in iter_motion(video):
-        image, field, key = path.step(mf)
-        x = preprocess(image, device=executor.device)
-        out, report = executor.run(stream, x, field, key=key, tau=path.tau)
-        yield mf, image, x, out, report, key
+        step = path.step_decoded(mf)
+        x = preprocess(step.image, device=executor.device)
+        out, report = executor.run(stream, x, step.field, key=step.key, tau=step.tau)
+        yield mf, step.image, x, out, report, step.key
 
 
 def bound_levels(levels: list[dict]) -> list[dict]:

@@ -1,8 +1,9 @@
 """One camera stream through FluxShard: motion-aware residuals, per-frame edge/cloud dispatch.
 
 :class:`FluxShardStream` follows v1 Algorithm 1 (shared/DESIGN.md steps 2-5). It keeps one
-:class:`fluxshard.motion.EndpointState` per endpoint (edge, cloud): the input that endpoint last
-ran on and the motion accumulated since. Per frame both states accumulate the frame's motion field,
+:class:`fluxshard.endpoint.EndpointPath` per endpoint (edge, cloud): the input that endpoint last
+ran on and the motion accumulated since (a remote endpoint's path shares its transport's uplink
+and mirror). Per frame both states accumulate the frame's motion field,
 each computes its residual block set at the dispatch tau, the :class:`Dispatcher` picks the
 endpoint, the chosen one runs and resets its state with the input it ran on, the other keeps
 accumulating (so when it runs again it gets a residual frame, not a key frame).
@@ -27,7 +28,8 @@ from typing import AsyncIterator, Iterator
 import numpy as np
 
 from fluxshard import wire
-from fluxshard.motion.state import EndpointState, ResidualSet
+from fluxshard.endpoint import EndpointPath
+from fluxshard.motion.state import ResidualSet
 from fluxshard.tau import DEFAULT_TAU, TauPolicy, TruncationTable
 
 from .dispatch import (BandwidthEstimator, Decision, Dispatcher, LatencyProfile,
@@ -139,8 +141,8 @@ class RemoteEndpoint:
             result = self.stream.send(frame, key=True, frame_index=index, tau=tau,
                                       deadline=deadline)
         else:
-            result = self.stream.send(frame, residual.field, residual.mask, frame_index=index,
-                                      tau=tau, deadline=deadline)
+            result = self.stream.send(frame, residual=residual, frame_index=index, tau=tau,
+                                      deadline=deadline)
         return _remote_run(result, self.stream)
 
     def probe(self) -> bool:
@@ -167,8 +169,8 @@ class AsyncRemoteEndpoint:
             result = await self.stream.send(frame, key=True, frame_index=index, tau=tau,
                                             deadline=deadline)
         else:
-            result = await self.stream.send(frame, residual.field, residual.mask,
-                                            frame_index=index, tau=tau, deadline=deadline)
+            result = await self.stream.send(frame, residual=residual, frame_index=index,
+                                            tau=tau, deadline=deadline)
         return _remote_run(result, self.stream)
 
     async def probe(self) -> bool:
@@ -206,7 +208,7 @@ class _DispatchCore:
         self.dispatcher = dispatcher
         self.tau = TauPolicy.of(tau)
         self.block = block
-        self.states = {"edge": EndpointState(block), "cloud": EndpointState(block)}
+        self.states = {name: EndpointPath(self.tau, block) for name in ("edge", "cloud")}
         self.next_index = 0
         # uplink bytes per raw residual byte (EWMA of what the wire really carried)
         self.wire_ratio = {"key": 0.5, "residual": 0.5}
@@ -216,9 +218,9 @@ class _DispatchCore:
         self.cloud_down_until = 0  # frame index from which the cloud may be tried again
         self.cloud_failures: list[str] = []
 
-    def residual_set(self, state: EndpointState, frame: np.ndarray) -> tuple[ResidualSet, float]:
+    def residual_set(self, path: EndpointPath, frame: np.ndarray) -> tuple[ResidualSet, float]:
         """The residual set at the tau the policy picks for this endpoint, and that tau."""
-        return state.residual_at_tau(frame, self.tau, self.block)
+        return path.residual_at_tau(frame)
 
     def cloud_usable(self, cloud) -> bool:
         return (cloud is not None and self.next_index >= self.cloud_down_until
@@ -252,8 +254,7 @@ class _DispatchCore:
         else:
             self.cloud_down_until = plan.index + (self.dispatcher.probe_interval or 30)
         self.cloud_failures.append(f"frame {plan.index}: {error}")
-        state = self.states["cloud"]
-        state.cache = state.field = None
+        self.states["cloud"].forget()
         edge = self.states["edge"]
         if plan.residual["edge"] is None and not plan.key["edge"]:
             plan.residual["edge"], plan.tau["edge"] = self.residual_set(edge, plan.frame)
@@ -297,7 +298,7 @@ class _DispatchCore:
         if is_key or any(s.cache is not None and s.cache.shape != frame.shape
                          for s in self.states.values()):
             for s in self.states.values():  # the motion since the caches is unknown
-                s.cache = s.field = None
+                s.forget()
         elif field is not None and np.asarray(field).shape != wire.field_shape(h, w):
             raise ValueError(f"motion field shape {np.asarray(field).shape} does not match a "
                              f"{h}x{w} frame ({wire.field_shape(h, w)})")
@@ -306,7 +307,7 @@ class _DispatchCore:
         candidates = self.dispatcher.candidates(cloud_available)
         for name, state in self.states.items():
             if name == "cloud" and name not in candidates:  # it will not run: keep no state
-                state.cache = state.field = None
+                state.forget()
             if state.cache is None:
                 key[name], residual[name], fraction[name] = True, None, 1.0
                 continue
@@ -400,6 +401,14 @@ class _StreamBase:
                                               probe_interval), tau, block, deadline_ms, clock)
         if hasattr(self.cloud, "probe"):
             self.core.watch = CloudWatch(self.cloud.probe)
+        for name, endpoint in (("edge", self.edge), ("cloud", self.cloud)):
+            uplink = getattr(getattr(getattr(endpoint, "stream", None), "core", None), "uplink",
+                             None)
+            if uplink is not None:
+                # a remote endpoint's path and its transport share one uplink: the cache its
+                # residual set is aligned from is the mirror's, which then rebuilds without a
+                # second warp
+                self.core.states[name].uplink = uplink
         transport = getattr(getattr(self.cloud, "stream", None), "core", None)
         if getattr(transport, "encoder", None) is not None:  # the cloud's uplink is H.264
             from fluxshard.uplink_h264 import BytesModel
@@ -430,7 +439,7 @@ class _StreamBase:
         return plan
 
     @property
-    def states(self) -> dict[str, EndpointState]:
+    def states(self) -> dict[str, EndpointPath]:
         """Per-endpoint dispatch state: input cache and motion accumulated since it last ran."""
         return self.core.states
 

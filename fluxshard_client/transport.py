@@ -19,7 +19,6 @@ before use; callers that pick residual blocks themselves should quantize first t
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import secrets
 import time
 from dataclasses import dataclass, field as dataclass_field
@@ -30,7 +29,8 @@ import numpy as np
 from fluxshard import wire
 from fluxshard.protocol import (SECRET_PARAMETER, grpc_channel_args, random_stream_id,
                                 restricted_header)
-from fluxshard.receive import ReceiveState, invalid_blocks
+from fluxshard.endpoint import Uplink
+from fluxshard.receive import ReceiveState
 
 MODEL_NAME = "fluxshard"
 OUTPUTS = ("DETECTIONS", "STATS", "DIGEST")
@@ -198,83 +198,49 @@ class _StreamCore:
         self.stream_id = int(stream_id)
         self.block = block
         self.retry = retry
-        self.key_codec = wire.Codec(key_codec)
-        self.residual_codec = wire.Codec(residual_codec)
-        self.encoder = self.link_rate = None
-        if wire.Codec.H264 in (self.key_codec, self.residual_codec):
-            if self.key_codec != self.residual_codec:
-                raise ValueError("the H.264 uplink codes key and P-frames alike: pass "
-                                 "key_codec=residual_codec=Codec.H264")
-            from fluxshard.uplink_h264 import DEFAULT_CRF, DEFAULT_MAX_CRF, H264Encoder, LinkRate
-
-            crf = DEFAULT_CRF if uplink_quality is None else uplink_quality
-            self.encoder = H264Encoder(crf)
-            self.link_rate = LinkRate(crf, max(crf, DEFAULT_MAX_CRF))
-        # the uplink's bytes/s as the dispatcher measures it: the H.264 quality follows it
-        self.link_bytes_per_s: float | None = None
-        self.encoder_seq = 0  # packets the encoder produced since its last IDR
-        # what the cloud's input cache holds, as far as we know (H.264: the picture's digest)
-        self.mirror = ReceiveState(pixels=self.encoder is None)
+        # codecs, the H.264 encoder and the mirror of the cloud's input cache
+        self.uplink = Uplink(block, key_codec, residual_codec, uplink_quality)
         self.need_start = True  # next request opens the Triton sequence
         self.need_key = True
         self.next_index = 0
         self.closed = False
 
-    def prepare(self, frame, field, residual_mask, key, frame_index, tau=0.0):
+    # the uplink's state, as the stream's callers see it
+    key_codec = property(lambda self: self.uplink.key_codec)
+    residual_codec = property(lambda self: self.uplink.residual_codec)
+    encoder = property(lambda self: self.uplink.encoder)
+    link_rate = property(lambda self: self.uplink.link_rate)
+    encoder_seq = property(lambda self: self.uplink.encoder_seq)
+
+    @property
+    def mirror(self) -> ReceiveState:
+        return self.uplink.mirror
+
+    @mirror.setter
+    def mirror(self, mirror: ReceiveState) -> None:
+        self.uplink.commit(mirror)
+
+    @property
+    def link_bytes_per_s(self) -> float | None:
+        return self.uplink.link_bytes_per_s
+
+    @link_bytes_per_s.setter
+    def link_bytes_per_s(self, value: float | None) -> None:
+        self.uplink.link_bytes_per_s = value
+
+    def prepare(self, frame, field, residual_mask, key, frame_index, tau=0.0, residual=None):
         """-> (payload, the mirror state after the cloud applies it, key). ``tau``: the cloud's
-        executor truncates with it (``fluxshard.tau``)."""
+        executor truncates with it (``fluxshard.tau``). ``residual``: a residual set in place of
+        ``field`` and ``residual_mask`` (``fluxshard.endpoint.Uplink.encode``)."""
         if self.closed:
             raise RuntimeError(f"stream {self.stream_id} is closed")
         index = self.next_index if frame_index is None else int(frame_index)
         if index < self.next_index:
             raise ValueError(f"frame index {index} is not after the previous one "
                              f"({self.next_index - 1})")
-        # the H.264 uplink needs no field or mask: the codec finds the motion itself
-        key = key or self.need_key or (self.encoder is None and (field is None
-                                                                  or residual_mask is None))
-        if not key and self.mirror.cache is not None and self.mirror.cache.shape != frame.shape:
-            key = True  # the resolution changed
-        predicted = dataclasses.replace(self.mirror)
-        if self.encoder is not None:
-            return self._prepare_h264(frame, key, index, tau, predicted)
-        if key:
-            payload = wire.encode_key_frame(frame, index, self.block, codec=self.key_codec,
-                                            tau=tau)
-            request = wire.Request(index, frame.shape[0], frame.shape[1], self.block, True,
-                                   frame=np.array(frame, copy=True, order="C"))
-        else:
-            field_q = wire.quantize_field(field)
-            mask = np.asarray(residual_mask, bool) | invalid_blocks(self.mirror.cache, field_q,
-                                                                   self.block)
-            payload = wire.encode_residual_frame(frame, field_q, mask, index, self.block,
-                                                 codec=self.residual_codec, tau=tau)
-            request = wire.Request(index, frame.shape[0], frame.shape[1], self.block, False,
-                                   field=field_q, residual_mask=mask,
-                                   tiles=wire.residual_tiles(frame, mask, self.block))
-        if (self.key_codec if key else self.residual_codec).lossy:
-            request = wire.decode_request(payload)  # the cloud will hold the decoded pixels
-        predicted.apply(request)
-        return payload, predicted, key, index
-
-    def _prepare_h264(self, frame, key, index, tau, predicted: ReceiveState):
-        frame = np.ascontiguousarray(frame)
-        # an encoded packet the mirror never committed (its send failed) is the encoder's
-        # reference now, but not the cloud's: start over from an IDR
-        key = key or self.mirror.decoder is None or self.mirror.packet_seq != self.encoder_seq
-        crf = self.link_rate.decide(self.link_bytes_per_s, idr_due=key)
-        if crf != self.encoder.crf:
-            self.encoder.set_crf(crf)  # the next packet is an IDR at the new quality
-        packet, key = self.encoder.encode(frame, idr=key)
-        self.link_rate.observe(key, len(packet), crf)
-        self.encoder_seq = 0 if key else self.encoder_seq + 1
-        payload = wire.encode_h264_frame(packet, index, frame.shape[0], frame.shape[1], key,
-                                         self.encoder_seq, self.block, tau)
-        # the mirror decodes our own packet with the decoder the cloud runs, and keeps the frame
-        # it sent as the reference the next residual is measured to
-        request = wire.decode_request(payload)
-        request.frame = np.array(frame, copy=True)
-        predicted.apply(request)
-        return payload, predicted, key, index
+        sent = self.uplink.encode(np.asarray(frame), index, key or self.need_key, tau,
+                                  field=field, residual_mask=residual_mask, residual=residual)
+        return sent.payload, sent.mirror, sent.key, index
 
     def finish(self, outputs: dict, predicted: ReceiveState, key: bool, index: int,
                payload: bytes, resyncs: list[str], round_trip_ms: float) -> CloudResult:
@@ -291,7 +257,7 @@ class _StreamCore:
 
     def commit(self, predicted: ReceiveState, index: int) -> None:
         """The cloud applied frame ``index``: the mirror becomes what ``prepare`` predicted."""
-        self.mirror = predicted
+        self.uplink.commit(predicted)
         self.need_start = self.need_key = False
         self.next_index = index + 1
 
@@ -453,9 +419,10 @@ class Stream(_StreamHandle):
     def send(self, frame: np.ndarray, field: np.ndarray | None = None,
              residual_mask: np.ndarray | None = None, key: bool = False,
              frame_index: int | None = None, end: bool = False, tau: float = 0.0,
-             deadline=None) -> CloudResult:
-        """Send one frame: a residual frame (``field``, ``residual_mask``) or, with ``key`` (or
-        when the stream needs one), the full frame. ``frame`` is always the full decoded frame so
+             deadline=None, *, residual=None) -> CloudResult:
+        """Send one frame: a residual frame (``field``, ``residual_mask``, or ``residual``: a
+        :class:`fluxshard.endpoint.EndpointPath`'s residual set, whose aligned cache the mirror
+        reuses) or, with ``key`` (or when the stream needs one), the full frame. ``frame`` is always the full decoded frame so
         the stream can fall back to a key frame. ``end`` closes the stream after this frame. ``tau``:
         the cloud's executor truncates with it (the tau the residual blocks were picked at).
         ``deadline`` (:class:`fluxshard_client.deadline.Deadline`): past it the frame is
@@ -465,7 +432,7 @@ class Stream(_StreamHandle):
         while True:
             left = core.time_left(deadline)
             payload, predicted, is_key, index = core.prepare(frame, field, residual_mask, key,
-                                                             frame_index, tau)
+                                                             frame_index, tau, residual)
             t0 = time.perf_counter()
             try:
                 outputs = self.client.infer(payload, core.stream_id, core.need_start, end, left,
@@ -585,12 +552,12 @@ class AsyncStream(_StreamHandle):
     async def send(self, frame: np.ndarray, field: np.ndarray | None = None,
                    residual_mask: np.ndarray | None = None, key: bool = False,
                    frame_index: int | None = None, end: bool = False,
-                   tau: float = 0.0, deadline=None) -> CloudResult:
+                   tau: float = 0.0, deadline=None, *, residual=None) -> CloudResult:
         core, resyncs, started = self.core, [], time.monotonic()
         while True:
             left = core.time_left(deadline)
             payload, predicted, is_key, index = core.prepare(frame, field, residual_mask, key,
-                                                             frame_index, tau)
+                                                             frame_index, tau, residual)
             t0 = time.perf_counter()
             try:
                 outputs = await self.client.infer(payload, core.stream_id, core.need_start, end,

@@ -46,7 +46,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fluxshard.tau import TauPolicy, tau_argument  # noqa: E402
+from fluxshard.tau import tau_argument  # noqa: E402
 
 BASELINES = ["edge dense", "cloud dense, JPEG", "cloud dense, H.264", "edge similarity cache",
              "edge delta reuse, no MVs", "FluxShard edge", "FluxShard edge + bypass",
@@ -94,11 +94,10 @@ def run_level(level: str, args, model, best, tmp: Path) -> dict[str, Timed]:
 
     from fluxshard import synth, wire
     from fluxshard.models import postprocess, preprocess
-    from fluxshard.motion import EdgePath, EndpointState, iter_motion
-    from fluxshard.receive import ReceiveState, invalid_blocks
-    from fluxshard.motion.state import residual_blocks
+    from fluxshard.endpoint import EndpointPath, Uplink
+    from fluxshard.motion import iter_motion
+    from fluxshard.receive import ReceiveState
     from fluxshard.sparse import SparseExecutor, StreamState
-    from fluxshard_client.transport import RetryPolicy, _StreamCore
 
     w, h = args.size
     spec = synth.heldout_spec(level, width=w, height=h, frames=args.frames)
@@ -106,7 +105,6 @@ def run_level(level: str, args, model, best, tmp: Path) -> dict[str, Timed]:
     gt = synth.load_ground_truth(paths.ground_truth)
     frames = list(iter_motion(paths.video))
     sizes = packet_sizes(paths.video)
-    threshold = TauPolicy.dispatch_threshold(args.tau)
 
     def detect(out, x):
         if isinstance(out, (list, tuple)) and not isinstance(out, torch.Tensor):
@@ -130,12 +128,15 @@ def run_level(level: str, args, model, best, tmp: Path) -> dict[str, Timed]:
         **{name: SparseExecutor(model, tau=args.tau) for name in H264_ROWS},
     }
     streams = {name: StreamState() for name in executors}
-    edge_paths = {"FluxShard edge": EdgePath(args.tau),
-                  "edge delta reuse, no MVs": EdgePath(args.tau, motion=False)}
-    mirrors = {name: (ReceiveState(), EndpointState()) for name in CLOUD_CODECS}
+    # the paths the SDK ships: the edge's (local) and the cloud's (the wire payload + mirror)
+    edge_paths = {"FluxShard edge": EndpointPath(args.tau),
+                  "edge delta reuse, no MVs": EndpointPath(args.tau, motion=False)}
+    cloud_paths = {name: EndpointPath(args.tau, uplink=Uplink(16, wire.Codec[codec],
+                                                              wire.Codec[codec]))
+                   for name, codec in CLOUD_CODECS.items()}
     last_inferred, last_preds = None, None
     # the SDK's own uplink (encoder + mirror), so the edge's codec time is what ships
-    uplink = _StreamCore(1, 16, RetryPolicy(), wire.Codec.H264, wire.Codec.H264, args.h264_crf)
+    uplink = Uplink(16, wire.Codec.H264, wire.Codec.H264, args.h264_crf)
     uplink.link_bytes_per_s = args.bandwidth_mbps * 1e6 / 8  # its quality follows the link
     h264_cloud = ReceiveState()
 
@@ -169,40 +170,27 @@ def run_level(level: str, args, model, best, tmp: Path) -> dict[str, Timed]:
 
         # the edge's data path: with codec motion, and DeltaCNN-like without (zero motion)
         for name, path in edge_paths.items():
-            image, acc, key = path.step(mf)
-            runs[name].add(*sparse(name, image, acc, key))
+            step = path.step_decoded(mf)
+            runs[name].add(*sparse(name, step.image, step.field, step.key))
             if name == "FluxShard edge":
                 runs["FluxShard edge + bypass"].add(
-                    *sparse("FluxShard edge + bypass", image, acc, key))
+                    *sparse("FluxShard edge + bypass", step.image, step.field, step.key))
 
         # the cloud: what the wire carries, and the executor on the input the cloud rebuilds
-        for name, codec_name in CLOUD_CODECS.items():
-            codec = wire.Codec[codec_name]
-            mirror, mirror_state = mirrors[name]
-            if mirror_state.cache is None or mf.is_key:
-                payload = wire.encode_key_frame(mf.image, mf.index, codec=codec)
-                field_q, key = None, True
-            else:
-                mirror_state.accumulate(mf.field)
-                field_q = wire.quantize_field(mirror_state.field)
-                mask = residual_blocks(mirror.cache, mf.image, field_q, threshold).mask
-                mask |= invalid_blocks(mirror.cache, field_q, 16)
-                payload = wire.encode_residual_frame(mf.image, field_q, mask, mf.index,
-                                                     codec=codec)
-                key = False
-            rebuilt = mirror.apply(wire.decode_request(payload))
-            mirror_state.reset(rebuilt)
-            runs[name].add(*sparse(name, rebuilt, field_q, key), nbytes=len(payload))
+        for name, path in cloud_paths.items():
+            step = path.step_decoded(mf)
+            runs[name].add(*sparse(name, step.image, step.field, step.key),
+                           nbytes=len(step.sent.payload))
 
         # the H.264 uplink: every frame goes to the cloud here, so the edge's encoder sees them all
         t0 = time.perf_counter()
-        payload, predicted, key, _ = uplink.prepare(mf.image, None, None, mf.is_key, mf.index,
-                                                    tau=args.tau)
+        sent = uplink.encode(mf.image, mf.index, mf.is_key, args.tau)
         codec_seconds = time.perf_counter() - t0
-        uplink.commit(predicted, mf.index)
+        uplink.commit(sent.mirror)
+        payload, key = sent.payload, sent.key
         request = wire.decode_request(payload)
         h264_cloud.apply(request)
-        if h264_cloud.digest != predicted.digest:
+        if h264_cloud.digest != sent.mirror.digest:
             raise RuntimeError(f"frame {mf.index}: the edge's mirror decoded other pixels than "
                                "the cloud")
         name = "FluxShard cloud, H.264"

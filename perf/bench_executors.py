@@ -8,8 +8,8 @@ as a camera stream by fluxshard.footage; no ground truth, so accuracy there is a
 dense).
 
 The clock covers the whole per-frame edge path after decoding: for the exact executor the
-motion layer's validated field, the EdgePath step (field accumulation, quantization, residual
-blocks, assembly), preprocessing and the executor; for tiles the trusted codec field (its own
+motion layer's validated field, the EndpointPath step (field accumulation, quantization,
+residual blocks, assembly), preprocessing and the executor; for tiles the trusted codec field (its own
 change test catches wrong vectors) and the executor (critical blocks against the warped
 previous frame, output warp, crops, decode); for dense preprocessing and the best dense runner.
 The motion layer's cost beyond decoding is measured per clip in the same run (decode-only
@@ -41,7 +41,8 @@ from fluxshard.models import load_model, postprocess, preprocess
 from fluxshard.models.dense import best_dense_runner
 from fluxshard.models.ops import padded_shape
 from fluxshard.footage import camera_stream
-from fluxshard.motion import EdgePath, iter_motion
+from fluxshard.endpoint import EndpointPath
+from fluxshard.motion import iter_motion
 from fluxshard.motion.decode import decode_rgb_only, open_source
 from fluxshard.sparse import SparseExecutor, StreamState
 from fluxshard.tau import tau_argument
@@ -85,7 +86,7 @@ def run_clip(clip, level, video, truths, args, model, best):
     motion = motion_overhead_ms(video)
 
     exact = SparseExecutor(model, tau=args.tau, bypass=best)
-    exact_path, exact_state = EdgePath(args.tau), StreamState()
+    exact_path, exact_state = EndpointPath(args.tau), StreamState()
     tiles = TileExecutor(model, engine=args.tiles_engine, threads=args.threads,
                          threshold=args.threshold, halo=args.halo, budget=args.budget,
                          dense_above=args.dense_above, refresh_interval=args.refresh_interval,
@@ -104,9 +105,9 @@ def run_clip(clip, level, video, truths, args, model, best):
             dense_out = as_tensor(best.run(x))
             t1 = time.perf_counter()
             dense_outputs.append((mf, dense_out, x))
-            image, field, key = exact_path.step(mf)
-            xe = preprocess(image)
-            exact_out, _ = exact.run(exact_state, xe, field, key=key, tau=exact_path.tau)
+            step = exact_path.step_decoded(mf)
+            xe = preprocess(step.image)
+            exact_out, _ = exact.run(exact_state, xe, step.field, key=step.key, tau=step.tau)
             t2 = time.perf_counter()
             tiles_out, report = tiles.run(tiles_state, mt.image,
                                           None if mt.is_key else mt.field, key=mt.is_key)

@@ -35,7 +35,7 @@ from fluxshard import synth
 from fluxshard.measures import executor_efficiency, speedup
 from fluxshard.models import build_yolo11, load_model, preprocess
 from fluxshard.models.dense import best_dense_runner
-from fluxshard.motion import edge_inputs as motion_edge_inputs
+from fluxshard.endpoint import edge_inputs as motion_edge_inputs
 from fluxshard.sparse import SparseExecutor, StreamState, TileConv, masked_sparse_conv
 from fluxshard.sparse.ops import PointConv, masked_point_conv, point_weight
 

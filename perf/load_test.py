@@ -56,31 +56,20 @@ def find_perf_analyzer() -> tuple[str, dict] | None:
 def sequence_payloads(frames: int, seq_len: int, tau: float, block: int, width: int, height: int,
                       workdir: Path) -> list[list[bytes]]:
     """Payload sequences from a synthetic clip, exactly as the edge client would send them."""
-    from fluxshard import wire
+    from fluxshard.endpoint import EndpointPath, Uplink
     from fluxshard.motion.decode import iter_motion
-    from fluxshard.motion.state import EndpointState, residual_blocks
-    from fluxshard.receive import ReceiveState, invalid_blocks
     from fluxshard.synth import SceneSpec, make_clip
-    from fluxshard.tau import TauPolicy
 
     clip = make_clip(SceneSpec(width=width, height=height, frames=frames, gop=seq_len, seed=3),
                      workdir, name="load")
     sequences: list[list[bytes]] = []
-    state, mirror = EndpointState(block), ReceiveState()
+    path = EndpointPath(tau, block, uplink=Uplink(block))  # the cloud's path, as the SDK sends
     for k, mf in enumerate(iter_motion(clip.video, validate=False)):
-        if k % seq_len == 0:
-            payload = wire.encode_key_frame(mf.image, k, block, tau=tau)
-            sequences.append([payload])
-        else:
-            state.accumulate(mf.field)
-            field_q = wire.quantize_field(state.field)
-            mask = residual_blocks(mirror.cache, mf.image, field_q,
-                                   TauPolicy.dispatch_threshold(tau), block).mask
-            mask |= invalid_blocks(mirror.cache, field_q, block)
-            payload = wire.encode_residual_frame(mf.image, field_q, mask, k, block, tau=tau)
-            sequences[-1].append(payload)
-        mirror.apply(wire.decode_request(payload))
-        state.reset(mirror.cache)  # the cloud's cache is the rebuilt input, not the decoded frame
+        new_sequence = k % seq_len == 0
+        step = path.step(mf.image, mf.field, key=new_sequence, index=k)
+        if new_sequence:
+            sequences.append([])
+        sequences[-1].append(step.sent.payload)
     return [s for s in sequences if len(s) == seq_len]
 
 

@@ -44,11 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     from PIL import Image
 
     from fluxshard import wire
+    from fluxshard.endpoint import EndpointPath, Uplink
     from fluxshard.motion.decode import iter_motion
-    from fluxshard.motion.state import EndpointState, residual_blocks
-    from fluxshard.receive import ReceiveState, invalid_blocks
     from fluxshard.synth import SceneSpec, make_clip
-    from fluxshard.tau import TauPolicy
 
     with tempfile.TemporaryDirectory() as tmp:
         clip = make_clip(SceneSpec(width=args.width, height=args.height, frames=args.frames,
@@ -83,21 +81,17 @@ def main(argv: list[str] | None = None) -> int:
     for name, n, te, td in rows:
         print(f"{name:<22} {n / 1e3:>8.1f} {n / raw_frame:>7.3f} {te:>8.1f} {td:>8.1f}")
 
-    state, mirror = EndpointState(args.block), ReceiveState()
-    mirror.apply(wire.decode_request(wire.encode_key_frame(key, 0, args.block)))
-    state.reset(mirror.cache)
+    # the cloud's path as the SDK sends it (every frame goes to the cloud)
+    path = EndpointPath(args.tau, args.block, uplink=Uplink(args.block))
+    path.step_decoded(frames[0])
     shipped, no_diff, field_only, fractions, enc_ms, dec_ms = [], [], [], [], [], []
     for mf in frames[1:]:
-        state.accumulate(mf.field)
-        field_q = wire.quantize_field(state.field)
-        mask = residual_blocks(mirror.cache, mf.image, field_q,
-                               TauPolicy.dispatch_threshold(args.tau), args.block).mask
-        mask |= invalid_blocks(mirror.cache, field_q, args.block)
-        payload, te = timed(wire.encode_residual_frame, mf.image, field_q, mask, mf.index,
-                            args.block)
-        request, td = timed(wire.decode_request, payload)
-        mirror.apply(request)
-        state.reset(mirror.cache)
+        step = path.step_decoded(mf)
+        field_q, mask, payload = step.field, step.residual.mask, step.sent.payload
+        # the codec alone, timed apart from the rest of the step
+        _, te = timed(wire.encode_residual_frame, mf.image, field_q, mask, mf.index, args.block,
+                      tau=step.tau)
+        _, td = timed(wire.decode_request, payload)
         q = np.rint(field_q * 4).astype(np.int16)
         tiles = wire.residual_tiles(mf.image, mask, args.block)
         plain = q.tobytes() + np.packbits(mask).tobytes() + tiles.tobytes()

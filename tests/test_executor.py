@@ -22,7 +22,7 @@ from torch.overrides import TorchFunctionMode
 
 from fluxshard import synth
 from fluxshard.models import build_yolo11, preprocess
-from fluxshard.motion import edge_inputs
+from fluxshard.endpoint import edge_inputs
 from fluxshard.sparse import SparseExecutor, StreamState
 
 EXACT_ATOL, EXACT_RTOL = 1e-4, 1e-5

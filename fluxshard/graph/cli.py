@@ -89,7 +89,7 @@ def verify(model, graph, args, frames: int) -> float:
 
     from fluxshard import synth
     from fluxshard.models import preprocess
-    from fluxshard.motion import edge_inputs
+    from fluxshard.endpoint import edge_inputs
     from fluxshard.sparse import SparseExecutor, StreamState
 
     from .rewrite import OnnxStream

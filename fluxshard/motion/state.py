@@ -26,6 +26,9 @@ class ResidualSet:
     block_max_diff: np.ndarray  # (ceil(H/b), ceil(W/b)) int16: max |aligned - frame|, 256 if invalid
     block: int
     threshold: float  # grey levels: a block is residual when block_max_diff > threshold
+    # the cache ``aligned`` was warped from: a receiver holding this very array rebuilds from
+    # ``aligned`` instead of warping it again (fluxshard.endpoint.Uplink)
+    reference: np.ndarray | None = None
 
     @property
     def fraction(self) -> float:
@@ -65,6 +68,26 @@ def block_max_abs_diff(a: np.ndarray, b: np.ndarray, block: int) -> np.ndarray:
     return rows.reshape(hr, wr, block).max(axis=2).astype(np.int16)
 
 
+def invalid_blocks(field: np.ndarray, height: int, width: int,
+                   block: int = RESIDUAL_BLOCK) -> np.ndarray:
+    """(ceil(H/b), ceil(W/b)) bool: blocks holding a pixel whose source lies outside the
+    reference frame. Such pixels have no aligned value, so their blocks must always travel
+    (computed from the field alone: no image is warped)."""
+    return _invalid_blocks(field, *_block_sources(field, height, width), height, width, block)
+
+
+def _invalid_blocks(field, sy, sx, height: int, width: int, block: int) -> np.ndarray:
+    if block % MV_BLOCK == 0:  # invalid pixels found per 4x4 block: no per-pixel mask needed
+        invalid = _sources_leave_frame(sy, sx, height, width)
+        k = block // MV_BLOCK
+    else:
+        invalid, k = ~source_validity(field, height, width), block
+    ph, pw = -invalid.shape[0] % k, -invalid.shape[1] % k
+    invalid = np.pad(invalid, ((0, ph), (0, pw)))
+    hr, wr = invalid.shape[0] // k, invalid.shape[1] // k
+    return invalid.reshape(hr, k, wr, k).any(axis=(1, 3))
+
+
 def residual_blocks(cache: np.ndarray, frame: np.ndarray, field: np.ndarray, threshold: float,
                     block: int = RESIDUAL_BLOCK, *,
                     bordered_cache: np.ndarray | None = None) -> ResidualSet:
@@ -79,18 +102,10 @@ def residual_blocks(cache: np.ndarray, frame: np.ndarray, field: np.ndarray, thr
     sy, sx = _block_sources(field, h, w)
     aligned = _warp(cache, sy, sx, bordered_cache)
     worst = block_max_abs_diff(aligned, frame, block)
-    if block % MV_BLOCK == 0:  # invalid pixels found per 4x4 block: no per-pixel mask needed
-        invalid = _sources_leave_frame(sy, sx, h, w)
-        k = block // MV_BLOCK
-    else:
-        invalid, k = ~source_validity(field, h, w), block
-    if invalid.any():
-        ph, pw = -invalid.shape[0] % k, -invalid.shape[1] % k
-        invalid = np.pad(invalid, ((0, ph), (0, pw)))
-        hr, wr = invalid.shape[0] // k, invalid.shape[1] // k
-        worst[invalid.reshape(hr, k, wr, k).any(axis=(1, 3))] = 256
+    worst[_invalid_blocks(field, sy, sx, h, w, block)] = 256
     return ResidualSet(mask=worst > threshold, aligned=aligned, field=field,
-                       block_max_diff=worst, block=block, threshold=float(threshold))
+                       block_max_diff=worst, block=block, threshold=float(threshold),
+                       reference=cache)
 
 
 class EndpointState:
@@ -104,12 +119,13 @@ class EndpointState:
         self.field: np.ndarray | None = None
         self.frames_since_reset = 0
 
-    def reset(self, frame: np.ndarray) -> None:
-        """The endpoint ran inference on ``frame``: it becomes the cache, motion starts at zero."""
+    def reset(self, frame: np.ndarray, copy: bool = True) -> None:
+        """The endpoint ran inference on ``frame``: it becomes the cache, motion starts at zero.
+        ``copy=False``: keep ``frame`` itself (an array nobody writes to, such as a mirror's)."""
         frame = np.asarray(frame)
         if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
             raise ValueError(f"frame must be (H, W, 3) uint8, got {frame.shape} {frame.dtype}")
-        self.cache = np.array(frame, copy=True, order="C")
+        self.cache = np.array(frame, copy=True, order="C") if copy else frame
         self.field = zero_field(*frame.shape[:2])
         self.frames_since_reset = 0
 
@@ -138,59 +154,6 @@ class EndpointState:
         return residual_blocks(self.cache, np.asarray(frame), field, threshold,
                                block or self.residual_block, bordered_cache=self._bordered)
 
-    def residual_at_tau(self, frame: np.ndarray, policy,
-                        block: int | None = None) -> tuple[ResidualSet, float]:
-        """What a sender's dispatch takes: the accumulated field quantized as the wire carries it
-        (what a receiver applies), tau picked by ``policy`` (:class:`fluxshard.tau.TauPolicy`)
-        from that field's motion, and the residual set at that tau. -> (set, tau)."""
-        from fluxshard.wire import quantize_field
-
-        self._require()
-        applied = quantize_field(self.field)
-        tau = policy.tau_for(motion_statistic(applied))
-        return self.residual(frame, policy.dispatch_threshold(tau), block, field=applied), tau
-
     def motion_statistic(self) -> float:
         self._require()
         return motion_statistic(self.field)
-
-
-class EdgePath:
-    """The edge's data path for an endpoint that runs on every frame (benchmarks, profiles, tests):
-    codec MVs accumulated into its dispatch state, quantized to the wire's quarter-pel as the SDK
-    does -> residual blocks at the policy's tau -> the assembled input the executor sees, with the
-    field since its last run. ``tau``: a number on the [0, 1] input scale, or a
-    :class:`fluxshard.tau.TauPolicy`; :attr:`tau` is the value the last frame used (the executor
-    truncates with it). ``motion=False`` ignores the MVs (a pixel-aligned cache: the DeltaCNN-like
-    baseline)."""
-
-    def __init__(self, tau, block: int = RESIDUAL_BLOCK, motion: bool = True):
-        from fluxshard.tau import TauPolicy
-
-        self.state = EndpointState(block)
-        self.policy = TauPolicy.of(tau)
-        self.tau = self.policy.tau_for(0.0)
-        self.motion = motion
-
-    def step(self, frame) -> tuple[np.ndarray, np.ndarray | None, bool]:
-        """One decoded :class:`fluxshard.motion.MotionFrame` -> (assembled input, accumulated
-        field or None, key)."""
-        if self.state.cache is None or frame.is_key:
-            image, field, key = frame.image, None, True
-            self.tau = self.policy.tau_for(0.0)
-        else:
-            self.state.accumulate(frame.field if self.motion else np.zeros_like(frame.field))
-            residual, self.tau = self.state.residual_at_tau(frame.image, self.policy)
-            image, field, key = residual.assemble(frame.image), residual.field, False
-        self.state.reset(image)
-        return image, field, key
-
-
-def edge_inputs(video, tau, **kwargs):
-    """(MotionFrame, assembled input, field or None, key) for every frame of ``video`` along
-    :class:`EdgePath` at ``tau`` (``kwargs``: its options)."""
-    from fluxshard.motion.decode import iter_motion
-
-    path = EdgePath(tau, **kwargs)
-    for frame in iter_motion(video):
-        yield (frame, *path.step(frame))
