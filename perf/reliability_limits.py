@@ -1,6 +1,6 @@
 """Hostile-client rows of perf/reliability.py (issue 14 items 1, 3, 5): an oversized frame, a
-stranger with a guessed stream id, ENDs with bad payloads, a full instance, and the memory one
-session holds and gives back after END. One server with the shipped ``fluxshard`` config; a
+stranger with a guessed stream id, ENDs with bad payloads, a full instance, the memory one
+session holds and gives back after END, and idle eviction (a stream silent past the timeout). One server with the shipped ``fluxshard`` config; a
 healthy stream runs alongside every attack and every answer is checked against the true frame's
 digest (fluxshard.serving.reliability.StreamDriver). ``cases(args, log_dir)``; ``args.quick``
 sends fewer ENDs and measures a 640x384 session instead of a 1920x1088 one.
@@ -161,6 +161,38 @@ def session_memory(server, client, args) -> dict:
                 "returned after END")
 
 
+def idle_eviction(args, log_dir: Path, idle_s: float = 2.0) -> dict:
+    """A stream silent past the idle timeout (the shipped config's is 30 s; this server's
+    ``idle_s``): Triton frees its slot and the model its session, so its next frame is answered
+    "resync needed" and re-sent as a key frame; no frame is lost, and a stream sending all along
+    is untouched."""
+    with TritonServer(models=["fluxshard"], log_file=log_dir / "idle-tritonserver.log",
+                      idle_timeout_s=idle_s) as server:
+        rss_before = group_rss_mb(server.process.pid)
+        healthy = _healthy(server.grpc_url, 9301, args.frames)
+        quiet = StreamDriver(server.grpc_url, 9302, seed=9302)
+        for _ in range(3):
+            quiet.send_next()
+        time.sleep(idle_s * 2.5)  # the fault: silence past the timeout
+        resyncs_before = quiet.report.resyncs
+        for _ in range(3):
+            quiet.send_next()
+        _more(healthy, args.frames)
+        reports = [healthy.stop(), quiet.stop()]
+        rss_after = group_rss_mb(server.process.pid)
+    resynced = quiet.report.resyncs - resyncs_before
+    lost = sum(r.frames_lost for r in reports)
+    return {"case": f"idle eviction: a stream silent {idle_s * 2.5:g} s past a {idle_s:g} s "
+                    "timeout", "server_survived": True,
+            "other_streams_unaffected": reports[0].unaffected, "frames_lost": lost,
+            # the silent stream's gap is the fault itself: the stall is the other stream's
+            "worst_stall_s": round(reports[0].worst_stall_s, 2),
+            "rss_before_mb": round(rss_before, 1), "rss_after_mb": round(rss_after, 1),
+            "resyncs": resynced, "passed": lost == 0 and reports[0].unaffected and resynced == 1,
+            "note": f"the silent stream resumed with {resynced} key frame(s); "
+                    f"{reports[1].frames_answered}/{reports[1].frames_sent} answered"}
+
+
 def cases(args, log_dir: Path) -> list[dict]:
     from fluxshard_client import FluxShardClient
 
@@ -182,7 +214,7 @@ def cases(args, log_dir: Path) -> list[dict]:
             rows.append(session_memory(server, client, args))
     finally:
         server.stop()
-    return rows
+    return rows + [idle_eviction(args, log_dir)]
 
 
 def main(argv: list[str] | None = None) -> int:

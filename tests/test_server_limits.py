@@ -290,3 +290,23 @@ def test_server_stranger_cannot_touch_a_stream_and_end_always_frees(small_server
             raw_infer(stranger, key_payload(0), corrid, True, False, f"s{corrid}")
         for corrid in (5213, 5214, 5215):  # 5213's refused START holds a slot until this END
             raw_infer(stranger, key_payload(1), corrid, False, True, f"s{corrid}")
+
+
+def test_a_server_idle_timeout_is_written_into_the_sequence_models_configs(tmp_path):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from fluxshard.serving.tritonserver import (DEFAULT_MODEL_REPOSITORY,
+                                                repository_with_parameters)
+
+    repo = repository_with_parameters(DEFAULT_MODEL_REPOSITORY, {}, tmp_path / "repo",
+                                      idle_timeout_s=2.5)
+    read = {}
+    for config in sorted(repo.glob("*/config.pbtxt")) + sorted(repo.glob("*/configs/*.pbtxt")):
+        message = text_format.Parse(config.read_text(), model_config_pb2.ModelConfig())
+        read[str(config.relative_to(repo))] = (message.HasField("sequence_batching"),
+                                              message.sequence_batching
+                                              .max_sequence_idle_microseconds)
+    assert read["fluxshard/config.pbtxt"] == (True, 2_500_000)
+    assert all(us == 2_500_000 for sequence, us in read.values() if sequence)
+    assert any(not sequence for sequence, _ in read.values())  # the dense model stays stateless

@@ -190,8 +190,12 @@ class TritonServer:
                  model_config_name: str | None = None,
                  weights: str | os.PathLike | None = None,
                  parameters: dict[str, str] | None = None, exit_timeout_s: int = 5,
-                 tls: TlsFiles | None = None, auth_header: tuple[str, str] | None = None):
+                 tls: TlsFiles | None = None, auth_header: tuple[str, str] | None = None,
+                 idle_timeout_s: float | None = None):
         self.model_repository = Path(model_repository).resolve()
+        # the sequence models' idle timeout, when not their configs' (Triton frees a silent
+        # stream's slot after it; the fluxshard model sweeps its session with the same value)
+        self.idle_timeout_s = idle_timeout_s
         # the models' `weights` parameter (absolute: the server's working folder is not ours)
         self.weights = Path(weights).resolve() if weights else None
         # model parameters to set (e.g. {"executor": "tiles"}), in every model that has them
@@ -273,7 +277,7 @@ class TritonServer:
         install = find_triton()
         clean_leftovers()  # stubs and shared memory of servers that were killed
         needs_own_repository = (self.weights is not None or self.parameters
-                                or self.models is not None)
+                                or self.models is not None or self.idle_timeout_s is not None)
         if needs_own_repository and self._weights_repository is None:
             if self.weights is not None and not self.weights.is_file():
                 raise FileNotFoundError(f"weights file not found: {self.weights}")
@@ -282,7 +286,8 @@ class TritonServer:
                 parameters["weights"] = str(self.weights)
             self._weights_repository = tempfile.TemporaryDirectory(prefix="fluxshard-models-")
             repository_with_parameters(self.model_repository, parameters,
-                                       Path(self._weights_repository.name), models=self.models)
+                                       Path(self._weights_repository.name), models=self.models,
+                                       idle_timeout_s=self.idle_timeout_s)
         with open(self.log_file, "ab") as log:
             # own process group: a Ctrl-C in the terminal reaches us, and we stop the server
             self.process = subprocess.Popen(self.command(install), stdout=log,
@@ -404,12 +409,13 @@ def repository_with_weights(source: Path, weights: Path, folder: Path) -> Path:
 
 
 def repository_with_parameters(source: Path, parameters: dict[str, str], folder: Path,
-                               models: list[str] | None = None) -> Path:
+                               models: list[str] | None = None,
+                               idle_timeout_s: float | None = None) -> Path:
     """A model repository in ``folder`` that serves ``source``'s models (only ``models`` when
     given) with ``parameters`` set: each model's files are linked, its configs (``config.pbtxt``,
-    ``configs/*.pbtxt``) rewritten with each parameter set where the model has one. A parameter
-    no model has, or a model the source lacks, is an error (a typo would otherwise serve the
-    defaults silently)."""
+    ``configs/*.pbtxt``) rewritten with each parameter set where the model has one, and with
+    ``idle_timeout_s`` as the sequence models' idle timeout. A parameter no model has, or a model
+    the source lacks, is an error (a typo would otherwise serve the defaults silently)."""
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2
 
@@ -433,6 +439,9 @@ def repository_with_parameters(source: Path, parameters: dict[str, str], folder:
                 if key in message.parameters:
                     message.parameters[key].string_value = str(value)
                     unused.discard(key)
+            if idle_timeout_s is not None and message.HasField("sequence_batching"):
+                message.sequence_batching.max_sequence_idle_microseconds = \
+                    int(idle_timeout_s * 1e6)
             written = target / config.relative_to(model_dir)
             written.parent.mkdir(parents=True, exist_ok=True)
             written.write_text(text_format.MessageToString(message))
