@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     from fluxshard.models import export_onnx, load_model
     from fluxshard.models.ops import padded_size
 
-    from fluxshard.graph.cli import onnx_class_names, verify, verify_polygraphy
+    from fluxshard.graph.verify import onnx_class_names, verify, verify_polygraphy
     from fluxshard.graph.rewrite import input_size, rewrite_onnx
 
     size = args.size
