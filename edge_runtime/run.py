@@ -19,7 +19,7 @@ DEMO_FRAMES = 90  # 3 s at 30 fps
 
 UPLINK_CODECS = ("h264", "lossless", "jpeg")  # fluxshard.wire.Codec.H264 / .ZLIB / .JPEG
 UPLINK_WIRE_CODECS = {"h264": "H264", "lossless": "ZLIB", "jpeg": "JPEG"}
-EDGE_EXECUTORS = ("exact", "tiles", "dense")  # fluxshard.serving.session.EXECUTORS
+EDGE_EXECUTORS = ("exact", "tiles", "dense")  # fluxshard.sessions.EXECUTORS
 DEFAULT_EXECUTOR = "exact"  # what the edge runs unless --executor says otherwise
 
 
@@ -65,12 +65,12 @@ def _executor_options(policy, bypass: str) -> dict:
 
 def _edge_session(executor: str, model, executor_options: dict, tiles_table=None):
     """The in-process session behind the edge endpoint, on one thread like the server."""
-    from fluxshard.serving.session import best_dense_session_factory, yolo_session_factory
+    from fluxshard.sessions import best_dense_session_factory, yolo_session_factory
 
     if executor == "dense":
         return best_dense_session_factory(model, threads=1)(0)
     if executor == "tiles" and tiles_table is not None:
-        from fluxshard.serving.session import TileYoloSession
+        from fluxshard.sessions import TileYoloSession
         from fluxshard.tiles.profile import ProfiledTileExecutor
 
         return TileYoloSession(ProfiledTileExecutor(model, tiles_table, engine="onnxruntime",
@@ -118,7 +118,7 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
     from fluxshard import wire
     from fluxshard.motion import iter_motion
     from fluxshard.models.ops import padded_shape, padded_size
-    from fluxshard.serving.session import load_dense_model
+    from fluxshard.sessions import load_dense_model
     from fluxshard_client import (FluxShardClient, FluxShardStream, LatencyProfile,
                                   LocalEndpoint, RemoteEndpoint, RetryPolicy)
     from fluxshard.tau import TauPolicy

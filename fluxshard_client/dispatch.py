@@ -32,7 +32,7 @@ import numpy as np
 
 POLICIES = ("auto", "edge", "cloud", "alternate")
 ENDPOINTS = ("edge", "cloud")
-# what the edge may run (fluxshard.serving.session.EXECUTORS; "sparse": older name of "exact")
+# what the edge may run (fluxshard.sessions.EXECUTORS; "sparse": older name of "exact")
 EDGE_EXECUTORS = ("exact", "tiles", "dense")
 EXECUTOR_ALIASES = {"sparse": "exact"}
 # the tile executor's defaults (fluxshard.tiles.TileExecutor) the crop-share prediction assumes

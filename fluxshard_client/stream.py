@@ -75,7 +75,7 @@ class FrameResult(DetectionRows):
 # --------------------------------------------------------------------------------- endpoints
 
 class LocalEndpoint:
-    """An executor in this process (any :class:`fluxshard.serving.session.StreamSession`
+    """An executor in this process (any :class:`fluxshard.sessions.StreamSession`
     works). Default: ``yolo_session_factory("exact")`` (the sparse executor) with the embedded
     demo weights; ``factory_kwargs`` go to ``yolo_session_factory`` (``executor="tiles"``: the
     tile executor).
@@ -89,7 +89,7 @@ class LocalEndpoint:
 
     def __init__(self, session=None, **factory_kwargs):
         if session is None:
-            from fluxshard.serving.session import yolo_session_factory
+            from fluxshard.sessions import yolo_session_factory
 
             session = yolo_session_factory(**factory_kwargs)(0)
         self.session = session

@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     from edge_runtime.outputs import jpeg_bytes
     from fluxshard import synth
     from fluxshard.motion import iter_motion
-    from fluxshard.serving.session import yolo_session_factory
+    from fluxshard.sessions import yolo_session_factory
     from fluxshard.serving.tritonserver import TritonServer
 
     torch.set_num_threads(1)  # the same thread count as the server's executor

@@ -104,7 +104,7 @@ def main(argv=None) -> int:
 
     from fluxshard import synth, wire
     from fluxshard.motion import iter_motion
-    from fluxshard.serving.session import yolo_session_factory
+    from fluxshard.sessions import yolo_session_factory
 
     torch.set_num_threads(1)  # the same thread count as the server's executor
     factory = yolo_session_factory("exact", threads=1)

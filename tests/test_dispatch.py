@@ -122,7 +122,7 @@ def test_forced_policies_and_bad_policy():
 
 @pytest.fixture(scope="module")
 def two_endpoints():
-    from fluxshard.serving.session import yolo_session_factory
+    from fluxshard.sessions import yolo_session_factory
 
     factory = yolo_session_factory("sparse")
     return factory

@@ -28,7 +28,7 @@ TIMEOUT_S = 300  # a hang guard for subprocesses, not a timing assertion
 def model():
     import torch
 
-    from fluxshard.serving.session import load_dense_model
+    from fluxshard.sessions import load_dense_model
 
     threads = torch.get_num_threads()
     yield load_dense_model(threads=1)
@@ -38,7 +38,7 @@ def model():
 @pytest.fixture(scope="module")
 def tile_sessions(model):
     """Tile sessions like the server's: onnxruntime, one thread."""
-    from fluxshard.serving.session import tile_session_factory
+    from fluxshard.sessions import tile_session_factory
 
     return tile_session_factory(model, threads=1)
 
@@ -54,7 +54,7 @@ def test_tiles_edge_gets_the_whole_frame_and_the_field_since_it_last_ran(synth_c
                                                                           tile_sessions):
     """Dispatch alternates, so the edge runs every other frame: it must see the decoded frame
     (not a residual-assembled one) and the motion of both frames since its last run."""
-    from fluxshard.serving.session import DenseYoloSession
+    from fluxshard.sessions import DenseYoloSession
 
     paths, _spec = synth_clips("pan")
     frames = 9
@@ -131,7 +131,7 @@ def test_run_executor_tiles_says_tiles_ran_with_its_crop_area(tmp_path, capsys):
 
 
 def test_run_executor_dense_gives_the_dense_models_detections(tmp_path, model):
-    from fluxshard.serving.session import DenseYoloSession
+    from fluxshard.sessions import DenseYoloSession
 
     out, summary, lines = _run(tmp_path, "--executor", "dense")
     assert summary["executor"] == "dense" and summary["crop_area_fraction_mean"] is None
@@ -239,7 +239,7 @@ def test_server_parameters_are_written_where_a_model_has_them(tmp_path):
 
 def test_session_factory_names_executors_and_refuses_tiles_on_seg():
     from fluxshard.models import load_model
-    from fluxshard.serving.session import executor_name, yolo_session_factory
+    from fluxshard.sessions import executor_name, yolo_session_factory
 
     assert executor_name("sparse") == "exact" and executor_name("tiles") == "tiles"
     with pytest.raises(ValueError, match="executor must be one of"):

@@ -421,7 +421,7 @@ def test_response_tensors_parse_to_a_response_or_a_clear_error(detections, stats
 
 @pytest.fixture(scope="module")
 def exact_sessions():
-    from fluxshard.serving.session import yolo_session_factory
+    from fluxshard.sessions import yolo_session_factory
 
     return yolo_session_factory("exact", threads=1)
 

@@ -41,9 +41,6 @@ LAYERS = {
 # (importing module, imported prefix) -> why it stays for now. Each must still be needed: a stale
 # entry fails, so the list shrinks as the code does.
 EXCEPTIONS = {
-    ("fluxshard_client.stream", "fluxshard.serving.session"):
-        "LocalEndpoint() without a session builds the server's own YOLO session, so the edge and "
-        "the cloud compute alike; goes once the sessions live below both (issue 15, item 2)",
     ("fluxshard.serving.reliability", "fluxshard_client"):
         "a test driver, not server code: it streams frames through the SDK against a running "
         "server for perf/reliability.py and tests/test_reliability.py",

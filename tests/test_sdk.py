@@ -24,7 +24,7 @@ def sessions():
     """In-process sparse sessions with the server's model and thread count."""
     import torch
 
-    from fluxshard.serving.session import yolo_session_factory
+    from fluxshard.sessions import yolo_session_factory
 
     threads = torch.get_num_threads()
     yield yolo_session_factory("sparse", threads=1)

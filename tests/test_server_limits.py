@@ -183,7 +183,7 @@ def test_memory_a_session_held_is_returned_after_end():
     comes back (glibc trim), and ending sessions does not ratchet the process up. Bounds from
     runs here: a session holds about 40 MB over the ended state, and the ended state moves by a
     few MB between rounds; the bounds leave 2-4x margin."""
-    from fluxshard.serving.session import yolo_session_factory
+    from fluxshard.sessions import yolo_session_factory
 
     sessions = SessionManager(yolo_session_factory("exact"))
     h, w = 384, 640

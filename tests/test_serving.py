@@ -15,7 +15,7 @@ from conftest import crash_and_restart, run_in_threads
 
 from fluxshard import wire
 from fluxshard.motion.field import align_image
-from fluxshard.serving.session import DenseYoloSession, load_dense_model, yolo_session_factory
+from fluxshard.sessions import DenseYoloSession, load_dense_model, yolo_session_factory
 from fluxshard.serving.tritonserver import TritonServer
 from fluxshard_client import (AsyncFluxShardClient, CloudError, FluxShardClient, RetryPolicy)
 

@@ -48,7 +48,7 @@ def test_fluxshard_run_and_the_profile_give_the_same_output(synth_clips, tmp_pat
 
     from fluxshard.cli import main
     from fluxshard.models import load_model, postprocess
-    from fluxshard.serving.session import detection_rows
+    from fluxshard.sessions import detection_rows
     from fluxshard.sparse import SparseExecutor
     from fluxshard.truncation import edge_path_outputs
 
@@ -84,7 +84,7 @@ def test_fluxshard_run_and_the_profile_give_the_same_output(synth_clips, tmp_pat
 def test_the_cloud_truncates_with_the_tau_the_edge_dispatched_with(tritonserver, synth_clips):
     """Cloud frames carry the dispatch tau; the server reports the tau its executor ran with."""
     from fluxshard_client import FluxShardClient, FluxShardStream, LocalEndpoint
-    from fluxshard.serving.session import yolo_session_factory
+    from fluxshard.sessions import yolo_session_factory
 
     paths, _spec = synth_clips("pan")
     with FluxShardClient(tritonserver.grpc_url) as client:

@@ -15,7 +15,7 @@ import argparse
 from fluxshard import cli_common
 from fluxshard.tau import tau_argument
 
-EDGE_EXECUTORS = ("exact", "tiles", "dense")  # fluxshard.serving.session.EXECUTORS
+EDGE_EXECUTORS = ("exact", "tiles", "dense")  # fluxshard.sessions.EXECUTORS
 
 # ----------------------------------------------------------------------------- model and weights
 

@@ -71,7 +71,7 @@ def profile_latency(*, width: int = 640, height: int = 384, fractions=DEFAULT_FR
     from tqdm import tqdm
 
     from fluxshard import wire
-    from fluxshard.serving.session import yolo_session_factory
+    from fluxshard.sessions import yolo_session_factory
     from fluxshard_client import FluxShardClient, LatencyProfile, LatencyTable
 
     if repeats < 1 or not fractions:
@@ -144,7 +144,7 @@ def _profile_edge_executors(model, executors, cases, field, repeats: int, thread
     """{name: LatencyTable} of the tile and dense edge executors on ``cases``, and notes on any
     left out. Tiles: each case's median time at the crop area share it reported (rising; more
     area never cheaper); its key frames (dense passes) give share 1."""
-    from fluxshard.serving.session import best_dense_session_factory, tile_session_factory
+    from fluxshard.sessions import best_dense_session_factory, tile_session_factory
     from fluxshard_client import LatencyTable
 
     tables, notes = {}, []

@@ -8,7 +8,8 @@ from fluxshard.serving.backend_tensors import error_response, input_array, outpu
 from fluxshard.serving.instance import instance_device
 from fluxshard.serving.limits import FrameLimits, max_streams_from_parameters
 from fluxshard.receive import ResyncNeeded
-from fluxshard.serving.session import ServerFull, SessionManager, yolo_session_factory
+from fluxshard.sessions import yolo_session_factory
+from fluxshard.serving.session import ServerFull, SessionManager
 from fluxshard.protocol import SECRET_PARAMETER
 from fluxshard.wire import PayloadError, response_tensors
 

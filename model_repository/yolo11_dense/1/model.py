@@ -7,7 +7,7 @@ import triton_python_backend_utils as pb_utils
 
 from fluxshard.serving.backend_tensors import error_response, input_array, output_tensor
 from fluxshard.serving.instance import instance_device
-from fluxshard.serving.session import DenseYoloSession, load_dense_model
+from fluxshard.sessions import DenseYoloSession, load_dense_model
 from fluxshard.wire import MAX_PIXELS, MAX_SIDE
 
 

@@ -1,0 +1,360 @@
+"""What one endpoint runs per stream: a :class:`StreamSession` gets the rebuilt (or decoded)
+input frame, the accumulated field and the residual mask, and returns detections and stats.
+
+The executors (:data:`EXECUTORS`, see :func:`yolo_session_factory`): ``exact`` runs the sparse
+executor with one cache state per stream (the default of the ``fluxshard`` model; ``sparse`` is
+its older name), ``tiles`` the v2 tile executor (``fluxshard.tiles.TileExecutor``) with one
+``TileStreamState`` per stream, ``dense`` YOLO11 on every frame. Every session's stats name the
+executor that ran (``stats["executor"]``). The server (``fluxshard.serving.session``) and the
+edge in-process (``fluxshard_client.LocalEndpoint``) build theirs here, so both compute alike.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import warnings
+from typing import Callable, Protocol
+
+import numpy as np
+
+
+class StreamSession(Protocol):
+    """Per-stream compute. ``infer`` is called once per applied frame, in order.
+
+    ``full_frame``: an in-process caller (``fluxshard_client.LocalEndpoint``) passes this session
+    the whole decoded frame instead of the residual-assembled input (the tile and dense
+    executors find their own changes; only the exact executor's reuse relies on assembled
+    inputs)."""
+
+    full_frame: bool
+    executor_kind: str  # "exact", "tiles" or "dense" (EXECUTORS)
+
+    def infer(self, rebuilt_frame: np.ndarray, field: np.ndarray | None,
+              residual_mask: np.ndarray | None, key: bool,
+              tau: float = 0.0) -> tuple[np.ndarray, dict]:
+        """-> (detections (N, 6) float32 x1, y1, x2, y2, score, class; stats dict). ``tau``:
+        the frame's truncation tau (``fluxshard.tau``), as the sender picked its residual at."""
+        ...
+
+    def close(self) -> None:
+        ...
+
+
+SessionFactory = Callable[[int], StreamSession]
+
+
+class DenseYoloSession:
+    """Dense YOLO11 on every rebuilt frame: the baseline the sparse executor replaces. The model
+    is shared between sessions (it is stateless); the session holds nothing."""
+
+    full_frame = False
+    executor_kind = "dense"
+
+    def __init__(self, model, conf_threshold: float = 0.25, iou_threshold: float = 0.45):
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.conf_threshold = conf_threshold
+        self.iou_threshold = iou_threshold
+
+    def infer(self, rebuilt_frame, field, residual_mask, key, tau=0.0):
+        import torch
+
+        from fluxshard.models import postprocess, preprocess
+
+        x = preprocess(rebuilt_frame, device=self.device)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = self.model(x)
+        rows = detection_rows(postprocess(out, x.shape[-2:], rebuilt_frame.shape[:2],
+                                          conf_thres=self.conf_threshold,
+                                          iou_thres=self.iou_threshold)[0])
+        stats = {"compute": "dense", "executor": "dense",
+                 "compute_ms": round((time.perf_counter() - t0) * 1e3, 3),
+                 "recomputed_fraction": 1.0, "computed_fraction": 1.0, "cache_hit_rate": 0.0}
+        return rows, stats
+
+    def close(self) -> None:
+        pass
+
+
+def detection_rows(det) -> np.ndarray:
+    """A :class:`fluxshard.models.Detections` as the wire's (N, 6) float32 rows."""
+    return np.concatenate([det.boxes.reshape(-1, 4), det.scores.reshape(-1, 1),
+                           det.classes.reshape(-1, 1).astype(np.float32)], axis=1).astype(np.float32)
+
+
+class SparseYoloSession:
+    """The sparse executor behind one stream: its own :class:`fluxshard.sparse.StreamState`
+    (input and feature caches), the executor and model shared with every other stream. The
+    executor keeps nothing per frame on itself (a per-frame context), so streams on threads
+    share it without a lock."""
+
+    full_frame = False  # reuse is exact on the residual-assembled input only
+    executor_kind = "exact"
+
+    def __init__(self, executor, conf_threshold: float = 0.25, iou_threshold: float = 0.45):
+        from fluxshard.sparse import StreamState
+
+        self.executor = executor
+        self.state = StreamState()
+        self.device = next(executor.model.parameters()).device
+        self.conf_threshold = conf_threshold
+        self.iou_threshold = iou_threshold
+        self.last_report = None  # FrameReport of the last frame (per-layer detail for callers)
+
+    def infer(self, rebuilt_frame, field, residual_mask, key, tau=0.0):
+        from fluxshard.models import postprocess, preprocess
+
+        x = preprocess(rebuilt_frame, device=self.device)
+        out, report = self.executor.run(self.state, x, None if key else field, key=key, tau=tau)
+        rows = detection_rows(postprocess(out, x.shape[-2:], rebuilt_frame.shape[:2],
+                                          conf_thres=self.conf_threshold,
+                                          iou_thres=self.iou_threshold)[0])
+        self.last_report = report
+        stats = {"compute": "sparse", "executor": "exact",
+                 "compute_ms": round(report.seconds * 1e3, 3),
+                 "cache_hit_rate": round(report.cache_hit_rate, 6),
+                 "computed_fraction": round(report.computed_fraction, 6),
+                 "recomputed_fraction": round(report.computed_fraction, 6),
+                 "input_changed": round(report.input_changed, 6), "dense_pass": report.key,
+                 "bypassed": report.bypassed}
+        return rows, stats
+
+    def close(self) -> None:
+        self.state.reset()
+
+
+class TileYoloSession:
+    """The tile executor (``fluxshard.tiles.TileExecutor``) behind one stream: its own
+    ``TileStreamState`` (warped head-map cache, block ages), the executor shared with every other
+    stream (serialized on ``lock``, like :class:`SparseYoloSession`).
+
+    It runs on whatever frame it is given: the decoded frame in process (``full_frame``), the
+    rebuilt input in the server. ``field`` must be the motion since the frame this stream last
+    ran on (the dispatch state's accumulated field); a key frame resets the state with a dense
+    pass. ``tau`` only picked the residual blocks the sender sent: the executor finds its own
+    critical blocks with its threshold."""
+
+    full_frame = True
+    executor_kind = "tiles"
+
+    def __init__(self, executor, lock: threading.Lock | None = None,
+                 conf_threshold: float = 0.25, iou_threshold: float = 0.45):
+        from fluxshard.tiles import TileStreamState
+
+        self.tile_executor = executor
+        self.state = TileStreamState()
+        self.lock = lock or threading.Lock()
+        self.conf_threshold = conf_threshold
+        self.iou_threshold = iou_threshold
+        self.last_report = None  # TileReport of the last frame
+
+    def infer(self, rebuilt_frame, field, residual_mask, key, tau=0.0):
+        from fluxshard.models import postprocess
+        from fluxshard.models.ops import padded_shape
+
+        frame = np.ascontiguousarray(rebuilt_frame)
+        with self.lock:
+            out, report = self.tile_executor.run(self.state, frame, None if key else field,
+                                                 key=bool(key))
+        rows = detection_rows(postprocess(out, padded_shape(*frame.shape[:2]), frame.shape[:2],
+                                          conf_thres=self.conf_threshold,
+                                          iou_thres=self.iou_threshold)[0])
+        self.last_report = report
+        crop = float(report.crop_area_fraction)
+        # crops include their halo, so 1 - crop area is a lower bound of the outputs reused
+        stats = {"compute": "tiles", "executor": "tiles",
+                 "compute_ms": round(report.seconds * 1e3, 3),
+                 "crop_area_fraction": round(crop, 6),
+                 "critical_fraction": round(float(report.critical_fraction), 6),
+                 "computed_fraction": round(crop, 6), "recomputed_fraction": round(crop, 6),
+                 "cache_hit_rate": round(max(0.0, 1.0 - crop), 6), "dense_pass": report.dense,
+                 "refresh": report.refresh, "crops": report.crops}
+        return rows, stats
+
+    def close(self) -> None:
+        from fluxshard.tiles import TileStreamState
+
+        self.state = TileStreamState()
+
+
+class DenseRunnerSession:
+    """The fastest dense engine on this machine (``fluxshard.models.dense.best_dense_runner``,
+    picked once per input size) on every whole frame: the edge's ``dense`` executor."""
+
+    full_frame = True
+    executor_kind = "dense"
+
+    def __init__(self, runners: "BestDenseRunners", conf_threshold: float = 0.25,
+                 iou_threshold: float = 0.45):
+        self.runners = runners
+        self.conf_threshold = conf_threshold
+        self.iou_threshold = iou_threshold
+
+    def infer(self, rebuilt_frame, field, residual_mask, key, tau=0.0):
+        from fluxshard.models import postprocess, preprocess
+
+        x = preprocess(rebuilt_frame)
+        t0 = time.perf_counter()
+        out, engine = self.runners(x)
+        rows = detection_rows(postprocess(out, x.shape[-2:], rebuilt_frame.shape[:2],
+                                          conf_thres=self.conf_threshold,
+                                          iou_thres=self.iou_threshold)[0])
+        stats = {"compute": "dense", "executor": "dense", "engine": engine,
+                 "compute_ms": round((time.perf_counter() - t0) * 1e3, 3),
+                 "recomputed_fraction": 1.0, "computed_fraction": 1.0, "cache_hit_rate": 0.0}
+        return rows, stats
+
+    def close(self) -> None:
+        pass
+
+
+class BestDenseRunners:
+    """``best_dense_runner`` per input size, chosen on first use (a few timed runs of every
+    engine, and an ONNX export for onnxruntime). Returns the model's eval output as torch
+    tensors, and the engine's name."""
+
+    def __init__(self, model, threads: int = 1, warmup: int = 1, runs: int = 3):
+        self.model, self.threads, self.warmup, self.runs = model, threads, warmup, runs
+        self.lock = threading.Lock()
+        self._best: dict = {}
+
+    def prepare(self, input_hw: tuple[int, int]):
+        """Pick the engine for model inputs of ``input_hw`` now (not in the first frame's
+        latency); returns the runner."""
+        from fluxshard.models.dense import best_dense_runner
+
+        shape = tuple(int(v) for v in input_hw)
+        with self.lock:
+            runner = self._best.get(shape)
+            if runner is None:
+                runner, _medians = best_dense_runner(self.model, shape, threads=self.threads,
+                                                     warmup=self.warmup, runs=self.runs)
+                self._best[shape] = runner
+        return runner
+
+    def __call__(self, x):
+        import torch
+
+        runner = self.prepare(x.shape[-2:])
+        with self.lock:
+            out = runner.run(x)
+        if isinstance(out, (list, tuple)):  # onnxruntime: numpy outputs
+            out = [torch.from_numpy(o) if isinstance(o, np.ndarray) else o for o in out]
+            out = out[0] if len(out) == 1 else tuple(out)
+        return out, runner.name
+
+    @property
+    def chosen(self) -> dict:
+        """Input size -> the engine picked for it."""
+        return {shape: r.name for shape, r in self._best.items()}
+
+
+def best_dense_session_factory(model, threads: int = 1,
+                               conf_threshold: float = 0.25) -> SessionFactory:
+    """Sessions sharing one :class:`BestDenseRunners` for ``model``."""
+    runners = BestDenseRunners(model, threads=threads)
+    return lambda corrid: DenseRunnerSession(runners, conf_threshold=conf_threshold)
+
+
+# executor -> what it is; "sparse" is the older name of "exact"
+EXECUTORS = ("exact", "tiles", "dense")
+EXECUTOR_ALIASES = {"sparse": "exact"}
+
+
+def executor_name(name: str) -> str:
+    """The executor ``name`` means (an older alias resolved); a clear error for anything else."""
+    canonical = EXECUTOR_ALIASES.get(name, name)
+    if canonical not in EXECUTORS:
+        raise ValueError(f"executor must be one of {EXECUTORS}, got {name!r}")
+    return canonical
+
+
+def yolo_session_factory(executor: str = "exact", weights: str | None = None, scale: str = "n",
+                         threads: int = 1, conf_threshold: float = 0.25, seed: int = 0,
+                         device: str = "cpu", strict_rfap: bool = False,
+                         keyframe_interval: int | None = None, grid_snap: bool = False,
+                         model=None, bypass: str = "none",
+                      tile_engine: str = "onnxruntime", **tile_options) -> SessionFactory:
+    """Sessions for the ``fluxshard`` model, by ``executor``: "exact" (default, older name
+    "sparse"; per-stream feature caches, truncating with the tau each frame carries
+    (``StreamSession.infer``); grid_snap the relaxed RFAP Cond. 2 of fluxshard.sparse), "tiles"
+    (``fluxshard.tiles.TileExecutor`` on ``tile_engine`` with ``threads`` and ``tile_options``,
+    detect models only)
+    or "dense" (YOLO11 on every rebuilt frame). The Triton model and in-process users build theirs here, so
+    both run the same thing. ``model`` overrides the weights lookup (a loaded, fused YOLO11).
+    ``bypass``: "none", or a dense runner kind ("onnxruntime", "fused_channels_last") that runs
+    the frames with nothing to reuse, and reusable ones too while it measures faster per stream
+    (fluxshard.sparse.SparseExecutor's bypass, adaptive)."""
+    executor = executor_name(executor)
+    if model is None:
+        model = load_dense_model(weights, scale, threads, seed, device)
+    if executor == "dense":
+        return lambda corrid: DenseYoloSession(model, conf_threshold=conf_threshold)
+    if executor == "tiles":
+        return tile_session_factory(model, threads=threads, engine=tile_engine,
+                                    conf_threshold=conf_threshold, **tile_options)
+    from fluxshard.sparse import SparseExecutor
+
+    runner = None
+    if bypass != "none":
+        from fluxshard.models.dense import ShapeRunners
+
+        runner = ShapeRunners(model, bypass, threads=threads)
+    shared = SparseExecutor(model, strict_rfap=strict_rfap,
+                            keyframe_interval=keyframe_interval, grid_snap=grid_snap,
+                            bypass=runner, adaptive=runner is not None)
+    return lambda corrid: SparseYoloSession(shared, conf_threshold=conf_threshold)
+
+
+def tile_session_factory(model, threads: int = 1, engine: str = "onnxruntime",
+                         conf_threshold: float = 0.25, **tile_options) -> SessionFactory:
+    """Sessions sharing one ``TileExecutor`` of ``model`` (``tile_options``: its knobs)."""
+    if model.task != "detect":
+        raise ValueError(f"the tiles executor handles detect models only; this model is a "
+                         f"{model.task} model (use the exact or dense executor)")
+    from fluxshard.tiles import TileExecutor
+
+    shared = TileExecutor(model, engine=engine, threads=threads, **tile_options)
+    lock = threading.Lock()
+    return lambda corrid: TileYoloSession(shared, lock, conf_threshold=conf_threshold)
+
+
+def dense_yolo_factory(weights: str | None = None, scale: str = "n", threads: int = 1,
+                       conf_threshold: float = 0.25, seed: int = 0,
+                       device: str = "cpu") -> SessionFactory:
+    """Sessions sharing one dense YOLO11: ``weights`` (a checkpoint path), else the embedded
+    default weights if present, else a random model of ``scale`` seeded with ``seed`` (the same
+    weights in every process, so tests can compare against a local run)."""
+    model = load_dense_model(weights, scale, threads, seed, device)
+    return lambda corrid: DenseYoloSession(model, conf_threshold=conf_threshold)
+
+
+def load_dense_model(weights: str | None = None, scale: str = "n", threads: int = 1, seed: int = 0,
+                     device: str = "cpu"):
+    import torch
+
+    from fluxshard.models import build_yolo11, fuse, load_model
+
+    torch.set_num_threads(threads)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} requested but torch sees no CUDA device")
+    if weights:
+        return load_model(weights, device=device, fused=True)
+    try:
+        return load_model(None, device=device, fused=True)
+    except FileNotFoundError as e:
+        from fluxshard.synth import CLASS_NAMES
+
+        warnings.warn(f"{e}; using a RANDOM YOLO11{scale} seeded with {seed} instead (its "
+                      "detections are meaningless)", stacklevel=2)
+        torch.manual_seed(seed)
+        return fuse(build_yolo11(scale, "detect", len(CLASS_NAMES)).eval()).to(device)
+
+
+__all__ = [
+    "StreamSession", "SessionFactory", "DenseYoloSession", "SparseYoloSession",
+    "TileYoloSession", "DenseRunnerSession", "BestDenseRunners", "best_dense_session_factory",
+    "tile_session_factory", "executor_name", "EXECUTORS", "EXECUTOR_ALIASES",
+    "yolo_session_factory", "detection_rows", "dense_yolo_factory", "load_dense_model"]
