@@ -121,6 +121,7 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
     from fluxshard.sessions import load_dense_model
     from fluxshard_client import (FluxShardClient, FluxShardStream, LatencyProfile,
                                   LocalEndpoint, RemoteEndpoint, RetryPolicy)
+    from fluxshard_client.dispatch import DEFAULT_PROFILE_PATH
     from fluxshard.tau import TauPolicy
 
     from . import outputs
@@ -155,6 +156,8 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
     # one tau for dispatch, the edge's executor and the cloud's (it travels with each frame)
     tau_policy = TauPolicy.from_options(tau, tau_table)
     executor_options = _executor_options(tau_policy, bypass)
+    if latency_profile is None and DEFAULT_PROFILE_PATH.is_file():
+        latency_profile = DEFAULT_PROFILE_PATH  # the command's default: the profile verb's output
     profile = LatencyProfile.load_or_default(latency_profile)
 
     with warnings.catch_warnings(record=True) as caught:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field as dataclass_field
 from pathlib import Path
 
@@ -38,7 +39,11 @@ EXECUTOR_ALIASES = {"sparse": "exact"}
 # the tile executor's defaults (fluxshard.tiles.TileExecutor) the crop-share prediction assumes
 TILE_HALO_PX, TILE_DENSE_ABOVE = 16, 0.6
 PROFILE_VERSION = 1
+# where `fluxshard profile latency` writes, and `fluxshard run` reads when present (relative to
+# the command's working folder; the SDK itself reads no file it is not told of)
 DEFAULT_PROFILE_PATH = Path("out/profile/latency.json")
+# an application points the SDK at its latency profile with this, or passes profile=
+PROFILE_ENV = "FLUXSHARD_LATENCY_PROFILE"
 
 
 @dataclass
@@ -175,12 +180,12 @@ class LatencyProfile:
 
     @classmethod
     def load_or_default(cls, path: str | Path | None = None) -> "LatencyProfile":
-        """``path`` (must exist), else the default profile file when present, else built-in."""
-        if path is not None:
-            return cls.load(path)
-        if DEFAULT_PROFILE_PATH.is_file():
-            return cls.load(DEFAULT_PROFILE_PATH)
-        return cls.default()
+        """``path`` (must exist), else the file ``$FLUXSHARD_LATENCY_PROFILE`` names (must exist),
+        else the built-in tables. Nothing is looked up relative to the working folder: what a
+        library loads must not depend on where its process was started."""
+        if path is None:
+            path = os.environ.get(PROFILE_ENV) or None
+        return cls.default() if path is None else cls.load(path)
 
 
 class BandwidthEstimator:

@@ -454,8 +454,8 @@ class FluxShardStream(_StreamBase):
     (``fluxshard.tau``) on the [0, 1] input scale, a :class:`fluxshard.tau.TruncationTable` or a
     :class:`TauPolicy`; per frame it picks each endpoint's residual blocks, and that endpoint's
     executor truncates with the same value.
-    ``profile``: a :class:`LatencyProfile` or its JSON path (default: ``out/profile/latency.json``
-    when present, else the built-in tables). ``margin_ms``: eps (within it, prefer the cloud).
+    ``profile``: a :class:`LatencyProfile` or its JSON path (default: the file
+    ``$FLUXSHARD_LATENCY_PROFILE`` names, else the built-in tables). ``margin_ms``: eps (within it, prefer the cloud).
     ``initial_mbps``: the uplink estimate before the first measurement. ``probe_interval``: in
     auto mode the cloud runs at least every N frames, so the estimate and its cache stay fresh.
     ``deadline_ms``: a cloud call not answered within it is abandoned and the edge runs the

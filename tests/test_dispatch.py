@@ -196,3 +196,20 @@ def test_an_unreachable_cloud_falls_back_to_the_edge(two_endpoints):
     assert all(r.stats["cloud_fallback"] == r.decision.reason for r in results)
     assert [r.key for r in results] == [True, False, False, False, False]
     assert len(stream.core.cloud_failures) == 1
+
+
+def test_the_sdk_reads_no_latency_profile_from_the_working_folder(tmp_path, monkeypatch):
+    from fluxshard_client.dispatch import DEFAULT_PROFILE_PATH, PROFILE_ENV, LatencyProfile
+
+    measured = LatencyProfile.default()
+    measured.source = "measured"
+    (tmp_path / DEFAULT_PROFILE_PATH).parent.mkdir(parents=True)
+    measured.save(tmp_path / DEFAULT_PROFILE_PATH)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(PROFILE_ENV, raising=False)
+    assert LatencyProfile.load_or_default().source == "default"  # where it runs does not matter
+    monkeypatch.setenv(PROFILE_ENV, str(tmp_path / DEFAULT_PROFILE_PATH))
+    assert LatencyProfile.load_or_default().source != "default"  # the application said so
+    monkeypatch.setenv(PROFILE_ENV, str(tmp_path / "missing.json"))
+    with pytest.raises(FileNotFoundError):
+        LatencyProfile.load_or_default()
