@@ -335,7 +335,8 @@ def load_dense_model(weights: str | None = None, scale: str = "n", threads: int 
                      device: str = "cpu"):
     import torch
 
-    from fluxshard.models import build_yolo11, fuse, load_model
+    from fluxshard.models import load_model
+    from fluxshard.models.families import DEFAULT_FAMILY, family_named
 
     torch.set_num_threads(threads)
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -347,10 +348,11 @@ def load_dense_model(weights: str | None = None, scale: str = "n", threads: int 
     except FileNotFoundError as e:
         from fluxshard.synth import CLASS_NAMES
 
-        warnings.warn(f"{e}; using a RANDOM YOLO11{scale} seeded with {seed} instead (its "
+        family = family_named(DEFAULT_FAMILY)
+        warnings.warn(f"{e}; using a RANDOM {family.name}{scale} seeded with {seed} instead (its "
                       "detections are meaningless)", stacklevel=2)
         torch.manual_seed(seed)
-        return fuse(build_yolo11(scale, "detect", len(CLASS_NAMES)).eval()).to(device)
+        return family.fuse(family.build(scale, "detect", len(CLASS_NAMES)).eval()).to(device)
 
 
 __all__ = [

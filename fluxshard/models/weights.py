@@ -1,9 +1,11 @@
-"""Saving and loading YOLO11 weights.
+"""Saving and loading model weights, for every registered model family (``families.py``).
 
 Accepted sources for :func:`load_model`:
-  * our checkpoint (``save_checkpoint``): {'format': 'fluxshard-yolo11', 'scale', 'task', 'names',
-    'state_dict' (fp16), 'meta'};
-  * a plain state dict with ultralytics key names (scale, task and class count read from shapes);
+  * our checkpoint (``save_checkpoint``): {'format': the family's checkpoint format
+    ('fluxshard-yolo11' for YOLO11), 'version', 'scale', 'task', 'nc', 'names', 'state_dict'
+    (fp16), 'meta'};
+  * a plain state dict whose keys a family recognises, e.g. ultralytics key names (scale, task
+    and class count read from shapes);
   * an ultralytics-style checkpoint dict whose 'model' (or 'ema') entry is such a state dict;
   * an ultralytics ``.pt`` holding a pickled model object: needs ultralytics importable; without it
     a clear error says how to convert it once on a machine that has ultralytics;
@@ -17,11 +19,11 @@ import zipfile
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from .yolo import SCALES, YOLO11, build_yolo11, fuse
+from .families import (CheckpointError, ModelFamily, families, family_for_format,
+                       family_for_state_dict, family_matching, family_names, family_of)
 
-FORMAT = "fluxshard-yolo11"
-FORMAT_VERSION = 1
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "yolo11n-detect-demo.pt"
 
 CONVERT_HINT = ("convert it once where ultralytics is installed:\n"
@@ -32,21 +34,20 @@ CONVERT_HINT = ("convert it once where ultralytics is installed:\n"
                 "'sd.pt' instead")
 
 
-class CheckpointError(ValueError):
-    """A weights file or state dict that cannot become a YOLO11."""
-
-
-def save_checkpoint(model: YOLO11, path: str | os.PathLike, **meta) -> Path:
-    """Write ``model`` in our format (fp16 floating tensors; BN must not be fused)."""
-    if not isinstance(model, YOLO11):
-        raise TypeError(f"save_checkpoint needs a YOLO11, got {type(model).__name__}")
+def save_checkpoint(model: nn.Module, path: str | os.PathLike, **meta) -> Path:
+    """Write ``model`` in its family's format (fp16 floating tensors; BN must not be fused)."""
+    try:
+        family = family_of(model)
+    except TypeError as e:
+        raise TypeError(f"save_checkpoint: {e}") from None
     sd = model.state_dict()
-    if "model.0.bn.weight" not in sd:
+    if family.is_fused_state_dict(sd):
         raise CheckpointError("save_checkpoint: model is fused (no BatchNorm); save before fuse()")
     state = {k: (v.detach().half() if v.is_floating_point() else v.detach()).cpu().clone()
              for k, v in sd.items()}
-    ckpt = {"format": FORMAT, "version": FORMAT_VERSION, "scale": model.scale, "task": model.task,
-            "nc": model.nc, "names": dict(model.names), "state_dict": state, "meta": dict(meta)}
+    ckpt = {"format": family.checkpoint_format, "version": family.checkpoint_version,
+            "scale": model.scale, "task": model.task, "nc": model.nc, "names": dict(model.names),
+            "state_dict": state, "meta": dict(meta)}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -56,36 +57,25 @@ def save_checkpoint(model: YOLO11, path: str | os.PathLike, **meta) -> Path:
 
 
 def infer_architecture(sd: dict[str, torch.Tensor]) -> tuple[str, str, int]:
-    """(scale, task, num_classes) of a state dict with ultralytics YOLO11 key names."""
-    try:
-        stem = sd["model.0.conv.weight"].shape[0]
-        nc = sd["model.23.cv3.0.2.weight"].shape[0]
-    except KeyError as e:
-        raise CheckpointError(f"not a YOLO11 state dict: missing {e.args[0]!r} (keys look like "
-                              f"{list(sd)[:3]})") from None
-    task = "segment" if any(k.startswith("model.23.proto.") for k in sd) else "detect"
-    widths = {make: int(64 * w) for make, (_, w, _) in SCALES.items()}  # stem = 64 * width
-    candidates = [s for s, c in widths.items() if c == stem]
-    if len(candidates) > 1:  # m and l share width; l has two blocks per C3k2 where m has one
-        candidates = ["l" if "model.2.m.1.cv1.conv.weight" in sd else "m"]
-    if not candidates:
-        raise CheckpointError(f"stem conv has {stem} channels; YOLO11 scales have "
-                              f"{sorted(set(widths.values()))}")
-    return candidates[0], task, int(nc)
+    """(scale, task, num_classes) of a state dict, read by the family whose keys it has."""
+    return family_for_state_dict(sd).infer_architecture(sd)
 
 
-def model_from_state_dict(sd: dict[str, torch.Tensor], names: dict | list | None = None) -> YOLO11:
-    """Build the matching YOLO11 and load ``sd`` strictly (every key and shape must match)."""
+def model_from_state_dict(sd: dict[str, torch.Tensor], names: dict | list | None = None,
+                          family: ModelFamily | None = None) -> nn.Module:
+    """Build the matching model (of ``family``, else of the family whose keys ``sd`` has) and
+    load ``sd`` strictly (every key and shape must match)."""
     sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
-    scale, task, nc = infer_architecture(sd)
+    family = family or family_for_state_dict(sd)
+    scale, task, nc = family.infer_architecture(sd)
     if isinstance(names, (list, tuple)):
         names = dict(enumerate(names))
     if names is not None and len(names) != nc:
         names = None  # names from some other dataset: fall back to generic ones
-    model = build_yolo11(scale, task, nc, names={int(k): str(v) for k, v in names.items()}
+    model = family.build(scale, task, nc, names={int(k): str(v) for k, v in names.items()}
                          if names else None)
-    if "model.0.bn.weight" not in sd and "model.0.conv.bias" in sd:
-        fuse(model)  # a state dict saved after BN folding (e.g. ultralytics YOLO(...).fuse())
+    if family.is_fused_state_dict(sd):
+        family.fuse(model)
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
@@ -93,7 +83,7 @@ def model_from_state_dict(sd: dict[str, torch.Tensor], names: dict | list | None
                   for k in own if k in sd and sd[k].shape != own[k].shape]
     if missing or unexpected or mismatched:
         raise CheckpointError(
-            f"state dict does not fit yolo11{scale}-{task} (nc={nc}): "
+            f"state dict does not fit {family.tag(scale, task)} (nc={nc}): "
             f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected "
             f"(e.g. {unexpected[:3]}), {len(mismatched)} shape mismatches (e.g. {mismatched[:3]})")
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
@@ -110,7 +100,7 @@ def _pickles_ultralytics(path: Path) -> bool:
         return False
 
 
-def _load_ultralytics_object(path: Path) -> YOLO11:
+def _load_ultralytics_object(path: Path) -> nn.Module:
     try:
         import ultralytics  # noqa: F401
     except ImportError:
@@ -127,35 +117,40 @@ def _load_ultralytics_object(path: Path) -> YOLO11:
     return model_from_state_dict(obj.float().state_dict(), getattr(obj, "names", None))
 
 
-def model_from_object(ckpt, origin: str = "checkpoint") -> YOLO11:
-    """A loaded checkpoint object (any accepted dict layout) -> YOLO11."""
+def model_from_object(ckpt, origin: str = "checkpoint") -> nn.Module:
+    """A loaded checkpoint object (any accepted dict layout) -> a model of its family."""
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{origin}: expected a dict, got {type(ckpt).__name__}")
-    if ckpt.get("format") == FORMAT:
-        if ckpt.get("version", 1) > FORMAT_VERSION:
+    family = family_for_format(ckpt.get("format"))
+    if family is not None:
+        if ckpt.get("version", 1) > family.checkpoint_version:
             raise CheckpointError(f"{origin}: checkpoint version {ckpt['version']} is newer than "
-                                  f"this code reads ({FORMAT_VERSION})")
-        model = model_from_state_dict(ckpt["state_dict"], ckpt.get("names"))
+                                  f"this code reads ({family.checkpoint_version})")
+        model = model_from_state_dict(ckpt["state_dict"], ckpt.get("names"), family)
         if (model.scale, model.task) != (ckpt.get("scale"), ckpt.get("task")):
-            raise CheckpointError(f"{origin}: header says yolo11{ckpt.get('scale')}-"
-                                  f"{ckpt.get('task')} but tensors are yolo11{model.scale}-{model.task}")
+            header = family.tag(ckpt.get("scale"), ckpt.get("task"))
+            raise CheckpointError(f"{origin}: header says {header} but tensors are "
+                                  f"{family.tag(model.scale, model.task)}")
         model.meta = dict(ckpt.get("meta", {}))
         return model
     for key in ("ema", "model", "state_dict"):  # ultralytics-style dict holding a state dict
         inner = ckpt.get(key)
         if isinstance(inner, torch.nn.Module):  # already unpickled (ultralytics importable)
             return model_from_state_dict(inner.float().state_dict(), getattr(inner, "names", None))
-        if isinstance(inner, dict) and "model.0.conv.weight" in inner:
+        if isinstance(inner, dict) and family_matching(inner) is not None:
             return model_from_state_dict(inner, ckpt.get("names"))
-    if "model.0.conv.weight" in ckpt:
+    if family_matching(ckpt) is not None:
         return model_from_state_dict(ckpt, None)
-    raise CheckpointError(f"{origin}: not a YOLO11 checkpoint (top-level keys {list(ckpt)[:6]})")
+    raise CheckpointError(f"{origin}: not a {' or '.join(f.name for f in families())} checkpoint "
+                          f"(registered model families: {family_names()}; top-level keys "
+                          f"{list(ckpt)[:6]})")
 
 
 def load_model(source: str | os.PathLike | dict | torch.nn.Module | None = None, device: str | torch.device = "cpu",
-               fused: bool = False, eval_mode: bool = True) -> YOLO11:
-    """Load a YOLO11 from a path, a state dict / checkpoint dict, a module with ultralytics key
-    names (an ultralytics model object, or our own), or ``None`` (the embedded demo weights).
+               fused: bool = False, eval_mode: bool = True) -> nn.Module:
+    """Load a model of a registered family from a path, a state dict / checkpoint dict, a module
+    whose keys a family recognises (an ultralytics model object, or our own), or ``None`` (the
+    embedded demo YOLO11 weights).
     Returns a new model on ``device``, in eval mode unless ``eval_mode=False``, BN-folded if
     ``fused``."""
     if source is None:
@@ -186,5 +181,5 @@ def load_model(source: str | os.PathLike | dict | torch.nn.Module | None = None,
     if eval_mode:
         model.eval()
     if fused:
-        fuse(model)
+        family_of(model).fuse(model)
     return model

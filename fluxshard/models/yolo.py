@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .families import CheckpointError, ModelFamily, register_family
 from .modules import (SPPF, C2PSA, C3k2, Concat, Conv, Detect, Segment)
 
 TASKS = ("detect", "segment")
@@ -255,3 +256,30 @@ def describe_layers(model: YOLO11, imgsz: tuple[int, int] = (384, 640)) -> list[
         stride = None if head else imgsz[0] // out[1]
         specs.append(LayerSpec(m.i, m.f, m.type, out, stride, m.np))
     return specs
+
+
+def yolo11_architecture(sd) -> tuple[str, str, int]:
+    """(scale, task, num_classes) of a state dict with ultralytics YOLO11 key names."""
+    try:
+        stem = sd["model.0.conv.weight"].shape[0]
+        nc = sd["model.23.cv3.0.2.weight"].shape[0]
+    except KeyError as e:
+        raise CheckpointError(f"not a YOLO11 state dict: missing {e.args[0]!r} (keys look like "
+                              f"{list(sd)[:3]})") from None
+    task = "segment" if any(k.startswith("model.23.proto.") for k in sd) else "detect"
+    widths = {make: int(64 * w) for make, (_, w, _) in SCALES.items()}  # stem = 64 * width
+    candidates = [s for s, c in widths.items() if c == stem]
+    if len(candidates) > 1:  # m and l share width; l has two blocks per C3k2 where m has one
+        candidates = ["l" if "model.2.m.1.cv1.conv.weight" in sd else "m"]
+    if not candidates:
+        raise CheckpointError(f"stem conv has {stem} channels; YOLO11 scales have "
+                              f"{sorted(set(widths.values()))}")
+    return candidates[0], task, int(nc)
+
+
+FAMILY = register_family(ModelFamily(
+    name="YOLO11", checkpoint_format="fluxshard-yolo11", model_class=YOLO11, build=build_yolo11,
+    matches_state_dict=lambda sd: "model.0.conv.weight" in sd,  # ultralytics key names
+    infer_architecture=yolo11_architecture, fuse=fuse,
+    # saved after BN folding (fuse(), or ultralytics YOLO(...).fuse()): biases, no BatchNorm
+    is_fused_state_dict=lambda sd: "model.0.bn.weight" not in sd and "model.0.conv.bias" in sd))

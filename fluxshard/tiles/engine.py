@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from fluxshard.models.export import onnxruntime_session
-from fluxshard.models.modules import Detect, Segment
 from fluxshard.models.yolo import YOLO11, fuse, is_fused
 
 ENGINE_KINDS = ("torch", "onnxruntime", "tensorrt")
@@ -25,14 +24,14 @@ ENGINE_KINDS = ("torch", "onnxruntime", "tensorrt")
 
 def raw_head_maps(model: YOLO11, x: torch.Tensor) -> list[torch.Tensor]:
     """The head's raw maps [(B, 4*reg_max + nc, H/s, W/s) for s in 8, 16, 32] of ``x``."""
-    head = model.head
-    if isinstance(head, Segment):
+    head = model.head  # the head interface: fluxshard/models/families.py
+    if model.task != "detect":
         raise NotImplementedError("the tile executor caches detect heads only (seg: not built yet)")
     y: list[torch.Tensor | None] = []
     for m in model.model:
         if m.f != -1:
             x = y[m.f] if isinstance(m.f, int) else [x if j == -1 else y[j] for j in m.f]
-        x = m.head_maps(x) if isinstance(m, Detect) else m(x)
+        x = m.head_maps(x) if m is head else m(x)
         y.append(x if m.i in model.save else None)
     return x
 

@@ -65,6 +65,7 @@ def _serve(args: argparse.Namespace) -> int:
     tls = TlsFiles(args.tls_cert, args.tls_key, args.tls_root) if args.tls_cert else None
     if args.weights:
         from fluxshard.models import load_model
+        from fluxshard.models.families import family_of
 
         # a file that is no detector fails here, in one line, not in the server's log
         model = load_model(args.weights)
@@ -72,7 +73,8 @@ def _serve(args: argparse.Namespace) -> int:
             print(f"fluxshard serve: --executor tiles handles detect models only; "
                   f"{args.weights} is a {model.task} model", file=sys.stderr)
             return 2
-        print(f"weights {args.weights}: yolo11{model.scale}-{model.task}, {model.nc} classes "
+        print(f"weights {args.weights}: {family_of(model).tag(model.scale, model.task)}, "
+              f"{model.nc} classes "
               f"({', '.join(model.names[k] for k in range(min(model.nc, 8)))}"
               f"{', ...' if model.nc > 8 else ''})")
     server = TritonServer(args.model_repository, args.http_port, args.grpc_port, args.metrics_port,

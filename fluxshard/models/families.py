@@ -1,0 +1,131 @@
+"""Model families: what loading, saving and serving need to know about one kind of model.
+
+A family is one module that builds its models and registers a :class:`ModelFamily` when imported
+(``yolo.py`` registers YOLO11; ``fluxshard/models/__init__.py`` imports it). ``load_model`` and
+``save_checkpoint`` (``weights.py``) and ``sessions.load_dense_model`` find the family here: by a
+checkpoint's ``format`` string, by a state dict's keys, or by a model's class.
+
+What the rest of FluxShard needs from a family's model (an ``nn.Module``):
+  * attributes ``scale``, ``task`` ("detect" or "segment"), ``nc`` and ``names`` ({index: name},
+    ``nc`` entries): checkpoints store them, the tools print them, the tile executor and the tiles
+    session accept ``task == "detect"`` only;
+  * eval ``forward((B, 3, H, W) in [0, 1])`` -> (B, 4 + nc, A): xywh boxes in input pixels, then
+    sigmoid class scores; a segment model returns ``(that with nm mask coefficients appended,
+    prototypes)``. ``ops.postprocess`` (NMS) and ``export.export_onnx`` rely on this only;
+  * ``model.model``: the layers in order, each with ``i`` (index), ``f`` (-1, or the index or
+    list of indices of the layers it reads), ``type`` and ``np`` (parameters), and
+    ``model.save`` (indices whose outputs later layers read), and ``model.model[0].conv`` (the
+    first spatial conv). The sparse executor walks them, and every layer type needs a mask rule
+    in ``fluxshard/sparse/rules.py`` (a family using new op types adds rules there: that is the
+    "add an op" change);
+  * ``model.head`` (the last layer), for the tile executor: ``head_maps(features)`` (raw
+    per-level maps), ``no`` (channels per map), ``nc``, ``reg_max`` and ``dfl`` (the distribution
+    box decode: the tile executor decodes YOLO's left/top/right/bottom distances per cell),
+    ``anchors_for(maps)`` -> (anchor cells (A, 2), strides (A, 1)), and ``decode``.
+The trainer (``fluxshard/train/``) is YOLO's: its loss reads YOLO11's head outputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+from torch import nn
+
+# The family of the embedded demo weights, and of the random stand-in when they are missing.
+DEFAULT_FAMILY = "YOLO11"
+
+
+class CheckpointError(ValueError):
+    """A weights file or state dict that cannot become a model of a registered family."""
+
+
+def _unchanged(model: nn.Module) -> nn.Module:
+    return model
+
+
+def _never(_state_dict: Mapping) -> bool:
+    return False
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """One kind of model. ``build(scale, task, num_classes, names=None)`` makes a freshly
+    initialised one; ``matches_state_dict(sd)`` says whether the keys look like this family's;
+    ``infer_architecture(sd)`` -> (scale, task, num_classes), raising :class:`CheckpointError`
+    when it cannot; ``fuse(model)`` folds BatchNorm in place (inference only) and
+    ``is_fused_state_dict(sd)`` says whether ``sd`` was saved after that."""
+
+    name: str  # as users write it ("YOLO11"); lower-cased in architecture tags ("yolo11n-detect")
+    checkpoint_format: str  # the ``format`` entry of its checkpoints
+    model_class: type[nn.Module]
+    build: Callable[..., nn.Module]
+    matches_state_dict: Callable[[Mapping], bool]
+    infer_architecture: Callable[[Mapping], tuple[str, str, int]]
+    fuse: Callable[[nn.Module], nn.Module] = _unchanged
+    is_fused_state_dict: Callable[[Mapping], bool] = _never
+    checkpoint_version: int = 1
+
+    def tag(self, scale: str, task: str) -> str:
+        return f"{self.name.lower()}{scale}-{task}"
+
+
+_FAMILIES: dict[str, ModelFamily] = {}  # lower-cased name -> family, in registration order
+
+
+def register_family(family: ModelFamily) -> ModelFamily:
+    """Add ``family``; a second family under the same name or checkpoint format is refused."""
+    key = family.name.lower()
+    if key in _FAMILIES and _FAMILIES[key] is not family:
+        raise ValueError(f"a model family named {family.name!r} is already registered")
+    clash = family_for_format(family.checkpoint_format)
+    if clash is not None and clash is not family:
+        raise ValueError(f"checkpoint format {family.checkpoint_format!r} already belongs to "
+                         f"the {clash.name} family")
+    _FAMILIES[key] = family
+    return family
+
+
+def unregister_family(name: str) -> None:
+    """Remove a family (tests that register a toy one clean up with this)."""
+    _FAMILIES.pop(name.lower(), None)
+
+
+def families() -> tuple[ModelFamily, ...]:
+    return tuple(_FAMILIES.values())
+
+
+def family_names() -> str:
+    return ", ".join(f.name for f in _FAMILIES.values()) or "none"
+
+
+def family_named(name: str) -> ModelFamily:
+    try:
+        return _FAMILIES[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown model family {name!r}; registered: {family_names()}") from None
+
+
+def family_for_format(checkpoint_format) -> ModelFamily | None:
+    return next((f for f in _FAMILIES.values() if f.checkpoint_format == checkpoint_format), None)
+
+
+def family_matching(state_dict: Mapping) -> ModelFamily | None:
+    """The first registered family whose keys ``state_dict`` has, else None."""
+    return next((f for f in _FAMILIES.values() if f.matches_state_dict(state_dict)), None)
+
+
+def family_for_state_dict(state_dict: Mapping) -> ModelFamily:
+    family = family_matching(state_dict)
+    if family is None:
+        raise CheckpointError(f"state dict matches no registered model family "
+                              f"({family_names()}); keys look like {list(state_dict)[:3]}")
+    return family
+
+
+def family_of(model: nn.Module) -> ModelFamily:
+    family = next((f for f in _FAMILIES.values() if isinstance(model, f.model_class)), None)
+    if family is None:
+        raise TypeError(f"{type(model).__name__} is no model of a registered family "
+                        f"({family_names()})")
+    return family
