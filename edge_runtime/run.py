@@ -83,7 +83,7 @@ def _edge_session(executor: str, model, executor_options: dict, tiles_table=None
 
 def _uplink_quality_summary(cloud) -> dict:
     core = getattr(getattr(cloud, "stream", None), "core", None)
-    rate = getattr(core, "link_rate", None)
+    rate = core.uplink.link_rate if core is not None else None
     if rate is None:
         return {}
     return {"uplink_quality_crf": rate.base_crf, "uplink_crf_final": rate.crf,

@@ -214,7 +214,7 @@ class _DispatchCore:
         self.wire_ratio = {"key": 0.5, "residual": 0.5}
         # H.264 uplink: bytes per pixel learned per residual fraction (fluxshard.uplink_h264)
         self.h264_bytes = None
-        self.h264_uplink = None  # the cloud transport's core: its quality follows the link
+        self.h264_uplink = None  # the cloud transport's Uplink: its quality follows the link
         self.cloud_down_until = 0  # frame index from which the cloud may be tried again
         self.cloud_failures: list[str] = []
 
@@ -409,12 +409,11 @@ class _StreamBase:
                 # residual set is aligned from is the mirror's, which then rebuilds without a
                 # second warp
                 self.core.states[name].uplink = uplink
-        transport = getattr(getattr(self.cloud, "stream", None), "core", None)
-        if getattr(transport, "encoder", None) is not None:  # the cloud's uplink is H.264
-            from fluxshard.uplink_h264 import BytesModel
+                if name == "cloud" and uplink.encoder is not None:  # the cloud's uplink is H.264
+                    from fluxshard.uplink_h264 import BytesModel
 
-            self.core.h264_bytes = BytesModel()
-            self.core.h264_uplink = transport
+                    self.core.h264_bytes = BytesModel()
+                    self.core.h264_uplink = uplink
         # the edge's latency table is the one of the executor it runs
         self.core.dispatcher.edge_executor = edge_executor_name(
             getattr(self.edge, "executor", "exact"))

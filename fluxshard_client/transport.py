@@ -205,28 +205,10 @@ class _StreamCore:
         self.next_index = 0
         self.closed = False
 
-    # the uplink's state, as the stream's callers see it
-    key_codec = property(lambda self: self.uplink.key_codec)
-    residual_codec = property(lambda self: self.uplink.residual_codec)
-    encoder = property(lambda self: self.uplink.encoder)
-    link_rate = property(lambda self: self.uplink.link_rate)
-    encoder_seq = property(lambda self: self.uplink.encoder_seq)
-
     @property
     def mirror(self) -> ReceiveState:
+        """What the cloud's input cache holds, as far as we know (the uplink's)."""
         return self.uplink.mirror
-
-    @mirror.setter
-    def mirror(self, mirror: ReceiveState) -> None:
-        self.uplink.commit(mirror)
-
-    @property
-    def link_bytes_per_s(self) -> float | None:
-        return self.uplink.link_bytes_per_s
-
-    @link_bytes_per_s.setter
-    def link_bytes_per_s(self, value: float | None) -> None:
-        self.uplink.link_bytes_per_s = value
 
     def prepare(self, frame, field, residual_mask, key, frame_index, tau=0.0, residual=None):
         """-> (payload, the mirror state after the cloud applies it, key). ``tau``: the cloud's

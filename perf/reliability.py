@@ -24,11 +24,11 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from fluxshard.serving.reliability import (StreamDriver, group_rss_mb, kill_stub,  # noqa: E402
-                                           try_model_upload, try_shared_memory)
+from fluxshard.serving.reliability import (StreamDriver, case_row, group_rss_mb,  # noqa: E402
+                                           kill_stub, try_model_upload, try_shared_memory)
 from fluxshard.serving.supervisor import Supervisor, read_status  # noqa: E402
 from fluxshard.serving.tritonserver import (TritonServer, find_triton, free_port,  # noqa: E402
-                                            python_stubs)
+                                            process_alive, python_stubs)
 
 # perf/ modules with more rows, each exposing cases(args, log_dir) -> list[dict]
 # perf/reliability_*.py: each has cases(args, log_dir) -> rows, and runs alone through main()
@@ -36,14 +36,6 @@ CASE_MODULES = ("reliability_limits", "reliability_fuzz", "reliability_soak", "r
                 "reliability_scale")
 EXTRA_COLUMNS = ("throughput_fps", "latency_mean_ms", "latency_p95_ms")
 NOT_BUILT = ("lossy uplinks",)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return False
-    return stat[stat.rindex(b")") + 2:].split()[0] != b"Z"
 
 
 def _wait(predicate, timeout_s: float, what: str) -> None:
@@ -67,17 +59,6 @@ class Streams:
 
     def stop(self):
         return [d.stop() for d in self.drivers]
-
-
-def _row(case: str, survived: bool, reports, touched: set[int], rss_before: float,
-         rss_after: float, passed: bool, note: str) -> dict:
-    untouched = [r for r in reports if r.stream_id not in touched]
-    return {"case": case, "server_survived": survived,
-            "other_streams_unaffected": all(r.unaffected for r in untouched) if untouched else None,
-            "frames_lost": sum(r.frames_lost for r in reports),
-            "worst_stall_s": round(max((r.worst_stall_s for r in reports), default=0.0), 2),
-            "rss_before_mb": round(rss_before, 1), "rss_after_mb": round(rss_after, 1),
-            "resyncs": sum(r.resyncs for r in reports), "passed": passed, "note": note}
 
 
 def supervised_cases(args, log_dir: Path) -> list[dict]:
@@ -106,9 +87,9 @@ def supervised_cases(args, log_dir: Path) -> list[dict]:
             reports = streams.stop()
             after = group_rss_mb(server.process.pid)
             survived = server.is_running() and supervisor.status.restarts == 0
-            row = _row(case, survived, reports, set(), before, after,
-                       refused and survived and all(r.unaffected for r in reports),
-                       refusal.split(";")[0][:90])
+            row = case_row(case, survived, reports, before, after,
+                           refused and survived and all(r.unaffected for r in reports),
+                           refusal.split(";")[0][:90])
             rows.append(row)
 
         for case, fault in (("kill -9 of the python-backend stub", lambda: kill_stub(server)),
@@ -125,12 +106,13 @@ def supervised_cases(args, log_dir: Path) -> list[dict]:
             streams.answered_more(args.frames)
             reports = streams.stop()
             after = group_rss_mb(server.process.pid)
-            leftovers = [p for p in old_stubs + [old_pid] if _alive(p)]
-            row = _row(case, supervisor.status.ready, reports, {21, 22}, before, after,
-                       supervisor.status.ready and not leftovers
-                       and sum(r.frames_lost for r in reports) == 0,
-                       f"restarted by the supervisor ({supervisor.status.last_restart_reason[:40]}"
-                       f"); {len(leftovers)} old processes left")
+            leftovers = [p for p in old_stubs + [old_pid] if process_alive(p)]
+            row = case_row(case, supervisor.status.ready, reports, before, after,
+                           supervisor.status.ready and not leftovers
+                           and sum(r.frames_lost for r in reports) == 0,
+                           f"restarted by the supervisor "
+                           f"({supervisor.status.last_restart_reason[:40]}); "
+                           f"{len(leftovers)} old processes left", touched={21, 22})
             rows.append(row)
     finally:
         stop.set()
@@ -170,11 +152,11 @@ def sigterm_case(args, log_dir: Path) -> dict:
     finally:
         if serve.poll() is None:
             serve.kill()
-    left = [p for p in stubs + [server_pid] if _alive(p)]
-    row = _row("SIGTERM to fluxshard serve (a stream open)", False, [report], {31}, before, 0.0,
-               serve.returncode == 0 and not left,
-               f"stopped in {stop_s:.1f} s, exit code {serve.returncode}, "
-               f"{len(left)} processes left")
+    left = [p for p in stubs + [server_pid] if process_alive(p)]
+    row = case_row("SIGTERM to fluxshard serve (a stream open)", False, [report], before, 0.0,
+                   serve.returncode == 0 and not left,
+                   f"stopped in {stop_s:.1f} s, exit code {serve.returncode}, "
+                   f"{len(left)} processes left", touched={31})
     row["server_survived"] = "stopped as asked" if not left else False
     return row
 

@@ -22,22 +22,17 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from fluxshard import wire  # noqa: E402
 from fluxshard.serving.limits import max_streams_from_parameters  # noqa: E402
-from fluxshard.serving.reliability import (Scene, StreamDriver, group_rss_mb,  # noqa: E402
-                                           residual_mask)
+from fluxshard.serving.reliability import (Scene, StreamDriver, case_row,  # noqa: E402
+                                           group_rss_mb, residual_mask)
 from fluxshard.serving.tritonserver import TritonServer  # noqa: E402
 
 UNKNOWN = "unknown stream"
 
 
-def _row(case, survived, reports, rss_before, rss_after, passed, note, touched=()):
-    untouched = [r for r in reports if r.stream_id not in touched]
-    return {"case": case, "server_survived": survived,
-            "other_streams_unaffected": all(r.frames_lost == 0 for r in untouched)
-            if untouched else None,
-            "frames_lost": sum(r.frames_lost for r in reports),
-            "worst_stall_s": round(max((r.worst_stall_s for r in reports), default=0.0), 2),
-            "rss_before_mb": round(rss_before, 1), "rss_after_mb": round(rss_after, 1),
-            "resyncs": sum(r.resyncs for r in reports), "passed": passed, "note": note}
+def _row(*args, **kwargs) -> dict:
+    """These attacks' rows: a stream is unaffected when it lost nothing (a resync forced by
+    Triton freeing a slot is counted in the row's resyncs)."""
+    return case_row(*args, unaffected=lambda r: r.frames_lost == 0, **kwargs)
 
 
 def _refusal(call) -> str:

@@ -23,7 +23,7 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from fluxshard.serving.reliability import Scene, StreamDriver, group_rss_mb  # noqa: E402
+from fluxshard.serving.reliability import Scene, StreamDriver, case_row, group_rss_mb  # noqa: E402
 from fluxshard.serving.tritonserver import TritonServer  # noqa: E402
 
 FRAME_SIZE = (192, 320)  # H, W: a small camera frame, a few residual blocks per frame
@@ -72,17 +72,6 @@ def _window(drivers, frames: int) -> dict:
             "latency_p95_ms": round(float(np.percentile(lat, 95)), 1)}
 
 
-def _row(case, reports, before, after, survived, passed, note, touched=(), **extra) -> dict:
-    """``touched``: stream ids the case disturbs on purpose (left out of 'others unaffected')."""
-    others = [r for r in reports if r.stream_id not in touched]
-    return {"case": case, "server_survived": survived,
-            "other_streams_unaffected": all(r.unaffected for r in others) if others else None,
-            "frames_lost": sum(r.frames_lost for r in reports),
-            "worst_stall_s": round(max(r.worst_stall_s for r in reports), 2),
-            "rss_before_mb": round(before, 1), "rss_after_mb": round(after, 1),
-            "resyncs": sum(r.resyncs for r in reports), "passed": passed, "note": note, **extra}
-
-
 def one_server(server: TritonServer, counts, frames: int) -> list[dict]:
     rows = []
     for n in counts:
@@ -96,12 +85,12 @@ def one_server(server: TritonServer, counts, frames: int) -> list[dict]:
         finally:
             reports = [d.stop() for d in drivers]
         lost = sum(r.frames_lost for r in reports)
-        rows.append(_row(f"scale: {n} stream{'s' * (n > 1)} on one server", reports, before,
-                         group_rss_mb(server.process.pid), server.is_running(),
-                         server.is_running() and lost == 0,
-                         f"{measured['throughput_fps']} frames/s in all; per stream "
-                         f"{measured['latency_mean_ms']} ms mean, {measured['latency_p95_ms']} "
-                         "ms p95", streams=n, **measured))
+        rows.append(case_row(f"scale: {n} stream{'s' * (n > 1)} on one server",
+                             server.is_running(), reports, before,
+                             group_rss_mb(server.process.pid), server.is_running() and lost == 0,
+                             f"{measured['throughput_fps']} frames/s in all; per stream "
+                             f"{measured['latency_mean_ms']} ms mean, "
+                             f"{measured['latency_p95_ms']} ms p95", streams=n, **measured))
     peak = max(row["throughput_fps"] for row in rows)
     saturated = next(row["streams"] for row in rows if row["throughput_fps"] >= SATURATED * peak)
     if saturated == rows[-1]["streams"]:
@@ -145,14 +134,15 @@ def two_servers(servers: list[TritonServer], streams: int, frames: int) -> dict:
     lost = sum(r.frames_lost for r in reports)
     ok = ({d.report.stream_id for d in moved} == expected
           and all(d.stream.client.home == urls[1] for d in drivers) and lost == 0)
-    return _row("2 servers, streams homed by rendezvous hashing; one server stopped", reports,
-                before, group_rss_mb(servers[1].process.pid), servers[1].is_running(), ok,
-                f"{len(homed[urls[0]])} + {len(homed[urls[1]])} streams; {len(moved)} re-homed "
-                f"with a key frame; {both['throughput_fps']} frames/s on 2 servers, "
-                f"{one['throughput_fps']} on 1", touched=expected, streams=streams,
-                throughput_two_fps=both["throughput_fps"],
-                throughput_one_fps=one["throughput_fps"],
-                latency_mean_ms=one["latency_mean_ms"], latency_p95_ms=one["latency_p95_ms"])
+    return case_row("2 servers, streams homed by rendezvous hashing; one server stopped",
+                    servers[1].is_running(), reports, before,
+                    group_rss_mb(servers[1].process.pid), ok,
+                    f"{len(homed[urls[0]])} + {len(homed[urls[1]])} streams; {len(moved)} "
+                    f"re-homed with a key frame; {both['throughput_fps']} frames/s on 2 servers, "
+                    f"{one['throughput_fps']} on 1", touched=expected, streams=streams,
+                    throughput_two_fps=both["throughput_fps"],
+                    throughput_one_fps=one["throughput_fps"],
+                    latency_mean_ms=one["latency_mean_ms"], latency_p95_ms=one["latency_p95_ms"])
 
 
 def shaped_link(frames: int, log_dir: Path) -> dict:
@@ -186,9 +176,9 @@ def shaped_link(frames: int, log_dir: Path) -> dict:
         after = group_rss_mb(server.process.pid)
         survived = server.is_running()
     lost = sum(r.frames_lost for r in reports)
-    return _row(case, reports, before, after, survived, survived and lost == 0,
-                f"{steady['latency_mean_ms']} ms mean per frame at 25 Mbit/s, "
-                f"{traced['latency_mean_ms']} ms on the trace", streams=2, **traced)
+    return case_row(case, survived, reports, before, after, survived and lost == 0,
+                    f"{steady['latency_mean_ms']} ms mean per frame at 25 Mbit/s, "
+                    f"{traced['latency_mean_ms']} ms on the trace", streams=2, **traced)
 
 
 def cases(args, log_dir: Path) -> list[dict]:

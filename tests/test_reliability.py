@@ -18,18 +18,9 @@ from fluxshard.serving.reliability import (StreamDriver, kill_stub, try_model_up
                                            try_shared_memory)
 from fluxshard.serving.supervisor import ModelProbe, ProbeFailed, Supervisor, read_status
 from fluxshard.serving.tritonserver import (SHM_DIR, TritonServer, clean_leftovers, find_triton,
-                                            free_port, python_stubs)
+                                            free_port, process_alive as alive, python_stubs)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def alive(pid: int) -> bool:
-    """A process that exists and is no zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_bytes()
-    except OSError:
-        return False
-    return stat[stat.rindex(b")") + 2:].split()[0] != b"Z"
 
 
 @pytest.fixture(scope="module")

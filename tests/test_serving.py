@@ -14,8 +14,8 @@ import pytest
 from conftest import crash_and_restart, run_in_threads
 
 from fluxshard import wire
-from fluxshard.motion.field import align_image
 from fluxshard.sessions import DenseYoloSession, load_dense_model, yolo_session_factory
+from fluxshard.serving.reliability import residual_mask  # tau 0: any pixel that differs
 from fluxshard.serving.tritonserver import TritonServer
 from fluxshard_client import (AsyncFluxShardClient, CloudError, FluxShardClient, RetryPolicy)
 
@@ -45,16 +45,6 @@ class Scene:
         field = np.zeros(wire.field_shape(H, W), np.float32)
         field[..., 0], field[..., 1] = self.pan
         return field
-
-
-def residual_mask(cache: np.ndarray, frame: np.ndarray, field: np.ndarray) -> np.ndarray:
-    """tau = 0: a block is residual when any pixel differs from the aligned cache."""
-    aligned, valid = align_image(cache, field)
-    diff = (aligned != frame).any(axis=2) | ~valid
-    hr, wr = wire.residual_grid(H, W, B)
-    padded = np.zeros((hr * B, wr * B), bool)
-    padded[:H, :W] = diff
-    return padded.reshape(hr, B, wr, B).any(axis=(1, 3))
 
 
 def run_stream(stream, scene: Scene, frames: range, results: list, prev: np.ndarray | None = None):

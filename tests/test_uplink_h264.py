@@ -152,7 +152,7 @@ def test_the_mirror_tracks_the_cloud_and_a_failed_send_turns_into_an_idr():
         if commit:
             cloud.apply(wire.decode_request(payload))
             assert cloud.digest == predicted.digest
-            core.mirror, core.need_key, core.next_index = predicted, False, index + 1
+            core.commit(predicted, index)
         return key
 
     assert [deliver(t) for t in range(3)] == [True, False, False]
@@ -234,12 +234,13 @@ def test_the_stream_core_codes_at_the_quality_the_link_allows():
         return key, len(payload)
 
     assert [send(t)[0] for t in range(4)] == [True, False, False, False]
-    p_bytes = core.link_rate.p_bytes_at_base
+    uplink = core.uplink
+    p_bytes = uplink.link_rate.p_bytes_at_base
     # a link on which these P-frames take 4x the budget: two halvings after `patience` frames
-    core.link_bytes_per_s = p_bytes / 4 / core.link_rate.budget_s
-    keys = [send(t)[0] for t in range(4, 4 + core.link_rate.patience + 1)]
-    assert keys == [False] * (core.link_rate.patience - 1) + [True, False]
-    assert core.encoder.crf == 23 + 12
+    uplink.link_bytes_per_s = p_bytes / 4 / uplink.link_rate.budget_s
+    keys = [send(t)[0] for t in range(4, 4 + uplink.link_rate.patience + 1)]
+    assert keys == [False] * (uplink.link_rate.patience - 1) + [True, False]
+    assert uplink.encoder.crf == 23 + 12
 
 
 # ------------------------------------------------------------------------ a real tritonserver
@@ -290,8 +291,8 @@ def test_a_dropped_packet_is_refused_and_the_stream_recovers_with_an_idr(tritons
         core = stream.core
         core.prepare(scene.frame(3), None, None, False, 3)  # packet 3: lost on the way
         # packet 4 as a sender that did not notice the loss would send it
-        packet, key = core.encoder.encode(scene.frame(4), idr=False)
-        late = wire.encode_h264_frame(packet, 4, H, W, key, core.encoder_seq + 1, B)
+        packet, key = core.uplink.encoder.encode(scene.frame(4), idr=False)
+        late = wire.encode_h264_frame(packet, 4, H, W, key, core.uplink.encoder_seq + 1, B)
         with pytest.raises(InferenceServerException, match="resync needed.*does not follow"):
             client.infer(late, 31, start=False, end=False, secret=core.secret)
         run_h264(stream, scene, range(5, 8), results)  # the stream's next frame is an IDR

@@ -145,6 +145,23 @@ class StreamDriver:
         return self.report
 
 
+def case_row(case: str, survived, reports: list[StreamReport], rss_before_mb: float,
+             rss_after_mb: float, passed: bool, note: str, *, touched=(),
+             unaffected: Callable[[StreamReport], bool] = lambda r: r.unaffected,
+             **extra) -> dict:
+    """One row of perf/reliability.py's table from a case's stream reports. ``touched``: stream
+    ids the case disturbs on purpose (left out of 'other streams unaffected'); ``unaffected``:
+    what that means for one stream (default: nothing lost and no resync); ``extra``: more
+    columns."""
+    others = [r for r in reports if r.stream_id not in touched]
+    return {"case": case, "server_survived": survived,
+            "other_streams_unaffected": all(unaffected(r) for r in others) if others else None,
+            "frames_lost": sum(r.frames_lost for r in reports),
+            "worst_stall_s": round(max((r.worst_stall_s for r in reports), default=0.0), 2),
+            "rss_before_mb": round(rss_before_mb, 1), "rss_after_mb": round(rss_after_mb, 1),
+            "resyncs": sum(r.resyncs for r in reports), "passed": passed, "note": note, **extra}
+
+
 def kill_stub(server, model_instance_prefix: str = "fluxshard") -> list[int]:
     """SIGKILL the server's python-backend stubs of one model, as the OOM killer does."""
     from fluxshard.serving.tritonserver import python_stubs

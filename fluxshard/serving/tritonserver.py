@@ -471,13 +471,24 @@ def _read_proc(pid: int | str, name: str) -> bytes | None:
         return None
 
 
-def _parent_pid(pid: int | str) -> int | None:
+def _stat_fields(pid: int | str) -> list[bytes] | None:
+    """/proc/PID/stat after the command name: [state, ppid, ...] (None: no such process)."""
     stat = _read_proc(pid, "stat")
     if not stat:
         return None
     # "pid (comm) state ppid ...": comm may hold spaces and parentheses
-    fields = stat[stat.rindex(b")") + 2:].split()
-    return None if fields[0] == b"Z" else int(fields[1])
+    return stat[stat.rindex(b")") + 2:].split()
+
+
+def process_alive(pid: int | str) -> bool:
+    """A process that exists and is no zombie."""
+    fields = _stat_fields(pid)
+    return fields is not None and fields[0] != b"Z"
+
+
+def _parent_pid(pid: int | str) -> int | None:
+    fields = _stat_fields(pid)
+    return None if fields is None or fields[0] == b"Z" else int(fields[1])
 
 
 def python_stubs() -> list[StubProcess]:
