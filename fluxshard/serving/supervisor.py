@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import threading
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -204,16 +203,3 @@ def read_status(path: str | os.PathLike) -> dict | None:
         return json.loads(Path(path).read_text())
     except FileNotFoundError:
         return None
-
-
-def wait_for_status(path: str | os.PathLike, predicate: Callable[[dict], bool],
-                    timeout_s: float, poll_s: float = 0.2) -> dict:
-    """Poll a status file until ``predicate(status)``; raises TimeoutError with the last status."""
-    deadline = time.monotonic() + timeout_s
-    status = None
-    while time.monotonic() < deadline:
-        status = read_status(path)
-        if status is not None and predicate(status):
-            return status
-        time.sleep(poll_s)
-    raise TimeoutError(f"status in {path} did not reach the expected state: {status}")
