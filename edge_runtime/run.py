@@ -63,8 +63,11 @@ def _executor_options(policy, bypass: str) -> dict:
     return options
 
 
-def _edge_session(executor: str, model, executor_options: dict, tiles_table=None):
-    """The in-process session behind the edge endpoint, on one thread like the server."""
+def _edge_session(executor: str, model, executor_options: dict, tiles_table=None,
+                  tile_options: dict | None = None):
+    """The in-process session behind the edge endpoint, on one thread like the server.
+    ``tile_options``: TileExecutor knobs over the edge's own (benchmark ablations only; the
+    command never sets them)."""
     from fluxshard.sessions import best_dense_session_factory, yolo_session_factory
 
     if executor == "dense":
@@ -76,9 +79,98 @@ def _edge_session(executor: str, model, executor_options: dict, tiles_table=None
         return TileYoloSession(ProfiledTileExecutor(model, tiles_table, engine="onnxruntime",
                                                     threads=1, adaptive=True))
     if executor == "tiles":  # the edge adapts to its machine's measured latency
+        options = dict(adaptive=True, **(tile_options or {}))
         return yolo_session_factory("tiles", model=model, threads=1,
-                                    tile_engine="onnxruntime", adaptive=True)(0)
+                                    tile_engine="onnxruntime", **options)(0)
     return yolo_session_factory("exact", model=model, threads=1, **executor_options)(0)
+
+
+def edge_policies(tau=None, tau_table=None, bypass: str = "none", latency_profile=None):
+    """(tau policy, edge executor options, latency profile) as `fluxshard run` derives them from
+    its options: one tau for dispatch, the edge's executor and the cloud's (it travels with each
+    frame); the profile defaults to the profile verb's output when present."""
+    from fluxshard.tau import TauPolicy
+    from fluxshard_client import LatencyProfile
+    from fluxshard_client.dispatch import DEFAULT_PROFILE_PATH
+
+    tau_policy = TauPolicy.from_options(tau, tau_table)
+    executor_options = _executor_options(tau_policy, bypass)
+    if latency_profile is None and DEFAULT_PROFILE_PATH.is_file():
+        latency_profile = DEFAULT_PROFILE_PATH  # the command's default: the profile verb's output
+    return tau_policy, executor_options, LatencyProfile.load_or_default(latency_profile)
+
+
+def edge_model(weights=None):
+    """The detector the edge runs (``weights`` None: the embedded demo detector), fused, with
+    one torch thread like the server: on a small shared box (and beside a local tritonserver)
+    two spinning OpenMP threads were measured up to 10x slower, not faster."""
+    from fluxshard.sessions import load_dense_model
+
+    return load_dense_model(str(weights) if weights else None, threads=1)
+
+
+def edge_endpoint(executor: str, model, executor_options: dict, tiles_table=None,
+                  weights=None, tile_options: dict | None = None):
+    """The in-process edge endpoint running ``executor`` (a loaded ``TilesTable`` or None)."""
+    from fluxshard_client import LocalEndpoint
+
+    if executor == "tiles" and model.task != "detect":
+        raise ValueError(f"--executor tiles handles detect models only; "
+                         f"{weights or 'the detector'} is a {model.task} model (use "
+                         "--executor exact or dense)")
+    return LocalEndpoint(_edge_session(executor, model, executor_options, tiles_table,
+                                       tile_options))
+
+
+def prepare_edge(edge, executor: str, video: str) -> None:
+    """Pick the dense engine for ``video``'s size before the first frame, not inside its
+    latency."""
+    from fluxshard.models.ops import padded_shape
+
+    if executor == "dense":
+        size = _video_size(video)
+        if size is not None:
+            edge.session.runners.prepare(padded_shape(size[1], size[0]))
+
+
+def edge_stream(edge, cloud=None, *, dispatch: str = "edge", tau_policy, profile,
+                margin_ms: float = 2.0, bandwidth_mbps: float | None = None,
+                deadline_ms: float | None = None):
+    """The camera stream `fluxshard run` drives (``cloud`` None: edge only)."""
+    from fluxshard_client import FluxShardStream
+
+    return FluxShardStream(edge, cloud, dispatch=dispatch if cloud else "edge",
+                           tau=tau_policy, profile=profile, margin_ms=margin_ms,
+                           initial_mbps=bandwidth_mbps or 20.0, deadline_ms=deadline_ms)
+
+
+def edge_frames(video: str, frames: int | None = None):
+    """The decoded frames with their motion fields, on the edge's motion path (codec vectors,
+    validated; block matching where the codec has none)."""
+    from fluxshard.motion import iter_motion
+
+    return iter_motion(video, max_frames=frames)
+
+
+def edge_only_stream(executor: str, video: str, model=None, *, weights=None, tau=None,
+                     tau_table=None, bypass: str = "none", latency_profile=None,
+                     margin_ms: float = 2.0, tiles_table=None, tile_options: dict | None = None):
+    """The stream `fluxshard run VIDEO --executor EXECUTOR --dispatch edge` builds, with the
+    same defaults (``model``: an ``edge_model(weights)`` already loaded, shared between
+    streams). Feed it ``edge_frames(video)``: ``stream.process(mf.image, None if mf.is_key else
+    mf.field, mf.is_key, index)``; each FrameResult's ``latency_ms`` is what the command reports
+    per frame."""
+    if executor not in EDGE_EXECUTORS:
+        raise ValueError(f"executor must be one of {EDGE_EXECUTORS}, got {executor!r}")
+    if tiles_table is not None:
+        from fluxshard.tiles.profile import TilesTable
+
+        tiles_table = TilesTable.load(tiles_table)
+    tau_policy, executor_options, profile = edge_policies(tau, tau_table, bypass, latency_profile)
+    model = model if model is not None else edge_model(weights)
+    edge = edge_endpoint(executor, model, executor_options, tiles_table, weights, tile_options)
+    prepare_edge(edge, executor, str(video))
+    return edge_stream(edge, None, tau_policy=tau_policy, profile=profile, margin_ms=margin_ms)
 
 
 def _uplink_quality_summary(cloud) -> dict:
@@ -116,13 +208,8 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
     from tqdm import tqdm
 
     from fluxshard import wire
-    from fluxshard.motion import iter_motion
-    from fluxshard.models.ops import padded_shape, padded_size
-    from fluxshard.sessions import load_dense_model
-    from fluxshard_client import (FluxShardClient, FluxShardStream, LatencyProfile,
-                                  LocalEndpoint, RemoteEndpoint, RetryPolicy)
-    from fluxshard_client.dispatch import DEFAULT_PROFILE_PATH
-    from fluxshard.tau import TauPolicy
+    from fluxshard.models.ops import padded_size
+    from fluxshard_client import FluxShardClient, RemoteEndpoint, RetryPolicy
 
     from . import outputs
 
@@ -153,23 +240,13 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
     if down and strict:
         raise RuntimeError(f"--dispatch cloud: cannot reach the cloud at {where} ({down}); "
                            "--fallback edge runs on the edge instead")
-    # one tau for dispatch, the edge's executor and the cloud's (it travels with each frame)
-    tau_policy = TauPolicy.from_options(tau, tau_table)
-    executor_options = _executor_options(tau_policy, bypass)
-    if latency_profile is None and DEFAULT_PROFILE_PATH.is_file():
-        latency_profile = DEFAULT_PROFILE_PATH  # the command's default: the profile verb's output
-    profile = LatencyProfile.load_or_default(latency_profile)
+    tau_policy, executor_options, profile = edge_policies(tau, tau_table, bypass,
+                                                          latency_profile)
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        # one torch thread, like the server: on a small shared box (and beside a local
-        # tritonserver) two spinning OpenMP threads were measured up to 10x slower, not faster
-        model = load_dense_model(str(weights) if weights else None, threads=1)
-        if executor == "tiles" and model.task != "detect":
-            raise ValueError(f"--executor tiles handles detect models only; "
-                             f"{weights or 'the detector'} is a {model.task} model (use "
-                             "--executor exact or dense)")
-        edge = LocalEndpoint(_edge_session(executor, model, executor_options, tiles_table))
+        model = edge_model(weights)
+        edge = edge_endpoint(executor, model, executor_options, tiles_table, weights)
     class_names = [model.names[k] for k in range(model.nc)]
     notes = [str(w.message) for w in caught]
     for note in notes:
@@ -185,10 +262,7 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
     video = str(video)
     if not (Path(video).exists() or "://" in video):
         raise FileNotFoundError(f"video not found: {video}")
-    if executor == "dense":  # pick the engine before the first frame, not inside its latency
-        size = _video_size(video)
-        if size is not None:
-            edge.session.runners.prepare(padded_shape(size[1], size[0]))
+    prepare_edge(edge, executor, video)
     rows: list[dict] = []
     broke: list[str] = []  # why the stream broke off mid-way, if it did
     writer = None
@@ -202,9 +276,9 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
         cloud = RemoteEndpoint(client.open_stream(stream_id, key_codec=codec, residual_codec=codec,
                                                   uplink_quality=uplink_quality)
                                ) if client else None
-        stream = FluxShardStream(edge, cloud, dispatch=dispatch if cloud else "edge",
-                                 tau=tau_policy, profile=profile, margin_ms=margin_ms,
-                                 initial_mbps=bandwidth_mbps or 20.0, deadline_ms=deadline_ms)
+        stream = edge_stream(edge, cloud, dispatch=dispatch, tau_policy=tau_policy,
+                             profile=profile, margin_ms=margin_ms, bandwidth_mbps=bandwidth_mbps,
+                             deadline_ms=deadline_ms)
         cloud_events: list[str] = []  # losing / regaining the cloud, as printed
         if down:
             cloud_events.append(f"cloud {where} unreachable ({down}): running on the edge "
@@ -217,7 +291,7 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
                    disable=not progress, dynamic_ncols=True)
         try:
             with open(out / "detections.jsonl", "w") as det_file:
-                for mf in _frames_until_break(iter_motion(video, max_frames=frames), broke):
+                for mf in _frames_until_break(edge_frames(video, frames), broke):
                     result = stream.process(mf.image, None if mf.is_key else mf.field,
                                             mf.is_key, mf.index)
                     failures = stream.core.cloud_failures
