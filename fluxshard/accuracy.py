@@ -5,6 +5,9 @@
   (a maintained, pycocotools-compatible C++ implementation).
 * :func:`agreement`: the same mAP of FluxShard detections against the dense model's detections
   on the same frames (the dense output plays ground truth).
+* :func:`box_agreement`: the share of the dense model's confident boxes (score >= 0.5) that
+  another executor also reports on the same frame (IoU >= 0.5, same class), per frame, so it
+  pools over any set of frames (a whole clip, a window, the frames late in a refresh cycle).
 * :func:`mask_iou` / :func:`matched_mask_iou`: instance-mask IoU for segmentation.
 
 Frames are matched by position: ``predictions[i]`` and ``ground_truth[i]`` describe the same
@@ -25,8 +28,8 @@ import numpy as np
 from faster_coco_eval import COCO, COCOeval_faster
 from faster_coco_eval.core import mask as coco_mask
 
-__all__ = ["FrameObjects", "as_frame_objects", "evaluate_detections", "agreement", "mask_iou",
-           "matched_mask_iou"]
+__all__ = ["FrameObjects", "as_frame_objects", "evaluate_detections", "agreement",
+           "BoxAgreement", "box_agreement", "box_iou", "mask_iou", "matched_mask_iou"]
 
 
 @dataclass
@@ -182,6 +185,73 @@ def agreement(predictions: Sequence, dense: Sequence, masks: bool | None = None)
         f = as_frame_objects(d, f"dense[{i}]")
         dense_as_gt.append(FrameObjects(f.boxes, f.classes, np.ones(len(f.classes)), f.masks))
     return evaluate_detections(predictions, dense_as_gt, masks=masks)
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pairwise IoU (Na, Nb) of xyxy boxes a (Na, 4) and b (Nb, 4); degenerate boxes give 0."""
+    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
+    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.clip(rb - lt, 0, None).prod(-1)
+    area_a = np.clip(a[:, 2:] - a[:, :2], 0, None).prod(-1)
+    area_b = np.clip(b[:, 2:] - b[:, :2], 0, None).prod(-1)
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
+@dataclass
+class BoxAgreement:
+    """Per frame: how many of dense's confident boxes there were (``dense``) and how many the
+    other executor also reported (``found``). Pool over frames with :meth:`over`."""
+
+    found: np.ndarray  # (F,) int
+    dense: np.ndarray  # (F,) int
+
+    def over(self, frames=slice(None)) -> float | None:
+        """found / dense pooled over ``frames`` (a slice, indices or a bool mask); None when
+        dense had no confident box there (nothing to agree on)."""
+        total = int(self.dense[frames].sum())
+        return int(self.found[frames].sum()) / total if total else None
+
+    @property
+    def value(self) -> float | None:
+        return self.over()
+
+    def windows(self, size: int) -> list[float | None]:
+        """Agreement per consecutive window of ``size`` frames (the last may be shorter)."""
+        return [self.over(slice(start, start + size)) for start in range(0, len(self.dense), size)]
+
+
+def box_agreement(predictions: Sequence, dense: Sequence, min_score: float = 0.5,
+                  min_iou: float = 0.5) -> BoxAgreement:
+    """Which of the dense model's boxes with score >= ``min_score`` the ``predictions`` on the
+    same frames also report: a prediction of the same class with IoU >= ``min_iou``, each
+    prediction matched once (greedy, highest IoU first). Predictions count whatever their score
+    (they are what the executor reports). A model agrees with itself at 1.0."""
+    if len(predictions) != len(dense):
+        raise ValueError(f"{len(predictions)} prediction frames but {len(dense)} dense frames; "
+                         "they are matched by position")
+    found = np.zeros(len(dense), np.int64)
+    count = np.zeros(len(dense), np.int64)
+    for i, (p, d) in enumerate(zip(predictions, dense)):
+        p = as_frame_objects(p, f"predictions[{i}]")
+        d = as_frame_objects(d, f"dense[{i}]")
+        confident = d.scores >= min_score
+        ref_boxes, ref_classes = d.boxes[confident], d.classes[confident]
+        count[i] = len(ref_classes)
+        if not len(ref_classes) or not len(p.classes):
+            continue
+        iou = box_iou(ref_boxes, p.boxes)
+        iou[ref_classes[:, None] != p.classes[None, :]] = 0.0
+        pairs = np.argwhere(iou >= min_iou)
+        ref_taken = np.zeros(len(ref_classes), bool)
+        pred_taken = np.zeros(len(p.classes), bool)
+        for r, c in pairs[np.argsort(-iou[pairs[:, 0], pairs[:, 1]], kind="stable")]:
+            if not ref_taken[r] and not pred_taken[c]:
+                ref_taken[r] = pred_taken[c] = True
+        found[i] = int(ref_taken.sum())
+    return BoxAgreement(found, count)
 
 
 def mask_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
