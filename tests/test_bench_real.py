@@ -1,0 +1,101 @@
+"""perf/bench_real.py end to end on one short real clip (both variants, few frames): the JSON
+has a row per (clip, variant, executor) with exactly the documented fields, dense agrees with
+itself, the speedup is the ratio of the rows' means, and every row ran the frames asked for.
+No timing is asserted."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CLIP = "carphone_pristine"  # the smallest real clip: 176x144
+FRAMES = 12
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_real", ROOT / "perf" / "bench_real.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load_bench()
+
+
+@pytest.fixture(scope="module")
+def report(bench, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench_real")
+    assert bench.main(["--quick", "--clips", CLIP, "--frames", str(FRAMES), "--out", str(out),
+                       "--no-progress"]) == 0
+    return json.loads((out / "bench_real.json").read_text()), out
+
+
+def test_a_row_per_clip_variant_and_executor_with_exactly_the_fields(bench, report):
+    data, out = report
+    rows = data["rows"]
+    assert [(r["clip"], r["variant"], r["executor"]) for r in rows] == [
+        (CLIP, v, e) for v in ("as_shipped", "camera") for e in ("dense", "tiles")]
+    for r in rows:
+        assert set(r) == set(bench.ROW_FIELDS)
+    assert {"date", "machine", "threads", "weights", "frames"} <= set(data["header"])
+    assert data["header"]["threads"] == 1
+    assert (out / "bench_real.png").stat().st_size > 0
+
+
+def test_every_row_ran_the_frames_asked_for(report):
+    data, _ = report
+    assert data["header"]["frames"] == FRAMES
+    assert all(r["frames"] == FRAMES for r in data["rows"])
+
+
+def test_dense_agrees_with_itself(report):
+    dense = [r for r in report[0]["rows"] if r["executor"] == "dense"]
+    assert any(r["agreement"] is not None for r in dense), \
+        f"dense found no box with score >= 0.5 on {CLIP}: the test needs a clip with some"
+    for r in dense:
+        if r["agreement"] is not None:
+            assert r["agreement"] == 1.0
+            assert r["agreement_worst_window"] == 1.0
+        assert r["dense_frame_fraction"] == 1.0 and r["crop_area_mean"] == 1.0
+
+
+def test_speedup_is_the_ratio_of_the_rows_means(report):
+    rows = report[0]["rows"]
+    for variant in ("as_shipped", "camera"):
+        by = {r["executor"]: r for r in rows if r["variant"] == variant}
+        assert by["dense"]["speedup_mean_vs_dense"] == 1.0
+        assert by["tiles"]["speedup_mean_vs_dense"] == pytest.approx(
+            by["dense"]["ms_mean"] / by["tiles"]["ms_mean"], rel=1e-12)
+
+
+def test_a_short_file_loops_and_each_restart_is_a_key_frame(bench, tmp_path):
+    from fluxshard import synth
+
+    spec = synth.SceneSpec(width=64, height=64, frames=5, gop=5, seed=0)
+    video = synth.make_clip(spec, tmp_path, name="loop", progress=False).video
+    restarts: list[int] = []
+    frames = [mf for mf, _ in bench.decoded_frames(video, 12, loop=True, restarts=restarts)]
+    assert len(frames) == 12
+    assert restarts == [5, 10]
+    assert [i for i, mf in enumerate(frames) if mf.is_key] == [0, 5, 10]
+
+
+def test_a_short_file_without_loop_is_an_error(bench, tmp_path):
+    from fluxshard import synth
+
+    spec = synth.SceneSpec(width=64, height=64, frames=5, gop=5, seed=0)
+    video = synth.make_clip(spec, tmp_path, name="short", progress=False).video
+    with pytest.raises(RuntimeError, match="decoded to 5 frames, expected 8"):
+        list(bench.decoded_frames(video, 8, loop=False, restarts=[]))
+
+
+def test_late_frames_count_from_the_last_dense_frame(bench):
+    flags = [True] + [False] * 34 + [True] + [False] * 25
+    late = bench.late_frames(flags)
+    assert late.nonzero()[0].tolist() == list(range(20, 30)) + list(range(55, 61))
