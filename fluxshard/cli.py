@@ -27,6 +27,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "profile": ("fluxshard.tools.profile",
                 "offline profiles: latency tables, accuracy (tau table)"),
     "export": ("fluxshard.tools.export", "YOLO11 -> FluxShard ONNX graph (onnxruntime, TensorRT)"),
+    "footage": ("fluxshard.tools.footage", "fetch, list or re-encode the real-footage corpus"),
 }
 
 

