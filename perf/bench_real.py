@@ -113,6 +113,7 @@ class ExecutorRun:
 
     def __init__(self):
         self.ms, self.detections, self.dense, self.crop, self.bookkeeping_ms = [], [], [], [], []
+        self.refresh_fraction, self.stages = [], []  # tiles: TileReport's (empty dict otherwise)
 
     def add(self, result, report) -> None:
         if result.endpoint != "edge":
@@ -122,8 +123,48 @@ class ExecutorRun:
         stats = result.stats
         self.dense.append(bool(stats.get("dense_pass", stats.get("executor") == "dense")))
         self.crop.append(float(stats.get("crop_area_fraction", 1.0)))
-        stages = report.stages if report is not None else {}
+        stages = dict(getattr(report, "stages", {}) or {})
+        self.stages.append(stages)
+        self.refresh_fraction.append(float(getattr(report, "refresh_fraction", 0.0)))
         self.bookkeeping_ms.append(1e3 * sum(stages.get(k, 0.0) for k in BOOKKEEPING_STAGES))
+
+    def timing(self, dense: "ExecutorRun", frames=slice(None)) -> dict:
+        """ms_mean / ms_p50 / ms_p90 over ``frames`` and the speedup of the means over
+        ``dense`` on the same frames."""
+        ms = np.asarray(self.ms)[frames]
+        mean = float(ms.mean())
+        return dict(ms_mean=mean, ms_p50=float(np.percentile(ms, 50)),
+                    ms_p90=float(np.percentile(ms, 90)),
+                    speedup_mean_vs_dense=float(np.mean(np.asarray(dense.ms)[frames])) / mean)
+
+
+def interleaved(streams: dict, frames, total: int | None = None, desc: str = "",
+                progress: bool = True) -> tuple[dict[str, ExecutorRun], list[float], Counter]:
+    """Every stream on the same decoded frames, taking turns frame by frame and alternating
+    which goes first (machine drift hits all alike). ``frames`` yields (MotionFrame, decode
+    seconds); each stream is an ``edge_only_stream``. Closes the streams. Returns the runs, the
+    decode + motion ms per frame and the motion paths the frames took."""
+    from tqdm import tqdm
+
+    runs = {name: ExecutorRun() for name in streams}
+    names = list(streams)
+    decode_ms, sources = [], Counter()
+    try:
+        for index, (mf, seconds) in enumerate(tqdm(frames, total=total, unit="frame", desc=desc,
+                                                   leave=False, disable=not progress,
+                                                   dynamic_ncols=True)):
+            decode_ms.append(1e3 * seconds)
+            sources[mf.motion_source] += 1
+            shift = index % len(names)
+            for name in names[shift:] + names[:shift]:
+                # a restart of a looping file is a key frame: iter_motion says so
+                result = streams[name].process(mf.image, None if mf.is_key else mf.field,
+                                               mf.is_key, index)
+                runs[name].add(result, getattr(streams[name].edge.session, "last_report", None))
+    finally:
+        for stream in streams.values():
+            stream.close()
+    return runs, decode_ms, sources
 
 
 def late_frames(dense_flags: list[bool]) -> np.ndarray:
@@ -147,45 +188,25 @@ def observed_motion_path(sources: Counter) -> str:
 def run_clip(clip: str, variant: str, video: Path, frames: int, model, progress: bool,
              restarts: list[int]) -> tuple[list[dict], dict]:
     """Both executors on the same decoded frames of ``video``: rows and per-frame series."""
-    from tqdm import tqdm
-
     from edge_runtime.run import edge_only_stream
     from fluxshard.accuracy import box_agreement
 
     streams = {name: edge_only_stream(name, str(video), model) for name in EXECUTORS}
-    runs = {name: ExecutorRun() for name in EXECUTORS}
-    decode_ms, sources = [], Counter()
     frames_iter = decoded_frames(video, frames, loop=variant == "as_shipped", restarts=restarts)
-    try:
-        for index, (mf, seconds) in enumerate(tqdm(frames_iter, total=frames, unit="frame",
-                                                   desc=f"{clip} {variant}", leave=False,
-                                                   disable=not progress, dynamic_ncols=True)):
-            decode_ms.append(1e3 * seconds)
-            sources[mf.motion_source] += 1
-            order = EXECUTORS if index % 2 == 0 else EXECUTORS[::-1]
-            for name in order:  # a restart of the file is a key frame: iter_motion says so
-                result = streams[name].process(mf.image, None if mf.is_key else mf.field,
-                                               mf.is_key, index)
-                runs[name].add(result, getattr(streams[name].edge.session, "last_report", None))
-    finally:
-        for stream in streams.values():
-            stream.close()
+    runs, decode_ms, sources = interleaved(streams, frames_iter, frames, f"{clip} {variant}",
+                                           progress)
     late = late_frames(runs["tiles"].dense)
     motion_path = observed_motion_path(sources)
-    dense_mean = float(np.mean(runs["dense"].ms))
     rows, series = [], {"windows": {}, "ms": {}}
     for name in EXECUTORS:
         r = runs[name]
-        ms = np.asarray(r.ms)
         agree = box_agreement(r.detections, runs["dense"].detections)
         windows = agree.windows(WINDOW)
         defined = [w for w in windows if w is not None]
         rows.append(dict(
-            clip=clip, variant=variant, executor=name, frames=len(ms),
-            ms_mean=float(ms.mean()), ms_p50=float(np.percentile(ms, 50)),
-            ms_p90=float(np.percentile(ms, 90)),
-            speedup_mean_vs_dense=dense_mean / float(ms.mean()),
-            agreement=agree.value, agreement_worst_window=min(defined) if defined else None,
+            clip=clip, variant=variant, executor=name, frames=len(r.ms),
+            **r.timing(runs["dense"]), agreement=agree.value,
+            agreement_worst_window=min(defined) if defined else None,
             agreement_late=agree.over(late), crop_area_mean=float(np.mean(r.crop)),
             dense_frame_fraction=float(np.mean(r.dense)), motion_path=motion_path,
             bookkeeping_ms_mean=float(np.mean(r.bookkeeping_ms)),
