@@ -55,14 +55,14 @@ def test_dense_model_without_weights_is_a_random_yolo11(tmp_path, monkeypatch):
 
 def test_unknown_state_dict_names_the_registered_families(tmp_path):
     sd = {"encoder.weight": torch.zeros(2, 2)}
-    with pytest.raises(CheckpointError, match=r"matches no registered model family \(YOLO11\)"):
+    with pytest.raises(CheckpointError, match=r"matches no registered model family \(YOLO11, Darknet\)"):
         family_for_state_dict(sd)
     torch.save(sd, tmp_path / "other.pt")
-    with pytest.raises(CheckpointError, match=r"not a YOLO11 checkpoint.*families: YOLO11"):
+    with pytest.raises(CheckpointError, match=r"not a YOLO11 or Darknet checkpoint.*families: YOLO11, Darknet"):
         load_model(tmp_path / "other.pt")
-    with pytest.raises(TypeError, match=r"no model of a registered family \(YOLO11\)"):
+    with pytest.raises(TypeError, match=r"no model of a registered family \(YOLO11, Darknet\)"):
         save_checkpoint(nn.Linear(2, 2), tmp_path / "linear.pt")
-    with pytest.raises(ValueError, match="unknown model family 'nope'; registered: YOLO11"):
+    with pytest.raises(ValueError, match="unknown model family 'nope'; registered: YOLO11, Darknet"):
         family_named("nope")
 
 
@@ -159,7 +159,7 @@ def test_a_second_family_loads_through_load_model_from_its_own_format(tmp_path, 
     detections = postprocess(out, (64, 96), conf_thres=0.0)
     assert len(detections) == 1 and len(detections[0].boxes)
     assert np.isfinite(detections[0].boxes).all()
-    with pytest.raises(CheckpointError, match=r"not a YOLO11 or Toy checkpoint"):
+    with pytest.raises(CheckpointError, match=r"not a YOLO11 or Darknet or Toy checkpoint"):
         load_model({"encoder.weight": torch.zeros(1)})
 
 

@@ -28,6 +28,7 @@ The trainer (``fluxshard/train/``) is YOLO's: its loss reads YOLO11's head outpu
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Mapping
 
 from torch import nn
@@ -48,13 +49,20 @@ def _never(_state_dict: Mapping) -> bool:
     return False
 
 
+def _no_options(_state_dict: Mapping) -> dict:
+    return {}
+
+
 @dataclass(frozen=True)
 class ModelFamily:
     """One kind of model. ``build(scale, task, num_classes, names=None)`` makes a freshly
     initialised one; ``matches_state_dict(sd)`` says whether the keys look like this family's;
     ``infer_architecture(sd)`` -> (scale, task, num_classes), raising :class:`CheckpointError`
     when it cannot; ``fuse(model)`` folds BatchNorm in place (inference only) and
-    ``is_fused_state_dict(sd)`` says whether ``sd`` was saved after that."""
+    ``is_fused_state_dict(sd)`` says whether ``sd`` was saved after that.
+    ``build_options(sd)``: keyword arguments ``build`` needs beyond (scale, task, num_classes) to
+    rebuild ``sd``'s architecture (a Darknet state dict carries its cfg). ``file_suffixes`` and
+    ``load_file(path)``: the family's own file formats, which ``load_model`` hands to it."""
 
     name: str  # as users write it ("YOLO11"); lower-cased in architecture tags ("yolo11n-detect")
     checkpoint_format: str  # the ``format`` entry of its checkpoints
@@ -65,6 +73,9 @@ class ModelFamily:
     fuse: Callable[[nn.Module], nn.Module] = _unchanged
     is_fused_state_dict: Callable[[Mapping], bool] = _never
     checkpoint_version: int = 1
+    build_options: Callable[[Mapping], dict] = _no_options
+    file_suffixes: tuple[str, ...] = ()
+    load_file: Callable[[Path], nn.Module] | None = None
 
     def tag(self, scale: str, task: str) -> str:
         return f"{self.name.lower()}{scale}-{task}"
@@ -129,3 +140,41 @@ def family_of(model: nn.Module) -> ModelFamily:
         raise TypeError(f"{type(model).__name__} is no model of a registered family "
                         f"({family_names()})")
     return family
+
+
+def family_for_file(path: Path) -> ModelFamily | None:
+    """The family that reads files named like ``path`` in its own format (by suffix)."""
+    suffix = Path(path).suffix.lower()
+    return next((f for f in _FAMILIES.values() if f.load_file and suffix in f.file_suffixes),
+                None)
+
+
+@dataclass(frozen=True)
+class NamedWeights:
+    """Pretrained weights users name (``--weights yolov3-tiny``): ``fetch()`` caches the files
+    (-> {file name: path}), ``load()`` the model (fetching first when needed)."""
+
+    name: str
+    family: str
+    description: str
+    fetch: Callable[[], Mapping[str, Path]]
+    load: Callable[[], nn.Module]
+
+
+_NAMED: dict[str, NamedWeights] = {}
+
+
+def register_named_weights(weights: NamedWeights) -> NamedWeights:
+    if weights.name in _NAMED and _NAMED[weights.name] is not weights:
+        raise ValueError(f"named weights {weights.name!r} are already registered")
+    _NAMED[weights.name] = weights
+    return weights
+
+
+def named_weights() -> tuple[NamedWeights, ...]:
+    return tuple(_NAMED.values())
+
+
+def named_weights_for(name) -> NamedWeights | None:
+    """The registered weights called ``name`` (a str), else None."""
+    return _NAMED.get(name) if isinstance(name, str) else None

@@ -9,7 +9,11 @@ Accepted sources for :func:`load_model`:
   * an ultralytics-style checkpoint dict whose 'model' (or 'ema') entry is such a state dict;
   * an ultralytics ``.pt`` holding a pickled model object: needs ultralytics importable; without it
     a clear error says how to convert it once on a machine that has ultralytics;
-  * ``None``: the embedded demo weights ``fluxshard/weights/yolo11n-detect-demo.pt``.
+  * ``None``: the embedded demo weights ``fluxshard/weights/yolo11n-detect-demo.pt``;
+  * a registered name of pretrained weights (``families.named_weights``; ``"yolov3-tiny"``),
+    fetched into the cache on first use;
+  * a file in a family's own format (``ModelFamily.file_suffixes``: a Darknet ``.cfg`` with its
+    ``.weights`` beside it, or the ``.weights`` with its ``.cfg`` beside it).
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .families import (CheckpointError, ModelFamily, families, family_for_format,
-                       family_for_state_dict, family_matching, family_names, family_of)
+from .families import (CheckpointError, ModelFamily, families, family_for_file, family_for_format,
+                       family_for_state_dict, family_matching, family_names, family_of,
+                       named_weights_for)
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "yolo11n-detect-demo.pt"
 
@@ -73,7 +78,7 @@ def model_from_state_dict(sd: dict[str, torch.Tensor], names: dict | list | None
     if names is not None and len(names) != nc:
         names = None  # names from some other dataset: fall back to generic ones
     model = family.build(scale, task, nc, names={int(k): str(v) for k, v in names.items()}
-                         if names else None)
+                         if names else None, **family.build_options(sd))
     if family.is_fused_state_dict(sd):
         family.fuse(model)
     own = model.state_dict()
@@ -159,27 +164,40 @@ def load_model(source: str | os.PathLike | dict | torch.nn.Module | None = None,
                 f"no embedded default weights at {DEFAULT_WEIGHTS} (they are produced by the "
                 "training step); pass a checkpoint path, or build_yolo11() for random weights")
         source = DEFAULT_WEIGHTS
-    if isinstance(source, torch.nn.Module):  # e.g. an ultralytics DetectionModel object
+    named = named_weights_for(source)
+    if named is not None and not Path(source).exists():  # a file of that name would win
+        model = named.load()
+    elif isinstance(source, torch.nn.Module):  # e.g. an ultralytics DetectionModel object
         model = model_from_state_dict(source.float().state_dict(), getattr(source, "names", None))
     elif isinstance(source, dict):
         model = model_from_object(source, "state dict")
     else:
         path = Path(source)
         if not path.is_file():
-            raise FileNotFoundError(f"weights file not found: {path}")
-        try:  # weights_only: never run code from a file; tensors and plain containers only
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # corrupt file, foreign pickle, not a torch file at all
-            if _pickles_ultralytics(path):
-                model = _load_ultralytics_object(path)
-            else:
-                raise CheckpointError(f"cannot read {path} as a torch checkpoint: "
-                                      f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+            from .families import named_weights
+
+            known = ", ".join(w.name for w in named_weights()) or "none"
+            raise FileNotFoundError(f"weights file not found: {path} (named weights: {known})")
+        own_format = family_for_file(path)
+        if own_format is not None:
+            model = own_format.load_file(path)
         else:
-            model = model_from_object(ckpt, str(path))
+            model = _load_torch_file(path)
     model = model.to(device)
     if eval_mode:
         model.eval()
     if fused:
         family_of(model).fuse(model)
     return model
+
+
+def _load_torch_file(path: Path) -> nn.Module:
+    """Our checkpoint or an ultralytics file (any accepted layout) at ``path``."""
+    try:  # weights_only: never run code from a file; tensors and plain containers only
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt file, foreign pickle, not a torch file at all
+        if _pickles_ultralytics(path):
+            return _load_ultralytics_object(path)
+        raise CheckpointError(f"cannot read {path} as a torch checkpoint: "
+                              f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    return model_from_object(ckpt, str(path))

@@ -279,7 +279,8 @@ def yolo11_architecture(sd) -> tuple[str, str, int]:
 
 FAMILY = register_family(ModelFamily(
     name="YOLO11", checkpoint_format="fluxshard-yolo11", model_class=YOLO11, build=build_yolo11,
-    matches_state_dict=lambda sd: "model.0.conv.weight" in sd,  # ultralytics key names
+    # ultralytics key names, with YOLO11's head at layer 23 (other families share "model.N.")
+    matches_state_dict=lambda sd: "model.0.conv.weight" in sd and "model.23.cv3.0.2.weight" in sd,
     infer_architecture=yolo11_architecture, fuse=fuse,
     # saved after BN folding (fuse(), or ultralytics YOLO(...).fuse()): biases, no BatchNorm
     is_fused_state_dict=lambda sd: "model.0.bn.weight" not in sd and "model.0.conv.bias" in sd))
