@@ -49,9 +49,6 @@ FRAMES, QUICK_FRAMES = 300, 90
 WINDOW = 30  # frames per agreement window
 LATE = range(20, 30)  # frames after a dense frame of the tiles run that agreement_late pools
 BOOKKEEPING_STAGES = ("warp", "change", "plan")  # TileReport stages besides engine and decode
-# MotionFrame.motion_source of the edge's (validating) decode -> the footage module's words
-MOTION_PATH_NAMES = {"codec": "codec-validated", "validated": "codec-validated",
-                     "block_matching": "block-matching"}
 ROW_FIELDS = ("clip", "variant", "executor", "frames", "ms_mean", "ms_p50", "ms_p90",
               "speedup_mean_vs_dense", "agreement", "agreement_worst_window", "agreement_late",
               "crop_area_mean", "dense_frame_fraction", "motion_path", "bookkeeping_ms_mean",
@@ -61,13 +58,13 @@ ROW_FIELDS = ("clip", "variant", "executor", "frames", "ms_mean", "ms_p50", "ms_
 def default_clips() -> list[str]:
     from fluxshard import footage
 
-    return [Path(name).stem for name in footage.PACKAGED_CLIPS]
+    return [clip.stem for clip in footage.CORPUS]
 
 
 def shipped_file(clip: str) -> Path:
     from fluxshard import footage
 
-    return footage.packaged_clip(clip)
+    return footage.corpus_clip(clip)
 
 
 def camera_file(clip: str, frames: int, workdir: Path) -> Path:
@@ -139,22 +136,23 @@ class ExecutorRun:
 
 
 def interleaved(streams: dict, frames, total: int | None = None, desc: str = "",
-                progress: bool = True) -> tuple[dict[str, ExecutorRun], list[float], Counter]:
+                progress: bool = True) -> tuple[dict[str, ExecutorRun], list[float], list]:
     """Every stream on the same decoded frames, taking turns frame by frame and alternating
     which goes first (machine drift hits all alike). ``frames`` yields (MotionFrame, decode
     seconds); each stream is an ``edge_only_stream``. Closes the streams. Returns the runs, the
-    decode + motion ms per frame and the motion paths the frames took."""
+    decode + motion ms per frame and per frame (motion source, picture type, key, share of
+    blocks block matching supplied)."""
     from tqdm import tqdm
 
     runs = {name: ExecutorRun() for name in streams}
     names = list(streams)
-    decode_ms, sources = [], Counter()
+    decode_ms, decoded = [], []
     try:
         for index, (mf, seconds) in enumerate(tqdm(frames, total=total, unit="frame", desc=desc,
                                                    leave=False, disable=not progress,
                                                    dynamic_ncols=True)):
             decode_ms.append(1e3 * seconds)
-            sources[mf.motion_source] += 1
+            decoded.append((mf.motion_source, mf.pict_type, mf.is_key, mf.replaced_fraction))
             shift = index % len(names)
             for name in names[shift:] + names[:shift]:
                 # a restart of a looping file is a key frame: iter_motion says so
@@ -164,7 +162,7 @@ def interleaved(streams: dict, frames, total: int | None = None, desc: str = "",
     finally:
         for stream in streams.values():
             stream.close()
-    return runs, decode_ms, sources
+    return runs, decode_ms, decoded
 
 
 def late_frames(dense_flags: list[bool]) -> np.ndarray:
@@ -177,12 +175,16 @@ def late_frames(dense_flags: list[bool]) -> np.ndarray:
     return late
 
 
-def observed_motion_path(sources: Counter) -> str:
-    """The motion path the edge's decode took on most non-key frames."""
-    moving = Counter({k: v for k, v in sources.items() if k != "none"})
-    if not moving:
-        return "none (key frames only)"
-    return MOTION_PATH_NAMES.get(moving.most_common(1)[0][0], moving.most_common(1)[0][0])
+def motion_path(decoded: list[tuple]) -> str:
+    """How the edge read the run's frames' motion (fluxshard.footage.MotionReport.path), from
+    what decoding and validation reported on them: no second decode."""
+    from fluxshard.footage import MotionReport
+
+    inter = [d for d in decoded if not d[2]]
+    report = MotionReport(len(decoded), len(decoded) - len(inter),
+                          dict(Counter(d[1] for d in decoded)), dict(Counter(d[0] for d in decoded)),
+                          float(np.mean([d[3] for d in inter])) if inter else 0.0)
+    return report.path
 
 
 def run_clip(clip: str, variant: str, video: Path, frames: int, model, progress: bool,
@@ -193,10 +195,10 @@ def run_clip(clip: str, variant: str, video: Path, frames: int, model, progress:
 
     streams = {name: edge_only_stream(name, str(video), model) for name in EXECUTORS}
     frames_iter = decoded_frames(video, frames, loop=variant == "as_shipped", restarts=restarts)
-    runs, decode_ms, sources = interleaved(streams, frames_iter, frames, f"{clip} {variant}",
+    runs, decode_ms, decoded = interleaved(streams, frames_iter, frames, f"{clip} {variant}",
                                            progress)
     late = late_frames(runs["tiles"].dense)
-    motion_path = observed_motion_path(sources)
+    path = motion_path(decoded)
     rows, series = [], {"windows": {}, "ms": {}}
     for name in EXECUTORS:
         r = runs[name]
@@ -208,7 +210,7 @@ def run_clip(clip: str, variant: str, video: Path, frames: int, model, progress:
             **r.timing(runs["dense"]), agreement=agree.value,
             agreement_worst_window=min(defined) if defined else None,
             agreement_late=agree.over(late), crop_area_mean=float(np.mean(r.crop)),
-            dense_frame_fraction=float(np.mean(r.dense)), motion_path=motion_path,
+            dense_frame_fraction=float(np.mean(r.dense)), motion_path=path,
             bookkeeping_ms_mean=float(np.mean(r.bookkeeping_ms)),
             decode_ms_mean=float(np.mean(decode_ms))))
         series["windows"][name] = windows
