@@ -28,6 +28,7 @@ VERBS: dict[str, tuple[str, str]] = {
                 "offline profiles: latency tables, accuracy (tau table)"),
     "export": ("fluxshard.tools.export", "YOLO11 -> FluxShard ONNX graph (onnxruntime, TensorRT)"),
     "footage": ("fluxshard.tools.footage", "fetch, list or re-encode the real-footage corpus"),
+    "weights": ("fluxshard.tools.weights", "list or fetch named pretrained weights (yolov3-tiny)"),
 }
 
 
