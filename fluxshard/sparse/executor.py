@@ -185,6 +185,9 @@ class SparseExecutor:
                  bypass_above: float = 0.5, adaptive: bool = False, probe_interval: int = 30,
                  truncation_probe: int = TRUNCATION_PROBE,
                  clock: Callable[[], float] = time.perf_counter):
+        if not isinstance(model, YOLO11):  # its mask rules and graph rewrite know YOLO11's ops
+            raise ValueError(f"the exact executor supports YOLO11 only ({type(model).__name__} "
+                             "given); use --executor tiles or dense")
         if strict_rfap and grid_snap:
             raise ValueError("grid_snap relaxes RFAP Cond. 2: it cannot be combined with strict_rfap")
         if not is_fused(model):

@@ -59,7 +59,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import onnx
 
-    from fluxshard.models import export_onnx, load_model
+    from fluxshard.models import YOLO11, export_onnx, load_model
+    from fluxshard.models.families import family_of
     from fluxshard.models.ops import padded_size
 
     from fluxshard.graph.verify import onnx_class_names, verify, verify_polygraphy
@@ -76,6 +77,10 @@ def run(args: argparse.Namespace) -> int:
     # the torch model, where the weights are known: the source, or the --verify reference
     model = (load_model(args.weights, fused=True) if args.onnx is None or args.weights
              else None)
+    if model is not None and not isinstance(model, YOLO11):
+        raise ValueError(f"{args.weights} is a {family_of(model).tag(model.scale, model.task)} "
+                         "model; the exact executor's graph supports YOLO11 only (the dense "
+                         "ONNX: fluxshard.models.export_onnx)")
     args.out.mkdir(parents=True, exist_ok=True)
     if args.onnx is not None:
         dense_path = Path(args.onnx)
