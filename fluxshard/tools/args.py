@@ -24,9 +24,17 @@ WEIGHTS_HELP = ("the detector: our checkpoint, an ultralytics state dict or conv
                 "embedded demo detector)")
 
 
+# every verb's --weights takes named pretrained weights (fluxshard.models.families.named_weights)
+# and a family's own files as well
+NAMED_WEIGHTS_HELP = (". Also a name: yolov3-tiny (pretrained Darknet YOLOv3-tiny, 80 COCO "
+                      "classes, fetched on first use; `fluxshard weights list`), or a Darknet "
+                      ".cfg with its .weights beside it")
+
+
 def add_weights(p: argparse.ArgumentParser, help: str = WEIGHTS_HELP) -> None:
-    """``--weights``: the detector (None: the embedded demo one, fluxshard.models.weights)."""
-    p.add_argument("--weights", default=None, help=help)
+    """``--weights``: the detector (None: the embedded demo one, fluxshard.models.weights), a
+    checkpoint or a named one such as ``yolov3-tiny``."""
+    p.add_argument("--weights", default=None, help=help + NAMED_WEIGHTS_HELP)
 
 
 # ------------------------------------------------------------------------------------------ tau
