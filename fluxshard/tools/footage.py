@@ -16,7 +16,7 @@ from fluxshard import cli_common
 from fluxshard.tools import args as shared
 
 LIST_COLUMNS = ("name", "source", "camera", "size", "MB", "frames", "fps", "codec", "B-frames",
-                "motion path")
+                "motion path", "replaced")
 DEFAULT_MOTION_FRAMES = 60  # enough for several GOPs of B/P structure, a second or so per clip
 
 
@@ -55,6 +55,7 @@ def register(subparsers) -> None:
     listing.add_argument("--motion-frames", type=cli_common.nonnegative_int,
                          default=DEFAULT_MOTION_FRAMES,
                          help="frames decoded to tell each clip's motion path (0: the whole clip)")
+    shared.add_no_progress(listing)
     listing.set_defaults(func=_list)
     camera = actions.add_parser(
         "camera", help="re-encode a clip as an IP camera's H.264 stream",
@@ -86,12 +87,17 @@ def _fetch(args: argparse.Namespace) -> int:
     return 0
 
 
-def list_rows(motion_frames: int | None = DEFAULT_MOTION_FRAMES) -> list[dict]:
-    """One dict per corpus clip with the LIST_COLUMNS (fetches what is not cached)."""
+def list_rows(motion_frames: int | None = DEFAULT_MOTION_FRAMES, progress: bool = False
+              ) -> list[dict]:
+    """One dict per corpus clip with the LIST_COLUMNS (fetches what is not cached). "replaced":
+    the share of inter-frame blocks whose vector validation or block matching supplied."""
+    from tqdm import tqdm
+
     from fluxshard import footage
 
     rows = []
-    for clip in footage.CORPUS:
+    for clip in tqdm(footage.CORPUS, desc="footage list", unit="clip", disable=not progress,
+                     dynamic_ncols=True):
         path = footage.corpus_clip(clip.name)
         facts = footage.clip_facts(path)
         report = footage.motion_report(path, motion_frames or None)
@@ -101,12 +107,13 @@ def list_rows(motion_frames: int | None = DEFAULT_MOTION_FRAMES) -> list[dict]:
                      "MB": f"{facts.bytes / 1e6:.1f}", "frames": facts.frames,
                      "fps": f"{facts.fps:.2f}", "codec": facts.codec,
                      "B-frames": "yes" if report.b_frames else "no",
-                     "motion path": report.path})
+                     "motion path": report.path,
+                     "replaced": f"{100 * report.replaced_fraction:.1f}%"})
     return rows
 
 
 def _list(args: argparse.Namespace) -> int:
-    rows = list_rows(args.motion_frames)
+    rows = list_rows(args.motion_frames, progress=not args.no_progress)
     widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in LIST_COLUMNS}
     print("  ".join(c.ljust(widths[c]) for c in LIST_COLUMNS).rstrip())
     for row in rows:
