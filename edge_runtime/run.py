@@ -24,8 +24,10 @@ DEFAULT_EXECUTOR = "exact"  # what the edge runs unless --executor says otherwis
 
 
 @contextlib.contextmanager
-def _cloud(cloud_url: str | None, dispatch: str, out: Path, weights=None):
-    """Yields the cloud's gRPC URL (None: edge only): --cloud-url, or a local tritonserver."""
+def _cloud(cloud_url: str | None, dispatch: str, out: Path, weights=None,
+           executor: str | None = None):
+    """Yields the cloud's gRPC URL (None: edge only): --cloud-url, or a local tritonserver
+    (``executor``: its fluxshard model's, None: the config's)."""
     if dispatch == "edge":
         yield None
         return
@@ -35,7 +37,8 @@ def _cloud(cloud_url: str | None, dispatch: str, out: Path, weights=None):
     from fluxshard.serving.tritonserver import TritonNotInstalled, TritonServer
 
     server = TritonServer(models=["fluxshard"], log_file=out / "tritonserver.log",
-                          weights=weights)
+                          weights=weights,
+                          parameters={"executor": executor} if executor else None)
     try:
         server.start()
     except TritonNotInstalled as e:
@@ -208,6 +211,7 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
     from tqdm import tqdm
 
     from fluxshard import wire
+    from fluxshard.models import YOLO11
     from fluxshard.models.ops import padded_size
     from fluxshard_client import FluxShardClient, RemoteEndpoint, RetryPolicy
 
@@ -267,7 +271,9 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
     broke: list[str] = []  # why the stream broke off mid-way, if it did
     writer = None
     t_start = time.perf_counter()
-    with _cloud(cloud_url, dispatch, out, weights) as url:
+    # the exact executor runs YOLO11 only: a local cloud runs other families densely
+    cloud_executor = None if isinstance(model, YOLO11) else "dense"
+    with _cloud(cloud_url, dispatch, out, weights, cloud_executor) as url:
         # without a deadline (--dispatch cloud --fallback none) a cloud gone for 10 s ends the run
         client = FluxShardClient(url, uplink_mbps=bandwidth_mbps,
                                  retry=RetryPolicy(reconnect_timeout_s=10.0),

@@ -196,8 +196,9 @@ class TritonServer:
         # the sequence models' idle timeout, when not their configs' (Triton frees a silent
         # stream's slot after it; the fluxshard model sweeps its session with the same value)
         self.idle_timeout_s = idle_timeout_s
-        # the models' `weights` parameter (absolute: the server's working folder is not ours)
-        self.weights = Path(weights).resolve() if weights else None
+        # the models' `weights` parameter (absolute: the server's working folder is not ours),
+        # or the name of registered pretrained weights, which the models look up themselves
+        self.weights = weights_parameter(weights)
         # model parameters to set (e.g. {"executor": "tiles"}), in every model that has them
         self.parameters = {str(k): str(v) for k, v in (parameters or {}).items()}
         self._weights_repository: tempfile.TemporaryDirectory | None = None
@@ -279,7 +280,7 @@ class TritonServer:
         needs_own_repository = (self.weights is not None or self.parameters
                                 or self.models is not None or self.idle_timeout_s is not None)
         if needs_own_repository and self._weights_repository is None:
-            if self.weights is not None and not self.weights.is_file():
+            if isinstance(self.weights, Path) and not self.weights.is_file():
                 raise FileNotFoundError(f"weights file not found: {self.weights}")
             parameters = dict(self.parameters)
             if self.weights is not None:
@@ -400,6 +401,21 @@ class TritonServer:
         self.stop()
         if self._own_log and exc[0] is None:
             self.log_file.unlink(missing_ok=True)
+
+
+def weights_parameter(weights) -> Path | str | None:
+    """What the models' ``weights`` parameter carries: an absolute path, or, for a name that is
+    no file here, registered pretrained weights (``yolov3-tiny``) by name."""
+    if not weights:
+        return None
+    path = Path(weights)
+    if not path.exists() and isinstance(weights, str):
+        import fluxshard.models  # noqa: F401  (registers the named weights; imports torch)
+        from fluxshard.models.families import named_weights_for
+
+        if named_weights_for(weights) is not None:
+            return weights
+    return path.resolve()
 
 
 def repository_with_weights(source: Path, weights: Path, folder: Path) -> Path:

@@ -64,7 +64,7 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     tls = TlsFiles(args.tls_cert, args.tls_key, args.tls_root) if args.tls_cert else None
     if args.weights:
-        from fluxshard.models import load_model
+        from fluxshard.models import YOLO11, load_model
         from fluxshard.models.families import family_of
 
         # a file that is no detector fails here, in one line, not in the server's log
@@ -72,6 +72,12 @@ def _serve(args: argparse.Namespace) -> int:
         if args.executor == "tiles" and model.task != "detect":
             print(f"fluxshard serve: --executor tiles handles detect models only; "
                   f"{args.weights} is a {model.task} model", file=sys.stderr)
+            return 2
+        if args.executor in (None, "exact", "sparse") and not isinstance(model, YOLO11):
+            print(f"fluxshard serve: {args.weights} is a "
+                  f"{family_of(model).tag(model.scale, model.task)} model; the exact executor "
+                  "(the default) supports YOLO11 only: pass --executor dense or tiles",
+                  file=sys.stderr)
             return 2
         print(f"weights {args.weights}: {family_of(model).tag(model.scale, model.task)}, "
               f"{model.nc} classes "
