@@ -13,9 +13,19 @@ configurations on the same decoded frames:
 * ``no-interval``: the interval disabled (a huge interval), block refresh kept,
 * ``no-refresh``: both disabled (nothing but critical blocks is ever recomputed).
 
-Per window of frames it reports, for each configuration, mAP@0.5 and mAP@0.5:0.95 as a ratio of
-dense's on the same window (ground truth from fluxshard.synth), agreement (mAP@0.5 of the tiles'
-detections with dense's conf >= 0.25 detections as truth) and the crop area computed.
+Every stream is the one `fluxshard run CLIP --executor X --dispatch edge` builds
+(``edge_runtime.run.edge_only_stream``: one thread, the edge's validated motion path,
+EndpointPath); ``refresh`` with no tuning option given is exactly the product's tiles, the other
+two change only the knobs named (``tile_options``). The streams take turns frame by frame on the
+same decoded frames, rotating which goes first.
+
+Per window of frames it reports, for each configuration, mAP@0.5 and mAP@0.5:0.95 of what it
+reports (score >= 0.25) as a ratio of dense's on the same window (ground truth from
+fluxshard.synth), agreement (mAP@0.5 of the tiles' detections with dense's reported detections as
+truth), box_agreement (the share of dense's boxes with score >= 0.5 it also reports,
+fluxshard.accuracy.box_agreement), the crop area computed, and the time per frame `fluxshard run`
+reports (the edge path after decode; key frames and dense refreshes included): ms_mean, ms_p50,
+ms_p90 and speedup_mean_vs_dense (dense's mean over the configuration's, same window).
 
     python3 perf/bench_tiles_drift.py            # 600 frames per clip, windows of 100
     python3 perf/bench_tiles_drift.py --quick    # 150 frames, windows of 50
@@ -28,102 +38,69 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
-from tqdm import tqdm
 
-from fluxshard import synth
-from fluxshard.accuracy import agreement, evaluate_detections
-from fluxshard.footage import camera_stream
-from fluxshard.models import load_model, postprocess, preprocess
-from fluxshard.models.dense import best_dense_runner
-from fluxshard.motion import iter_motion
-from fluxshard.tiles import TileExecutor, TileStreamState
-from fluxshard.synth import MOTION_LEVELS
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_real: the interleaved runner
+
+from bench_real import decoded_frames, interleaved  # noqa: E402
+from fluxshard import synth  # noqa: E402
+from fluxshard.accuracy import agreement, box_agreement, evaluate_detections  # noqa: E402
+from fluxshard.footage import camera_stream  # noqa: E402
+from fluxshard.synth import MOTION_LEVELS  # noqa: E402
 
 DRIFT_SCENE_SEED = 33_000  # scenes apart from training, the profile and bench_executors
-EVAL_CONF = 0.001  # mAP wants the full ranked list (as the profile evaluates)
-AGREEMENT_CONF = 0.25  # dense boxes taken as truth: the detections a user would see
 NEVER = 10 ** 9  # a refresh interval no stream reaches
 CAMERA_CLIP = "bikes.mp4"
 
 
 def tile_configs(tuning: dict) -> dict[str, dict]:
     """The three configurations; ``tuning`` holds only the options given on the command line,
-    everything else stays at the executor's own defaults."""
+    everything else stays at the product's own (the edge's tiles session)."""
     interval = {k: v for k, v in tuning.items() if k != "refresh_interval"}
     return {"refresh": dict(tuning),
             "no-interval": dict(interval, refresh_interval=NEVER),
             "no-refresh": dict(interval, refresh_interval=NEVER, refresh_share=0.0)}
 
 
-def as_tensor(out):
-    if isinstance(out, (list, tuple)) and not isinstance(out, torch.Tensor):
-        out = out[0]
-    return torch.from_numpy(out) if isinstance(out, np.ndarray) else out
+def run_clip(clip: str, level: str, video: Path, truths: list | None, args, model,
+             configs: dict) -> list[dict]:
+    """Dense and every tile configuration on the same decoded frames, each on the product's edge
+    path, evaluated per window."""
+    from edge_runtime.run import edge_only_stream
 
-
-class DenseByShape:
-    """The best dense runner per model-input shape (the camera clip differs from synth's)."""
-
-    def __init__(self, model, threads: int, workdir: str):
-        self.model, self.threads, self.workdir = model, threads, workdir
-        self.runners = {}
-
-    def __call__(self, x: torch.Tensor):
-        shape = tuple(int(v) for v in x.shape[-2:])
-        if shape not in self.runners:
-            best, medians = best_dense_runner(self.model, shape, threads=self.threads,
-                                              kinds=("fused_channels_last", "onnxruntime"),
-                                              workdir=self.workdir)
-            print(f"dense runners at {shape[1]}x{shape[0]} (median ms):",
-                  {k: round(v, 1) for k, v in medians.items()}, "best:", best.name)
-            self.runners[shape] = best
-        return self.runners[shape].run(x)
-
-
-def run_clip(clip: str, level: str, video: Path, truths: list | None, args, model, dense,
-             executors: dict) -> list[dict]:
-    """Dense and every tile configuration on the same decoded frames, evaluated per window."""
-    states = {name: TileStreamState() for name in executors}
-    dense_preds, dense_seen = [], []
-    preds = {name: [] for name in executors}
-    crop_area = {name: [] for name in executors}
-    with torch.inference_mode():
-        for mf in tqdm(iter_motion(video, max_frames=args.frames), total=args.frames,
-                       desc=clip, unit="frame", dynamic_ncols=True):
-            shape = mf.image.shape[:2]
-            x = preprocess(mf.image)
-            out = as_tensor(dense(x))
-            dense_preds.append(postprocess(out, x.shape[-2:], shape, conf_thres=EVAL_CONF)[0])
-            dense_seen.append(postprocess(out, x.shape[-2:], shape, conf_thres=AGREEMENT_CONF)[0])
-            for name, executor in executors.items():
-                tiles_out, report = executor.run(states[name], mf.image,
-                                                 None if mf.is_key else mf.field, key=mf.is_key)
-                preds[name].append(postprocess(tiles_out, x.shape[-2:], shape,
-                                               conf_thres=EVAL_CONF)[0])
-                crop_area[name].append(report.crop_area_fraction)
-    count = len(dense_preds)
-    if count < args.frames:
-        raise RuntimeError(f"{video} decoded to {count} frames, expected {args.frames}")
+    streams = {"dense": edge_only_stream("dense", str(video), model)}
+    for name, options in configs.items():
+        streams[name] = edge_only_stream("tiles", str(video), model, tile_options=options)
+    knobs = {name: streams[name].edge.session.tile_executor for name in configs}
+    runs, _, _ = interleaved(streams, decoded_frames(video, args.frames, loop=False, restarts=[]),
+                             args.frames, clip)
+    dense = runs["dense"]
+    count = len(dense.ms)
     rows = []
     for start in range(0, count, args.window):
         end = min(start + args.window, count)
         window = slice(start, end)
-        dense_acc = evaluate_detections(dense_preds[window], truths[window]) if truths else None
-        for name, executor in executors.items():
+        dense_acc = (evaluate_detections(dense.detections[window], truths[window])
+                     if truths else None)
+        for name in configs:
+            r = runs[name]
             row = dict(clip=clip, level=level, config=name,
-                       refresh_interval=executor.refresh_interval,
-                       refresh_share=executor.refresh_share, window_start=start,
+                       refresh_interval=knobs[name].refresh_interval,
+                       refresh_share=knobs[name].refresh_share, window_start=start,
                        window_end=end, map50_ratio=None, map5095_ratio=None,
-                       agreement=agreement(preds[name][window], dense_seen[window])["map50"],
-                       crop_area_fraction=float(np.mean(crop_area[name][window])),
-                       dense_map50=None, dense_map5095=None)
+                       agreement=agreement(r.detections[window],
+                                           dense.detections[window])["map50"],
+                       crop_area_fraction=float(np.mean(r.crop[window])),
+                       dense_map50=None, dense_map5095=None,
+                       box_agreement=box_agreement(r.detections[window],
+                                                   dense.detections[window]).value,
+                       **r.timing(dense, window))
             if dense_acc is not None:
-                acc = evaluate_detections(preds[name][window], truths[window])
+                acc = evaluate_detections(r.detections[window], truths[window])
                 row.update(
                     map50_ratio=acc["map50"] / dense_acc["map50"] if dense_acc["map50"] else None,
                     map5095_ratio=(acc["map50_95"] / dense_acc["map50_95"]
@@ -140,7 +117,8 @@ def print_table(rows: list[dict]) -> None:
         return f"{v:.3f}" if isinstance(v, float) else str(v)
 
     cols = ["clip", "config", "window_start", "window_end", "map50_ratio", "map5095_ratio",
-            "agreement", "crop_area_fraction"]
+            "agreement", "box_agreement", "crop_area_fraction", "ms_mean", "ms_p50", "ms_p90",
+            "speedup_mean_vs_dense"]
     table = [cols] + [[fmt(r[c]) for c in cols] for r in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(cols))]
     for line in table:
@@ -206,10 +184,9 @@ def main() -> int:
                    help="frames per clip (default 600, --quick 150)")
     p.add_argument("--window", type=positive_int, default=None,
                    help="frames per accuracy window (default 100, --quick 50)")
-    p.add_argument("--threads", type=positive_int, default=2, help="intra-op threads (default 2)")
     p.add_argument("--width", type=int, default=640, help="synthetic clip width (default 640)")
     p.add_argument("--height", type=int, default=384, help="synthetic clip height (default 384)")
-    # tile executor options: unset ones keep TileExecutor's defaults (what ships)
+    # tile executor options: unset ones keep the product's tiles session's (what ships)
     p.add_argument("--threshold", type=float, default=None,
                    help="tiles: critical block mean abs difference, grey levels")
     p.add_argument("--halo", type=int, default=None, help="tiles: crop halo, pixels")
@@ -236,20 +213,16 @@ def main() -> int:
         return 0
     args.frames = args.frames or (150 if args.quick else 600)
     args.window = args.window or (50 if args.quick else 100)
-    torch.set_num_threads(args.threads)
-    model = load_model(None, fused=True)
+    from edge_runtime.run import edge_model
+
+    model = edge_model(None)  # the product's edge: one thread
     tuning = {k: getattr(args, k) for k in ("threshold", "halo", "budget", "dense_above",
                                              "refresh_interval", "refresh_share")
               if getattr(args, k) is not None}
-    executors = {name: TileExecutor(model, engine="onnxruntime", threads=args.threads, **config)
-                 for name, config in tile_configs(tuning).items()}
-    print("tile configurations:", {name: dict(refresh_interval=e.refresh_interval,
-                                              refresh_share=e.refresh_share,
-                                              dense_above=e.dense_above)
-                                   for name, e in executors.items()})
+    configs = tile_configs(tuning)
+    print("tile configurations (over the product's tiles session):", configs)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        dense = DenseByShape(model, args.threads, tmp)
         for li, (level, overrides) in enumerate(MOTION_LEVELS.items()):
             seed = DRIFT_SCENE_SEED + li
             # one key frame: the GOP is the whole clip
@@ -259,12 +232,12 @@ def main() -> int:
             gt = synth.load_ground_truth(paths.ground_truth)
             truths = [dict(boxes=b, classes=k) for b, k in zip(gt.boxes, gt.classes)]
             clip = f"synth-{level}-{args.width}x{args.height}-seed{seed}"
-            rows += run_clip(clip, level, paths.video, truths, args, model, dense, executors)
+            rows += run_clip(clip, level, paths.video, truths, args, model, configs)
         if not args.no_camera:
             video = camera_stream(CAMERA_CLIP, args.footage_dir, frames=args.frames,
                                   progress=True)
             rows += run_clip(f"camera-{Path(CAMERA_CLIP).stem}", "camera", video, None, args,
-                             model, dense, executors)
+                             model, configs)
     print_table(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rows, indent=1))
