@@ -11,6 +11,7 @@ Per motion level (the truncation profile's held-out clips: still camera, pan, pa
 | edge delta reuse, no MVs | DeltaCNN-like: the sparse executor with a pixel-aligned cache (zero motion) and truncation | none |
 | FluxShard edge | the sparse executor along the edge's data path (codec MVs, residual blocks) | none |
 | FluxShard edge + bypass | the same with the dense bypass (`fluxshard run --bypass onnxruntime`) | none |
+| FluxShard edge, tiles | the tile executor as the edge's tiles session builds it (`fluxshard run --executor tiles`: onnxruntime crops, adaptive) on the decoded frame with the edge path's field | none |
 | FluxShard cloud | the cloud's receive layer + sparse executor | the wire payload (lossless) |
 | FluxShard cloud, JPEG tiles | the same, pixels sent as JPEG q90 (`--uplink-codec jpeg`) | the wire payload |
 | FluxShard cloud, H.264 | the cloud's decoder + sparse executor on the decoded frame, the decoder's vectors as field (`--uplink-codec h264`) | the edge's x264 packets of the cloud's frames (wire Codec.H264) |
@@ -50,7 +51,7 @@ from fluxshard.tau import tau_argument  # noqa: E402
 
 BASELINES = ["edge dense", "cloud dense, JPEG", "cloud dense, H.264", "edge similarity cache",
              "edge delta reuse, no MVs", "FluxShard edge", "FluxShard edge + bypass",
-             "FluxShard cloud", "FluxShard cloud, JPEG tiles", "FluxShard cloud, H.264",
+             "FluxShard edge, tiles", "FluxShard cloud", "FluxShard cloud, JPEG tiles", "FluxShard cloud, H.264",
              "FluxShard cloud, H.264 pass-through"]
 H264_ROWS = ("FluxShard cloud, H.264", "FluxShard cloud, H.264 pass-through")
 CLOUD_CODECS = {"FluxShard cloud": "ZLIB", "FluxShard cloud, JPEG tiles": "JPEG"}
@@ -97,6 +98,7 @@ def run_level(level: str, args, model, best, tmp: Path) -> dict[str, Timed]:
     from fluxshard.endpoint import EndpointPath, Uplink
     from fluxshard.motion import iter_motion
     from fluxshard.receive import ReceiveState
+    from fluxshard.sessions import tile_session_factory
     from fluxshard.sparse import SparseExecutor, StreamState
 
     w, h = args.size
@@ -128,6 +130,9 @@ def run_level(level: str, args, model, best, tmp: Path) -> dict[str, Timed]:
         **{name: SparseExecutor(model, tau=args.tau) for name in H264_ROWS},
     }
     streams = {name: StreamState() for name in executors}
+    # the edge's tiles session (executor and per-stream state), as fluxshard run builds it
+    tiles = tile_session_factory(model, threads=args.threads, engine="onnxruntime",
+                                 adaptive=True)(0)
     # the paths the SDK ships: the edge's (local) and the cloud's (the wire payload + mirror)
     edge_paths = {"FluxShard edge": EndpointPath(args.tau),
                   "edge delta reuse, no MVs": EndpointPath(args.tau, motion=False)}
@@ -148,6 +153,17 @@ def run_level(level: str, args, model, best, tmp: Path) -> dict[str, Timed]:
         out, report = executors[name].run(streams[name], x, field, key=key)
         seconds = time.perf_counter() - t0
         return seconds, detect(out, x), 0.0 if report.bypassed else report.cache_hit_rate
+
+    def tiled(image, field, key):
+        name = "FluxShard edge, tiles"
+        if name not in args.baselines:
+            return 0.0, None, 0.0
+        x = preprocess(image)
+        t0 = time.perf_counter()
+        out, report = tiles.tile_executor.run(tiles.state, image, None if key else field,
+                                              key=key)
+        seconds = time.perf_counter() - t0
+        return seconds, detect(out, x), max(0.0, 1.0 - report.crop_area_fraction)
 
     for mf, size in zip(frames, sizes):
         seconds, preds = dense(mf.image)
@@ -175,6 +191,8 @@ def run_level(level: str, args, model, best, tmp: Path) -> dict[str, Timed]:
             if name == "FluxShard edge":
                 runs["FluxShard edge + bypass"].add(
                     *sparse("FluxShard edge + bypass", step.image, step.field, step.key))
+                # tiles take the whole decoded frame (the session's full_frame) and the field
+                runs["FluxShard edge, tiles"].add(*tiled(mf.image, step.field, step.key))
 
         # the cloud: what the wire carries, and the executor on the input the cloud rebuilds
         for name, path in cloud_paths.items():
