@@ -20,7 +20,7 @@ included. Accuracy is agreement with dense (``fluxshard.accuracy.box_agreement``
 dense's boxes with score >= 0.5 the executor also reports (IoU >= 0.5, same class).
 
     python3 perf/bench_real.py                       # every clip, both variants, 300 frames
-    python3 perf/bench_real.py --quick --clips bikes # 90 frames
+    python3 perf/bench_real.py --quick --clips bikes vtest  # 90 frames
 
 Writes out/perf/bench_real.json ({"header": ..., "rows": [...]}, one row per clip, variant and
 executor) and out/perf/bench_real.png (per clip: agreement per 30-frame window, ms per frame).
@@ -49,6 +49,8 @@ FRAMES, QUICK_FRAMES = 300, 90
 WINDOW = 30  # frames per agreement window
 LATE = range(20, 30)  # frames after a dense frame of the tiles run that agreement_late pools
 BOOKKEEPING_STAGES = ("warp", "change", "plan")  # TileReport stages besides engine and decode
+DEFAULT_WEIGHTS = "yolov3-tiny"
+DEMO_WEIGHTS = "demo"
 ROW_FIELDS = ("clip", "variant", "executor", "frames", "ms_mean", "ms_p50", "ms_p90",
               "speedup_mean_vs_dense", "agreement", "agreement_worst_window", "agreement_late",
               "crop_area_mean", "dense_frame_fraction", "motion_path", "bookkeeping_ms_mean",
@@ -295,9 +297,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     p.add_argument("--frames", type=positive_int, default=None,
                    help="frames per clip, overriding --quick's and the default")
-    p.add_argument("--weights", default=None,
-                   help="the detector (as `fluxshard run --weights`; default: the embedded demo "
-                        "detector)")
+    p.add_argument("--weights", default=DEFAULT_WEIGHTS,
+                   help="the detector, as `fluxshard run --weights` (default %(default)s: a real "
+                        f"COCO detector); {DEMO_WEIGHTS!r}: the embedded demo detector (synthetic "
+                        "classes: its agreement on real footage means nothing; for tests)")
     p.add_argument("--out", type=Path, default=Path("out/perf"))
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -306,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from edge_runtime.run import edge_model
 
-    model = edge_model(args.weights)
+    weights = None if args.weights == DEMO_WEIGHTS else args.weights
+    model = edge_model(weights)
     rows, series, restarts = [], {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for clip in clips:
@@ -322,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
                     restarts[f"{clip} {variant}"] = starts
     header = dict(
         date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        machine=machine(), threads=1, weights=args.weights or "embedded demo detector",
+        machine=machine(), threads=1,
+        weights=args.weights if weights else "embedded demo detector",
         frames=frames, window=WINDOW, late_frames=[LATE.start, LATE.stop - 1],
         clock="FrameResult.latency_ms of `fluxshard run --dispatch edge`, after decode; "
               "executors interleaved frame by frame, alternating first",
