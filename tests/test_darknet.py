@@ -304,3 +304,22 @@ def test_fluxshard_run_dense_finds_the_person_in_a_real_clip(tmp_path):
     assert refused.stderr.strip().splitlines()[-1] == (
         "fluxshard run: the exact executor supports YOLO11 only (DarknetModel given); use "
         "--executor tiles or dense")
+
+
+@pytest.mark.slow
+def test_the_served_model_takes_named_weights(triton_installed, tmp_path):
+    """`fluxshard run --dispatch cloud` starts a local tritonserver whose fluxshard model gets
+    weights=yolov3-tiny (and the dense executor: the exact one runs YOLO11 only)."""
+    from fluxshard.footage import camera_stream
+
+    video = camera_stream("carphone_pristine", tmp_path / "clip", frames=5)
+    done = _cli("run", str(video), "--weights", "yolov3-tiny", "--executor", "dense",
+                "--dispatch", "cloud", "--frames", "5", "--out", str(tmp_path / "out"),
+                "--no-progress")
+    assert done.returncode == 0, done.stderr[-2000:]
+    frames = [json.loads(line) for line in
+              (tmp_path / "out" / "detections.jsonl").read_text().splitlines()]
+    assert [f["endpoint"] for f in frames] == ["cloud"] * 5
+    with_person = [f for f in frames
+                   if any(n == "person" and s >= 0.5 for n, s in zip(f["names"], f["scores"]))]
+    assert len(with_person) >= 4, [list(zip(f["names"], f["scores"])) for f in frames]
