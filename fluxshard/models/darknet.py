@@ -267,7 +267,7 @@ class YoloHead(nn.Module):
                                         indexing="ij")
             cells = torch.stack((cols, rows), -1).reshape(-1, 2)
             centres.append(cells.repeat(self.anchors_per_cell, 1))
-            strides.append(torch.full((len(cells) * self.anchors_per_cell, 1), float(s),
+            strides.append(torch.full((h * w * self.anchors_per_cell, 1), float(s),
                                       dtype=dtype, device=device))
         return torch.cat(centres), torch.cat(strides)
 
