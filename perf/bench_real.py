@@ -34,7 +34,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -301,29 +300,38 @@ def main(argv: list[str] | None = None) -> int:
                    help="the detector, as `fluxshard run --weights` (default %(default)s: a real "
                         f"COCO detector); {DEMO_WEIGHTS!r}: the embedded demo detector (synthetic "
                         "classes: its agreement on real footage means nothing; for tests)")
+    p.add_argument("--footage-dir", type=Path, default=Path("out/footage"),
+                   help="cache of the re-encoded camera streams (default out/footage)")
     p.add_argument("--out", type=Path, default=Path("out/perf"))
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     frames = args.frames or (QUICK_FRAMES if args.quick else FRAMES)
-    clips = args.clips or default_clips()
+    from fluxshard.footage import corpus_entry
+
+    try:  # a wrong name is told before the model loads
+        clips = [corpus_entry(name).stem for name in args.clips] if args.clips else default_clips()
+    except ValueError as e:
+        p.error(str(e))
+
+    from tqdm import tqdm
 
     from edge_runtime.run import edge_model
 
     weights = None if args.weights == DEMO_WEIGHTS else args.weights
     model = edge_model(weights)
     rows, series, restarts = [], {}, {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for clip in clips:
-            for variant in args.variants:
-                video = (shipped_file(clip) if variant == "as_shipped"
-                         else camera_file(clip, frames, Path(tmp)))
-                starts: list[int] = []
-                clip_rows, clip_series = run_clip(clip, variant, video, frames, model,
-                                                  not args.no_progress, starts)
-                rows += clip_rows
-                series[f"{clip} {variant}"] = clip_series
-                if starts:
-                    restarts[f"{clip} {variant}"] = starts
+    runs = [(clip, variant) for clip in clips for variant in args.variants]
+    for clip, variant in tqdm(runs, desc="bench_real", unit="clip", disable=args.no_progress,
+                              dynamic_ncols=True):
+        video = (shipped_file(clip) if variant == "as_shipped"
+                 else camera_file(clip, frames, args.footage_dir))
+        starts: list[int] = []
+        clip_rows, clip_series = run_clip(clip, variant, video, frames, model,
+                                          not args.no_progress, starts)
+        rows += clip_rows
+        series[f"{clip} {variant}"] = clip_series
+        if starts:
+            restarts[f"{clip} {variant}"] = starts
     header = dict(
         date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         machine=machine(), threads=1,

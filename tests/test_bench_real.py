@@ -35,7 +35,8 @@ def bench():
 def report(bench, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench_real")
     assert bench.main(["--quick", "--clips", CLIP, "--frames", str(FRAMES), "--out", str(out),
-                       "--weights", WEIGHTS, "--no-progress"]) == 0
+                       "--weights", WEIGHTS, "--footage-dir", str(out / "footage"),
+                       "--no-progress"]) == 0
     return json.loads((out / "bench_real.json").read_text()), out
 
 
@@ -96,6 +97,14 @@ def test_a_short_file_without_loop_is_an_error(bench, tmp_path):
     video = synth.make_clip(spec, tmp_path, name="short", progress=False).video
     with pytest.raises(RuntimeError, match="decoded to 5 frames, expected 8"):
         list(bench.decoded_frames(video, 8, loop=False, restarts=[]))
+
+
+def test_an_unknown_clip_is_refused_by_name(bench, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--clips", "no-such-clip", "--out", str(tmp_path)])
+    assert exit_.value.code == 2
+    assert "no-such-clip" in capsys.readouterr().err
+    assert not (tmp_path / "bench_real.json").exists()
 
 
 def test_late_frames_count_from_the_last_dense_frame(bench):
