@@ -261,7 +261,9 @@ def plot(series: dict, path: Path) -> None:
         top, bottom = axes[0][col], axes[1][col]
         for name in EXECUTORS:
             windows = s["windows"][name]
-            xs = [WINDOW * k + WINDOW / 2 for k, w in enumerate(windows) if w is not None]
+            n = len(s["ms"][name])  # the last window may be shorter: plot at its middle
+            xs = [(WINDOW * k + min(WINDOW * (k + 1), n)) / 2 for k, w in enumerate(windows)
+                  if w is not None]
             top.plot(xs, [w for w in windows if w is not None], "o-", color=colors[name],
                      label=name)
             bottom.plot(s["ms"][name], lw=0.8, color=colors[name], label=name)
