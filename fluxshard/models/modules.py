@@ -283,8 +283,29 @@ class Detect(nn.Module):
         # a pure memo (recomputable from the input), not stream state.
         self._anchor_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
+    anchors_per_cell = 1  # anchor-free: one box per cell and level
+
+    @property
+    def strides(self) -> tuple[int, ...]:
+        """Input pixels per cell of each level, in the order ``head_maps`` returns them."""
+        return tuple(int(s) for s in self.stride.tolist())
+
     def head_maps(self, x: list[torch.Tensor]) -> list[torch.Tensor]:
         return [torch.cat((self.cv2[i](x[i]), self.cv3[i](x[i])), 1) for i in range(self.nl)]
+
+    def relative(self, maps: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Raw maps (B, 4*reg_max + nc, h, w) -> per cell, relative to the cell: (B, 4 + nc, h, w)
+        holding the box centre's offset from the cell's centre and the box size (input
+        pixels), then the class scores. What the tile executor caches: a cell's values stay
+        right wherever the cell is carried (the head interface, fluxshard/models/families.py)."""
+        out = []
+        for m, s in zip(maps, self.strides):
+            b, _, h, w = m.shape
+            box, cls = m.reshape(b, self.no, h * w).split((self.reg_max * 4, self.nc), 1)
+            lt, rb = self.dfl(box).chunk(2, 1)
+            rel = torch.cat(((rb - lt) * (s / 2), (lt + rb) * s, cls.sigmoid()), 1)
+            out.append(rel.reshape(b, 4 + self.nc, h, w))
+        return out
 
     def forward(self, x: list[torch.Tensor]):
         maps = self.head_maps(x)

@@ -1,14 +1,22 @@
-"""The v2 tile-batched executor (../shared/DESIGN.md "The tile executor (v2 4.5)").
+"""The v2 tile-batched executor (docs/DESIGN.md, "The tile executor").
 
-Per stream it caches the detection head's outputs at strides 8/16/32, decoded relative to each
-cell. Each frame it carries them along the motion field (whole cells with their sub-cell place,
-``carry_map``), finds the critical blocks (changed against the previous frame warped by the
-field, content never seen, deferred before, detections touching those), ranks them by salience,
-takes what the budget allows, runs the rest of the frame from the cache, and computes the taken
-blocks as crops (with a halo of context) batched per size on a dense engine, writing back each
-crop's interior only. Key frames, every ``refresh_interval``-th frame and frames whose crops
-would cost more than the whole frame run dense. The output is the model's own eval output, so
-``fluxshard.models.postprocess`` applies unchanged.
+Per stream it caches the detection head's outputs at each of its strides, decoded relative to
+each cell (``head.relative``: the head interface of fluxshard/models/families.py, anchor-free
+YOLO11 and anchor-based Darknet alike). Each frame it carries them along the motion field (whole
+cells with their sub-cell place, ``carry_map``; under zoom boxes scale with the field's local
+divergence), finds the critical blocks, ranks them by salience, takes what the budget allows,
+runs the rest of the frame from the cache, and computes the taken blocks as crops (with a halo
+of context) batched per size on a dense engine, writing back each crop's interior only. Key
+frames, every ``refresh_interval``-th frame and frames whose crops would cost more than the whole
+frame run dense. The output is the model's own eval output, so ``fluxshard.models.postprocess``
+applies unchanged.
+
+Critical blocks (no drift by design): content changed since the cells cached for it were
+computed (against the reference those cells saw, carried along the field:
+``fluxshard.tiles.reference``), cells whose source left the map (misses: never deferred, never
+shown stale), content never seen (a pan's entering edge), motion boundaries (neighbouring cells
+moving apart), blocks deferred before, objects a crop found cut at its edge (grown in the next
+frame), and whole detected objects touching any of those.
 
 The result approximates dense inference (crops see a limited context; carried cells keep what
 they were computed with); accuracy is measured against dense by perf/bench_executors.py.
@@ -24,21 +32,24 @@ import numpy as np
 import torch
 
 from fluxshard.models.ops import PAD_VALUE, padded_shape
-from fluxshard.models.yolo import YOLO11
 from fluxshard.tiles import crops as C
+from fluxshard.tiles import reference as R
 from fluxshard.tiles.engine import make_engine
-from fluxshard.tiles.warp import carry_map, field_on_grid, project_boxes, warp_blocks
+from fluxshard.tiles.warp import (carry_map, field_on_grid, motion_boundaries, project_boxes,
+                                  scale_carried_boxes, warp_blocks)
 
-STRIDES = (8, 16, 32)
+STRIDES = (8, 16, 32)  # YOLO11's levels; an executor takes its model head's own (head.strides)
 
 
 @dataclass
 class TileStreamState:
     """Everything one stream keeps between frames (the executor itself holds none)."""
 
-    maps: list[torch.Tensor] | None = None  # decoded head maps relative to each cell (1, 4 + nc, H/s, W/s)
+    maps: list[torch.Tensor] | None = None  # per level, relative to each cell (1, K*(4 + nc), H/s, W/s)
     offsets: list[np.ndarray] | None = None  # per map (H/s, W/s, 2): sub-cell place of each cell's content
-    previous: np.ndarray | None = None  # the last frame (H, W, 3) uint8, for the change test
+    reference: R.Reference | None = None  # what the cached cells were computed from, carried
+    frame_shape: tuple | None = None  # (H, W, 3) of the frames this state holds
+    grow: np.ndarray | None = None  # blocks of objects a crop found cut at its edge: next frame
     age: np.ndarray | None = None  # frames since each block was last computed (padded block grid)
     deferred: np.ndarray | None = None  # critical blocks the budget pushed to a later frame
     unseen: np.ndarray | None = None  # share of each block's content never computed (edges)
@@ -99,24 +110,31 @@ class CropLatency:
 
 
 class TileExecutor:
-    """Tile-batched approximate inference of a YOLO11 detect model (see the module doc).
+    """Tile-batched approximate inference of a detect model (see the module doc).
 
-    threshold: a block is critical when its mean abs difference (grey levels) against the
-        previous frame warped by the field exceeds this (v2 4.1).
+    threshold: a block is critical when its mean abs difference (grey levels, half resolution)
+        against what its cached cells were computed from, carried along the field, exceeds
+        this (v2 4.1).
     block: critical block side (pixels, a multiple of 4 dividing 32).
     halo: context added around each crop's interior (pixels).
     budget: most input area (share, halo included) the crops of one frame may cover; further
-        critical blocks are deferred, least salient first.
+        critical blocks are deferred, least salient first (misses and grown objects never are).
     dense_above: when set, the frame runs dense if the crops for every critical block would
         cover more than this share. Unset (the default), the executor's latency table decides
         (``CropLatency``: dense when the crops would take longer than the whole frame).
     refresh_interval: a full dense refresh at the latest every this many frames (K).
     refresh_age / refresh_share: a square of ``refresh_share`` of the blocks around the oldest
         block older than ``refresh_age`` frames is recomputed with the spare budget.
+    max_age: a block whose cells were computed this many frames ago is critical (a carried cell
+        loses trust with age; None: only the refresh interval bounds it).
     unseen_share: a block whose content came from outside the previous frames (a pan's
         entering edge) is critical once this share of it was never computed.
+    boundary: neighbouring cells of the coarsest level whose mean motion differs by more than
+        this many pixels lie on a motion boundary (occlusion, objects moving apart): critical.
     whole_objects: a detection (of the last frame, moved by the field) with any critical block
         is recomputed whole.
+    grow_conf: a box scoring above this, found in this frame's crops and reaching past the
+        blocks they computed, is computed whole in the next frame (a new object seen in part).
     adaptive: learn the latency table from the executor's own clock as it runs, and let a
         stream whose tile frames take longer than its dense ones (content that changes almost
         everywhere) run dense, trying tiles again every ``probe_interval`` frames. Off, the
@@ -125,28 +143,38 @@ class TileExecutor:
     conf: class score above which a cached anchor's box counts as a detection for salience.
     """
 
-    def __init__(self, model: YOLO11, *, engine="torch", threshold: float = 8.0, block: int = 16,
+    def __init__(self, model, *, engine="torch", threshold: float = 8.0, block: int = 16,
                  halo: int = 16, budget: float = 0.45, dense_above: float | None = None,
                  refresh_interval: int = 30, refresh_age: int = 10, refresh_share: float = 0.02,
-                 unseen_share: float = 0.25, whole_objects: bool = True, adaptive: bool = False,
-                 probe_interval: int = 10, conf: float = 0.25, threads: int = 2, clock=time.perf_counter):
+                 max_age: int | None = None, unseen_share: float = 0.25, boundary: float = 8.0,
+                 whole_objects: bool = True, grow_conf: float = 0.15, adaptive: bool = False,
+                 probe_interval: int = 10, conf: float = 0.25, threads: int = 2,
+                 clock=time.perf_counter):
         if 32 % block or block % 4:
             raise ValueError(f"block must be a multiple of 4 dividing 32, got {block}")
         if not 0 < budget <= 1 or (dense_above is not None and not 0 < dense_above <= 1):
             raise ValueError("budget and dense_above are shares of the frame in (0, 1]")
         if refresh_interval < 1:
             raise ValueError(f"refresh_interval must be >= 1, got {refresh_interval}")
+        if max_age is not None and max_age < 1:
+            raise ValueError(f"max_age must be >= 1 or None, got {max_age}")
         if model.task != "detect":
             raise NotImplementedError("the tile executor handles detect models only so far")
         self.model = model
         self.head = model.head
+        self.strides = tuple(int(s) for s in self.head.strides)
+        if max(self.strides) > C.SNAP or C.SNAP % max(self.strides):
+            raise ValueError(f"head strides {self.strides}: crops snap to {C.SNAP} px, which "
+                             "must be a multiple of every stride")
+        self.anchors_per_cell = int(getattr(self.head, "anchors_per_cell", 1))
         self.engine = make_engine(model, engine, threads=threads) if isinstance(engine, str) \
             else engine
         self.threshold, self.block, self.halo = float(threshold), block, halo
         self.budget, self.dense_above = budget, dense_above
         self.refresh_interval, self.refresh_age = refresh_interval, refresh_age
-        self.refresh_share, self.conf = refresh_share, conf
+        self.refresh_share, self.conf, self.max_age = refresh_share, conf, max_age
         self.unseen_share, self.whole_objects = unseen_share, whole_objects
+        self.boundary, self.grow_conf = float(boundary), float(grow_conf)
         self.adaptive, self.probe_interval = adaptive, probe_interval
         self.clock = clock
         self.latency = CropLatency()
@@ -167,49 +195,46 @@ class TileExecutor:
         batch = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2)
         return batch.float().div_(255.0).contiguous()
 
-    def _relative(self, maps: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Raw head maps (B, 4*reg_max + nc, h, w) -> decoded per cell, relative to the cell:
-        (B, 4 + nc, h, w) with the box centre's offset from the cell's anchor and the box size in
-        pixels, and sigmoid class scores. What the cache holds: a cell's values stay right
-        wherever the cell is carried, and only computed cells are ever decoded."""
-        head, out = self.head, []
-        for m, s in zip(maps, STRIDES):
-            b, _, h, w = m.shape
-            box, cls = m.reshape(b, head.no, h * w).split((head.reg_max * 4, head.nc), 1)
-            lt, rb = head.dfl(box).chunk(2, 1)
-            rel = torch.cat(((rb - lt) * (s / 2), (lt + rb) * s, cls.sigmoid()), 1)
-            out.append(rel.reshape(b, 4 + head.nc, h, w))
-        return out
-
     def _assemble(self, maps: list[torch.Tensor], offsets: list[np.ndarray]) -> torch.Tensor:
         """The model's eval output (1, 4 + nc, A) from the relative cache: each box centre is
-        its cell's anchor plus the cell's sub-cell offset (carry_map) plus its own offset."""
-        channels = maps[0].shape[1]
-        out = torch.cat([m.reshape(channels, -1) for m in maps], 1)
-        anchors, strides = self.head.anchors_for(maps)  # (A, 2) cells, (A, 1): the model's own
-        places = anchors + torch.from_numpy(np.concatenate([o.reshape(-1, 2) for o in offsets]))
-        out[:2] += (places * strides).T
+        its cell's centre plus the cell's sub-cell offset (carry_map) plus its own offset.
+        Anchors in the head's order: level, anchor slot, cell (row-major)."""
+        k = self.anchors_per_cell
+        parts, places = [], []
+        for m, o in zip(maps, offsets):
+            c = m.shape[1] // k
+            parts.append(m.reshape(k, c, -1).transpose(0, 1).reshape(c, -1))
+            places.append(np.broadcast_to(o.reshape(1, -1, 2), (k, o.shape[0] * o.shape[1], 2))
+                          .reshape(-1, 2))
+        out = torch.cat(parts, 1)
+        centres, strides = self.head.anchors_for(maps)  # (A, 2) cells, (A, 1): the model's own
+        out[:2] += ((centres + torch.from_numpy(np.concatenate(places))) * strides).T
         return out[None]
 
-    def _confident_boxes(self, output: torch.Tensor) -> np.ndarray:
+    @staticmethod
+    def _boxes_above(output: torch.Tensor, conf: float) -> tuple[np.ndarray, np.ndarray]:
+        """xyxy boxes (N, 4) and best class scores (N,) of the anchors scoring above ``conf``."""
         scores = output[0, 4:].amax(0)
-        keep = scores > self.conf
+        keep = scores > conf
         if not bool(keep.any()):
-            return np.zeros((0, 4), np.float32)
+            return np.zeros((0, 4), np.float32), np.zeros(0, np.float32)
         xywh = output[0, :4, keep].T
         xyxy = torch.cat([xywh[:, :2] - xywh[:, 2:] / 2, xywh[:, :2] + xywh[:, 2:] / 2], 1)
-        return xyxy.numpy().astype(np.float32)
+        return xyxy.numpy().astype(np.float32), scores[keep].numpy()
 
     def _stage(self, report, name, since):
         now = self.clock()
         report.stages[name] = report.stages.get(name, 0.0) + now - since
         return now
 
-    def _finish(self, state, frame, maps, report, t0):
+    def _finish(self, state, frame, maps, report, t0, computed: np.ndarray | None):
         t = self.clock()
-        state.maps, state.previous = maps, np.array(frame, copy=True)
+        state.maps, state.frame_shape = maps, frame.shape
         out = self._assemble(maps, state.offsets)
-        state.boxes = self._confident_boxes(out)
+        boxes, scores = self._boxes_above(out, min(self.conf, self.grow_conf))
+        state.boxes = boxes[scores > self.conf]
+        state.grow = np.zeros(state.age.shape, bool) if computed is None else \
+            self._cut_objects(boxes[scores > self.grow_conf], computed, state.age.shape)
         self._stage(report, "decode", t)
         report.seconds = self.clock() - t0
         state.frames += 1
@@ -221,9 +246,21 @@ class TileExecutor:
                     else (1 - w) * last + w * report.seconds)
         return out, report
 
-    def _dense(self, state, frame, padded, grid, report, t0):
+    def _cut_objects(self, boxes: np.ndarray, computed: np.ndarray, grid) -> np.ndarray:
+        """Blocks of boxes (score above ``grow_conf``) centred in this frame's computed blocks
+        that reach past them: an object the crops saw in part, computed whole next frame."""
+        if not len(boxes) or not computed.any():
+            return np.zeros(grid, bool)
+        cx = np.clip(((boxes[:, 0] + boxes[:, 2]) / 2 // self.block).astype(np.intp), 0, grid[1] - 1)
+        cy = np.clip(((boxes[:, 1] + boxes[:, 3]) / 2 // self.block).astype(np.intp), 0, grid[0] - 1)
+        inside = computed[cy, cx]
+        if not inside.any():
+            return np.zeros(grid, bool)
+        return C.boxes_to_blocks(boxes[inside], grid, self.block) & ~computed
+
+    def _dense(self, state, frame, padded, grey, grid, report, t0):
         t = self.clock()
-        maps = self._relative(self.engine(self.batch_input([padded])))
+        maps = self.head.relative(self.engine(self.batch_input([padded])))
         self._stage(report, "engine", t)
         if self.adaptive:
             self.latency.observe(1.0, report.stages["engine"])
@@ -231,9 +268,10 @@ class TileExecutor:
         state.offsets = [np.zeros((*m.shape[2:], 2), np.float32) for m in maps]
         state.unseen = np.zeros(grid, np.float32)
         state.deferred = np.zeros(grid, bool)
+        state.reference = R.Reference.of(grey)
         state.frames_since_dense = 0
         report.dense, report.crop_area_fraction = True, 1.0
-        return self._finish(state, frame, maps, report, t0)
+        return self._finish(state, frame, maps, report, t0, None)
 
     # -- one frame -----------------------------------------------------------------------------
     def run(self, state: TileStreamState, frame: np.ndarray, field: np.ndarray | None = None, *,
@@ -255,68 +293,85 @@ class TileExecutor:
         grid = (input_hw[0] // self.block, input_hw[1] // self.block)
         padded = self.padded_frame(frame, input_hw)
         report = TileReport(key=key)
-        if (key or field is None or state.maps is None or state.previous is None
-                or state.previous.shape != frame.shape):
+        t = self.clock()
+        grey = R.grey(padded)
+        t = self._stage(report, "change", t)
+        if (key or field is None or state.maps is None or state.reference is None
+                or state.frame_shape != frame.shape):
             report.key = True
-            return self._dense(state, frame, padded, grid, report, t0)
+            return self._dense(state, frame, padded, grey, grid, report, t0)
         state.frames_since_dense += 1
         if state.frames_since_dense >= self.refresh_interval:
             report.refresh, report.refresh_fraction = True, 1.0
-            return self._dense(state, frame, padded, grid, report, t0)
+            return self._dense(state, frame, padded, grey, grid, report, t0)
         if (self.adaptive and not state.tiles_pay()
                 and state.frames_since_probe < self.probe_interval):
             # this stream's content changes too much for crops to win: dense, trying tiles
             # again every probe_interval frames
             state.frames_since_probe += 1
             report.fallback = True
-            return self._dense(state, frame, padded, grid, report, t0)
+            return self._dense(state, frame, padded, grey, grid, report, t0)
         state.frames_since_probe = 0
 
         t = self.clock()
-        # 1. warp the cached outputs; sources outside a map are misses
+        # 1. carry the cached outputs; sources outside a map are misses; boxes scale with zoom
         misses = np.zeros(grid, bool)
         maps, offsets = [], []
-        for s, m, o in zip(STRIDES, state.maps, state.offsets):
-            carried, o, miss = carry_map(m, o, field_on_grid(field, s, tuple(m.shape[2:])))
+        coarsest = None
+        for s, m, o in zip(self.strides, state.maps, state.offsets):
+            on_grid = field_on_grid(field, s, tuple(m.shape[2:]))
+            carried, o, miss = carry_map(m, o, on_grid)
+            if carried is not m:
+                scale_carried_boxes(carried, on_grid, self.anchors_per_cell)
             maps.append(carried)
             offsets.append(o)
             if miss.any():
                 misses |= _to_blocks(miss, s, self.block, grid)
+            if coarsest is None or s > coarsest[0]:
+                coarsest = (s, on_grid)
+        reference = R.carry(state.reference, field)
         t = self._stage(report, "warp", t)
-        # 2. critical blocks: changed, invalid, out of the map, deferred before
-        change, outside = C.changed_blocks(frame, state.previous, field, self.block)
-        change = C.pad_grid(change, grid, 0.0)
+        # 2. critical blocks
+        change = R.block_change(grey, R.aligned(reference), self.block)
+        outside = C.pad_grid(C.outside_share(field, h, w, self.block), grid, 0.0) \
+            if np.any(field) else np.zeros(grid, np.float32)
         # content never seen (the entering edge of a pan) accumulates until it fills a share
         # of the block: a slow pan recomputes its edge every few frames, not every frame
-        unseen = warp_blocks(state.unseen, field, self.block, 1.0) + C.pad_grid(outside, grid, 0.0)
-        misses |= unseen >= self.unseen_share
-        misses |= change > self.threshold
-        misses |= warp_blocks(state.deferred, field, self.block, True)
+        unseen = warp_blocks(state.unseen, field, self.block, 1.0) + outside
+        must = misses | (unseen >= self.unseen_share) | state.grow
+        critical = must | (change > self.threshold)
+        critical |= warp_blocks(state.deferred, field, self.block, True)
+        if self.boundary > 0 and np.any(field):
+            s, on_grid = coarsest
+            critical |= _to_blocks(motion_boundaries(on_grid * s, self.boundary), s,
+                                   self.block, grid)
+        age = warp_blocks(state.age, field, self.block, 0) + 1
+        if self.max_age is not None:
+            critical |= age >= self.max_age
         salient = C.boxes_to_blocks(project_boxes(state.boxes, field), grid, self.block)
         if self.whole_objects:
             # a detected object with any critical block is recomputed whole: a crop that cuts
             # it sees too little of it to place its box
-            misses |= C.touched_regions(salient, misses)
-        age = warp_blocks(state.age, field, self.block, 0) + 1
-        total = misses.size
-        report.critical_fraction = float(misses.mean())
+            critical |= C.touched_regions(salient, critical)
+        total = critical.size
+        report.critical_fraction = float(critical.mean())
         halo_blocks = -(-self.halo // self.block)
         t = self._stage(report, "change", t)
         # dense when crops for every critical block would cost more than the whole frame (the
         # executor's own latency table), or, when ``dense_above`` is set, cover more than that
-        every = C.plan_crops(misses, self.block, self.halo, input_hw)
+        every = C.plan_crops(critical, self.block, self.halo, input_hw)
         every_area = sum(c.h * c.w for c in every) / (input_hw[0] * input_hw[1])
         if (every_area > self.dense_above if self.dense_above is not None
                 else self.latency.dense_is_cheaper(every_area)):
-            return self._dense(state, frame, padded, grid, report, t0)
-        # 3. salience and budget
+            return self._dense(state, frame, padded, grey, grid, report, t0)
+        # 3. salience and budget: what must not be shown stale first, whatever the budget
         budget_blocks = int(self.budget * total)
-        order = C.salience_order(misses, salient, age, change)
-        if C.halo_area(misses, halo_blocks) > budget_blocks:
-            taken = C.take_within_budget(order, grid, halo_blocks, budget_blocks)
+        if C.halo_area(critical, halo_blocks) > budget_blocks:
+            order = C.salience_order(critical & ~must, salient, age, change)
+            taken = C.take_within_budget(order, grid, halo_blocks, budget_blocks, start=must)
         else:
-            taken = misses.copy()
-        deferred = misses & ~taken
+            taken = critical.copy()
+        deferred = critical & ~taken
         # 4. freshness: a square around the oldest block rides along while the budget has room
         # (one compact crop; scattered old blocks would each pay a whole halo)
         stale = (age >= self.refresh_age) & ~taken
@@ -332,8 +387,8 @@ class TileExecutor:
             with_refresh = C.take_within_budget(order, grid, halo_blocks, budget_blocks, start=taken)
             refreshed = with_refresh & ~taken
             taken = with_refresh
-        # 5. crops, batched per size; each crop's interior goes into the warped cache
-        plan = every if np.array_equal(taken, misses) else \
+        # 5. crops, batched per size; each crop's interior goes into the carried cache
+        plan = every if np.array_equal(taken, critical) else \
             C.plan_crops(taken, self.block, self.halo, input_hw)
         plan = C.unify_shapes(plan, input_hw)
         t = self._stage(report, "plan", t)
@@ -341,31 +396,33 @@ class TileExecutor:
         for crop in plan:
             by_size.setdefault((crop.h, crop.w), []).append(crop)
         area = 0
+        computed = np.zeros(grid, bool)
         for (ch, cw), group in by_size.items():
             batch = self.batch_input([padded[c.y0:c.y0 + ch, c.x0:c.x0 + cw] for c in group])
-            outs = self._relative(self.engine(batch))
+            outs = self.head.relative(self.engine(batch))
             for b, c in enumerate(group):
                 iy0, ix0, iy1, ix1 = c.interior
-                for s, full, out, offset in zip(STRIDES, maps, outs, offsets):
+                for s, full, out, offset in zip(self.strides, maps, outs, offsets):
                     r0, r1 = iy0 // s, -(-iy1 // s)
                     q0, q1 = ix0 // s, -(-ix1 // s)
                     full[0, :, r0:r1, q0:q1] = out[b, :, r0 - c.y0 // s:r1 - c.y0 // s,
                                                    q0 - c.x0 // s:q1 - c.x0 // s]
                     offset[r0:r1, q0:q1] = 0.0
-                done = (slice(iy0 // self.block, -(-iy1 // self.block)),
-                        slice(ix0 // self.block, -(-ix1 // self.block)))
-                age[done], unseen[done] = 0, 0.0
+                computed[iy0 // self.block:-(-iy1 // self.block),
+                         ix0 // self.block:-(-ix1 // self.block)] = True
             area += len(group) * ch * cw
+        age[computed], unseen[computed] = 0, 0.0
+        R.refresh(reference, grey, computed, self.block)
         self._stage(report, "engine", t)
         if area and self.adaptive:
             self.latency.observe(area / (input_hw[0] * input_hw[1]), report.stages["engine"])
-        state.age, state.deferred, state.unseen = age, deferred, unseen
-        state.offsets = offsets
+        state.age, state.deferred, state.unseen = age, deferred & ~computed, unseen
+        state.offsets, state.reference = offsets, reference
         report.crops = len(plan)
         report.crop_area_fraction = area / (input_hw[0] * input_hw[1])
-        report.deferred_fraction = float(deferred.mean())
+        report.deferred_fraction = float(state.deferred.mean())
         report.refresh_fraction = float(refreshed.mean())
-        return self._finish(state, frame, maps, report, t0)
+        return self._finish(state, frame, maps, report, t0, computed)
 
 
 def _to_blocks(mask: np.ndarray, stride: int, block: int, grid: tuple[int, int]) -> np.ndarray:

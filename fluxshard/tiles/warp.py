@@ -111,3 +111,48 @@ def project_boxes(boxes: np.ndarray, field: np.ndarray) -> np.ndarray:
     cy = np.clip(((boxes[:, 1] + boxes[:, 3]) / 2 / MV_BLOCK).astype(np.int64), 0, f.shape[0] - 1)
     d = f[cy, cx]
     return boxes - np.concatenate([d, d], axis=1)
+
+
+ZOOM_DEADBAND = 0.004  # relative scale changes below this are codec noise, not zoom
+
+
+def scale_carried_boxes(carried: torch.Tensor, field_grid: np.ndarray, anchors_per_cell: int = 1
+                        ) -> None:
+    """Under zoom a carried cell's box grows or shrinks with the field: a backward field whose
+    x component changes by g per cell (its local divergence along x) maps content of width w
+    to w / (1 + g). Scales each anchor slot's centre offset and size of ``carried`` (1,
+    K*(4 + nc), h, w), in place, from the field in grid units smoothed over 3x3 cells."""
+    h, w = field_grid.shape[:2]
+    if h < 2 or w < 2:
+        return
+    gx = cv2.blur(np.gradient(field_grid[..., 0], axis=1), (3, 3))
+    gy = cv2.blur(np.gradient(field_grid[..., 1], axis=0), (3, 3))
+    zx = 1.0 / np.clip(1.0 + gx, 0.5, 2.0)
+    zy = 1.0 / np.clip(1.0 + gy, 0.5, 2.0)
+    zx[np.abs(zx - 1.0) < ZOOM_DEADBAND] = 1.0
+    zy[np.abs(zy - 1.0) < ZOOM_DEADBAND] = 1.0
+    if (zx == 1.0).all() and (zy == 1.0).all():
+        return
+    per_slot = carried.shape[1] // anchors_per_cell
+    tx, ty = torch.from_numpy(zx.astype(np.float32)), torch.from_numpy(zy.astype(np.float32))
+    for k in range(anchors_per_cell):
+        base = k * per_slot
+        carried[0, base + 0] *= tx  # centre offset x, then y, then width, height
+        carried[0, base + 1] *= ty
+        carried[0, base + 2] *= tx
+        carried[0, base + 3] *= ty
+
+
+def motion_boundaries(field_px: np.ndarray, threshold: float) -> np.ndarray:
+    """(h, w) bool: cells whose mean vector (pixels) differs from a 4-neighbour's by more than
+    ``threshold``: where content moves apart or one object passes another, a carried cell's
+    receptive field mixes both and its value is no longer either's."""
+    d = np.asarray(field_px, np.float32)
+    out = np.zeros(d.shape[:2], bool)
+    dx = np.hypot(*(d[:, 1:] - d[:, :-1]).transpose(2, 0, 1)) > threshold
+    dy = np.hypot(*(d[1:] - d[:-1]).transpose(2, 0, 1)) > threshold
+    out[:, 1:] |= dx
+    out[:, :-1] |= dx
+    out[1:] |= dy
+    out[:-1] |= dy
+    return out

@@ -1,0 +1,143 @@
+"""What the cached cells were computed from, carried along the motion field.
+
+The tile executor's change test compares each frame with this reference, not with the previous
+frame: content that changes a little every frame (a slow fade, a slowly entering object, light)
+never differs much from one frame to the next, yet it drifts away from what the cached cells
+saw, so only the difference against what they saw accumulates to the threshold. Noise does not
+accumulate: the reference is the picture itself, not a running sum of differences.
+
+The reference is grey at half resolution (the change test needs the block means of the
+difference, and half resolution keeps codec noise and sub-pixel misalignment of fine texture
+from reading as change, at a quarter of the cost). It moves by whole pixels per motion block and
+keeps each block's sub-pixel remainder apart (``offset``), like the cached cells keep their
+sub-cell place: warping it bilinearly every frame would blur a moving reference further each
+frame until texture read as change. Comparing samples it once, bilinearly, at that remainder.
+Backward fields as everywhere (docs/CONVENTIONS.md, "Motion fields").
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from fluxshard.motion.field import MV_BLOCK
+
+SCALE = 2  # input pixels per reference pixel
+CELL = MV_BLOCK // SCALE  # reference pixels per motion block
+
+
+def grey(frame: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 RGB, H and W even -> (H/2, W/2) uint8 grey (area mean)."""
+    g = cv2.cvtColor(np.ascontiguousarray(frame), cv2.COLOR_RGB2GRAY)
+    return cv2.resize(g, (g.shape[1] // SCALE, g.shape[0] // SCALE), interpolation=cv2.INTER_AREA)
+
+
+@dataclass
+class Reference:
+    """The mosaic the cached cells were computed from, in the current frame's place.
+
+    image: (H/2, W/2) uint8 grey. offset: (H/4, W/4, 2) float32 per motion block, x then y, in
+    reference pixels: the content for block n lies at n + offset[n] in ``image``."""
+
+    image: np.ndarray
+    offset: np.ndarray
+
+    @classmethod
+    def of(cls, grey_image: np.ndarray) -> "Reference":
+        h, w = grey_image.shape
+        return cls(grey_image.copy(), np.zeros((h // CELL, w // CELL, 2), np.float32))
+
+    @property
+    def blocks_shape(self) -> tuple[int, int]:
+        return self.offset.shape[:2]
+
+
+@functools.lru_cache(maxsize=8)
+def _pixel_grid(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    xs = np.broadcast_to(np.arange(w, dtype=np.float32)[None, :], (h, w))
+    ys = np.broadcast_to(np.arange(h, dtype=np.float32)[:, None], (h, w))
+    return xs, ys
+
+
+@functools.lru_cache(maxsize=8)
+def _block_grid(hb: int, wb: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.mgrid[0:hb, 0:wb].astype(np.float32)
+
+
+def field_on_blocks(field: np.ndarray, blocks_shape: tuple[int, int]) -> np.ndarray:
+    """The field (per motion block, input pixels) cut or zero-padded to ``blocks_shape`` (the
+    padded input's block grid: the padding is static grey), in reference pixels."""
+    field = np.asarray(field, np.float32)
+    hb, wb = blocks_shape
+    if field.shape[:2] != (hb, wb):
+        padded = np.zeros((hb, wb, 2), np.float32)
+        fh, fw = min(field.shape[0], hb), min(field.shape[1], wb)
+        padded[:fh, :fw] = field[:fh, :fw]
+        field = padded
+    return field * (1.0 / SCALE)
+
+
+def _per_pixel(block_values: np.ndarray) -> np.ndarray:
+    """(hb, wb, 2) per block -> (hb*CELL, wb*CELL, 2) per reference pixel (each block's value)."""
+    return np.repeat(np.repeat(block_values, CELL, 0), CELL, 1)
+
+
+def carry(ref: Reference, field: np.ndarray) -> Reference:
+    """``ref`` moved to the current frame by the backward ``field`` (motion blocks, input
+    pixels): each block takes the content whose source its vector points at, whole pixels
+    moved, the sub-pixel remainder kept in ``offset`` (composed with the remainder the source
+    block had)."""
+    d = field_on_blocks(field, ref.blocks_shape)
+    if not d.any():
+        return ref
+    hb, wb = ref.blocks_shape
+    by, bx = _block_grid(hb, wb)
+    # the remainder of the block the source lands on travels with its content
+    sy = np.clip(np.floor(by + 0.5 + d[..., 1] / CELL), 0, hb - 1).astype(np.intp)
+    sx = np.clip(np.floor(bx + 0.5 + d[..., 0] / CELL), 0, wb - 1).astype(np.intp)
+    total = d + ref.offset[sy, sx]
+    whole = np.floor(total + 0.5)
+    h, w = ref.image.shape
+    xs, ys = _pixel_grid(h, w)
+    shift = _per_pixel(whole)
+    image = cv2.remap(ref.image, xs + shift[..., 0], ys + shift[..., 1], cv2.INTER_NEAREST,
+                      borderMode=cv2.BORDER_REPLICATE)
+    return Reference(image, (total - whole).astype(np.float32))
+
+
+def aligned(ref: Reference) -> np.ndarray:
+    """The reference sampled at each block's sub-pixel place: (H/2, W/2) uint8, comparable
+    pixel by pixel with the current frame's :func:`grey`."""
+    if not ref.offset.any():
+        return ref.image
+    h, w = ref.image.shape
+    xs, ys = _pixel_grid(h, w)
+    frac = _per_pixel(ref.offset)
+    return cv2.remap(ref.image, xs + frac[..., 0], ys + frac[..., 1], cv2.INTER_LINEAR,
+                     borderMode=cv2.BORDER_REPLICATE)
+
+
+def block_change(current: np.ndarray, reference: np.ndarray, block: int) -> np.ndarray:
+    """Mean |current - reference| in grey levels over each ``block``-pixel (input pixels) block
+    of the half-resolution images, (H/block, W/block) float32. Integer sums: no float copy of
+    the image."""
+    side = block // SCALE
+    diff = cv2.absdiff(current, reference)
+    h, w = diff.shape
+    sums = diff.reshape(h // side, side, w // side, side).sum((1, 3), dtype=np.uint32)
+    return sums.astype(np.float32) * (1.0 / (side * side))
+
+
+def refresh(ref: Reference, current: np.ndarray, blocks: np.ndarray, block: int) -> None:
+    """The cells of ``blocks`` (a ``block``-pixel grid) were computed from ``current``: their
+    reference becomes it, in place."""
+    if not blocks.any():
+        return
+    side = block // SCALE
+    pixels = np.repeat(np.repeat(blocks, side, 0), side, 1)
+    ref.image[pixels] = current[pixels]
+    per_block = block // MV_BLOCK
+    ref.offset[np.repeat(np.repeat(blocks, per_block, 0), per_block, 1)] = 0.0
