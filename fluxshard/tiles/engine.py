@@ -23,10 +23,11 @@ ENGINE_KINDS = ("torch", "onnxruntime", "tensorrt")
 
 
 def raw_head_maps(model: YOLO11, x: torch.Tensor) -> list[torch.Tensor]:
-    """The head's raw maps [(B, 4*reg_max + nc, H/s, W/s) for s in 8, 16, 32] of ``x``."""
+    """The head's raw maps [(B, head.no, H/s, W/s) for s in head.strides] of ``x``."""
     head = model.head  # the head interface: fluxshard/models/families.py
     if model.task != "detect":
         raise NotImplementedError("the tile executor caches detect heads only (seg: not built yet)")
+    # (the head's maps in its own level order: model.head.strides)
     y: list[torch.Tensor | None] = []
     for m in model.model:
         if m.f != -1:
@@ -47,21 +48,28 @@ class _RawMaps(nn.Module):
         return tuple(raw_head_maps(self.model, x))
 
 
-RAW_MAP_OUTPUTS = ("maps8", "maps16", "maps32")
+RAW_MAP_OUTPUTS = ("maps8", "maps16", "maps32")  # YOLO11's (raw_map_outputs(model) in general)
+
+
+def raw_map_outputs(model) -> tuple[str, ...]:
+    """The raw-maps graph's output names, one per head level in the head's order: ``maps<stride>``
+    (YOLO11: maps8, maps16, maps32; YOLOv3-tiny: maps32, maps16)."""
+    return tuple(f"maps{int(s)}" for s in model.head.strides)
 
 
 def export_raw_maps_onnx(model: YOLO11, path: str | Path) -> Path:
     """The model up to the head's raw maps as ONNX (opset 17) with a dynamic batch, height and
-    width: input ``images`` (B, 3, H, W), outputs ``maps8/16/32``. One file serves every crop
-    bucket on onnxruntime and is what TensorRT builds its crop-bucket profiles from."""
+    width: input ``images`` (B, 3, H, W), outputs ``raw_map_outputs(model)``. One file serves
+    every crop bucket on onnxruntime and is what TensorRT builds its crop-bucket profiles from."""
     path = Path(path)
     m = _RawMaps(copy.deepcopy(model).float().cpu().eval())
+    outputs = raw_map_outputs(model)
     dynamic = {"images": {0: "batch", 2: "height", 3: "width"}}
-    dynamic.update({o: {0: "batch", 2: f"h_{o}", 3: f"w_{o}"} for o in RAW_MAP_OUTPUTS})
+    dynamic.update({o: {0: "batch", 2: f"h_{o}", 3: f"w_{o}"} for o in outputs})
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer notices about shape checks: shapes are dynamic
         torch.onnx.export(m, (torch.zeros(1, 3, 128, 128),), str(path), input_names=["images"],
-                          output_names=list(RAW_MAP_OUTPUTS), dynamic_axes=dynamic,
+                          output_names=list(outputs), dynamic_axes=dynamic,
                           opset_version=17, dynamo=False, do_constant_folding=True)
     return path
 
@@ -97,7 +105,7 @@ class OnnxMapsEngine:
             self._build(model, threads, Path(workdir))
 
     def _build(self, model: YOLO11, threads: int, wd: Path) -> None:
-        self.path = export_raw_maps_onnx(model, wd / f"yolo11{model.scale}-raw-maps-dynamic.onnx")
+        self.path = export_raw_maps_onnx(model, wd / f"{type(model).__name__.lower()}-{model.scale}-raw-maps-dynamic.onnx")
         self.session = onnxruntime_session(self.path, threads=threads)
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
