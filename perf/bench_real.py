@@ -50,7 +50,7 @@ LATE = range(20, 30)  # frames after a dense frame of the tiles run that agreeme
 BOOKKEEPING_STAGES = ("warp", "change", "plan")  # TileReport stages besides engine and decode
 DEFAULT_WEIGHTS = "yolov3-tiny"
 DEMO_WEIGHTS = "demo"
-ROW_FIELDS = ("clip", "variant", "executor", "frames", "ms_mean", "ms_p50", "ms_p90",
+ROW_FIELDS = ("clip", "split", "variant", "executor", "frames", "ms_mean", "ms_p50", "ms_p90",
               "speedup_mean_vs_dense", "agreement", "agreement_worst_window", "agreement_late",
               "crop_area_mean", "dense_frame_fraction", "motion_path", "bookkeeping_ms_mean",
               "decode_ms_mean")
@@ -193,6 +193,7 @@ def run_clip(clip: str, variant: str, video: Path, frames: int, model, progress:
     """Both executors on the same decoded frames of ``video``: rows and per-frame series."""
     from edge_runtime.run import edge_only_stream
     from fluxshard.accuracy import box_agreement
+    from fluxshard.footage import clip_split
 
     streams = {name: edge_only_stream(name, str(video), model) for name in EXECUTORS}
     frames_iter = decoded_frames(video, frames, loop=variant == "as_shipped", restarts=restarts)
@@ -207,7 +208,7 @@ def run_clip(clip: str, variant: str, video: Path, frames: int, model, progress:
         windows = agree.windows(WINDOW)
         defined = [w for w in windows if w is not None]
         rows.append(dict(
-            clip=clip, variant=variant, executor=name, frames=len(r.ms),
+            clip=clip, split=clip_split(clip), variant=variant, executor=name, frames=len(r.ms),
             **r.timing(runs["dense"]), agreement=agree.value,
             agreement_worst_window=min(defined) if defined else None,
             agreement_late=agree.over(late), crop_area_mean=float(np.mean(r.crop)),
