@@ -3,8 +3,8 @@
 Per stream it caches the detection head's outputs at each of its strides, decoded relative to
 each cell (``head.relative``: the head interface of fluxshard/models/families.py, anchor-free
 YOLO11 and anchor-based Darknet alike). Each frame it carries them along the motion field (whole
-cells with their sub-cell place, ``carry_map``; under zoom boxes scale with the field's local
-divergence), finds the critical blocks, ranks them by salience, takes what the budget allows,
+cells with their sub-cell place, ``carry_maps``; under the camera's zoom, fitted to the field,
+carried boxes scale with it), finds the critical blocks, ranks them by salience, takes what the budget allows,
 runs the rest of the frame from the cache, and computes the taken blocks as crops (with a halo
 of context) batched per size on a dense engine, writing back each crop's interior only. Key
 frames, every ``refresh_interval``-th frame and frames whose crops would cost more than the whole
@@ -35,8 +35,9 @@ from fluxshard.models.ops import PAD_VALUE, padded_shape
 from fluxshard.tiles import crops as C
 from fluxshard.tiles import reference as R
 from fluxshard.tiles.engine import make_engine
-from fluxshard.tiles.warp import (carry_map, field_on_grid, motion_boundaries, project_boxes,
-                                  scale_carried_boxes, warp_blocks)
+from fluxshard.tiles.warp import (block_sources, camera_zoom, carry_blocks, carry_maps,
+                                  field_on_grid, motion_boundaries, project_boxes,
+                                  scale_carried_boxes)
 
 STRIDES = (8, 16, 32)  # YOLO11's levels; an executor takes its model head's own (head.strides)
 
@@ -317,18 +318,18 @@ class TileExecutor:
         # 1. carry the cached outputs; sources outside a map are misses; boxes scale with zoom
         misses = np.zeros(grid, bool)
         maps, offsets = [], []
-        coarsest = None
-        for s, m, o in zip(self.strides, state.maps, state.offsets):
-            on_grid = field_on_grid(field, s, tuple(m.shape[2:]))
-            carried, o, miss = carry_map(m, o, on_grid)
-            if carried is not m:
-                scale_carried_boxes(carried, on_grid, self.anchors_per_cell)
+        on_grids = [field_on_grid(field, s, tuple(m.shape[2:]))
+                    for s, m in zip(self.strides, state.maps)]
+        carried_levels = carry_maps(state.maps, state.offsets, on_grids)
+        zoom = camera_zoom(field)
+        for s, m, (carried, o, miss) in zip(self.strides, state.maps, carried_levels):
+            if zoom is not None and carried is not m:
+                scale_carried_boxes(carried, zoom, self.anchors_per_cell)
             maps.append(carried)
             offsets.append(o)
             if miss.any():
                 misses |= _to_blocks(miss, s, self.block, grid)
-            if coarsest is None or s > coarsest[0]:
-                coarsest = (s, on_grid)
+        coarsest = max(zip(self.strides, on_grids), key=lambda level: level[0])
         reference = R.carry(state.reference, field)
         t = self._stage(report, "warp", t)
         # 2. critical blocks
@@ -337,15 +338,16 @@ class TileExecutor:
             if np.any(field) else np.zeros(grid, np.float32)
         # content never seen (the entering edge of a pan) accumulates until it fills a share
         # of the block: a slow pan recomputes its edge every few frames, not every frame
-        unseen = warp_blocks(state.unseen, field, self.block, 1.0) + outside
+        sources = block_sources(field, grid, self.block)
+        unseen = carry_blocks(state.unseen, sources, 1.0) + outside
         must = misses | (unseen >= self.unseen_share) | state.grow
         critical = must | (change > self.threshold)
-        critical |= warp_blocks(state.deferred, field, self.block, True)
+        critical |= carry_blocks(state.deferred, sources, True)
         if self.boundary > 0 and np.any(field):
             s, on_grid = coarsest
             critical |= _to_blocks(motion_boundaries(on_grid * s, self.boundary), s,
                                    self.block, grid)
-        age = warp_blocks(state.age, field, self.block, 0) + 1
+        age = carry_blocks(state.age, sources, 0) + 1
         if self.max_age is not None:
             critical |= age >= self.max_age
         salient = C.boxes_to_blocks(project_boxes(state.boxes, field), grid, self.block)
@@ -358,9 +360,10 @@ class TileExecutor:
         halo_blocks = -(-self.halo // self.block)
         t = self._stage(report, "change", t)
         # dense when crops for every critical block would cost more than the whole frame (the
-        # executor's own latency table), or, when ``dense_above`` is set, cover more than that
-        every = C.plan_crops(critical, self.block, self.halo, input_hw)
-        every_area = sum(c.h * c.w for c in every) / (input_hw[0] * input_hw[1])
+        # executor's own latency table), or, when ``dense_above`` is set, cover more than that;
+        # their area estimated from the blocks grown by the halo and one block more for the
+        # snapping to 32 px, so the crops are planned once, for what is taken
+        every_area = C.halo_area(critical, halo_blocks + 1) / total
         if (every_area > self.dense_above if self.dense_above is not None
                 else self.latency.dense_is_cheaper(every_area)):
             return self._dense(state, frame, padded, grey, grid, report, t0)
@@ -388,9 +391,7 @@ class TileExecutor:
             refreshed = with_refresh & ~taken
             taken = with_refresh
         # 5. crops, batched per size; each crop's interior goes into the carried cache
-        plan = every if np.array_equal(taken, critical) else \
-            C.plan_crops(taken, self.block, self.halo, input_hw)
-        plan = C.unify_shapes(plan, input_hw)
+        plan = C.unify_shapes(C.plan_crops(taken, self.block, self.halo, input_hw), input_hw)
         t = self._stage(report, "plan", t)
         by_size: dict[tuple[int, int], list[C.Crop]] = {}
         for crop in plan:

@@ -82,7 +82,8 @@ def field_on_blocks(field: np.ndarray, blocks_shape: tuple[int, int]) -> np.ndar
 
 def _per_pixel(block_values: np.ndarray) -> np.ndarray:
     """(hb, wb, 2) per block -> (hb*CELL, wb*CELL, 2) per reference pixel (each block's value)."""
-    return np.repeat(np.repeat(block_values, CELL, 0), CELL, 1)
+    hb, wb = block_values.shape[:2]
+    return cv2.resize(block_values, (wb * CELL, hb * CELL), interpolation=cv2.INTER_NEAREST)
 
 
 def carry(ref: Reference, field: np.ndarray) -> Reference:
@@ -96,9 +97,11 @@ def carry(ref: Reference, field: np.ndarray) -> Reference:
     hb, wb = ref.blocks_shape
     by, bx = _block_grid(hb, wb)
     # the remainder of the block the source lands on travels with its content
-    sy = np.clip(np.floor(by + 0.5 + d[..., 1] / CELL), 0, hb - 1).astype(np.intp)
-    sx = np.clip(np.floor(bx + 0.5 + d[..., 0] / CELL), 0, wb - 1).astype(np.intp)
-    total = d + ref.offset[sy, sx]
+    total = d
+    if ref.offset.any():
+        sy = np.clip(np.floor(by + 0.5 + d[..., 1] / CELL), 0, hb - 1).astype(np.intp)
+        sx = np.clip(np.floor(bx + 0.5 + d[..., 0] / CELL), 0, wb - 1).astype(np.intp)
+        total = d + ref.offset.reshape(-1, 2)[(sy * wb + sx).ravel()].reshape(hb, wb, 2)
     whole = np.floor(total + 0.5)
     h, w = ref.image.shape
     xs, ys = _pixel_grid(h, w)

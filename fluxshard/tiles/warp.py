@@ -82,10 +82,73 @@ def carry_map(cache: torch.Tensor, offset: np.ndarray, field_grid: np.ndarray
     return carried, moved.astype(np.float32), miss
 
 
-def warp_blocks(values: np.ndarray, field: np.ndarray, block: int, fill) -> np.ndarray:
-    """Carry a per-block array (age, deferred flags) along the field: each block takes the value
-    of the block its centre came from (nearest); blocks whose source is outside get ``fill``."""
-    hb, wb = values.shape
+@functools.lru_cache(maxsize=16)
+def _level_tables(shapes: tuple[tuple[int, int], ...]):
+    """Per cell of every level, concatenated: row, column (float32), the level's height and
+    width, and the flat index of the level's first cell (cached per grid shapes)."""
+    ys, xs, hs, ws, base = [], [], [], [], []
+    start = 0
+    for h, w in shapes:
+        y, x = _cell_grid(h, w)
+        ys.append(y.ravel()), xs.append(x.ravel())
+        hs.append(np.full(h * w, h, np.int32)), ws.append(np.full(h * w, w, np.int32))
+        base.append(np.full(h * w, start, np.int64))
+        start += h * w
+    return tuple(np.concatenate(a) for a in (ys, xs, hs, ws, base))
+
+
+def carry_maps(caches: list[torch.Tensor], offsets: list[np.ndarray],
+               field_grids: list[np.ndarray]):
+    """:func:`carry_map` for every level of the head at once (one nearest-cell search over all
+    levels' cells): returns per level (map, offset, miss)."""
+    if not any(f.any() for f in field_grids) and not any(o.any() for o in offsets):
+        return [(c, o, np.zeros(o.shape[:2], bool)) for c, o in zip(caches, offsets)]
+    shapes = tuple(tuple(o.shape[:2]) for o in offsets)
+    ys, xs, hs, ws, base = _level_tables(shapes)
+    f = np.concatenate([g.reshape(-1, 2) for g in field_grids])
+    off = np.concatenate([o.reshape(-1, 2) for o in offsets])
+    # only cells that move or hold moved content search; the rest keep their own content (a
+    # still camera's background: most of the map)
+    n_cells = len(xs)
+    index = np.arange(n_cells, dtype=np.int64)
+    moved = np.zeros((n_cells, 2), np.float32)
+    miss = np.zeros(n_cells, bool)
+    active = np.flatnonzero(f.any(1) | off.any(1))
+    xs, ys, hs, ws, base, f = xs[active], ys[active], hs[active], ws[active], base[active], f[active]
+    qx, qy = xs + f[:, 0], ys + f[:, 1]
+    out_of_map = (qx < -0.5) | (qx > ws - 0.5) | (qy < -0.5) | (qy > hs - 0.5)
+    # the old cell whose content lies nearest the source, among the 3x3 around it (see
+    # carry_map)
+    cy = np.floor(qy + 0.5).astype(np.int64)
+    cx = np.floor(qx + 0.5).astype(np.int64)
+    ty = np.clip(cy[None] + _NEIGHBOURS[:, 0, None], 0, hs - 1)  # (9, N)
+    tx = np.clip(cx[None] + _NEIGHBOURS[:, 1, None], 0, ws - 1)
+    flat = base + ty * ws + tx
+    ex = tx + off[flat, 0] - qx
+    ey = ty + off[flat, 1] - qy
+    pick = np.argmin(ex * ex + ey * ey, axis=0)  # first minimum: the centre on ties
+    cells = np.arange(len(active))
+    index[active] = flat[pick, cells]
+    found = np.stack([ex[pick, cells], ey[pick, cells]], -1)
+    found[out_of_map] = 0.0
+    moved[active] = found
+    miss[active] = out_of_map
+    out, start = [], 0
+    for cache, (h, w) in zip(caches, shapes):
+        n, c = h * w, cache.shape[1]
+        local = torch.from_numpy(index[start:start + n] - start)
+        carried = cache.reshape(c, n).index_select(1, local).reshape(1, c, h, w)
+        out.append((carried, moved[start:start + n].reshape(h, w, 2),
+                    miss[start:start + n].reshape(h, w)))
+        start += n
+    return out
+
+
+def block_sources(field: np.ndarray, grid: tuple[int, int], block: int):
+    """Where each ``block``-pixel block's content came from (the block its centre's vector
+    points at): (rows, cols, inside) for :func:`carry_blocks`, computed once per frame for
+    every per-block array."""
+    hb, wb = grid
     k = block // MV_BLOCK
     f = np.asarray(field, np.float32)
     cy = np.minimum(np.arange(hb) * k + k // 2, f.shape[0] - 1)
@@ -94,9 +157,22 @@ def warp_blocks(values: np.ndarray, field: np.ndarray, block: int, fill) -> np.n
     sy = np.floor(np.arange(hb)[:, None] + d[..., 1] / block + 0.5).astype(np.int64)
     sx = np.floor(np.arange(wb)[None, :] + d[..., 0] / block + 0.5).astype(np.int64)
     inside = (sy >= 0) & (sy < hb) & (sx >= 0) & (sx < wb)
+    return sy[inside], sx[inside], inside
+
+
+def carry_blocks(values: np.ndarray, sources, fill) -> np.ndarray:
+    """A per-block array (age, deferred flags) carried to the current frame: each block takes
+    the value of its source block (:func:`block_sources`); blocks whose source is outside get
+    ``fill``."""
+    sy, sx, inside = sources
     out = np.full_like(values, fill)
-    out[inside] = values[sy[inside], sx[inside]]
+    out[inside] = values[sy, sx]
     return out
+
+
+def warp_blocks(values: np.ndarray, field: np.ndarray, block: int, fill) -> np.ndarray:
+    """Carry a per-block array along the field (see :func:`block_sources`)."""
+    return carry_blocks(values, block_sources(field, values.shape, block), fill)
 
 
 def project_boxes(boxes: np.ndarray, field: np.ndarray) -> np.ndarray:
@@ -113,34 +189,49 @@ def project_boxes(boxes: np.ndarray, field: np.ndarray) -> np.ndarray:
     return boxes - np.concatenate([d, d], axis=1)
 
 
-ZOOM_DEADBAND = 0.004  # relative scale changes below this are codec noise, not zoom
+ZOOM_DEADBAND = 0.002  # relative scale changes below this are codec noise, not zoom
+ZOOM_MIN_FIT = 0.5  # share of the field's variance a zoom must explain to count as one
 
 
-def scale_carried_boxes(carried: torch.Tensor, field_grid: np.ndarray, anchors_per_cell: int = 1
-                        ) -> None:
-    """Under zoom a carried cell's box grows or shrinks with the field: a backward field whose
-    x component changes by g per cell (its local divergence along x) maps content of width w
-    to w / (1 + g). Scales each anchor slot's centre offset and size of ``carried`` (1,
-    K*(4 + nc), h, w), in place, from the field in grid units smoothed over 3x3 cells."""
-    h, w = field_grid.shape[:2]
-    if h < 2 or w < 2:
-        return
-    gx = cv2.blur(np.gradient(field_grid[..., 0], axis=1), (3, 3))
-    gy = cv2.blur(np.gradient(field_grid[..., 1], axis=0), (3, 3))
-    zx = 1.0 / np.clip(1.0 + gx, 0.5, 2.0)
-    zy = 1.0 / np.clip(1.0 + gy, 0.5, 2.0)
-    zx[np.abs(zx - 1.0) < ZOOM_DEADBAND] = 1.0
-    zy[np.abs(zy - 1.0) < ZOOM_DEADBAND] = 1.0
-    if (zx == 1.0).all() and (zy == 1.0).all():
-        return
+def camera_zoom(field: np.ndarray) -> tuple[float, float] | None:
+    """The camera's zoom between two frames from the backward field (motion blocks, pixels),
+    as the scale (x, y) content grew by, or None when the field is no zoom. A zoom by z about
+    any centre makes each component linear in position with slope 1/z - 1; fitted over the
+    whole field (a zoom is the camera's, field-wide), and taken only where that line explains
+    most of the component's variance: the edges of a moving object have steep local slopes
+    that are no zoom, and scaling the boxes there would shrink them."""
+    f = np.asarray(field, np.float32)
+    hb, wb = f.shape[:2]
+    if hb < 4 or wb < 4 or not f.any():
+        return None
+    scales = []
+    for axis, n in ((1, wb), (0, hb)):  # x varies along columns, y along rows
+        comp = f[..., 1 - axis]
+        pos = np.arange(n, dtype=np.float32) * MV_BLOCK
+        pos = pos - pos.mean()
+        mean_along = comp.mean(axis=1 - axis)  # mean over the other axis: one value per position
+        slope = float((pos * mean_along).sum() / (pos * pos).sum())
+        fitted = np.expand_dims(slope * pos, 1 - axis)
+        total = float(((comp - comp.mean()) ** 2).sum())
+        residual = float(((comp - comp.mean() - fitted) ** 2).sum())
+        if total <= 0 or residual > (1 - ZOOM_MIN_FIT) * total or abs(slope) < ZOOM_DEADBAND:
+            return None
+        scales.append(1.0 / (1.0 + slope))
+    zx, zy = scales
+    return (zx, zy) if 0.5 <= zx <= 2 and 0.5 <= zy <= 2 else None
+
+
+def scale_carried_boxes(carried: torch.Tensor, zoom: tuple[float, float],
+                        anchors_per_cell: int = 1) -> None:
+    """Under zoom a carried cell's box grows with the content: scale each anchor slot's centre
+    offset and size of ``carried`` (1, K*(4 + nc), h, w) by ``zoom`` (:func:`camera_zoom`), in
+    place."""
+    zx, zy = zoom
     per_slot = carried.shape[1] // anchors_per_cell
-    tx, ty = torch.from_numpy(zx.astype(np.float32)), torch.from_numpy(zy.astype(np.float32))
     for k in range(anchors_per_cell):
         base = k * per_slot
-        carried[0, base + 0] *= tx  # centre offset x, then y, then width, height
-        carried[0, base + 1] *= ty
-        carried[0, base + 2] *= tx
-        carried[0, base + 3] *= ty
+        carried[0, base:base + 4:2] *= zx  # centre offset x and width
+        carried[0, base + 1:base + 4:2] *= zy  # centre offset y and height
 
 
 def motion_boundaries(field_px: np.ndarray, threshold: float) -> np.ndarray:
