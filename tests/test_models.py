@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
 
 import numpy as np
 import pytest
@@ -398,25 +397,6 @@ def test_bad_checkpoints_raise_clear_errors(tmp_path, yolo_n):
         load_model(sd)
     with pytest.raises(CheckpointError, match="fused"):
         save_checkpoint(fuse(copy.deepcopy(yolo_n)), tmp_path / "fused.pt")
-
-
-def test_pickled_ultralytics_model_needs_ultralytics(tmp_path, monkeypatch):
-    """A .pt pickling an ultralytics class: without ultralytics, the error says how to convert."""
-    import importlib.util
-    if importlib.util.find_spec("ultralytics") is not None:
-        pytest.skip("ultralytics is installed: the missing-package path cannot be exercised")
-    pkg = tmp_path / "fake_site" / "ultralytics"
-    pkg.mkdir(parents=True)
-    (pkg / "__init__.py").write_text("")
-    (pkg / "tasks.py").write_text("class DetectionModel:\n    pass\n")
-    monkeypatch.syspath_prepend(str(tmp_path / "fake_site"))
-    from ultralytics.tasks import DetectionModel  # the fake stand-in, only to pickle a reference
-    torch.save({"model": DetectionModel(), "epoch": -1}, tmp_path / "yolo11n.pt")
-    for name in [n for n in sys.modules if n.split(".")[0] == "ultralytics"]:
-        monkeypatch.delitem(sys.modules, name)
-    monkeypatch.setattr(sys, "path", [p for p in sys.path if "fake_site" not in p])
-    with pytest.raises(CheckpointError, match=r"torch.save\(YOLO\("):
-        load_model(tmp_path / "yolo11n.pt")
 
 
 def test_default_weights_missing_is_a_clear_error(monkeypatch, tmp_path):

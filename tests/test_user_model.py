@@ -91,7 +91,7 @@ def test_run_with_our_checkpoint_labels_detections_with_its_names(tmp_path, clip
 def test_run_with_an_ultralytics_state_dict_of_seven_classes(tmp_path, clip, capsys):
     model = user_model(SEVEN_NAMES, seed=1, confident=5)
     weights = tmp_path / "sd.pt"
-    # what CONVERT_HINT tells ultralytics users to save
+    # an ultralytics state dict saved with its class names
     torch.save({"model": model.state_dict(), "names": dict(model.names)}, weights)
     out = tmp_path / "run"
     code, printed = run_verb(["run", clip, "--weights", weights, "--dispatch", "edge",

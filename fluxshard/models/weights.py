@@ -7,8 +7,10 @@ Accepted sources for :func:`load_model`:
   * a plain state dict whose keys a family recognises, e.g. ultralytics key names (scale, task
     and class count read from shapes);
   * an ultralytics-style checkpoint dict whose 'model' (or 'ema') entry is such a state dict;
-  * an ultralytics ``.pt`` holding a pickled model object: needs ultralytics importable; without it
-    a clear error says how to convert it once on a machine that has ultralytics;
+  * an ultralytics ``.pt`` as it is (``yolo11n.pt``, ``yolo11s-seg.pt``, a trained ``best.pt``),
+    holding a pickled model object: read without ultralytics and without running code from the
+    file (``ultralytics_checkpoint.py``: allow-listed globals become inert records; any other
+    global is refused in one line naming it);
   * ``None``: the embedded demo weights ``fluxshard/weights/yolo11n-detect-demo.pt``;
   * a registered name of pretrained weights (``families.named_weights``; ``"yolov3-tiny"``),
     fetched into the cache on first use;
@@ -25,18 +27,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import ultralytics_checkpoint
 from .families import (CheckpointError, ModelFamily, families, family_for_file, family_for_format,
                        family_for_state_dict, family_matching, family_names, family_of,
                        named_weights_for)
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "yolo11n-detect-demo.pt"
 
-CONVERT_HINT = ("convert it once where ultralytics is installed:\n"
-                "    from ultralytics import YOLO\n"
-                "    m = YOLO('{path}').model\n"
-                "    torch.save({{'model': m.float().state_dict(), 'names': m.names}}, 'sd.pt')\n"
-                "(or simply torch.save(YOLO('{path}').model.state_dict(), 'sd.pt')) and load "
-                "'sd.pt' instead")
+CONVERT_HINT = ("ultralytics .pt files load as they are for YOLO11 detect and segment models of "
+                "every scale (yolo11n.pt ... yolo11x-seg.pt, or a trained best.pt); for another "
+                "architecture export ONNX where ultralytics is installed (yolo export "
+                "model={path} format=onnx) and use `fluxshard export --onnx`")
 
 
 def save_checkpoint(model: nn.Module, path: str | os.PathLike, **meta) -> Path:
@@ -95,31 +96,24 @@ def model_from_state_dict(sd: dict[str, torch.Tensor], names: dict | list | None
     return model
 
 
-def _pickles_ultralytics(path: Path) -> bool:
-    """Whether a torch zip checkpoint pickles ultralytics classes (read without unpickling)."""
+def _model_from_ultralytics_file(path: Path) -> nn.Module:
+    """A torch file that ``weights_only`` refuses: an ultralytics ``.pt`` (pickled model
+    object), read with the allow-list of ``ultralytics_checkpoint``."""
+    ckpt = ultralytics_checkpoint.read_checkpoint(path)
+    record = ultralytics_checkpoint.model_record(ckpt)
+    if record is None:  # state dicts beside values weights_only refuses (numpy scalars ...)
+        return model_from_object(ckpt, str(path))
+    sd, names, task = ultralytics_checkpoint.read_model(record, str(path))
     try:
-        with zipfile.ZipFile(path) as zf:
-            pkl = next((n for n in zf.namelist() if n.endswith("data.pkl")), None)
-            return pkl is not None and b"ultralytics" in zf.read(pkl)
-    except (zipfile.BadZipFile, OSError):
-        return False
-
-
-def _load_ultralytics_object(path: Path) -> nn.Module:
-    try:
-        import ultralytics  # noqa: F401
-    except ImportError:
-        raise CheckpointError(
-            f"{path} is an ultralytics checkpoint holding a pickled model object, which needs the "
-            f"ultralytics package to unpickle (not installed here); "
-            + CONVERT_HINT.format(path=path)) from None
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    obj = ckpt
-    if isinstance(ckpt, dict):  # ultralytics keeps the EMA weights (the ones to use) in 'ema'
-        obj = ckpt.get("ema") if ckpt.get("ema") is not None else ckpt.get("model")
-    if obj is None or not hasattr(obj, "state_dict"):
-        raise CheckpointError(f"{path}: ultralytics checkpoint without a model object")
-    return model_from_state_dict(obj.float().state_dict(), getattr(obj, "names", None))
+        model = model_from_state_dict(sd, names)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: an ultralytics {record.class_name} that is no model of "
+                              f"a registered family: {e}; " + CONVERT_HINT.format(path=path)
+                              ) from None
+    if model.task != task:
+        raise CheckpointError(f"{path}: its head is a {task} head but its tensors make a "
+                              f"{model.task} model")
+    return model
 
 
 def model_from_object(ckpt, origin: str = "checkpoint") -> nn.Module:
@@ -195,9 +189,9 @@ def _load_torch_file(path: Path) -> nn.Module:
     """Our checkpoint or an ultralytics file (any accepted layout) at ``path``."""
     try:  # weights_only: never run code from a file; tensors and plain containers only
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt file, foreign pickle, not a torch file at all
-        if _pickles_ultralytics(path):
-            return _load_ultralytics_object(path)
-        raise CheckpointError(f"cannot read {path} as a torch checkpoint: "
-                              f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+    except Exception as e:  # corrupt file, not a torch file at all, or a pickled model object
+        if not zipfile.is_zipfile(path):
+            raise CheckpointError(f"cannot read {path} as a torch checkpoint: "
+                                  f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+        return _model_from_ultralytics_file(path)
     return model_from_object(ckpt, str(path))

@@ -19,9 +19,12 @@ EDGE_EXECUTORS = ("exact", "tiles", "dense")  # fluxshard.sessions.EXECUTORS
 
 # ----------------------------------------------------------------------------- model and weights
 
-WEIGHTS_HELP = ("the detector: our checkpoint, an ultralytics state dict or converted .pt; class "
-                "names and count come from it, and a local tritonserver serves it too (default: "
-                "embedded demo detector)")
+# what every verb's --weights reads (fluxshard.models.weights.load_model)
+WEIGHTS_SOURCES = ("an ultralytics YOLO11 .pt as it is (yolo11n.pt ... yolo11x-seg.pt, a trained "
+                   "best.pt; read without ultralytics, never running code from the file), our "
+                   "checkpoint or a state dict")
+WEIGHTS_HELP = (f"the detector: {WEIGHTS_SOURCES}; class names and count come from it, and a "
+                "local tritonserver serves it too (default: embedded demo detector)")
 
 
 # every verb's --weights takes named pretrained weights (fluxshard.models.families.named_weights)

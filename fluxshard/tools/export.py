@@ -33,7 +33,7 @@ from fluxshard.tools import args as shared
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    shared.add_weights(p, help="checkpoint, ultralytics state dict or converted .pt; with "
+    shared.add_weights(p, help=f"{shared.WEIGHTS_SOURCES}; with "
                                "--onnx: the weights it was exported from, for the torch check of "
                                "--verify (default: embedded demo detector, unless --onnx)")
     p.add_argument("--onnx", type=cli_common.existing_file, default=None, metavar="MODEL.onnx",

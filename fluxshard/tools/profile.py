@@ -202,8 +202,8 @@ def _add_latency_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--out", type=Path, default=DEFAULT_PROFILE_PATH, help="JSON file to write")
     shared.add_size(p, help="frame size the tables are measured at")
-    shared.add_weights(p, help="detector to profile: our checkpoint, an ultralytics state dict "
-                               "or converted .pt (default: embedded demo detector)")
+    shared.add_weights(p, help=f"detector to profile: {shared.WEIGHTS_SOURCES} "
+                               "(default: embedded demo detector)")
     p.add_argument("--fractions", type=cli_common.fraction, nargs="+",
                    default=list(DEFAULT_FRACTIONS),
                    help="active residual-block fractions to measure")

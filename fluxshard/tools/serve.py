@@ -28,8 +28,8 @@ def register(subparsers) -> None:
     p.add_argument("--metrics-port", type=port, default=8002, help="Prometheus metrics port")
     p.add_argument("--model-config-name", default=None,
                    help="config variant: 'gpu' loads <model>/configs/gpu.pbtxt (GPU / Jetson)")
-    shared.add_weights(p, help="detector the models serve: our checkpoint, an ultralytics state "
-                               "dict or converted .pt (default: embedded demo detector)")
+    shared.add_weights(p, help=f"detector the models serve: {shared.WEIGHTS_SOURCES} "
+                               "(default: embedded demo detector)")
     shared.add_executor(p, default=None,
                         help="the fluxshard model's compute: exact (sparse executor), tiles "
                              "(v2 tile executor, detect models only) or dense (default: the "
