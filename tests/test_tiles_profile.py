@@ -1,7 +1,9 @@
 """`fluxshard profile accuracy --executor tiles`: the tile executor's knobs per motion level
-(fluxshard.tiles.profile). Tiny clips (320x192, a few frames) and tiny grids with the embedded
-demo detector; timings come from an injected clock, so nothing here depends on the machine's
-speed."""
+(fluxshard.tiles.profile), tuned on synthetic seeds and the tuning half of the real corpus
+(fluxshard.footage.TUNING_CLIPS). Tiny clips (320x192, a few frames) and tiny grids with the
+embedded demo detector; real clips: a few frames of a camera stream with yolov3-tiny (the cache
+scripts/install.sh fills). Synthetic timings come from an injected clock; nothing here asserts a
+time."""
 
 from __future__ import annotations
 
@@ -106,11 +108,13 @@ def test_sweep_rows_every_setting_per_level_and_picks_by_the_rule(swept):
         rows = [r for r in swept.sweep if r["level"] == level["name"]]
         assert sorted(r["settings"]["threshold"] for r in rows) == [4, 8]
         for r in rows:
-            assert r["frames"] == 3  # the non-key frames of the 4-frame clip
+            assert r["frames"] == 4  # every frame counts, the key frame too
             assert 0 < r["crop_area_fraction"] <= 1
             # the step clock: each executor frame and each dense frame spans whole steps
             assert r["tiles_ms"] > 0 and r["dense_ms"] > 0
             assert r["speedup"] == pytest.approx(r["dense_ms"] / r["tiles_ms"])
+            # no real clip tuned it: the level's rows are the synthetic ones
+            assert r["agreement"] is None and r["real_clips"] == [] and r["real_ms_ratio"] is None
             assert r["dense_map50"] > 0  # the demo detector finds the synthetic objects
             assert r["map50_ratio"] == pytest.approx(r["map50"] / r["dense_map50"])
         row, meets = choose_setting(rows)
@@ -121,6 +125,10 @@ def test_sweep_rows_every_setting_per_level_and_picks_by_the_rule(swept):
     assert high["motion_max"] == float("inf")
     assert swept.size == [320, 192] and swept.model["weights"] == "embedded demo detector"
     assert swept.executor["best_dense"] in ("fused_channels_last", "onnxruntime")
+    synthetic = swept.tuned_on["synthetic"]
+    assert set(synthetic["seeds"]) == {"low", "high"} and synthetic["frames"] == 4
+    assert synthetic["seeds"]["low"] != synthetic["seeds"]["high"]
+    assert swept.tuned_on["real"]["clips"] == [] and swept.real_sweep == []
 
 
 def test_the_table_round_trips_and_picks_by_motion(swept, tmp_path):
@@ -216,14 +224,16 @@ def test_cli_writes_the_table_and_the_plot(tmp_path, capsys):
     out = tmp_path / "profile"
     rc = main(["profile", "accuracy", "--executor", "tiles", "--frames", "3", "--size", "320",
                "192", "--thresholds", "6", "--halos", "32", "--refresh-intervals", "30",
-               "--out", str(out)])
+               "--budgets", "0.45", "--synthetic-only", "--out", str(out)])
     assert rc == 0
     table = TilesTable.load(out / TABLE_NAME)
     assert (out / PLOT_NAME).stat().st_size > 0
     assert [lv["settings"] for lv in table.levels] == \
-        [dict(threshold=6.0, halo=32, refresh_interval=30)] * len(MOTION_LEVELS)
+        [dict(threshold=6.0, halo=32, refresh_interval=30, budget=0.45)] * len(MOTION_LEVELS)
+    assert table.model["weights"] == "embedded demo detector"
     printed = capsys.readouterr().out
-    assert "chosen setting" in printed and "threshold=6.0 halo=32 refresh_interval=30" in printed
+    assert "chosen setting" in printed
+    assert "threshold=6.0 halo=32 refresh_interval=30 budget=0.45" in printed
 
 
 def test_cli_help_names_the_module_grids():
@@ -236,7 +246,7 @@ def test_cli_help_names_the_module_grids():
                and "accuracy" in a.choices).choices["accuracy"]
     helps = {a.dest: a.help for a in sub._actions}
     for dest, knob in (("thresholds", "threshold"), ("halos", "halo"),
-                       ("refresh_intervals", "refresh_interval")):
+                       ("refresh_intervals", "refresh_interval"), ("budgets", "budget")):
         assert f"default {' '.join(map(str, DEFAULT_GRID[knob]))}" in helps[dest]
         if QUICK_GRID[knob] != DEFAULT_GRID[knob]:
             assert f"--quick {' '.join(map(str, QUICK_GRID[knob]))}" in helps[dest]
@@ -258,3 +268,160 @@ def test_run_executor_tiles_takes_the_tiles_table(swept, tmp_path):
                str(tmp_path / "exact"), "--dispatch", "edge", "--no-progress", "--tiles-table",
                str(table)])
     assert rc == 1 and not (tmp_path / "exact").exists()
+
+
+# ------------------------------------------------------------------- the real tuning clips
+
+def test_the_corpus_split_is_disjoint_and_covers_the_corpus():
+    from fluxshard import footage
+
+    tuning, heldout = set(footage.TUNING_CLIPS), set(footage.HELDOUT_CLIPS)
+    assert not tuning & heldout
+    assert tuning | heldout == set(footage.CORPUS_NAMES)
+    assert len(footage.TUNING_CLIPS) == len(tuning) and len(footage.HELDOUT_CLIPS) == len(heldout)
+    assert {"vtest.avi", "carphone_pristine.mp4"} <= heldout
+    assert {"bikes.mp4", "box.mp4", "tree.avi", "bigbuckbunny.mp4"} <= tuning
+    # each half holds a still camera and a moving one
+    for half in (tuning, heldout):
+        cameras = {footage.corpus_entry(name).camera for name in half}
+        assert "static" in cameras and cameras - {"static"}, half
+    assert footage.clip_split("vtest") == "heldout" and footage.clip_split("bikes.mp4") == "tuning"
+    with pytest.raises(ValueError, match="unknown packaged clip"):
+        footage.clip_split("nope")
+
+
+@pytest.fixture(scope="module")
+def real_detector():
+    from fluxshard.models import load_model
+
+    return load_model("yolov3-tiny", fused=True)
+
+
+@pytest.fixture(scope="module")
+def bikes_stream(tmp_path_factory):
+    from fluxshard.footage import camera_stream
+
+    return camera_stream("bikes", tmp_path_factory.mktemp("footage"), frames=20)
+
+
+def test_real_clip_scoring_pairs_every_setting_with_dense_frame_by_frame(real_detector,
+                                                                         bikes_stream):
+    """A refresh every frame (K=1) runs the same frames dense: it must agree with dense on
+    every confident box; K=30 runs dense on the key frame alone."""
+    from fluxshard.tiles.profile import AGREEMENT_WINDOW, score_real_clip
+
+    frames = 20
+    scored = score_real_clip(real_detector, bikes_stream, [dict(refresh_interval=1),
+                                                           dict(refresh_interval=30)],
+                             name="bikes", frames=frames, adaptive=False)
+    assert scored["clip"] == "bikes" and scored["frames"] == frames
+    assert scored["size"] == [640, 272]
+    assert scored["motion"] > 0  # the pan
+    every, once = scored["rows"]
+    assert every["settings"] == dict(refresh_interval=1) and once["settings"] == \
+        dict(refresh_interval=30)
+    for row in (every, once):
+        assert row["source"] == "real" and row["clip"] == "bikes" and row["frames"] == frames
+        assert row["agreement_count"] > 0  # yolov3-tiny finds the street's bikes and cars
+        assert row["agreement"] == row["agreement_found"] / row["agreement_count"]
+        # the worst window of a pooled share is at most the share
+        assert row["agreement_worst_window"] <= row["agreement"]
+        assert row["ms_ratio"] == pytest.approx(row["tiles_ms"] / row["dense_ms"])
+    assert every["agreement"] == 1.0 and every["dense_share"] == 1.0
+    assert every["crop_area_fraction"] == 1.0
+    assert once["dense_share"] == pytest.approx(1 / frames)
+    assert 0 < once["crop_area_fraction"] < 1
+    assert AGREEMENT_WINDOW == 30
+    with pytest.raises(ValueError, match="no settings"):
+        score_real_clip(real_detector, bikes_stream, [])
+
+
+def _synthetic(threshold, map50_ratio=1.0, map50_95_ratio=1.0, ms_ratio=0.5):
+    return dict(_row("low", threshold, map50_ratio, map50_95_ratio, ms_ratio), source="synthetic")
+
+
+def _real(threshold, clip, found, count, worst, ms_ratio):
+    return dict(source="real", clip=clip, level="low", settings=dict(threshold=threshold),
+                agreement=found / count if count else None, agreement_found=found,
+                agreement_count=count, agreement_worst_window=worst, ms_ratio=ms_ratio)
+
+
+def test_the_rule_with_real_rows():
+    from fluxshard.tiles.profile import choose_setting, level_rows
+
+    synthetic = [_synthetic(4, ms_ratio=0.9), _synthetic(8, ms_ratio=0.5),
+                 _synthetic(12, ms_ratio=0.3), _synthetic(16, ms_ratio=0.2)]
+    real = [
+        # threshold 4: keeps everything, the slowest
+        _real(4, "bikes", 99, 100, 0.98, 0.8), _real(4, "box", 10, 10, 1.0, 0.6),
+        # threshold 8: both clips keep it
+        _real(8, "bikes", 98, 100, 0.96, 0.5), _real(8, "box", 10, 10, 1.0, 0.4),
+        # threshold 12: pooled agreement 0.973, but one window of bikes falls to 0.9
+        _real(12, "bikes", 97, 100, 0.90, 0.3), _real(12, "box", 10, 10, 1.0, 0.3),
+        # threshold 16: each clip's windows hold, but pooled agreement is 96 / 110
+        _real(16, "bikes", 90, 100, 0.96, 0.2), _real(16, "box", 6, 10, 0.96, 0.2),
+        # another level's clip never counts here
+        dict(_real(8, "tree", 0, 10, 0.0, 0.1), level="high")]
+    rows = level_rows(synthetic, [r for r in real if r["level"] == "low"])
+    by = {r["settings"]["threshold"]: r for r in rows}
+    assert by[16]["agreement"] == pytest.approx(96 / 110)  # pooled over frames, not averaged
+    assert by[12]["agreement_worst_window"] == 0.90  # the worst window of any clip
+    assert by[8]["real_clips"] == ["bikes", "box"]
+    # the ms ratio: the mean over the level's clips, synthetic and real alike
+    assert by[8]["ms_ratio"] == pytest.approx((0.5 + 0.5 + 0.4) / 3)
+    assert by[8]["real_ms_ratio"] == pytest.approx(0.45)
+    assert by[8]["synthetic_ms_ratio"] == 0.5
+    assert by[8]["speedup"] == pytest.approx(1 / by[8]["ms_ratio"])
+    row, meets = choose_setting(rows)
+    assert meets and row["settings"] == dict(threshold=8)
+    # the floors are arguments: without the window floor, threshold 12 is the fastest kept
+    row, meets = choose_setting(rows, min_worst_window=0.0)
+    assert meets and row["settings"] == dict(threshold=12)
+    # synthetic mAP still counts: threshold 8 losing mAP@0.5 leaves threshold 4
+    synthetic[1] = _synthetic(8, map50_ratio=0.98, ms_ratio=0.5)
+    row, meets = choose_setting(level_rows(synthetic, real[:8]))
+    assert meets and row["settings"] == dict(threshold=4)
+    # none keeps agreement: the most accurate on the real clips, said so
+    worse = [dict(r, agreement_found=r["agreement_found"] - 5) for r in real[:8]]
+    row, meets = choose_setting(level_rows(synthetic, worse))
+    assert not meets and row["settings"] == dict(threshold=4)
+
+
+def test_cli_tunes_on_a_real_clip_and_names_what_tuned_it(tmp_path, capsys):
+    from fluxshard.cli import main
+    from fluxshard.footage import HELDOUT_CLIPS
+    from fluxshard.tiles.profile import TABLE_NAME, TilesTable
+
+    out = tmp_path / "profile"
+    rc = main(["profile", "accuracy", "--executor", "tiles", "--frames", "3", "--size", "320",
+               "192", "--thresholds", "6", "10", "--halos", "32", "--refresh-intervals", "30",
+               "--budgets", "0.45", "--clips", "bikes", "--real-frames", "8", "--footage-dir",
+               str(tmp_path / "footage"), "--out", str(out)])
+    assert rc == 0
+    table = TilesTable.load(out / TABLE_NAME)
+    assert table.model["weights"] == "yolov3-tiny" and table.model["nc"] == 80
+    assert table.tuned_on["synthetic"]["weights"] == "embedded demo detector"
+    (clip,) = table.tuned_on["real"]["clips"]
+    assert clip["clip"] == "bikes" and clip["frames"] == 8
+    assert clip["level"] in [lv["name"] for lv in table.levels]
+    assert table.tuned_on["heldout_clips"] == list(HELDOUT_CLIPS)
+    assert len(table.real_sweep) == 2 and {r["clip"] for r in table.real_sweep} == {"bikes"}
+    # the clip's rows join the level its motion falls in, and only that one
+    level = next(lv for lv in table.levels if lv["name"] == clip["level"])
+    assert level["real_clips"] == ["bikes"]
+    assert all(lv["real_clips"] == [] for lv in table.levels if lv is not level)
+    printed = capsys.readouterr().out
+    assert "bikes" in printed and "held out (perf/bench_real.py): vtest" in printed
+
+
+def test_cli_refuses_a_held_out_clip_before_anything_loads(tmp_path, capsys):
+    from fluxshard.cli import main
+
+    out = tmp_path / "profile"
+    rc = main(["profile", "accuracy", "--executor", "tiles", "--clips", "bikes", "vtest",
+               "--footage-dir", str(tmp_path / "footage"), "--out", str(out)])
+    assert rc == 1
+    assert "vtest: held out for perf/bench_real.py" in capsys.readouterr().err
+    assert not (tmp_path / "footage").exists() and not (out / "tiles_table.json").exists()
+    rc = main(["profile", "accuracy", "--executor", "tiles", "--clips", "nope", "--out", str(out)])
+    assert rc == 1 and "unknown packaged clip 'nope'" in capsys.readouterr().err

@@ -256,7 +256,10 @@ def add_accuracy_arguments(p: argparse.ArgumentParser) -> None:
     from fluxshard.tau import METRICS, tau_argument
     from fluxshard.truncation import DEFAULT_TAUS
 
-    shared.add_weights(p, help="checkpoint (default: embedded demo detector)")
+    shared.add_weights(p, help="checkpoint (default: embedded demo detector; --executor tiles: "
+                               "the detector of the real tuning clips, default yolov3-tiny, "
+                               "while the synthetic seeds run the demo detector, whose classes "
+                               "they draw; with --synthetic-only the synthetic seeds' detector)")
     p.add_argument("--alpha", type=cli_common.positive_float, default=0.99,
                    help="a tau is feasible while its accuracy stays >= alpha x dense accuracy")
     p.add_argument("--metric", choices=METRICS, default=METRICS[0],
@@ -269,7 +272,8 @@ def add_accuracy_arguments(p: argparse.ArgumentParser) -> None:
                              "or tiles (the tile executor's knobs per motion level, the tiles "
                              "table; fluxshard.tiles.profile)")
     p.add_argument("--frames", type=cli_common.positive_int, default=None,
-                   help="frames per held-out clip (default 30; tiles: 60, --quick 30)")
+                   help="frames per held-out synthetic clip (default 30; tiles: 60, --quick "
+                        "30)")
     p.add_argument("--clips-per-level", type=cli_common.positive_int, default=1,
                    help="held-out synthetic clips per motion level")
     shared.add_size(p, help="clip size")
@@ -285,21 +289,40 @@ def add_accuracy_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adaptive", action="store_true",
                    help="also bypass reusable frames while the dense runner measures faster")
     p.add_argument("--quick", action="store_true",
-                   help="4 taus, 12 frames, 320x192 (tiles: a 2x2x2 knob grid, 30 frames, at "
-                        "--size)")
+                   help="4 taus, 12 frames, 320x192 (tiles: a 3x2x2x2 knob grid, 30 synthetic "
+                        "frames at --size, 60 frames per real clip)")
     # --executor tiles (fluxshard.tiles.profile; its grids are named here, not imported: the
     # tiles package imports torch, and a bad argument is refused before anything heavy loads)
     p.add_argument("--thresholds", type=cli_common.positive_float, nargs="+", default=None,
-                   help="tiles: change thresholds to sweep, grey levels (default 4 6 8; --quick "
-                        "4 8)")
+                   help="tiles: change thresholds to sweep, grey levels (default 4 6 10 16; "
+                        "--quick 6 10 16)")
     p.add_argument("--halos", type=cli_common.nonnegative_int, nargs="+", default=None,
-                   help="tiles: crop halos to sweep, pixels (default 16 32 48; --quick 16 32)")
+                   help="tiles: crop halos to sweep, pixels (default 16 32)")
     p.add_argument("--refresh-intervals", type=cli_common.positive_int, nargs="+", default=None,
-                   help="tiles: full dense refresh intervals K to sweep, frames (default 15 30)")
+                   help="tiles: full dense refresh intervals K to sweep, frames (default 15 30 "
+                        "60; --quick 30 60)")
+    p.add_argument("--budgets", type=cli_common.fraction, nargs="+", default=None,
+                   help="tiles: crop budgets to sweep, shares of the frame in (0, 1] (default "
+                        "0.3 0.5)")
+    p.add_argument("--clips", nargs="+", default=None, metavar="CLIP",
+                   help="tiles: real tuning clips, as camera streams (default: all of "
+                        "fluxshard.footage.TUNING_CLIPS: bikes box tree bigbuckbunny; the "
+                        "held-out half is refused)")
+    p.add_argument("--synthetic-only", action="store_true",
+                   help="tiles: tune on the synthetic seeds alone (no real clips)")
+    p.add_argument("--real-frames", type=cli_common.positive_int, default=None,
+                   help="tiles: frames per real clip (default 150, --quick 60; a longer stream "
+                        "than the clip plays it ping-pong)")
+    p.add_argument("--footage-dir", type=Path, default=Path("out/footage"),
+                   help="tiles: cache of the re-encoded camera streams (default out/footage)")
     p.add_argument("--min-map50-ratio", type=cli_common.fraction, default=0.99,
                    help="tiles: a setting keeps accuracy while its mAP@0.5 / dense stays >= this")
     p.add_argument("--min-map50-95-ratio", type=cli_common.fraction, default=0.97,
                    help="tiles: ... and its mAP@0.5:0.95 / dense stays >= this")
+    p.add_argument("--min-agreement", type=cli_common.fraction, default=0.97,
+                   help="tiles: ... and its agreement with dense on the level's real clips")
+    p.add_argument("--min-worst-window", type=cli_common.fraction, default=0.95,
+                   help="tiles: ... and its agreement over the worst 30-frame window")
 
 
 def run_accuracy(args: argparse.Namespace) -> int:
@@ -342,24 +365,67 @@ def run_accuracy(args: argparse.Namespace) -> int:
     return 0
 
 
+def tuning_clips(args: argparse.Namespace) -> list[str]:
+    """The real clips --clips names (stems; default every tuning clip), none with
+    --synthetic-only. Raises ValueError for an unknown or held-out clip."""
+    from fluxshard import footage
+
+    if getattr(args, "synthetic_only", False):
+        if getattr(args, "clips", None):
+            raise ValueError("--clips names real clips; --synthetic-only tunes on none")
+        return []
+    names = getattr(args, "clips", None) or footage.TUNING_CLIPS
+    clips = [footage.corpus_entry(name) for name in names]
+    held_out = [c.stem for c in clips if c.name in footage.HELDOUT_CLIPS]
+    if held_out:
+        raise ValueError(f"{', '.join(held_out)}: held out for perf/bench_real.py "
+                         "(fluxshard.footage.HELDOUT_CLIPS); tune on "
+                         f"{', '.join(footage.corpus_entry(n).stem for n in footage.TUNING_CLIPS)}")
+    return list(dict.fromkeys(c.stem for c in clips))
+
+
 def run_tiles_accuracy(args) -> int:
     """`fluxshard profile accuracy --executor tiles`: sweep, print, write table and plot."""
-    from fluxshard.models import load_model
-    from fluxshard.tiles.profile import (DEFAULT_FRAMES, PLOT_NAME, QUICK_FRAMES, TABLE_NAME,
-                                         plot_tiles_table, print_tiles_table, sweep_tiles)
+    from fluxshard.tiles.profile import (DEFAULT_FRAMES, PLOT_NAME, QUICK_FRAMES,
+                                         QUICK_REAL_FRAMES, REAL_DETECTOR, REAL_FRAMES,
+                                         TABLE_NAME, plot_tiles_table, print_tiles_table,
+                                         sweep_tiles)
 
+    what = "fluxshard profile accuracy --executor tiles"
     frames = args.frames or (QUICK_FRAMES if args.quick else DEFAULT_FRAMES)
+    real_frames = getattr(args, "real_frames", None) or (QUICK_REAL_FRAMES if args.quick
+                                                         else REAL_FRAMES)
+    try:  # a wrong clip name is told before anything loads
+        clips = tuning_clips(args)
+    except ValueError as e:
+        print(f"{what}: {e}", file=sys.stderr)
+        return 1
     t0 = time.perf_counter()
     try:
-        model = load_model(args.weights, fused=True)
+        from fluxshard import footage
+        from fluxshard.models import load_model
+
+        # real clips: --weights is their detector; the synthetic seeds keep the demo detector
+        real_weights = (args.weights or REAL_DETECTOR) if clips else None
+        synthetic_weights = None if clips else args.weights
+        model = load_model(synthetic_weights, fused=True)
+        real_model = load_model(real_weights, fused=True) if clips else None
+        videos = {name: footage.camera_stream(name, args.footage_dir, frames=real_frames,
+                                              progress=not getattr(args, "no_progress", False))
+                  for name in clips}
         table = sweep_tiles(model, grid=tiles_grid(args), frames=frames, width=args.size[0],
                             height=args.size[1], clips_per_level=args.clips_per_level,
                             threads=getattr(args, "threads", None) or 2,
                             min_map50_ratio=args.min_map50_ratio,
-                            min_map50_95_ratio=args.min_map50_95_ratio, weights=args.weights,
-                            progress=not getattr(args, "no_progress", False))
+                            min_map50_95_ratio=args.min_map50_95_ratio,
+                            weights=synthetic_weights,
+                            progress=not getattr(args, "no_progress", False),
+                            real_clips=videos, real_model=real_model, real_weights=real_weights,
+                            real_frames=real_frames,
+                            min_agreement=getattr(args, "min_agreement", 0.97),
+                            min_worst_window=getattr(args, "min_worst_window", 0.95))
     except (ValueError, RuntimeError, FileNotFoundError, NotImplementedError) as e:
-        print(f"fluxshard profile accuracy --executor tiles: {e}", file=sys.stderr)
+        print(f"{what}: {e}", file=sys.stderr)
         return 1
     out = Path(args.out)
     table_path = table.save(out / TABLE_NAME)
@@ -370,14 +436,15 @@ def run_tiles_accuracy(args) -> int:
 
 
 def tiles_grid(args: argparse.Namespace) -> dict:
-    """The knob grid --thresholds/--halos/--refresh-intervals ask for, the rest from --quick's
-    or the default grid."""
+    """The knob grid --thresholds/--halos/--refresh-intervals/--budgets ask for, the rest from
+    --quick's or the default grid."""
     from fluxshard.tiles.profile import DEFAULT_GRID, QUICK_GRID
 
     base = QUICK_GRID if args.quick else DEFAULT_GRID
     return {"threshold": tuple(args.thresholds or base["threshold"]),
             "halo": tuple(args.halos or base["halo"]),
-            "refresh_interval": tuple(args.refresh_intervals or base["refresh_interval"])}
+            "refresh_interval": tuple(args.refresh_intervals or base["refresh_interval"]),
+            "budget": tuple(getattr(args, "budgets", None) or base["budget"])}
 
 
 # sub-verb -> (help, add arguments, run). A sub-verb whose module cannot be imported reports that
