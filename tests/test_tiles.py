@@ -56,6 +56,60 @@ def test_whole_frame_crop_equals_dense(model, wide_frame):
     assert torch.allclose(out[:, 4:], dense[:, 4:], atol=1e-4)
 
 
+def anchor_index(levels, level, row, col):
+    """Index in the head's anchor order (level, then row-major cell) of cell (row, col) of
+    ``level``; ``levels`` lists each level's (stride, rows, cols)."""
+    start = sum(r * c for _, r, c in levels[:level])
+    return start + row * levels[level][2] + col
+
+
+def test_a_crop_inside_the_frame_writes_back_what_dense_gives_on_its_pixels(model, wide_frame):
+    """One crop, away from the origin and smaller than the frame: each interior cell the crop
+    wrote back holds what the dense model gives on the crop's own pixels, at the crop's place
+    in the frame (boxes moved by its offset). Bound as for the whole-frame crop (channels_last
+    against contiguous convs): box pixels within 1e-2, class scores within 1e-4; a write-back
+    one cell off moves boxes by whole strides."""
+    a = np.ascontiguousarray(wide_frame[:, :W])
+    b = a.copy()
+    y0, y1, x0, x1 = 48, 144, 96, 224  # a change in the middle of the frame
+    b[y0:y1, x0:x1] = wide_frame[y0:y1, x0 + 32:x1 + 32]
+    # whole_objects off: the crop covers the change only, not the objects it touches
+    ex = TileExecutor(model, budget=1.0, dense_above=1.0, whole_objects=False)
+    state = TileStreamState()
+    ex.run(state, a, key=True)
+    batches = []
+    engine = ex.engine
+    ex.engine = lambda x: batches.append(x.clone()) or engine(x)
+    out, report = ex.run(state, b, np.zeros((H // 4, W // 4, 2), np.float32))
+    assert not report.dense and report.crops == 1 and len(batches) == 1
+    crop_h, crop_w = batches[0].shape[2:]
+    # where the crop was cut: the one place in the frame whose pixels it holds
+    pixels = torch.from_numpy(b).permute(2, 0, 1).float().div(255.0)
+    places = [(cy, cx) for cy in range(0, H - crop_h + 1, 8) for cx in range(0, W - crop_w + 1, 8)
+              if torch.equal(pixels[:, cy:cy + crop_h, cx:cx + crop_w], batches[0][0])]
+    assert len(places) == 1
+    cy, cx = places[0]
+    assert cy > 0 and cx > 0 and crop_h < H and crop_w < W
+    assert 0.0 < report.crop_area_fraction < 1.0
+    interior = state.age == 0  # blocks computed this frame: the crop's interior
+    rows, cols = np.nonzero(interior)
+    assert rows.min() > 0 and cols.min() > 0  # inside, not along the frame's edge
+    dense = dense_output(model, np.ascontiguousarray(b[cy:cy + crop_h, cx:cx + crop_w]))
+    frame_levels = [(s, H // s, W // s) for s in ex.strides]
+    crop_levels = [(s, crop_h // s, crop_w // s) for s in ex.strides]
+    ours, theirs = [], []
+    for level, (s, _, _) in enumerate(frame_levels):
+        for r in range(rows.min() * ex.block // s, (rows.max() + 1) * ex.block // s):
+            for q in range(cols.min() * ex.block // s, (cols.max() + 1) * ex.block // s):
+                ours.append(anchor_index(frame_levels, level, r, q))
+                theirs.append(anchor_index(crop_levels, level, r - cy // s, q - cx // s))
+    written, expected = out[0][:, ours], dense[0][:, theirs].clone()
+    expected[0] += cx  # box centres from the crop's frame to the whole frame's
+    expected[1] += cy
+    assert torch.allclose(written[:4], expected[:4], atol=1e-2)
+    assert torch.allclose(written[4:], expected[4:], atol=1e-4)
+
+
 def test_still_frame_reuses_everything(model, wide_frame):
     frame = np.ascontiguousarray(wide_frame[:, :W])
     ex = TileExecutor(model)
