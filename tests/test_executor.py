@@ -34,6 +34,10 @@ DISPATCH_TAU = 16 / 255  # the dispatch layer's tau (16 grey levels)
 # 3), worst over all five parametrizations: 0.165 (segment 640x384 tile, seed 3).
 # bound: worst of seeds 0-4 minus 0.03, rounded down to 0.01
 MIN_STRICT_REUSE = 0.13
+# Relaxed RFAP on a still camera, mean computed fraction over frames 1-11; clip seeds 0-4 (the test
+# keeps 3): worst 0.620 (seed 1). bound: worst of seeds 0-4 plus 0.03, rounded up to 0.01; an
+# executor that recomputes everything computes 1.0
+MAX_RELAXED_STATIC_COMPUTED = 0.65
 # Dense bypass test, frame 4 cache hit rate; torch.Generator seeds 0-4 (the test keeps 0): 0.658
 # at every seed (the changed 16x16 corner fixes it). bound: worst of seeds 0-4 minus 0.03, rounded
 # down to 0.01
@@ -166,6 +170,9 @@ def test_relaxed_rfap_is_exact_on_a_static_camera(exact_clips):
     results = run_both(executor, model, exact_clips(320, 192, 12, "static"))
     errors = np.array([e for e, _ in results])
     assert np.median(errors) <= 1.0, errors
+    # tracking dense means something only if the caches were reused, not recomputed
+    computed = [r.computed_fraction for _, r in results[1:]]
+    assert np.mean(computed) <= MAX_RELAXED_STATIC_COMPUTED, computed
 
 
 def test_static_scene_second_frame_recomputes_nothing():
