@@ -291,6 +291,30 @@ def test_edge_table_follows_the_executor_and_old_profiles_still_load(tmp_path):
         Dispatcher(loaded, edge_executor="fast")
 
 
+def test_profile_latency_measures_less_work_for_fewer_changed_blocks():
+    """The edge table as measured before its running maximum: timed on a clock that reads the
+    floating-point work torch has done (FlopCounterMode), each level costs what the sparse
+    executor computed on it, the same on every machine. Fewer changed blocks must cost less, and
+    every block changed costs what the dense model does."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fluxshard.models import load_model
+    from fluxshard.tools.profile import profile_latency
+
+    work = FlopCounterMode(display=False)
+    with work:
+        profile = profile_latency(width=160, height=96, fractions=(0, 0.1, 1), repeats=1,
+                                  cloud=False, executors=(), progress=False,
+                                  clock=lambda: work.get_total_flops() / 1e9)
+    measured = profile.meta["raw"]["edge_ms"]  # MFLOP per level on this clock
+    assert measured[0] < measured[1] < measured[2]
+    dense_work = FlopCounterMode(display=False)
+    with dense_work, torch.no_grad():
+        load_model(None)(torch.rand(1, 3, 96, 160))
+    assert measured[2] == pytest.approx(dense_work.get_total_flops() / 1e6, rel=1e-6)
+
+
 def test_profile_latency_measures_tiles_against_crop_area(tmp_path):
     from fluxshard.cli import main
     from fluxshard.tools.profile import profile_latency
@@ -302,8 +326,10 @@ def test_profile_latency_measures_tiles_against_crop_area(tmp_path):
     profile = LatencyProfile.load(path)
     tiles, dense = profile.edge_executors["tiles"], profile.edge_executors["dense"]
     assert tiles.fractions[0] == 0.0 and tiles.fractions[-1] == 1.0  # nothing to crop .. dense
-    assert all(a <= b for a, b in zip(tiles.ms, tiles.ms[1:]))
-    assert dense.ms[0] == dense.ms[-1]
+    # the levels between are the crop area shares the executor reported: for 0.1 of the blocks
+    # changed, one partial crop (the change and its halo, less than the frame)
+    assert len(tiles.fractions) == 3 and 0.1 <= tiles.fractions[1] < 1.0
+    assert dense.fractions == [0.0, 1.0] and dense.ms[0] > 0
     assert Dispatcher(profile, edge_executor="tiles").decide(1.0, 1.0, 0, 160, 96).edge_ms == \
         pytest.approx(tiles.ms[-1])
     # what the tables hold, on an injected clock: each timed run is exactly one 2 ms tick
