@@ -134,7 +134,7 @@ def model_from_object(ckpt, origin: str = "checkpoint") -> nn.Module:
         return model
     for key in ("ema", "model", "state_dict"):  # ultralytics-style dict holding a state dict
         inner = ckpt.get(key)
-        if isinstance(inner, torch.nn.Module):  # already unpickled (ultralytics importable)
+        if isinstance(inner, torch.nn.Module):  # a model object loaded in this process
             return model_from_state_dict(inner.float().state_dict(), getattr(inner, "names", None))
         if isinstance(inner, dict) and family_matching(inner) is not None:
             return model_from_state_dict(inner, ckpt.get("names"))
