@@ -320,7 +320,8 @@ def test_a_stream_whose_tiles_do_not_pay_runs_dense_and_probes(model, wide_frame
     b = a.copy()
     b[64:128, 64:160] = 255 - b[64:128, 64:160]
     still = np.zeros((H // 4, W // 4, 2), np.float32)
-    ex = TileExecutor(model, refresh_interval=3, adaptive=True, probe_interval=2)
+    # dense_above fixes the per-frame dense-or-crops rule, so only the per-stream fallback acts
+    ex = TileExecutor(model, refresh_interval=3, adaptive=True, probe_interval=2, dense_above=1.0)
     # every clock reading costs time: a tile frame reads it at every stage, so it takes longer
     # than a dense frame however small its crops
     clock = SteppedClock(ex.engine, dense=1.0, per_call=0.0, frame_pixels=H * W)
@@ -336,6 +337,26 @@ def test_a_stream_whose_tiles_do_not_pay_runs_dense_and_probes(model, wide_frame
     assert kinds[:3] == ["tiles", "tiles", "refresh"], kinds
     assert kinds[3:5] == ["fallback", "fallback"] and kinds[5] in ("tiles", "refresh"), kinds
     assert state.tile_frame_seconds > state.dense_frame_seconds
+    # the probe lost: the next wait is twice as long
+    assert state.probe_wait == 4
+
+
+def test_dense_when_the_frames_bookkeeping_outweighs_its_crops(model, wide_frame):
+    """The per-frame rule counts the bookkeeping: with a clock on which every stage takes half
+    a dense pass, even a small crop loses to one dense pass."""
+    a = np.ascontiguousarray(wide_frame[:, :W])
+    b = a.copy()
+    b[64:128, 64:160] = 255 - b[64:128, 64:160]
+    still = np.zeros((H // 4, W // 4, 2), np.float32)
+    ex = TileExecutor(model, refresh_interval=100, adaptive=True)
+    clock = SteppedClock(ex.engine, dense=1.0, per_call=0.0, frame_pixels=H * W)
+    ticking = lambda: clock.__setattr__("now", clock.now + 0.5) or clock.now  # noqa: E731
+    ex.engine, ex.clock = clock.run, ticking
+    state = TileStreamState()
+    ex.run(state, a, key=True)
+    first, second = (ex.run(state, f, still)[1] for f in (b, a))
+    assert not first.dense and first.crop_area_fraction <= 0.5  # nothing learned yet: crops
+    assert second.dense and not second.fallback  # the bookkeeping measured: one dense pass
 
 
 def test_crops_grow_to_one_shape_when_it_is_cheap():

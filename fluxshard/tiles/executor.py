@@ -39,6 +39,7 @@ from fluxshard.tiles.warp import (block_sources, camera_zoom, carry_blocks, carr
                                   field_on_grid, motion_boundaries, project_boxes,
                                   scale_carried_boxes)
 
+MAX_PROBE_BACKOFF = 16  # a losing stream probes tiles at least every this many probe intervals
 STRIDES = (8, 16, 32)  # YOLO11's levels; an executor takes its model head's own (head.strides)
 
 
@@ -61,6 +62,7 @@ class TileStreamState:
     tile_frame_seconds: float | None = None
     dense_frame_seconds: float | None = None
     frames_since_probe: int = 0
+    probe_wait: int = 0  # frames between probes now (0: the executor's probe_interval)
     frames: int = 0  # frames run on this stream
 
     def tiles_pay(self) -> bool:
@@ -97,17 +99,25 @@ class CropLatency:
     def __init__(self):
         self.dense_seconds: float | None = None
         self.ratio = self.PRIOR_RATIO
+        self.overhead_seconds = 0.0  # a tile frame's bookkeeping (carry, change test, plan)
+
+    def _average(self, last: float | None, new: float) -> float:
+        return new if last is None else (1 - self.WEIGHT) * last + self.WEIGHT * new
 
     def observe(self, area_share: float, seconds: float) -> None:
         if area_share >= 1.0:
-            self.dense_seconds = seconds if self.dense_seconds is None else \
-                (1 - self.WEIGHT) * self.dense_seconds + self.WEIGHT * seconds
+            self.dense_seconds = self._average(self.dense_seconds, seconds)
         elif self.dense_seconds and area_share > 0:
-            ratio = seconds / (area_share * self.dense_seconds)
-            self.ratio = (1 - self.WEIGHT) * self.ratio + self.WEIGHT * ratio
+            self.ratio = self._average(self.ratio, seconds / (area_share * self.dense_seconds))
+
+    def observe_overhead(self, seconds: float) -> None:
+        self.overhead_seconds = self._average(self.overhead_seconds or None, seconds)
 
     def dense_is_cheaper(self, area_share: float) -> bool:
-        return area_share * self.ratio >= 1.0
+        """Whether crops covering ``area_share`` of the input, with the frame's bookkeeping,
+        would take at least as long as one dense pass."""
+        overhead = self.overhead_seconds / self.dense_seconds if self.dense_seconds else 0.0
+        return overhead + area_share * self.ratio >= 1.0
 
 
 class TileExecutor:
@@ -305,13 +315,18 @@ class TileExecutor:
         if state.frames_since_dense >= self.refresh_interval:
             report.refresh, report.refresh_fraction = True, 1.0
             return self._dense(state, frame, padded, grey, grid, report, t0)
-        if (self.adaptive and not state.tiles_pay()
-                and state.frames_since_probe < self.probe_interval):
+        if self.adaptive and not state.tiles_pay():
             # this stream's content changes too much for crops to win: dense, trying tiles
-            # again every probe_interval frames
-            state.frames_since_probe += 1
-            report.fallback = True
-            return self._dense(state, frame, padded, grey, grid, report, t0)
+            # again after probe_interval frames, twice as long after each probe that lost
+            # (a stream where tiles never pay, such as a tiny frame, then costs what dense does)
+            wait = state.probe_wait or self.probe_interval
+            if state.frames_since_probe < wait:
+                state.frames_since_probe += 1
+                report.fallback = True
+                return self._dense(state, frame, padded, grey, grid, report, t0)
+            state.probe_wait = min(2 * wait, MAX_PROBE_BACKOFF * self.probe_interval)
+        else:
+            state.probe_wait = self.probe_interval
         state.frames_since_probe = 0
 
         t = self.clock()
@@ -393,6 +408,9 @@ class TileExecutor:
         # 5. crops, batched per size; each crop's interior goes into the carried cache
         plan = C.unify_shapes(C.plan_crops(taken, self.block, self.halo, input_hw), input_hw)
         t = self._stage(report, "plan", t)
+        if self.adaptive:
+            self.latency.observe_overhead(sum(report.stages.get(k, 0.0)
+                                              for k in ("warp", "change", "plan")))
         by_size: dict[tuple[int, int], list[C.Crop]] = {}
         for crop in plan:
             by_size.setdefault((crop.h, crop.w), []).append(crop)
