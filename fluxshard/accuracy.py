@@ -1,4 +1,4 @@
-"""Accuracy measures, defined once and used by every benchmark (DESIGN.md "Measures").
+"""Accuracy measures, defined once and used by every benchmark (docs/DESIGN.md, "Measures").
 
 * :func:`evaluate_detections`: COCO mAP@0.5 and mAP@0.5:0.95 of per-frame detections against
   ground truth (boxes; masks too when both sides carry them), computed by ``faster-coco-eval``

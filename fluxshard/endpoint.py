@@ -1,4 +1,5 @@
-"""The path into one endpoint of one stream, as it ships (shared/DESIGN.md steps 2-4).
+"""The path into one endpoint of one stream, as it ships (docs/DESIGN.md, "Per frame, on the edge",
+steps 2-4).
 
 :class:`EndpointPath` owns, for one (stream, endpoint): the input cache the endpoint last ran on,
 the motion accumulated since (sent quantized to the wire's quarter-pel, so the sender and the

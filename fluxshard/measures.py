@@ -1,4 +1,4 @@
-"""The measures every benchmark reports, defined once (shared/DESIGN.md, "Measures")."""
+"""The measures every benchmark reports, defined once (docs/DESIGN.md, "Measures")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Per-frame edge/cloud dispatch (v1 section IV-D, shared/DESIGN.md step 4).
+"""Per-frame edge/cloud dispatch (v1 section IV-D; docs/DESIGN.md, "Per frame, on the edge",
+step 4).
 
 For each frame the edge knows, per endpoint, the residual set that endpoint would have to
 recompute (its active block fraction) and, for the cloud, the uplink bytes. Latencies come from

@@ -1,12 +1,12 @@
 """One camera stream through FluxShard: motion-aware residuals, per-frame edge/cloud dispatch.
 
-:class:`FluxShardStream` follows v1 Algorithm 1 (shared/DESIGN.md steps 2-5). It keeps one
-:class:`fluxshard.endpoint.EndpointPath` per endpoint (edge, cloud): the input that endpoint last
-ran on and the motion accumulated since (a remote endpoint's path shares its transport's uplink
-and mirror). Per frame both states accumulate the frame's motion field,
-each computes its residual block set at the dispatch tau, the :class:`Dispatcher` picks the
-endpoint, the chosen one runs and resets its state with the input it ran on, the other keeps
-accumulating (so when it runs again it gets a residual frame, not a key frame).
+:class:`FluxShardStream` follows v1 Algorithm 1 (docs/DESIGN.md, "Per frame, on the edge", steps
+2-5). It keeps one :class:`fluxshard.endpoint.EndpointPath` per endpoint (edge, cloud): the input
+that endpoint last ran on and the motion accumulated since (a remote endpoint's path shares its
+transport's uplink and mirror). Per frame both states accumulate the frame's motion field, each
+computes its residual block set at the dispatch tau, the :class:`Dispatcher` picks the endpoint,
+the chosen one runs and resets its state with the input it ran on, the other keeps accumulating (so
+when it runs again it gets a residual frame, not a key frame).
 
 Endpoints are treated alike: :class:`LocalEndpoint` (the sparse executor in this process) or
 :class:`RemoteEndpoint` (a Triton ``fluxshard`` model through :class:`fluxshard_client.Stream`:

@@ -1,4 +1,5 @@
-"""FluxShard against the baselines of shared/DESIGN.md, on the same decoded clips, in one run.
+"""FluxShard against the baselines of docs/DESIGN.md ("Baselines"), on the same decoded clips, in
+one run.
 
 Per motion level (the truncation profile's held-out clips: still camera, pan, pan + zoom):
 

@@ -1,5 +1,5 @@
-"""perf/bench_baselines.py end to end on tiny clips: every baseline of shared/DESIGN.md gets a row
-per motion level, and the rows say what each baseline is."""
+"""perf/bench_baselines.py end to end on tiny clips: every baseline of docs/DESIGN.md
+("Baselines") gets a row per motion level, and the rows say what each baseline is."""
 
 from __future__ import annotations
 

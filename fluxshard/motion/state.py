@@ -1,6 +1,7 @@
-"""Per-endpoint dispatch state (DESIGN.md steps 2-3): the input the endpoint last ran on (its
-input cache) and the motion accumulated from that input to now; the residual block set against
-the dispatch threshold; reset when the endpoint runs inference on a frame.
+"""Per-endpoint dispatch state (docs/DESIGN.md, "Per frame, on the edge", steps 2-3): the input the
+endpoint last ran on (its input cache) and the motion accumulated from that input to now; the
+residual block set against the dispatch threshold; reset when the endpoint runs inference on a
+frame.
 
 Thresholds here are uint8 grey levels (``threshold``); users give tau on the [0, 1] input scale
 and :class:`fluxshard.tau.TauPolicy` turns it into this threshold (``tau * 255``)."""
