@@ -1,5 +1,5 @@
 """The v2 tile-batched executor: warped output cache, critical blocks as batched crops on a dense
-engine, salience and freshness (../shared/DESIGN.md "The tile executor (v2 4.5)")."""
+engine, salience and freshness (docs/DESIGN.md, "The tile executor")."""
 
 from fluxshard.tiles.crops import Crop, plan_crops, salience_order
 from fluxshard.tiles.engine import OnnxMapsEngine, TorchMapsEngine, make_engine, raw_head_maps
