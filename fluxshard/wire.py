@@ -48,7 +48,7 @@ tau (``fluxshard.tau``) travels in whole grey levels (0..255 = tau 0..1): the re
 truncates with exactly the tau the edge's dispatch layer picked the residual blocks with.
 
 The response (Triton output tensors, see :func:`response_tensors`): DETECTIONS float32 (N, 6)
-``x1, y1, x2, y2, score, class``, STATS JSON (uint8 bytes), DIGEST uint8 (16,) blake2b-128 of the
+``x1, y1, x2, y2, score, class``, STATS JSON (uint8 bytes), DIGEST uint8 (16,) xxh3-128 of the
 rebuilt input cache, which the edge compares with its mirror to detect divergence.
 """
 
