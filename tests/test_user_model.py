@@ -107,7 +107,7 @@ def test_run_with_a_file_that_is_no_detector_says_so(tmp_path, clip, capsys):
     torch.save({"fc.weight": torch.zeros(2, 2)}, weights)
     code, printed = run_verb(["run", clip, "--weights", weights, "--dispatch", "edge",
                               "--out", tmp_path / "run", "--no-progress"], capsys)
-    assert code == 1 and "not a YOLO11 checkpoint" in printed.err
+    assert code == 1 and "not a YOLO11 or Darknet checkpoint" in printed.err
 
 
 def test_serve_weights_reach_the_models_config_as_an_absolute_path(tmp_path):
