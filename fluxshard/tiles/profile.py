@@ -598,6 +598,7 @@ def plot_tiles_table(table: TilesTable, path: str | Path) -> Path:
     if any(r.get("agreement") is not None for r in table.sweep):
         metrics.append(("agreement", "agreement with dense", "real tuning clips"))
     fig, axes = plt.subplots(1, len(metrics), figsize=(6.5 * len(metrics), 4.8), squeeze=False)
+    colors = {level["name"]: f"C{k}" for k, level in enumerate(table.levels)}  # alike in panels
     for ax, (key, label, where) in zip(axes[0], metrics):
         for level in table.levels:
             rows = [r for r in table.sweep if r["level"] == level["name"]
@@ -605,12 +606,13 @@ def plot_tiles_table(table: TilesTable, path: str | Path) -> Path:
             if not rows:
                 continue
             clips = ", ".join(level.get("real_clips") or []) if key == "agreement" else ""
-            points = ax.scatter([r["speedup"] for r in rows], [r[key] for r in rows], s=22,
-                                alpha=0.7, label=f"{level['name']} (motion {level['motion']:.1f} "
-                                                 f"px){': ' + clips if clips else ''}")
+            color = colors[level["name"]]
+            ax.scatter([r["speedup"] for r in rows], [r[key] for r in rows], s=22, alpha=0.7,
+                       color=color, label=f"{level['name']} (motion {level['motion']:.1f} px)"
+                                          f"{': ' + clips if clips else ''}")
             if level.get(key) is not None:
-                ax.scatter([level["speedup"]], [level[key]], marker="*", s=260,
-                           color=points.get_facecolor()[0], edgecolor="black", zorder=3)
+                ax.scatter([level["speedup"]], [level[key]], marker="*", s=260, color=color,
+                           edgecolor="black", zorder=3)
         ax.axhline(table.thresholds.get(key, 1.0), color="grey", ls=":", lw=1)
         ax.axvline(1.0, color="grey", ls="--", lw=1)
         ax.set(xlabel="speedup vs dense (mean ms per frame, mean over the level's clips)",
