@@ -308,7 +308,8 @@ def test_real_clip_scoring_pairs_every_setting_with_dense_frame_by_frame(real_de
                                                                          bikes_stream):
     """A refresh every frame (K=1) runs the same frames dense: it must agree with dense on
     every confident box; K=30 runs dense on the key frame alone."""
-    from fluxshard.tiles.profile import AGREEMENT_WINDOW, score_real_clip
+    from fluxshard.tiles.profile import AGREEMENT_WINDOW
+    from fluxshard.tools.profile import score_real_clip
 
     frames = 20
     scored = score_real_clip(real_detector, bikes_stream, [dict(refresh_interval=1),

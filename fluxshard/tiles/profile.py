@@ -8,7 +8,8 @@
   synthetic classes (the embedded demo one). Per setting: mAP@0.5 and mAP@0.5:0.95 against ground
   truth as ratios to dense.
 * real tuning clips (``fluxshard.footage.TUNING_CLIPS`` as camera streams; the held-out half is
-  left to perf/bench_real.py), with a real detector: :func:`score_real_clip` runs dense and every
+  left to perf/bench_real.py), with a real detector: ``score_real`` (the tools layer's
+``fluxshard.tools.profile.score_real_clip``, which builds the product's edge stream) runs dense and every
   setting in the stream the product's edge builds (``edge_runtime.run``: one thread, the
   onnxruntime tile engine, adaptive, the edge's motion path) on the same decoded frames. Per
   setting: agreement with dense (``fluxshard.accuracy.box_agreement``), pooled and over the worst
@@ -276,7 +277,7 @@ def _level_clips(level: str, levels: dict, *, clips: int, frames: int, width: in
     return decoded
 
 
-def _rotated(items: list, index: int) -> list:
+def rotated(items: list, index: int) -> list:
     # who goes first turns frame by frame, so drift within a frame favours no one
     shift = index % len(items)
     return items[shift:] + items[:shift]
@@ -292,7 +293,7 @@ def sweep_tiles(model, levels: dict | None = None, grid: dict | None = None,
                 workdir: str | Path | None = None, real_clips: dict | None = None,
                 real_model=None, real_weights: str | None = None, real_frames: int | None = None,
                 real_adaptive: bool = True, min_agreement: float = MIN_AGREEMENT,
-                min_worst_window: float = MIN_WORST_WINDOW) -> TilesTable:
+                min_worst_window: float = MIN_WORST_WINDOW, score_real=None) -> TilesTable:
     """Sweep ``grid`` ({knob: values}; default :data:`DEFAULT_GRID`) of the tile executor on
     ``levels`` ({name: synth.SceneSpec overrides}; default ``fluxshard.synth.MOTION_LEVELS``) with
     ``frames`` per clip at ``width`` x ``height``, and on ``real_clips`` ({name: camera stream};
@@ -328,6 +329,9 @@ def sweep_tiles(model, levels: dict | None = None, grid: dict | None = None,
         if m is not None and getattr(m, "task", None) != "detect":
             raise ValueError(f"the tile executor handles detect models only; {what} is a "
                              f"{getattr(m, 'task', type(m).__name__)} model")
+    if real_clips and score_real is None:
+        raise ValueError("real clips need score_real (fluxshard.tools.profile.score_real_clip: "
+                         "the product's edge stream)")
     if real_clips and real_model is None:
         raise ValueError("real clips need real_model (a real detector such as yolov3-tiny)")
     held_out = [corpus_entry(name).stem for name in real_clips
@@ -366,7 +370,7 @@ def sweep_tiles(model, levels: dict | None = None, grid: dict | None = None,
                 states = [TileStreamState() for _ in settings]
                 for index, mf in enumerate(mfs):
                     key = mf.is_key or mf.field is None
-                    for k in _rotated([None] + list(range(len(settings))), index):
+                    for k in rotated([None] + list(range(len(settings))), index):
                         if k is None:  # dense: the reference and the baseline, in the turn
                             t0 = clock()
                             x = preprocess(mf.image)
@@ -394,9 +398,9 @@ def sweep_tiles(model, levels: dict | None = None, grid: dict | None = None,
                                     if motions[level] else 0.0) for level in levels])
         tuned_clips, real_rows = [], []
         for name, video in real_clips.items():
-            scored = score_real_clip(real_model, video, settings, name=corpus_entry(name).stem,
-                                     frames=real_frames, engine=real_engine,
-                                     adaptive=real_adaptive, clock=clock, bar=bar)
+            scored = score_real(real_model, video, settings, name=corpus_entry(name).stem,
+                                frames=real_frames, engine=real_engine,
+                                adaptive=real_adaptive, clock=clock, bar=bar)
             scored["level"] = level_for(bounds, scored["motion"])["name"]
             for row in scored.pop("rows"):
                 real_rows.append(dict(row, level=scored["level"]))
@@ -488,91 +492,6 @@ def level_rows(synthetic: list[dict], real: list[dict]) -> list[dict]:
             real_clips=[r["clip"] for r in mine], agreement=found / count if count else None,
             agreement_worst_window=min(worst) if worst else None))
     return rows
-
-
-def score_real_clip(model, video, settings: list[dict], *, name: str | None = None,
-                    frames: int | None = None, engine="onnxruntime", adaptive: bool = True,
-                    clock=time.perf_counter, bar=None) -> dict:
-    """Dense and the tile executor at every one of ``settings`` on the same decoded frames of
-    ``video`` (its first ``frames``; None: all), each in the stream the product's edge builds
-    (``edge_runtime.run``: ``edge_only_stream("dense")``; for tiles the edge's tile session on
-    one thread, ``adaptive`` as the edge, one executor per setting on one shared ``engine``).
-    They take turns frame by frame, rotating who goes first. Returns {"clip", "video", "frames",
-    "size" [w, h], "motion" (mean motion statistic of its fields), "dense_ms", "rows": one per
-    setting: agreement with dense (``fluxshard.accuracy.box_agreement``: pooled, found / count,
-    worst :data:`AGREEMENT_WINDOW`-frame window), mean ms per frame of both (every frame,
-    ``FrameResult.latency_ms``) and their ratio, crop area and dense-frame shares}."""
-    import torch
-
-    from edge_runtime.run import edge_frames, edge_only_stream, edge_policies, edge_stream
-    from fluxshard.accuracy import box_agreement
-    from fluxshard.motion import motion_statistic
-    from fluxshard.sessions import TileYoloSession
-    from fluxshard.tiles.engine import make_engine
-    from fluxshard.tiles.executor import TileExecutor
-    from fluxshard_client import LocalEndpoint
-
-    if not settings:
-        raise ValueError("no settings to score")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the edge's (edge_runtime.run.edge_model)
-    streams = []
-    try:
-        shared = make_engine(model, engine, threads=1) if isinstance(engine, str) else engine
-        tau_policy, _options, profile = edge_policies()
-        streams.append(edge_only_stream("dense", str(video), model))
-        for setting in settings:
-            executor = TileExecutor(model, engine=shared, threads=1, adaptive=adaptive,
-                                    clock=clock, **setting)
-            streams.append(edge_stream(LocalEndpoint(TileYoloSession(executor)),
-                                       tau_policy=tau_policy, profile=profile))
-        ms = [[] for _ in streams]
-        found = [[] for _ in streams]
-        dense_flags, crops = [[] for _ in streams], [[] for _ in streams]
-        motions, size = [], None
-        for index, mf in enumerate(edge_frames(str(video), frames)):
-            size = [int(mf.image.shape[1]), int(mf.image.shape[0])]
-            if not mf.is_key and mf.field is not None:
-                motions.append(motion_statistic(mf.field))
-            for k in _rotated(list(range(len(streams))), index):
-                result = streams[k].process(mf.image, None if mf.is_key else mf.field,
-                                            mf.is_key, index)
-                if result.endpoint != "edge":
-                    raise RuntimeError(f"frame {index} ran on {result.endpoint}, not the edge")
-                ms[k].append(float(result.latency_ms))
-                d = result.detections
-                found[k].append(dict(boxes=d[:, :4], scores=d[:, 4],
-                                     classes=d[:, 5].astype(np.int64)))
-                dense_flags[k].append(bool(result.stats.get("dense_pass", k == 0)))
-                crops[k].append(float(result.stats.get("crop_area_fraction", 1.0)))
-                if bar is not None:
-                    bar.update(1)
-    finally:
-        for stream in streams:
-            stream.close()
-        torch.set_num_threads(threads)
-    if not ms[0]:
-        raise RuntimeError(f"{video}: no frames decoded")
-    dense_ms = float(np.mean(ms[0]))
-    rows = []
-    for k, setting in enumerate(settings, start=1):
-        agree = box_agreement(found[k], found[0])
-        windows = [w for w in agree.windows(AGREEMENT_WINDOW) if w is not None]
-        tiles_ms = float(np.mean(ms[k]))
-        ms_ratio = tiles_ms / dense_ms if dense_ms > 0 else float("inf")
-        rows.append(dict(
-            source="real", clip=name or Path(video).stem, settings=dict(setting),
-            frames=len(ms[k]), agreement=agree.value, agreement_found=int(agree.found.sum()),
-            agreement_count=int(agree.dense.sum()),
-            agreement_worst_window=min(windows) if windows else None,
-            tiles_ms=tiles_ms, dense_ms=dense_ms, tiles_ms_p50=float(np.median(ms[k])),
-            dense_ms_p50=float(np.median(ms[0])), ms_ratio=ms_ratio,
-            speedup=1.0 / ms_ratio if ms_ratio > 0 else float("inf"),
-            crop_area_fraction=float(np.mean(crops[k])),
-            dense_share=float(np.mean(dense_flags[k]))))
-    return dict(clip=name or Path(video).stem, video=str(video), frames=len(ms[0]), size=size,
-                motion=float(np.mean(motions)) if motions else 0.0, dense_ms=dense_ms,
-                rows=rows)
 
 
 # --------------------------------------------------------------------------- report and CLI
@@ -673,4 +592,4 @@ def print_tiles_table(table: TilesTable) -> None:
 
 __all__ = ["DEFAULT_GRID", "QUICK_GRID", "ProfiledTileExecutor", "TilesTable",
            "choose_setting", "expand_grid", "level_rows", "plot_tiles_table",
-           "score_real_clip", "sweep_tiles", "tile_knobs"]
+           "sweep_tiles", "tile_knobs"]

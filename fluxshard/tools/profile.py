@@ -421,7 +421,7 @@ def run_tiles_accuracy(args) -> int:
                             weights=synthetic_weights,
                             progress=not getattr(args, "no_progress", False),
                             real_clips=videos, real_model=real_model, real_weights=real_weights,
-                            real_frames=real_frames,
+                            real_frames=real_frames, score_real=score_real_clip,
                             min_agreement=getattr(args, "min_agreement", 0.97),
                             min_worst_window=getattr(args, "min_worst_window", 0.95))
     except (ValueError, RuntimeError, FileNotFoundError, NotImplementedError) as e:
@@ -476,3 +476,89 @@ def register(subparsers) -> None:
 def _unavailable(name: str, error: Exception) -> int:
     print(f"fluxshard profile {name} is not available here: {error}", file=sys.stderr)
     return 1
+
+
+def score_real_clip(model, video, settings: list[dict], *, name: str | None = None,
+                    frames: int | None = None, engine="onnxruntime", adaptive: bool = True,
+                    clock=time.perf_counter, bar=None) -> dict:
+    """Dense and the tile executor at every one of ``settings`` on the same decoded frames of
+    ``video`` (its first ``frames``; None: all), each in the stream the product's edge builds
+    (``edge_runtime.run``: ``edge_only_stream("dense")``; for tiles the edge's tile session on
+    one thread, ``adaptive`` as the edge, one executor per setting on one shared ``engine``).
+    They take turns frame by frame, rotating who goes first. Returns {"clip", "video", "frames",
+    "size" [w, h], "motion" (mean motion statistic of its fields), "dense_ms", "rows": one per
+    setting: agreement with dense (``fluxshard.accuracy.box_agreement``: pooled, found / count,
+    worst :data:`AGREEMENT_WINDOW`-frame window), mean ms per frame of both (every frame,
+    ``FrameResult.latency_ms``) and their ratio, crop area and dense-frame shares}."""
+    import torch
+
+    from edge_runtime.run import edge_frames, edge_only_stream, edge_policies, edge_stream
+    from fluxshard.accuracy import box_agreement
+    from fluxshard.tiles.profile import AGREEMENT_WINDOW, rotated
+    from fluxshard.motion import motion_statistic
+    from fluxshard.sessions import TileYoloSession
+    from fluxshard.tiles.engine import make_engine
+    from fluxshard.tiles.executor import TileExecutor
+    from fluxshard_client import LocalEndpoint
+
+    if not settings:
+        raise ValueError("no settings to score")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the edge's (edge_runtime.run.edge_model)
+    streams = []
+    try:
+        shared = make_engine(model, engine, threads=1) if isinstance(engine, str) else engine
+        tau_policy, _options, profile = edge_policies()
+        streams.append(edge_only_stream("dense", str(video), model))
+        for setting in settings:
+            executor = TileExecutor(model, engine=shared, threads=1, adaptive=adaptive,
+                                    clock=clock, **setting)
+            streams.append(edge_stream(LocalEndpoint(TileYoloSession(executor)),
+                                       tau_policy=tau_policy, profile=profile))
+        ms = [[] for _ in streams]
+        found = [[] for _ in streams]
+        dense_flags, crops = [[] for _ in streams], [[] for _ in streams]
+        motions, size = [], None
+        for index, mf in enumerate(edge_frames(str(video), frames)):
+            size = [int(mf.image.shape[1]), int(mf.image.shape[0])]
+            if not mf.is_key and mf.field is not None:
+                motions.append(motion_statistic(mf.field))
+            for k in rotated(list(range(len(streams))), index):
+                result = streams[k].process(mf.image, None if mf.is_key else mf.field,
+                                            mf.is_key, index)
+                if result.endpoint != "edge":
+                    raise RuntimeError(f"frame {index} ran on {result.endpoint}, not the edge")
+                ms[k].append(float(result.latency_ms))
+                d = result.detections
+                found[k].append(dict(boxes=d[:, :4], scores=d[:, 4],
+                                     classes=d[:, 5].astype(np.int64)))
+                dense_flags[k].append(bool(result.stats.get("dense_pass", k == 0)))
+                crops[k].append(float(result.stats.get("crop_area_fraction", 1.0)))
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        for stream in streams:
+            stream.close()
+        torch.set_num_threads(threads)
+    if not ms[0]:
+        raise RuntimeError(f"{video}: no frames decoded")
+    dense_ms = float(np.mean(ms[0]))
+    rows = []
+    for k, setting in enumerate(settings, start=1):
+        agree = box_agreement(found[k], found[0])
+        windows = [w for w in agree.windows(AGREEMENT_WINDOW) if w is not None]
+        tiles_ms = float(np.mean(ms[k]))
+        ms_ratio = tiles_ms / dense_ms if dense_ms > 0 else float("inf")
+        rows.append(dict(
+            source="real", clip=name or Path(video).stem, settings=dict(setting),
+            frames=len(ms[k]), agreement=agree.value, agreement_found=int(agree.found.sum()),
+            agreement_count=int(agree.dense.sum()),
+            agreement_worst_window=min(windows) if windows else None,
+            tiles_ms=tiles_ms, dense_ms=dense_ms, tiles_ms_p50=float(np.median(ms[k])),
+            dense_ms_p50=float(np.median(ms[0])), ms_ratio=ms_ratio,
+            speedup=1.0 / ms_ratio if ms_ratio > 0 else float("inf"),
+            crop_area_fraction=float(np.mean(crops[k])),
+            dense_share=float(np.mean(dense_flags[k]))))
+    return dict(clip=name or Path(video).stem, video=str(video), frames=len(ms[0]), size=size,
+                motion=float(np.mean(motions)) if motions else 0.0, dense_ms=dense_ms,
+                rows=rows)
