@@ -40,7 +40,10 @@ from pathlib import Path
 
 import numpy as np
 
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fluxshard import cli_common  # noqa: E402 (the repository first on the path)
 
 EXECUTORS = ("dense", "tiles")
 VARIANTS = ("as_shipped", "camera")
@@ -286,13 +289,6 @@ def plot(series: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help=f"{QUICK_FRAMES} frames per clip "
@@ -300,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clips", nargs="+", default=None,
                    help="corpus clips (default: all of them)")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
-    p.add_argument("--frames", type=positive_int, default=None,
+    p.add_argument("--frames", type=cli_common.positive_int, default=None,
                    help="frames per clip, overriding --quick's and the default")
     p.add_argument("--weights", default=DEFAULT_WEIGHTS,
                    help="the detector, as `fluxshard run --weights` (default %(default)s: a real "

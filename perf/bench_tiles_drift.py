@@ -44,6 +44,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fluxshard import cli_common
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_real: the interleaved runner
 
 from bench_real import decoded_frames, interleaved  # noqa: E402
@@ -169,20 +171,13 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true",
                    help="150 frames per clip, windows of 50 (default 600 and 100)")
-    p.add_argument("--frames", type=positive_int, default=None,
+    p.add_argument("--frames", type=cli_common.positive_int, default=None,
                    help="frames per clip (default 600, --quick 150)")
-    p.add_argument("--window", type=positive_int, default=None,
+    p.add_argument("--window", type=cli_common.positive_int, default=None,
                    help="frames per accuracy window (default 100, --quick 50)")
     p.add_argument("--width", type=int, default=640, help="synthetic clip width (default 640)")
     p.add_argument("--height", type=int, default=384, help="synthetic clip height (default 384)")
@@ -195,7 +190,7 @@ def main() -> int:
     p.add_argument("--dense-above", type=float, default=None,
                    help="tiles: run dense when crops would cover more (default: the executor's "
                         "latency table decides)")
-    p.add_argument("--refresh-interval", type=positive_int, default=None,
+    p.add_argument("--refresh-interval", type=cli_common.positive_int, default=None,
                    help="tiles: full dense refresh every K frames in the refresh config")
     p.add_argument("--refresh-share", type=float, default=None,
                    help="tiles: share of blocks refreshed for age per frame")

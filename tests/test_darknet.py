@@ -323,3 +323,18 @@ def test_the_served_model_takes_named_weights(triton_installed, tmp_path):
     with_person = [f for f in frames
                    if any(n == "person" and s >= 0.5 for n, s in zip(f["names"], f["scores"]))]
     assert len(with_person) >= 4, [list(zip(f["names"], f["scores"])) for f in frames]
+
+
+def test_profile_latency_measures_a_darknet_edge_without_the_exact_executor():
+    """`fluxshard profile latency --weights yolov3-tiny`: the exact executor cannot run Darknet,
+    so its table is the dense one (measured), the tile and dense tables are measured, and the
+    profile says what stood in."""
+    from fluxshard.tools.profile import profile_latency
+
+    profile = profile_latency(width=160, height=96, fractions=(0, 0.5, 1), repeats=1,
+                              cloud=False, weights="yolov3-tiny", progress=False,
+                              executors=("tiles",))
+    assert set(profile.edge_executors) == {"tiles", "dense"}
+    dense_ms = profile.edge_executors["dense"].ms[0]
+    assert dense_ms > 0 and profile.edge.ms == [dense_ms] * 3
+    assert any("exact left out" in note for note in profile.meta["edge_executor_notes"])

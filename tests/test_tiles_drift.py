@@ -71,6 +71,17 @@ def block_field(moving_mask: np.ndarray, velocity) -> np.ndarray:
     return field
 
 
+def fade_case():
+    """The largest object of a still scene, for fading: (frame, background without objects,
+    its box, class, (H, W, 1) mask, the largest pixel difference it makes: the fade's length at
+    1 grey level a frame)."""
+    frame, background = scene(0)
+    target = int(np.argmax([m.sum() for m in frame.instance_masks]))
+    span = int(np.abs(frame.image.astype(int) - background).max())
+    return (frame, background, frame.boxes[target], frame.classes[target],
+            frame.instance_masks[target][..., None], span)
+
+
 def executor(model, **kw):
     kw.setdefault("refresh_interval", NO_REFRESH)
     return TileExecutor(model, engine="torch", threads=1, **kw)
@@ -79,11 +90,7 @@ def executor(model, **kw):
 def test_a_slowly_fading_object_is_recomputed_before_its_box_is_lost(model):
     """1 grey level a frame at most: no two consecutive frames differ by more, so a test against
     the previous frame never fires and the cached box outlives the object."""
-    frame, background = scene(0)
-    target = int(np.argmax([m.sum() for m in frame.instance_masks]))
-    box, cls = frame.boxes[target], frame.classes[target]
-    mask = frame.instance_masks[target][..., None]
-    span = int(np.abs(frame.image.astype(int) - background).max())
+    frame, background, box, cls, mask, span = fade_case()
     ex, state = executor(model), TileStreamState()
     lost_dense = lost_tiles = None
     for t in range(span + 1):
@@ -110,11 +117,7 @@ def test_an_object_fading_into_a_still_scene_is_found_within_ten_frames_of_dense
     """An object appearing slowly (1 grey level a frame, as in a dimly lit doorway) never changes
     a frame by more than the noise floor against the one before: found only by comparing with
     what the cached cells saw."""
-    frame, background = scene(0)
-    target = int(np.argmax([m.sum() for m in frame.instance_masks]))
-    box, cls = frame.boxes[target], frame.classes[target]
-    mask = frame.instance_masks[target][..., None]
-    span = int(np.abs(frame.image.astype(int) - background).max())
+    frame, background, box, cls, mask, span = fade_case()
     ex, state = executor(model), TileStreamState()
     first_dense = first_tiles = None
     field = np.zeros((H // MV_BLOCK, W // MV_BLOCK, 2), np.float32)
