@@ -125,9 +125,11 @@ class TileExecutor:
 
     threshold: a block is critical when its mean abs difference (grey levels, half resolution)
         against what its cached cells were computed from, carried along the field, exceeds
-        this (v2 4.1).
+        this (v2 4.1) at mid-grey and above; darker blocks compare against less
+        (``reference.block_thresholds``).
     block: critical block side (pixels, a multiple of 4 dividing 32).
-    halo: context added around each crop's interior (pixels).
+    halo: context added around each crop's interior (pixels; the default measured best on real
+        footage with a real detector: borderline boxes need the context).
     budget: most input area (share, halo included) the crops of one frame may cover; further
         critical blocks are deferred, least salient first (misses and grown objects never are).
     dense_above: when set, the frame runs dense if the crops for every critical block would
@@ -155,7 +157,7 @@ class TileExecutor:
     """
 
     def __init__(self, model, *, engine="torch", threshold: float = 8.0, block: int = 16,
-                 halo: int = 16, budget: float = 0.45, dense_above: float | None = None,
+                 halo: int = 32, budget: float = 0.45, dense_above: float | None = None,
                  refresh_interval: int = 30, refresh_age: int = 10, refresh_share: float = 0.02,
                  max_age: int | None = None, unseen_share: float = 0.25, boundary: float = 8.0,
                  whole_objects: bool = True, grow_conf: float = 0.15, adaptive: bool = False,
@@ -348,7 +350,9 @@ class TileExecutor:
         reference = R.carry(state.reference, field)
         t = self._stage(report, "warp", t)
         # 2. critical blocks
-        change = R.block_change(grey, R.aligned(reference), self.block)
+        aligned = R.aligned(reference)
+        change = R.block_change(grey, aligned, self.block)
+        thresholds = R.block_thresholds(aligned, self.threshold, self.block)
         outside = C.pad_grid(C.outside_share(field, h, w, self.block), grid, 0.0) \
             if np.any(field) else np.zeros(grid, np.float32)
         # content never seen (the entering edge of a pan) accumulates until it fills a share
@@ -356,7 +360,7 @@ class TileExecutor:
         sources = block_sources(field, grid, self.block)
         unseen = carry_blocks(state.unseen, sources, 1.0) + outside
         must = misses | (unseen >= self.unseen_share) | state.grow
-        critical = must | (change > self.threshold)
+        critical = must | (change > thresholds)
         critical |= carry_blocks(state.deferred, sources, True)
         if self.boundary > 0 and np.any(field):
             s, on_grid = coarsest

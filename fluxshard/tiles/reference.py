@@ -144,3 +144,17 @@ def refresh(ref: Reference, current: np.ndarray, blocks: np.ndarray, block: int)
     ref.image[pixels] = current[pixels]
     per_block = block // MV_BLOCK
     ref.offset[np.repeat(np.repeat(blocks, per_block, 0), per_block, 1)] = 0.0
+
+
+DARK_FLOOR = 0.4  # a black block's change threshold, as a share of a mid-grey block's
+
+
+def block_thresholds(reference: np.ndarray, threshold: float, block: int) -> np.ndarray:
+    """Each ``block``'s change threshold: ``threshold`` at mid-grey and above, lower in darker
+    blocks (down to ``DARK_FLOOR`` of it for black, linearly): content in the dark differs by
+    fewer grey levels for the same change to the detector, which sees the frame normalised."""
+    side = block // SCALE
+    h, w = reference.shape
+    sums = reference.reshape(h // side, side, w // side, side).sum((1, 3), dtype=np.uint32)
+    brightness = sums.astype(np.float32) * (1.0 / (side * side * 128.0))
+    return threshold * np.clip(DARK_FLOOR + (1 - DARK_FLOOR) * brightness, DARK_FLOOR, 1.0)
