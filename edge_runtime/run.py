@@ -20,7 +20,18 @@ DEMO_FRAMES = 90  # 3 s at 30 fps
 UPLINK_CODECS = ("h264", "lossless", "jpeg")  # fluxshard.wire.Codec.H264 / .ZLIB / .JPEG
 UPLINK_WIRE_CODECS = {"h264": "H264", "lossless": "ZLIB", "jpeg": "JPEG"}
 EDGE_EXECUTORS = ("exact", "tiles", "dense")  # fluxshard.sessions.EXECUTORS
-DEFAULT_EXECUTOR = "exact"  # what the edge runs unless --executor says otherwise
+DEFAULT_EXECUTOR = "exact"  # what the edge runs on YOLO11 unless --executor says otherwise
+
+
+def default_executor(model) -> str:
+    """What the edge runs when --executor is not given: ``DEFAULT_EXECUTOR`` on YOLO11; the
+    exact executor's mask rules know YOLO11's ops only, so another family's detect model runs
+    the tile executor and anything else dense."""
+    from fluxshard.models import YOLO11
+
+    if isinstance(model, YOLO11):
+        return DEFAULT_EXECUTOR
+    return "tiles" if model.task == "detect" else "dense"
 
 
 @contextlib.contextmanager
@@ -192,7 +203,7 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
         frames: int | None = None, size: tuple[int, int] = DEMO_SIZE, camera: str = "static",
         progress: bool = True, stream_id: int | None = None, bypass: str = "none",
         uplink_codec: str = "h264", uplink_quality: int | None = None, fallback: str = "none",
-        weights: str | Path | None = None, executor: str = DEFAULT_EXECUTOR,
+        weights: str | Path | None = None, executor: str | None = None,
         tiles_table: str | Path | None = None, deadline_ms: float | None = None,
         tls_ca: str | Path | None = None, tls_cert: str | Path | None = None,
         tls_key: str | Path | None = None, auth_header: tuple[str, str] | None = None) -> dict:
@@ -202,8 +213,9 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
     reached, "edge" runs those frames on the edge (counted in the summary). Losing and regaining
     the cloud is reported on stderr as it happens. ``weights``: the detector (None: the embedded
     demo one); its class names label the outputs, and a local tritonserver loads it too.
-    ``executor``: what the edge runs (:data:`EDGE_EXECUTORS`; ``bypass`` and a truncation
-    table's executor options apply to "exact" only). ``tiles_table``: with executor "tiles", a
+    ``executor``: what the edge runs (:data:`EDGE_EXECUTORS`; None: :func:`default_executor`
+    of the model, or "tiles" with a ``tiles_table``; ``bypass`` and a truncation table's
+    executor options apply to "exact" only). ``tiles_table``: with executor "tiles", a
     tiles table (fluxshard.tiles.profile) whose knobs the edge takes per frame's motion level.
     ``deadline_ms``: see ``--deadline-ms``. ``tls_ca``/``tls_cert``/``tls_key``/``auth_header``:
     how to reach a ``cloud_url`` served with TLS and an auth header (``fluxshard serve``)."""
@@ -224,8 +236,10 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
         raise ValueError(f"fallback must be 'none' or 'edge', got {fallback!r}")
     if uplink_codec not in UPLINK_CODECS:
         raise ValueError(f"uplink codec must be one of {UPLINK_CODECS}, got {uplink_codec!r}")
-    if executor not in EDGE_EXECUTORS:
+    if executor is not None and executor not in EDGE_EXECUTORS:
         raise ValueError(f"executor must be one of {EDGE_EXECUTORS}, got {executor!r}")
+    if tiles_table is not None and executor is None:
+        executor = "tiles"
     if tiles_table is not None and executor != "tiles":
         raise ValueError(f"--tiles-table sets the tile executor's knobs; give --executor tiles "
                          f"with it (got --executor {executor})")
@@ -250,6 +264,7 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model = edge_model(weights)
+        executor = executor or default_executor(model)
         edge = edge_endpoint(executor, model, executor_options, tiles_table, weights)
     class_names = [model.names[k] for k in range(model.nc)]
     notes = [str(w.message) for w in caught]

@@ -306,6 +306,24 @@ def test_fluxshard_run_dense_finds_the_person_in_a_real_clip(tmp_path):
         "--executor tiles or dense")
 
 
+def test_fluxshard_run_with_yolov3_tiny_and_no_executor_runs_tiles_on_a_real_clip(tmp_path):
+    """`fluxshard run VIDEO --weights yolov3-tiny`: the exact executor cannot run Darknet, so
+    the edge's default for it is the tile executor, and the person is found as densely."""
+    from fluxshard.footage import camera_stream
+
+    video = camera_stream("carphone_pristine", tmp_path / "clip", frames=10)
+    done = _cli("run", str(video), "--weights", "yolov3-tiny", "--dispatch", "edge",
+                "--frames", "10", "--out", str(tmp_path / "out"), "--no-progress")
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["executor"] == "tiles"
+    frames = [json.loads(line) for line in
+              (tmp_path / "out" / "detections.jsonl").read_text().splitlines()]
+    with_person = [f for f in frames
+                   if any(n == "person" and s >= 0.5 for n, s in zip(f["names"], f["scores"]))]
+    assert len(with_person) >= 8, [list(zip(f["names"], f["scores"])) for f in frames]
+
+
 @pytest.mark.slow
 def test_the_served_model_takes_named_weights(triton_installed, tmp_path):
     """`fluxshard run --dispatch cloud` starts a local tritonserver whose fluxshard model gets

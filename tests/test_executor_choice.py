@@ -320,7 +320,8 @@ def test_profile_latency_measures_tiles_against_crop_area(tmp_path):
     from fluxshard.tools.profile import profile_latency
 
     path = tmp_path / "latency.json"
-    assert main(["profile", "latency", "--size", "160", "96", "--fractions", "0", "0.1", "1",
+    # big enough that a tenth of the blocks with the 32-px halo crops less than the frame
+    assert main(["profile", "latency", "--size", "320", "192", "--fractions", "0", "0.1", "1",
                  "--repeats", "1", "--no-cloud", "--executors", "tiles", "dense", "--out",
                  str(path), "--no-progress"]) == 0
     profile = LatencyProfile.load(path)
@@ -330,7 +331,7 @@ def test_profile_latency_measures_tiles_against_crop_area(tmp_path):
     # changed, one partial crop (the change and its halo, less than the frame)
     assert len(tiles.fractions) == 3 and 0.1 <= tiles.fractions[1] < 1.0
     assert dense.fractions == [0.0, 1.0] and dense.ms[0] > 0
-    assert Dispatcher(profile, edge_executor="tiles").decide(1.0, 1.0, 0, 160, 96).edge_ms == \
+    assert Dispatcher(profile, edge_executor="tiles").decide(1.0, 1.0, 0, 320, 192).edge_ms == \
         pytest.approx(tiles.ms[-1])
     # what the tables hold, on an injected clock: each timed run is exactly one 2 ms tick
     timed = profile_latency(width=160, height=96, fractions=(0, 0.1, 1), repeats=1, cloud=False,

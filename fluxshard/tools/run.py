@@ -54,10 +54,12 @@ def add_run_arguments(p: argparse.ArgumentParser, demo_default: bool = False,
                    help="latency tables (fluxshard profile latency; default "
                         "out/profile/latency.json when present, else built in)")
     shared.add_weights(p)
-    shared.add_executor(p, default=DEFAULT_EXECUTOR,
+    shared.add_executor(p, default=None,
                         help="edge executor: exact (sparse executor, reuse exact on the assembled "
-                             "input), tiles (v2 tile executor on onnxruntime, detect models only) "
-                             "or dense (fastest dense engine every frame)")
+                             "input; YOLO11 only), tiles (v2 tile executor on onnxruntime, detect "
+                             "models only) or dense (fastest dense engine every frame); default: "
+                             f"{DEFAULT_EXECUTOR} on YOLO11, tiles on another family's detect "
+                             "model (e.g. --weights yolov3-tiny)")
     p.add_argument("--tiles-table", type=cli_common.existing_file, default=None,
                    help="--executor tiles: the tiles table (fluxshard profile accuracy --executor "
                         "tiles): the tile executor's knobs per motion level, picked per frame by "
