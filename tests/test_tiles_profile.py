@@ -263,10 +263,15 @@ def test_run_executor_tiles_takes_the_tiles_table(swept, tmp_path):
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["executor"] == "tiles" and summary["tiles_table"] == str(table)
-    # the table without --executor tiles: one line, exit 1, before anything runs
+    # the table without --executor: it implies tiles
+    implied = tmp_path / "implied"
+    rc = main(["run", "--demo", "--frames", "2", "--size", "320", "192", "--out", str(implied),
+               "--dispatch", "edge", "--no-progress", "--tiles-table", str(table)])
+    assert rc == 0 and json.loads((implied / "summary.json").read_text())["executor"] == "tiles"
+    # the table with another executor: one line, exit 1, before anything runs
     rc = main(["run", "--demo", "--frames", "2", "--size", "320", "192", "--out",
-               str(tmp_path / "exact"), "--dispatch", "edge", "--no-progress", "--tiles-table",
-               str(table)])
+               str(tmp_path / "exact"), "--dispatch", "edge", "--no-progress", "--executor",
+               "exact", "--tiles-table", str(table)])
     assert rc == 1 and not (tmp_path / "exact").exists()
 
 
