@@ -40,7 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .families import CheckpointError, ModelFamily, NamedWeights, register_family, register_named_weights
+from .families import (CheckpointError, ModelFamily, NamedWeights, register_family,
+                       register_named_weights, run_layers)
 from .yolo import fuse_conv_bn
 
 LEAKY_SLOPE = 0.1
@@ -467,21 +468,11 @@ class DarknetModel(nn.Module):
         if x.shape[2] % 32 or x.shape[3] % 32:
             raise ValueError(f"input H and W must be multiples of 32 (use preprocess()), got "
                              f"{tuple(x.shape[2:])}")
-        return self._walk(x, raw=False)
+        return run_layers(self, x)
 
     def raw_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The [yolo] levels' raw maps (B, K * (5 + nc), h, w) of ``x``, before any decoding."""
-        return self._walk(x, raw=True)
-
-    def _walk(self, x: torch.Tensor, raw: bool):
-        head = self.head
-        y: list[torch.Tensor | None] = []
-        for m in self.model:
-            if m.f != -1:
-                x = y[m.f] if isinstance(m.f, int) else [x if j == -1 else y[j] for j in m.f]
-            x = head.head_maps(x) if raw and m is head else m(x)
-            y.append(x if m.i in self.save else None)
-        return x
+        return run_layers(self, x, raw_head=True)
 
     def fuse(self) -> "DarknetModel":
         return fuse(self)

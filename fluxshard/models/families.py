@@ -179,3 +179,19 @@ def named_weights() -> tuple[NamedWeights, ...]:
 def named_weights_for(name) -> NamedWeights | None:
     """The registered weights called ``name`` (a str), else None."""
     return _NAMED.get(name) if isinstance(name, str) else None
+
+
+def run_layers(model: nn.Module, x, raw_head: bool = False):
+    """Walk ``model.model`` as every family's model does (ultralytics' ``_predict_once``): a layer
+    with ``f == -1`` reads the previous output, otherwise ``y[f]`` (or a list of those), and only
+    the outputs of ``model.save`` are kept. ``raw_head``: the last layer (the head) returns its
+    raw per-level maps (``head_maps``) instead of its eval output, as the tile executor's crop
+    engines want them."""
+    head = model.model[-1]
+    y: list = []
+    for m in model.model:
+        if m.f != -1:
+            x = y[m.f] if isinstance(m.f, int) else [x if j == -1 else y[j] for j in m.f]
+        x = head.head_maps(x) if raw_head and m is head else m(x)
+        y.append(x if m.i in model.save else None)
+    return x

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .families import CheckpointError, ModelFamily, register_family
+from .families import CheckpointError, ModelFamily, register_family, run_layers
 from .modules import (SPPF, C2PSA, C3k2, Concat, Conv, Detect, Segment)
 
 TASKS = ("detect", "segment")
@@ -167,13 +167,7 @@ class YOLO11(nn.Module):
         if x.shape[2] % 32 or x.shape[3] % 32:
             raise ValueError(f"input H and W must be multiples of 32 (use preprocess()), got "
                              f"{tuple(x.shape[2:])}")
-        y: list[torch.Tensor | None] = []
-        for m in self.model:
-            if m.f != -1:
-                x = y[m.f] if isinstance(m.f, int) else [x if j == -1 else y[j] for j in m.f]
-            x = m(x)
-            y.append(x if m.i in self.save else None)
-        return x
+        return run_layers(self, x)
 
     def fuse(self) -> "YOLO11":
         """Fold BatchNorm into the convolutions in place (see :func:`fuse`)."""

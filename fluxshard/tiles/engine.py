@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from fluxshard.models.export import onnxruntime_session
+from fluxshard.models.families import run_layers
 from fluxshard.models.yolo import YOLO11, fuse, is_fused
 
 ENGINE_KINDS = ("torch", "onnxruntime", "tensorrt")
@@ -24,17 +25,10 @@ ENGINE_KINDS = ("torch", "onnxruntime", "tensorrt")
 
 def raw_head_maps(model: YOLO11, x: torch.Tensor) -> list[torch.Tensor]:
     """The head's raw maps [(B, head.no, H/s, W/s) for s in head.strides] of ``x``."""
-    head = model.head  # the head interface: fluxshard/models/families.py
     if model.task != "detect":
         raise NotImplementedError("the tile executor caches detect heads only (seg: not built yet)")
-    # (the head's maps in its own level order: model.head.strides)
-    y: list[torch.Tensor | None] = []
-    for m in model.model:
-        if m.f != -1:
-            x = y[m.f] if isinstance(m.f, int) else [x if j == -1 else y[j] for j in m.f]
-        x = m.head_maps(x) if m is head else m(x)
-        y.append(x if m.i in model.save else None)
-    return x
+    # the head's maps in its own level order (model.head.strides)
+    return run_layers(model, x, raw_head=True)
 
 
 class _RawMaps(nn.Module):
