@@ -19,9 +19,12 @@ What the rest of FluxShard needs from a family's model (an ``nn.Module``):
     in ``fluxshard/sparse/rules.py`` (a family using new op types adds rules there: that is the
     "add an op" change);
   * ``model.head`` (the last layer), for the tile executor: ``head_maps(features)`` (raw
-    per-level maps), ``no`` (channels per map), ``nc``, ``reg_max`` and ``dfl`` (the distribution
-    box decode: the tile executor decodes YOLO's left/top/right/bottom distances per cell),
-    ``anchors_for(maps)`` -> (anchor cells (A, 2), strides (A, 1)), and ``decode``.
+    per-level maps, walked to by :func:`run_layers` with ``raw_head``), ``strides`` (one per
+    level, in that order), ``anchors_per_cell`` (K), ``no`` (raw channels per map), ``nc``,
+    ``relative(maps)`` -> per level (B, K*(4 + nc), h, w): per anchor slot the box centre's
+    offset from the cell's centre and the box size (input pixels), then the scores, and
+    ``anchors_for(maps)`` -> (cell centres (A, 2) in cells, strides (A, 1)) in the eval
+    output's order (level, anchor slot, cell row-major).
 The trainer (``fluxshard/train/``) is YOLO's: its loss reads YOLO11's head outputs.
 """
 
