@@ -7,7 +7,6 @@ for) is written back into the output cache, the rest is halo (context) and is di
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import cv2
@@ -22,12 +21,6 @@ SNAP = 32  # the model's largest stride: crops on this grid keep every level's c
 BUCKETS = (64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512, 640, 768, 1024)
 UNIFY_GROWTH = 1.4  # crops grow to one shape (one batched call) while the area grows this much at most
 MIN_FILL = 0.6  # a crop rectangle this full of needed blocks is not worth cutting further
-
-
-def block_mean_abs_diff(a: np.ndarray, b: np.ndarray, block: int) -> np.ndarray:
-    """Mean |a - b| over each block's pixels and channels, (ceil(H/b), ceil(W/b)) float32;
-    blocks cut by the frame edge average the pixels they have."""
-    return block_mean(cv2.absdiff(np.ascontiguousarray(a), np.ascontiguousarray(b)), block)
 
 
 def block_mean(values: np.ndarray, block: int) -> np.ndarray:
@@ -52,34 +45,6 @@ def block_mean(values: np.ndarray, block: int) -> np.ndarray:
     return means.astype(np.float32)
 
 
-def warp_bilinear(image: np.ndarray, field: np.ndarray) -> np.ndarray:
-    """``image`` (the previous frame) warped to the current one by the backward field at its
-    sub-pixel precision (bilinear; the codec predicts at quarter pixels, so an integer-rounded
-    warp leaves half-pixel errors that flag every textured block of a slow pan). Sources
-    outside the image repeat its border (``outside_share`` says how much of a block that is)."""
-    h, w = image.shape[:2]
-    field = np.asarray(field, np.float32)
-    cell = MV_BLOCK
-    moving = field.any(-1)
-    rows, cols = np.flatnonzero(moving.any(1)), np.flatnonzero(moving.any(0))
-    if not len(rows):
-        return image
-    # only the rectangle that moves is resampled (a still camera's moving objects are small)
-    y0, y1 = rows[0] * cell, min((rows[-1] + 1) * cell, h)
-    x0, x1 = cols[0] * cell, min((cols[-1] + 1) * cell, w)
-    part = field[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
-    per_pixel = cv2.resize(part, (part.shape[1] * cell, part.shape[0] * cell),
-                           interpolation=cv2.INTER_NEAREST)[:y1 - y0, :x1 - x0]
-    xs, ys = _pixel_grid(h, w)
-    out = image.copy()
-    # fixed-point maps (1/32 pixel, what remap interpolates with anyway) remap faster
-    map_xy, map_frac = cv2.convertMaps(xs[y0:y1, x0:x1] + per_pixel[..., 0],
-                                       ys[y0:y1, x0:x1] + per_pixel[..., 1], cv2.CV_16SC2)
-    out[y0:y1, x0:x1] = cv2.remap(np.ascontiguousarray(image), map_xy, map_frac, cv2.INTER_LINEAR,
-                                  borderMode=cv2.BORDER_REPLICATE)
-    return out
-
-
 def outside_share(field: np.ndarray, height: int, width: int, block: int) -> np.ndarray:
     """Per ``block``: the share of its pixels whose source (pixel + vector) lies outside the
     previous frame, from each 4x4 motion block's vector (the share of its columns and rows
@@ -92,27 +57,6 @@ def outside_share(field: np.ndarray, height: int, width: int, block: int) -> np.
     out_y = np.clip(-y0 / MV_BLOCK, 0, 1) + np.clip((y0 + MV_BLOCK - height) / MV_BLOCK, 0, 1)
     outside = 1.0 - (1.0 - np.minimum(out_x, 1)) * (1.0 - np.minimum(out_y, 1))
     return block_mean(outside, block // MV_BLOCK)
-
-
-@functools.lru_cache(maxsize=8)
-def _pixel_grid(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-    xs = np.broadcast_to(np.arange(w, dtype=np.float32)[None, :], (h, w))
-    ys = np.broadcast_to(np.arange(h, dtype=np.float32)[:, None], (h, w))
-    return xs, ys
-
-
-def changed_blocks(frame: np.ndarray, previous: np.ndarray, field: np.ndarray, block: int
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """v2 4.1: each block's mean |frame - previous warped by the field| in grey levels, and the
-    share of each block's pixels whose source lies outside the previous frame (content never
-    seen: the entering edge of a pan). Sources outside compare with the nearest border pixel, so
-    the entering edge is judged by that share, not by a difference against black. A zero field
-    (still camera) compares the frames as they are."""
-    if not np.any(field):
-        change = block_mean_abs_diff(frame, previous, block)
-        return change, np.zeros_like(change)
-    return (block_mean_abs_diff(frame, warp_bilinear(previous, field), block),
-            outside_share(field, *frame.shape[:2], block))
 
 
 def pad_grid(mask: np.ndarray, shape: tuple[int, int], fill=False) -> np.ndarray:

@@ -50,36 +50,14 @@ def carry_map(cache: torch.Tensor, offset: np.ndarray, field_grid: np.ndarray
 
     Each cell's content is tracked with its sub-cell ``offset`` (H, W, 2), x then y: the content
     of cell n lies at n + offset[n]. Every new cell takes the whole content of the old cell
-    nearest to where its source lies, and records where that content now is; decoding shifts
-    each box by its cell's offset. So logits are never blurred (bilinear resampling every
-    frame smears a slowly moving object's class peak until it drops below the threshold) and
-    boxes keep their sub-pixel place. Returns (map, offset, miss): miss marks cells whose
-    source lies outside the map."""
-    _, c, h, w = cache.shape
-    if not field_grid.any() and not offset.any():  # nothing moved: the cache as it is
-        return cache, offset, np.zeros((h, w), bool)
-    ys, xs = _cell_grid(h, w)
-    qx = xs + field_grid[..., 0]
-    qy = ys + field_grid[..., 1]
-    miss = (qx < -0.5) | (qx > w - 0.5) | (qy < -0.5) | (qy > h - 0.5)
-    # the old cell whose content lies nearest the source, among the 3x3 around it (its own
-    # offset taken into account; a wider or chained search lets offsets run away where
-    # neighbouring cells move differently)
-    cy = np.floor(qy + 0.5).astype(np.int32)
-    cx = np.floor(qx + 0.5).astype(np.int32)
-    ty = np.clip(cy[None] + _NEIGHBOURS[:, 0, None, None], 0, h - 1)  # (9, h, w)
-    tx = np.clip(cx[None] + _NEIGHBOURS[:, 1, None, None], 0, w - 1)
-    flat = (ty * w + tx).reshape(9, -1)
-    ex = tx.reshape(9, -1) + offset[..., 0].ravel()[flat] - qx.ravel()
-    ey = ty.reshape(9, -1) + offset[..., 1].ravel()[flat] - qy.ravel()
-    pick = np.argmin(ex * ex + ey * ey, axis=0)  # first minimum: the centre on ties
-    cells = np.arange(h * w)
-    index = flat[pick, cells]
-    moved = np.stack([ex[pick, cells], ey[pick, cells]], -1).reshape(h, w, 2)
-    moved[miss] = 0.0
-    index = torch.from_numpy(index.astype(np.int64))
-    carried = cache.reshape(c, h * w).index_select(1, index).reshape(1, c, h, w)
-    return carried, moved.astype(np.float32), miss
+    nearest to where its source lies (among the 3x3 around it, its own offset taken into
+    account: a wider or chained search lets offsets run away where neighbouring cells move
+    differently), and records where that content now is; decoding shifts each box by its
+    cell's offset. So logits are never blurred (bilinear resampling every frame smears a slowly
+    moving object's class peak until it drops below the threshold) and boxes keep their
+    sub-pixel place. Returns (map, offset, miss): miss marks cells whose source lies outside
+    the map. One level of :func:`carry_maps`."""
+    return carry_maps([cache], [offset], [field_grid])[0]
 
 
 @functools.lru_cache(maxsize=16)
@@ -168,11 +146,6 @@ def carry_blocks(values: np.ndarray, sources, fill) -> np.ndarray:
     out = np.full_like(values, fill)
     out[inside] = values[sy, sx]
     return out
-
-
-def warp_blocks(values: np.ndarray, field: np.ndarray, block: int, fill) -> np.ndarray:
-    """Carry a per-block array along the field (see :func:`block_sources`)."""
-    return carry_blocks(values, block_sources(field, values.shape, block), fill)
 
 
 def project_boxes(boxes: np.ndarray, field: np.ndarray) -> np.ndarray:
