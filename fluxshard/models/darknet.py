@@ -42,7 +42,7 @@ from torch import nn
 
 from .families import (CheckpointError, ModelFamily, NamedWeights, register_family,
                        register_named_weights, run_layers)
-from .yolo import fuse_conv_bn
+from .yolo import fuse_batchnorms
 
 LEAKY_SLOPE = 0.1
 BN_EPS = 1e-5
@@ -481,14 +481,9 @@ class DarknetModel(nn.Module):
         return f"scale={self.scale!r}, task={self.task!r}, nc={self.nc}"
 
 
-@torch.no_grad()
 def fuse(model: DarknetModel) -> DarknetModel:
     """Fold every BatchNorm into its convolution, in place (inference only)."""
-    for m in model.modules():
-        if isinstance(m, DarknetConv) and hasattr(m, "bn"):
-            m.conv = fuse_conv_bn(m.conv, m.bn)
-            del m.bn
-    return model
+    return fuse_batchnorms(model, DarknetConv)
 
 
 # ---------------------------------------------------------------------------------- weights

@@ -196,13 +196,19 @@ def fuse_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
 
 
 @torch.no_grad()
-def fuse(model: YOLO11) -> YOLO11:
-    """Fold every Conv's BatchNorm into its convolution, in place (inference only)."""
+def fuse_batchnorms(model: nn.Module, conv_class: type[nn.Module]) -> nn.Module:
+    """Fold the BatchNorm (``bn``) of every ``conv_class`` layer into its ``conv``, in place
+    (inference only): what every family's ``fuse`` does with its own conv block."""
     for m in model.modules():
-        if isinstance(m, Conv) and hasattr(m, "bn"):
+        if isinstance(m, conv_class) and hasattr(m, "bn"):
             m.conv = fuse_conv_bn(m.conv, m.bn)
             del m.bn
     return model
+
+
+def fuse(model: YOLO11) -> YOLO11:
+    """Fold every Conv's BatchNorm into its convolution, in place (inference only)."""
+    return fuse_batchnorms(model, Conv)
 
 
 def is_fused(model: nn.Module) -> bool:
