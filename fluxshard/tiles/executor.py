@@ -273,7 +273,8 @@ class TileExecutor:
 
     def _dense(self, state, frame, padded, grey, grid, report, t0):
         t = self.clock()
-        maps = self.head.relative(self.engine(self.batch_input([padded])))
+        (raw,) = yield [self.batch_input([padded])]
+        maps = self.head.relative(raw)
         self._stage(report, "engine", t)
         if self.adaptive:
             self.latency.observe(1.0, report.stages["engine"])
@@ -294,9 +295,15 @@ class TileExecutor:
         (1, 4 + nc, A), TileReport)."""
         # the cached maps are written in place frame after frame: all under inference mode
         with torch.inference_mode():
-            return self._run(state, frame, field, key)
+            return run_steps(self.steps(state, frame, field, key=key), self.engine)
 
-    def _run(self, state, frame, field, key):
+    def steps(self, state: TileStreamState, frame: np.ndarray, field: np.ndarray | None = None,
+              *, key: bool = False):
+        """:meth:`run`'s frame as a generator, so a caller can compute several streams' frames
+        together (``fluxshard.tiles.batching``): it plans the frame, yields the engine inputs
+        the frame needs once (a list of (B, 3, h, w) batches; none when nothing needs
+        computing), is sent the engine's output for each, and returns what :meth:`run`
+        returns. Run it under ``torch.inference_mode()``."""
         t0 = self.clock()
         frame = np.asarray(frame)
         if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
@@ -312,11 +319,11 @@ class TileExecutor:
         if (key or field is None or state.maps is None or state.reference is None
                 or state.frame_shape != frame.shape):
             report.key = True
-            return self._dense(state, frame, padded, grey, grid, report, t0)
+            return (yield from self._dense(state, frame, padded, grey, grid, report, t0))
         state.frames_since_dense += 1
         if state.frames_since_dense >= self.refresh_interval:
             report.refresh, report.refresh_fraction = True, 1.0
-            return self._dense(state, frame, padded, grey, grid, report, t0)
+            return (yield from self._dense(state, frame, padded, grey, grid, report, t0))
         if self.adaptive and not state.tiles_pay():
             # this stream's content changes too much for crops to win: dense, trying tiles
             # again after probe_interval frames, twice as long after each probe that lost
@@ -325,7 +332,7 @@ class TileExecutor:
             if state.frames_since_probe < wait:
                 state.frames_since_probe += 1
                 report.fallback = True
-                return self._dense(state, frame, padded, grey, grid, report, t0)
+                return (yield from self._dense(state, frame, padded, grey, grid, report, t0))
             state.probe_wait = min(2 * wait, MAX_PROBE_BACKOFF * self.probe_interval)
         else:
             state.probe_wait = self.probe_interval
@@ -385,7 +392,7 @@ class TileExecutor:
         every_area = C.halo_area(critical, halo_blocks + 1) / total
         if (every_area > self.dense_above if self.dense_above is not None
                 else self.latency.dense_is_cheaper(every_area)):
-            return self._dense(state, frame, padded, grey, grid, report, t0)
+            return (yield from self._dense(state, frame, padded, grey, grid, report, t0))
         # 3. salience and budget: what must not be shown stale first, whatever the budget
         budget_blocks = int(self.budget * total)
         if C.halo_area(critical, halo_blocks) > budget_blocks:
@@ -420,9 +427,12 @@ class TileExecutor:
             by_size.setdefault((crop.h, crop.w), []).append(crop)
         area = 0
         computed = np.zeros(grid, bool)
-        for (ch, cw), group in by_size.items():
-            batch = self.batch_input([padded[c.y0:c.y0 + ch, c.x0:c.x0 + cw] for c in group])
-            outs = self.head.relative(self.engine(batch))
+        groups = list(by_size.items())
+        batches = [self.batch_input([padded[c.y0:c.y0 + ch, c.x0:c.x0 + cw] for c in group])
+                   for (ch, cw), group in groups]
+        raws = (yield batches) if batches else []
+        for ((ch, cw), group), raw in zip(groups, raws):
+            outs = self.head.relative(raw)
             for b, c in enumerate(group):
                 iy0, ix0, iy1, ix1 = c.interior
                 for s, full, out, offset in zip(self.strides, maps, outs, offsets):
@@ -446,6 +456,17 @@ class TileExecutor:
         report.deferred_fraction = float(state.deferred.mean())
         report.refresh_fraction = float(refreshed.mean())
         return self._finish(state, frame, maps, report, t0, computed)
+
+
+def run_steps(steps, engine):
+    """Drive one frame's :meth:`TileExecutor.steps` with ``engine``: each batch it yields is
+    one engine call, in order. Returns what the steps return."""
+    try:
+        batches = next(steps)
+        while True:
+            batches = steps.send([engine(batch) for batch in batches])
+    except StopIteration as done:
+        return done.value
 
 
 def _to_blocks(mask: np.ndarray, stride: int, block: int, grid: tuple[int, int]) -> np.ndarray:
