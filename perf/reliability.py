@@ -24,8 +24,8 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from fluxshard.serving.reliability import (StreamDriver, case_row, group_rss_mb,  # noqa: E402
-                                           kill_stub, try_model_upload, try_shared_memory)
+from perf.reliability_kit import (StreamDriver, case_row, group_rss_mb, kill_stub,  # noqa: E402
+                                  try_model_upload, try_shared_memory)
 from fluxshard.serving.supervisor import Supervisor, read_status  # noqa: E402
 from fluxshard.serving.tritonserver import (TritonServer, find_triton, free_port,  # noqa: E402
                                             process_alive, python_stubs)

@@ -24,7 +24,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "tests"))  # the fuzz strategies live with the fuzz tests
 
-from fluxshard.serving.reliability import StreamDriver, group_rss_mb  # noqa: E402
+from perf.reliability_kit import StreamDriver, group_rss_mb  # noqa: E402
 from fluxshard.serving.tritonserver import TritonServer  # noqa: E402
 
 QUICK_REQUESTS, DEFAULT_REQUESTS = 150, 2000

@@ -2,7 +2,7 @@
 stranger with a guessed stream id, ENDs with bad payloads, a full instance, the memory one
 session holds and gives back after END, and idle eviction (a stream silent past the timeout). One server with the shipped ``fluxshard`` config; a
 healthy stream runs alongside every attack and every answer is checked against the true frame's
-digest (fluxshard.serving.reliability.StreamDriver). ``cases(args, log_dir)``; ``args.quick``
+digest (perf/reliability_kit.py: StreamDriver). ``cases(args, log_dir)``; ``args.quick``
 sends fewer ENDs and measures a 640x384 session instead of a 1920x1088 one.
 
     python3 perf/reliability.py [--quick]          # with the other cases
@@ -22,8 +22,8 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from fluxshard import wire  # noqa: E402
 from fluxshard.serving.limits import max_streams_from_parameters  # noqa: E402
-from fluxshard.serving.reliability import (Scene, StreamDriver, case_row,  # noqa: E402
-                                           group_rss_mb, residual_mask)
+from fluxshard.digest_scene import Scene, residual_mask  # noqa: E402
+from perf.reliability_kit import StreamDriver, case_row, group_rss_mb  # noqa: E402
 from fluxshard.serving.tritonserver import TritonServer  # noqa: E402
 
 UNKNOWN = "unknown stream"

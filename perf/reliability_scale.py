@@ -4,7 +4,7 @@ stream set spread over 2 servers by the SDK's rendezvous homing, one server stop
 Streams send frames back to back (each waits for its answer, then sends the next), so per-stream
 latency and total throughput show where one server saturates: past that, more streams share the
 same frames per second and each waits longer. Every answer is checked against the true frame's
-digest (fluxshard.serving.reliability.StreamDriver). ``cases(args, log_dir)``: ``args.quick``
+digest (perf/reliability_kit.py: StreamDriver). ``cases(args, log_dir)``: ``args.quick``
 runs 1 and 3 streams and few frames.
 
     python3 perf/reliability.py [--quick]          # with the other cases
@@ -23,7 +23,8 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from fluxshard.serving.reliability import Scene, StreamDriver, case_row, group_rss_mb  # noqa: E402
+from fluxshard.digest_scene import Scene  # noqa: E402
+from perf.reliability_kit import StreamDriver, case_row, group_rss_mb  # noqa: E402
 from fluxshard.serving.tritonserver import TritonServer  # noqa: E402
 
 FRAME_SIZE = (192, 320)  # H, W: a small camera frame, a few residual blocks per frame

@@ -4,9 +4,9 @@ tritonserver with the ``fluxshard`` model on loopback, the server's memory sampl
 Every stream sends camera frames back to back (a short pause between frames), and every
 ``churn`` seconds one of them ends and a new stream takes its place, so the run covers what a
 long-lived server sees: frames, and sessions opening and closing. Every answer is checked against
-the true frame's digest (:class:`fluxshard.serving.reliability.StreamDriver`). The resident
+the true frame's digest (``StreamDriver`` in perf/reliability_kit.py). The resident
 memory of the server's process group (tritonserver and its python-backend stubs,
-:func:`fluxshard.serving.reliability.group_rss_mb`) is sampled over time and plotted
+``group_rss_mb`` in perf/reliability_kit.py) is sampled over time and plotted
 (``reliability-soak.png`` in the output folder; the samples in ``reliability-soak.json``).
 
 Flat after warm-up: the first half of the run is warm-up (model caches, allocator arenas,
@@ -32,7 +32,8 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from fluxshard.serving.reliability import Scene, StreamDriver, group_rss_mb  # noqa: E402
+from fluxshard.digest_scene import Scene  # noqa: E402
+from perf.reliability_kit import StreamDriver, group_rss_mb  # noqa: E402
 from fluxshard.serving.tritonserver import TritonServer  # noqa: E402
 
 DEFAULT_STREAMS, DEFAULT_MINUTES = 3, 10.0

@@ -70,7 +70,7 @@ def test_down_marks_expire_on_the_clock():
 @pytest.mark.slow
 def test_stream_moves_to_the_other_server_when_its_server_stops(triton_installed, tmp_path):
     from fluxshard import wire
-    from fluxshard.serving.reliability import Scene, residual_mask
+    from fluxshard.digest_scene import Scene, residual_mask
     from fluxshard.serving.tritonserver import TritonServer
 
     servers = [TritonServer(models=["fluxshard"], log_file=tmp_path / f"server{k}.log",

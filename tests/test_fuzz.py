@@ -31,7 +31,7 @@ from hypothesis.extra import numpy as hnp
 
 from fluxshard import wire
 from fluxshard.receive import ReceiveState, ResyncNeeded
-from fluxshard.serving.reliability import Scene, residual_mask
+from fluxshard.digest_scene import Scene, residual_mask
 from fluxshard.uplink_h264 import H264Encoder
 from fluxshard.wire import Codec, PayloadError
 

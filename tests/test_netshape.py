@@ -59,7 +59,7 @@ def test_teardown_leaves_nothing_even_on_error():
 
 def test_cloud_server_in_the_namespace(triton_installed):
     from fluxshard import wire
-    from fluxshard.serving.reliability import Scene
+    from fluxshard.digest_scene import Scene
     from fluxshard_client import FluxShardClient
 
     with ShapedLink(rate_mbit=56, rtt_ms=20) as link:

@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import require_triton
 
-from fluxshard.serving.reliability import (StreamDriver, kill_stub, try_model_upload,
-                                           try_shared_memory)
+from perf.reliability_kit import StreamDriver, kill_stub, try_model_upload, try_shared_memory
 from fluxshard.serving.supervisor import ModelProbe, ProbeFailed, Supervisor, read_status
 from fluxshard.serving.tritonserver import (SHM_DIR, TritonServer, clean_leftovers, find_triton,
                                             free_port, process_alive as alive, python_stubs)

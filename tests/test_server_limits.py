@@ -16,7 +16,8 @@ from fluxshard import wire
 from fluxshard.serving.limits import (FrameLimits, FrameTooLarge, derived_max_streams,
                                       max_streams_from_parameters, release_memory, rss_mb)
 from fluxshard.receive import ResyncNeeded
-from fluxshard.serving.reliability import Scene, StreamDriver, residual_mask
+from fluxshard.digest_scene import Scene, residual_mask
+from perf.reliability_kit import StreamDriver
 from fluxshard.serving.session import ServerFull, SessionManager
 from fluxshard.serving.tritonserver import TritonServer
 

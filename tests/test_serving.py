@@ -15,7 +15,7 @@ from conftest import crash_and_restart, run_in_threads
 
 from fluxshard import wire
 from fluxshard.sessions import DenseYoloSession, load_dense_model, yolo_session_factory
-from fluxshard.serving.reliability import residual_mask  # tau 0: any pixel that differs
+from fluxshard.digest_scene import residual_mask
 from fluxshard.serving.tritonserver import TritonServer
 from fluxshard_client import (AsyncFluxShardClient, CloudError, FluxShardClient, RetryPolicy)
 
