@@ -11,6 +11,7 @@ import json
 import sys
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 DEMO_SIZE = (640, 384)
@@ -218,18 +219,78 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
     executor options apply to "exact" only). ``tiles_table``: with executor "tiles", a
     tiles table (fluxshard.tiles.profile) whose knobs the edge takes per frame's motion level.
     ``deadline_ms``: see ``--deadline-ms``. ``tls_ca``/``tls_cert``/``tls_key``/``auth_header``:
-    how to reach a ``cloud_url`` served with TLS and an auth header (``fluxshard serve``)."""
-    import numpy as np
-    from tqdm import tqdm
+    how to reach a ``cloud_url`` served with TLS and an auth header (``fluxshard serve``).
 
-    from fluxshard import wire
+    The steps: check the options (:func:`_check_options`), load the edge
+    (:func:`_load_edge`), open the source (:func:`_open_source`), build the stream
+    (:func:`_open_stream`), the per-frame loop (:func:`_process_frames`) and the outputs
+    (:class:`_FrameOutputs`, :func:`_write_summary`)."""
     from fluxshard.models import YOLO11
-    from fluxshard.models.ops import padded_size
-    from fluxshard_client import FluxShardClient, RemoteEndpoint, RetryPolicy
-
-    from . import outputs
 
     out = Path(out)
+    executor, tiles = _check_options(bandwidth_mbps, fallback, uplink_codec, executor,
+                                     tiles_table)
+    connection = _connection(cloud_url, tls_ca, tls_cert, tls_key, auth_header)
+    # a --cloud-url that does not answer is known before the clip is made or the model loads
+    health = _CloudHealth(where=cloud_url or "local tritonserver",
+                          strict=dispatch == "cloud" and fallback == "none")
+    if health.strict and deadline_ms is None:
+        deadline_ms = float("inf")  # the cloud's answer or an error, never the edge's
+    if cloud_url and dispatch != "edge":
+        health.down = _unreachable(cloud_url, **connection)
+    if health.down and health.strict:
+        raise RuntimeError(f"--dispatch cloud: cannot reach the cloud at {health.where} "
+                           f"({health.down}); --fallback edge runs on the edge instead")
+    tau_policy, executor_options, profile = edge_policies(tau, tau_table, bypass,
+                                                          latency_profile)
+    model, executor, edge, notes = _load_edge(weights, executor, executor_options, tiles)
+    class_names = [model.names[k] for k in range(model.nc)]
+
+    out.mkdir(parents=True, exist_ok=True)  # once the options are known to be good
+    video = _open_source(video, demo, out, size, frames, camera, progress)
+    prepare_edge(edge, executor, video)
+    t_start = time.perf_counter()
+    # the exact executor runs YOLO11 only: a local cloud runs other families densely
+    cloud_executor = None if isinstance(model, YOLO11) else "dense"
+    with _cloud(cloud_url, dispatch, out, weights, cloud_executor) as url:
+        client, cloud = _open_cloud(url, bandwidth_mbps, connection, stream_id, uplink_codec,
+                                    uplink_quality)
+        stream = edge_stream(edge, cloud, dispatch=dispatch, tau_policy=tau_policy,
+                             profile=profile, margin_ms=margin_ms, bandwidth_mbps=bandwidth_mbps,
+                             deadline_ms=deadline_ms)
+        health.start(stream)
+        try:
+            with _FrameOutputs(out, class_names, executor, stream.core.block) as writer:
+                broke = _process_frames(stream, edge_frames(video, frames), writer, health,
+                                        has_cloud=bool(url),
+                                        total=frames or _frame_count(video), progress=progress)
+        finally:
+            stream.close()
+            if client is not None:
+                client.close()
+    if not writer.rows:
+        raise ValueError(f"{video}: no frames decoded" + (f" ({broke})" if broke else ""))
+    return _write_summary(writer.rows, out, video, stream, cloud, health, broke, bool(url), {
+        "dispatch": dispatch if url else "edge (no cloud)",
+        "executor": executor,
+        "tiles_table": str(tiles_table) if tiles_table is not None else None,
+        "edge_latency_table": "profiled" if profile.source != "default"
+        and profile.has_edge_table(executor) else "built-in",
+        "cloud_url": cloud_url or ("local tritonserver" if url else None),
+        "bandwidth_limit_mbps": bandwidth_mbps, "uplink_codec": uplink_codec,
+        "weights": str(weights) if weights else "embedded demo detector",
+        "classes": class_names,
+        "tau": tau_policy.source, "latency_profile": profile.source, "margin_ms": margin_ms,
+        "deadline_ms": "derived" if deadline_ms is None else deadline_ms,
+        "tls": bool(connection.get("ssl")), "auth_header": auth_header is not None,
+        "wall_s": round(time.perf_counter() - t_start, 2), "warnings": notes,
+        "fallback": fallback})
+
+
+def _check_options(bandwidth_mbps, fallback: str, uplink_codec: str, executor: str | None,
+                   tiles_table):
+    """(executor, loaded tiles table or None) once the options are known to be good: a bad one
+    is refused before the model loads."""
     if bandwidth_mbps is not None and bandwidth_mbps <= 0:
         raise ValueError(f"--bandwidth-mbps must be > 0, got {bandwidth_mbps}")
     if fallback not in ("none", "edge"):
@@ -238,40 +299,33 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
         raise ValueError(f"uplink codec must be one of {UPLINK_CODECS}, got {uplink_codec!r}")
     if executor is not None and executor not in EDGE_EXECUTORS:
         raise ValueError(f"executor must be one of {EDGE_EXECUTORS}, got {executor!r}")
-    if tiles_table is not None and executor is None:
-        executor = "tiles"
-    if tiles_table is not None and executor != "tiles":
+    if tiles_table is None:
+        return executor, None
+    executor = executor or "tiles"
+    if executor != "tiles":
         raise ValueError(f"--tiles-table sets the tile executor's knobs; give --executor tiles "
                          f"with it (got --executor {executor})")
-    tiles_table_path = tiles_table
-    if tiles_table is not None:  # a bad table is refused before the model loads
-        from fluxshard.tiles.profile import TilesTable
+    from fluxshard.tiles.profile import TilesTable
 
-        tiles_table = TilesTable.load(tiles_table)
-    connection = _connection(cloud_url, tls_ca, tls_cert, tls_key, auth_header)
-    # a --cloud-url that does not answer is known before the clip is made or the model loads
-    where = cloud_url or "local tritonserver"
-    strict = dispatch == "cloud" and fallback == "none"
-    if strict and deadline_ms is None:
-        deadline_ms = float("inf")  # the cloud's answer or an error, never the edge's
-    down = _unreachable(cloud_url, **connection) if cloud_url and dispatch != "edge" else None
-    if down and strict:
-        raise RuntimeError(f"--dispatch cloud: cannot reach the cloud at {where} ({down}); "
-                           "--fallback edge runs on the edge instead")
-    tau_policy, executor_options, profile = edge_policies(tau, tau_table, bypass,
-                                                          latency_profile)
+    return executor, TilesTable.load(tiles_table)
 
+
+def _load_edge(weights, executor: str | None, executor_options: dict, tiles_table):
+    """(model, executor, edge endpoint, warnings printed while loading them)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model = edge_model(weights)
         executor = executor or default_executor(model)
         edge = edge_endpoint(executor, model, executor_options, tiles_table, weights)
-    class_names = [model.names[k] for k in range(model.nc)]
     notes = [str(w.message) for w in caught]
     for note in notes:
         print(f"warning: {note}", file=sys.stderr)
+    return model, executor, edge, notes
 
-    out.mkdir(parents=True, exist_ok=True)  # once the options are known to be good
+
+def _open_source(video, demo: bool, out: Path, size: tuple[int, int], frames: int | None,
+                 camera: str, progress: bool) -> str:
+    """The video to decode: ``video`` (a file or a URL), or with ``demo`` a synthesized clip."""
     if demo:
         from fluxshard import synth
 
@@ -281,113 +335,162 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
     video = str(video)
     if not (Path(video).exists() or "://" in video):
         raise FileNotFoundError(f"video not found: {video}")
-    prepare_edge(edge, executor, video)
-    rows: list[dict] = []
-    broke: list[str] = []  # why the stream broke off mid-way, if it did
-    writer = None
-    t_start = time.perf_counter()
-    # the exact executor runs YOLO11 only: a local cloud runs other families densely
-    cloud_executor = None if isinstance(model, YOLO11) else "dense"
-    with _cloud(cloud_url, dispatch, out, weights, cloud_executor) as url:
-        # without a deadline (--dispatch cloud --fallback none) a cloud gone for 10 s ends the run
-        client = FluxShardClient(url, uplink_mbps=bandwidth_mbps,
-                                 retry=RetryPolicy(reconnect_timeout_s=10.0),
-                                 **connection) if url else None
-        codec = wire.Codec[UPLINK_WIRE_CODECS[uplink_codec]]
-        cloud = RemoteEndpoint(client.open_stream(stream_id, key_codec=codec, residual_codec=codec,
-                                                  uplink_quality=uplink_quality)
-                               ) if client else None
-        stream = edge_stream(edge, cloud, dispatch=dispatch, tau_policy=tau_policy,
-                             profile=profile, margin_ms=margin_ms, bandwidth_mbps=bandwidth_mbps,
-                             deadline_ms=deadline_ms)
-        cloud_events: list[str] = []  # losing / regaining the cloud, as printed
-        if down:
-            cloud_events.append(f"cloud {where} unreachable ({down}): running on the edge "
-                                "until it answers")
-            print(f"fluxshard run: {cloud_events[-1]}", file=sys.stderr)
+    return video
+
+
+def _open_cloud(url: str | None, bandwidth_mbps, connection: dict, stream_id, uplink_codec: str,
+                uplink_quality):
+    """(client, cloud endpoint) for the cloud at ``url`` ((None, None) without one)."""
+    from fluxshard import wire
+    from fluxshard_client import FluxShardClient, RemoteEndpoint, RetryPolicy
+
+    if not url:
+        return None, None
+    # without a deadline (--dispatch cloud --fallback none) a cloud gone for 10 s ends the run
+    client = FluxShardClient(url, uplink_mbps=bandwidth_mbps,
+                             retry=RetryPolicy(reconnect_timeout_s=10.0), **connection)
+    codec = wire.Codec[UPLINK_WIRE_CODECS[uplink_codec]]
+    return client, RemoteEndpoint(client.open_stream(stream_id, key_codec=codec,
+                                                     residual_codec=codec,
+                                                     uplink_quality=uplink_quality))
+
+
+@dataclass
+class _CloudHealth:
+    """Losing and regaining the cloud as the frames go (printed on stderr as it happens), and
+    the frames the edge ran for want of it. ``strict``: --dispatch cloud --fallback none, where
+    losing the cloud ends the run."""
+
+    where: str
+    strict: bool
+    down: str | None = None  # why the cloud is out of the stream now (None: it answers)
+    events: list[str] = field(default_factory=list)
+    failures_seen: int = 0
+    edge_fallback: int = 0
+
+    def start(self, stream) -> None:
+        if self.down:
+            self._event(f"cloud {self.where} unreachable ({self.down}): running on the edge "
+                        "until it answers", print)
             # left out like a cloud that failed mid-run: back once it answers a readiness probe
-            stream.cloud_lost(f"unreachable ({down})")
-        failures_seen, edge_fallback = 0, 0
-        bar = tqdm(total=frames or _frame_count(video), desc="fluxshard run", unit="frame",
-                   disable=not progress, dynamic_ncols=True)
-        try:
-            with open(out / "detections.jsonl", "w") as det_file:
-                for mf in _frames_until_break(edge_frames(video, frames), broke):
-                    result = stream.process(mf.image, None if mf.is_key else mf.field,
-                                            mf.is_key, mf.index)
-                    failures = stream.core.cloud_failures
-                    if len(failures) > failures_seen:  # the cloud gave up on this frame
-                        failures_seen = len(failures)
-                        if strict:
-                            raise RuntimeError(f"--dispatch cloud: lost the cloud at {where} "
-                                               f"({failures[-1]}); --fallback edge runs on the "
-                                               "edge instead")
-                        if not down:
-                            down = failures[-1]
-                            cloud_events.append(f"cloud {where} failed at {down}: running on "
-                                                "the edge until it answers")
-                            tqdm.write(f"fluxshard run: {cloud_events[-1]}", file=sys.stderr)
-                    elif down and result.endpoint == "cloud":
-                        down = None
-                        cloud_events.append(f"cloud {where} answers again from frame "
-                                            f"{result.index}")
-                        tqdm.write(f"fluxshard run: {cloud_events[-1]}", file=sys.stderr)
-                    reason = result.decision.reason
-                    if url and result.endpoint == "edge" and (
-                            reason == "no cloud"
-                            or reason.startswith(("cloud failed", "cloud down"))):
-                        edge_fallback += 1
-                    record = outputs.detection_record(result, class_names)
-                    if result.endpoint == "edge":
-                        record["executor"] = executor
-                        if "crop_area_fraction" in result.stats:
-                            record["crop_area_fraction"] = result.stats["crop_area_fraction"]
-                    det_file.write(json.dumps(record) + "\n")
-                    record["jpeg_bytes"] = outputs.jpeg_bytes(mf.image)
-                    rows.append(record)
-                    h, w = mf.image.shape[:2]
-                    if writer is None:
-                        padded_size(w, h, who="fluxshard run")  # preprocess pads each frame
-                        writer = outputs.VideoWriter(out / "annotated.mp4", w - w % 2, h - h % 2)
-                    image = outputs.annotate(mf.image, result, class_names, stream.core.block)
-                    writer.write(image[:h - h % 2, :w - w % 2])
-                    bar.update(1)
-                    bar.set_postfix_str(f"{result.endpoint} {result.latency_ms:.0f} ms")
-        finally:
-            bar.close()
-            if writer is not None:
-                writer.close()
-            stream.close()
-            if client is not None:
-                client.close()
-    if not rows:
-        raise ValueError(f"{video}: no frames decoded" + (f" ({broke[0]})" if broke else ""))
+            stream.cloud_lost(f"unreachable ({self.down})")
+
+    def observe(self, stream, result, has_cloud: bool) -> None:
+        """Take note of one frame's result."""
+        from tqdm import tqdm
+
+        failures = stream.core.cloud_failures
+        if len(failures) > self.failures_seen:  # the cloud gave up on this frame
+            self.failures_seen = len(failures)
+            if self.strict:
+                raise RuntimeError(f"--dispatch cloud: lost the cloud at {self.where} "
+                                   f"({failures[-1]}); --fallback edge runs on the edge instead")
+            if not self.down:
+                self.down = failures[-1]
+                self._event(f"cloud {self.where} failed at {self.down}: running on the edge "
+                            "until it answers", tqdm.write)
+        elif self.down and result.endpoint == "cloud":
+            self.down = None
+            self._event(f"cloud {self.where} answers again from frame {result.index}",
+                        tqdm.write)
+        reason = result.decision.reason
+        if has_cloud and result.endpoint == "edge" and (
+                reason == "no cloud" or reason.startswith(("cloud failed", "cloud down"))):
+            self.edge_fallback += 1
+
+    def _event(self, what: str, say) -> None:
+        self.events.append(what)
+        say(f"fluxshard run: {what}", file=sys.stderr)
+
+
+class _FrameOutputs:
+    """What each frame leaves behind: its detections.jsonl line, its annotated video frame and
+    its row for the report and summary."""
+
+    def __init__(self, out: Path, class_names: list[str], executor: str, block: int):
+        self.out, self.class_names, self.executor, self.block = out, class_names, executor, block
+        self.rows: list[dict] = []
+        self.detections = open(out / "detections.jsonl", "w")
+        self.video = None  # opened at the first frame, which gives the size
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def write(self, mf, result) -> None:
+        from fluxshard.models.ops import padded_size
+
+        from . import outputs
+
+        record = outputs.detection_record(result, self.class_names)
+        if result.endpoint == "edge":
+            record["executor"] = self.executor
+            if "crop_area_fraction" in result.stats:
+                record["crop_area_fraction"] = result.stats["crop_area_fraction"]
+        self.detections.write(json.dumps(record) + "\n")
+        record["jpeg_bytes"] = outputs.jpeg_bytes(mf.image)
+        self.rows.append(record)
+        h, w = mf.image.shape[:2]
+        if self.video is None:
+            padded_size(w, h, who="fluxshard run")  # preprocess pads each frame
+            self.video = outputs.VideoWriter(self.out / "annotated.mp4", w - w % 2, h - h % 2)
+        image = outputs.annotate(mf.image, result, self.class_names, self.block)
+        self.video.write(image[:h - h % 2, :w - w % 2])
+
+    def close(self) -> None:
+        self.detections.close()
+        if self.video is not None:
+            self.video.close()
+            self.video = None
+
+
+def _process_frames(stream, frames, writer: _FrameOutputs, health: _CloudHealth, *,
+                    has_cloud: bool, total: int | None, progress: bool) -> str | None:
+    """The per-frame loop: each decoded frame through the stream into ``writer``. Returns why
+    the source broke off mid-way (None: it ended)."""
+    from tqdm import tqdm
+
+    broke: list[str] = []
+    bar = tqdm(total=total, desc="fluxshard run", unit="frame", disable=not progress,
+               dynamic_ncols=True)
+    try:
+        for mf in _frames_until_break(frames, broke):
+            result = stream.process(mf.image, None if mf.is_key else mf.field, mf.is_key,
+                                    mf.index)
+            health.observe(stream, result, has_cloud)
+            writer.write(mf, result)
+            bar.update(1)
+            bar.set_postfix_str(f"{result.endpoint} {result.latency_ms:.0f} ms")
+    finally:
+        bar.close()
+    return broke[0] if broke else None
+
+
+def _write_summary(rows: list[dict], out: Path, video: str, stream, cloud, health: _CloudHealth,
+                   broke: str | None, has_cloud: bool, settings: dict) -> dict:
+    """report.png and summary.json (returned): the rows' statistics with the run's
+    ``settings``."""
+    import numpy as np
+
+    from . import outputs
+
     outputs.plot_report(rows, out / "report.png",
-                        f"{Path(video).name}: dispatch {dispatch}"
-                        + (f", uplink {bandwidth_mbps} Mbit/s" if bandwidth_mbps else ""))
+                        f"{Path(video).name}: dispatch {settings['dispatch']}"
+                        + (f", uplink {settings['bandwidth_limit_mbps']} Mbit/s"
+                           if settings["bandwidth_limit_mbps"] else ""))
     crops = [r["crop_area_fraction"] for r in rows if "crop_area_fraction" in r]
     summary = outputs.summarize(rows, {
-        "video": video, "dispatch": dispatch if url else "edge (no cloud)",
-        "executor": executor,
-        "tiles_table": str(tiles_table_path) if tiles_table_path is not None else None,
+        "video": video, **settings,
         # tiles: the share of the input its crops covered (halo included), over the edge's frames
         "crop_area_fraction_mean": round(float(np.mean(crops)), 4) if crops else None,
-        "edge_latency_table": "profiled" if profile.source != "default"
-        and profile.has_edge_table(executor) else "built-in",
-        "cloud_url": cloud_url or ("local tritonserver" if url else None),
-        "bandwidth_limit_mbps": bandwidth_mbps, "uplink_codec": uplink_codec,
         # h264: the crf the uplink ended at (it follows the measured link) and how often it moved
         **_uplink_quality_summary(cloud),
         "bandwidth_estimate_mbps": round(stream.dispatcher.bandwidth.mbps, 3),
-        "weights": str(weights) if weights else "embedded demo detector",
-        "classes": class_names,
-        "tau": tau_policy.source, "latency_profile": profile.source, "margin_ms": margin_ms,
-        "deadline_ms": "derived" if deadline_ms is None else deadline_ms,
-        "tls": bool(connection.get("ssl")), "auth_header": auth_header is not None,
-        "wall_s": round(time.perf_counter() - t_start, 2), "warnings": notes,
-        "error": broke[0] if broke else None, "cloud_failures": stream.core.cloud_failures,
-        "fallback": fallback, "cloud_events": cloud_events if url else [],
-        "edge_fallback_frames": edge_fallback if url else 0,
+        "error": broke, "cloud_failures": stream.core.cloud_failures,
+        "cloud_events": health.events if has_cloud else [],
+        "edge_fallback_frames": health.edge_fallback if has_cloud else 0,
         "outputs": {k: str(out / k) for k in ("detections.jsonl", "annotated.mp4", "report.png",
                                               "summary.json")}})
     outputs.write_json(out / "summary.json", summary)
