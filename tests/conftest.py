@@ -154,3 +154,26 @@ def run_in_threads(work, keys) -> None:
     for th in threads:
         th.join()
     assert not errors, errors
+
+
+class Scrape:
+    """One scrape of a Prometheus endpoint (``/metrics``), as the text format says it."""
+
+    def __init__(self, url: str):
+        import urllib.request
+
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with urllib.request.urlopen(url, timeout=10) as response:
+            self.text = response.read().decode()
+        self.samples = [(s.name, s.labels, s.value)
+                        for family in text_string_to_metric_families(self.text)
+                        for s in family.samples]
+
+    def value(self, name: str, **labels) -> float | None:
+        """The sum of sample ``name`` over the series whose labels include ``labels`` (None:
+        no such series)."""
+        found = [value for sample, have, value in self.samples
+                 if sample == name and all(have.get(k) == str(want)
+                                           for k, want in labels.items())]
+        return sum(found) if found else None

@@ -17,6 +17,7 @@ import numpy as np
 
 from fluxshard.wire import PayloadError, Request, Response, decode_request, peek_header
 from fluxshard.serving.limits import FrameLimits, release_memory
+from fluxshard.serving.metrics import SessionObserver
 from fluxshard.receive import ReceiveState, ResyncNeeded
 from fluxshard.sessions import SessionFactory, StreamSession
 
@@ -52,12 +53,16 @@ class SessionManager:
     reset nor end the stream. Frames over ``frame_limits`` are refused from their header, before
     any decoding. Errors the client can fix by sending a key frame raise :class:`ResyncNeeded`;
     malformed or oversized payloads raise ``PayloadError``; a full instance :class:`ServerFull`.
+    ``observer`` hears of frames served, resyncs and streams freed (the served model's metrics,
+    :mod:`fluxshard.serving.metrics`).
     """
 
     def __init__(self, session_factory: SessionFactory, idle_seconds: float = 60.0,
                  max_streams: int = 256, clock: Callable[[], float] = time.monotonic,
-                 frame_limits: FrameLimits | None = None):
+                 frame_limits: FrameLimits | None = None,
+                 observer: SessionObserver | None = None):
         self.session_factory = session_factory
+        self.observer = observer or SessionObserver()
         self.idle_seconds = idle_seconds
         self.max_streams = max_streams
         self.clock = clock
@@ -103,7 +108,11 @@ class SessionManager:
         elif stream is None:
             raise unknown_stream(corrid)
         stream.last_seen = now
-        rebuilt = stream.receive.apply(request)
+        try:
+            rebuilt = stream.receive.apply(request)
+        except ResyncNeeded:
+            self.observer.resync(corrid)
+            raise
         detections, compute_stats = stream.session.infer(rebuilt, request.field,
                                                          request.residual_mask, request.key,
                                                          tau=request.tau)
@@ -115,6 +124,7 @@ class SessionManager:
                  "uplink_codec": request.codec.name.lower(),
                  "total_blocks": int(grid.prod()), "tau": request.tau,
                  "server_ms": round((time.perf_counter() - t0) * 1e3, 3), **compute_stats}
+        self.observer.frame(corrid, stats)
         return Response(detections=detections, digest=stream.receive.digest, stats=stats)
 
     def close(self, corrid: int) -> None:
@@ -123,6 +133,7 @@ class SessionManager:
             stream = self.streams.pop(corrid, None)
         if stream is not None:
             stream.session.close()
+            self.observer.closed(corrid)
             release_memory()
 
     def end(self, corrid: int, secret: str) -> bool:
@@ -133,6 +144,7 @@ class SessionManager:
                 return False
             del self.streams[corrid]
         stream.session.close()
+        self.observer.closed(corrid)
         release_memory()
         return True
 
@@ -143,6 +155,7 @@ class SessionManager:
             stale = [c for c, s in self.streams.items() if now - s.last_seen > self.idle_seconds]
             for c in stale:
                 self.streams.pop(c).session.close()
+                self.observer.closed(c)
         if stale:
             release_memory()
         return stale

@@ -7,6 +7,7 @@ import triton_python_backend_utils as pb_utils
 from fluxshard.serving.backend_tensors import error_response, input_array, output_tensor
 from fluxshard.serving.instance import instance_device
 from fluxshard.serving.limits import FrameLimits, max_streams_from_parameters
+from fluxshard.serving.metrics import ServedModelMetrics
 from fluxshard.receive import ResyncNeeded
 from fluxshard.sessions import yolo_session_factory
 from fluxshard.serving.session import ServerFull, SessionManager
@@ -39,9 +40,13 @@ class TritonPythonModel:
         # timeout so the model frees its session too
         idle_us = int(config.get("sequence_batching", {}).get("max_sequence_idle_microseconds",
                                                               60_000_000))
+        # the model's own metrics on Triton's metrics port (fluxshard/serving/metrics.py)
+        self.metrics = ServedModelMetrics(pb_utils, {"model": args["model_name"],
+                                                     "version": args["model_version"]})
         self.manager = SessionManager(factory, idle_seconds=idle_us / 1e6,
                                       max_streams=max_streams_from_parameters(params),
-                                      frame_limits=FrameLimits.from_parameters(params))
+                                      frame_limits=FrameLimits.from_parameters(params),
+                                      observer=self.metrics)
 
     def execute(self, requests):
         responses = []
@@ -57,12 +62,16 @@ class TritonPythonModel:
                        for name, value in response_tensors(response).items()]
                 responses.append(pb_utils.InferenceResponse(output_tensors=out))
             except ResyncNeeded as e:  # the message says "resync needed": the client sends a key frame
+                self.metrics.refused("resync")
                 responses.append(error_response(str(e), "INVALID_ARG"))
             except PayloadError as e:
+                self.metrics.refused("bad_payload")
                 responses.append(error_response(f"bad payload: {e}", "INVALID_ARG"))
             except ServerFull as e:
+                self.metrics.refused("server_full")
                 responses.append(error_response(str(e), "UNAVAILABLE"))
             except Exception as e:  # the server keeps serving other streams
+                self.metrics.refused("internal")
                 responses.append(error_response(f"internal error: {type(e).__name__}: {e}"))
         return responses
 
