@@ -33,9 +33,9 @@ from fluxshard.serving.tritonserver import (TritonServer, find_triton, free_port
 # perf/ modules with more rows, each exposing cases(args, log_dir) -> list[dict]
 # perf/reliability_*.py: each has cases(args, log_dir) -> rows, and runs alone through main()
 CASE_MODULES = ("reliability_limits", "reliability_fuzz", "reliability_soak", "reliability_edge",
-                "reliability_scale")
+                "reliability_scale", "reliability_lossy")
 EXTRA_COLUMNS = ("throughput_fps", "latency_mean_ms", "latency_p95_ms")
-NOT_BUILT = ("lossy uplinks",)
+NOT_BUILT: tuple[str, ...] = ()
 
 
 def _wait(predicate, timeout_s: float, what: str) -> None:

@@ -5,6 +5,7 @@ harness refuses before making anything."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import socket
@@ -17,8 +18,8 @@ import numpy as np
 import pytest
 
 from fluxshard.serving import netshape
-from fluxshard.serving.netshape import (RateTrace, ShapedLink, ShapingUnavailable,
-                                        check_privileges)
+from fluxshard.serving.netshape import (GilbertElliott, LossSpec, RateTrace, ShapedLink,
+                                        ShapingUnavailable, check_privileges)
 from fluxshard.serving.tritonserver import process_alive
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -99,16 +100,21 @@ def test_follow_applies_the_trace():
         assert "rate 9Mbit" in link.qdisc()
 
 
-def test_delay_proxy_keeps_bytes_and_order():
-    """Both directions through the proxy on loopback: an echo server behind it."""
+@contextlib.contextmanager
+def _echo_behind_proxy(delay_s: float, **proxy_kwargs):
+    """An echo server on loopback and the proxy in front of it (in a thread); yields the
+    proxy's port."""
     echo = socket.create_server(("127.0.0.1", 0))
     echo_port = echo.getsockname()[1]
 
     def serve_echo():
         conn, _ = echo.accept()
         with conn:
-            while data := conn.recv(4096):
-                conn.sendall(data)
+            try:
+                while data := conn.recv(4096):
+                    conn.sendall(data)
+            except ConnectionError:
+                pass  # the proxy reset it
 
     threading.Thread(target=serve_echo, daemon=True).start()
     ready = threading.Event()
@@ -118,26 +124,97 @@ def test_delay_proxy_keeps_bytes_and_order():
     async def run_proxy():
         try:
             await netshape.serve_proxy(("127.0.0.1", proxy_port), ("127.0.0.1", echo_port),
-                                       0.002, ready=ready.set)
+                                       delay_s, ready=ready.set, **proxy_kwargs)
         except asyncio.CancelledError:  # how the test stops it
             pass
 
     runner = threading.Thread(target=loop.run_until_complete, daemon=True, args=(run_proxy(),))
     runner.start()
     ready.wait()
-    payload = np.random.default_rng(0).integers(0, 256, 300_000, dtype=np.uint8).tobytes()
+    try:
+        yield proxy_port
+    finally:
+        loop.call_soon_threadsafe(lambda: [t.cancel() for t in asyncio.all_tasks(loop)])
+        runner.join()
+        loop.close()
+        echo.close()
+
+
+def _echo_round_trip(port: int, payload: bytes) -> bytes:
+    """Send ``payload`` through the echo in pieces, half-close, return what came back (until
+    EOF or a reset)."""
     received = bytearray()
-    with socket.create_connection(("127.0.0.1", proxy_port)) as s:
-        for k in range(0, len(payload), 7000):
-            s.sendall(payload[k:k + 7000])
-        s.shutdown(socket.SHUT_WR)
-        while data := s.recv(65536):
-            received += data
-    assert bytes(received) == payload
-    loop.call_soon_threadsafe(lambda: [t.cancel() for t in asyncio.all_tasks(loop)])
-    runner.join()
-    loop.close()
-    echo.close()
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        try:
+            for k in range(0, len(payload), 7000):
+                s.sendall(payload[k:k + 7000])
+            s.shutdown(socket.SHUT_WR)
+            while data := s.recv(65536):
+                received += data
+        except ConnectionError:
+            pass
+    return bytes(received)
+
+
+PAYLOAD = np.random.default_rng(0).integers(0, 256, 300_000, dtype=np.uint8).tobytes()
+
+
+def test_delay_proxy_keeps_bytes_and_order():
+    """Both directions through the proxy on loopback: an echo server behind it."""
+    stats = netshape.ProxyStats()
+    with _echo_behind_proxy(0.002, stats=stats) as port:
+        assert _echo_round_trip(port, PAYLOAD) == PAYLOAD
+    assert stats.bytes_up == stats.bytes_down == len(PAYLOAD)
+    assert stats.segments_lost == stats.resets == 0
+
+
+def test_gilbert_elliott_loses_at_its_rate_in_bursts():
+    chain = GilbertElliott(0.05, mean_burst=3.0, seed=1)
+    lost = np.array([chain.lost() for _ in range(400_000)])
+    assert lost.mean() == pytest.approx(0.05, rel=0.1)
+    starts = np.flatnonzero(lost[1:] & ~lost[:-1])  # bursts: runs of lost segments
+    assert lost.sum() / len(starts) == pytest.approx(3.0, rel=0.1)
+    again = GilbertElliott(0.05, mean_burst=3.0, seed=1)
+    assert [again.lost() for _ in range(1000)] == lost[:1000].tolist()  # seeded
+    never = GilbertElliott(0.0)
+    assert not any(never.lost() for _ in range(10_000))
+    with pytest.raises(ValueError, match="longer than 1.0 segments"):
+        GilbertElliott(0.6)
+    with pytest.raises(ValueError, match=r"in \[0, 1\)"):
+        LossSpec(1.0)
+    with pytest.raises(ValueError, match="loss effect"):
+        LossSpec(0.01, effect="drop")
+
+
+def test_lossy_proxy_retransmits_lost_segments_late_bytes_intact():
+    """TCP's answer to a lost packet: the bytes come late, never missing or reordered."""
+    stats = netshape.ProxyStats()
+    loss = LossSpec(0.1, mean_burst=2.0, seed=3, rto_s=0.005)
+    with _echo_behind_proxy(0.0, stats=stats, loss=loss) as port:
+        assert _echo_round_trip(port, PAYLOAD) == PAYLOAD
+    assert stats.segments_up >= len(PAYLOAD) // netshape.MSS
+    assert stats.segments_lost > 0 and stats.retransmitted_bytes > 0 and stats.resets == 0
+
+
+def test_lossy_proxy_resets_the_connection_on_a_loss():
+    stats = netshape.ProxyStats()
+    with _echo_behind_proxy(0.0, stats=stats, loss=LossSpec(0.1, 2.0, seed=3,
+                                                            effect="reset")) as port:
+        received = _echo_round_trip(port, PAYLOAD)
+    assert stats.resets == 1 and stats.segments_lost == 1
+    assert len(received) < len(PAYLOAD) and PAYLOAD.startswith(received)
+
+
+def test_proxy_command_line_refuses_a_bad_loss():
+    """The options the link starts the proxy with, and a loss the chain cannot make refused in
+    one line."""
+    bad = subprocess.run([sys.executable, "-m", "fluxshard.serving.netshape", "proxy",
+                          "--listen", "127.0.0.1:1", "--target", "127.0.0.1:2", "--delay-ms",
+                          "0", "--loss", "0.7"], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "needs bursts longer" in bad.stderr
+    assert LossSpec(0.05, 3.0, 7, "reset", 0.25).args() == [
+        "--loss", "0.05", "--burst", "3.0", "--loss-seed", "7", "--loss-effect", "reset",
+        "--rto-ms", "250.0"]
 
 
 def test_refuses_without_privileges_injected():

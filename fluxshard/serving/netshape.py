@@ -16,8 +16,26 @@ Traffic stays between our namespace and the one made here. Without the privilege
 ``ip`` / ``tc``, :func:`check_privileges` raises :class:`ShapingUnavailable` saying what is
 missing, before anything is created.
 
+Lossy links (:class:`LossSpec`, ``ShapedLink(loss=...)`` or :meth:`ShapedLink.set_loss`): this
+kernel has neither ``netem`` nor a dropping tc action (``gact``), so loss is modelled in the proxy,
+on the edge -> cloud byte stream cut into TCP segments (:data:`MSS` bytes). A seeded
+Gilbert-Elliott chain (:class:`GilbertElliott`: a good state that loses nothing, a bad state that
+loses every segment; the set loss rate and mean burst length fix its two transitions) decides
+which segments are lost. The uplink is gRPC over TCP, so a lost packet never loses bytes for the
+application; what it does is what the proxy does, by ``effect``:
+
+* ``retransmit`` (what TCP does): the lost segment arrives one retransmission timeout later
+  (``rto_s``, Linux's minimum 200 ms; doubled for each further loss of the same segment, which
+  passes the chain again), and every byte behind it waits (in-order delivery, head-of-line);
+* ``reset``: the loss kills the connection (both sides aborted, RST), as a middlebox or a dying
+  link does; the call in flight fails and gRPC reconnects.
+
+The proxy counts what it carried (:meth:`ShapedLink.proxy_stats`: bytes each way, segments,
+segments lost, retransmitted bytes, resets).
+
 ``python3 -m fluxshard.serving.netshape proxy --listen H:P --target H:P --delay-ms D`` is the
-proxy (the link starts it inside the namespace).
+proxy (the link starts it inside the namespace); ``--loss RATE --burst N --loss-seed S
+--loss-effect retransmit|reset --rto-ms MS --stats-file PATH`` make it lossy.
 """
 
 from __future__ import annotations
@@ -26,7 +44,9 @@ import argparse
 import asyncio
 import ipaddress
 import itertools
+import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -34,7 +54,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from fluxshard.serving.tritonserver import TritonServer, free_port
@@ -186,11 +206,11 @@ class ShapedLink:
 
     ``rate_mbit``: edge -> cloud rate; ``return_rate_mbit`` cloud -> edge (default the same;
     0 leaves it unshaped). ``rtt_ms``: round trip the
-    proxy adds (half each way) to the gRPC port. ``check``: the privilege check (tests inject
-    one)."""
+    proxy adds (half each way) to the gRPC port. ``loss``: what the proxy loses edge -> cloud
+    (:class:`LossSpec`; None: nothing). ``check``: the privilege check (tests inject one)."""
 
     def __init__(self, rate_mbit: float, rtt_ms: float = 20.0,
-                 return_rate_mbit: float | None = None,
+                 return_rate_mbit: float | None = None, loss: LossSpec | None = None,
                  check: Callable[[], None] = check_privileges):
         tbf_args(rate_mbit)  # a bad rate is refused before anything is made
         if rtt_ms < 0:
@@ -198,6 +218,7 @@ class ShapedLink:
         self.rate_mbit = float(rate_mbit)
         self.return_rate_mbit = self.rate_mbit if return_rate_mbit is None else return_rate_mbit
         self.rtt_ms = float(rtt_ms)
+        self.loss = loss
         self._check = check
         tag = f"{os.getpid() % 100000}{next(_counter)}"
         self.namespace = f"{NAME_PREFIX}ns{tag}"
@@ -208,6 +229,8 @@ class ShapedLink:
         self.server: TritonServer | None = None
         self.proxy: subprocess.Popen | None = None
         self.proxy_port: int | None = None
+        self._proxy_target: int | None = None
+        self._stats_dir: str | None = None
         self._made: list[str] = []  # what exists, for teardown: "netns", "veth"
         self._trace_stop = threading.Event()
         self._trace_thread: threading.Thread | None = None
@@ -254,15 +277,10 @@ class ShapedLink:
         """Stop the trace, the proxy and the server, delete the namespace and the veth pair
         (their qdiscs go with them). Safe to call twice and after a partial set-up."""
         self.stop_trace()
-        if self.proxy is not None:
-            if self.proxy.poll() is None:
-                self.proxy.terminate()
-                try:
-                    self.proxy.wait(5)
-                except subprocess.TimeoutExpired:
-                    self.proxy.kill()
-                    self.proxy.wait()
-            self.proxy = None
+        self.stop_proxy()
+        if self._stats_dir is not None:
+            shutil.rmtree(self._stats_dir, ignore_errors=True)
+            self._stats_dir = None
         if self.server is not None:
             self.server.stop()
             self.server = None
@@ -299,13 +317,23 @@ class ShapedLink:
 
     def start_proxy(self, target_port: int, timeout: float = 30.0) -> int:
         """The delay proxy in the namespace, forwarding to ``target_port`` on the namespace's
-        address; returns the port it listens on (there)."""
-        self.proxy_port = free_port()  # any port is free in a namespace of our own
+        address and losing what :attr:`loss` says; returns the port it listens on (there, the
+        same one again when the proxy is restarted)."""
+        import tempfile
+
+        if self.proxy_port is None:
+            self.proxy_port = free_port()  # any port is free in a namespace of our own
+        if self._stats_dir is None:
+            self._stats_dir = tempfile.mkdtemp(prefix="fluxshard-proxy-")
+        self._proxy_target = target_port
+        stats_file = self.proxy_stats_file
+        stats_file.unlink(missing_ok=True)
         self.proxy = subprocess.Popen(
             self.netns_command(sys.executable, "-m", "fluxshard.serving.netshape", "proxy",
                                "--listen", f"{self.cloud_address}:{self.proxy_port}",
                                "--target", f"{self.cloud_address}:{target_port}",
-                               "--delay-ms", str(self.rtt_ms / 2)),
+                               "--delay-ms", str(self.rtt_ms / 2), "--stats-file",
+                               str(stats_file), *(self.loss.args() if self.loss else [])),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             cwd=str(Path(__file__).resolve().parents[2]))
         line = self.proxy.stdout.readline()  # "listening" once bound
@@ -313,6 +341,40 @@ class ShapedLink:
             self.proxy.wait(timeout)
             raise RuntimeError(f"delay proxy did not start: {self.proxy.stderr.read()[-2000:]}")
         return self.proxy_port
+
+    def stop_proxy(self) -> None:
+        if self.proxy is None:
+            return
+        if self.proxy.poll() is None:
+            self.proxy.terminate()
+            try:
+                self.proxy.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proxy.kill()
+                self.proxy.wait()
+        self.proxy = None
+
+    def set_loss(self, loss: LossSpec | None) -> None:
+        """Restart the proxy (same port, counters from zero) losing by ``loss`` from now on;
+        connections through the old proxy are cut."""
+        if self._proxy_target is None:
+            raise RuntimeError("no proxy: call start_server (or start_proxy) first")
+        self.loss = loss
+        self.stop_proxy()
+        self.start_proxy(self._proxy_target)
+
+    @property
+    def proxy_stats_file(self) -> Path:
+        return Path(self._stats_dir or ".") / "proxy-stats.json"
+
+    def proxy_stats(self, settle_s: float = 0.3) -> ProxyStats:
+        """What the proxy carried since it started (it rewrites its counters every 0.1 s:
+        ``settle_s`` lets the last ones land)."""
+        time.sleep(settle_s)
+        try:
+            return ProxyStats(**json.loads(self.proxy_stats_file.read_text()))
+        except FileNotFoundError:
+            return ProxyStats()
 
     @property
     def grpc_url(self) -> str:
@@ -397,21 +459,154 @@ class ShapedLink:
         return total / (until - since) if until > since else self.rate_mbit
 
 
+# ------------------------------------------------------------------------------------ loss
+
+MSS = 1448  # bytes of one TCP segment on a 1500-byte MTU path (IP, TCP and timestamp headers off)
+TCP_RTO_MIN_S = 0.2  # Linux's minimum retransmission timeout
+LOSS_EFFECTS = ("retransmit", "reset")
+
+
+class GilbertElliott:
+    """A two-state burst loss chain: the good state loses nothing, the bad state every segment.
+    ``p`` (good -> bad) and ``r`` (bad -> good) follow from the long-run loss ``rate``
+    (= p / (p + r)) and the mean number of segments lost in a row, ``mean_burst`` (= 1 / r).
+    Seeded: the same seed loses the same segments of the same sequence."""
+
+    def __init__(self, rate: float, mean_burst: float = 1.0, seed: int = 0):
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"loss rate must be in [0, 1), got {rate}")
+        if mean_burst < 1.0:
+            raise ValueError(f"mean burst must be >= 1 segment, got {mean_burst}")
+        self.r = 1.0 / mean_burst
+        self.p = rate * self.r / (1.0 - rate)
+        if self.p > 1.0:
+            raise ValueError(f"a loss rate of {rate} needs bursts longer than {mean_burst} "
+                             f"segments (at most {1.0 / (1.0 + self.r):.2f} with this burst)")
+        self._rng = random.Random(seed)
+        self.bad = False
+
+    def lost(self) -> bool:
+        """Step the chain by one segment: whether that segment is lost."""
+        if self.bad:
+            self.bad = self._rng.random() >= self.r
+        else:
+            self.bad = self._rng.random() < self.p
+        return self.bad
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """Loss on the edge -> cloud direction of a link's proxy (module doc): ``rate`` of the
+    segments, in bursts of ``mean_burst`` segments on average, from a chain seeded with
+    ``seed``; ``effect`` ``retransmit`` (the segment and what follows it arrive ``rto_s`` late)
+    or ``reset`` (the connection is aborted)."""
+
+    rate: float
+    mean_burst: float = 1.0
+    seed: int = 0
+    effect: str = "retransmit"
+    rto_s: float = TCP_RTO_MIN_S
+
+    def __post_init__(self):
+        if self.effect not in LOSS_EFFECTS:
+            raise ValueError(f"loss effect must be one of {LOSS_EFFECTS}, got {self.effect!r}")
+        if not self.rto_s > 0:
+            raise ValueError(f"retransmission timeout must be > 0 s, got {self.rto_s}")
+        self.chain()  # a bad rate or burst is refused here
+
+    def chain(self) -> GilbertElliott:
+        return GilbertElliott(self.rate, self.mean_burst, self.seed)
+
+    def args(self) -> list[str]:
+        """The proxy's command-line options for this loss."""
+        return ["--loss", repr(self.rate), "--burst", repr(self.mean_burst), "--loss-seed",
+                str(self.seed), "--loss-effect", self.effect, "--rto-ms", repr(self.rto_s * 1e3)]
+
+
+@dataclass
+class ProxyStats:
+    """What a proxy carried: application bytes each way (``up``: client -> target), the
+    upstream segments the loss chain saw, those it lost, the bytes re-sent for them
+    (``retransmit``) and the connections aborted (``reset``)."""
+
+    connections: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    segments_up: int = 0
+    segments_lost: int = 0
+    retransmitted_bytes: int = 0
+    resets: int = 0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class _Loss:
+    """One proxy's loss: the spec, its one chain (a property of the link, shared by every
+    connection) and the counters."""
+
+    spec: LossSpec
+    chain: GilbertElliott = field(init=False)
+
+    def __post_init__(self):
+        self.chain = self.spec.chain()
+
+    def segment_delays(self, chunk: bytes, stats: ProxyStats) -> list[tuple[bytes, float]] | None:
+        """(segment, extra seconds) for each MSS segment of ``chunk``; None: a segment was lost
+        and the effect is ``reset``."""
+        out = []
+        for k in range(0, len(chunk), MSS):
+            segment = chunk[k:k + MSS]
+            stats.segments_up += 1
+            extra, timeout = 0.0, self.spec.rto_s
+            while self.chain.lost():
+                stats.segments_lost += 1
+                if self.spec.effect == "reset":
+                    return None
+                stats.retransmitted_bytes += len(segment)
+                extra += timeout
+                timeout *= 2  # TCP's exponential backoff
+            out.append((segment, extra))
+        return out
+
+
 # ---------------------------------------------------------------------------- the delay proxy
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay_s: float,
-                clock: Callable[[], float]) -> None:
+                clock: Callable[[], float], stats: ProxyStats | None = None, up: bool = True,
+                loss: _Loss | None = None, abort: Callable[[], None] | None = None) -> None:
     """Forward what ``reader`` gives to ``writer``, each chunk ``delay_s`` after it arrived, in
     order; the reading side never waits for the writing side (a delayed link still carries
-    bytes at its rate)."""
+    bytes at its rate). ``loss`` (upstream only) delays lost segments or calls ``abort``."""
+    stats = stats if stats is not None else ProxyStats()
     queue: asyncio.Queue = asyncio.Queue()
 
     async def read():
         try:
-            while chunk := await reader.read(1 << 16):
-                queue.put_nowait((clock() + delay_s, chunk))
+            await forward()
+        except (ConnectionError, OSError):
+            pass  # the connection was aborted (by a reset, or by its other end)
         finally:
             queue.put_nowait((clock() + delay_s, b""))
+
+    async def forward():
+        while chunk := await reader.read(1 << 16):
+            now = clock()
+            if up:
+                stats.bytes_up += len(chunk)
+            else:
+                stats.bytes_down += len(chunk)
+            if loss is None:
+                queue.put_nowait((now + delay_s, chunk))
+                continue
+            segments = loss.segment_delays(chunk, stats)
+            if segments is None:
+                stats.resets += 1
+                abort()
+                return
+            for segment, extra in segments:  # later segments wait behind a late one
+                queue.put_nowait((now + delay_s + extra, segment))
 
     reading = asyncio.ensure_future(read())
     try:
@@ -432,10 +627,28 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, dela
         reading.cancel()
 
 
+async def _write_stats(stats: ProxyStats, path: Path, interval_s: float = 0.1) -> None:
+    """Keep ``path`` holding ``stats`` (JSON, replaced atomically), rewritten when they change."""
+    last = None
+    tmp = path.with_name(path.name + ".tmp")
+    while True:
+        now = stats.as_dict()
+        if now != last:
+            tmp.write_text(json.dumps(now))
+            os.replace(tmp, path)
+            last = now
+        await asyncio.sleep(interval_s)
+
+
 async def serve_proxy(listen: tuple[str, int], target: tuple[str, int], delay_s: float,
                       clock: Callable[[], float] = time.monotonic,
-                      ready: Callable[[], None] | None = None) -> None:
-    """A TCP proxy from ``listen`` to ``target`` that delays both directions by ``delay_s``."""
+                      ready: Callable[[], None] | None = None, loss: LossSpec | None = None,
+                      stats: ProxyStats | None = None, stats_file: Path | None = None) -> None:
+    """A TCP proxy from ``listen`` to ``target`` that delays both directions by ``delay_s`` and
+    loses upstream segments by ``loss``; ``stats`` (or a fresh one) counts what it carried,
+    mirrored into ``stats_file``."""
+    stats = stats if stats is not None else ProxyStats()
+    link_loss = _Loss(loss) if loss is not None and loss.rate > 0 else None
 
     async def handle(client_reader, client_writer):
         try:
@@ -443,8 +656,15 @@ async def serve_proxy(listen: tuple[str, int], target: tuple[str, int], delay_s:
         except OSError:
             client_writer.close()
             return
-        await asyncio.gather(_pipe(client_reader, server_writer, delay_s, clock),
-                             _pipe(server_reader, client_writer, delay_s, clock))
+        stats.connections += 1
+
+        def abort():
+            for writer in (client_writer, server_writer):
+                writer.transport.abort()
+
+        await asyncio.gather(_pipe(client_reader, server_writer, delay_s, clock, stats, True,
+                                   link_loss, abort),
+                             _pipe(server_reader, client_writer, delay_s, clock, stats, False))
         for writer in (server_writer, client_writer):
             try:
                 writer.close()
@@ -452,10 +672,16 @@ async def serve_proxy(listen: tuple[str, int], target: tuple[str, int], delay_s:
                 pass
 
     server = await asyncio.start_server(handle, *listen)
+    writing = (asyncio.ensure_future(_write_stats(stats, Path(stats_file)))
+               if stats_file is not None else None)
     if ready is not None:
         ready()
-    async with server:
-        await server.serve_forever()
+    try:
+        async with server:
+            await server.serve_forever()
+    finally:
+        if writing is not None:
+            writing.cancel()
 
 
 def _address(text: str) -> tuple[str, int]:
@@ -473,12 +699,30 @@ def main(argv: list[str] | None = None) -> int:
     proxy.add_argument("--listen", type=_address, required=True)
     proxy.add_argument("--target", type=_address, required=True)
     proxy.add_argument("--delay-ms", type=float, required=True, help="one-way delay")
+    proxy.add_argument("--loss", type=float, default=0.0,
+                       help="share of upstream TCP segments lost, [0, 1) (default: none)")
+    proxy.add_argument("--burst", type=float, default=1.0,
+                       help="mean segments lost in a row (Gilbert-Elliott; default: 1)")
+    proxy.add_argument("--loss-seed", type=int, default=0)
+    proxy.add_argument("--loss-effect", choices=LOSS_EFFECTS, default="retransmit",
+                       help="retransmit: a lost segment and what follows arrive an RTO late; "
+                            "reset: the connection is aborted")
+    proxy.add_argument("--rto-ms", type=float, default=TCP_RTO_MIN_S * 1e3,
+                       help="retransmission timeout of a lost segment (default: %(default)s)")
+    proxy.add_argument("--stats-file", type=Path, default=None,
+                       help="keep this JSON file holding what the proxy carried")
     args = ap.parse_args(argv)
     if args.delay_ms < 0:
         ap.error("--delay-ms must be >= 0")
     try:
+        loss = LossSpec(args.loss, args.burst, args.loss_seed, args.loss_effect,
+                        args.rto_ms / 1e3)
+    except ValueError as e:
+        ap.error(str(e))
+    try:
         asyncio.run(serve_proxy(args.listen, args.target, args.delay_ms / 1e3,
-                                ready=lambda: print("listening", flush=True)))
+                                ready=lambda: print("listening", flush=True), loss=loss,
+                                stats_file=args.stats_file))
     except KeyboardInterrupt:
         pass
     return 0
