@@ -38,9 +38,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from fluxshard import wire  # noqa: E402
+from fluxshard.digest_scene import Scene  # noqa: E402
 from fluxshard.serving.netshape import (LossSpec, ShapedLink, ShapingUnavailable,  # noqa: E402
                                         check_privileges)
-from fluxshard.serving.reliability import Scene, group_rss_mb  # noqa: E402
+from perf.reliability_kit import group_rss_mb  # noqa: E402
 
 FRAME_SIZE = (192, 320)  # H, W
 LINK_MBIT, LINK_RTT_MS = 56.0, 20.0
