@@ -1,4 +1,5 @@
-"""What `fluxshard run` writes: detections.jsonl, annotated.mp4, report.png, summary.json."""
+"""What `fluxshard run` writes: detections.jsonl, annotated.mp4, report.png, summary.json (its
+numbers: edge_runtime.metrics.RollingSummary)."""
 
 from __future__ import annotations
 
@@ -103,6 +104,15 @@ class VideoWriter:
         self.container.close()
 
 
+REPORT_FIELDS = ("index", "endpoint", "latency_ms", "uplink_bytes", "cache_hit_rate",
+                 "residual_fraction")
+
+
+def report_row(record: dict, jpeg_bytes: int) -> dict:
+    """What report.png plots of one frame (its detections.jsonl record, its JPEG size)."""
+    return {**{k: record[k] for k in REPORT_FIELDS}, "jpeg_bytes": jpeg_bytes}
+
+
 def plot_report(rows: list[dict], path: Path, title: str) -> None:
     """Latency per frame by endpoint; uplink bytes vs per-frame JPEG q90; cache hit rate."""
     import matplotlib
@@ -129,32 +139,6 @@ def plot_report(rows: list[dict], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def summarize(rows: list[dict], extra: dict) -> dict:
-    def stat(values):
-        values = np.asarray(values, float)
-        if values.size == 0:
-            return None
-        return {"mean": round(float(values.mean()), 3), "p50": round(float(np.median(values)), 3),
-                "p90": round(float(np.percentile(values, 90)), 3)}
-
-    by_endpoint = {}
-    for name in ("edge", "cloud"):
-        sel = [r for r in rows if r["endpoint"] == name]
-        by_endpoint[name] = {"frames": len(sel), "latency_ms": stat([r["latency_ms"] for r in sel]),
-                             "key_frames": sum(r["key"] for r in sel)}
-    uplink = sum(r["uplink_bytes"] for r in rows)
-    jpeg = sum(r["jpeg_bytes"] for r in rows)
-    return {"frames": len(rows), "latency_ms": stat([r["latency_ms"] for r in rows]),
-            "endpoints": by_endpoint,
-            "uplink_bytes_total": uplink, "jpeg_q90_bytes_total": jpeg,
-            "uplink_vs_jpeg": round(uplink / jpeg, 4) if jpeg else None,
-            "cache_hit_rate_mean": round(float(np.mean([r["cache_hit_rate"] for r in rows])), 4)
-            if rows else None,
-            "residual_fraction_mean": round(float(np.mean([r["residual_fraction"] for r in rows])),
-                                            4) if rows else None,
-            **extra}
 
 
 def write_json(path: Path, data: dict) -> None:

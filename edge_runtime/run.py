@@ -1,12 +1,15 @@
 """The edge process behind `fluxshard run` (fluxshard.tools.run): :func:`run` decodes the stream
 with its motion fields, dispatches every frame to the in-process edge executor or the Triton
 `fluxshard` model (cloud), and writes detections.jsonl, annotated.mp4, report.png and
-summary.json.
+summary.json. On a live source (a URL, or a file played in a loop) memory stays bounded and the
+annotated video and the report are opt-in (docs/metrics.md); ``--metrics-port`` serves its
+Prometheus metrics (edge_runtime/metrics.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import sys
 import time
@@ -16,6 +19,9 @@ from pathlib import Path
 
 DEMO_SIZE = (640, 384)
 DEMO_FRAMES = 90  # 3 s at 30 fps
+# what report.png plots: the last frames of a long stream, every frame of a shorter clip
+REPORT_FRAMES = 18_000  # 10 min at 30 fps
+MAX_CLOUD_EVENTS = 100  # the summary's latest cloud losses and recoveries
 
 
 UPLINK_CODECS = ("h264", "lossless", "jpeg")  # fluxshard.wire.Codec.H264 / .ZLIB / .JPEG
@@ -159,12 +165,35 @@ def edge_stream(edge, cloud=None, *, dispatch: str = "edge", tau_policy, profile
                            initial_mbps=bandwidth_mbps or 20.0, deadline_ms=deadline_ms)
 
 
-def edge_frames(video: str, frames: int | None = None):
+def edge_frames(video: str, frames: int | None = None, loop: bool = False):
     """The decoded frames with their motion fields, on the edge's motion path (codec vectors,
-    validated; block matching where the codec has none)."""
+    validated; block matching where the codec has none). ``loop``: the file over and over, an
+    endless source (each pass opens it anew, so its first frame is a key frame; frame indices
+    go on counting)."""
     from fluxshard.motion import iter_motion
 
-    return iter_motion(video, max_frames=frames)
+    if not loop:
+        return iter_motion(video, max_frames=frames)
+    return _looped(video, frames)
+
+
+def _looped(video: str, frames: int | None):
+    from fluxshard.motion import iter_motion
+
+    done = 0
+    while frames is None or done < frames:
+        decoded = 0
+        for mf in iter_motion(video, max_frames=None if frames is None else frames - done):
+            yield dataclasses.replace(mf, index=done + decoded)
+            decoded += 1
+        if decoded == 0:  # nothing to loop over
+            return
+        done += decoded
+
+
+def is_live(video: str, loop: bool = False) -> bool:
+    """A source without an end: a URL other than file://, or a file played in a loop."""
+    return loop or ("://" in str(video) and not str(video).startswith("file://"))
 
 
 def edge_only_stream(executor: str, video: str, model=None, *, weights=None, tau=None,
@@ -207,7 +236,9 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
         weights: str | Path | None = None, executor: str | None = None,
         tiles_table: str | Path | None = None, deadline_ms: float | None = None,
         tls_ca: str | Path | None = None, tls_cert: str | Path | None = None,
-        tls_key: str | Path | None = None, auth_header: tuple[str, str] | None = None) -> dict:
+        tls_key: str | Path | None = None, auth_header: tuple[str, str] | None = None,
+        loop: bool = False, save_video: bool | None = None, save_report: bool | None = None,
+        metrics_port: int | None = None, metrics_address: str = "127.0.0.1") -> dict:
     """The main job; returns the summary (also written to ``out/summary.json``).
 
     ``fallback`` (``dispatch="cloud"`` only): "none" raises RuntimeError when the cloud cannot be
@@ -220,6 +251,11 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
     tiles table (fluxshard.tiles.profile) whose knobs the edge takes per frame's motion level.
     ``deadline_ms``: see ``--deadline-ms``. ``tls_ca``/``tls_cert``/``tls_key``/``auth_header``:
     how to reach a ``cloud_url`` served with TLS and an auth header (``fluxshard serve``).
+    ``loop``: play the file over and over. ``save_video`` / ``save_report``: write annotated.mp4
+    / report.png (None: on a file yes, on a live source no, see :func:`is_live`).
+    ``metrics_port``: serve Prometheus metrics there (0: a free port) on ``metrics_address``.
+    A Ctrl-C (or SIGTERM through the command) while frames run ends the stream there: the
+    outputs are written and the summary says ``stopped``.
 
     The steps: check the options (:func:`_check_options`), load the edge
     (:func:`_load_edge`), open the source (:func:`_open_source`), build the stream
@@ -248,29 +284,34 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
 
     out.mkdir(parents=True, exist_ok=True)  # once the options are known to be good
     video = _open_source(video, demo, out, size, frames, camera, progress)
+    saved = _SavedOutputs.for_source(video, loop, save_video, save_report)
     prepare_edge(edge, executor, video)
     t_start = time.perf_counter()
     # the exact executor runs YOLO11 only: a local cloud runs other families densely
     cloud_executor = None if isinstance(model, YOLO11) else "dense"
-    with _cloud(cloud_url, dispatch, out, weights, cloud_executor) as url:
+    with _serving_metrics(metrics_port, metrics_address) as (metrics, metrics_url), \
+            _cloud(cloud_url, dispatch, out, weights, cloud_executor) as url:
         client, cloud = _open_cloud(url, bandwidth_mbps, connection, stream_id, uplink_codec,
                                     uplink_quality)
         stream = edge_stream(edge, cloud, dispatch=dispatch, tau_policy=tau_policy,
                              profile=profile, margin_ms=margin_ms, bandwidth_mbps=bandwidth_mbps,
                              deadline_ms=deadline_ms)
-        health.start(stream)
+        health.start(stream, metrics if url else None)
         try:
-            with _FrameOutputs(out, class_names, executor, stream.core.block) as writer:
-                broke = _process_frames(stream, edge_frames(video, frames), writer, health,
-                                        has_cloud=bool(url),
-                                        total=frames or _frame_count(video), progress=progress)
+            with _FrameOutputs(out, class_names, executor, stream.core.block, saved) as writer:
+                broke, stopped = _process_frames(
+                    stream, edge_frames(video, frames, loop), writer, health, metrics,
+                    has_cloud=bool(url), total=None if saved.live else frames or
+                    _frame_count(video), progress=progress)
         finally:
             stream.close()
             if client is not None:
                 client.close()
-    if not writer.rows:
+    if not writer.summary.frames:
         raise ValueError(f"{video}: no frames decoded" + (f" ({broke})" if broke else ""))
-    return _write_summary(writer.rows, out, video, stream, cloud, health, broke, bool(url), {
+    return _write_summary(writer, out, video, stream, cloud, health, broke, bool(url), {
+        "source": "live" if saved.live else "file", "loop": loop, "stopped": stopped,
+        "metrics_url": metrics_url,
         "dispatch": dispatch if url else "edge (no cloud)",
         "executor": executor,
         "tiles_table": str(tiles_table) if tiles_table is not None else None,
@@ -367,8 +408,11 @@ class _CloudHealth:
     events: list[str] = field(default_factory=list)
     failures_seen: int = 0
     edge_fallback: int = 0
+    metrics: object = None  # EdgeMetrics told of the cloud's state (None: no cloud)
 
-    def start(self, stream) -> None:
+    def start(self, stream, metrics=None) -> None:
+        self.metrics = metrics
+        self._tell_metrics()
         if self.down:
             self._event(f"cloud {self.where} unreachable ({self.down}): running on the edge "
                         "until it answers", print)
@@ -389,27 +433,61 @@ class _CloudHealth:
                 self.down = failures[-1]
                 self._event(f"cloud {self.where} failed at {self.down}: running on the edge "
                             "until it answers", tqdm.write)
+                self._tell_metrics()
         elif self.down and result.endpoint == "cloud":
             self.down = None
             self._event(f"cloud {self.where} answers again from frame {result.index}",
                         tqdm.write)
+            self._tell_metrics()
         reason = result.decision.reason
         if has_cloud and result.endpoint == "edge" and (
                 reason == "no cloud" or reason.startswith(("cloud failed", "cloud down"))):
             self.edge_fallback += 1
+            if self.metrics is not None:
+                self.metrics.edge_fallback.inc()
+
+    def _tell_metrics(self) -> None:
+        if self.metrics is not None:
+            self.metrics.cloud_state(self.where, up=self.down is None)
 
     def _event(self, what: str, say) -> None:
         self.events.append(what)
+        del self.events[:-MAX_CLOUD_EVENTS]  # a flapping cloud on an endless stream
         say(f"fluxshard run: {what}", file=sys.stderr)
 
 
-class _FrameOutputs:
-    """What each frame leaves behind: its detections.jsonl line, its annotated video frame and
-    its row for the report and summary."""
+@dataclass(frozen=True)
+class _SavedOutputs:
+    """Which optional outputs a run writes; a live source keeps memory bounded and writes
+    neither unless asked (detections.jsonl and summary.json are always written)."""
 
-    def __init__(self, out: Path, class_names: list[str], executor: str, block: int):
+    live: bool
+    video: bool  # annotated.mp4
+    report: bool  # report.png, with its per-frame JPEG baseline
+
+    @classmethod
+    def for_source(cls, video: str, loop: bool, save_video: bool | None,
+                   save_report: bool | None) -> "_SavedOutputs":
+        live = is_live(video, loop)
+        return cls(live, not live if save_video is None else save_video,
+                   not live if save_report is None else save_report)
+
+
+class _FrameOutputs:
+    """What each frame leaves behind: its detections.jsonl line, its annotated video frame
+    (``saved.video``), its share of the rolling summary and, for the report (``saved.report``),
+    a row among the last :data:`REPORT_FRAMES`."""
+
+    def __init__(self, out: Path, class_names: list[str], executor: str, block: int,
+                 saved: _SavedOutputs):
+        from collections import deque
+
+        from .metrics import RollingSummary
+
         self.out, self.class_names, self.executor, self.block = out, class_names, executor, block
-        self.rows: list[dict] = []
+        self.saved = saved
+        self.summary = RollingSummary()
+        self.report_rows = deque(maxlen=REPORT_FRAMES) if saved.report else None
         self.detections = open(out / "detections.jsonl", "w")
         self.video = None  # opened at the first frame, which gives the size
 
@@ -420,8 +498,6 @@ class _FrameOutputs:
         self.close()
 
     def write(self, mf, result) -> None:
-        from fluxshard.models.ops import padded_size
-
         from . import outputs
 
         record = outputs.detection_record(result, self.class_names)
@@ -430,14 +506,29 @@ class _FrameOutputs:
             if "crop_area_fraction" in result.stats:
                 record["crop_area_fraction"] = result.stats["crop_area_fraction"]
         self.detections.write(json.dumps(record) + "\n")
-        record["jpeg_bytes"] = outputs.jpeg_bytes(mf.image)
-        self.rows.append(record)
+        jpeg = outputs.jpeg_bytes(mf.image) if self.saved.report else None
+        self.summary.add(record, jpeg)
+        if self.report_rows is not None:
+            self.report_rows.append(outputs.report_row(record, jpeg))
+        if self.saved.video:
+            self._write_video(mf, result)
+
+    def _write_video(self, mf, result) -> None:
+        from fluxshard.models.ops import padded_size
+
+        from . import outputs
+
         h, w = mf.image.shape[:2]
         if self.video is None:
             padded_size(w, h, who="fluxshard run")  # preprocess pads each frame
             self.video = outputs.VideoWriter(self.out / "annotated.mp4", w - w % 2, h - h % 2)
         image = outputs.annotate(mf.image, result, self.class_names, self.block)
         self.video.write(image[:h - h % 2, :w - w % 2])
+
+    def written(self) -> list[str]:
+        """The files this run writes."""
+        return ["detections.jsonl"] + ["annotated.mp4"] * self.saved.video + \
+            ["report.png"] * self.saved.report + ["summary.json"]
 
     def close(self) -> None:
         self.detections.close()
@@ -446,10 +537,12 @@ class _FrameOutputs:
             self.video = None
 
 
-def _process_frames(stream, frames, writer: _FrameOutputs, health: _CloudHealth, *,
-                    has_cloud: bool, total: int | None, progress: bool) -> str | None:
-    """The per-frame loop: each decoded frame through the stream into ``writer``. Returns why
-    the source broke off mid-way (None: it ended)."""
+def _process_frames(stream, frames, writer: _FrameOutputs, health: _CloudHealth, metrics, *,
+                    has_cloud: bool, total: int | None,
+                    progress: bool) -> tuple[str | None, str | None]:
+    """The per-frame loop: each decoded frame through the stream into ``writer`` and
+    ``metrics``. Returns (why the source broke off mid-way, why the run stopped it): (None,
+    None) when it ended; a Ctrl-C stops it ("interrupted")."""
     from tqdm import tqdm
 
     broke: list[str] = []
@@ -461,38 +554,55 @@ def _process_frames(stream, frames, writer: _FrameOutputs, health: _CloudHealth,
                                     mf.index)
             health.observe(stream, result, has_cloud)
             writer.write(mf, result)
+            metrics.observe(result, writer.executor)
             bar.update(1)
             bar.set_postfix_str(f"{result.endpoint} {result.latency_ms:.0f} ms")
+    except KeyboardInterrupt:  # the way a live source ends: the frames so far are kept
+        return (broke[0] if broke else None), "interrupted"
     finally:
         bar.close()
-    return broke[0] if broke else None
+    return (broke[0] if broke else None), None
 
 
-def _write_summary(rows: list[dict], out: Path, video: str, stream, cloud, health: _CloudHealth,
-                   broke: str | None, has_cloud: bool, settings: dict) -> dict:
-    """report.png and summary.json (returned): the rows' statistics with the run's
+@contextlib.contextmanager
+def _serving_metrics(port: int | None, address: str):
+    """Yields (the run's EdgeMetrics, the URL they are served on, None: not served)."""
+    from .metrics import EdgeMetrics
+
+    metrics = EdgeMetrics()
+    if port is None:
+        yield metrics, None
+        return
+    server = metrics.serve(port, address)
+    url = f"http://{address}:{server.port}/metrics"
+    print(f"fluxshard run: metrics on {url}", file=sys.stderr)
+    try:
+        yield metrics, url
+    finally:
+        server.close()
+
+
+def _write_summary(writer: _FrameOutputs, out: Path, video: str, stream, cloud,
+                   health: _CloudHealth, broke: str | None, has_cloud: bool,
+                   settings: dict) -> dict:
+    """report.png (when saved) and summary.json (returned): the run's rolling summary with its
     ``settings``."""
-    import numpy as np
-
     from . import outputs
 
-    outputs.plot_report(rows, out / "report.png",
-                        f"{Path(video).name}: dispatch {settings['dispatch']}"
-                        + (f", uplink {settings['bandwidth_limit_mbps']} Mbit/s"
-                           if settings["bandwidth_limit_mbps"] else ""))
-    crops = [r["crop_area_fraction"] for r in rows if "crop_area_fraction" in r]
-    summary = outputs.summarize(rows, {
+    if writer.report_rows is not None:
+        outputs.plot_report(list(writer.report_rows), out / "report.png",
+                            f"{Path(video).name}: dispatch {settings['dispatch']}"
+                            + (f", uplink {settings['bandwidth_limit_mbps']} Mbit/s"
+                               if settings["bandwidth_limit_mbps"] else ""))
+    summary = writer.summary.summary({
         "video": video, **settings,
-        # tiles: the share of the input its crops covered (halo included), over the edge's frames
-        "crop_area_fraction_mean": round(float(np.mean(crops)), 4) if crops else None,
         # h264: the crf the uplink ended at (it follows the measured link) and how often it moved
         **_uplink_quality_summary(cloud),
         "bandwidth_estimate_mbps": round(stream.dispatcher.bandwidth.mbps, 3),
-        "error": broke, "cloud_failures": stream.core.cloud_failures,
+        "error": broke, "cloud_failures": stream.core.cloud_failures[-MAX_CLOUD_EVENTS:],
         "cloud_events": health.events if has_cloud else [],
         "edge_fallback_frames": health.edge_fallback if has_cloud else 0,
-        "outputs": {k: str(out / k) for k in ("detections.jsonl", "annotated.mp4", "report.png",
-                                              "summary.json")}})
+        "outputs": {k: str(out / k) for k in writer.written()}})
     outputs.write_json(out / "summary.json", summary)
     return summary
 

@@ -10,11 +10,18 @@ dispatcher uses that executor's latency table.
 With --demo it synthesizes the default clip and, unless --cloud-url is given, starts a local
 tritonserver as the cloud. --bandwidth-mbps simulates an uplink of that rate (each payload waits
 bytes / rate before it is sent), so the dispatcher has a link to adapt to on localhost.
+
+On a live source (an RTSP/HTTP/... URL, or a file with --loop) memory stays bounded and only
+detections.jsonl and summary.json are written unless --save-video / --save-report ask for more;
+Ctrl-C (or SIGTERM) ends the stream and writes them. --metrics-port serves Prometheus metrics
+(docs/metrics.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
 from pathlib import Path
 
@@ -84,7 +91,44 @@ def add_run_arguments(p: argparse.ArgumentParser, demo_default: bool = False,
     p.add_argument("--camera", default="static", choices=("static", "pan", "zoom", "pan+zoom"),
                    help="--demo camera (default static: a fixed camera with moving objects, the "
                         "common edge deployment; a sub-pixel pan reuses little, see README)")
+    p.add_argument("--loop", action="store_true",
+                   help="play VIDEO over and over: an endless (live) source")
+    p.add_argument("--save-video", action=argparse.BooleanOptionalAction, default=None,
+                   help="write annotated.mp4 (default: on a file yes, on a live source no)")
+    p.add_argument("--save-report", action=argparse.BooleanOptionalAction, default=None,
+                   help="write report.png with its per-frame JPEG baseline (default: on a file "
+                        "yes, on a live source no; it plots the last 18000 frames)")
+    p.add_argument("--metrics-port", type=metrics_port, default=None, metavar="PORT",
+                   help="serve Prometheus metrics on http://ADDRESS:PORT/metrics while the run "
+                        "goes (0: a free port, printed)")
+    p.add_argument("--metrics-address", default="127.0.0.1", metavar="ADDRESS",
+                   help="where --metrics-port listens (default 127.0.0.1: this machine only; "
+                        "0.0.0.0 lets a Prometheus elsewhere scrape)")
     shared.add_no_progress(p)
+
+
+def metrics_port(text: str) -> int:
+    """A TCP port, 0 to 65535 (argparse type)."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port 0-65535, got {text!r}")
+    return port
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (a service manager's stop) ends the stream like a Ctrl-C: outputs written."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def register(subparsers) -> None:
@@ -105,7 +149,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         # a run that fails before its first frame leaves no files behind; frames already
         # written (a Ctrl-C, a cloud lost mid-way) stay
-        with cli_common.clean_up_on_failure(
+        with _sigterm_as_interrupt(), cli_common.clean_up_on_failure(
                 args.out, keep=lambda: detections.is_file() and detections.stat().st_size > 0):
             summary = run(video, out=args.out, demo=demo, cloud_url=args.cloud_url,
                           dispatch=args.dispatch, bandwidth_mbps=args.bandwidth_mbps,
@@ -118,7 +162,10 @@ def main(args: argparse.Namespace) -> int:
                           weights=args.weights, executor=args.executor,
                           tiles_table=args.tiles_table, deadline_ms=args.deadline_ms,
                           tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
-                          auth_header=args.auth_header)
+                          auth_header=args.auth_header, loop=args.loop,
+                          save_video=args.save_video, save_report=args.save_report,
+                          metrics_port=args.metrics_port,
+                          metrics_address=args.metrics_address)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"fluxshard run: {e}", file=sys.stderr)
         return 1
@@ -127,6 +174,10 @@ def main(args: argparse.Namespace) -> int:
         print(f"fluxshard run: the stream broke off after {summary['frames']} frames: "
               f"{summary['error']}", file=sys.stderr)
         return 1
+    if summary.get("stopped") and summary.get("source") != "live":
+        print(f"fluxshard run: stopped ({summary['stopped']}) after {summary['frames']} frames",
+              file=sys.stderr)
+        return 130
     return 0
 
 
@@ -140,8 +191,10 @@ def print_summary(s: dict) -> None:
     for name, e in s["endpoints"].items():
         print(f"| {name} | {e['frames']} | {e['key_frames']} | {ms(e['latency_ms'])} |")
     print(f"| all | {s['frames']} | | {ms(s['latency_ms'])} |")
-    print(f"uplink {s['uplink_bytes_total'] / 1e3:.1f} kB vs per-frame JPEG q90 "
-          f"{s['jpeg_q90_bytes_total'] / 1e3:.1f} kB (x{s['uplink_vs_jpeg']}); cache hit rate "
+    jpeg = s["jpeg_q90_bytes_total"]  # None: no report, no per-frame JPEG baseline
+    against = (f" vs per-frame JPEG q90 {jpeg / 1e3:.1f} kB (x{s['uplink_vs_jpeg']})"
+               if jpeg is not None else "")
+    print(f"uplink {s['uplink_bytes_total'] / 1e3:.1f} kB{against}; cache hit rate "
           f"{s['cache_hit_rate_mean']}; residual block fraction {s['residual_fraction_mean']}; "
           f"uplink estimate {s['bandwidth_estimate_mbps']} Mbit/s")
     if s.get("crop_area_fraction_mean") is not None:
