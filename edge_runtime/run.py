@@ -89,18 +89,23 @@ def _edge_session(executor: str, model, executor_options: dict, tiles_table=None
     """The in-process session behind the edge endpoint, on one thread like the server.
     ``tile_options``: TileExecutor knobs over the edge's own (benchmark ablations only; the
     command never sets them)."""
-    from fluxshard.sessions import best_dense_session_factory, yolo_session_factory
+    from fluxshard.sessions import (BestDenseRunners, best_dense_session_factory,
+                                    yolo_session_factory)
 
     if executor == "dense":
         return best_dense_session_factory(model, threads=1)(0)
+    # the tile executor's dense frames run on the dense executor's engine: they cost what dense
+    # costs
+    dense_runner = BestDenseRunners(model, threads=1) if executor == "tiles" else None
     if executor == "tiles" and tiles_table is not None:
         from fluxshard.sessions import TileYoloSession
         from fluxshard.tiles.profile import ProfiledTileExecutor
 
         return TileYoloSession(ProfiledTileExecutor(model, tiles_table, engine="onnxruntime",
-                                                    threads=1, adaptive=True))
+                                                    threads=1, adaptive=True,
+                                                    dense_runner=dense_runner))
     if executor == "tiles":  # the edge adapts to its machine's measured latency
-        options = dict(adaptive=True, **(tile_options or {}))
+        options = {"adaptive": True, "dense_runner": dense_runner, **(tile_options or {})}
         return yolo_session_factory("tiles", model=model, threads=1,
                                     tile_engine="onnxruntime", **options)(0)
     return yolo_session_factory("exact", model=model, threads=1, **executor_options)(0)
@@ -148,10 +153,13 @@ def prepare_edge(edge, executor: str, video: str) -> None:
     latency."""
     from fluxshard.models.ops import padded_shape
 
+    size = _video_size(video) if executor in ("dense", "tiles") else None
+    if size is None:
+        return
     if executor == "dense":
-        size = _video_size(video)
-        if size is not None:
-            edge.session.runners.prepare(padded_shape(size[1], size[0]))
+        edge.session.runners.prepare(padded_shape(size[1], size[0]))
+    else:  # the tile executor's dense frames
+        edge.session.tile_executor.prepare(padded_shape(size[1], size[0]))
 
 
 def edge_stream(edge, cloud=None, *, dispatch: str = "edge", tau_policy, profile,

@@ -342,6 +342,88 @@ def test_a_stream_whose_tiles_do_not_pay_runs_dense_and_probes(model, wide_frame
     assert state.probe_wait == 4
 
 
+class DenseRunner:
+    """The model on whole frames as the tile executor's ``dense_runner`` (the protocol of
+    fluxshard.sessions.BestDenseRunners), counting its calls and the sizes it prepared."""
+
+    def __init__(self, model):
+        self.model, self.calls, self.prepared = model, 0, []
+
+    def prepare(self, input_hw):
+        self.prepared.append(tuple(input_hw))
+
+    def __call__(self, x):
+        self.calls += 1
+        with torch.inference_mode():
+            return self.model(x), "torch"
+
+
+class CountingEngine:
+    def __init__(self, engine):
+        self.engine, self.calls = engine, 0
+
+    def __call__(self, x):
+        self.calls += 1
+        return self.engine(x)
+
+
+def test_dense_frames_run_the_dense_runner_and_tile_frames_carry_from_its_output(model,
+                                                                                 wide_frame):
+    """A dense frame is the dense runner's output as it is (no crop engine, no decode); the tile
+    frame after it carries the cache taken from that output and gives what the crop engine's
+    own dense pass would have led to."""
+    a = np.ascontiguousarray(wide_frame[:, :W])
+    b = a.copy()
+    b[64:128, 64:160] = 255 - b[64:128, 64:160]
+    still = np.zeros((H // 4, W // 4, 2), np.float32)
+    runner = DenseRunner(model)
+    with_runner = TileExecutor(model, dense_runner=runner, dense_above=1.0)
+    with_runner.engine = CountingEngine(with_runner.engine)
+    with_runner.prepare((H, W))
+    assert runner.prepared == [(H, W)]
+    plain = TileExecutor(model, engine=with_runner.engine.engine, dense_above=1.0)
+    s1, s2 = TileStreamState(), TileStreamState()
+    out1, report = with_runner.run(s1, a, key=True)
+    out2, _ = plain.run(s2, a, key=True)
+    assert report.dense and runner.calls == 1 and with_runner.engine.calls == 0
+    assert torch.equal(out1, dense_output(model, a))
+    assert s1.maps is None and s1.dense_output is not None  # taken when a tile frame needs it
+    out1, report = with_runner.run(s1, b, still)
+    out2, _ = plain.run(s2, b, still)
+    assert not report.dense and with_runner.engine.calls >= 1 and runner.calls == 1
+    # the dense runner (contiguous convs) and the crop engine (channels_last) round differently
+    assert torch.allclose(out1[:, :4], out2[:, :4], atol=1e-2)
+    assert torch.allclose(out1[:, 4:], out2[:, 4:], atol=1e-4)
+
+
+def test_fallback_frames_cost_what_dense_costs(model, wide_frame):
+    """While tiles do not pay on a stream, its fallback frames run the dense runner and nothing
+    else (no change test, no cache), except the frame before a probe, which keeps the cache the
+    probe carries."""
+    a = np.ascontiguousarray(wide_frame[:, :W])
+    b = a.copy()
+    b[64:128, 64:160] = 255 - b[64:128, 64:160]
+    still = np.zeros((H // 4, W // 4, 2), np.float32)
+    runner = DenseRunner(model)
+    ex = TileExecutor(model, refresh_interval=100, adaptive=True, probe_interval=3,
+                      dense_above=1.0, dense_runner=runner)
+    clock = SteppedClock(ex.engine, dense=1.0, per_call=0.0, frame_pixels=H * W)
+    ticking = lambda: clock.__setattr__("now", clock.now + 0.5) or clock.now  # noqa: E731
+    ex.engine, ex.clock = clock.run, ticking
+    state = TileStreamState()
+    ex.run(state, a, key=True)
+    ex.run(state, b, still)  # the first tile frame: measured slower than the key frame
+    ex.run(state, a, key=True)  # a dense frame measured after it
+    reports, kept = [], []
+    for f in (b, a, b, a):
+        reports.append(ex.run(state, f, still)[1])
+        kept.append(state.reference is not None)
+    assert [r.fallback for r in reports] == [True, True, True, False], reports
+    assert kept == [False, False, True, True]  # only the frame before the probe keeps a cache
+    assert all(set(r.stages) == {"engine"} for r in reports[:2]), [r.stages for r in reports]
+    assert not reports[3].dense  # the probe runs tiles
+
+
 def test_dense_when_the_frames_bookkeeping_outweighs_its_crops(model, wide_frame):
     """The per-frame rule counts the bookkeeping: with a clock on which every stage takes half
     a dense pass, even a small crop loses to one dense pass."""

@@ -48,6 +48,9 @@ class TileStreamState:
     """Everything one stream keeps between frames (the executor itself holds none)."""
 
     maps: list[torch.Tensor] | None = None  # per level, relative to each cell (1, K*(4 + nc), H/s, W/s)
+    # the eval output of the last dense frame when the dense runner ran it: the cache's maps
+    # are taken from it when the next tile frame needs them (a dense frame does no more work)
+    dense_output: torch.Tensor | None = None
     offsets: list[np.ndarray] | None = None  # per map (H/s, W/s, 2): sub-cell place of each cell's content
     reference: R.Reference | None = None  # what the cached cells were computed from, carried
     frame_shape: tuple | None = None  # (H, W, 3) of the frames this state holds
@@ -76,6 +79,9 @@ class TileReport:
     dense: bool = False  # the whole frame ran on the engine (key, refresh, or too many misses)
     refresh: bool = False  # ... because the refresh interval was due
     fallback: bool = False  # ... because tile frames took longer than dense ones on this stream
+    # ... because the frame's bookkeeping found its crops would cost more than the whole frame:
+    # the stream's tiles cost this frame (the bookkeeping and the dense pass)
+    crops_declined: bool = False
     crops: int = 0
     crop_area_fraction: float = 0.0  # crop pixels run (halo included) / input pixels
     critical_fraction: float = 0.0  # critical blocks / blocks
@@ -154,6 +160,13 @@ class TileExecutor:
         table keeps its prior and outputs depend on the frames alone (reproducible: what
         servers and comparisons want).
     conf: class score above which a cached anchor's box counts as a detection for salience.
+    dense_runner: what runs the frames that run dense (key, refresh, fallback, too many
+        crops): ``dense_runner(x) -> (eval output, engine name)`` on the (1, 3, H, W) input, with
+        ``dense_runner.prepare(input_hw)`` picking its engine ahead (``fluxshard.sessions.
+        BestDenseRunners``: the dense executor's own, so a dense frame costs what dense costs).
+        The cache's maps are taken from its eval output when the next tile frame needs them, and
+        a fallback frame not followed by a probe keeps nothing. None: the crop engine on the
+        whole frame.
     """
 
     def __init__(self, model, *, engine="torch", threshold: float = 8.0, block: int = 16,
@@ -162,7 +175,7 @@ class TileExecutor:
                  max_age: int | None = None, unseen_share: float = 0.25, boundary: float = 8.0,
                  whole_objects: bool = True, grow_conf: float = 0.15, adaptive: bool = False,
                  probe_interval: int = 10, conf: float = 0.25, threads: int = 2,
-                 clock=time.perf_counter):
+                 clock=time.perf_counter, dense_runner=None):
         if 32 % block or block % 4:
             raise ValueError(f"block must be a multiple of 4 dividing 32, got {block}")
         if not 0 < budget <= 1 or (dense_above is not None and not 0 < dense_above <= 1):
@@ -190,7 +203,15 @@ class TileExecutor:
         self.boundary, self.grow_conf = float(boundary), float(grow_conf)
         self.adaptive, self.probe_interval = adaptive, probe_interval
         self.clock = clock
+        self.dense_runner = dense_runner
         self.latency = CropLatency()
+
+    def prepare(self, input_hw: tuple[int, int]) -> None:
+        """Pick the dense runner's engine for model inputs of ``input_hw`` now, not inside the
+        first frame's latency."""
+        prepare = getattr(self.dense_runner, "prepare", None)
+        if prepare is not None:
+            prepare(tuple(int(v) for v in input_hw))
 
     # -- helpers -------------------------------------------------------------------------------
     @staticmethod
@@ -224,6 +245,37 @@ class TileExecutor:
         out[:2] += ((centres + torch.from_numpy(np.concatenate(places))) * strides).T
         return out[None]
 
+    def _relative_from_output(self, output: torch.Tensor, input_hw: tuple[int, int]
+                              ) -> list[torch.Tensor]:
+        """The relative cache (per level (1, K*(4 + nc), H/s, W/s)) of the model's eval output
+        (1, 4 + nc, A) for an ``input_hw`` input: :meth:`_assemble` at zero offsets, undone."""
+        k = self.anchors_per_cell
+        shapes = [(input_hw[0] // s, input_hw[1] // s) for s in self.strides]
+        probes = [output.new_empty((1, 0, h, w)) for h, w in shapes]  # anchors_for reads shapes
+        centres, strides = self.head.anchors_for(probes)
+        rel = output[0].clone()
+        rel[:2] -= (centres * strides).T
+        maps, start = [], 0
+        c = rel.shape[0]
+        for h, w in shapes:
+            n = k * h * w
+            maps.append(rel[:, start:start + n].reshape(c, k, h * w).transpose(0, 1)
+                        .reshape(1, k * c, h, w).contiguous())
+            start += n
+        if start != rel.shape[1]:
+            raise ValueError(f"dense runner output has {rel.shape[1]} anchors, the head's maps "
+                             f"of a {input_hw} input {start}")
+        return maps
+
+    def _cached_maps(self, state, input_hw) -> list[torch.Tensor]:
+        """The cache's maps, taken from the last dense frame's eval output if it has not been."""
+        if state.maps is None:
+            output, state.dense_output = state.dense_output, None
+            state.maps = self._relative_from_output(output, input_hw)
+            boxes, scores = self._boxes_above(output, self.conf)
+            state.boxes = boxes
+        return state.maps
+
     @staticmethod
     def _boxes_above(output: torch.Tensor, conf: float) -> tuple[np.ndarray, np.ndarray]:
         """xyxy boxes (N, 4) and best class scores (N,) of the anchors scoring above ``conf``."""
@@ -249,15 +301,28 @@ class TileExecutor:
         state.grow = np.zeros(state.age.shape, bool) if computed is None else \
             self._cut_objects(boxes[scores > self.grow_conf], computed, state.age.shape)
         self._stage(report, "decode", t)
+        return self._timed(state, report, t0, out)
+
+    def _timed(self, state, report, t0, out):
+        """The frame's seconds into the report and the stream's running averages."""
         report.seconds = self.clock() - t0
         state.frames += 1
-        if state.frames > 1:  # the first frame pays the engine's warm-up
+        # the first frame pays the crop engine's warm-up (a dense runner warmed up as it chose
+        # its engine)
+        if state.frames > 1 or (report.dense and self.dense_runner is not None):
             w = CropLatency.WEIGHT
-            name = "dense_frame_seconds" if report.dense else "tile_frame_seconds"
+            name = "dense_frame_seconds" if report.dense and not report.crops_declined \
+                else "tile_frame_seconds"
             last = getattr(state, name)
             setattr(state, name, report.seconds if last is None
                     else (1 - w) * last + w * report.seconds)
         return out, report
+
+    def _crops_lose(self, critical: np.ndarray, halo_blocks: int) -> bool:
+        """Whether crops for every ``critical`` block lose to one dense pass (see _run)."""
+        every_area = C.halo_area(critical, halo_blocks + 1) / critical.size
+        return (every_area > self.dense_above if self.dense_above is not None
+                else self.latency.dense_is_cheaper(every_area))
 
     def _cut_objects(self, boxes: np.ndarray, computed: np.ndarray, grid) -> np.ndarray:
         """Blocks of boxes (score above ``grow_conf``) centred in this frame's computed blocks
@@ -271,21 +336,41 @@ class TileExecutor:
             return np.zeros(grid, bool)
         return C.boxes_to_blocks(boxes[inside], grid, self.block) & ~computed
 
-    def _dense(self, state, frame, padded, grey, grid, report, t0):
+    def _dense(self, state, frame, padded, grid, report, t0, keep: bool = True, grey=None):
+        """The whole frame on the dense runner (or the crop engine). ``keep``: the stream's
+        cache becomes this frame's; otherwise (a fallback frame not followed by a probe) the
+        stream keeps nothing and the frame costs what a dense frame does."""
         t = self.clock()
-        (raw,) = yield [self.batch_input([padded])]
-        maps = self.head.relative(raw)
+        if self.dense_runner is not None:
+            out, maps = self.dense_runner(self.batch_input([padded]))[0], None
+        else:
+            (raw,) = yield [self.batch_input([padded])]
+            out, maps = None, self.head.relative(raw)
         self._stage(report, "engine", t)
         if self.adaptive:
             self.latency.observe(1.0, report.stages["engine"])
-        state.age = np.zeros(grid, np.int32)
-        state.offsets = [np.zeros((*m.shape[2:], 2), np.float32) for m in maps]
-        state.unseen = np.zeros(grid, np.float32)
-        state.deferred = np.zeros(grid, bool)
-        state.reference = R.Reference.of(grey)
         state.frames_since_dense = 0
         report.dense, report.crop_area_fraction = True, 1.0
-        return self._finish(state, frame, maps, report, t0, None)
+        state.frame_shape = frame.shape
+        if not keep:
+            state.maps = state.dense_output = state.reference = None
+            return self._timed(state, report, t0, out if maps is None else
+                               self._assemble(maps, [np.zeros((*m.shape[2:], 2), np.float32)
+                                                     for m in maps]))
+        t = self.clock()
+        input_hw = padded.shape[:2]
+        state.age = np.zeros(grid, np.int32)
+        state.offsets = [np.zeros((input_hw[0] // s, input_hw[1] // s, 2), np.float32)
+                         for s in self.strides]
+        state.unseen = np.zeros(grid, np.float32)
+        state.deferred = np.zeros(grid, bool)
+        state.reference = R.Reference.of(R.grey(padded) if grey is None else grey)
+        self._stage(report, "change", t)
+        if maps is not None:
+            return self._finish(state, frame, maps, report, t0, None)
+        state.maps, state.dense_output, state.boxes = None, out, None
+        state.grow = np.zeros(grid, bool)
+        return self._timed(state, report, t0, out)
 
     # -- one frame -----------------------------------------------------------------------------
     def run(self, state: TileStreamState, frame: np.ndarray, field: np.ndarray | None = None, *,
@@ -302,8 +387,8 @@ class TileExecutor:
         """:meth:`run`'s frame as a generator, so a caller can compute several streams' frames
         together (``fluxshard.tiles.batching``): it plans the frame, yields the engine inputs
         the frame needs once (a list of (B, 3, h, w) batches; none when nothing needs
-        computing), is sent the engine's output for each, and returns what :meth:`run`
-        returns. Run it under ``torch.inference_mode()``."""
+        computing, or when the dense runner runs the frame), is sent the engine's output for
+        each, and returns what :meth:`run` returns. Run it under ``torch.inference_mode()``."""
         t0 = self.clock()
         frame = np.asarray(frame)
         if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
@@ -313,69 +398,88 @@ class TileExecutor:
         grid = (input_hw[0] // self.block, input_hw[1] // self.block)
         padded = self.padded_frame(frame, input_hw)
         report = TileReport(key=key)
-        t = self.clock()
-        grey = R.grey(padded)
-        t = self._stage(report, "change", t)
-        if (key or field is None or state.maps is None or state.reference is None
-                or state.frame_shape != frame.shape):
+        if key or field is None or state.frame_shape != frame.shape:
             report.key = True
-            return (yield from self._dense(state, frame, padded, grey, grid, report, t0))
-        state.frames_since_dense += 1
-        if state.frames_since_dense >= self.refresh_interval:
-            report.refresh, report.refresh_fraction = True, 1.0
-            return (yield from self._dense(state, frame, padded, grey, grid, report, t0))
+            return (yield from self._dense(state, frame, padded, grid, report, t0))
         if self.adaptive and not state.tiles_pay():
             # this stream's content changes too much for crops to win: dense, trying tiles
             # again after probe_interval frames, twice as long after each probe that lost
-            # (a stream where tiles never pay, such as a tiny frame, then costs what dense does)
+            # (a stream where tiles never pay, such as a tiny frame, then costs what dense does:
+            # only the frame before a probe keeps a cache for it to carry)
             wait = state.probe_wait or self.probe_interval
             if state.frames_since_probe < wait:
                 state.frames_since_probe += 1
                 report.fallback = True
-                return (yield from self._dense(state, frame, padded, grey, grid, report, t0))
+                return (yield from self._dense(state, frame, padded, grid, report, t0,
+                                   keep=state.frames_since_probe >= wait))
             state.probe_wait = min(2 * wait, MAX_PROBE_BACKOFF * self.probe_interval)
         else:
             state.probe_wait = self.probe_interval
         state.frames_since_probe = 0
+        if state.reference is None:  # the last frame kept nothing to carry from
+            report.key = True
+            return (yield from self._dense(state, frame, padded, grid, report, t0))
+        state.frames_since_dense += 1
+        if state.frames_since_dense >= self.refresh_interval:
+            report.refresh, report.refresh_fraction = True, 1.0
+            return (yield from self._dense(state, frame, padded, grid, report, t0))
 
         t = self.clock()
-        # 1. carry the cached outputs; sources outside a map are misses; boxes scale with zoom
+        # 1. what changed since the cached cells were computed: the reference they saw,
+        # carried along the field, against this frame; content never seen (the entering edge
+        # of a pan) accumulates until it fills a share of the block (a slow pan recomputes its
+        # edge every few frames, not every frame)
+        grey = R.grey(padded)
+        reference = R.carry(state.reference, field)
+        aligned = R.aligned(reference)
+        change = R.block_change(grey, aligned, self.block)
+        thresholds = R.block_thresholds(aligned, self.threshold, self.block)
+        moving = bool(np.any(field))
+        sources = block_sources(field, grid, self.block)
+        unseen = carry_blocks(state.unseen, sources, 1.0)
+        if moving:
+            unseen += C.pad_grid(C.outside_share(field, h, w, self.block), grid, 0.0)
+        must = (unseen >= self.unseen_share) | state.grow
+        critical = must | (change > thresholds)
+        critical |= carry_blocks(state.deferred, sources, True)
+        age = carry_blocks(state.age, sources, 0) + 1
+        if self.max_age is not None:
+            critical |= age >= self.max_age
+        halo_blocks = -(-self.halo // self.block)
+        t = self._stage(report, "change", t)
+        # dense when crops for every critical block would cost more than the whole frame (the
+        # executor's own latency table), or, when ``dense_above`` is set, cover more than that;
+        # their area estimated from the blocks grown by the halo and one block more for the
+        # snapping to 32 px, so the crops are planned once, for what is taken. Tried first on
+        # the change alone (the rest only adds blocks): a frame that changed too much does not
+        # carry the cache it will not use
+        if self._crops_lose(critical, halo_blocks):
+            report.crops_declined = True
+            return (yield from self._dense(state, frame, padded, grid, report, t0, grey=grey))
+        t = self.clock()
+        # 2. carry the cached outputs; sources outside a map are misses; boxes scale with zoom
+        state_maps = self._cached_maps(state, input_hw)
         misses = np.zeros(grid, bool)
         maps, offsets = [], []
         on_grids = [field_on_grid(field, s, tuple(m.shape[2:]))
-                    for s, m in zip(self.strides, state.maps)]
-        carried_levels = carry_maps(state.maps, state.offsets, on_grids)
+                    for s, m in zip(self.strides, state_maps)]
+        carried_levels = carry_maps(state_maps, state.offsets, on_grids)
         zoom = camera_zoom(field)
-        for s, m, (carried, o, miss) in zip(self.strides, state.maps, carried_levels):
+        for s, m, (carried, o, miss) in zip(self.strides, state_maps, carried_levels):
             if zoom is not None and carried is not m:
                 scale_carried_boxes(carried, zoom, self.anchors_per_cell)
             maps.append(carried)
             offsets.append(o)
             if miss.any():
                 misses |= _to_blocks(miss, s, self.block, grid)
-        coarsest = max(zip(self.strides, on_grids), key=lambda level: level[0])
-        reference = R.carry(state.reference, field)
         t = self._stage(report, "warp", t)
-        # 2. critical blocks
-        aligned = R.aligned(reference)
-        change = R.block_change(grey, aligned, self.block)
-        thresholds = R.block_thresholds(aligned, self.threshold, self.block)
-        outside = C.pad_grid(C.outside_share(field, h, w, self.block), grid, 0.0) \
-            if np.any(field) else np.zeros(grid, np.float32)
-        # content never seen (the entering edge of a pan) accumulates until it fills a share
-        # of the block: a slow pan recomputes its edge every few frames, not every frame
-        sources = block_sources(field, grid, self.block)
-        unseen = carry_blocks(state.unseen, sources, 1.0) + outside
-        must = misses | (unseen >= self.unseen_share) | state.grow
-        critical = must | (change > thresholds)
-        critical |= carry_blocks(state.deferred, sources, True)
-        if self.boundary > 0 and np.any(field):
-            s, on_grid = coarsest
+        # 3. misses, motion boundaries and whole objects
+        must |= misses
+        critical |= misses
+        if self.boundary > 0 and moving:
+            s, on_grid = max(zip(self.strides, on_grids), key=lambda level: level[0])
             critical |= _to_blocks(motion_boundaries(on_grid * s, self.boundary), s,
                                    self.block, grid)
-        age = carry_blocks(state.age, sources, 0) + 1
-        if self.max_age is not None:
-            critical |= age >= self.max_age
         salient = C.boxes_to_blocks(project_boxes(state.boxes, field), grid, self.block)
         if self.whole_objects:
             # a detected object with any critical block is recomputed whole: a crop that cuts
@@ -383,17 +487,11 @@ class TileExecutor:
             critical |= C.touched_regions(salient, critical)
         total = critical.size
         report.critical_fraction = float(critical.mean())
-        halo_blocks = -(-self.halo // self.block)
         t = self._stage(report, "change", t)
-        # dense when crops for every critical block would cost more than the whole frame (the
-        # executor's own latency table), or, when ``dense_above`` is set, cover more than that;
-        # their area estimated from the blocks grown by the halo and one block more for the
-        # snapping to 32 px, so the crops are planned once, for what is taken
-        every_area = C.halo_area(critical, halo_blocks + 1) / total
-        if (every_area > self.dense_above if self.dense_above is not None
-                else self.latency.dense_is_cheaper(every_area)):
-            return (yield from self._dense(state, frame, padded, grey, grid, report, t0))
-        # 3. salience and budget: what must not be shown stale first, whatever the budget
+        if self._crops_lose(critical, halo_blocks):
+            report.crops_declined = True
+            return (yield from self._dense(state, frame, padded, grid, report, t0, grey=grey))
+        # 4. salience and budget: what must not be shown stale first, whatever the budget
         budget_blocks = int(self.budget * total)
         if C.halo_area(critical, halo_blocks) > budget_blocks:
             order = C.salience_order(critical & ~must, salient, age, change)
@@ -401,7 +499,7 @@ class TileExecutor:
         else:
             taken = critical.copy()
         deferred = critical & ~taken
-        # 4. freshness: a square around the oldest block rides along while the budget has room
+        # 5. freshness: a square around the oldest block rides along while the budget has room
         # (one compact crop; scattered old blocks would each pay a whole halo)
         stale = (age >= self.refresh_age) & ~taken
         refreshed = np.zeros(grid, bool)
@@ -416,7 +514,7 @@ class TileExecutor:
             with_refresh = C.take_within_budget(order, grid, halo_blocks, budget_blocks, start=taken)
             refreshed = with_refresh & ~taken
             taken = with_refresh
-        # 5. crops, batched per size; each crop's interior goes into the carried cache
+        # 6. crops, batched per size; each crop's interior goes into the carried cache
         plan = C.unify_shapes(C.plan_crops(taken, self.block, self.halo, input_hw), input_hw)
         t = self._stage(report, "plan", t)
         if self.adaptive:

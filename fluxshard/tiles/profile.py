@@ -220,7 +220,7 @@ class ProfiledTileExecutor:
     frame runs dense whatever the knobs; it uses the lowest level. Same ``run`` as TileExecutor."""
 
     def __init__(self, model, table: TilesTable, *, engine="onnxruntime", threads: int = 1,
-                 clock=time.perf_counter, adaptive: bool = False):
+                 clock=time.perf_counter, adaptive: bool = False, dense_runner=None):
         from fluxshard.tiles.engine import make_engine
         from fluxshard.tiles.executor import TileExecutor
 
@@ -230,9 +230,13 @@ class ProfiledTileExecutor:
         self.table = table
         self.executors = {lv["name"]: TileExecutor(model, engine=shared, threads=threads,
                                                    clock=clock, adaptive=adaptive,
-                                                   **lv["settings"])
+                                                   dense_runner=dense_runner, **lv["settings"])
                           for lv in table.levels}
         self.last_level = table.levels[0]["name"]
+
+    def prepare(self, input_hw: tuple[int, int]) -> None:
+        """TileExecutor.prepare (the levels share the dense runner)."""
+        next(iter(self.executors.values())).prepare(input_hw)
 
     def level_name(self, field) -> str:
         from fluxshard.motion import motion_statistic
