@@ -6,7 +6,12 @@
 #      (tests/test_executor.py -k cuda; the same cases run on the CPU everywhere else);
 #   3. the tile executor's TensorRT maps engine: build it from the carried raw-maps ONNX with its
 #      crop-bucket profiles, check its maps against onnxruntime / the torch model
-#      (tests/test_tiles_tensorrt.py -m gpu), time the whole frame against crop batches.
+#      (tests/test_tiles_tensorrt.py -m gpu), time the whole frame against crop batches;
+#   4. the FluxShard graph (fluxshard_trt.onnx, plugin nodes) on TensorRT: the FP32 and FP16
+#      engines built with the plugins loaded (scripts/build_trt_engine.sh: the Triton model folder
+#      with both), each run as a stream against onnxruntime's reference frames
+#      (export/check_engine.py run), and, where this machine has a tritonserver with the TensorRT
+#      backend, the served `fluxshard_trt` model (implicit state) against the same frames.
 # Everything is built, generated and downloaded HERE beforehand (the GPU machine has torch, numpy
 # and pytest, but not our toolchain, and no PyAV, which the executor case decodes its clips with):
 #
@@ -15,7 +20,11 @@
 #       --implementation cp --platform manylinux_2_28_x86_64 -d .whl av==18.1.0
 #   python3 -m pip download --no-deps --only-binary=:all: -d .whl polygraphy==0.53.6
 #   python3 -m fluxshard.tiles.tensorrt_engine export --out .cache/tiles_trt/yolo11n-raw-maps.onnx
-#   device run:  bash scripts/gpu_check.sh      (carry: .cache/plugins_trt, .cache/tiles_trt, .whl)
+#   python3 -m fluxshard.cli export --size 320 192 --out /tmp/fluxshard_export && \
+#       python3 export/check_engine.py reference --export /tmp/fluxshard_export --frames 4 && \
+#       mkdir -p .cache/export_trt && cp /tmp/fluxshard_export/{fluxshard_trt.onnx,fluxshard_io.json,reference.npz} .cache/export_trt/
+#   device run:  bash scripts/gpu_check.sh
+#       (carry: .cache/plugins_trt, .cache/tiles_trt, .cache/export_trt, .whl)
 #
 # Section 3 needs the full `tensorrt` Python module on the GPU machine: its libraries are not on
 # PyPI as binary wheels (NVIDIA's own index only, unreachable here) and are far over the 64 MiB
@@ -83,6 +92,49 @@ else
         || failed+=(tiles_trt)
     timeout 120 python3 -m fluxshard.tiles.tensorrt_engine bench --engine "$TRT_ENGINE" \
         || failed+=(tiles_trt_bench)
+fi
+
+echo "== 4. the FluxShard graph on TensorRT: FP32 / FP16 engines with the plugins, as a stream"
+EXPORT=.cache/export_trt
+TRT_REPO=/tmp/fluxshard_triton_trt
+if ! python3 -c 'import tensorrt' 2>/dev/null && ! command -v trtexec >/dev/null; then
+    echo "neither trtexec nor the tensorrt Python module is on this machine: the engines of" \
+         "fluxshard_trt.onnx are not built" >&2
+    failed+=(graph_trt)
+elif [ ! -f "$EXPORT/fluxshard_trt.onnx" ] || [ ! -f "$EXPORT/reference.npz" ]; then
+    echo "missing $EXPORT/fluxshard_trt.onnx or reference.npz: export them here and carry" \
+         "$EXPORT (see above)" >&2
+    failed+=(graph_trt)
+elif ! timeout 420 bash scripts/build_trt_engine.sh --onnx "$EXPORT/fluxshard_trt.onnx" \
+        --repository "$TRT_REPO" --plugins "$BUILD/libfluxshard_trt_plugins.so"; then
+    failed+=(graph_trt_build)
+else
+    # the stream check needs the tensorrt module and torch on CUDA (the engine alone: trtexec)
+    python3 export/check_engine.py run --engine "$TRT_REPO/fluxshard_trt/1/model.plan" \
+        --plugins "$BUILD/libfluxshard_trt_plugins.so" --reference "$EXPORT/reference.npz" \
+        --tolerance 1e-4 || failed+=(graph_trt_fp32)
+    python3 export/check_engine.py run --engine "$TRT_REPO/fluxshard_trt/1/model_fp16.plan" \
+        --plugins "$BUILD/libfluxshard_trt_plugins.so" --reference "$EXPORT/reference.npz" \
+        --tolerance 5e-2 || failed+=(graph_trt_fp16)
+    TRITON=${TRITON_HOME:-/opt/tritonserver}
+    if [ -x "$TRITON/bin/tritonserver" ] && [ -d "$TRITON/backends/tensorrt" ]; then
+        "$TRITON/bin/tritonserver" --model-repository="$TRT_REPO" --model-control-mode=none \
+            --grpc-port=18001 --http-port=18000 --metrics-port=18002 \
+            --backend-config=tensorrt,plugins="$BUILD/libfluxshard_trt_triton.so" \
+            >/tmp/fluxshard_triton_trt.log 2>&1 &
+        triton_pid=$!
+        for _ in $(seq 120); do
+            curl -sf localhost:18000/v2/models/fluxshard_trt/ready >/dev/null 2>&1 && break
+            sleep 1
+        done
+        python3 export/check_engine.py serve --url 127.0.0.1:18001 \
+            --reference "$EXPORT/reference.npz" --tolerance 1e-4 || {
+            tail -30 /tmp/fluxshard_triton_trt.log >&2; failed+=(graph_trt_triton); }
+        kill "$triton_pid" 2>/dev/null; wait "$triton_pid" 2>/dev/null
+    else
+        echo "no tritonserver with the TensorRT backend under $TRITON: the served" \
+             "fluxshard_trt model is not checked (set TRITON_HOME)"
+    fi
 fi
 
 if [ ${#failed[@]} -gt 0 ]; then
