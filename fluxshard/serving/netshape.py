@@ -25,8 +25,9 @@ which segments are lost. The uplink is gRPC over TCP, so a lost packet never los
 application; what it does is what the proxy does, by ``effect``:
 
 * ``retransmit`` (what TCP does): the lost segment arrives one retransmission timeout later
-  (``rto_s``, Linux's minimum 200 ms; doubled for each further loss of the same segment, which
-  passes the chain again), and every byte behind it waits (in-order delivery, head-of-line);
+  (``rto_s``, Linux's minimum 200 ms; doubled for each further loss of the same segment: a
+  retransmission, sent long after the burst, is lost at the long-run rate), and every byte
+  behind it waits (in-order delivery, head-of-line);
 * ``reset``: the loss kills the connection (both sides aborted, RST), as a middlebox or a dying
   link does; the call in flight fails and gRPC reconnects.
 
@@ -477,6 +478,7 @@ class GilbertElliott:
             raise ValueError(f"loss rate must be in [0, 1), got {rate}")
         if mean_burst < 1.0:
             raise ValueError(f"mean burst must be >= 1 segment, got {mean_burst}")
+        self.rate = rate
         self.r = 1.0 / mean_burst
         self.p = rate * self.r / (1.0 - rate)
         if self.p > 1.0:
@@ -492,6 +494,11 @@ class GilbertElliott:
         else:
             self.bad = self._rng.random() < self.p
         return self.bad
+
+    def retransmission_lost(self) -> bool:
+        """Whether a retransmission is lost: it is sent a timeout later, long after the burst
+        that lost the original, so it sees the link's long-run rate and not the burst."""
+        return self._rng.random() < self.rate
 
 
 @dataclass(frozen=True)
@@ -560,13 +567,15 @@ class _Loss:
             segment = chunk[k:k + MSS]
             stats.segments_up += 1
             extra, timeout = 0.0, self.spec.rto_s
-            while self.chain.lost():
+            lost = self.chain.lost()
+            while lost:
                 stats.segments_lost += 1
                 if self.spec.effect == "reset":
                     return None
                 stats.retransmitted_bytes += len(segment)
                 extra += timeout
                 timeout *= 2  # TCP's exponential backoff
+                lost = self.chain.retransmission_lost()
             out.append((segment, extra))
         return out
 
