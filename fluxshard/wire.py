@@ -140,7 +140,7 @@ class Response:
     """What the cloud answers for one frame."""
 
     detections: np.ndarray  # (N, 6) float32 x1, y1, x2, y2, score, class
-    digest: bytes  # blake2b-128 of the rebuilt input cache
+    digest: bytes  # xxh3-128 of the rebuilt input cache (cache_digest)
     stats: dict = dataclass_field(default_factory=dict)
 
     @property

@@ -20,7 +20,8 @@ import torch
 
 from fluxshard.tiles import crops as C
 from fluxshard.tiles import tensorrt_engine as T
-from fluxshard.tiles.engine import ENGINE_KINDS, RAW_MAP_OUTPUTS, make_engine
+from fluxshard.tiles.engine import ENGINE_KINDS, make_engine
+from fluxshard.tiles.raw_maps import RAW_MAP_OUTPUTS
 
 FRAME = (384, 640)
 
@@ -209,7 +210,7 @@ def built(tmp_path_factory):
         meta = json.loads(T.sidecar_path(env_engine).read_text())
         return Path(env_engine), Path(env_onnx), tuple(meta["frame"]), meta["max_batch"]
     from fluxshard.models import load_model
-    from fluxshard.tiles.engine import export_raw_maps_onnx
+    from fluxshard.tiles.raw_maps import export_raw_maps_onnx
     wd = tmp_path_factory.mktemp("tiles_trt")
     onnx = export_raw_maps_onnx(load_model(None, fused=True), wd / "raw-maps.onnx")
     frame, max_batch = (192, 320), 4
@@ -225,7 +226,7 @@ def _reference(onnx_path):
         return lambda x: [torch.from_numpy(o) for o in session.run(None, {"images": x.numpy()})]
     except ImportError:
         from fluxshard.models import load_model
-        from fluxshard.tiles.engine import raw_head_maps
+        from fluxshard.tiles.raw_maps import raw_head_maps
         model = load_model(None, fused=True).float().eval()
 
         def run(x):

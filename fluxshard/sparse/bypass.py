@@ -13,29 +13,31 @@ The policy keeps no per-frame state: what it measures per stream lives in the st
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from .ops import channels_last
+from .state import PROBE_FRAMES, BypassStats, FrameReport, StreamState
 
-if TYPE_CHECKING:
-    from .executor import FrameReport, SparseExecutor, StreamState
-
-# sparse frames measured per probe
-PROBE_FRAMES = 3
+__all__ = ["PROBE_FRAMES", "AdaptiveBypass", "BypassStats", "SteppedExecutor"]
 
 
-@dataclass
-class BypassStats:
-    """One stream's measured latencies, kept across key frames."""
+class SteppedExecutor(Protocol):
+    """The executor's frame steps the bypass drives (``SparseExecutor``)."""
 
-    sparse_ms: float | None = None
-    bypass_ms: float | None = None
-    sparse_probe_left: int = PROBE_FRAMES  # sparse frames to measure before comparing
-    bypassed_since_probe: int = 0
+    model: torch.nn.Module
+
+    def begin(self, state: StreamState, frame: torch.Tensor, field, *, key: bool, tau): ...
+
+    def unaligned(self, ctx) -> float: ...
+
+    def compare_input(self, ctx): ...
+
+    def walk(self, ctx, x): ...
+
+    def end(self, ctx) -> FrameReport: ...
 
 
 class AdaptiveBypass:
@@ -43,7 +45,7 @@ class AdaptiveBypass:
     onnxruntime, or a callable frame -> eval output); see the module doc. ``run`` and ``model``
     are the executor's, so it stands wherever the executor does."""
 
-    def __init__(self, executor: SparseExecutor, runner, *, above: float = 0.5,
+    def __init__(self, executor: SteppedExecutor, runner, *, above: float = 0.5,
                  adaptive: bool = False, probe_interval: int = 30):
         self.executor = executor
         self.runner = runner

@@ -35,7 +35,7 @@ from fluxshard.models.modules import (C2PSA, SPPF, Bottleneck, C2f, C3, Concat, 
                                       Segment)
 
 if TYPE_CHECKING:
-    from .executor import FrameContext, SparseExecutor
+    from .state import FrameContext, FrameWalker
 
 
 
@@ -59,7 +59,7 @@ class MaskRule:
     modules: tuple[type, ...] = ()  # torch module types the executor walks with this rule
     onnx_ops: tuple[str, ...] = ()  # ONNX op types the rewrite handles with this rule
 
-    def sparse(self, ex: SparseExecutor, ctx: FrameContext, m: nn.Module, x) -> Feat:
+    def sparse(self, ex: FrameWalker, ctx: FrameContext, m: nn.Module, x) -> Feat:
         raise NotImplementedError(f"{type(self).__name__} has no torch executor side")
 
     def rewrite(self, rw, node) -> None:
@@ -267,7 +267,7 @@ class SegmentRule(MaskRule):
 
 # ------------------------------------------------------------------------- shared helpers
 
-def head_maps(ex: SparseExecutor, ctx: FrameContext, m: Detect, xs: list[Feat]):
+def head_maps(ex: FrameWalker, ctx: FrameContext, m: Detect, xs: list[Feat]):
     """Each level's box and class maps, as Detect.decode takes them."""
     return [torch.cat((ex.module(ctx, m.cv2[i], xs[i]).value,
                        ex.module(ctx, m.cv3[i], xs[i]).value), 1) for i in range(m.nl)]

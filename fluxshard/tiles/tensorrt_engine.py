@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 import torch
 
 from fluxshard.tiles.crops import BUCKETS, SNAP
-from fluxshard.tiles.engine import RAW_MAP_OUTPUTS
+from fluxshard.tiles.raw_maps import RAW_MAP_OUTPUTS
 
 INPUT_NAME = "images"
 DEFAULT_GROUP_SIDES = (128, 256)  # crops up to these sides get their own large-batch profiles
@@ -444,7 +444,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run_command(args: argparse.Namespace) -> int:
     if args.command == "export":
         from fluxshard.models import load_model
-        from fluxshard.tiles.engine import export_raw_maps_onnx
+        from fluxshard.tiles.raw_maps import export_raw_maps_onnx
         args.out.parent.mkdir(parents=True, exist_ok=True)
         print(export_raw_maps_onnx(load_model(args.weights, fused=True), args.out))
         return 0
