@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, field as dataclass_field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator, Iterator
 
@@ -29,6 +29,7 @@ import numpy as np
 
 from fluxshard import wire
 from fluxshard.endpoint import EndpointPath
+from fluxshard.motion.estimate import DEFAULT_ESTIMATOR, FrameMotion, check_frame
 from fluxshard.motion.state import ResidualSet
 from fluxshard.tau import DEFAULT_TAU, TauPolicy, TruncationTable
 
@@ -36,40 +37,8 @@ from .dispatch import (BandwidthEstimator, Decision, Dispatcher, LatencyProfile,
                        edge_executor_name)
 from .deadline import (PROBE_TIMEOUT_S, CloudWatch, Deadline, check_deadline_ms,
                        default_deadline_ms, no_deadline)
-from .transport import CloudError, CloudUnavailable, DeadlineMissed, DetectionRows
-
-
-@dataclass
-class EndpointRun:
-    """What one endpoint returned for one frame."""
-
-    detections: np.ndarray  # (N, 6) float32 x1, y1, x2, y2, score, class
-    stats: dict
-    input_image: np.ndarray  # the input it ran on: its new input cache
-    key: bool  # ran as a key frame (a remote resync can turn a residual frame into one)
-    uplink_bytes: int = 0
-    transfer_s: float | None = None  # measured uplink transfer time (remote endpoints)
-
-
-@dataclass
-class FrameResult(DetectionRows):
-    """The result of one frame, with what it cost and where it ran."""
-
-    index: int
-    endpoint: str  # "edge" or "cloud"
-    key: bool
-    detections: np.ndarray  # (N, 6) float32 x1, y1, x2, y2, score, class
-    latency_ms: float  # residual sets + dispatch + inference (+ uplink and round trip)
-    endpoint_ms: float  # the endpoint call alone
-    uplink_bytes: int  # payload bytes sent (0 when the edge ran it in-process)
-    cache_hit_rate: float  # share of feature positions reused by the endpoint that ran
-    computed_fraction: float
-    residual_fraction: float  # active residual-block fraction of the endpoint that ran
-    residual_mask: np.ndarray  # (ceil(H/b), ceil(W/b)) bool: blocks sent / recomputed
-    field: np.ndarray | None  # accumulated field (quarter-pel) the endpoint applied; None: key
-    decision: Decision
-    bandwidth_mbps: float  # the uplink estimate after this frame
-    stats: dict = dataclass_field(default_factory=dict)
+from .results import EndpointRun, FrameResult
+from .transport import CloudError, CloudUnavailable, DeadlineMissed
 
 
 # --------------------------------------------------------------------------------- endpoints
@@ -103,12 +72,34 @@ class LocalEndpoint:
             index: int, tau: float = 0.0) -> EndpointRun:
         full = key or getattr(self.session, "full_frame", False)
         image = frame if full else residual.assemble(frame)
-        detections, stats = self.session.infer(image, None if key else residual.field,
-                                               None if key else residual.mask, key, tau=tau)
-        return EndpointRun(detections, stats, image, key)
+        # a segmentation session returns its masks third: (rows, stats, masks)
+        rows, stats, *masks = self.session.infer(image, None if key else residual.field,
+                                                 None if key else residual.mask, key, tau=tau)
+        return EndpointRun(rows, stats, image, key, masks=masks[0] if masks else None)
+
+    @property
+    def names(self) -> dict[int, str] | None:
+        """The class names of the model the session runs ({index: name}), when it says."""
+        return model_names(self.session)
 
     def close(self) -> None:
         self.session.close()
+
+
+def model_names(session) -> dict[int, str] | None:
+    """A session's model's class names: the session's own ``names``, else its model's (the
+    executors keep the model as ``model``, ``executor.model``, ``tile_executor.model`` or
+    ``runners.model``)."""
+    names = getattr(session, "names", None)
+    for holder in ("executor", "tile_executor", "runners", None):
+        if names is not None:
+            break
+        owner = getattr(session, holder, None) if holder else session
+        names = getattr(getattr(owner, "model", None), "names", None)
+    if names is None:
+        return None
+    pairs = names.items() if isinstance(names, dict) else enumerate(names)
+    return {int(k): str(v) for k, v in pairs}
 
 
 def _remote_run(result, stream) -> EndpointRun:
@@ -117,7 +108,7 @@ def _remote_run(result, stream) -> EndpointRun:
     # resyncs (why the frame was re-sent as a key frame) reach the application in the stats
     stats = {**result.stats, "resyncs": list(result.resyncs)} if result.resyncs else result.stats
     return EndpointRun(result.detections, stats, stream.mirror.cache, result.key,
-                       result.wire_bytes, transfer)
+                       result.wire_bytes, transfer, getattr(result, "masks", None))
 
 
 class RemoteEndpoint:
@@ -194,13 +185,16 @@ class _Plan:
     deadline: Deadline | None = None  # of the cloud call (None: the edge runs it, or no deadline)
     fallback: str | None = None  # why the edge runs a frame the cloud would have
     cloud_attempt_ms: float | None = None  # how long the failed cloud call took
+    timestamp: float | None = None  # the frame's, in seconds
+    motion: str = "given"  # FrameResult.motion
 
 
 class _DispatchCore:
     """Algorithm 1 without the I/O: shared by the sync and the asyncio streams."""
 
     def __init__(self, dispatcher: Dispatcher, tau, block: int, deadline_ms: float | None = None,
-                 clock=time.monotonic):
+                 clock=time.monotonic, motion: FrameMotion | None = None):
+        self.motion = motion or FrameMotion()  # fields of bare frames, against the previous one
         self.deadline_ms = check_deadline_ms(deadline_ms)  # None: derived per frame
         self.clock = clock  # what the frames' deadlines are measured on
         self.watch: CloudWatch | None = None  # the cloud's readiness, probed off the frame path
@@ -217,6 +211,7 @@ class _DispatchCore:
         self.h264_uplink = None  # the cloud transport's Uplink: its quality follows the link
         self.cloud_down_until = 0  # frame index from which the cloud may be tried again
         self.cloud_failures: list[str] = []
+        self.names: dict[int, str] | None = None  # the model's class names (FrameResult.names)
 
     def residual_set(self, path: EndpointPath, frame: np.ndarray) -> tuple[ResidualSet, float]:
         """The residual set at the tau the policy picks for this endpoint, and that tau."""
@@ -282,19 +277,27 @@ class _DispatchCore:
         field = int(np.prod(wire.field_shape(h, w))) // 8  # a smooth field compresses ~16x
         return int(raw * self.wire_ratio["residual"]) + field + wire.HEADER_SIZE
 
+    def frame_motion(self, frame: np.ndarray, field: np.ndarray | None,
+                     is_key: bool) -> tuple[np.ndarray | None, bool, str]:
+        """(field, is_key, FrameResult.motion) of a frame: a bare frame's field (none given,
+        not a key frame) is estimated against the previous frame; with none to compare with
+        (the first frame, a size change) it is a key frame."""
+        if is_key or field is not None:
+            self.motion.observe(frame)
+            return field, is_key, "key" if is_key else "given"
+        field = self.motion.field(frame)
+        return field, field is None, "key" if field is None else "estimated"
+
     def plan(self, frame: np.ndarray, field: np.ndarray | None, is_key: bool,
-             index: int | None, cloud_available: bool) -> _Plan:
-        started = time.perf_counter()
-        frame = np.asarray(frame)
-        if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
-            raise ValueError(f"frame must be (H, W, 3) uint8 RGB, got {frame.shape} {frame.dtype}")
+             index: int | None, cloud_available: bool, timestamp: float | None = None) -> _Plan:
+        started = time.perf_counter()  # the frame's latency includes its motion estimate
+        frame = check_frame(frame)
         index = self.next_index if index is None else int(index)
         if index < self.next_index:
             raise ValueError(f"frame index {index} is not after the previous one "
                              f"({self.next_index - 1})")
         h, w = frame.shape[:2]
-        if field is None and not is_key:
-            is_key = True  # no motion: nothing can be reused
+        field, is_key, motion = self.frame_motion(frame, field, is_key)
         if is_key or any(s.cache is not None and s.cache.shape != frame.shape
                          for s in self.states.values()):
             for s in self.states.values():  # the motion since the caches is unknown
@@ -326,7 +329,7 @@ class _DispatchCore:
         decision = self.dispatcher.decide(fraction["edge"], fraction["cloud"], cloud_bytes, w, h,
                                           cloud_available)
         return _Plan(index, frame, key, residual, taus, decision, started,
-                     self.frame_deadline(decision, w, h))
+                     self.frame_deadline(decision, w, h), timestamp=timestamp, motion=motion)
 
     def commit(self, plan: _Plan, run: EndpointRun, endpoint_ms: float,
                remote: bool) -> FrameResult:
@@ -371,7 +374,8 @@ class _DispatchCore:
             computed_fraction=float(run.stats.get("computed_fraction", 1.0)),
             residual_fraction=float(mask.mean()), residual_mask=mask,
             field=None if run.key or residual is None else residual.field, decision=plan.decision,
-            bandwidth_mbps=self.dispatcher.bandwidth.mbps,
+            bandwidth_mbps=self.dispatcher.bandwidth.mbps, orig_shape=(h, w), names=self.names,
+            timestamp=plan.timestamp, masks=run.masks, motion=plan.motion,
             stats={"tau": plan.tau[name], **run.stats,  # a server's own word on tau wins
                    **({"cloud_fallback": plan.fallback} if plan.fallback else {}),
                    **({"cloud_attempt_ms": round(plan.cloud_attempt_ms, 1)}
@@ -392,13 +396,18 @@ class _StreamBase:
     """What the sync and asyncio camera streams share: endpoints and the dispatch core."""
 
     def _set_up(self, edge, cloud, dispatch, tau, profile, margin_ms, initial_mbps, block,
-                probe_interval, deadline_ms=None, clock=time.monotonic) -> None:
+                probe_interval, deadline_ms=None, clock=time.monotonic, names=None,
+                motion_estimator: str = DEFAULT_ESTIMATOR) -> None:
+        motion = FrameMotion(motion_estimator)  # a wrong name is told before anything opens
         self.edge = edge if edge is not None else LocalEndpoint()
         self.cloud = cloud
         if dispatch == "cloud" and cloud is None:
             raise ValueError("dispatch 'cloud' needs a cloud endpoint")
         self.core = _DispatchCore(_dispatcher(dispatch, profile, margin_ms, initial_mbps,
-                                              probe_interval), tau, block, deadline_ms, clock)
+                                              probe_interval), tau, block, deadline_ms, clock,
+                                  motion)
+        self.core.names = (names if names is not None
+                           else getattr(self.edge, "names", None))
         if hasattr(self.cloud, "probe"):
             self.core.watch = CloudWatch(self.cloud.probe)
         for name, endpoint in (("edge", self.edge), ("cloud", self.cloud)):
@@ -430,9 +439,10 @@ class _StreamBase:
             self.core.cloud_down_until = self.core.next_index + (self.dispatcher.probe_interval
                                                                  or 30)
 
-    def _plan(self, frame, field, is_key: bool, index: int | None) -> _Plan:
+    def _plan(self, frame, field, is_key: bool, index: int | None,
+              timestamp: float | None = None) -> _Plan:
         usable = self.core.cloud_usable(self.cloud)
-        plan = self.core.plan(frame, field, is_key, index, usable)
+        plan = self.core.plan(frame, field, is_key, index, usable, timestamp)
         if self.cloud is not None and not usable:
             plan.decision.reason = plan.fallback = f"cloud down: {self.core.cloud_down()}"
         return plan
@@ -441,6 +451,20 @@ class _StreamBase:
     def states(self) -> dict[str, EndpointPath]:
         """Per-endpoint dispatch state: input cache and motion accumulated since it last ran."""
         return self.core.states
+
+    @property
+    def names(self) -> dict[int, str] | None:
+        """The model's class names ({index: name}), as the results carry them."""
+        return self.core.names
+
+    def _release(self) -> None:
+        """Drop the frames this stream holds (caches, the last frame seen) and stop the cloud
+        watch; the endpoints close apart (the async ones are awaited)."""
+        if self.core.watch is not None:
+            self.core.watch.close()
+        for state in self.core.states.values():
+            state.forget()
+        self.core.motion.reset()
 
 
 class FluxShardStream(_StreamBase):
@@ -461,13 +485,21 @@ class FluxShardStream(_StreamBase):
     frame (None: derived per frame, :func:`fluxshard_client.deadline.default_deadline_ms`;
     ``math.inf``: none); an unreachable cloud is left out until it answers a readiness probe
     made off the frame path. ``clock``: what deadlines are measured on.
+    ``names``: the model's class names for the results (default: the in-process edge's model's).
+    ``motion_estimator``: how a bare frame's field is estimated
+    (``fluxshard.motion.estimate.FIELD_ESTIMATORS``).
+
+    Use it as a context manager (``with FluxShardStream(...) as stream:``) or call
+    :meth:`close`: it ends the cloud stream and releases the caches.
     """
 
     def __init__(self, edge=None, cloud=None, *, dispatch: str = "auto",
                  tau: float | TauPolicy | TruncationTable = DEFAULT_TAU, profile=None,
                  margin_ms: float = 2.0, initial_mbps: float = 20.0, block: int = 16,
                  probe_interval: int | None = 30, stream_id: int | None = None,
-                 deadline_ms: float | None = None, clock=time.monotonic):
+                 deadline_ms: float | None = None, clock=time.monotonic,
+                 names: dict[int, str] | None = None,
+                 motion_estimator: str = DEFAULT_ESTIMATOR):
         if isinstance(edge, str):
             edge = RemoteEndpoint.connect(edge, stream_id, block)
         if isinstance(cloud, str):
@@ -475,13 +507,16 @@ class FluxShardStream(_StreamBase):
         elif cloud is not None and not hasattr(cloud, "run"):
             cloud = RemoteEndpoint(cloud)  # a transport Stream
         self._set_up(edge, cloud, dispatch, tau, profile, margin_ms, initial_mbps, block,
-                     probe_interval, deadline_ms, clock)
+                     probe_interval, deadline_ms, clock, names, motion_estimator)
 
-    def process(self, frame: np.ndarray, field: np.ndarray | None, is_key: bool = False,
-                index: int | None = None) -> FrameResult:
-        """One decoded frame (H, W, 3) uint8 RGB and its per-frame motion field (pixel x of this
-        frame came from x + d(x) in the previous one; None or ``is_key`` on key frames)."""
-        plan = self._plan(frame, field, is_key, index)
+    def process(self, frame: np.ndarray, field: np.ndarray | None = None, is_key: bool = False,
+                index: int | None = None, *, timestamp: float | None = None) -> FrameResult:
+        """One decoded frame (H, W, 3) uint8 RGB. ``field``: its per-frame motion field (pixel x
+        of this frame came from x + d(x) in the previous one), e.g. the codec's; None: a bare
+        frame, whose field is estimated against the previous frame (the first one is a key
+        frame). ``is_key``: reset every cache with a dense pass. ``timestamp``: the frame's time
+        in seconds, carried to the result."""
+        plan = self._plan(frame, field, is_key, index, timestamp)
         name = plan.decision.endpoint
         endpoint = self.edge if name == "edge" else self.cloud
         t0 = time.perf_counter()
@@ -503,11 +538,11 @@ class FluxShardStream(_StreamBase):
         from fluxshard.motion import iter_motion
 
         for mf in iter_motion(source, validate=validate, max_frames=max_frames):
-            yield self.process(mf.image, None if mf.is_key else mf.field, mf.is_key, mf.index)
+            yield self.process(mf.image, None if mf.is_key else mf.field, mf.is_key, mf.index,
+                               timestamp=mf.time)
 
     def close(self) -> None:
-        if self.core.watch is not None:
-            self.core.watch.close()
+        self._release()
         for endpoint in (self.edge, self.cloud):
             if endpoint is not None:
                 endpoint.close()
@@ -535,21 +570,28 @@ async def _call(endpoint, plan: _Plan, name: str) -> EndpointRun:
 class AsyncFluxShardStream(_StreamBase):
     """asyncio twin of :class:`FluxShardStream`: ``cloud`` an :class:`AsyncRemoteEndpoint` or an
     :class:`fluxshard_client.AsyncStream`; the in-process edge runs in a worker thread so the
-    event loop keeps serving other streams."""
+    event loop keeps serving other streams. ``async with`` closes it (the cloud stream ended,
+    the caches released); so does ``await stream.close()``."""
 
     def __init__(self, edge=None, cloud=None, *, dispatch: str = "auto",
                  tau: float | TauPolicy | TruncationTable = DEFAULT_TAU, profile=None,
                  margin_ms: float = 2.0, initial_mbps: float = 20.0, block: int = 16,
                  probe_interval: int | None = 30, deadline_ms: float | None = None,
-                 clock=time.monotonic):
+                 clock=time.monotonic, names: dict[int, str] | None = None,
+                 motion_estimator: str = DEFAULT_ESTIMATOR):
         if cloud is not None and not hasattr(cloud, "run"):
             cloud = AsyncRemoteEndpoint(cloud)  # a transport AsyncStream
         self._set_up(edge, cloud, dispatch, tau, profile, margin_ms, initial_mbps, block,
-                     probe_interval, deadline_ms, clock)
+                     probe_interval, deadline_ms, clock, names, motion_estimator)
 
-    async def process(self, frame, field, is_key: bool = False,
-                      index: int | None = None) -> FrameResult:
-        plan = self._plan(frame, field, is_key, index)
+    async def process(self, frame, field=None, is_key: bool = False, index: int | None = None,
+                      *, timestamp: float | None = None) -> FrameResult:
+        """See :meth:`FluxShardStream.process`; a bare frame is planned in a worker thread, its
+        motion estimate off the event loop."""
+        if field is None and not is_key:
+            plan = await asyncio.to_thread(self._plan, frame, field, is_key, index, timestamp)
+        else:
+            plan = self._plan(frame, field, is_key, index, timestamp)
         name = plan.decision.endpoint
         endpoint = self.edge if name == "edge" else self.cloud
         t0 = time.perf_counter()
@@ -572,14 +614,19 @@ class AsyncFluxShardStream(_StreamBase):
             if mf is None:
                 return
             yield await self.process(mf.image, None if mf.is_key else mf.field, mf.is_key,
-                                     mf.index)
+                                     mf.index, timestamp=mf.time)
 
     async def close(self) -> None:
-        if self.core.watch is not None:
-            self.core.watch.close()
+        self._release()
         if self.cloud is not None:
             await self.cloud.close()
         if self.edge is not None:
             closing = self.edge.close()
             if asyncio.iscoroutine(closing):
                 await closing
+
+    async def __aenter__(self) -> "AsyncFluxShardStream":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()

@@ -576,3 +576,9 @@ class AsyncStream(_StreamHandle):
             except CloudError:
                 pass
         core.closed = True
+
+    async def __aenter__(self) -> "AsyncStream":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()

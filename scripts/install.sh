@@ -6,6 +6,10 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 $PY -m pip install -q --disable-pip-version-check torch==2.13.0
 $PY -m pip install -q --disable-pip-version-check -e '.[test]'
+# supervision (results' to_supervision, `fluxshard run --track`'s ByteTrack): --no-deps, since it
+# requires opencv-python, which would shadow opencv-python-headless; its other dependencies are
+# in pyproject.toml. 0.27 is its last release with ByteTrack (later ones moved it to `trackers`).
+$PY -m pip install -q --disable-pip-version-check --no-deps supervision==0.27.0.post2
 # the plugin build (scripts/build_plugins.sh) runs cmake with the Ninja generator
 if ! command -v ninja >/dev/null; then
     $PY -m pip install -q --disable-pip-version-check ninja
