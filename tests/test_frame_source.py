@@ -117,14 +117,13 @@ def test_bare_opencv_frames_reuse_work_and_agree_with_dense(still_clips, detecto
     """OpenCV-decoded frames of still real cameras fed bare (``process(frame)``) to the tile
     executor: it recomputes well under the whole frame and reports what dense reports. Without
     estimated fields every frame would be a key frame (recomputed share 1). Measured at this
-    size: 0.19-0.53 per clip (0.22-0.61 at 320x240, 36 frames); agreement 0.99-1.0."""
-    from edge_runtime.run import edge_only_stream
+    size: 0.23-0.53 per clip (0.22-0.61 at 320x240, 36 frames); agreement 0.99-1.0."""
     from fluxshard.accuracy import box_agreement
 
     shares, tiles_boxes, dense_boxes = {}, [], []
     for clip in STILL_CLIPS:
         frames = still_clips[clip]
-        tiles, dense = edge_only_stream("tiles", frames.path, detector), dense_stream(detector)
+        tiles, dense = tiles_stream(detector), dense_stream(detector)
         with tiles, dense:
             for frame in frames:
                 result = tiles.process(frame)
@@ -147,6 +146,16 @@ def dense_stream(detector) -> FluxShardStream:
                            dispatch="edge")
 
 
+def tiles_stream(detector) -> FluxShardStream:
+    """The tile executor as the edge builds it, but not adaptive: what it recomputes then
+    depends on the frames alone, not on how fast this machine ran them."""
+    from fluxshard.sessions import yolo_session_factory
+
+    session = yolo_session_factory("tiles", model=detector, threads=1,
+                                   tile_engine="onnxruntime")(0)
+    return FluxShardStream(LocalEndpoint(session), dispatch="edge")
+
+
 def _boxes(result) -> dict:
     return dict(boxes=result.boxes, scores=result.scores, classes=result.classes)
 
@@ -155,10 +164,8 @@ def _boxes(result) -> dict:
 
 def test_results_carry_names_shape_timestamp_and_no_masks_for_a_detector(still_clips,
                                                                          detector):
-    from edge_runtime.run import edge_only_stream
-
     frames = still_clips["vtest"][:2]
-    with edge_only_stream("tiles", still_clips["vtest"].path, detector) as stream:
+    with tiles_stream(detector) as stream:
         results = [stream.process(f, timestamp=10.0 + i / 25) for i, f in enumerate(frames)]
     assert stream.names == detector.names and results[0].names == detector.names
     assert results[0].names[0] == "person"  # COCO's, from the cfg's coco.names
