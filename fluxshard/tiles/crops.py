@@ -11,8 +11,6 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
-from scipy import ndimage
-
 from fluxshard.motion.field import MV_BLOCK
 
 SNAP = 32  # the model's largest stride: crops on this grid keep every level's cells aligned
@@ -82,10 +80,22 @@ def boxes_to_blocks(boxes: np.ndarray, grid: tuple[int, int], block: int) -> np.
 
 
 def touched_regions(regions: np.ndarray, touch: np.ndarray) -> np.ndarray:
-    """The connected regions of ``regions`` that share a cell with ``touch``."""
-    labels, _ = ndimage.label(regions)
-    hit = np.unique(labels[touch & regions])
-    return np.isin(labels, hit[hit > 0])
+    """The connected regions (4-connected) of ``regions`` that share a cell with ``touch``."""
+    count, labels = cv2.connectedComponents(np.ascontiguousarray(regions).view(np.uint8),
+                                            connectivity=4)
+    hit = np.zeros(count, bool)
+    hit[labels[touch & regions]] = True
+    hit[0] = False
+    return hit[labels]
+
+
+def grow(mask: np.ndarray, blocks: int) -> np.ndarray:
+    """``mask`` grown by ``blocks`` cells in every direction (a square dilation)."""
+    if blocks <= 0:
+        return mask
+    grown = cv2.dilate(np.ascontiguousarray(mask).view(np.uint8),
+                       np.ones((2 * blocks + 1,) * 2, np.uint8))
+    return grown.view(bool)
 
 
 def salience_order(misses: np.ndarray, salient: np.ndarray, age: np.ndarray,
@@ -100,10 +110,7 @@ def salience_order(misses: np.ndarray, salient: np.ndarray, age: np.ndarray,
 def halo_area(mask: np.ndarray, halo_blocks: int) -> int:
     """Blocks covered by ``mask`` grown by the halo: the area crops for it will cover, roughly
     (before snapping and bucketing)."""
-    if halo_blocks <= 0:
-        return int(mask.sum())
-    grown = ndimage.binary_dilation(mask, np.ones((2 * halo_blocks + 1,) * 2, bool))
-    return int(grown.sum())
+    return int(np.count_nonzero(grow(mask, halo_blocks)))
 
 
 def take_within_budget(order: np.ndarray, grid: tuple[int, int], halo_blocks: int,
@@ -274,8 +281,7 @@ def plan_crops(selected: np.ndarray, block: int, halo: int, input_hw: tuple[int,
     if not selected.any():
         return []
     halo_blocks = -(-halo // block)
-    grown = (ndimage.binary_dilation(selected, np.ones((2 * halo_blocks + 1,) * 2, bool))
-             if halo_blocks else selected)
+    grown = grow(selected, halo_blocks)
     crops = []
     for rect in split_rectangles(grown):
         inner = _tight(selected, *rect)

@@ -63,8 +63,22 @@ def _pixel_grid(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 @functools.lru_cache(maxsize=8)
+def _pixel_places(h: int, w: int) -> np.ndarray:
+    """(h, w, 2) int16: each pixel's own (x, y), the identity map of an integer remap."""
+    return np.stack(np.meshgrid(np.arange(w), np.arange(h)), -1).astype(np.int16)
+
+
+@functools.lru_cache(maxsize=8)
 def _block_grid(hb: int, wb: int) -> tuple[np.ndarray, np.ndarray]:
     return np.mgrid[0:hb, 0:wb].astype(np.float32)
+
+
+def block_sums(image: np.ndarray, side: int) -> np.ndarray:
+    """Sums of uint8 ``image`` over each ``side`` x ``side`` square, (H/side, W/side) int32,
+    exact (an integral image: the numpy block reduction is many times slower)."""
+    ii = cv2.integral(image)
+    return (ii[side::side, side::side] - ii[:-side:side, side::side]
+            - ii[side::side, :-side:side] + ii[:-side:side, :-side:side])
 
 
 def field_on_blocks(field: np.ndarray, blocks_shape: tuple[int, int]) -> np.ndarray:
@@ -99,14 +113,17 @@ def carry(ref: Reference, field: np.ndarray) -> Reference:
     # the remainder of the block the source lands on travels with its content
     total = d
     if ref.offset.any():
-        sy = np.clip(np.floor(by + 0.5 + d[..., 1] / CELL), 0, hb - 1).astype(np.intp)
-        sx = np.clip(np.floor(bx + 0.5 + d[..., 0] / CELL), 0, wb - 1).astype(np.intp)
-        total = d + ref.offset.reshape(-1, 2)[(sy * wb + sx).ravel()].reshape(hb, wb, 2)
+        sy = np.clip(np.floor(by + 0.5 + d[..., 1] * (1.0 / CELL)), 0, hb - 1).astype(np.intp)
+        sx = np.clip(np.floor(bx + 0.5 + d[..., 0] * (1.0 / CELL)), 0, wb - 1).astype(np.intp)
+        sy *= wb
+        sy += sx
+        total = d + np.take(ref.offset.reshape(-1, 2), sy.ravel(), axis=0).reshape(hb, wb, 2)
     whole = np.floor(total + 0.5)
     h, w = ref.image.shape
-    xs, ys = _pixel_grid(h, w)
-    shift = _per_pixel(whole)
-    image = cv2.remap(ref.image, xs + shift[..., 0], ys + shift[..., 1], cv2.INTER_NEAREST,
+    # whole pixels: an integer remap (no float maps of the image's size)
+    shift = cv2.resize(whole.astype(np.int16), (wb * CELL, hb * CELL),
+                       interpolation=cv2.INTER_NEAREST)
+    image = cv2.remap(ref.image, _pixel_places(h, w) + shift, None, cv2.INTER_NEAREST,
                       borderMode=cv2.BORDER_REPLICATE)
     return Reference(image, (total - whole).astype(np.float32))
 
@@ -128,9 +145,7 @@ def block_change(current: np.ndarray, reference: np.ndarray, block: int) -> np.n
     of the half-resolution images, (H/block, W/block) float32. Integer sums: no float copy of
     the image."""
     side = block // SCALE
-    diff = cv2.absdiff(current, reference)
-    h, w = diff.shape
-    sums = diff.reshape(h // side, side, w // side, side).sum((1, 3), dtype=np.uint32)
+    sums = block_sums(cv2.absdiff(current, reference), side)
     return sums.astype(np.float32) * (1.0 / (side * side))
 
 
@@ -139,11 +154,13 @@ def refresh(ref: Reference, current: np.ndarray, blocks: np.ndarray, block: int)
     reference becomes it, in place."""
     if not blocks.any():
         return
-    side = block // SCALE
-    pixels = np.repeat(np.repeat(blocks, side, 0), side, 1)
-    ref.image[pixels] = current[pixels]
-    per_block = block // MV_BLOCK
-    ref.offset[np.repeat(np.repeat(blocks, per_block, 0), per_block, 1)] = 0.0
+    mask = np.ascontiguousarray(blocks).view(np.uint8)
+    h, w = ref.image.shape
+    pixels = cv2.resize(mask, (w, h), interpolation=cv2.INTER_NEAREST).view(bool)
+    np.copyto(ref.image, current, where=pixels)
+    hb, wb = ref.offset.shape[:2]
+    cells = cv2.resize(mask, (wb, hb), interpolation=cv2.INTER_NEAREST).view(bool)
+    ref.offset[cells] = 0.0
 
 
 DARK_FLOOR = 0.4  # a black block's change threshold, as a share of a mid-grey block's
@@ -154,7 +171,5 @@ def block_thresholds(reference: np.ndarray, threshold: float, block: int) -> np.
     blocks (down to ``DARK_FLOOR`` of it for black, linearly): content in the dark differs by
     fewer grey levels for the same change to the detector, which sees the frame normalised."""
     side = block // SCALE
-    h, w = reference.shape
-    sums = reference.reshape(h // side, side, w // side, side).sum((1, 3), dtype=np.uint32)
-    brightness = sums.astype(np.float32) * (1.0 / (side * side * 128.0))
+    brightness = block_sums(reference, side).astype(np.float32) * (1.0 / (side * side * 128.0))
     return threshold * np.clip(DARK_FLOOR + (1 - DARK_FLOOR) * brightness, DARK_FLOOR, 1.0)
