@@ -16,11 +16,12 @@ does is modelled at the layer it acts on (``netshape`` module doc):
 
 Each setting is compared with a loss-free run of the same frames through the same link: uplink
 bytes per cloud-answered frame (every attempt counted, failed ones too, as the proxy carried
-them) and the IDRs' own bytes. A frame is lost when it raises or is answered for another index;
+them) and the IDRs' own bytes. The uplink's quality is pinned at its crf for these runs
+(``fluxshard.uplink_h264.LinkRate``'s range collapsed): the quality controller re-codes at
+another crf, each change an IDR, on its own estimate of the link, which loss and retransmission
+delays move, so unpinned its IDRs would be counted with the resyncs'. A frame is lost when it raises or is answered for another index;
 a cloud answer is digest-checked by the transport. A row passes when no frame is lost and the
-cloud's first answer after every failed call was an IDR. IDRs of the uplink's own quality
-changes (``fluxshard.uplink_h264.LinkRate``: late answers look like a slower link) are counted
-apart from the resyncs.
+cloud's first answer after every failed call was an IDR.
 
     python3 perf/reliability.py [--quick]          # with the other rows
     python3 perf/reliability_lossy.py [--quick]    # these rows alone
@@ -51,10 +52,12 @@ CASE = "lossy H.264 uplink"
 
 
 def lossy_run(link: ShapedLink, loss: LossSpec | None, frames: int, stream_id: int,
-              scene_seed: int = 2201, until_resynced: bool = False) -> dict:
+              scene_seed: int = 2201, until_resynced: bool = False,
+              pin_quality: bool = True) -> dict:
     """``frames`` frames of one camera through ``link`` with the proxy losing by ``loss``
-    (``until_resynced``: at most ``frames``, ending once the cloud answered an IDR resync);
-    -> counts, bytes and the per-frame outcomes (module doc)."""
+    (``until_resynced``: at most ``frames``, ending once the cloud answered an IDR resync;
+    ``pin_quality``: the uplink keeps its crf, see the module doc); -> counts, bytes and the
+    per-frame outcomes."""
     from fluxshard_client import FluxShardClient, FluxShardStream, LocalEndpoint
 
     link.set_loss(loss)
@@ -65,6 +68,10 @@ def lossy_run(link: ShapedLink, loss: LossSpec | None, frames: int, stream_id: i
                                                 residual_codec=wire.Codec.H264),
                              dispatch="cloud")
     uplink = stream.cloud.stream.core.uplink
+    if pin_quality and uplink.link_rate is not None:
+        # the quality controller's range collapsed to the stream's crf: every IDR is then a
+        # resync, and the bytes compare with the loss-free run's at the same quality
+        uplink.link_rate.max_crf = uplink.link_rate.base_crf
     zero = np.zeros(wire.field_shape(*FRAME_SIZE), np.float32)
     # per frame: "lost", "failed" (the cloud call failed: the edge answered), "edge" (the cloud
     # left out, waiting for its readiness probe), "cloud", "resync" (the cloud's first answer
