@@ -1,6 +1,6 @@
 """The TensorRT backend's pieces that need no GPU (export/, scripts/build_trt_engine.sh): the
 committed Triton model config is what the default `fluxshard export` graph gives, it parses as
-a Triton ModelConfig, its implicit-state pairs are the graph's cache inputs and outputs in sorted
+a Triton ModelConfig and passes tritonserver's own validation, its implicit-state pairs are the graph's cache inputs and outputs in sorted
 order, its inputs are what the graph is fed, and the loader Triton's backend dlopens registers
 the plugins with a TensorRT runtime (tensorrt-lean here). The engine build and the served model
 run only on a GPU (scripts/gpu_check.sh)."""
@@ -154,3 +154,38 @@ def test_engine_build_commands_load_the_plugins_by_the_registry(default_export, 
     assert len(commands) == 2 and all("--dynamicPlugins=" in c for c in commands)
     assert "--noTF32" in commands[0] and "model.plan" in commands[0]
     assert "--fp16" in commands[1] and "model_fp16.plan" in commands[1]
+
+
+def _tritonserver_load(config_text: str, tmp_path: Path) -> str:
+    """Start the bundled tritonserver (python backend only) on a repository holding the
+    fluxshard_trt model with ``config_text`` and a placeholder plan; -> its log (it exits: the
+    model cannot load without the TensorRT backend)."""
+    from fluxshard.serving.tritonserver import find_triton, free_port, server_environment
+
+    install = find_triton()
+    model = tmp_path / "repo" / "fluxshard_trt"
+    (model / "1").mkdir(parents=True)
+    (model / "config.pbtxt").write_text(config_text)
+    (model / "1" / "model.plan").write_bytes(b"no engine: the backend is missing anyway")
+    done = subprocess.run(
+        [str(install.binary), f"--model-repository={tmp_path / 'repo'}",
+         "--model-control-mode=none", f"--backend-directory={install.backend_dir}",
+         f"--http-port={free_port()}", f"--grpc-port={free_port()}",
+         f"--metrics-port={free_port()}"],
+        env=server_environment(install), capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    return done.stdout + done.stderr
+
+
+def test_tritonserver_accepts_the_config_up_to_the_missing_backend(triton_installed, tmp_path):
+    """Triton's own validation of the repository (model_repository_manager's poll) passes the
+    committed config; loading then stops only because this server has no TensorRT backend. The
+    control: a setting Triton refuses for a model without batching is refused at the poll."""
+    log = _tritonserver_load((COMMITTED / "config.pbtxt").read_text(), tmp_path / "ours")
+    assert "Poll failed" not in log, log[-3000:]
+    assert "unable to find backend library for backend 'tensorrt'" in log, log[-3000:]
+    broken = (COMMITTED / "config.pbtxt").read_text().replace(
+        "max_candidate_sequences: 16", "max_candidate_sequences: 16 preferred_batch_size: [ 4 ]")
+    log = _tritonserver_load(broken, tmp_path / "control")
+    assert "Poll failed for model directory 'fluxshard_trt'" in log, log[-3000:]
+    assert "preferred batch size must be <= max batch size" in log
