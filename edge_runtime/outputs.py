@@ -11,6 +11,12 @@ import numpy as np
 ENDPOINT_COLORS = {"edge": (255, 170, 0), "cloud": (0, 160, 255)}
 RESIDUAL_TINT = np.array([255, 40, 40], np.float32)  # blocks sent / recomputed
 REUSED_TINT = np.array([40, 220, 90], np.float32)  # blocks taken from the aligned cache
+# instance mask fill, by class (cycled); strong hues that stay apart from the reuse tints
+MASK_COLORS = np.array([[255, 56, 56], [255, 157, 151], [255, 112, 31], [255, 178, 29],
+                        [207, 210, 49], [72, 249, 10], [26, 147, 52], [0, 212, 187],
+                        [0, 194, 255], [52, 69, 147], [100, 115, 255], [0, 24, 236],
+                        [132, 56, 255], [82, 0, 133], [203, 56, 255], [255, 149, 200]], np.float32)
+MASK_ALPHA = 0.5
 
 
 def class_name(k: int, names) -> str:
@@ -28,7 +34,40 @@ def detection_record(result, names) -> dict:
             "cache_hit_rate": round(result.cache_hit_rate, 4),
             "residual_fraction": round(result.residual_fraction, 4),
             "tau": result.stats.get("tau"),  # the tau dispatch and the executor used
-            "dispatch": _dispatch_record(result.decision)}
+            "dispatch": _dispatch_record(result.decision),
+            **_segments_record(getattr(result, "masks", None))}
+
+
+def _segments_record(masks) -> dict:
+    """A segment model's masks as ``segments``: one COCO RLE per detection; nothing for a
+    detect model."""
+    return {} if masks is None else {"segments": mask_rles(masks)}
+
+
+def mask_rles(masks: np.ndarray) -> list[dict]:
+    """(N, H, W) bool masks -> N COCO run-length encodings ``{"size": [H, W], "counts": str}``
+    (what COCO's results files hold; pycocotools' and faster-coco-eval's ``mask.decode`` read
+    them)."""
+    from faster_coco_eval.core import mask as coco_mask
+
+    masks = np.asarray(masks, bool)
+    if masks.ndim != 3:
+        raise ValueError(f"masks must be (N, H, W), got {masks.shape}")
+    if not len(masks):
+        return []
+    rles = coco_mask.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
+    return [{"size": [int(v) for v in r["size"]], "counts": r["counts"].decode("ascii")}
+            for r in rles]
+
+
+def masks_from_rles(rles: list[dict]) -> np.ndarray:
+    """:func:`mask_rles`' records (a detections.jsonl line's ``segments``) -> (N, H, W) bool."""
+    from faster_coco_eval.core import mask as coco_mask
+
+    if not rles:
+        return np.zeros((0, 0, 0), bool)
+    coded = [{"size": list(r["size"]), "counts": r["counts"].encode("ascii")} for r in rles]
+    return coco_mask.decode(coded).transpose(2, 0, 1).astype(bool)
 
 
 def _dispatch_record(d) -> dict:
@@ -47,15 +86,19 @@ def jpeg_bytes(frame: np.ndarray, quality: int = 90) -> int:
 
 def annotate(frame: np.ndarray, result, names, block: int) -> np.ndarray:
     """The frame with the per-block reuse heat map (red: residual blocks, sent or recomputed;
-    green: reused from the aligned cache), boxes with labels, and the endpoint and latency."""
+    green: reused from the aligned cache), a segment model's masks filled in their class's
+    colour, boxes with labels, and the endpoint and latency."""
     from PIL import Image, ImageDraw, ImageFont
 
     h, w = frame.shape[:2]
     mask = np.repeat(np.repeat(result.residual_mask, block, 0), block, 1)[:h, :w]
     tint = np.where(mask[..., None], RESIDUAL_TINT, REUSED_TINT)
     alpha = np.where(mask, 0.35, 0.12)[..., None]
-    shaded = (frame.astype(np.float32) * (1 - alpha) + tint * alpha).astype(np.uint8)
-    image = Image.fromarray(shaded)
+    shaded = frame.astype(np.float32) * (1 - alpha) + tint * alpha
+    masks = getattr(result, "masks", None)
+    if masks is not None:
+        shaded = overlay_masks(shaded, masks, result.classes)
+    image = Image.fromarray(shaded.astype(np.uint8))
     draw = ImageDraw.Draw(image)
     size = max(10, h // 32)
     font = ImageFont.load_default(size=size)
@@ -73,6 +116,19 @@ def annotate(frame: np.ndarray, result, names, block: int) -> np.ndarray:
     draw.rectangle((box[0] - 3, box[1] - 3, box[2] + 3, box[3] + 3), fill=(0, 0, 0))
     draw.text((4, 4), banner, fill=ENDPOINT_COLORS.get(result.endpoint, (255, 255, 255)), font=font)
     return np.asarray(image)
+
+
+def overlay_masks(image: np.ndarray, masks: np.ndarray, classes) -> np.ndarray:
+    """``image`` (H, W, 3) float with each (H, W) bool mask filled in its class's colour at
+    ``MASK_ALPHA``; later masks over earlier ones."""
+    masks = np.asarray(masks, bool)
+    if masks.shape[1:] != image.shape[:2]:
+        raise ValueError(f"masks {masks.shape[1:]} do not match the frame {image.shape[:2]}")
+    out = np.array(image, np.float32)
+    for m, k in zip(masks, classes):
+        colour = MASK_COLORS[int(k) % len(MASK_COLORS)]
+        out[m] = out[m] * (1 - MASK_ALPHA) + colour * MASK_ALPHA
+    return out
 
 
 class VideoWriter:

@@ -140,10 +140,6 @@ def edge_endpoint(executor: str, model, executor_options: dict, tiles_table=None
     """The in-process edge endpoint running ``executor`` (a loaded ``TilesTable`` or None)."""
     from fluxshard_client import LocalEndpoint
 
-    if executor == "tiles" and model.task != "detect":
-        raise ValueError(f"--executor tiles handles detect models only; "
-                         f"{weights or 'the detector'} is a {model.task} model (use "
-                         "--executor exact or dense)")
     return LocalEndpoint(_edge_session(executor, model, executor_options, tiles_table,
                                        tile_options))
 

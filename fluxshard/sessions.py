@@ -14,9 +14,20 @@ from __future__ import annotations
 import threading
 import time
 import warnings
-from typing import Callable, Protocol
+from typing import Callable, NamedTuple, Protocol
 
 import numpy as np
+
+
+class SessionResult(NamedTuple):
+    """What a session returns for one frame. ``masks``: a segment model's instance masks, (N, H,
+    W) bool in the pixels of the frame the session was given (row k belongs to detection k);
+    None for a detect model. ``SessionResult(*returned)`` also reads a session that returns a
+    plain (detections, stats) pair (a compute of its own, without masks)."""
+
+    detections: np.ndarray  # (N, 6) float32 x1, y1, x2, y2, score, class
+    stats: dict
+    masks: np.ndarray | None = None
 
 
 class StreamSession(Protocol):
@@ -32,9 +43,10 @@ class StreamSession(Protocol):
 
     def infer(self, rebuilt_frame: np.ndarray, field: np.ndarray | None,
               residual_mask: np.ndarray | None, key: bool,
-              tau: float = 0.0) -> tuple[np.ndarray, dict]:
-        """-> (detections (N, 6) float32 x1, y1, x2, y2, score, class; stats dict). ``tau``:
-        the frame's truncation tau (``fluxshard.tau``), as the sender picked its residual at."""
+              tau: float = 0.0) -> SessionResult:
+        """-> (detections (N, 6) float32 x1, y1, x2, y2, score, class; stats dict; masks or
+        None). ``tau``: the frame's truncation tau (``fluxshard.tau``), as the sender picked its
+        residual at."""
         ...
 
     def close(self) -> None:
@@ -66,13 +78,12 @@ class DenseYoloSession:
         t0 = time.perf_counter()
         with torch.inference_mode():
             out = self.model(x)
-        rows = detection_rows(postprocess(out, x.shape[-2:], rebuilt_frame.shape[:2],
-                                          conf_thres=self.conf_threshold,
-                                          iou_thres=self.iou_threshold)[0])
+        det = postprocess(out, x.shape[-2:], rebuilt_frame.shape[:2],
+                          conf_thres=self.conf_threshold, iou_thres=self.iou_threshold)[0]
         stats = {"compute": "dense", "executor": "dense",
                  "compute_ms": round((time.perf_counter() - t0) * 1e3, 3),
                  "recomputed_fraction": 1.0, "computed_fraction": 1.0, "cache_hit_rate": 0.0}
-        return rows, stats
+        return session_result(det, stats)
 
     def close(self) -> None:
         pass
@@ -82,6 +93,12 @@ def detection_rows(det) -> np.ndarray:
     """A :class:`fluxshard.models.Detections` as the wire's (N, 6) float32 rows."""
     return np.concatenate([det.boxes.reshape(-1, 4), det.scores.reshape(-1, 1),
                            det.classes.reshape(-1, 1).astype(np.float32)], axis=1).astype(np.float32)
+
+
+def session_result(det, stats: dict) -> SessionResult:
+    """A :class:`fluxshard.models.Detections` (masks included) and its stats as a session's
+    :class:`SessionResult`."""
+    return SessionResult(detection_rows(det), stats, det.masks)
 
 
 class SparseYoloSession:
@@ -108,9 +125,8 @@ class SparseYoloSession:
 
         x = preprocess(rebuilt_frame, device=self.device)
         out, report = self.executor.run(self.state, x, None if key else field, key=key, tau=tau)
-        rows = detection_rows(postprocess(out, x.shape[-2:], rebuilt_frame.shape[:2],
-                                          conf_thres=self.conf_threshold,
-                                          iou_thres=self.iou_threshold)[0])
+        det = postprocess(out, x.shape[-2:], rebuilt_frame.shape[:2],
+                          conf_thres=self.conf_threshold, iou_thres=self.iou_threshold)[0]
         self.last_report = report
         stats = {"compute": "sparse", "executor": "exact",
                  "compute_ms": round(report.seconds * 1e3, 3),
@@ -119,7 +135,7 @@ class SparseYoloSession:
                  "recomputed_fraction": round(report.computed_fraction, 6),
                  "input_changed": round(report.input_changed, 6), "dense_pass": report.key,
                  "bypassed": report.bypassed}
-        return rows, stats
+        return session_result(det, stats)
 
     def close(self) -> None:
         self.state.reset()
@@ -158,9 +174,8 @@ class TileYoloSession:
         with self.lock:
             out, report = self.tile_executor.run(self.state, frame, None if key else field,
                                                  key=bool(key))
-        rows = detection_rows(postprocess(out, padded_shape(*frame.shape[:2]), frame.shape[:2],
-                                          conf_thres=self.conf_threshold,
-                                          iou_thres=self.iou_threshold)[0])
+        det = postprocess(out, padded_shape(*frame.shape[:2]), frame.shape[:2],
+                          conf_thres=self.conf_threshold, iou_thres=self.iou_threshold)[0]
         self.last_report = report
         crop = float(report.crop_area_fraction)
         # crops include their halo, so 1 - crop area is a lower bound of the outputs reused
@@ -171,7 +186,7 @@ class TileYoloSession:
                  "computed_fraction": round(crop, 6), "recomputed_fraction": round(crop, 6),
                  "cache_hit_rate": round(max(0.0, 1.0 - crop), 6), "dense_pass": report.dense,
                  "refresh": report.refresh, "crops": report.crops}
-        return rows, stats
+        return session_result(det, stats)
 
     def close(self) -> None:
         from fluxshard.tiles import TileStreamState
@@ -198,13 +213,12 @@ class DenseRunnerSession:
         x = preprocess(rebuilt_frame)
         t0 = time.perf_counter()
         out, engine = self.runners(x)
-        rows = detection_rows(postprocess(out, x.shape[-2:], rebuilt_frame.shape[:2],
-                                          conf_thres=self.conf_threshold,
-                                          iou_thres=self.iou_threshold)[0])
+        det = postprocess(out, x.shape[-2:], rebuilt_frame.shape[:2],
+                          conf_thres=self.conf_threshold, iou_thres=self.iou_threshold)[0]
         stats = {"compute": "dense", "executor": "dense", "engine": engine,
                  "compute_ms": round((time.perf_counter() - t0) * 1e3, 3),
                  "recomputed_fraction": 1.0, "computed_fraction": 1.0, "cache_hit_rate": 0.0}
-        return rows, stats
+        return session_result(det, stats)
 
     def close(self) -> None:
         pass
@@ -212,11 +226,14 @@ class DenseRunnerSession:
 
 class BestDenseRunners:
     """``best_dense_runner`` per input size, chosen on first use (a few timed runs of every
-    engine, and an ONNX export for onnxruntime). Returns the model's eval output as torch
-    tensors, and the engine's name."""
+    engine, and an ONNX export for onnxruntime; ``kinds``: the engines to choose from, the
+    ``fluxshard.models.dense.RUNNER_KINDS`` by default). Returns the model's eval output as
+    torch tensors, and the engine's name."""
 
-    def __init__(self, model, threads: int = 1, warmup: int = 1, runs: int = 3):
+    def __init__(self, model, threads: int = 1, warmup: int = 1, runs: int = 3,
+                 kinds: tuple[str, ...] | None = None):
         self.model, self.threads, self.warmup, self.runs = model, threads, warmup, runs
+        self.kinds = kinds
         self.lock = threading.Lock()
         self._best: dict = {}
 
@@ -229,8 +246,9 @@ class BestDenseRunners:
         with self.lock:
             runner = self._best.get(shape)
             if runner is None:
+                chosen = {} if self.kinds is None else {"kinds": tuple(self.kinds)}
                 runner, _medians = best_dense_runner(self.model, shape, threads=self.threads,
-                                                     warmup=self.warmup, runs=self.runs)
+                                                     warmup=self.warmup, runs=self.runs, **chosen)
                 self._best[shape] = runner
         return runner
 
@@ -280,8 +298,7 @@ def yolo_session_factory(executor: str = "exact", weights: str | None = None, sc
     """Sessions for the ``fluxshard`` model, by ``executor``: "exact" (default, older name
     "sparse"; per-stream feature caches, truncating with the tau each frame carries
     (``StreamSession.infer``); grid_snap the relaxed RFAP Cond. 2 of fluxshard.sparse), "tiles"
-    (``fluxshard.tiles.TileExecutor`` on ``tile_engine`` with ``threads`` and ``tile_options``,
-    detect models only)
+    (``fluxshard.tiles.TileExecutor`` on ``tile_engine`` with ``threads`` and ``tile_options``)
     or "dense" (YOLO11 on every rebuilt frame). The Triton model and in-process users build theirs here, so
     both run the same thing. ``model`` overrides the weights lookup (a loaded, fused YOLO11).
     ``bypass``: "none", or a dense runner kind ("onnxruntime", "fused_channels_last") that runs
@@ -311,9 +328,6 @@ def yolo_session_factory(executor: str = "exact", weights: str | None = None, sc
 def tile_session_factory(model, threads: int = 1, engine: str = "onnxruntime",
                          conf_threshold: float = 0.25, **tile_options) -> SessionFactory:
     """Sessions sharing one ``TileExecutor`` of ``model`` (``tile_options``: its knobs)."""
-    if model.task != "detect":
-        raise ValueError(f"the tiles executor handles detect models only; this model is a "
-                         f"{model.task} model (use the exact or dense executor)")
     from fluxshard.tiles import TileExecutor
 
     shared = TileExecutor(model, engine=engine, threads=threads, **tile_options)
@@ -356,7 +370,7 @@ def load_dense_model(weights: str | None = None, scale: str = "n", threads: int 
 
 
 __all__ = [
-    "StreamSession", "SessionFactory", "DenseYoloSession", "SparseYoloSession",
+    "StreamSession", "SessionFactory", "SessionResult", "session_result", "DenseYoloSession", "SparseYoloSession",
     "TileYoloSession", "DenseRunnerSession", "BestDenseRunners", "best_dense_session_factory",
     "tile_session_factory", "executor_name", "EXECUTORS", "EXECUTOR_ALIASES",
     "yolo_session_factory", "detection_rows", "dense_yolo_factory", "load_dense_model"]

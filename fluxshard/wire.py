@@ -49,7 +49,10 @@ truncates with exactly the tau the edge's dispatch layer picked the residual blo
 
 The response (Triton output tensors, see :func:`response_tensors`): DETECTIONS float32 (N, 6)
 ``x1, y1, x2, y2, score, class``, STATS JSON (uint8 bytes), DIGEST uint8 (16,) xxh3-128 of the
-rebuilt input cache, which the edge compares with its mirror to detect divergence.
+rebuilt input cache, which the edge compares with its mirror to detect divergence, and MASKS uint8
+bytes: a segment model's instance masks (:func:`encode_masks`: one bit per pixel of the frame
+the server ran on, zlib-compressed; masks are cropped to their boxes, so the bits are mostly
+zero runs and compress to a few hundred bytes an object), empty for a detect model.
 """
 
 from __future__ import annotations
@@ -142,6 +145,7 @@ class Response:
     detections: np.ndarray  # (N, 6) float32 x1, y1, x2, y2, score, class
     digest: bytes  # xxh3-128 of the rebuilt input cache (cache_digest)
     stats: dict = dataclass_field(default_factory=dict)
+    masks: np.ndarray | None = None  # (N, H, W) bool in the rebuilt frame's pixels; seg only
 
     @property
     def frame_index(self) -> int:
@@ -480,6 +484,46 @@ def cache_digest(cache: np.ndarray) -> bytes:
     return h.digest()
 
 
+MASKS_HEADER = struct.Struct("<III")  # masks, height, width
+
+
+def encode_masks(masks: np.ndarray | None) -> bytes:
+    """(N, H, W) bool masks -> bytes: the count and frame size, then the bits (row-major, one
+    per pixel) zlib-compressed. None (a detect model) -> no bytes."""
+    if masks is None:
+        return b""
+    masks = np.asarray(masks)
+    if masks.ndim != 3 or masks.dtype != bool:
+        raise ValueError(f"masks must be (N, H, W) bool, got {masks.dtype} {masks.shape}")
+    return MASKS_HEADER.pack(*masks.shape) + zlib.compress(np.packbits(masks, axis=None).tobytes(), 1)
+
+
+def decode_masks(data: bytes, count: int) -> np.ndarray | None:
+    """:func:`encode_masks`' bytes -> (``count``, H, W) bool (``count``: the detections they
+    belong to), or None when there are none (a detect model). The frame size is bounded like a
+    request's, and the body must inflate to exactly the bits the header names."""
+    if not data:
+        return None
+    if len(data) < MASKS_HEADER.size:
+        raise PayloadError(f"MASKS: {len(data)} bytes, shorter than its header")
+    n, h, w = MASKS_HEADER.unpack_from(data)
+    if n != count:
+        raise PayloadError(f"MASKS holds {n} masks for {count} detections")
+    if not (0 < h <= MAX_SIDE and 0 < w <= MAX_SIDE and h * w <= MAX_PIXELS):
+        raise PayloadError(f"MASKS frame {h}x{w} outside the limits ({MAX_SIDE} px a side, "
+                           f"{MAX_PIXELS} pixels)")
+    want = -(-n * h * w // 8)
+    inflate = zlib.decompressobj()
+    try:
+        bits = inflate.decompress(data[MASKS_HEADER.size:], want)
+    except zlib.error as e:
+        raise PayloadError(f"MASKS body is not zlib: {e}") from None
+    if len(bits) != want or inflate.unconsumed_tail or not inflate.eof:
+        raise PayloadError(f"MASKS body does not inflate to the {want} bytes of {n} {h}x{w} masks")
+    flat = np.unpackbits(np.frombuffer(bits, np.uint8), count=n * h * w)
+    return flat.reshape(n, h, w).astype(bool)
+
+
 def response_tensors(response: Response) -> dict[str, np.ndarray]:
     """The Triton output tensors of a response."""
     det = np.ascontiguousarray(response.detections, dtype=np.float32).reshape(-1, 6)
@@ -487,12 +531,19 @@ def response_tensors(response: Response) -> dict[str, np.ndarray]:
     digest = np.frombuffer(response.digest, np.uint8)
     if digest.size != DIGEST_SIZE:
         raise ValueError(f"digest must be {DIGEST_SIZE} bytes")
-    return {"DETECTIONS": det, "STATS": stats.copy(), "DIGEST": digest.copy()}
+    masks = np.frombuffer(encode_masks(response.masks), np.uint8)
+    return {"DETECTIONS": det, "STATS": stats.copy(), "DIGEST": digest.copy(),
+            "MASKS": masks.copy()}
 
 
-def response_from_tensors(detections: np.ndarray, stats: np.ndarray, digest: np.ndarray) -> Response:
-    """Parse the output tensors (batch dimension of 1 allowed) into a :class:`Response`."""
-    for name, tensor in (("DETECTIONS", detections), ("STATS", stats), ("DIGEST", digest)):
+def response_from_tensors(detections: np.ndarray, stats: np.ndarray, digest: np.ndarray,
+                          masks: np.ndarray | None = None) -> Response:
+    """Parse the output tensors (batch dimension of 1 allowed) into a :class:`Response`;
+    ``masks`` None or empty: no masks (a detect model, or a server from before masks)."""
+    tensors = (("DETECTIONS", detections), ("STATS", stats), ("DIGEST", digest))
+    if masks is not None:
+        tensors += (("MASKS", masks),)
+    for name, tensor in tensors:
         if np.asarray(tensor).dtype.kind not in "biuf":
             raise PayloadError(f"{name} must be a numeric tensor, got {np.asarray(tensor).dtype}")
     det = np.asarray(detections, dtype=np.float32)
@@ -512,10 +563,12 @@ def response_from_tensors(detections: np.ndarray, stats: np.ndarray, digest: np.
     frame_index = stats_dict.get("frame_index", -1)
     if type(frame_index) is not int:
         raise PayloadError(f"STATS frame_index must be an integer, got {frame_index!r:.40}")
-    return Response(detections=det, digest=digest.tobytes(), stats=stats_dict)
+    mask_bytes = b"" if masks is None else np.asarray(masks, np.uint8).reshape(-1).tobytes()
+    return Response(detections=det, digest=digest.tobytes(), stats=stats_dict,
+                    masks=decode_masks(mask_bytes, len(det)))
 
 
 __all__ = ["MAGIC", "VERSION", "Codec", "PayloadError", "Request", "Response", "quantize_field",
            "encode_key_frame", "encode_residual_frame", "encode_h264_frame", "decode_request", "peek_header",
-           "cache_digest", "response_tensors", "response_from_tensors", "residual_tiles", "block_view", "pad_to_blocks",
+           "cache_digest", "response_tensors", "response_from_tensors", "encode_masks", "decode_masks", "residual_tiles", "block_view", "pad_to_blocks",
            "field_shape", "residual_grid", "jpeg_encode", "jpeg_decode"]

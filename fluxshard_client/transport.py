@@ -33,7 +33,7 @@ from fluxshard.endpoint import Uplink
 from fluxshard.receive import ReceiveState
 
 MODEL_NAME = "fluxshard"
-OUTPUTS = ("DETECTIONS", "STATS", "DIGEST")
+OUTPUTS = ("DETECTIONS", "STATS", "DIGEST", "MASKS")
 
 
 class CloudError(RuntimeError):
@@ -91,6 +91,7 @@ class CloudResult(DetectionRows):
     resyncs: list[str] = dataclass_field(default_factory=list)  # why it was re-sent, if it was
     wire_bytes: int = 0  # bytes of the payload that was answered
     round_trip_ms: float = 0.0
+    masks: np.ndarray | None = None  # (N, H, W) bool in the sent frame's pixels; None: detect
 
 
 @dataclass
@@ -227,7 +228,7 @@ class _StreamCore:
     def finish(self, outputs: dict, predicted: ReceiveState, key: bool, index: int,
                payload: bytes, resyncs: list[str], round_trip_ms: float) -> CloudResult:
         response = wire.response_from_tensors(outputs["DETECTIONS"], outputs["STATS"],
-                                              outputs["DIGEST"])
+                                              outputs["DIGEST"], outputs.get("MASKS"))
         if response.digest != predicted.digest:
             raise _Resync(f"digest mismatch at frame {index}: cloud "
                           f"{response.digest.hex()} != mirror {predicted.digest.hex()}")
@@ -235,7 +236,7 @@ class _StreamCore:
             raise _Resync(f"cloud answered frame {response.frame_index} for frame {index}")
         self.commit(predicted, index)
         return CloudResult(index, response.detections, response.digest, response.stats, key,
-                           resyncs, len(payload), round_trip_ms)
+                           resyncs, len(payload), round_trip_ms, response.masks)
 
     def commit(self, predicted: ReceiveState, index: int) -> None:
         """The cloud applied frame ``index``: the mirror becomes what ``prepare`` predicted."""

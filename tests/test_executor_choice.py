@@ -5,9 +5,6 @@ per-executor edge latency tables. Real H.264 from fluxshard.synth, no mocks."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,10 +15,6 @@ from fluxshard.motion import EndpointState, iter_motion
 from fluxshard_client import (Dispatcher, FluxShardClient, FluxShardStream, LatencyProfile,
                               LatencyTable, LocalEndpoint)
 from fluxshard_client.dispatch import tile_crop_share
-
-REPO = Path(__file__).resolve().parents[1]
-SEG_WEIGHTS = REPO / "fluxshard" / "weights" / "yolo11n-seg-demo.pt"
-TIMEOUT_S = 300  # a hang guard for subprocesses, not a timing assertion
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +73,7 @@ def test_tiles_edge_gets_the_whole_frame_and_the_field_since_it_last_ran(synth_c
             continue
         key = state.cache is None or mf.is_key
         field = None if key else wire.quantize_field(state.field)
-        expected, stats = local.infer(mf.image, field, None, key)
+        expected, stats, _ = local.infer(mf.image, field, None, key)
         assert r.key == key and r.stats["executor"] == "tiles"
         if not key:
             np.testing.assert_array_equal(r.field, field)  # two frames of motion, composed
@@ -137,7 +130,7 @@ def test_run_executor_dense_gives_the_dense_models_detections(tmp_path, model):
     assert summary["executor"] == "dense" and summary["crop_area_fraction_mean"] is None
     dense = DenseYoloSession(model)
     for mf, line in zip(iter_motion(str(out / "demo.mp4")), lines, strict=True):
-        rows, _ = dense.infer(mf.image, None, None, True)
+        rows = dense.infer(mf.image, None, None, True).detections
         assert line["executor"] == "dense" and line["classes"] == rows[:, 5].astype(int).tolist()
         # the fastest engine may be onnxruntime: its floats differ from torch's in the last bits
         np.testing.assert_allclose(line["boxes"], rows[:, :4].reshape(-1, 4), atol=0.05)
@@ -151,18 +144,6 @@ def test_run_executor_exact_is_the_default(tmp_path):
     assert DEFAULT_EXECUTOR == "exact" and summary["executor"] == DEFAULT_EXECUTOR
     assert summary["crop_area_fraction_mean"] is None
     assert all(line["executor"] == "exact" for line in lines)
-
-
-def test_run_executor_tiles_refuses_a_seg_model_in_one_line(tmp_path):
-    out = tmp_path / "out"
-    done = subprocess.run([sys.executable, "-m", "fluxshard.cli", "run", "--demo", "--frames", "2",
-                           "--size", "160", "96", "--dispatch", "edge", "--executor", "tiles",
-                           "--weights", str(SEG_WEIGHTS), "--out", str(out), "--no-progress"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT_S)
-    assert done.returncode == 1, done.stderr
-    errors = [line for line in done.stderr.splitlines() if line.startswith("fluxshard run:")]
-    assert len(errors) == 1 and "detect models only" in errors[0], done.stderr
-    assert "Traceback" not in done.stderr and not out.exists()
 
 
 def test_run_refuses_an_unknown_executor_while_parsing(tmp_path):
@@ -203,7 +184,7 @@ def test_served_tiles_equal_the_tile_executor_on_the_rebuilt_frames(tiles_server
     local = tile_sessions(5)
     for r in results:
         assert r.endpoint == "cloud" and r.stats["executor"] == "tiles"
-        expected, stats = local.infer(inputs[r.index], r.field, r.residual_mask, r.key)
+        expected, stats, _ = local.infer(inputs[r.index], r.field, r.residual_mask, r.key)
         _rows_close(r.detections, expected)
         assert r.stats["crop_area_fraction"] == pytest.approx(stats["crop_area_fraction"])
     assert any(r.stats["crop_area_fraction"] < 1 for r in results[1:])
@@ -237,22 +218,12 @@ def test_server_parameters_are_written_where_a_model_has_them(tmp_path):
                                    tmp_path / "repo2")
 
 
-def test_session_factory_names_executors_and_refuses_tiles_on_seg():
-    from fluxshard.models import load_model
-    from fluxshard.sessions import executor_name, yolo_session_factory
+def test_session_factory_names_executors():
+    from fluxshard.sessions import executor_name
 
     assert executor_name("sparse") == "exact" and executor_name("tiles") == "tiles"
     with pytest.raises(ValueError, match="executor must be one of"):
         executor_name("fast")
-    with pytest.raises(ValueError, match="detect models only"):
-        yolo_session_factory("tiles", model=load_model(SEG_WEIGHTS, fused=True))
-
-
-def test_serve_executor_tiles_refuses_a_seg_model_with_exit_2(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "fluxshard.cli", "serve", "--executor", "tiles",
-                           "--weights", str(SEG_WEIGHTS)], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=TIMEOUT_S)
-    assert done.returncode == 2 and "detect models only" in done.stderr, done.stderr
 
 
 # ---------------------------------------------------------------------- dispatch tables

@@ -61,7 +61,7 @@ def test_alternating_dispatch_against_the_real_server(tritonserver, synth_clips,
     for r in cloud:
         # with the tau the dispatch layer used, which travelled with the frame
         assert r.stats["tau"] == quantize_tau(DEFAULT_TAU)
-        expected, stats = local.infer(cloud_inputs[r.index], r.field, r.residual_mask, r.key,
+        expected, stats, _ = local.infer(cloud_inputs[r.index], r.field, r.residual_mask, r.key,
                                       tau=r.stats["tau"])
         np.testing.assert_allclose(r.detections, expected, rtol=1e-5, atol=1e-4)
         assert r.cache_hit_rate == pytest.approx(stats["cache_hit_rate"])

@@ -114,7 +114,7 @@ def test_three_concurrent_streams_are_served_exactly_and_isolated(client, local_
         for i, (t, frame, r) in enumerate(res):
             field = None if i == 0 else scenes[sid].field()
             mask = None if i == 0 else residual_mask(res[i - 1][1], frame, field)
-            expected, stats = local.infer(frame, field, mask, i == 0)
+            expected, stats, _ = local.infer(frame, field, mask, i == 0)
             np.testing.assert_allclose(r.detections, expected, rtol=1e-5, atol=1e-4,
                                        err_msg=f"stream {sid} frame {t}")
             assert r.stats["compute"] == "sparse"
@@ -221,7 +221,7 @@ def test_yolo11_dense_baseline_model(tritonserver, local_model):
         inp = grpcclient.InferInput("FRAME", list(frame.shape), "UINT8")
         inp.set_data_from_numpy(frame)
         det = c.infer("yolo11_dense", [inp]).as_numpy("DETECTIONS")
-        expected, _ = local_model.infer(frame, None, None, True)
+        expected = local_model.infer(frame, None, None, True).detections
         np.testing.assert_allclose(det, expected, rtol=1e-5, atol=1e-4)
         bad = grpcclient.InferInput("FRAME", [1, 1, 3], "UINT8")
         bad.set_data_from_numpy(np.zeros((1, 1, 3), np.uint8))

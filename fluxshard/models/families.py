@@ -7,8 +7,8 @@ checkpoint's ``format`` string, by a state dict's keys, or by a model's class.
 
 What the rest of FluxShard needs from a family's model (an ``nn.Module``):
   * attributes ``scale``, ``task`` ("detect" or "segment"), ``nc`` and ``names`` ({index: name},
-    ``nc`` entries): checkpoints store them, the tools print them, the tile executor and the tiles
-    session accept ``task == "detect"`` only;
+    ``nc`` entries): checkpoints store them, the tools print them, a "segment" model's
+    sessions return masks;
   * eval ``forward((B, 3, H, W) in [0, 1])`` -> (B, 4 + nc, A): xywh boxes in input pixels, then
     sigmoid class scores; a segment model returns ``(that with nm mask coefficients appended,
     prototypes)``. ``ops.postprocess`` (NMS) and ``export.export_onnx`` rely on this only;
@@ -24,7 +24,10 @@ What the rest of FluxShard needs from a family's model (an ``nn.Module``):
     ``relative(maps)`` -> per level (B, K*(4 + nc), h, w): per anchor slot the box centre's
     offset from the cell's centre and the box size (input pixels), then the scores, and
     ``anchors_for(maps)`` -> (cell centres (A, 2) in cells, strides (A, 1)) in the eval
-    output's order (level, anchor slot, cell row-major).
+    output's order (level, anchor slot, cell row-major). A segment head (YOLO11's ``Segment``)
+    appends each level's mask coefficients to its maps and to ``relative``'s (after the
+    scores, as the eval output has them), returns its prototypes after the levels, as they
+    are, and names every map's stride in ``map_strides`` (the levels', then the prototypes').
 The trainer (``fluxshard/train/``) is YOLO's: its loss reads YOLO11's head outputs.
 """
 

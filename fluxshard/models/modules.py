@@ -351,11 +351,37 @@ class Segment(Detect):
         self.cv4 = nn.ModuleList(
             nn.Sequential(Conv(x, c4, 3), Conv(c4, c4, 3), nn.Conv2d(c4, nm, 1)) for x in ch)
 
+    proto_stride = 4  # input pixels per prototype cell (one 2x upsample of the P3 features)
+
+    @property
+    def map_strides(self) -> tuple[int, ...]:
+        """Input pixels per cell of every map ``head_maps`` returns: the levels, then the
+        prototypes."""
+        return (*self.strides, self.proto_stride)
+
+    def head_maps(self, x: list[torch.Tensor]) -> list[torch.Tensor]:
+        """What the tile executor carries: per level the detect maps with the level's mask
+        coefficients appended (B, no + nm, h, w), then the prototypes (B, nm, H/4, W/4), a
+        map like the levels, at stride 4."""
+        levels = [torch.cat((m, self.cv4[i](x[i])), 1)
+                  for i, m in enumerate(Detect.head_maps(self, x))]
+        return levels + [self.proto(x[0])]
+
+    def relative(self, maps: list[torch.Tensor]) -> list[torch.Tensor]:
+        """:meth:`head_maps`' maps per cell: the levels as ``Detect.relative`` with the mask
+        coefficients after the scores (B, 4 + nc + nm, h, w), as the eval output orders them
+        (a coefficient belongs to its cell wherever the cell is carried); the prototypes as
+        they are."""
+        levels = maps[:self.nl]
+        detect = Detect.relative(self, [m[:, :self.no] for m in levels])
+        return [torch.cat((rel, m[:, self.no:]), 1) for rel, m in zip(detect, levels)] \
+            + list(maps[self.nl:])
+
     def forward(self, x: list[torch.Tensor]):
         p = self.proto(x[0])
         bs = p.shape[0]
         mc = torch.cat([self.cv4[i](x[i]).reshape(bs, self.nm, -1) for i in range(self.nl)], 2)
-        maps = self.head_maps(x)
+        maps = Detect.head_maps(self, x)
         if self.training:
             return maps, mc, p
         return torch.cat([self.decode(maps), mc], 1), p

@@ -19,7 +19,7 @@ from fluxshard.wire import PayloadError, Request, Response, decode_request, peek
 from fluxshard.serving.limits import FrameLimits, release_memory
 from fluxshard.serving.metrics import SessionObserver
 from fluxshard.receive import ReceiveState, ResyncNeeded
-from fluxshard.sessions import SessionFactory, StreamSession
+from fluxshard.sessions import SessionFactory, SessionResult, StreamSession
 
 
 @dataclass
@@ -113,9 +113,8 @@ class SessionManager:
         except ResyncNeeded:
             self.observer.resync(corrid)
             raise
-        detections, compute_stats = stream.session.infer(rebuilt, request.field,
-                                                         request.residual_mask, request.key,
-                                                         tau=request.tau)
+        detections, compute_stats, masks = SessionResult(*stream.session.infer(
+            rebuilt, request.field, request.residual_mask, request.key, tau=request.tau))
         stream.frames += 1
         grid = -(-np.array(request.shape) // request.block)
         stats = {"frame_index": request.frame_index, "key": request.key,
@@ -125,7 +124,8 @@ class SessionManager:
                  "total_blocks": int(grid.prod()), "tau": request.tau,
                  "server_ms": round((time.perf_counter() - t0) * 1e3, 3), **compute_stats}
         self.observer.frame(corrid, stats)
-        return Response(detections=detections, digest=stream.receive.digest, stats=stats)
+        return Response(detections=detections, digest=stream.receive.digest, stats=stats,
+                        masks=masks)
 
     def close(self, corrid: int) -> None:
         """Free a stream, whoever owns it (the server's own clean-up)."""

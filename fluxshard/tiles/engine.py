@@ -1,5 +1,5 @@
 """Dense engines that return the detection head's raw per-level maps (box DFL logits + class
-logits, before decoding; raw_maps.py) for a batch of equally sized inputs: what the tile executor
+logits, before decoding; a segment head's mask coefficients and prototypes too; raw_maps.py) for a batch of equally sized inputs: what the tile executor
 runs its crop batches and full-frame refreshes on.
 """
 
@@ -62,6 +62,9 @@ def make_engine(model: YOLO11, kind: str = "torch", threads: int = 2,
                 workdir: str | Path | None = None, engine_path: str | Path | None = None):
     if kind == "tensorrt":  # imported here: CPU machines never import tensorrt
         from fluxshard.tiles.tensorrt_engine import TensorRTMapsEngine
+        if model.task != "detect":
+            raise ValueError("the tensorrt crop engine serves detect heads only; run a "
+                             f"{model.task} model's tiles on torch or onnxruntime")
         if engine_path is None:
             raise ValueError("the tensorrt engine needs engine_path (scripts/build_tiles_trt.sh)")
         return TensorRTMapsEngine(engine_path, channels=model.head.no)

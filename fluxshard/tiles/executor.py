@@ -2,7 +2,9 @@
 
 Per stream it caches the detection head's outputs at each of its strides, decoded relative to
 each cell (``head.relative``: the head interface of fluxshard/models/families.py, anchor-free
-YOLO11 and anchor-based Darknet alike). Each frame it carries them along the motion field (whole
+YOLO11 and anchor-based Darknet alike; a segment head's mask coefficients ride with their cell,
+and its prototypes are one more map, at stride 4, carried and recomputed in the crops like a
+level). Each frame it carries them along the motion field (whole
 cells with their sub-cell place, ``carry_maps``; under the camera's zoom, fitted to the field,
 carried boxes scale with it), finds the critical blocks, ranks them by salience, takes what the budget allows,
 runs the rest of the frame from the cache, and computes the taken blocks as crops (with a halo
@@ -35,6 +37,7 @@ from fluxshard.models.ops import PAD_VALUE, padded_shape
 from fluxshard.tiles import crops as C
 from fluxshard.tiles import reference as R
 from fluxshard.tiles.engine import make_engine
+from fluxshard.tiles.raw_maps import map_strides
 from fluxshard.tiles.warp import (block_sources, camera_zoom, carry_blocks, carry_maps,
                                   field_on_grid, motion_boundaries, project_boxes,
                                   scale_carried_boxes)
@@ -127,7 +130,7 @@ class CropLatency:
 
 
 class TileExecutor:
-    """Tile-batched approximate inference of a detect model (see the module doc).
+    """Tile-batched approximate inference of a detect or segment model (see the module doc).
 
     threshold: a block is critical when its mean abs difference (grey levels, half resolution)
         against what its cached cells were computed from, carried along the field, exceeds
@@ -184,11 +187,13 @@ class TileExecutor:
             raise ValueError(f"refresh_interval must be >= 1, got {refresh_interval}")
         if max_age is not None and max_age < 1:
             raise ValueError(f"max_age must be >= 1 or None, got {max_age}")
-        if model.task != "detect":
-            raise NotImplementedError("the tile executor handles detect models only so far")
         self.model = model
         self.head = model.head
-        self.strides = tuple(int(s) for s in self.head.strides)
+        self.strides = tuple(int(s) for s in self.head.strides)  # the head's levels
+        # every map carried: the levels, then a segment head's prototypes (a stride-4 map,
+        # carried and recomputed in crops like a level)
+        self.map_strides = map_strides(self.head)
+        self.levels = len(self.strides)
         if max(self.strides) > C.SNAP or C.SNAP % max(self.strides):
             raise ValueError(f"head strides {self.strides}: crops snap to {C.SNAP} px, which "
                              "must be a multiple of every stride")
@@ -229,26 +234,34 @@ class TileExecutor:
         batch = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2)
         return batch.float().div_(255.0).contiguous()
 
-    def _assemble(self, maps: list[torch.Tensor], offsets: list[np.ndarray]) -> torch.Tensor:
-        """The model's eval output (1, 4 + nc, A) from the relative cache: each box centre is
-        its cell's centre plus the cell's sub-cell offset (carry_map) plus its own offset.
-        Anchors in the head's order: level, anchor slot, cell (row-major)."""
+    def _assemble(self, maps: list[torch.Tensor], offsets: list[np.ndarray]):
+        """The model's eval output from the relative cache: (1, 4 + nc, A), a segment model's
+        (1, 4 + nc + nm, A) and its prototypes (1, nm, H/4, W/4). Each box centre is its cell's
+        centre plus the cell's sub-cell offset (carry_map) plus its own offset. Anchors in the
+        head's order: level, anchor slot, cell (row-major)."""
         k = self.anchors_per_cell
+        levels = maps[:self.levels]
         parts, places = [], []
-        for m, o in zip(maps, offsets):
+        for m, o in zip(levels, offsets):
             c = m.shape[1] // k
             parts.append(m.reshape(k, c, -1).transpose(0, 1).reshape(c, -1))
             places.append(np.broadcast_to(o.reshape(1, -1, 2), (k, o.shape[0] * o.shape[1], 2))
                           .reshape(-1, 2))
         out = torch.cat(parts, 1)
-        centres, strides = self.head.anchors_for(maps)  # (A, 2) cells, (A, 1): the model's own
+        centres, strides = self.head.anchors_for(levels)  # (A, 2) cells, (A, 1): the model's own
         out[:2] += ((centres + torch.from_numpy(np.concatenate(places))) * strides).T
+        if len(maps) > self.levels:  # the cache is written in place next frame: a copy
+            return out[None], maps[self.levels].clone()
         return out[None]
 
-    def _relative_from_output(self, output: torch.Tensor, input_hw: tuple[int, int]
-                              ) -> list[torch.Tensor]:
-        """The relative cache (per level (1, K*(4 + nc), H/s, W/s)) of the model's eval output
-        (1, 4 + nc, A) for an ``input_hw`` input: :meth:`_assemble` at zero offsets, undone."""
+    def _relative_from_output(self, output, input_hw: tuple[int, int]) -> list[torch.Tensor]:
+        """The relative cache (per level (1, K*(4 + nc), H/s, W/s); a segment model's with its
+        mask coefficients, then its prototypes) of the model's eval output (1, 4 + nc, A) (a
+        segment model's (output, prototypes)) for an ``input_hw`` input: :meth:`_assemble` at
+        zero offsets, undone."""
+        protos = []
+        if isinstance(output, (tuple, list)):
+            output, protos = output[0], [output[1].contiguous()]
         k = self.anchors_per_cell
         shapes = [(input_hw[0] // s, input_hw[1] // s) for s in self.strides]
         probes = [output.new_empty((1, 0, h, w)) for h, w in shapes]  # anchors_for reads shapes
@@ -265,7 +278,7 @@ class TileExecutor:
         if start != rel.shape[1]:
             raise ValueError(f"dense runner output has {rel.shape[1]} anchors, the head's maps "
                              f"of a {input_hw} input {start}")
-        return maps
+        return maps + protos
 
     def _cached_maps(self, state, input_hw) -> list[torch.Tensor]:
         """The cache's maps, taken from the last dense frame's eval output if it has not been."""
@@ -276,10 +289,11 @@ class TileExecutor:
             state.boxes = boxes
         return state.maps
 
-    @staticmethod
-    def _boxes_above(output: torch.Tensor, conf: float) -> tuple[np.ndarray, np.ndarray]:
+    def _boxes_above(self, output, conf: float) -> tuple[np.ndarray, np.ndarray]:
         """xyxy boxes (N, 4) and best class scores (N,) of the anchors scoring above ``conf``."""
-        scores = output[0, 4:].amax(0)
+        if isinstance(output, (tuple, list)):  # a segment model's (output, prototypes)
+            output = output[0]
+        scores = output[0, 4:4 + self.head.nc].amax(0)
         keep = scores > conf
         if not bool(keep.any()):
             return np.zeros((0, 4), np.float32), np.zeros(0, np.float32)
@@ -361,7 +375,7 @@ class TileExecutor:
         input_hw = padded.shape[:2]
         state.age = np.zeros(grid, np.int32)
         state.offsets = [np.zeros((input_hw[0] // s, input_hw[1] // s, 2), np.float32)
-                         for s in self.strides]
+                         for s in self.map_strides]
         state.unseen = np.zeros(grid, np.float32)
         state.deferred = np.zeros(grid, bool)
         state.reference = R.Reference.of(R.grey(padded) if grey is None else grey)
@@ -376,8 +390,9 @@ class TileExecutor:
     def run(self, state: TileStreamState, frame: np.ndarray, field: np.ndarray | None = None, *,
             key: bool = False):
         """Infer one frame: ``frame`` (H, W, 3) uint8 RGB; ``field`` the backward motion field
-        from the frame this stream last ran on (None on a key frame). Returns (eval output
-        (1, 4 + nc, A), TileReport)."""
+        from the frame this stream last ran on (None on a key frame). Returns (the model's
+        eval output: (1, 4 + nc, A), a segment model's ((1, 4 + nc + nm, A), prototypes
+        (1, nm, H/4, W/4)); TileReport)."""
         # the cached maps are written in place frame after frame: all under inference mode
         with torch.inference_mode():
             return run_steps(self.steps(state, frame, field, key=key), self.engine)
@@ -462,11 +477,12 @@ class TileExecutor:
         misses = np.zeros(grid, bool)
         maps, offsets = [], []
         on_grids = [field_on_grid(field, s, tuple(m.shape[2:]))
-                    for s, m in zip(self.strides, state_maps)]
+                    for s, m in zip(self.map_strides, state_maps)]
         carried_levels = carry_maps(state_maps, state.offsets, on_grids)
         zoom = camera_zoom(field)
-        for s, m, (carried, o, miss) in zip(self.strides, state_maps, carried_levels):
-            if zoom is not None and carried is not m:
+        for level, (s, m, (carried, o, miss)) in enumerate(zip(self.map_strides, state_maps,
+                                                                carried_levels)):
+            if zoom is not None and carried is not m and level < self.levels:
                 scale_carried_boxes(carried, zoom, self.anchors_per_cell)
             maps.append(carried)
             offsets.append(o)
@@ -533,7 +549,7 @@ class TileExecutor:
             outs = self.head.relative(raw)
             for b, c in enumerate(group):
                 iy0, ix0, iy1, ix1 = c.interior
-                for s, full, out, offset in zip(self.strides, maps, outs, offsets):
+                for s, full, out, offset in zip(self.map_strides, maps, outs, offsets):
                     r0, r1 = iy0 // s, -(-iy1 // s)
                     q0, q1 = ix0 // s, -(-ix1 // s)
                     full[0, :, r0:r1, q0:q1] = out[b, :, r0 - c.y0 // s:r1 - c.y0 // s,

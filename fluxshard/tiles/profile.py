@@ -331,7 +331,7 @@ def sweep_tiles(model, levels: dict | None = None, grid: dict | None = None,
                          f"{clips_per_level}")
     for m, what in ((model, "model"), (real_model if real_clips else None, "real_model")):
         if m is not None and getattr(m, "task", None) != "detect":
-            raise ValueError(f"the tile executor handles detect models only; {what} is a "
+            raise ValueError(f"the tiles table is measured on detect models; {what} is a "
                              f"{getattr(m, 'task', type(m).__name__)} model")
     if real_clips and score_real is None:
         raise ValueError("real clips need score_real (fluxshard.tools.profile.score_real_clip: "

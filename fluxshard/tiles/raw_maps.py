@@ -1,5 +1,5 @@
-"""The detection head's raw per-level maps (box logits + class logits, before decoding): the
-graph every tile-executor engine (torch, onnxruntime, TensorRT) runs, and its ONNX export.
+"""The detection head's raw per-level maps (box logits + class logits, before decoding; a
+segment head's mask coefficients and prototypes too): the graph every tile-executor engine (torch, onnxruntime, TensorRT) runs, and its ONNX export.
 
 ``raw_head_maps`` walks the model like ``YOLO11.forward`` but stops before ``Detect.decode``, so
 crops of any size multiple of 32 can be merged into the per-stride output cache.
@@ -18,11 +18,16 @@ from fluxshard.models.families import run_layers
 from fluxshard.models.yolo import YOLO11
 
 
+def map_strides(head) -> tuple[int, ...]:
+    """Input pixels per cell of each map the head's ``head_maps`` returns: its levels
+    (``strides``), and a segment head's prototypes after them (``map_strides``)."""
+    return tuple(int(s) for s in getattr(head, "map_strides", head.strides))
+
+
 def raw_head_maps(model: YOLO11, x: torch.Tensor) -> list[torch.Tensor]:
-    """The head's raw maps [(B, head.no, H/s, W/s) for s in head.strides] of ``x``."""
-    if model.task != "detect":
-        raise NotImplementedError("the tile executor caches detect heads only (seg: not built yet)")
-    # the head's maps in its own level order (model.head.strides)
+    """The head's raw maps [(B, C, H/s, W/s) for s in map_strides(model.head)] of ``x``: per
+    level ``head.no`` channels (a segment head's mask coefficients appended), then a segment
+    head's prototypes."""
     return run_layers(model, x, raw_head=True)
 
 
@@ -41,9 +46,10 @@ RAW_MAP_OUTPUTS = ("maps8", "maps16", "maps32")  # YOLO11's (raw_map_outputs(mod
 
 
 def raw_map_outputs(model) -> tuple[str, ...]:
-    """The raw-maps graph's output names, one per head level in the head's order: ``maps<stride>``
-    (YOLO11: maps8, maps16, maps32; YOLOv3-tiny: maps32, maps16)."""
-    return tuple(f"maps{int(s)}" for s in model.head.strides)
+    """The raw-maps graph's output names, one per head map in the head's order: ``maps<stride>``
+    (YOLO11: maps8, maps16, maps32; YOLO11-seg: those and maps4, the prototypes; YOLOv3-tiny:
+    maps32, maps16)."""
+    return tuple(f"maps{s}" for s in map_strides(model.head))
 
 
 def export_raw_maps_onnx(model: YOLO11, path: str | Path) -> Path:

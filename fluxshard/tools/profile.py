@@ -63,8 +63,8 @@ def profile_latency(*, width: int = 640, height: int = 384, fractions=DEFAULT_FR
     """Measure both tables; returns the :class:`fluxshard_client.LatencyProfile` (saved to
     ``out`` when given). ``cloud=False`` keeps the built-in cloud table. ``weights``: the
     detector on both sides (None: the embedded demo one). ``executors``: the edge executors to
-    measure besides the exact one, whose table is always measured (tiles: detect models only,
-    left out with a note otherwise). ``clock``: seconds, what the edge runs are timed with.
+    measure besides the exact one, whose table is always measured (one that cannot be built is
+    left out with a note). ``clock``: seconds, what the edge runs are timed with.
     ``threads``: the other edge executors' engines' (torch's own are the process's: the entry
     point sets them)."""
     import torch
@@ -165,7 +165,7 @@ def _profile_edge_executors(model, executors, cases, field, repeats: int, thread
     if "tiles" in executors:
         try:
             tiles = tile_session_factory(model, threads=threads)(0)
-        except ValueError as e:  # a seg model
+        except ValueError as e:
             notes.append(f"tiles left out: {e}")
         else:
             by_share: dict[float, float] = {}
@@ -177,7 +177,7 @@ def _profile_edge_executors(model, executors, cases, field, repeats: int, thread
                     tiles.infer(base, None, None, True)
                     key_ms.append((clock() - t0) * 1e3)
                     t0 = clock()
-                    _, stats = tiles.infer(changed, field, mask, False)
+                    stats = tiles.infer(changed, field, mask, False).stats
                     times.append((clock() - t0) * 1e3)
                     shares.append(float(stats["crop_area_fraction"]))
                 share = round(statistics.median(shares), 4)

@@ -4,7 +4,7 @@ dispatches every frame to the in-process sparse executor (edge) or the Triton `f
 
 --executor picks what the edge runs: exact (the sparse executor on residual-assembled inputs),
 tiles (the v2 tile executor on onnxruntime: whole decoded frames with the motion accumulated since
-the edge last ran; detect models only) or dense (the fastest dense engine on every frame). The
+the edge last ran) or dense (the fastest dense engine on every frame). The
 dispatcher uses that executor's latency table.
 
 With --demo it synthesizes the default clip and, unless --cloud-url is given, starts a local
@@ -63,8 +63,8 @@ def add_run_arguments(p: argparse.ArgumentParser, demo_default: bool = False,
     shared.add_weights(p)
     shared.add_executor(p, default=None,
                         help="edge executor: exact (sparse executor, reuse exact on the assembled "
-                             "input; YOLO11 only), tiles (v2 tile executor on onnxruntime, detect "
-                             "models only) or dense (fastest dense engine every frame); default: "
+                             "input; YOLO11 only), tiles (v2 tile executor on onnxruntime) or "
+                             "dense (fastest dense engine every frame); default: "
                              f"{DEFAULT_EXECUTOR} on YOLO11, tiles on another family's detect "
                              "model (e.g. --weights yolov3-tiny)")
     p.add_argument("--tiles-table", type=cli_common.existing_file, default=None,

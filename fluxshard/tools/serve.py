@@ -32,7 +32,7 @@ def register(subparsers) -> None:
                                "(default: embedded demo detector)")
     shared.add_executor(p, default=None,
                         help="the fluxshard model's compute: exact (sparse executor), tiles "
-                             "(v2 tile executor, detect models only) or dense (default: the "
+                             "(v2 tile executor) or dense (default: the "
                              "config's `executor` parameter, exact)")
     p.add_argument("--log-file", default=None, help="server log (default: a temporary file)")
     p.add_argument("--timeout", type=cli_common.positive_float, default=300.0,
@@ -69,10 +69,6 @@ def _serve(args: argparse.Namespace) -> int:
 
         # a file that is no detector fails here, in one line, not in the server's log
         model = load_model(args.weights)
-        if args.executor == "tiles" and model.task != "detect":
-            print(f"fluxshard serve: --executor tiles handles detect models only; "
-                  f"{args.weights} is a {model.task} model", file=sys.stderr)
-            return 2
         if args.executor in (None, "exact", "sparse") and not isinstance(model, YOLO11):
             print(f"fluxshard serve: {args.weights} is a "
                   f"{family_of(model).tag(model.scale, model.task)} model; the exact executor "

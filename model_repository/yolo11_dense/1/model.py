@@ -29,7 +29,7 @@ class TritonPythonModel:
                 if not (0 < h <= MAX_SIDE and 0 < w <= MAX_SIDE and h * w <= MAX_PIXELS):
                     raise ValueError(f"frame {h}x{w} outside the limits ({MAX_SIDE} px a side, "
                                      f"{MAX_PIXELS} pixels)")
-                detections, _ = self.session.infer(frame, None, None, True)
+                detections = self.session.infer(frame, None, None, True).detections
                 out = output_tensor("DETECTIONS", detections)
                 responses.append(pb_utils.InferenceResponse(output_tensors=[out]))
             except Exception as e:  # the server keeps serving
