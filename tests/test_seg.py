@@ -90,18 +90,22 @@ def executor_inputs(executor: str, video):
         for _mf, image, field, key in edge_inputs(video, 0.0):
             yield image, field, key
         return
-    for mf in iter_motion(video):
+    for mf in iter_motion(video):  # tiles and the dense engines
         yield mf.image, None if mf.is_key else mf.field, mf.is_key
 
 
 def session_for(executor: str, model):
     if executor in ("onnxruntime", "fused_channels_last"):
         return DenseRunnerSession(BestDenseRunners(model, kinds=(executor,), runs=1))
+    if executor == "tiles+dense_runner":  # as the edge runs tiles: dense frames on a runner
+        runner = BestDenseRunners(model, kinds=("onnxruntime",), runs=1)
+        return yolo_session_factory("tiles", model=model, dense_runner=runner)(0)
     return yolo_session_factory(executor, model=model)(0)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("executor,seeds", [("exact", (0,)), ("tiles", (0, 3)),
+                                             ("tiles+dense_runner", (1,)),
                                              ("onnxruntime", (0,)),
                                              ("fused_channels_last", (0,))])
 def test_every_executor_returns_masks_that_agree_with_dense(executor, seeds, seg_model,
@@ -118,7 +122,7 @@ def test_every_executor_returns_masks_that_agree_with_dense(executor, seeds, seg
             ious.append(area_iou(got.masks, want.masks))
             found += len(want.detections)
         assert found > FRAMES  # objects to segment on most frames
-        if executor == "tiles":
+        if executor.startswith("tiles"):
             assert np.mean(ious) >= TILES_MEAN_IOU, (seed, ious)
         else:
             assert min(ious) >= EXACT_MIN_IOU, (seed, ious)
