@@ -23,13 +23,15 @@ def class_name(k: int, names) -> str:
     return names[k] if 0 <= k < len(names) else f"class{k}"
 
 
-def detection_record(result, names) -> dict:
-    """One detections.jsonl line."""
+def detection_record(result, names, track_ids=None) -> dict:
+    """One detections.jsonl line (``track_ids``: one per box, -1 untracked, written as null)."""
     classes = [int(c) for c in result.classes]
+    tracks = ({} if track_ids is None else
+              {"track_ids": [int(t) if t >= 0 else None for t in track_ids]})
     return {"index": result.index, "endpoint": result.endpoint, "key": result.key,
             "boxes": np.round(result.boxes.astype(float), 2).tolist(),
             "scores": np.round(result.scores.astype(float), 4).tolist(),
-            "classes": classes, "names": [class_name(c, names) for c in classes],
+            "classes": classes, "names": [class_name(c, names) for c in classes], **tracks,
             "latency_ms": round(result.latency_ms, 3), "uplink_bytes": result.uplink_bytes,
             "cache_hit_rate": round(result.cache_hit_rate, 4),
             "residual_fraction": round(result.residual_fraction, 4),
@@ -84,10 +86,11 @@ def jpeg_bytes(frame: np.ndarray, quality: int = 90) -> int:
     return len(jpeg_encode(frame, quality))
 
 
-def annotate(frame: np.ndarray, result, names, block: int) -> np.ndarray:
+def annotate(frame: np.ndarray, result, names, block: int, track_ids=None) -> np.ndarray:
     """The frame with the per-block reuse heat map (red: residual blocks, sent or recomputed;
     green: reused from the aligned cache), a segment model's masks filled in their class's
-    colour, boxes with labels, and the endpoint and latency."""
+    colour, boxes with labels (``#track`` first when ``track_ids`` has one), and the endpoint
+    and latency."""
     from PIL import Image, ImageDraw, ImageFont
 
     h, w = frame.shape[:2]
@@ -102,9 +105,11 @@ def annotate(frame: np.ndarray, result, names, block: int) -> np.ndarray:
     draw = ImageDraw.Draw(image)
     size = max(10, h // 32)
     font = ImageFont.load_default(size=size)
-    for (x1, y1, x2, y2), score, k in zip(result.boxes, result.scores, result.classes):
+    tracks = np.full(len(result.classes), -1) if track_ids is None else track_ids
+    for (x1, y1, x2, y2), score, k, track in zip(result.boxes, result.scores, result.classes,
+                                                 tracks):
         draw.rectangle([x1, y1, x2, y2], outline=(255, 255, 0), width=2)
-        label = f"{class_name(int(k), names)} {score:.2f}"
+        label = (f"#{track} " if track >= 0 else "") + f"{class_name(int(k), names)} {score:.2f}"
         tx, ty = x1, max(0, y1 - size - 2)
         box = draw.textbbox((tx, ty), label, font=font)
         draw.rectangle(box, fill=(0, 0, 0))

@@ -242,7 +242,8 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
         tls_ca: str | Path | None = None, tls_cert: str | Path | None = None,
         tls_key: str | Path | None = None, auth_header: tuple[str, str] | None = None,
         loop: bool = False, save_video: bool | None = None, save_report: bool | None = None,
-        metrics_port: int | None = None, metrics_address: str = "127.0.0.1") -> dict:
+        metrics_port: int | None = None, metrics_address: str = "127.0.0.1",
+        track: bool = False) -> dict:
     """The main job; returns the summary (also written to ``out/summary.json``).
 
     ``fallback`` (``dispatch="cloud"`` only): "none" raises RuntimeError when the cloud cannot be
@@ -258,6 +259,7 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
     ``loop``: play the file over and over. ``save_video`` / ``save_report``: write annotated.mp4
     / report.png (None: on a file yes, on a live source no, see :func:`is_live`).
     ``metrics_port``: serve Prometheus metrics there (0: a free port) on ``metrics_address``.
+    ``track``: track ids from supervision's ByteTrack in detections.jsonl and the video's labels.
     A Ctrl-C (or SIGTERM through the command) while frames run ends the stream there: the
     outputs are written and the summary says ``stopped``.
 
@@ -302,7 +304,8 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
                              deadline_ms=deadline_ms)
         health.start(stream, metrics if url else None)
         try:
-            with _FrameOutputs(out, class_names, executor, stream.core.block, saved) as writer:
+            with _FrameOutputs(out, class_names, executor, stream.core.block, saved,
+                               _tracker(video) if track else None) as writer:
                 broke, stopped = _process_frames(
                     stream, edge_frames(video, frames, loop), writer, health, metrics,
                     has_cloud=bool(url), total=None if saved.live else frames or
@@ -329,7 +332,7 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
         "deadline_ms": "derived" if deadline_ms is None else deadline_ms,
         "tls": bool(connection.get("ssl")), "auth_header": auth_header is not None,
         "wall_s": round(time.perf_counter() - t_start, 2), "warnings": notes,
-        "fallback": fallback})
+        "fallback": fallback, "track": track})
 
 
 def _check_options(bandwidth_mbps, fallback: str, uplink_codec: str, executor: str | None,
@@ -483,13 +486,14 @@ class _FrameOutputs:
     a row among the last :data:`REPORT_FRAMES`."""
 
     def __init__(self, out: Path, class_names: list[str], executor: str, block: int,
-                 saved: _SavedOutputs):
+                 saved: _SavedOutputs, tracker=None):
         from collections import deque
 
         from .metrics import RollingSummary
 
         self.out, self.class_names, self.executor, self.block = out, class_names, executor, block
         self.saved = saved
+        self.tracker = tracker  # a fluxshard_client.DetectionTracker, or None: no track ids
         self.summary = RollingSummary()
         self.report_rows = deque(maxlen=REPORT_FRAMES) if saved.report else None
         self.detections = open(out / "detections.jsonl", "w")
@@ -504,7 +508,8 @@ class _FrameOutputs:
     def write(self, mf, result) -> None:
         from . import outputs
 
-        record = outputs.detection_record(result, self.class_names)
+        track_ids = self.tracker.track_ids(result) if self.tracker is not None else None
+        record = outputs.detection_record(result, self.class_names, track_ids)
         if result.endpoint == "edge":
             record["executor"] = self.executor
             if "crop_area_fraction" in result.stats:
@@ -515,9 +520,9 @@ class _FrameOutputs:
         if self.report_rows is not None:
             self.report_rows.append(outputs.report_row(record, jpeg))
         if self.saved.video:
-            self._write_video(mf, result)
+            self._write_video(mf, result, track_ids)
 
-    def _write_video(self, mf, result) -> None:
+    def _write_video(self, mf, result, track_ids=None) -> None:
         from fluxshard.models.ops import padded_size
 
         from . import outputs
@@ -526,7 +531,7 @@ class _FrameOutputs:
         if self.video is None:
             padded_size(w, h, who="fluxshard run")  # preprocess pads each frame
             self.video = outputs.VideoWriter(self.out / "annotated.mp4", w - w % 2, h - h % 2)
-        image = outputs.annotate(mf.image, result, self.class_names, self.block)
+        image = outputs.annotate(mf.image, result, self.class_names, self.block, track_ids)
         self.video.write(image[:h - h % 2, :w - w % 2])
 
     def written(self) -> list[str]:
@@ -682,6 +687,20 @@ def _video_size(video: str) -> tuple[int, int] | None:
             return (int(ctx.width), int(ctx.height)) if ctx.width and ctx.height else None
     except Exception:  # noqa: BLE001 - only an early engine pick; the first frame picks otherwise
         return None
+
+
+def _tracker(video: str):
+    """supervision's ByteTrack for ``video``'s frames (its frame rate when the container says)."""
+    from fluxshard_client import DetectionTracker
+
+    try:
+        import av
+
+        with av.open(video) as container:
+            rate = container.streams.video[0].average_rate
+    except Exception:  # noqa: BLE001 - only the lost-track buffer's scale; 30 fps otherwise
+        rate = None
+    return DetectionTracker(float(rate) if rate else 30.0)
 
 
 def _frame_count(video: str) -> int | None:

@@ -11,7 +11,7 @@ and time, masks, and convert to supervision's ``Detections``.
 
 from .dispatch import (POLICIES, BandwidthEstimator, Decision, Dispatcher, LatencyProfile,
                        LatencyTable)
-from .results import EndpointRun, FrameResult
+from .results import DetectionTracker, EndpointRun, FrameResult
 from .stream import (AsyncFluxShardStream, AsyncRemoteEndpoint, FluxShardStream, LocalEndpoint,
                      RemoteEndpoint)
 from .transport import (AsyncFluxShardClient, AsyncStream, CloudError, CloudResult, FluxShardClient,
@@ -20,6 +20,6 @@ from .transport import CloudUnavailable, DeadlineMissed, auth_headers
 
 __all__ = ["FluxShardClient", "Stream", "AsyncFluxShardClient", "AsyncStream", "CloudResult",
            "CloudError", "RetryPolicy", "FluxShardStream", "AsyncFluxShardStream", "FrameResult",
-           "EndpointRun", "LocalEndpoint", "RemoteEndpoint", "AsyncRemoteEndpoint", "Dispatcher",
-           "Decision", "LatencyProfile", "LatencyTable", "BandwidthEstimator", "POLICIES",
-           "CloudUnavailable", "DeadlineMissed", "auth_headers"]
+           "EndpointRun", "DetectionTracker", "LocalEndpoint", "RemoteEndpoint",
+           "AsyncRemoteEndpoint", "Dispatcher", "Decision", "LatencyProfile", "LatencyTable",
+           "BandwidthEstimator", "POLICIES", "CloudUnavailable", "DeadlineMissed", "auth_headers"]

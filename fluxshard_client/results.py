@@ -1,5 +1,6 @@
 """What a stream returns per frame (:class:`FrameResult`) and what an endpoint returned for it
-(:class:`EndpointRun`), with the adapter to supervision's ``Detections``."""
+(:class:`EndpointRun`), with the adapter to supervision's ``Detections`` and track ids from its
+ByteTrack (:class:`DetectionTracker`)."""
 
 from __future__ import annotations
 
@@ -79,4 +80,29 @@ class FrameResult(DetectionRows):
             data={"class_name": np.array(self.class_names, dtype=str).reshape(rows)})
 
 
-__all__ = ["EndpointRun", "FrameResult", "class_name"]
+
+
+class DetectionTracker:
+    """Track ids for a stream's results: supervision's ByteTrack over each frame's detections.
+
+    ``track_ids(result)`` gives one id per row of ``result.detections`` (-1: not tracked, e.g. a
+    low-score box that starts no track). ``frame_rate``: the stream's, which scales how many
+    frames a lost track is kept."""
+
+    def __init__(self, frame_rate: float = 30.0):
+        import supervision as sv
+
+        self.tracker = sv.ByteTrack(frame_rate=max(1, int(round(frame_rate))))
+
+    def track_ids(self, result: FrameResult) -> np.ndarray:
+        detections = result.to_supervision()
+        rows = len(detections)
+        detections.data["row"] = np.arange(rows)  # the tracker returns a subset, reordered
+        tracked = self.tracker.update_with_detections(detections)
+        ids = np.full(rows, -1, np.int64)
+        if len(tracked):
+            ids[tracked.data["row"]] = tracked.tracker_id
+        return ids
+
+
+__all__ = ["EndpointRun", "FrameResult", "DetectionTracker", "class_name"]

@@ -98,6 +98,9 @@ def add_run_arguments(p: argparse.ArgumentParser, demo_default: bool = False,
     p.add_argument("--save-report", action=argparse.BooleanOptionalAction, default=None,
                    help="write report.png with its per-frame JPEG baseline (default: on a file "
                         "yes, on a live source no; it plots the last 18000 frames)")
+    p.add_argument("--track", action="store_true",
+                   help="track ids (supervision's ByteTrack) in detections.jsonl and on the "
+                        "annotated video's labels")
     p.add_argument("--metrics-port", type=metrics_port, default=None, metavar="PORT",
                    help="serve Prometheus metrics on http://ADDRESS:PORT/metrics while the run "
                         "goes (0: a free port, printed)")
@@ -165,7 +168,7 @@ def main(args: argparse.Namespace) -> int:
                           auth_header=args.auth_header, loop=args.loop,
                           save_video=args.save_video, save_report=args.save_report,
                           metrics_port=args.metrics_port,
-                          metrics_address=args.metrics_address)
+                          metrics_address=args.metrics_address, track=args.track)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"fluxshard run: {e}", file=sys.stderr)
         return 1
