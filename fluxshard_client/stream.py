@@ -72,10 +72,12 @@ class LocalEndpoint:
             index: int, tau: float = 0.0) -> EndpointRun:
         full = key or getattr(self.session, "full_frame", False)
         image = frame if full else residual.assemble(frame)
-        # a segmentation session returns its masks third: (rows, stats, masks)
-        rows, stats, *masks = self.session.infer(image, None if key else residual.field,
-                                                 None if key else residual.mask, key, tau=tau)
-        return EndpointRun(rows, stats, image, key, masks=masks[0] if masks else None)
+        from fluxshard.sessions import SessionResult
+
+        # a session of its own may return a plain (detections, stats) pair
+        out = SessionResult(*self.session.infer(image, None if key else residual.field,
+                                                None if key else residual.mask, key, tau=tau))
+        return EndpointRun(out.detections, out.stats, image, key, masks=out.masks)
 
     @property
     def names(self) -> dict[int, str] | None:

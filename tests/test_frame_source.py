@@ -209,6 +209,31 @@ def test_to_supervision_round_trips_boxes_scores_classes_names_and_masks(still_c
     assert len(empty.detections) == 0 and len(empty.to_supervision()) == 0
 
 
+def test_a_segment_models_masks_reach_the_results_and_supervision():
+    """The embedded seg demo model on bare synthetic frames through the tile executor: each
+    result has one (H, W) mask per detection, in the frame's pixels, and supervision gets them."""
+    from pathlib import Path
+
+    from fluxshard import synth
+    from fluxshard.models import load_model
+    from fluxshard.sessions import yolo_session_factory
+
+    weights = Path(__file__).resolve().parents[1] / "fluxshard" / "weights" / "yolo11n-seg-demo.pt"
+    model = load_model(weights, fused=True)
+    scene = synth.Scene(synth.SceneSpec(width=320, height=192, frames=3, seed=3, camera="static",
+                                        num_objects=5))
+    session = yolo_session_factory("tiles", model=model, threads=1, tile_engine="onnxruntime")(0)
+    with FluxShardStream(LocalEndpoint(session), dispatch="edge") as stream:
+        results = [stream.process(scene.render(t).image) for t in range(3)]
+    assert results[-1].motion == "estimated"
+    assert sum(len(r.detections) for r in results) > 0
+    for r in results:
+        assert r.masks is not None and r.masks.dtype == bool
+        assert r.masks.shape == (len(r.detections), 192, 320)
+        converted = r.to_supervision()
+        np.testing.assert_array_equal(converted.mask, r.masks)
+
+
 # ----------------------------------------------------------------------------- closing
 
 def test_async_with_closes_the_stream_and_releases_its_caches(still_clips):
