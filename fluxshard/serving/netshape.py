@@ -52,6 +52,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -320,8 +321,6 @@ class ShapedLink:
         """The delay proxy in the namespace, forwarding to ``target_port`` on the namespace's
         address and losing what :attr:`loss` says; returns the port it listens on (there, the
         same one again when the proxy is restarted)."""
-        import tempfile
-
         if self.proxy_port is None:
             self.proxy_port = free_port()  # any port is free in a namespace of our own
         if self._stats_dir is None:
