@@ -11,11 +11,11 @@ import numpy as np
 ENDPOINT_COLORS = {"edge": (255, 170, 0), "cloud": (0, 160, 255)}
 RESIDUAL_TINT = np.array([255, 40, 40], np.float32)  # blocks sent / recomputed
 REUSED_TINT = np.array([40, 220, 90], np.float32)  # blocks taken from the aligned cache
-# instance mask fill, by class (cycled); strong hues that stay apart from the reuse tints
-MASK_COLORS = np.array([[255, 56, 56], [255, 157, 151], [255, 112, 31], [255, 178, 29],
-                        [207, 210, 49], [72, 249, 10], [26, 147, 52], [0, 212, 187],
-                        [0, 194, 255], [52, 69, 147], [100, 115, 255], [0, 24, 236],
-                        [132, 56, 255], [82, 0, 133], [203, 56, 255], [255, 149, 200]], np.float32)
+# instance mask fill, by class (cycled); the hues farthest from the reuse tints (red, green) first
+MASK_COLORS = np.array([[0, 194, 255], [255, 178, 29], [203, 56, 255], [0, 212, 187],
+                        [255, 112, 31], [132, 56, 255], [255, 149, 200], [100, 115, 255],
+                        [207, 210, 49], [52, 69, 147], [255, 157, 151], [82, 0, 133],
+                        [0, 24, 236], [26, 147, 52], [72, 249, 10], [255, 56, 56]], np.float32)
 MASK_ALPHA = 0.5
 
 

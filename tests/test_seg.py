@@ -6,6 +6,8 @@ real tritonserver, detections.jsonl's COCO RLE, and the video's mask overlay."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -277,3 +279,62 @@ def test_overlay_fills_the_mask_and_nothing_else():
     assert np.array_equal(out[~masks.any(0)], image[~masks.any(0)])
     with pytest.raises(ValueError, match="do not match the frame"):
         overlay_masks(image, masks[:, :30], [0, 3])
+
+
+def decoded_frames(path: Path) -> list[np.ndarray]:
+    import av
+
+    with av.open(str(path)) as container:
+        return [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+
+
+@pytest.mark.slow
+def test_fluxshard_run_writes_masks_into_jsonl_and_draws_them_on_the_video(tmp_path):
+    """`fluxshard run` with the seg checkpoint on the tile executor: every detections.jsonl
+    line carries one COCO RLE per detection, each decoding to a mask of the frame's size at
+    its box, and the annotated video fills each mask with its class colour: the first
+    (key) frame's pixels inside the masks match the frame tinted and filled as
+    ``annotate`` blends them, not the frame tinted alone."""
+    from edge_runtime.outputs import MASK_ALPHA, MASK_COLORS, RESIDUAL_TINT, masks_from_rles
+
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "fluxshard.cli", "run", "--demo", "--frames", "3",
+                           "--size", str(W), str(H), "--dispatch", "edge", "--executor", "tiles",
+                           "--weights", str(SEG_WEIGHTS), "--out", str(out), "--no-progress"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in (out / "detections.jsonl").read_text().splitlines()]
+    assert len(lines) == 3 and sum(len(line["boxes"]) for line in lines) > 0
+    for line in lines:
+        masks = masks_from_rles(line["segments"])
+        assert len(masks) == len(line["boxes"])
+        for mask, (x1, y1, x2, y2) in zip(masks, line["boxes"]):
+            assert mask.shape == (H, W) and mask.any()
+            ys, xs = np.nonzero(mask)
+            # cropped at prototype resolution, then upsampled (ultralytics' process_mask):
+            # within a prototype cell (4 px) of the box
+            assert xs.min() >= x1 - 4 and xs.max() <= x2 + 4
+            assert ys.min() >= y1 - 4 and ys.max() <= y2 + 4
+    first = lines[0]
+    assert first["key"]  # every block tinted as residual
+    source = decoded_frames(out / "demo.mp4")[0].astype(np.float32)
+    drawn = decoded_frames(out / "annotated.mp4")[0].astype(np.float32)
+    tinted = source * 0.65 + RESIDUAL_TINT * 0.35
+    filled = tinted.copy()
+    masks = masks_from_rles(first["segments"])
+    for mask, k in zip(masks, first["classes"]):
+        filled[mask] = filled[mask] * (1 - MASK_ALPHA) + MASK_COLORS[k % len(MASK_COLORS)] * MASK_ALPHA
+    # away from mask edges (codec blur), box outlines and labels
+    import cv2
+
+    inside = cv2.erode(masks.any(0).astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
+    for x1, y1, x2, y2 in np.round(first["boxes"]).astype(int):
+        inside[max(y1 - 16, 0):y1 + 3, max(x1 - 3, 0):x2 + 3] = False
+        inside[y1 - 2:y2 + 3, max(x1 - 2, 0):x1 + 3] = False
+        inside[y1 - 2:y2 + 3, max(x2 - 2, 0):x2 + 3] = False
+        inside[max(y2 - 2, 0):y2 + 3, max(x1 - 2, 0):x2 + 3] = False
+    assert inside.sum() > 200
+    to_filled = np.abs(drawn[inside] - filled[inside]).mean()
+    to_tinted = np.abs(drawn[inside] - tinted[inside]).mean()
+    # H.264 (crf 23, 4:2:0 chroma) moves saturated pixels by about 10 grey levels
+    assert to_filled < 16 and to_tinted > 3 * to_filled, (to_filled, to_tinted)
