@@ -115,6 +115,9 @@ class ExecutorRun:
     def __init__(self):
         self.ms, self.detections, self.dense, self.crop, self.bookkeeping_ms = [], [], [], [], []
         self.refresh_fraction, self.stages = [], []  # tiles: TileReport's (empty dict otherwise)
+        # a segment model's: per frame the segmented area (the union of its masks) and the
+        # bytes its masks take on the wire (fluxshard.wire.encode_masks); None for detect
+        self.segmented, self.mask_wire_bytes = [], []
 
     def add(self, result, report) -> None:
         if result.endpoint != "edge":
@@ -128,6 +131,12 @@ class ExecutorRun:
         self.stages.append(stages)
         self.refresh_fraction.append(float(getattr(report, "refresh_fraction", 0.0)))
         self.bookkeeping_ms.append(1e3 * sum(stages.get(k, 0.0) for k in BOOKKEEPING_STAGES))
+        masks = getattr(result, "masks", None)
+        if masks is not None:
+            from fluxshard.wire import encode_masks
+
+            self.segmented.append(masks.any(0))
+            self.mask_wire_bytes.append(len(encode_masks(masks)))
 
     def timing(self, dense: "ExecutorRun", frames=slice(None)) -> dict:
         """ms_mean / ms_p50 / ms_p90 over ``frames`` and the speedup of the means over
