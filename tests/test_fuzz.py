@@ -417,6 +417,38 @@ def test_response_tensors_parse_to_a_response_or_a_clear_error(detections, stats
     assert isinstance(response.stats, dict) and isinstance(response.frame_index, int)
 
 
+@st.composite
+def mask_payloads(draw):
+    """A MASKS body: encode_masks' bytes of random masks, then bytes flipped, cut or appended;
+    or bytes of nothing in particular."""
+    if draw(st.booleans()):
+        return draw(st.binary(max_size=64))
+    shape = (draw(st.integers(0, 3)), draw(st.integers(1, 24)), draw(st.integers(1, 24)))
+    data = bytearray(wire.encode_masks(draw(hnp.arrays(np.bool_, shape))))
+    for _ in range(draw(st.integers(0, 3))):
+        at = draw(st.integers(0, len(data) - 1))
+        data[at] = draw(st.integers(0, 255))
+    cut = draw(st.integers(0, len(data)))
+    return bytes(data[:cut]) + draw(st.binary(max_size=8))
+
+
+@settings(FUZZ, max_examples=400)
+@given(data=mask_payloads(), count=st.integers(0, 4))
+def test_mask_bytes_decode_to_masks_or_a_clear_error(data, count):
+    try:
+        masks = wire.decode_masks(data, count)
+    except PayloadError as e:
+        assert str(e)
+        event("refused")
+        return
+    event("parsed")
+    if masks is None:
+        assert data == b""
+        return
+    assert masks.dtype == bool and masks.ndim == 3 and len(masks) == count
+    assert masks.shape[1] * masks.shape[2] <= wire.MAX_PIXELS
+
+
 # ------------------------------------------------------------------------------ the model's requests
 
 @pytest.fixture(scope="module")
