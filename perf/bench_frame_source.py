@@ -8,7 +8,8 @@ frames, taking turns frame by frame (alternating which goes first):
 * ``codec``: the edge executor fed the clip's H.264 motion vectors (PyAV decodes the same file
   beside OpenCV: ``fluxshard.motion.iter_motion``, validated, as ``fluxshard run`` reads them);
 * ``bare_<estimator>``: the edge executor fed bare frames, ``stream.process(frame)``: the field
-  estimated against the previous frame by each of ``fluxshard.motion.estimate.FIELD_ESTIMATORS``.
+  estimated against the previous frame by each of ``fluxshard.motion.estimate.FIELD_ESTIMATORS``
+  (``--estimators dis:fast`` picks a DIS preset, ``fluxshard.motion.estimate.DIS_PRESETS``).
 
 Per stream: ``ms_mean`` (``FrameResult.latency_ms``: motion estimate of bare frames included,
 the codec's vectors come with decoding, which is reported apart as ``decode_ms_mean`` of PyAV's
@@ -19,6 +20,7 @@ decode + vectors + validation and of OpenCV's decode), ``speedup_vs_dense``, ``r
 
     python3 perf/bench_frame_source.py --quick     # 3 clips, 60 frames
     python3 perf/bench_frame_source.py             # 5 clips, 300 frames
+    python3 perf/bench_frame_source.py --quick --estimators dis dis:fast dis:medium
 
 Writes out/perf/bench_frame_source.json ({"header": ..., "rows": [...]}).
 """
@@ -94,6 +96,23 @@ class StreamRun:
         self.estimated += result.motion == "estimated"
 
 
+def estimator(spec: str):
+    """A ``FrameMotion`` from ``name`` or ``dis:<preset>``."""
+    from fluxshard.motion.estimate import DEFAULT_DIS_PRESET, FrameMotion
+
+    name, _, preset = spec.partition(":")
+    return FrameMotion(name, dis_preset=preset or DEFAULT_DIS_PRESET)
+
+
+def estimator_spec(text: str) -> str:
+    """argparse type: an estimator name, or ``dis:<preset>``."""
+    try:
+        estimator(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def field_agreement(estimated: np.ndarray, codec: np.ndarray) -> float:
     """Share of 4x4 blocks whose integer (rounded) vectors are equal."""
     return float((np.rint(estimated) == np.rint(codec)).all(-1).mean())
@@ -105,16 +124,15 @@ def run_clip(clip: str, video: Path, frames: int, model, executor: str, estimato
 
     from edge_runtime.run import edge_only_stream
     from fluxshard.accuracy import box_agreement
-    from fluxshard.motion.estimate import FrameMotion
 
     streams = {"dense": edge_only_stream("dense", str(video), model),
                "codec": edge_only_stream(executor, str(video), model)}
     probes = {}  # a second estimator per bare stream: the same fields, compared with the codec's
     for name in estimators:
         stream = edge_only_stream(executor, str(video), model)
-        stream.core.motion = FrameMotion(name)  # the bare stream's estimator
+        stream.core.motion = estimator(name)  # the bare stream's estimator
         streams[f"bare_{name}"] = stream
-        probes[name] = FrameMotion(name)
+        probes[name] = estimator(name)
     runs = {name: StreamRun() for name in streams}
     agreement = {name: [] for name in estimators}
     decode_ms = {"pyav_codec": [], "opencv": []}
@@ -152,14 +170,13 @@ def run_clip(clip: str, video: Path, frames: int, model, executor: str, estimato
     rows = []
     for name, run in runs.items():
         mean = float(np.mean(run.ms))
-        estimator = name.removeprefix("bare_")
+        spec = name.removeprefix("bare_")
         rows.append(dict(
             clip=clip, stream=name, frames=len(run.ms), ms_mean=mean,
             speedup_vs_dense=float(np.mean(dense.ms)) / mean,
             recomputed_mean=float(np.mean(run.recomputed)),
             agreement=box_agreement(run.detections, dense.detections).value,
-            field_agreement=(float(np.mean(agreement[estimator])) if agreement.get(estimator)
-                             else None),
+            field_agreement=(float(np.mean(agreement[spec])) if agreement.get(spec) else None),
             estimated_frames=run.estimated))
     facts = dict(decode_ms_mean={k: float(np.mean(v)) for k, v in decode_ms.items()},
                  max_pixel_difference_opencv_vs_pyav=pixel_diff)
@@ -187,8 +204,9 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"clips {' '.join(QUICK_CLIPS)}, {QUICK_FRAMES} frames each")
     p.add_argument("--clips", nargs="+", default=None, help=f"corpus clips (default {CLIPS})")
     p.add_argument("--frames", type=cli_common.positive_int, default=None)
-    p.add_argument("--estimators", nargs="+", choices=FIELD_ESTIMATORS,
-                   default=list(FIELD_ESTIMATORS))
+    p.add_argument("--estimators", nargs="+", type=estimator_spec,
+                   default=list(FIELD_ESTIMATORS),
+                   help="bare streams: estimator names, or dis:PRESET (default: %(default)s)")
     p.add_argument("--executor", choices=("tiles", "exact"), default="tiles",
                    help="the edge executor of the codec and bare streams (default %(default)s)")
     p.add_argument("--weights", default=DEFAULT_WEIGHTS,

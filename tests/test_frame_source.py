@@ -76,6 +76,16 @@ def test_a_shifted_real_frame_gives_the_backward_shift(still_clips, estimator):
     assert (np.rint(inner) == (-3, 2)).all(-1).mean() > 0.7
 
 
+def test_a_bare_frame_after_a_given_one_is_compared_with_it(still_clips):
+    """A frame that came with its field (observed) is what the next bare frame is compared
+    with, exactly as if both had been bare."""
+    first, second = still_clips["cup"][:2]
+    bare, mixed = FrameMotion(), FrameMotion()
+    bare.field(first)
+    mixed.observe(first)
+    np.testing.assert_array_equal(mixed.field(second), bare.field(second))
+
+
 def test_the_block_field_is_each_blocks_mean_flow():
     flow = np.zeros((10, 9, 2), np.float32)  # sides not multiples of 4: edge blocks are partial
     flow[:4, :4] = (1.0, -2.0)

@@ -64,7 +64,8 @@ class FrameMotion:
     ``field(frame)`` returns the field of ``frame`` against the previously seen frame, or None
     when there is none to compare with (the first frame, or a frame of another size): a key
     frame. ``observe(frame)`` records a frame whose field came from elsewhere (a codec), so a
-    bare frame after it is still compared with it. Frames are kept as luma only.
+    bare frame after it is still compared with it: by reference, converted to luma only if a
+    bare frame follows (a stream fed codec fields pays nothing). Bare frames are kept as luma.
     """
 
     def __init__(self, estimator: str = DEFAULT_ESTIMATOR, *, radius: int = DEFAULT_RADIUS,
@@ -77,19 +78,21 @@ class FrameMotion:
         self.radius = radius
         self.dis_preset = dis_preset
         self._dis = None
-        self._previous: np.ndarray | None = None  # luma of the last frame seen
+        self._previous: np.ndarray | None = None  # the last frame seen: luma, or RGB if observed
 
     def reset(self) -> None:
         self._previous = None
 
     def observe(self, frame: np.ndarray) -> None:
-        self._previous = gray(check_frame(frame))
+        self._previous = check_frame(frame)
 
     def field(self, frame: np.ndarray) -> np.ndarray | None:
         luma = gray(check_frame(frame))
         previous, self._previous = self._previous, luma
-        if previous is None or previous.shape != luma.shape:
+        if previous is None or previous.shape[:2] != luma.shape:
             return None
+        if previous.ndim == 3:
+            previous = gray(previous)
         if self.estimator == "block_matching":
             return match_blocks(luma, previous, radius=self.radius)[0]
         if self._dis is None:  # made on first use: a stream that never estimates holds none
