@@ -31,6 +31,7 @@ from fluxshard import wire
 from fluxshard.endpoint import EndpointPath
 from fluxshard.motion.estimate import DEFAULT_ESTIMATOR, FrameMotion, check_frame
 from fluxshard.motion.state import ResidualSet
+from fluxshard.sessions import SessionResult
 from fluxshard.tau import DEFAULT_TAU, TauPolicy, TruncationTable
 
 from .dispatch import (BandwidthEstimator, Decision, Dispatcher, LatencyProfile,
@@ -72,8 +73,6 @@ class LocalEndpoint:
             index: int, tau: float = 0.0) -> EndpointRun:
         full = key or getattr(self.session, "full_frame", False)
         image = frame if full else residual.assemble(frame)
-        from fluxshard.sessions import SessionResult
-
         # a session of its own may return a plain (detections, stats) pair
         out = SessionResult(*self.session.infer(image, None if key else residual.field,
                                                 None if key else residual.mask, key, tau=tau))
@@ -110,7 +109,7 @@ def _remote_run(result, stream) -> EndpointRun:
     # resyncs (why the frame was re-sent as a key frame) reach the application in the stats
     stats = {**result.stats, "resyncs": list(result.resyncs)} if result.resyncs else result.stats
     return EndpointRun(result.detections, stats, stream.mirror.cache, result.key,
-                       result.wire_bytes, transfer, getattr(result, "masks", None))
+                       result.wire_bytes, transfer, result.masks)
 
 
 class RemoteEndpoint:
