@@ -53,31 +53,48 @@ class StreamSession(Protocol):
         ...
 
 
+# A session that can share its engine calls with other streams' (fluxshard.tiles.batching) also
+# has ``engine`` (the callable its batches go to; sessions sharing it are computed together) and
+# ``infer_steps(...)``: ``infer`` as steps (yields engine batches, returns what infer returns).
+
 SessionFactory = Callable[[int], StreamSession]
 
 
 class DenseYoloSession:
     """Dense YOLO11 on every rebuilt frame: the baseline the sparse executor replaces. The model
-    is shared between sessions (it is stateless); the session holds nothing."""
+    is shared between sessions (it is stateless); the session holds nothing. ``engine``: what
+    computes the model's eval output of a batch (default: the model itself; the server's CPU
+    instances pass a :class:`MapsDenseEngine`)."""
 
     full_frame = False
     executor_kind = "dense"
 
-    def __init__(self, model, conf_threshold: float = 0.25, iou_threshold: float = 0.45):
-        self.model = model
+    def __init__(self, model, conf_threshold: float = 0.25, iou_threshold: float = 0.45,
+                 engine=None):
+        self.model = engine or model
         self.device = next(model.parameters()).device
         self.conf_threshold = conf_threshold
         self.iou_threshold = iou_threshold
 
+    @property
+    def engine(self):
+        return self.model
+
     def infer(self, rebuilt_frame, field, residual_mask, key, tau=0.0):
         import torch
 
+        from fluxshard.tiles.executor import run_steps
+
+        with torch.inference_mode():
+            return run_steps(self.infer_steps(rebuilt_frame, field, residual_mask, key, tau),
+                             self.model)
+
+    def infer_steps(self, rebuilt_frame, field, residual_mask, key, tau=0.0):
         from fluxshard.models import postprocess, preprocess
 
         x = preprocess(rebuilt_frame, device=self.device)
         t0 = time.perf_counter()
-        with torch.inference_mode():
-            out = self.model(x)
+        (out,) = yield [x]
         det = postprocess(out, x.shape[-2:], rebuilt_frame.shape[:2],
                           conf_thres=self.conf_threshold, iou_thres=self.iou_threshold)[0]
         stats = {"compute": "dense", "executor": "dense",
@@ -87,6 +104,24 @@ class DenseYoloSession:
 
     def close(self) -> None:
         pass
+
+
+class MapsDenseEngine:
+    """A detect model's eval output computed by a tile engine (``fluxshard.tiles.engine``: the
+    raw head maps of a batch of any size, onnxruntime on CPU) and decoded by the model's head:
+    dense frames on the same engine the tile executor runs its crops on."""
+
+    def __init__(self, model, kind: str = "onnxruntime", threads: int = 1):
+        from fluxshard.tiles.engine import make_engine
+
+        if model.task != "detect":
+            raise ValueError(f"a maps engine computes detect heads only; this model is a "
+                             f"{model.task} model")
+        self.head = model.head
+        self.maps = make_engine(model, kind, threads=threads)
+
+    def __call__(self, x):
+        return self.head.decode(self.maps(x))
 
 
 def detection_rows(det) -> np.ndarray:
@@ -166,14 +201,28 @@ class TileYoloSession:
         self.iou_threshold = iou_threshold
         self.last_report = None  # TileReport of the last frame
 
-    def infer(self, rebuilt_frame, field, residual_mask, key, tau=0.0):
-        from fluxshard.models import postprocess
-        from fluxshard.models.ops import padded_shape
+    @property
+    def engine(self):
+        return self.tile_executor.engine
 
+    def infer(self, rebuilt_frame, field, residual_mask, key, tau=0.0):
         frame = np.ascontiguousarray(rebuilt_frame)
         with self.lock:
             out, report = self.tile_executor.run(self.state, frame, None if key else field,
                                                  key=bool(key))
+        return self._result(frame, out, report)
+
+    def infer_steps(self, rebuilt_frame, field, residual_mask, key, tau=0.0):
+        """:meth:`infer` as steps (``TileExecutor.steps``); the caller holds ``lock``."""
+        frame = np.ascontiguousarray(rebuilt_frame)
+        out, report = yield from self.tile_executor.steps(self.state, frame,
+                                                          None if key else field, key=bool(key))
+        return self._result(frame, out, report)
+
+    def _result(self, frame, out, report):
+        from fluxshard.models import postprocess
+        from fluxshard.models.ops import padded_shape
+
         det = postprocess(out, padded_shape(*frame.shape[:2]), frame.shape[:2],
                           conf_thres=self.conf_threshold, iou_thres=self.iou_threshold)[0]
         self.last_report = report
@@ -294,7 +343,8 @@ def yolo_session_factory(executor: str = "exact", weights: str | None = None, sc
                          device: str = "cpu", strict_rfap: bool = False,
                          keyframe_interval: int | None = None, grid_snap: bool = False,
                          model=None, bypass: str = "none",
-                      tile_engine: str = "onnxruntime", **tile_options) -> SessionFactory:
+                      tile_engine: str = "onnxruntime", dense_engine: str = "torch",
+                      **tile_options) -> SessionFactory:
     """Sessions for the ``fluxshard`` model, by ``executor``: "exact" (default, older name
     "sparse"; per-stream feature caches, truncating with the tau each frame carries
     (``StreamSession.infer``); grid_snap the relaxed RFAP Cond. 2 of fluxshard.sparse), "tiles"
@@ -303,12 +353,17 @@ def yolo_session_factory(executor: str = "exact", weights: str | None = None, sc
     both run the same thing. ``model`` overrides the weights lookup (a loaded, fused YOLO11).
     ``bypass``: "none", or a dense runner kind ("onnxruntime", "fused_channels_last") that runs
     the frames with nothing to reuse, and reusable ones too while it measures faster per stream
-    (fluxshard.sparse.SparseExecutor's bypass, adaptive)."""
+    (fluxshard.sparse.SparseExecutor's bypass, adaptive). ``dense_engine``: what the "dense"
+    executor runs on: "torch" (the model), or a tile engine kind ("onnxruntime"; a detect model,
+    other tasks stay on torch) (:class:`MapsDenseEngine`)."""
     executor = executor_name(executor)
     if model is None:
         model = load_dense_model(weights, scale, threads, seed, device)
     if executor == "dense":
-        return lambda corrid: DenseYoloSession(model, conf_threshold=conf_threshold)
+        engine = None if dense_engine == "torch" or model.task != "detect" else \
+            MapsDenseEngine(model, dense_engine, threads=threads)
+        return lambda corrid: DenseYoloSession(model, conf_threshold=conf_threshold,
+                                               engine=engine)
     if executor == "tiles":
         return tile_session_factory(model, threads=threads, engine=tile_engine,
                                     conf_threshold=conf_threshold, **tile_options)
@@ -370,7 +425,8 @@ def load_dense_model(weights: str | None = None, scale: str = "n", threads: int 
 
 
 __all__ = [
-    "StreamSession", "SessionFactory", "SessionResult", "session_result", "DenseYoloSession", "SparseYoloSession",
-    "TileYoloSession", "DenseRunnerSession", "BestDenseRunners", "best_dense_session_factory",
+    "StreamSession", "SessionFactory", "SessionResult", "session_result", "DenseYoloSession",
+    "SparseYoloSession", "TileYoloSession", "DenseRunnerSession", "MapsDenseEngine",
+    "BestDenseRunners", "best_dense_session_factory",
     "tile_session_factory", "executor_name", "EXECUTORS", "EXECUTOR_ALIASES",
     "yolo_session_factory", "detection_rows", "dense_yolo_factory", "load_dense_model"]

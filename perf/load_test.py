@@ -27,9 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
-from fluxshard.tau import tau_argument
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from fluxshard.tau import tau_argument  # noqa: E402 (the repository first on the path)
 PERF_TOOLS = REPO / ".cache" / "perf_tools"
 PERF_ANALYZER = PERF_TOOLS / "tritonclient" / "bin" / "perf_analyzer"
 CUDART_DIR = PERF_TOOLS / "cuda" / "nvidia" / "cuda_runtime" / "lib"
@@ -56,21 +57,14 @@ def find_perf_analyzer() -> tuple[str, dict] | None:
 def sequence_payloads(frames: int, seq_len: int, tau: float, block: int, width: int, height: int,
                       workdir: Path) -> list[list[bytes]]:
     """Payload sequences from a synthetic clip, exactly as the edge client would send them."""
-    from fluxshard.endpoint import EndpointPath, Uplink
-    from fluxshard.motion.decode import iter_motion
+    from perf.capacity_kit import clip_payloads
     from fluxshard.synth import SceneSpec, make_clip
 
     clip = make_clip(SceneSpec(width=width, height=height, frames=frames, gop=seq_len, seed=3),
                      workdir, name="load")
-    sequences: list[list[bytes]] = []
-    path = EndpointPath(tau, block, uplink=Uplink(block))  # the cloud's path, as the SDK sends
-    for k, mf in enumerate(iter_motion(clip.video, validate=False)):
-        new_sequence = k % seq_len == 0
-        step = path.step(mf.image, mf.field, key=new_sequence, index=k)
-        if new_sequence:
-            sequences.append([])
-        sequences[-1].append(step.sent.payload)
-    return [s for s in sequences if len(s) == seq_len]
+    payloads = clip_payloads(clip.video, tau, block, keyframe_every=seq_len,
+                             validate=False).payloads
+    return [payloads[k:k + seq_len] for k in range(0, len(payloads) - seq_len + 1, seq_len)]
 
 
 def input_data_json(sequences: list[list[bytes]]) -> dict:

@@ -200,18 +200,27 @@ def _all_refused(subject: str, calls) -> str:
     return "; ".join(refusals)
 
 
-def group_rss_mb(pgid: int) -> float:
-    """Resident memory of every process in a process group (the server and its stubs), MB."""
-    total_kb = 0
+def group_pids(pgid: int) -> list[int]:
+    """The live processes of process group ``pgid`` (a server and its stubs)."""
+    pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             stat = open(f"/proc/{entry}/stat", "rb").read()
-            fields = stat[stat.rindex(b")") + 2:].split()
-            if int(fields[2]) != pgid:
-                continue
-            for line in open(f"/proc/{entry}/status"):
+            if int(stat[stat.rindex(b")") + 2:].split()[2]) == pgid:
+                pids.append(int(entry))
+        except (OSError, ValueError, IndexError):
+            continue
+    return pids
+
+
+def group_rss_mb(pgid: int) -> float:
+    """Resident memory of every process in a process group (the server and its stubs), MB."""
+    total_kb = 0
+    for pid in group_pids(pgid):
+        try:
+            for line in open(f"/proc/{pid}/status"):
                 if line.startswith("VmRSS:"):
                     total_kb += int(line.split()[1])
         except (OSError, ValueError, IndexError):

@@ -74,19 +74,73 @@ class SessionManager:
                secret: str = "") -> Response:
         t0 = time.perf_counter()
         try:
-            if isinstance(payload, np.ndarray):
-                payload = payload.tobytes()
-            header = peek_header(payload)
-            self.frame_limits.check(header["height"], header["width"])  # before any decode work
-            request = decode_request(payload)
+            request = self._decode(payload)
             with self._lock:
-                return self._handle(corrid, start, end, request, t0, secret)
+                stream, rebuilt = self._admit(corrid, start, end, request, secret)
+                result = SessionResult(*stream.session.infer(
+                    rebuilt, request.field, request.residual_mask, request.key, tau=request.tau))
+                return self._respond(corrid, stream, request, result, t0)
         finally:
             if end:  # END frees the session whatever became of the frame
                 self.end(corrid, secret)
 
-    def _handle(self, corrid: int, start: bool, end: bool, request: Request, t0: float,
-                secret: str) -> Response:
+    def handle_many(self, frames: list[StreamFrame]) -> list[Response | Exception]:
+        """Several streams' frames (one Triton ``execute``) computed together: each frame is
+        checked, admitted and rebuilt per stream as :meth:`handle` does, then the frames whose
+        sessions share an engine are computed in one engine call per input size
+        (``fluxshard.tiles.batching``: the tile executor's crops of every stream grouped by
+        size, dense frames of the same size in one batch); sessions without steps (the exact
+        executor) run alone. Returns, per frame in order, its response or the exception
+        :meth:`handle` would have raised for it. Two frames of one stream are computed one
+        after the other, in order."""
+        results: list[Response | Exception | None] = [None] * len(frames)
+        started = [time.perf_counter()] * len(frames)
+        todo = list(range(len(frames)))
+        while todo:  # rounds in which every stream has at most one frame
+            seen, now_round, later = set(), [], []
+            for i in todo:
+                (later if frames[i].corrid in seen else now_round).append(i)
+                seen.add(frames[i].corrid)
+            self._handle_round(frames, now_round, results, started)
+            todo = later
+        return results
+
+    def _handle_round(self, frames, indices, results, started) -> None:
+        admitted = []  # (frame index, stream, request, rebuilt)
+        try:
+            with self._lock:
+                for i in indices:
+                    f = frames[i]
+                    try:
+                        request = self._decode(f.payload)
+                        stream, rebuilt = self._admit(f.corrid, f.start, f.end, request, f.secret)
+                    except Exception as e:
+                        results[i] = e
+                        continue
+                    admitted.append((i, stream, request, rebuilt))
+                for (i, stream, request, rebuilt), outcome in zip(
+                        admitted, _compute_together(admitted)):
+                    if outcome.error is not None:
+                        results[i] = outcome.error
+                        continue
+                    results[i] = self._respond(frames[i].corrid, stream, request,
+                                               SessionResult(*outcome.value), started[i])
+        finally:
+            for i in indices:
+                if frames[i].end:  # END frees the session whatever became of the frame
+                    self.end(frames[i].corrid, frames[i].secret)
+
+    def _decode(self, payload) -> Request:
+        if isinstance(payload, np.ndarray):
+            payload = payload.tobytes()
+        header = peek_header(payload)
+        self.frame_limits.check(header["height"], header["width"])  # before any decode work
+        return decode_request(payload)
+
+    def _admit(self, corrid: int, start: bool, end: bool, request: Request,
+               secret: str) -> tuple[_Stream, np.ndarray]:
+        """The stream ``request`` belongs to (opened, reset or found; the secret checked) and
+        the input it rebuilds; raises what :meth:`handle` raises for it."""
         now = self.clock()
         self.sweep(now)
         stream = self.streams.get(corrid)
@@ -113,8 +167,11 @@ class SessionManager:
         except ResyncNeeded:
             self.observer.resync(corrid)
             raise
-        detections, compute_stats, masks = SessionResult(*stream.session.infer(
-            rebuilt, request.field, request.residual_mask, request.key, tau=request.tau))
+        return stream, rebuilt
+
+    def _respond(self, corrid: int, stream: _Stream, request: Request,
+                 result: SessionResult, t0: float) -> Response:
+        detections, compute_stats, masks = result
         stream.frames += 1
         grid = -(-np.array(request.shape) // request.block)
         stats = {"frame_index": request.frame_index, "key": request.key,
@@ -165,4 +222,58 @@ def _same_secret(expected: str, given: str) -> bool:
     return hmac.compare_digest(expected.encode(), given.encode())
 
 
-__all__ = ["SessionManager", "ResyncNeeded", "PayloadError", "ServerFull", "unknown_stream"]
+@dataclass
+class StreamFrame:
+    """One request of :meth:`SessionManager.handle_many`: :meth:`SessionManager.handle`'s
+    arguments."""
+
+    corrid: int
+    start: bool
+    end: bool
+    payload: bytes
+    secret: str = ""
+
+
+def _batchable(session) -> bool:
+    """Whether ``session`` can share engine calls (``infer_steps`` and an ``engine``)."""
+    return callable(getattr(session, "infer_steps", None)) and \
+        getattr(session, "engine", None) is not None
+
+
+def _compute_together(admitted) -> list:
+    """Outcomes (``fluxshard.tiles.batching.Outcome``) of ``infer`` for every admitted
+    (index, stream, request, rebuilt): batchable sessions in one :func:`run_together` (under
+    their sessions' locks), the others alone."""
+    import contextlib
+
+    import torch
+
+    from fluxshard.tiles.batching import Outcome, run_together
+
+    outcomes: list = [None] * len(admitted)
+    jobs, where = [], []
+    for k, (_i, stream, request, rebuilt) in enumerate(admitted):
+        session = stream.session
+        args = (rebuilt, request.field, request.residual_mask, request.key)
+        if len(admitted) > 1 and _batchable(session):
+            jobs.append((session.infer_steps(*args, tau=request.tau), session.engine))
+            where.append(k)
+            continue
+        try:
+            outcomes[k] = Outcome(session.infer(*args, tau=request.tau))
+        except Exception as e:
+            outcomes[k] = Outcome(error=e)
+    if jobs:
+        locks = {id(lock): lock for lock in (getattr(admitted[k][1].session, "lock", None)
+                                             for k in where) if lock is not None}
+        with contextlib.ExitStack() as held, torch.inference_mode():
+            for key in sorted(locks):  # one order for every caller
+                held.enter_context(locks[key])
+            for k, outcome in zip(where, run_together(jobs)):
+                if outcome.error is None:
+                    outcome.value[1]["batched_streams"] = len(jobs)
+                outcomes[k] = outcome
+    return outcomes
+
+
+__all__ = ["SessionManager", "StreamFrame", "ResyncNeeded", "PayloadError", "ServerFull", "unknown_stream"]

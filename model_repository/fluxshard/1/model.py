@@ -10,7 +10,7 @@ from fluxshard.serving.limits import FrameLimits, max_streams_from_parameters
 from fluxshard.serving.metrics import ServedModelMetrics
 from fluxshard.receive import ResyncNeeded
 from fluxshard.sessions import yolo_session_factory
-from fluxshard.serving.session import ServerFull, SessionManager
+from fluxshard.serving.session import ServerFull, SessionManager, StreamFrame
 from fluxshard.protocol import SECRET_PARAMETER
 from fluxshard.wire import PayloadError, response_tensors
 
@@ -22,6 +22,22 @@ def stream_secret(request) -> str:
     return value if isinstance(value, str) else ""
 
 
+def answer_error(e: Exception, metrics):
+    """The error response a frame's exception gets (its Triton status code), counted as a
+    refusal by reason in ``metrics``."""
+    if isinstance(e, ResyncNeeded):  # the message says "resync needed": the client sends a key frame
+        metrics.refused("resync")
+        return error_response(str(e), "INVALID_ARG")
+    if isinstance(e, PayloadError):
+        metrics.refused("bad_payload")
+        return error_response(f"bad payload: {e}", "INVALID_ARG")
+    if isinstance(e, ServerFull):
+        metrics.refused("server_full")
+        return error_response(str(e), "UNAVAILABLE")
+    metrics.refused("internal")  # the server keeps serving other streams
+    return error_response(f"internal error: {type(e).__name__}: {e}")
+
+
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
@@ -29,13 +45,17 @@ class TritonPythonModel:
         # "executor" picks the compute; "compute" is the older name of the same parameter
         executor = params.get("executor") or params.get("compute") or "exact"
         keyframe_interval = int(params.get("keyframe_interval", "0") or 0)
+        device = instance_device(args, params)
         factory = yolo_session_factory(executor, weights=params.get("weights") or None,
                                        threads=int(params.get("torch_threads", "1")),
                                        conf_threshold=float(params.get("conf_threshold", "0.25")),
-                                       device=instance_device(args, params),
+                                       device=device,
                                        keyframe_interval=keyframe_interval or None,
                                        grid_snap=params.get("grid_snap", "false") == "true",
-                                       bypass=params.get("bypass", "none") or "none")
+                                       bypass=params.get("bypass", "none") or "none",
+                                       # CPU: dense frames on the tile executor's onnxruntime
+                                       # engine (the fastest here: executors compare, not engines)
+                                       dense_engine="onnxruntime" if device == "cpu" else "torch")
         # Triton frees a timed-out sequence's slot without telling the model: sweep with the same
         # timeout so the model frees its session too
         idle_us = int(config.get("sequence_batching", {}).get("max_sequence_idle_microseconds",
@@ -49,30 +69,34 @@ class TritonPythonModel:
                                       observer=self.metrics)
 
     def execute(self, requests):
-        responses = []
-        for request in requests:
+        # every request of this call is computed together (SessionManager.handle_many: the
+        # streams' engine calls shared per input size); each still gets its own answer or error
+        responses = [None] * len(requests)
+        frames = []  # (request index, StreamFrame)
+        for k, request in enumerate(requests):
             try:
-                corrid = int(input_array(request, "CORRID").reshape(-1)[0])
-                start = bool(input_array(request, "START").reshape(-1)[0])
-                end = bool(input_array(request, "END").reshape(-1)[0])
-                payload = input_array(request, "PAYLOAD").reshape(-1).tobytes()
-                response = self.manager.handle(corrid, start, end, payload, stream_secret(request))
-                # batch dimension of 1 (max_batch_size > 0)
+                frames.append((k, StreamFrame(
+                    corrid=int(input_array(request, "CORRID").reshape(-1)[0]),
+                    start=bool(input_array(request, "START").reshape(-1)[0]),
+                    end=bool(input_array(request, "END").reshape(-1)[0]),
+                    payload=input_array(request, "PAYLOAD").reshape(-1).tobytes(),
+                    secret=stream_secret(request))))
+            except Exception as e:
+                responses[k] = answer_error(e, self.metrics)
+        try:
+            results = self.manager.handle_many([frame for _, frame in frames])
+        except Exception as e:  # the server keeps serving: every frame of this call fails
+            results = [e] * len(frames)
+        for (k, _), result in zip(frames, results):
+            if isinstance(result, Exception):
+                responses[k] = answer_error(result, self.metrics)
+                continue
+            try:  # batch dimension of 1 (max_batch_size > 0)
                 out = [output_tensor(name, value[None])
-                       for name, value in response_tensors(response).items()]
-                responses.append(pb_utils.InferenceResponse(output_tensors=out))
-            except ResyncNeeded as e:  # the message says "resync needed": the client sends a key frame
-                self.metrics.refused("resync")
-                responses.append(error_response(str(e), "INVALID_ARG"))
-            except PayloadError as e:
-                self.metrics.refused("bad_payload")
-                responses.append(error_response(f"bad payload: {e}", "INVALID_ARG"))
-            except ServerFull as e:
-                self.metrics.refused("server_full")
-                responses.append(error_response(str(e), "UNAVAILABLE"))
-            except Exception as e:  # the server keeps serving other streams
-                self.metrics.refused("internal")
-                responses.append(error_response(f"internal error: {type(e).__name__}: {e}"))
+                       for name, value in response_tensors(result).items()]
+                responses[k] = pb_utils.InferenceResponse(output_tensors=out)
+            except Exception as e:
+                responses[k] = answer_error(e, self.metrics)
         return responses
 
     def finalize(self):

@@ -1,0 +1,299 @@
+"""How many camera streams one server holds, per executor: the capacity table (issue 22).
+
+For each executor (``dense``, ``exact``, ``tiles``) one server is started as the tests start it
+(``fluxshard.serving.tritonserver.TritonServer`` on the shipped ``fluxshard`` model, its batching
+as ``model_repository/fluxshard/config.pbtxt`` sets it unless overridden here). Then 1, 2, 3 ...
+camera streams run against it at once: stream k replays corpus clip k (in ``--clips`` order,
+over again past the last) re-encoded as a 640x384 camera stream (``fluxshard.footage``, cached
+under ``out/footage``), sent as the SDK's wire payloads of a stream whose every frame goes to
+the cloud (key frame, then residual frames at the default tau), at the clip's own frame rate
+(``perf.capacity_kit.PacedStream``; starts spread over one frame period). A frame's
+latency counts from its capture time, so a server that falls behind shows it.
+
+A stream count is *held* when no frame is lost (refused, failed or answered from another input),
+the p95 latency of every measured frame is under ``--p95-ms`` (250) and every stream is answered
+at >= 95% of its frame rate. The first ``WARMUP_S`` seconds (key frames, the engine's first
+calls per shape) are sent and checked but not measured. The count grows until one is not held.
+
+Models: ``dense`` and ``tiles`` run the real detector, Darknet YOLOv3-tiny
+(``weights=yolov3-tiny``); the exact executor refuses Darknet, so ``exact`` runs YOLO11n with the
+embedded demo weights (the header's ``models`` says so). ``dense`` runs on the same onnxruntime
+engine as the tile executor's crops (``fluxshard.sessions.MapsDenseEngine``).
+
+    python3 perf/bench_capacity.py              # 20 s per count, up to 16 streams
+    python3 perf/bench_capacity.py --quick      # 5 s per count
+
+Writes out/perf/bench_capacity.json ({"header": ..., "rows": [...]}, a row per executor and
+stream count: executor, streams, frames_per_s, p50_ms, p95_ms, frames_lost, cpu_share, held) and
+out/perf/bench_capacity.png (p95 latency against streams).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(REPO_ROOT / "perf"))
+
+from fluxshard import cli_common  # noqa: E402 (the repository first on the path)
+
+EXECUTORS = ("dense", "exact", "tiles")
+# the still cameras FluxShard is built for first (the surveillance camera leads), then the
+# moving camera and the animations
+DEFAULT_CLIPS = ("vtest", "carphone_pristine", "cup", "box", "tree", "bikes", "bigbuckbunny",
+                 "Megamind")
+SIZE = (640, 384)  # W, H: the model input
+P95_MS = 250.0
+RATE_SHARE = 0.95  # a stream answered at this share of its frame rate or more keeps its rate
+WARMUP_S = 1.5
+SECONDS, QUICK_SECONDS = 20.0, 5.0
+CLIP_FRAMES, QUICK_CLIP_FRAMES = 300, 150
+MAX_STREAMS = 16
+WEIGHTS = {"dense": "yolov3-tiny", "tiles": "yolov3-tiny", "exact": ""}
+MODELS = {"dense": "yolov3-tiny", "tiles": "yolov3-tiny",
+          "exact": "yolo11n, embedded demo weights (the exact executor refuses Darknet)"}
+ROW_FIELDS = ("executor", "streams", "frames_per_s", "p50_ms", "p95_ms", "frames_lost",
+              "cpu_share", "held")
+
+
+def camera_payloads(clips, frames: int, footage_dir: Path, progress: bool = False) -> list:
+    """Each clip's wire payloads at :data:`SIZE` (``perf.capacity_kit.ClipPayloads``)."""
+    from fluxshard import footage
+    from perf.capacity_kit import clip_payloads
+
+    out = []
+    for name in clips:
+        if progress:
+            print(f"  payloads of {name} ({frames} frames at {SIZE[0]}x{SIZE[1]})", flush=True)
+        video = footage.camera_stream(name, footage_dir, size=SIZE, frames=frames)
+        out.append(clip_payloads(video))
+    return out
+
+
+def run_count(server, clips: list, names: list[str], streams: int, seconds: float,
+              p95_ms: float) -> tuple[dict, dict]:
+    """``streams`` paced streams for WARMUP_S + ``seconds`` against ``server``: one row."""
+    from perf.capacity_kit import (PacedStream, answered_rate, group_cpu_seconds,
+                                            latency_percentiles)
+    from fluxshard_client import FluxShardClient
+
+    chosen = [clips[k % len(clips)] for k in range(streams)]
+    paced = [PacedStream(FluxShardClient(server.grpc_url), 1000 * streams + k, clip)
+             for k, clip in enumerate(chosen)]
+    cpu0, t0 = group_cpu_seconds(server.process.pid), time.monotonic()
+    start = t0 + 0.2
+    measure_from = start + WARMUP_S
+    for k, (stream, clip) in enumerate(zip(paced, chosen)):
+        offset = k / streams / clip.fps  # spread over one frame period
+        stream.start(math.ceil((WARMUP_S + seconds) * clip.fps), start + offset,
+                     measure_from=measure_from + offset)
+    reports = [s.join(timeout_s=WARMUP_S + seconds + 120) for s in paced]
+    cpu1, t1 = group_cpu_seconds(server.process.pid), time.monotonic()
+    for s in paced:
+        s.close()
+    p50, p95 = latency_percentiles(reports)
+    lost = sum(r.frames_lost for r in reports)
+    rates = [answered_rate(r) / clip.fps for r, clip in zip(reports, chosen)]
+    answered = sum(len(r.dues) for r in reports)
+    span = max((d + lat for r in reports for d, lat in zip(r.dues, r.latencies_s)),
+               default=measure_from) - measure_from
+    held = bool(lost == 0 and p95 <= p95_ms and all(rate >= RATE_SHARE for rate in rates))
+    row = {"executor": None, "streams": streams,
+           "frames_per_s": round(answered / span, 2) if span > 0 else 0.0,
+           "p50_ms": round(p50, 1), "p95_ms": round(p95, 1), "frames_lost": lost,
+           "cpu_share": round((cpu1 - cpu0) / ((t1 - t0) * (os.cpu_count() or 1)), 3),
+           "held": held}
+    errors = [e for r in reports for e in r.errors][:3]
+    detail = {"clips": [names[k % len(names)] for k in range(streams)],
+              "demand_fps": round(sum(c.fps for c in chosen), 2),
+              "worst_rate_share": round(min(rates), 3) if rates else None,
+              "batched_streams_mean": _mean_stat(reports, "batched_streams", 1),
+              "errors": errors}
+    return row, detail
+
+
+def _mean_stat(reports, name: str, default) -> float | None:
+    values = [st.get(name, default) for r in reports for st in r.stats]
+    return round(float(np.mean(values)), 2) if values else None
+
+
+def run_executor(executor: str, clips: list, names: list[str], args, log_dir: Path):
+    """Rows of one executor: stream counts from 1 up, until one is not held."""
+    from perf.capacity_kit import batching_repository
+    from fluxshard.serving.tritonserver import DEFAULT_MODEL_REPOSITORY, TritonServer
+
+    rows, details = [], []
+    with tempfile.TemporaryDirectory(prefix="fluxshard-capacity-") as tmp:
+        repository = batching_repository(
+            DEFAULT_MODEL_REPOSITORY, Path(tmp) / "repository",
+            {"executor": executor, "weights": WEIGHTS[executor]}, batching_overrides(args))
+        with TritonServer(repository, log_file=log_dir / f"bench_capacity-{executor}.log",
+                          exit_timeout_s=1) as server:
+            for streams in range(1, args.max_streams + 1):
+                row, detail = run_count(server, clips, names, streams, args.seconds, args.p95_ms)
+                row["executor"] = executor
+                rows.append(row)
+                details.append({"executor": executor, "streams": streams, **detail})
+                print(f"  {executor} x{streams}: {row['frames_per_s']} frames/s, p50 "
+                      f"{row['p50_ms']} ms, p95 {row['p95_ms']} ms, lost {row['frames_lost']}, "
+                      f"cpu {row['cpu_share']:.0%}, worst rate "
+                      f"{detail['worst_rate_share']}, batched {detail['batched_streams_mean']}"
+                      f" -> {'held' if row['held'] else 'NOT held'}", flush=True)
+                if not row["held"]:
+                    break
+    return rows, details
+
+
+def batching_overrides(args) -> dict:
+    """The sequence-batching fields given on the command line (the shipped config's otherwise)."""
+    fields = {"instance_count": args.instances, "max_batch_size": args.max_batch_size,
+              "max_candidate_sequences": args.candidates,
+              "max_queue_delay_microseconds": args.queue_delay_us,
+              "preferred_batch_size": args.preferred_batch_size}
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+def shipped_batching() -> dict:
+    """The batching fields of model_repository/fluxshard/config.pbtxt."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from fluxshard.serving.tritonserver import DEFAULT_MODEL_REPOSITORY
+
+    config = text_format.Parse((DEFAULT_MODEL_REPOSITORY / "fluxshard" / "config.pbtxt")
+                               .read_text(), model_config_pb2.ModelConfig())
+    oldest = config.sequence_batching.oldest
+    return {"max_batch_size": config.max_batch_size,
+            "instance_count": sum(g.count for g in config.instance_group),
+            "max_candidate_sequences": oldest.max_candidate_sequences,
+            "preferred_batch_size": list(oldest.preferred_batch_size),
+            "max_queue_delay_microseconds": oldest.max_queue_delay_microseconds}
+
+
+def held_counts(rows: list[dict]) -> dict:
+    """Executor -> the most streams it held (0 when not even one)."""
+    out = {}
+    for row in rows:
+        out.setdefault(row["executor"], 0)
+        if row["held"]:
+            out[row["executor"]] = max(out[row["executor"]], row["streams"])
+    return out
+
+
+def plot(rows: list[dict], p95_ms: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    colors = {"dense": "tab:blue", "exact": "tab:green", "tiles": "tab:orange"}
+    for executor in dict.fromkeys(r["executor"] for r in rows):
+        mine = [r for r in rows if r["executor"] == executor]
+        ax.plot([r["streams"] for r in mine], [r["p95_ms"] for r in mine], "o-",
+                color=colors.get(executor), label=f"{executor} ({MODELS[executor].split(',')[0]})")
+        for r in mine:
+            if not r["held"]:
+                ax.plot(r["streams"], r["p95_ms"], "x", ms=10, color=colors.get(executor))
+    ax.axhline(p95_ms, color="grey", ls="--", lw=1, label=f"p95 bound {p95_ms:.0f} ms")
+    ax.set_yscale("log")
+    ax.set_xlabel("camera streams on one server")
+    ax.set_ylabel("p95 latency from capture (ms)")
+    ax.set_title(f"capacity at {SIZE[0]}x{SIZE[1]} (x: not held)", fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def print_table(rows: list[dict]) -> None:
+    print("\n| " + " | ".join(ROW_FIELDS) + " |")
+    print("|" + "---|" * len(ROW_FIELDS))
+    for row in rows:
+        print("| " + " | ".join(str(row[k]) for k in ROW_FIELDS) + " |")
+    print("\nmodels: " + "; ".join(f"{k}: {v}" for k, v in MODELS.items()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bench_real import machine
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true",
+                    help=f"{QUICK_SECONDS:g} s per stream count, {QUICK_CLIP_FRAMES}-frame clips")
+    ap.add_argument("--executors", nargs="+", choices=EXECUTORS, default=list(EXECUTORS))
+    ap.add_argument("--clips", nargs="+", default=list(DEFAULT_CLIPS),
+                    help="corpus clips, stream k plays clip k (in this order, cycling)")
+    ap.add_argument("--max-streams", type=cli_common.positive_int, default=MAX_STREAMS)
+    ap.add_argument("--seconds", type=float, default=None,
+                    help=f"measured seconds per stream count (default {SECONDS:g}, "
+                         f"--quick {QUICK_SECONDS:g})")
+    ap.add_argument("--p95-ms", type=float, default=P95_MS)
+    ap.add_argument("--instances", type=cli_common.positive_int, default=None,
+                    help="override the config's instance count")
+    ap.add_argument("--max-batch-size", type=cli_common.positive_int, default=None)
+    ap.add_argument("--candidates", type=cli_common.positive_int, default=None,
+                    help="override max_candidate_sequences")
+    ap.add_argument("--queue-delay-us", type=int, default=None,
+                    help="override max_queue_delay_microseconds")
+    ap.add_argument("--preferred-batch-size", type=cli_common.positive_int, nargs="+",
+                    default=None)
+    ap.add_argument("--footage-dir", type=Path, default=REPO_ROOT / "out" / "footage")
+    ap.add_argument("--out", type=Path, default=REPO_ROOT / "out" / "perf")
+    args = ap.parse_args(argv)
+    if args.seconds is None:
+        args.seconds = QUICK_SECONDS if args.quick else SECONDS
+    if args.seconds <= 0:
+        ap.error("--seconds must be > 0")
+
+    from fluxshard.footage import corpus_entry
+
+    names = [corpus_entry(c).stem for c in args.clips]  # a clear error for an unknown clip
+    frames = QUICK_CLIP_FRAMES if args.quick else CLIP_FRAMES
+    print(f"building camera streams and their payloads ({len(names)} clips)", flush=True)
+    clips = camera_payloads(names, frames, args.footage_dir, progress=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows, details = [], []
+    for executor in args.executors:
+        print(f"{executor}: model {MODELS[executor]}", flush=True)
+        r, d = run_executor(executor, clips, names, args, args.out)
+        rows += r
+        details += d
+    held = held_counts(rows)
+    header = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "machine": machine(), "quick": args.quick, "seconds_per_count": args.seconds,
+              "warmup_s": WARMUP_S, "input": f"{SIZE[0]}x{SIZE[1]}", "p95_bound_ms": args.p95_ms,
+              "rate_share": RATE_SHARE,
+              "clips": [{"clip": n, "fps": round(c.fps, 3)} for n, c in zip(names, clips)],
+              "models": {k: MODELS[k] for k in args.executors},
+              "batching": {**shipped_batching(), **batching_overrides(args)},
+              "held_streams": held, "details": details}
+    if "dense" in held and "tiles" in held:
+        header["tiles_vs_dense"] = (None if held["dense"] == 0
+                                    else round(held["tiles"] / held["dense"], 2))
+    (args.out / "bench_capacity.json").write_text(json.dumps({"header": header, "rows": rows},
+                                                             indent=1))
+    plot(rows, args.p95_ms, args.out / "bench_capacity.png")
+    print_table(rows)
+    print(f"\nmost streams held (p95 <= {args.p95_ms:g} ms, none lost, every stream at its "
+          f"frame rate): " + ", ".join(f"{k} {v}" for k, v in held.items()))
+    if "tiles_vs_dense" in header:
+        print(f"tiles / dense: {header['tiles_vs_dense']}")
+    print(f"wrote {args.out / 'bench_capacity.json'} and {args.out / 'bench_capacity.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
