@@ -23,11 +23,15 @@ def parse(path: Path) -> model_config_pb2.ModelConfig:
 
 def without_placement(config: model_config_pb2.ModelConfig) -> dict:
     """The config with what may differ between CPU and GPU removed: instance kind and GPUs,
-    thread parameters."""
+    thread parameters, and how long the sequence batcher waits to fill a batch of what size
+    (batching gains compute on a GPU, not on a CPU: docs/capacity.md)."""
     config = model_config_pb2.ModelConfig.FromString(config.SerializeToString())
     for group in config.instance_group:
         group.ClearField("kind")
         group.ClearField("gpus")
+    if config.HasField("sequence_batching") and config.sequence_batching.HasField("oldest"):
+        config.sequence_batching.oldest.ClearField("max_queue_delay_microseconds")
+        config.sequence_batching.oldest.ClearField("preferred_batch_size")
     for key in THREAD_PARAMETERS:
         if key in config.parameters:
             del config.parameters[key]
@@ -47,7 +51,7 @@ def test_every_model_has_both_configs():
 
 
 @pytest.mark.parametrize("model", MODELS)
-def test_gpu_config_differs_from_cpu_only_in_placement_and_threads(model):
+def test_gpu_config_differs_from_cpu_only_in_placement_threads_and_batching_waits(model):
     cpu = parse(REPOSITORY / model / "config.pbtxt")
     gpu = parse(REPOSITORY / model / "configs" / "gpu.pbtxt")
     assert [g.kind for g in cpu.instance_group] == [model_config_pb2.ModelInstanceGroup.KIND_CPU]
