@@ -282,23 +282,33 @@ class BestDenseRunners:
     def __init__(self, model, threads: int = 1, warmup: int = 1, runs: int = 3,
                  kinds: tuple[str, ...] | None = None):
         self.model, self.threads, self.warmup, self.runs = model, threads, warmup, runs
-        self.kinds = kinds
+        # one kind is taken without timing
+        self.kinds = tuple(kinds) if kinds else None
+        if self.kinds:
+            from fluxshard.models.dense import RUNNER_KINDS
+
+            unknown = sorted(set(self.kinds) - set(RUNNER_KINDS))
+            if unknown:
+                raise ValueError(f"unknown dense engine(s) {unknown}; choose from {RUNNER_KINDS}")
         self.lock = threading.Lock()
         self._best: dict = {}
 
     def prepare(self, input_hw: tuple[int, int]):
         """Pick the engine for model inputs of ``input_hw`` now (not in the first frame's
         latency); returns the runner."""
-        from fluxshard.models.dense import best_dense_runner
+        from fluxshard.models.dense import RUNNER_KINDS, best_dense_runner, dense_runners
 
         shape = tuple(int(v) for v in input_hw)
         with self.lock:
             runner = self._best.get(shape)
-            if runner is None:
-                chosen = {} if self.kinds is None else {"kinds": tuple(self.kinds)}
+            if runner is None and self.kinds is not None and len(self.kinds) == 1:
+                runner = dense_runners(self.model, shape, kinds=self.kinds,
+                                       threads=self.threads)[0]
+            elif runner is None:
                 runner, _medians = best_dense_runner(self.model, shape, threads=self.threads,
-                                                     warmup=self.warmup, runs=self.runs, **chosen)
-                self._best[shape] = runner
+                                                     warmup=self.warmup, runs=self.runs,
+                                                     kinds=self.kinds or RUNNER_KINDS)
+            self._best[shape] = runner
         return runner
 
     def __call__(self, x):

@@ -1,12 +1,17 @@
 """Sequence load test of the `fluxshard` Triton model with perf_analyzer.
 
-Builds real request payloads from a synthetic H.264 clip (decoded with codec motion vectors, every
-frame sent to the cloud: a key frame, then residual frames with the accumulated field and the
-residual blocks at ``--tau``, fluxshard.tau), writes them as perf_analyzer input data (one stream per
-sequence), starts tritonserver, and sweeps the number of concurrent sequences. Prints one table.
+Builds real request payloads (every frame sent to the cloud as the SDK sends it: a key frame,
+then residual frames with the accumulated field and the residual blocks at ``--tau``,
+fluxshard.tau) from a synthetic H.264 clip, or from a corpus clip (``--clip bikes``: real camera
+footage, fluxshard.footage), writes them as perf_analyzer input data (one stream per sequence),
+starts tritonserver, and sweeps the number of concurrent sequences. Prints one table.
 
     bash scripts/install_perf_tools.sh            # once: perf_analyzer + its libraries
     python perf/load_test.py --concurrency 1 2 4
+
+``--write-input-data DIR`` only writes the input data and prints the raw perf_analyzer commands
+(docs/deploy.md): ``DIR/fluxshard.json`` (the payload sequences) and ``DIR/yolo11_dense.json``
+(the same clip's frames, RGB, for the stateless dense model).
 
 Skips (exit 0, with a message) when perf_analyzer is not installed.
 """
@@ -31,6 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from fluxshard.tau import tau_argument  # noqa: E402 (the repository first on the path)
+
 PERF_TOOLS = REPO / ".cache" / "perf_tools"
 PERF_ANALYZER = PERF_TOOLS / "tritonclient" / "bin" / "perf_analyzer"
 CUDART_DIR = PERF_TOOLS / "cuda" / "nvidia" / "cuda_runtime" / "lib"
@@ -54,16 +60,38 @@ def find_perf_analyzer() -> tuple[str, dict] | None:
     return binary, env
 
 
-def sequence_payloads(frames: int, seq_len: int, tau: float, block: int, width: int, height: int,
-                      workdir: Path) -> list[list[bytes]]:
-    """Payload sequences from a synthetic clip, exactly as the edge client would send them."""
-    from perf.capacity_kit import clip_payloads
+def load_clip(frames: int, seq_len: int, width: int, height: int, workdir: Path,
+              clip: str | None = None, footage_dir: Path | None = None) -> Path:
+    """The H.264 clip the payloads come from: corpus clip ``clip`` re-encoded at the size (a key
+    frame every ``seq_len`` frames), or a synthetic scene."""
+    if clip:
+        from fluxshard.footage import camera_stream
+
+        return camera_stream(clip, footage_dir or workdir, size=(width, height), frames=frames,
+                             gop=seq_len)
     from fluxshard.synth import SceneSpec, make_clip
 
-    clip = make_clip(SceneSpec(width=width, height=height, frames=frames, gop=seq_len, seed=3),
-                     workdir, name="load")
-    payloads = clip_payloads(clip.video, tau, block, keyframe_every=seq_len,
-                             validate=False).payloads
+    return make_clip(SceneSpec(width=width, height=height, frames=frames, gop=seq_len, seed=3),
+                     workdir, name="load").video
+
+
+def sequence_payloads(frames: int, seq_len: int, tau: float, block: int, width: int, height: int,
+                      workdir: Path, clip: str | None = None, footage_dir: Path | None = None,
+                      keep_frames: list | None = None) -> list[list[bytes]]:
+    """Payload sequences, exactly as the edge client would send them (see :func:`load_clip`);
+    the decoded RGB frames are appended to ``keep_frames`` when given."""
+    from perf.capacity_kit import clip_payloads
+
+    video = load_clip(frames, seq_len, width, height, workdir, clip, footage_dir)
+    # a synthetic clip is single-reference P-only (its vectors are exact); footage is validated
+    # as `fluxshard run` does
+    payloads = clip_payloads(video, tau, block, frames=frames, keyframe_every=seq_len,
+                             validate=clip is not None).payloads
+    if keep_frames is not None:
+        from fluxshard.motion.decode import iter_motion
+
+        keep_frames.extend(np.ascontiguousarray(mf.image)
+                           for mf in iter_motion(str(video), validate=False, max_frames=frames))
     return [payloads[k:k + seq_len] for k in range(0, len(payloads) - seq_len + 1, seq_len)]
 
 
@@ -71,6 +99,45 @@ def input_data_json(sequences: list[list[bytes]]) -> dict:
     """perf_analyzer --input-data: one stream per sequence, one step per frame."""
     return {"data": [[{"PAYLOAD": {"b64": base64.b64encode(p).decode(), "shape": [len(p)]}}
                       for p in seq] for seq in sequences]}
+
+
+def dense_input_data_json(frames: list[np.ndarray]) -> dict:
+    """perf_analyzer --input-data for the stateless ``yolo11_dense``: one request per frame."""
+    return {"data": [{"FRAME": {"b64": base64.b64encode(f.tobytes()).decode(),
+                                "shape": list(f.shape)}} for f in frames]}
+
+
+def write_input_data(folder: Path, sequences: list[list[bytes]],
+                     frames: list[np.ndarray]) -> dict[str, Path]:
+    """``fluxshard.json`` and ``yolo11_dense.json`` in ``folder``: model name -> file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = {"fluxshard": folder / "fluxshard.json", "yolo11_dense": folder / "yolo11_dense.json"}
+    written["fluxshard"].write_text(json.dumps(input_data_json(sequences)))
+    written["yolo11_dense"].write_text(json.dumps(dense_input_data_json(frames)))
+    return written
+
+
+def perf_analyzer_commands(url: str, files: dict[str, Path], seq_len: int,
+                           concurrency: int = 1, requests_per_window: int = 20,
+                           root_certificates: Path | None = None) -> dict[str, list[str]]:
+    """The raw perf_analyzer command lines for both models (docs/deploy.md explains each flag);
+    ``root_certificates``: gRPC over TLS, trusting that CA."""
+    common = ["-u", url, "-i", "grpc", "--concurrency-range", f"{concurrency}:{concurrency}",
+              "--measurement-mode", "count_windows",
+              "--measurement-request-count", str(requests_per_window)]
+    if root_certificates is not None:
+        # a bare flag: perf_analyzer 2.44 refuses a value, whatever its help says
+        common += ["--ssl-grpc-use-ssl",
+                   f"--ssl-grpc-root-certifications-file={root_certificates}"]
+    return {
+        "yolo11_dense": ["perf_analyzer", "-m", "yolo11_dense", "--input-data",
+                         str(files["yolo11_dense"]), *common],
+        "fluxshard": ["perf_analyzer", "-m", "fluxshard", "--input-data", str(files["fluxshard"]),
+                      # each stream is one sequence: exactly its length, or perf_analyzer
+                      # would wrap to its key frame mid-sequence or end it early
+                      "--sequence-length", str(seq_len), "--sequence-length-variation", "0",
+                      "--sequence-id-range", "1:100000", *common],
+    }
 
 
 def run_sweep(binary: str, env: dict, url: str, data_path: Path, concurrency: list[int],
@@ -106,7 +173,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--block", type=int, default=16)
     ap.add_argument("--requests-per-window", type=int, default=40)
     ap.add_argument("--url", default=None, help="an already running server (gRPC host:port)")
+    ap.add_argument("--clip", default=None,
+                    help="a corpus clip (fluxshard.footage, e.g. bikes) instead of the synthetic "
+                         "scene, re-encoded at --width x --height")
+    ap.add_argument("--footage-dir", type=Path, default=REPO / "out" / "footage",
+                    help="cache of the re-encoded corpus clips (default out/footage)")
+    ap.add_argument("--write-input-data", type=Path, default=None, metavar="DIR",
+                    help="only write DIR/fluxshard.json and DIR/yolo11_dense.json and print the "
+                         "perf_analyzer commands; starts no server")
     args = ap.parse_args(argv)
+
+    if args.write_input_data is not None:
+        with tempfile.TemporaryDirectory(prefix="fluxshard-load-") as tmp:
+            frames: list[np.ndarray] = []
+            seqs = sequence_payloads(args.frames, args.sequence_length, args.tau, args.block,
+                                     args.width, args.height, Path(tmp), args.clip,
+                                     args.footage_dir, keep_frames=frames)
+        files = write_input_data(args.write_input_data, seqs, frames)
+        print(f"{len(seqs)} sequences x {args.sequence_length} frames, {len(frames)} frames at "
+              f"{args.width}x{args.height}: {', '.join(map(str, files.values()))}")
+        for cmd in perf_analyzer_commands(args.url or "127.0.0.1:8001", files,
+                                          args.sequence_length).values():
+            print(" ".join(cmd))
+        return 0
 
     found = find_perf_analyzer()
     if found is None:
@@ -118,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="fluxshard-load-") as tmp:
         tmp = Path(tmp)
         seqs = sequence_payloads(args.frames, args.sequence_length, args.tau, args.block,
-                                 args.width, args.height, tmp)
+                                 args.width, args.height, tmp, args.clip, args.footage_dir)
         data_path = tmp / "input_data.json"
         data_path.write_text(json.dumps(input_data_json(seqs)))
         key_bytes = [s[0] for s in seqs]

@@ -13,7 +13,8 @@
 #      (export/check_engine.py run), and, where this machine has a tritonserver with the TensorRT
 #      backend, the served `fluxshard_trt` model (implicit state) against the same frames.
 # Everything is built, generated and downloaded HERE beforehand (the GPU machine has torch, numpy
-# and pytest, but not our toolchain, and no PyAV, which the executor case decodes its clips with):
+# and pytest, but not our toolchain, and no PyAV, which the executor case decodes its clips with).
+# On a GPU machine of your own, `scripts/install.sh --gpu` installs the CUDA torch this needs:
 #
 #   scripts/build_plugins.sh && python3 -m fluxshard.graph.golden .cache/plugins_trt/golden
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
@@ -40,7 +41,9 @@ GOLDEN=.cache/plugins_trt/golden
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,compute_cap,driver_version --format=csv,noheader 2>/dev/null || true
 if ! python3 -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
-    echo "torch sees no CUDA device" >&2
+    # a CPU build (scripts/install.sh without --gpu) sees no device even on a GPU machine
+    echo "torch sees no CUDA device (torch $(python3 -c 'import torch; print(torch.__version__)' 2>&1);" \
+         "a +cpu build needs scripts/install.sh --gpu)" >&2
     exit 2
 fi
 failed=()

@@ -1,5 +1,6 @@
 """The Triton configs: each model's GPU variant (configs/gpu.pbtxt) is its CPU config
-(config.pbtxt) with only the instance kind, its GPUs and the thread settings changed, and the
+(config.pbtxt) with only the instance kind, its GPUs, the thread settings and the dense engine
+(onnxruntime runs on CPUs only) changed, and the
 python backend takes its torch device from the instance Triton gives it."""
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from fluxshard.serving.instance import instance_device
 
 REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
 MODELS = sorted(p.parent.parent.name for p in REPOSITORY.glob("*/configs/gpu.pbtxt"))
-THREAD_PARAMETERS = ("torch_threads",)  # the CPU and GPU instances want different thread counts
+# the CPU and GPU instances want different thread counts; yolo11_dense's engine is onnxruntime on
+# a CPU and torch on the instance's GPU
+PLACEMENT_PARAMETERS = ("torch_threads", "engine")
 
 
 def parse(path: Path) -> model_config_pb2.ModelConfig:
@@ -23,8 +26,8 @@ def parse(path: Path) -> model_config_pb2.ModelConfig:
 
 def without_placement(config: model_config_pb2.ModelConfig) -> dict:
     """The config with what may differ between CPU and GPU removed: instance kind and GPUs,
-    thread parameters, and how long the sequence batcher waits to fill a batch of what size
-    (batching gains compute on a GPU, not on a CPU: docs/capacity.md)."""
+    thread and engine parameters, and how long the sequence batcher waits to fill a batch of
+    what size (batching gains compute on a GPU, not on a CPU: docs/capacity.md)."""
     config = model_config_pb2.ModelConfig.FromString(config.SerializeToString())
     for group in config.instance_group:
         group.ClearField("kind")
@@ -32,7 +35,7 @@ def without_placement(config: model_config_pb2.ModelConfig) -> dict:
     if config.HasField("sequence_batching") and config.sequence_batching.HasField("oldest"):
         config.sequence_batching.oldest.ClearField("max_queue_delay_microseconds")
         config.sequence_batching.oldest.ClearField("preferred_batch_size")
-    for key in THREAD_PARAMETERS:
+    for key in PLACEMENT_PARAMETERS:
         if key in config.parameters:
             del config.parameters[key]
     return json_format.MessageToDict(config)

@@ -1,4 +1,9 @@
-"""Dense YOLO11 baseline in the python backend: one frame in, detections out, no state."""
+"""Dense YOLO11 baseline in the python backend: one frame in, detections out, no state.
+
+The `engine` parameter picks what runs the network: `onnxruntime` (the CPU config: the fastest
+dense engine on a CPU, one static-shape export per input size, made at load for the sizes in
+`prepare_sizes`), `fused_channels_last` (BN-fused torch), or `torch` (the model on the instance's
+device: the GPU config)."""
 
 import json
 
@@ -7,18 +12,42 @@ import triton_python_backend_utils as pb_utils
 
 from fluxshard.serving.backend_tensors import error_response, input_array, output_tensor
 from fluxshard.serving.instance import instance_device
-from fluxshard.sessions import DenseYoloSession, load_dense_model
+from fluxshard.sessions import (BestDenseRunners, DenseRunnerSession, DenseYoloSession,
+                                load_dense_model)
 from fluxshard.wire import MAX_PIXELS, MAX_SIDE
+
+
+def model_input_sizes(text: str) -> list[tuple[int, int]]:
+    """`prepare_sizes`: comma-separated HxW model input sizes (multiples of 32)."""
+    sizes = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        h, sep, w = item.partition("x")
+        if not (sep and h.isdigit() and w.isdigit() and int(h) % 32 == 0 and int(w) % 32 == 0
+                and int(h) > 0 and int(w) > 0):
+            raise ValueError(f"prepare_sizes: expected HxW in multiples of 32, got {item!r}")
+        sizes.append((int(h), int(w)))
+    return sizes
 
 
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        model = load_dense_model(params.get("weights") or None,
-                                 threads=int(params.get("torch_threads", "1")),
-                                 device=instance_device(args, params))
-        self.session = DenseYoloSession(model, float(params.get("conf_threshold", "0.25")))
+        engine = params.get("engine") or "onnxruntime"
+        device = instance_device(args, params)
+        threads = int(params.get("torch_threads", "1"))
+        conf = float(params.get("conf_threshold", "0.25"))
+        if engine != "torch" and device != "cpu":
+            raise ValueError(f"engine {engine!r} runs on the CPU; a {device} instance needs "
+                             "engine 'torch' (configs/gpu.pbtxt)")
+        model = load_dense_model(params.get("weights") or None, threads=threads, device=device)
+        if engine == "torch":
+            self.session = DenseYoloSession(model, conf)
+            return
+        runners = BestDenseRunners(model, threads=threads, kinds=(engine,))
+        for size in model_input_sizes(params.get("prepare_sizes", "")):
+            runners.prepare(size)  # the export happens now, not in the first request's latency
+        self.session = DenseRunnerSession(runners, conf_threshold=conf)
 
     def execute(self, requests):
         responses = []
