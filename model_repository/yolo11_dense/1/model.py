@@ -1,15 +1,17 @@
 """Dense YOLO11 baseline in the python backend: one frame in, detections out, no state.
 
-The `engine` parameter picks what runs the network: `onnxruntime` (the CPU config: the fastest
-dense engine on a CPU, one static-shape export per input size, made at load for the sizes in
-`prepare_sizes`), `fused_channels_last` (BN-fused torch), or `torch` (the model on the instance's
-device: the GPU config)."""
+The `engine` parameter picks what runs the network at the model input sizes in `prepare_sizes`:
+`onnxruntime` (the CPU config: the fastest dense engine on a CPU; a static-shape export per size,
+made at load), `fused_channels_last` (BN-fused torch), or `torch` (the model on the instance's
+device: the GPU config). Frames of any other size run on the BN-fused torch model: no client can
+make the server export (seconds, and memory) for sizes it was not set up for."""
 
 import json
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from fluxshard.models.ops import padded_shape
 from fluxshard.serving.backend_tensors import error_response, input_array, output_tensor
 from fluxshard.serving.instance import instance_device
 from fluxshard.sessions import (BestDenseRunners, DenseRunnerSession, DenseYoloSession,
@@ -41,13 +43,13 @@ class TritonPythonModel:
             raise ValueError(f"engine {engine!r} runs on the CPU; a {device} instance needs "
                              "engine 'torch' (configs/gpu.pbtxt)")
         model = load_dense_model(params.get("weights") or None, threads=threads, device=device)
-        if engine == "torch":
-            self.session = DenseYoloSession(model, conf)
-            return
-        runners = BestDenseRunners(model, threads=threads, kinds=(engine,))
-        for size in model_input_sizes(params.get("prepare_sizes", "")):
-            runners.prepare(size)  # the export happens now, not in the first request's latency
-        self.session = DenseRunnerSession(runners, conf_threshold=conf)
+        self.any_size = DenseYoloSession(model, conf)
+        self.prepared = {}  # model input size -> its session
+        if engine != "torch":
+            runners = BestDenseRunners(model, threads=threads, kinds=(engine,))
+            for size in model_input_sizes(params.get("prepare_sizes", "")):
+                runners.prepare(size)  # the export happens now, not in a request's latency
+                self.prepared[size] = DenseRunnerSession(runners, conf_threshold=conf)
 
     def execute(self, requests):
         responses = []
@@ -58,7 +60,8 @@ class TritonPythonModel:
                 if not (0 < h <= MAX_SIDE and 0 < w <= MAX_SIDE and h * w <= MAX_PIXELS):
                     raise ValueError(f"frame {h}x{w} outside the limits ({MAX_SIDE} px a side, "
                                      f"{MAX_PIXELS} pixels)")
-                detections = self.session.infer(frame, None, None, True).detections
+                session = self.prepared.get(padded_shape(h, w), self.any_size)
+                detections = session.infer(frame, None, None, True).detections
                 out = output_tensor("DETECTIONS", detections)
                 responses.append(pb_utils.InferenceResponse(output_tensors=[out]))
             except Exception as e:  # the server keeps serving
