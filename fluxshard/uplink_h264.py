@@ -147,7 +147,7 @@ class H264Decoder:
     def decode(self, packet: bytes) -> DecodedFrame:
         import av
 
-        from fluxshard.motion.decode import codec_field
+        from fluxshard.motion.decode import codec_field, frame_motion_vectors
         from fluxshard.wire import cache_digest
 
         if self.broken:
@@ -169,8 +169,7 @@ class H264Decoder:
         # the planes as the standard defines them (to_ndarray drops the line padding)
         decoded = DecodedFrame(cache_digest(frame.to_ndarray()), key, (frame.height, frame.width))
         if self.pixels:
-            side = frame.side_data.get("MOTION_VECTORS")
-            vectors = side.to_ndarray() if side is not None else None
+            vectors = frame_motion_vectors(frame)
             decoded.field, covered = codec_field(vectors, frame.height, frame.width)
             decoded.intra = np.ones_like(covered) if key else ~covered
             decoded.image = self._to_rgb(frame)

@@ -44,6 +44,17 @@ class MotionFrame:
     time: float | None = None  # presentation time in seconds, when the container knows it
 
 
+def frame_motion_vectors(frame) -> np.ndarray | None:
+    """A decoded PyAV frame's exported motion vectors (None: it carries none). Read through a
+    side-data container of our own: the frame's own (``frame.side_data``) and the frame hold
+    each other, a cycle only Python's cyclic collector frees, and rarely, while each such frame
+    keeps its decoded picture alive; an endless stream grew by a picture per frame."""
+    from av.sidedata.sidedata import SideDataContainer
+
+    side = SideDataContainer(frame).get("MOTION_VECTORS")
+    return side.to_ndarray() if side is not None else None
+
+
 def codec_field(vectors: np.ndarray | None, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
     """Exported codec vectors (PyAV ``MOTION_VECTORS`` structured array) -> per-4x4-block field and
     a ``covered`` mask. Only past-reference vectors (``source < 0``) are used; ``dst_x/dst_y`` is
@@ -247,8 +258,7 @@ def iter_motion(source: str | Path, *, validate: bool = True, radius: int = DEFA
                 field = np.zeros(field_shape(height, width), np.float32)
                 path = "none"
             else:
-                side = frame.side_data.get("MOTION_VECTORS")
-                vectors = side.to_ndarray() if side is not None else None
+                vectors = frame_motion_vectors(frame)
                 if vectors is None or len(vectors) == 0:
                     field, _ = match_blocks(luma, prev_luma, radius=radius)
                     path, replaced = "block_matching", 1.0
