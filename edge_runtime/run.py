@@ -308,7 +308,7 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
                                _tracker(video) if track else None) as writer:
                 broke, stopped = _process_frames(
                     stream, edge_frames(video, frames, loop), writer, health, metrics,
-                    has_cloud=bool(url), total=None if saved.live else frames or
+                    has_cloud=bool(url), total=frames if saved.live else frames or
                     _frame_count(video), progress=progress)
         finally:
             stream.close()

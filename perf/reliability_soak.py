@@ -16,13 +16,22 @@ day to cost a gigabyte). The quick mode (CI) is too short to tell a slow leak fr
 noise; it checks that nothing is lost and that memory does not grow by more than
 :data:`QUICK_GROWTH_MB` over its second half (a session left behind costs more).
 
+The edge row (issue 21): ``fluxshard run CLIP --loop --dispatch edge --metrics-port PORT`` (and
+``--track`` where the command has it) as a process of its own on a synthetic clip played over
+and over, for the same minutes; its resident memory sampled, its frame count scraped from the
+metrics port, and it is stopped with SIGTERM (the outputs must be written). Judged like the
+server: flat over the second half (``reliability-soak-edge.png`` / ``.json``).
+
     python3 perf/reliability.py [--quick] [--soak-minutes M] [--soak-streams N]  # with the rest
-    python3 perf/reliability_soak.py [--quick] [--minutes M] [--streams N]        # this row alone
+    python3 perf/reliability_soak.py [--quick] [--soak-minutes M] [--soak-streams N]  # these rows
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,7 +43,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 from fluxshard.digest_scene import Scene  # noqa: E402
 from perf.reliability_kit import StreamDriver, group_rss_mb  # noqa: E402
-from fluxshard.serving.tritonserver import TritonServer  # noqa: E402
+from fluxshard.serving.tritonserver import TritonServer, free_port  # noqa: E402
 
 DEFAULT_STREAMS, DEFAULT_MINUTES = 3, 10.0
 QUICK_STREAMS, QUICK_MINUTES = 2, 1 / 3
@@ -42,6 +51,7 @@ FRAME_SIZE = (192, 320)  # H, W: a small camera frame with a few residual blocks
 FLAT_MB_PER_MIN = 0.7  # ~1 GB a day
 QUICK_GROWTH_MB = 50.0
 FIRST_STREAM_ID = 4100
+EDGE_CLIP = (640, 384, 90)  # W, H, frames: the demo's clip, played over and over
 
 
 class _Soak:
@@ -102,7 +112,9 @@ def duration(minutes: float) -> str:
     return f"{minutes * 60:.0f} s" if minutes < 2 else f"{minutes:g} min"
 
 
-def plot(samples, after_mb: float, streams: int, minutes: float, slope: float, path: Path) -> None:
+def plot(samples, slope: float, path: Path, title: str, what: str,
+         after: tuple[float, str] | None = None) -> None:
+    """RSS over time with the second half's fit; ``after``: (MB, label) of one last point."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -111,7 +123,7 @@ def plot(samples, after_mb: float, streams: int, minutes: float, slope: float, p
     t = np.array([s[0] for s in samples]) / 60.0
     rss = np.array([s[1] for s in samples])
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.plot(t, rss, lw=1, label="server process group RSS")
+    ax.plot(t, rss, lw=1, label=what)
     half = len(samples) // 2
     if len(samples) - half >= 2:
         fit = np.polyfit(t[half:], rss[half:], 1)
@@ -119,10 +131,11 @@ def plot(samples, after_mb: float, streams: int, minutes: float, slope: float, p
         ax.axvline(t[half], color="grey", lw=0.8, ls=":")
         ax.text(t[half], ax.get_ylim()[0], " warm-up | judged", va="bottom", fontsize=8,
                 color="grey")
-    ax.plot([t[-1]], [after_mb], "o", ms=4, label="after every stream ended")
+    if after is not None:
+        ax.plot([t[-1]], [after[0]], "o", ms=4, label=after[1])
     ax.set_xlabel("minutes")
     ax.set_ylabel("MB")
-    ax.set_title(f"soak: {streams} streams x {duration(minutes)}, {FRAME_SIZE[1]}x{FRAME_SIZE[0]}")
+    ax.set_title(title)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -146,19 +159,16 @@ def soak_row(streams: int, minutes: float, quick: bool, out: Path, log_dir: Path
     finally:
         server.stop()
     samples = soak.samples
-    slope = slope_mb_per_min(samples)
-    half = samples[len(samples) // 2:]
-    growth = half[-1][1] - half[0][1]
+    memory = judge_memory(samples, quick)
     lost = sum(r.frames_lost for r in reports)
-    flat = growth <= QUICK_GROWTH_MB if quick else slope <= FLAT_MB_PER_MIN
-    plot(samples, after, streams, minutes, slope, out / "reliability-soak.png")
+    plot(samples, memory["slope"], out / "reliability-soak.png",
+         f"soak: {streams} streams x {duration(minutes)}, {FRAME_SIZE[1]}x{FRAME_SIZE[0]}",
+         "server process group RSS", (after, "after every stream ended"))
     (out / "reliability-soak.json").write_text(json.dumps(
         {"streams": streams, "minutes": minutes, "frame_size": FRAME_SIZE, "churn_s": churn_s,
          "rss_after_streams_ended_mb": round(after, 1),
          "samples": [{"t_s": t, "rss_mb": r, "frames_answered": n} for t, r, n in samples]},
         indent=0))
-    judged = (f"second-half growth {growth:+.1f} MB (quick: <= {QUICK_GROWTH_MB:g})" if quick
-              else f"slope {slope:+.2f} MB/min over the second half (flat: <= {FLAT_MB_PER_MIN})")
     return {"case": f"soak: {streams} streams x {duration(minutes)}, one replaced every "
                     f"{churn_s:g} s",
             "server_survived": survived,
@@ -167,21 +177,130 @@ def soak_row(streams: int, minutes: float, quick: bool, out: Path, log_dir: Path
             "worst_stall_s": round(max(r.worst_stall_s for r in reports), 2),
             "rss_before_mb": round(before, 1), "rss_after_mb": round(after, 1),
             "resyncs": sum(r.resyncs for r in reports),
-            "passed": survived and lost == 0 and flat,
+            "passed": survived and lost == 0 and memory["flat"],
             "note": f"{soak.answered()} frames, {len(reports)} sessions; warm "
-                    f"{half[0][1]:.0f} MB; {judged}; after every stream ended {after:.0f} MB",
-            "rss_slope_mb_per_min": round(slope, 3), "rss_second_half_growth_mb": round(growth, 1),
+                    f"{memory['warm_mb']:.0f} MB; {memory['judged']}; after every stream "
+                    f"ended {after:.0f} MB",
+            "rss_slope_mb_per_min": round(memory["slope"], 3),
+            "rss_second_half_growth_mb": round(memory["growth"], 1),
             "frames_answered": soak.answered()}
 
 
+def judge_memory(samples, quick: bool) -> dict:
+    """Flat after warm-up (the module doc): the second half's slope, or its growth in quick
+    mode. ``samples``: (s, RSS MB, ...) in time order."""
+    slope = slope_mb_per_min(samples)
+    half = samples[len(samples) // 2:]
+    growth = half[-1][1] - half[0][1]
+    judged = (f"second-half growth {growth:+.1f} MB (quick: <= {QUICK_GROWTH_MB:g})" if quick
+              else f"slope {slope:+.2f} MB/min over the second half (flat: <= {FLAT_MB_PER_MIN})")
+    return {"slope": slope, "growth": growth, "warm_mb": half[0][1], "judged": judged,
+            "flat": growth <= QUICK_GROWTH_MB if quick else slope <= FLAT_MB_PER_MIN}
+
+
+def _edge_frames(url: str) -> int | None:
+    """The edge's frame count from its metrics port (None: not answering yet)."""
+    from prometheus_client.parser import text_string_to_metric_families
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            text = response.read().decode()
+    except OSError:
+        return None
+    return int(sum(s.value for family in text_string_to_metric_families(text)
+                   for s in family.samples if s.name == "fluxshard_frames_total"))
+
+
+def _run_has_option(option: str) -> bool:
+    """Whether `fluxshard run` takes ``option`` (--track comes with the SDK's tracking)."""
+    done = subprocess.run([sys.executable, "-m", "fluxshard.cli", "run", "--help"], cwd=REPO_ROOT,
+                          capture_output=True, text=True, env=_edge_env())
+    return option in done.stdout
+
+
+def _edge_env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+
+
+def edge_soak_row(minutes: float, quick: bool, out: Path, log_dir: Path) -> dict:
+    """`fluxshard run --loop` on a synthetic clip for ``minutes``, its memory sampled."""
+    from fluxshard import synth
+
+    width, height, frames = EDGE_CLIP
+    clip = synth.make_clip(synth.SceneSpec(width=width, height=height, frames=frames,
+                                           camera="static"), log_dir, name="soak-edge",
+                           progress=False).video
+    port, run_out = free_port(), log_dir / "soak-edge-run"
+    extra = ["--track"] if _run_has_option("--track") else []
+    command = [sys.executable, "-m", "fluxshard.cli", "run", str(clip), "--loop", "--dispatch",
+               "edge", "--metrics-port", str(port), "--out", str(run_out), "--no-progress",
+               *extra]
+    url = f"http://127.0.0.1:{port}/metrics"
+    seconds, sample_s = minutes * 60.0, 0.5 if quick else 5.0
+    samples: list[tuple[float, float, int]] = []  # (s since the first frame, RSS MB, frames)
+    with open(log_dir / "soak-edge.log", "w") as log:
+        process = subprocess.Popen(command, cwd=REPO_ROOT, env=_edge_env(), stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 300  # the model loads before the first frame
+            while not _edge_frames(url) and process.poll() is None \
+                    and time.monotonic() < deadline:
+                time.sleep(0.5)
+            t0 = time.monotonic()
+            while process.poll() is None:
+                now = time.monotonic()
+                samples.append((round(now - t0, 2), round(group_rss_mb(process.pid), 1),
+                                _edge_frames(url) or 0))
+                if now - t0 >= seconds:
+                    break
+                time.sleep(sample_s)
+        finally:
+            survived = process.poll() is None
+            process.send_signal(signal.SIGTERM)  # ends the stream: the outputs are written
+            try:
+                process.wait(120)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+    summary_file = run_out / "summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    stopped_cleanly = process.returncode == 0 and summary.get("stopped") == "interrupted"
+    row = {"case": f"soak edge: fluxshard run --loop {' '.join(extra)}x {duration(minutes)}, "
+                   f"{width}x{height}",
+           "server_survived": survived, "other_streams_unaffected": None, "frames_lost": 0,
+           "worst_stall_s": None, "rss_before_mb": None, "rss_after_mb": None,
+           "frames_answered": samples[-1][2] if samples else 0}
+    if len(samples) < 4:
+        return {**row, "passed": False,
+                "note": f"the edge ran too few frames to sample (see {log_dir / 'soak-edge.log'})"}
+    memory = judge_memory(samples, quick)
+    plot(samples, memory["slope"], out / "reliability-soak-edge.png",
+         f"soak edge: fluxshard run --loop {' '.join(extra)}x {duration(minutes)}, "
+         f"{width}x{height}", "edge process RSS")
+    (out / "reliability-soak-edge.json").write_text(json.dumps(
+        {"minutes": minutes, "clip": {"width": width, "height": height, "frames": frames},
+         "command": command[3:], "summary_frames": summary.get("frames"),
+         "samples": [{"t_s": t, "rss_mb": r, "frames": n} for t, r, n in samples]}, indent=0))
+    return {**row, "rss_before_mb": samples[0][1], "rss_after_mb": samples[-1][1],
+            "passed": survived and stopped_cleanly and memory["flat"],
+            "note": f"{samples[-1][2]} frames; warm {memory['warm_mb']:.0f} MB; "
+                    f"{memory['judged']}; "
+                    + ("stopped by SIGTERM with its outputs written" if stopped_cleanly else
+                       f"did not stop cleanly (exit {process.returncode})"),
+            "rss_slope_mb_per_min": round(memory["slope"], 3),
+            "rss_second_half_growth_mb": round(memory["growth"], 1)}
+
+
 def cases(args, log_dir: Path) -> list[dict]:
-    """One soak row: ``args.soak_streams`` streams for ``args.soak_minutes`` (the quick mode's
-    2 x 20 s when ``args.quick`` and neither is given)."""
+    """The server's soak row, ``args.soak_streams`` streams for ``args.soak_minutes`` (the quick
+    mode's 2 x 20 s when ``args.quick`` and neither is given), and the edge's for as long."""
     quick = bool(getattr(args, "quick", False))
     streams = getattr(args, "soak_streams", None) or (QUICK_STREAMS if quick else DEFAULT_STREAMS)
     minutes = getattr(args, "soak_minutes", None) or (QUICK_MINUTES if quick else DEFAULT_MINUTES)
     out = Path(getattr(args, "out", log_dir.parent))
-    return [soak_row(int(streams), float(minutes), quick, out, log_dir)]
+    return [soak_row(int(streams), float(minutes), quick, out, log_dir),
+            edge_soak_row(float(minutes), quick, out, log_dir)]
 
 
 def main(argv: list[str] | None = None) -> int:

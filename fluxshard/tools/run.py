@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import signal
 import sys
+import threading
 from pathlib import Path
 
 from edge_runtime.run import DEFAULT_EXECUTOR, DEMO_SIZE, UPLINK_CODECS
@@ -127,6 +128,9 @@ def _sigterm_as_interrupt():
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 
+    if threading.current_thread() is not threading.main_thread():  # only it takes signals
+        yield
+        return
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:
         yield
