@@ -266,8 +266,9 @@ def edge_soak_row(minutes: float, quick: bool, out: Path, log_dir: Path) -> dict
     summary_file = run_out / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     stopped_cleanly = process.returncode == 0 and summary.get("stopped") == "interrupted"
-    row = {"case": f"soak edge: fluxshard run --loop {' '.join(extra)}x {duration(minutes)}, "
-                   f"{width}x{height}",
+    what = f"soak edge: fluxshard run {' '.join(['--loop', *extra])} x {duration(minutes)}, " \
+           f"{width}x{height}"
+    row = {"case": what,
            "server_survived": survived, "other_streams_unaffected": None, "frames_lost": 0,
            "worst_stall_s": None, "rss_before_mb": None, "rss_after_mb": None,
            "frames_answered": samples[-1][2] if samples else 0}
@@ -275,9 +276,7 @@ def edge_soak_row(minutes: float, quick: bool, out: Path, log_dir: Path) -> dict
         return {**row, "passed": False,
                 "note": f"the edge ran too few frames to sample (see {log_dir / 'soak-edge.log'})"}
     memory = judge_memory(samples, quick)
-    plot(samples, memory["slope"], out / "reliability-soak-edge.png",
-         f"soak edge: fluxshard run --loop {' '.join(extra)}x {duration(minutes)}, "
-         f"{width}x{height}", "edge process RSS")
+    plot(samples, memory["slope"], out / "reliability-soak-edge.png", what, "edge process RSS")
     (out / "reliability-soak-edge.json").write_text(json.dumps(
         {"minutes": minutes, "clip": {"width": width, "height": height, "frames": frames},
          "command": command[3:], "summary_frames": summary.get("frames"),
