@@ -4,10 +4,15 @@ Builds real request payloads (every frame sent to the cloud as the SDK sends it:
 then residual frames with the accumulated field and the residual blocks at ``--tau``,
 fluxshard.tau) from a synthetic H.264 clip, or from a corpus clip (``--clip bikes``: real camera
 footage, fluxshard.footage), writes them as perf_analyzer input data (one stream per sequence),
-starts tritonserver, and sweeps the number of concurrent sequences. Prints one table.
+starts tritonserver, and sweeps the number of concurrent sequences. Prints one table and writes
+its rows to out/perf/load_test.json. perf_analyzer runs as docs/deploy.md writes it
+(:func:`perf_analyzer_commands`); ``--models yolo11_dense fluxshard`` adds the stateless dense
+model fed the same clip's frames.
 
     bash scripts/install_perf_tools.sh            # once: perf_analyzer + its libraries
     python perf/load_test.py --concurrency 1 2 4
+    python perf/load_test.py --clip bikes --width 640 --height 384 --frames 32 \\
+        --sequence-length 16 --models yolo11_dense fluxshard --concurrency 1 2
 
 ``--write-input-data DIR`` only writes the input data and prints the raw perf_analyzer commands
 (docs/deploy.md): ``DIR/fluxshard.json`` (the payload sequences) and ``DIR/yolo11_dense.json``
@@ -140,22 +145,24 @@ def perf_analyzer_commands(url: str, files: dict[str, Path], seq_len: int,
     }
 
 
-def run_sweep(binary: str, env: dict, url: str, data_path: Path, concurrency: list[int],
-              requests_per_window: int) -> list[dict]:
+def run_sweep(binary: str, env: dict, url: str, files: dict[str, Path], models: list[str],
+              concurrency: list[int], requests_per_window: int, seq_len: int,
+              stability_percentage: float = 25.0) -> list[dict]:
+    """perf_analyzer as :func:`perf_analyzer_commands` writes it, per model and concurrency;
+    one CSV row each, with ``model`` and ``concurrency`` added."""
     rows = []
-    for c in concurrency:
-        csv_path = data_path.with_name(f"pa_c{c}.csv")
-        cmd = [binary, "-m", "fluxshard", "-u", url, "-i", "grpc", "--input-data", str(data_path),
-               "--concurrency-range", f"{c}:{c}", "--sequence-id-range", "1:100000",
-               "--measurement-mode", "count_windows",
-               "--measurement-request-count", str(requests_per_window), "--max-trials", "6",
-               "--stability-percentage", "25", "-f", str(csv_path)]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if proc.returncode != 0 or not csv_path.is_file():
-            raise RuntimeError(f"perf_analyzer failed at concurrency {c}:\n{proc.stdout[-2000:]}"
-                               f"\n{proc.stderr[-2000:]}")
-        row = next(csv.DictReader(io.StringIO(csv_path.read_text())))
-        rows.append(row)
+    for model in models:
+        for c in concurrency:
+            command = perf_analyzer_commands(url, files, seq_len, c, requests_per_window)[model]
+            csv_path = files[model].with_name(f"pa_{model}_c{c}.csv")
+            cmd = [binary, *command[1:], "--max-trials", "6",
+                   "--stability-percentage", str(stability_percentage), "-f", str(csv_path)]
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if proc.returncode != 0 or not csv_path.is_file():
+                raise RuntimeError(f"perf_analyzer failed for {model} at concurrency {c}:\n"
+                                   f"{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+            row = next(csv.DictReader(io.StringIO(csv_path.read_text())))
+            rows.append({"model": model, "concurrency": c, **row})
     return rows
 
 
@@ -178,6 +185,15 @@ def main(argv: list[str] | None = None) -> int:
                          "scene, re-encoded at --width x --height")
     ap.add_argument("--footage-dir", type=Path, default=REPO / "out" / "footage",
                     help="cache of the re-encoded corpus clips (default out/footage)")
+    ap.add_argument("--models", nargs="+", choices=("fluxshard", "yolo11_dense"),
+                    default=["fluxshard"], help="the models to load (default: fluxshard)")
+    ap.add_argument("--executor", default=None,
+                    help="the fluxshard model's executor parameter (default: its config's)")
+    ap.add_argument("--stability-percentage", type=float, default=25.0,
+                    help="perf_analyzer's -s (max/min of three windows; raise it on a busy "
+                         "machine)")
+    ap.add_argument("--json", type=Path, default=REPO / "out" / "perf" / "load_test.json",
+                    help="where the rows go (default out/perf/load_test.json)")
     ap.add_argument("--write-input-data", type=Path, default=None, metavar="DIR",
                     help="only write DIR/fluxshard.json and DIR/yolo11_dense.json and print the "
                          "perf_analyzer commands; starts no server")
@@ -206,41 +222,55 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="fluxshard-load-") as tmp:
         tmp = Path(tmp)
+        frames: list[np.ndarray] = []
         seqs = sequence_payloads(args.frames, args.sequence_length, args.tau, args.block,
-                                 args.width, args.height, tmp, args.clip, args.footage_dir)
-        data_path = tmp / "input_data.json"
-        data_path.write_text(json.dumps(input_data_json(seqs)))
+                                 args.width, args.height, tmp, args.clip, args.footage_dir,
+                                 keep_frames=frames)
+        files = write_input_data(tmp, seqs, frames)
         key_bytes = [s[0] for s in seqs]
         res_bytes = [p for s in seqs for p in s[1:]]
         print(f"{len(seqs)} sequences x {args.sequence_length} frames at {args.width}x{args.height}"
-              f", tau {args.tau}: key frame {np.mean([len(p) for p in key_bytes]) / 1e3:.1f} kB, "
-              f"residual frame {np.mean([len(p) for p in res_bytes]) / 1e3:.1f} kB mean "
+              f" ({args.clip or 'synthetic'}), tau {args.tau}: key frame "
+              f"{np.mean([len(p) for p in key_bytes]) / 1e3:.1f} kB, residual frame "
+              f"{np.mean([len(p) for p in res_bytes]) / 1e3:.1f} kB mean "
               f"(raw frame {args.width * args.height * 3 / 1e3:.1f} kB)")
         server = None
         url = args.url
         if url is None:
-            server = TritonServer(models=["fluxshard"]).start()
+            parameters = {"executor": args.executor} if args.executor else None
+            server = TritonServer(models=args.models, parameters=parameters).start()
             url = server.grpc_url
         try:
-            rows = run_sweep(binary, env, url, data_path, args.concurrency,
-                             args.requests_per_window)
+            rows = run_sweep(binary, env, url, files, args.models, args.concurrency,
+                             args.requests_per_window, args.sequence_length,
+                             args.stability_percentage)
         finally:
             if server is not None:
                 server.stop()
 
-    header = ["concurrency", "infer/s", "p50 ms", "p90 ms", "p99 ms", "queue ms", "compute ms"]
-    print("\n" + " | ".join(f"{h:>11}" for h in header))
-    print("-+-".join("-" * 11 for _ in header))
-    for c, row in zip(args.concurrency, rows):
+    header = ["model", "concurrency", "infer/s", "p50 ms", "p90 ms", "p99 ms", "queue ms",
+              "compute ms"]
+    print("\n" + " | ".join(f"{h:>12}" for h in header))
+    print("-+-".join("-" * 12 for _ in header))
+    table = []
+    for row in rows:
         us = lambda k: float(row.get(k, "nan")) / 1e3  # noqa: E731 - microseconds -> ms
         compute = us("Server Compute Input") + us("Server Compute Infer") + us("Server Compute Output")
-        vals = [c, float(row["Inferences/Second"]), us("p50 latency"), us("p90 latency"),
-                us("p99 latency"), us("Server Queue"), compute]
-        print(" | ".join(f"{v:>11.1f}" if isinstance(v, float) else f"{v:>11}" for v in vals))
-    base = float(rows[0]["Inferences/Second"])
-    print("\nthroughput relative to concurrency "
-          f"{args.concurrency[0]}: " + ", ".join(f"{c}: {float(r['Inferences/Second']) / base:.2f}x"
-                                                   for c, r in zip(args.concurrency, rows)))
+        vals = [row["model"], row["concurrency"], float(row["Inferences/Second"]),
+                us("p50 latency"), us("p90 latency"), us("p99 latency"), us("Server Queue"),
+                compute]
+        table.append(dict(zip(header, vals)))
+        print(" | ".join(f"{v:>12.1f}" if isinstance(v, float) else f"{v:>12}" for v in vals))
+    for model in args.models:
+        mine = [r for r in table if r["model"] == model]
+        base = mine[0]["infer/s"]
+        print(f"{model}: throughput relative to concurrency {mine[0]['concurrency']}: "
+              + ", ".join(f"{r['concurrency']}: {r['infer/s'] / base:.2f}x" for r in mine))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"clip": args.clip or "synthetic",
+                                     "size": [args.width, args.height],
+                                     "executor": args.executor, "rows": table}, indent=1))
+    print(f"wrote {args.json}")
     return 0
 
 
