@@ -11,8 +11,9 @@ import torch
 from fluxshard import synth
 from fluxshard.models import load_model, postprocess, preprocess
 from fluxshard.tiles import TileExecutor, TileStreamState, salience_order
-from fluxshard.tiles.crops import (boxes_to_blocks, outside_share, plan_crops, split_rectangles,
-                                   take_within_budget, unify_shapes)
+from fluxshard.tiles.crops import (Crop, boxes_in_part, boxes_to_blocks, outside_share,
+                                   plan_crops, split_rectangles, take_within_budget,
+                                   unify_shapes)
 from fluxshard.tiles.warp import carry_map, field_on_grid
 
 W, H = 320, 192
@@ -304,7 +305,8 @@ def test_dense_or_crops_follows_the_measured_latency(model, wide_frame):
     b[64:128, 64:160] = 255 - b[64:128, 64:160]  # one changed region: a few crops
     still = np.zeros((H // 4, W // 4, 2), np.float32)
     for per_call, dense_expected in ((0.0, False), (10.0, True)):
-        ex = TileExecutor(model, adaptive=True)
+        # no growth of objects seen in part: only the latency rule decides here
+        ex = TileExecutor(model, adaptive=True, grow_conf=1.0)
         clock = SteppedClock(ex.engine, dense=1.0, per_call=per_call, frame_pixels=H * W)
         ex.engine, ex.clock = clock.run, clock
         state = TileStreamState()
@@ -440,6 +442,35 @@ def test_dense_when_the_frames_bookkeeping_outweighs_its_crops(model, wide_frame
     first, second = (ex.run(state, f, still)[1] for f in (b, a))
     assert not first.dense and first.crop_area_fraction <= 0.5  # nothing learned yet: crops
     assert second.dense and not second.fallback  # the bookkeeping measured: one dense pass
+
+
+def test_boxes_in_part_overlap_the_blocks_and_reach_past_them():
+    blocks = np.zeros((8, 8), bool)
+    blocks[2:4, 2:4] = True  # pixels 32..64 with 16-px blocks
+    boxes = np.array([[40, 40, 56, 56],  # inside the blocks only
+                      [40, 40, 100, 56],  # partly inside, reaching right
+                      [80, 80, 120, 120]], np.float32)  # elsewhere
+    assert boxes_in_part(boxes, blocks, 16).tolist() == [False, True, False]
+
+
+def test_objects_a_crop_sees_in_its_halo_are_placed_in_the_frame(model):
+    """Every cell of a crop, halo included, whose best class scores above grow_conf gives its
+    box in frame pixels: the cell's centre plus its offset, moved by the crop's place."""
+    ex = TileExecutor(model, grow_conf=0.5)
+    k, per = ex.anchors_per_cell, 4 + ex.head.nc
+    crop = Crop(y0=32, x0=64, h=64, w=96, interior=(64, 96, 80, 128))
+    outs = []
+    for s in ex.strides:
+        out = torch.zeros(1, k * per, 64 // s, 96 // s)
+        outs.append(out)
+    s = ex.strides[0]
+    # one cell of the first level, in the crop's halo (its first row and column): a 20x10 box
+    # centred 2 px right of and 3 px below the cell's centre
+    outs[0][0, 0:4, 0, 0] = torch.tensor([2.0, 3.0, 20.0, 10.0])
+    outs[0][0, per - 1, 0, 0] = 0.9  # the last class
+    boxes = ex._crop_objects([crop], outs)
+    cx, cy = 64 + s / 2 + 2, 32 + s / 2 + 3
+    assert boxes.tolist() == [[cx - 10, cy - 5, cx + 10, cy + 5]]
 
 
 def test_crops_grow_to_one_shape_when_it_is_cheap():

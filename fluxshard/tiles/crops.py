@@ -68,15 +68,33 @@ def boxes_to_blocks(boxes: np.ndarray, grid: tuple[int, int], block: int) -> np.
     """(grid) bool: blocks overlapping any xyxy box (a summed-area mark of every box at once)."""
     boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
     h, w = grid
-    c0 = np.clip(np.floor(boxes[:, 0] / block), 0, w).astype(np.int64)
-    r0 = np.clip(np.floor(boxes[:, 1] / block), 0, h).astype(np.int64)
-    c1 = np.clip(np.ceil(boxes[:, 2] / block), 0, w).astype(np.int64)
-    r1 = np.clip(np.ceil(boxes[:, 3] / block), 0, h).astype(np.int64)
+    r0, c0, r1, c1 = _block_ranges(boxes, grid, block)
     keep = (c1 > c0) & (r1 > r0)
     marks = np.zeros((h + 1, w + 1), np.int64)
     for rows, cols, sign in ((r0, c0, 1), (r0, c1, -1), (r1, c0, -1), (r1, c1, 1)):
         np.add.at(marks, (rows[keep], cols[keep]), sign)
     return marks.cumsum(0).cumsum(1)[:h, :w] > 0
+
+
+def _block_ranges(boxes: np.ndarray, grid: tuple[int, int], block: int):
+    """Each xyxy box's block rows and columns [r0, r1) x [c0, c1), clipped to ``grid``."""
+    h, w = grid
+    c0 = np.clip(np.floor(boxes[:, 0] / block), 0, w).astype(np.int64)
+    r0 = np.clip(np.floor(boxes[:, 1] / block), 0, h).astype(np.int64)
+    c1 = np.clip(np.ceil(boxes[:, 2] / block), 0, w).astype(np.int64)
+    r1 = np.clip(np.ceil(boxes[:, 3] / block), 0, h).astype(np.int64)
+    return r0, c0, r1, c1
+
+
+def boxes_in_part(boxes: np.ndarray, blocks: np.ndarray, block: int) -> np.ndarray:
+    """(N,) bool: which xyxy boxes overlap ``blocks`` and reach past them (a summed-area
+    count of the set blocks under every box at once)."""
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    r0, c0, r1, c1 = _block_ranges(boxes, blocks.shape, block)
+    sat = np.zeros((blocks.shape[0] + 1, blocks.shape[1] + 1), np.int64)
+    sat[1:, 1:] = blocks.cumsum(0).cumsum(1)
+    inside = sat[r1, c1] - sat[r0, c1] - sat[r1, c0] + sat[r0, c0]
+    return (inside > 0) & (inside < (r1 - r0) * (c1 - c0))
 
 
 def touched_regions(regions: np.ndarray, touch: np.ndarray) -> np.ndarray:

@@ -155,14 +155,19 @@ class TileExecutor:
         this many pixels lie on a motion boundary (occlusion, objects moving apart): critical.
     whole_objects: a detection (of the last frame, moved by the field) with any critical block
         is recomputed whole.
-    grow_conf: a box scoring above this, found in this frame's crops and reaching past the
-        blocks they computed, is computed whole in the next frame (a new object seen in part).
+    grow_conf: a box scoring above this in any cell of this frame's crops (interior or halo:
+        an object entering at a crop's edge is detected, if at all, by a cell the crop only saw
+        as context) and reaching past the blocks they computed, is computed whole in the next
+        frame (a new object seen in part).
     adaptive: learn the latency table from the executor's own clock as it runs, and let a
         stream whose tile frames take longer than its dense ones (content that changes almost
         everywhere) run dense, trying tiles again every ``probe_interval`` frames. Off, the
         table keeps its prior and outputs depend on the frames alone (reproducible: what
         servers and comparisons want).
-    conf: class score above which a cached anchor's box counts as a detection for salience.
+    conf: class score above which a cached anchor's box counts as a detection for salience
+        and whole objects (below the detector's own threshold: an object near it, carried
+        while the content changed a little, is what flips between frames; recomputed whole
+        when touched, it follows dense).
     dense_runner: what runs the frames that run dense (key, refresh, fallback, too many
         crops): ``dense_runner(x) -> (eval output, engine name)`` on the (1, 3, H, W) input, with
         ``dense_runner.prepare(input_hw)`` picking its engine ahead (``fluxshard.sessions.
@@ -177,7 +182,7 @@ class TileExecutor:
                  refresh_interval: int = 30, refresh_age: int = 10, refresh_share: float = 0.02,
                  max_age: int | None = None, unseen_share: float = 0.25, boundary: float = 8.0,
                  whole_objects: bool = True, grow_conf: float = 0.15, adaptive: bool = False,
-                 probe_interval: int = 10, conf: float = 0.25, threads: int = 2,
+                 probe_interval: int = 10, conf: float = 0.15, threads: int = 2,
                  clock=time.perf_counter, dense_runner=None):
         if 32 % block or block % 4:
             raise ValueError(f"block must be a multiple of 4 dividing 32, got {block}")
@@ -241,15 +246,19 @@ class TileExecutor:
         head's order: level, anchor slot, cell (row-major)."""
         k = self.anchors_per_cell
         levels = maps[:self.levels]
-        parts, places = [], []
-        for m, o in zip(levels, offsets):
-            c = m.shape[1] // k
-            parts.append(m.reshape(k, c, -1).transpose(0, 1).reshape(c, -1))
-            places.append(np.broadcast_to(o.reshape(1, -1, 2), (k, o.shape[0] * o.shape[1], 2))
-                          .reshape(-1, 2))
-        out = torch.cat(parts, 1)
+        c = levels[0].shape[1] // k
+        counts = [k * m.shape[2] * m.shape[3] for m in levels]
+        out = torch.empty(c, sum(counts), dtype=levels[0].dtype)
+        places = np.empty((sum(counts), 2), np.float32)
+        start = 0
+        for m, o, n in zip(levels, offsets, counts):
+            # one copy per level, straight into place (slot-major, cells row-major)
+            out[:, start:start + n].view(c, k, n // k).copy_(m.reshape(k, c, n // k)
+                                                             .transpose(0, 1))
+            places[start:start + n].reshape(k, n // k, 2)[:] = o.reshape(1, -1, 2)
+            start += n
         centres, strides = self.head.anchors_for(levels)  # (A, 2) cells, (A, 1): the model's own
-        out[:2] += ((centres + torch.from_numpy(np.concatenate(places))) * strides).T
+        out[:2] += ((centres + torch.from_numpy(places)) * strides).T
         if len(maps) > self.levels:  # the cache is written in place next frame: a copy
             return out[None], maps[self.levels].clone()
         return out[None]
@@ -306,14 +315,21 @@ class TileExecutor:
         report.stages[name] = report.stages.get(name, 0.0) + now - since
         return now
 
-    def _finish(self, state, frame, maps, report, t0, computed: np.ndarray | None):
+    def _finish(self, state, frame, maps, report, t0, computed: np.ndarray | None,
+                seen: np.ndarray | None = None):
         t = self.clock()
         state.maps, state.frame_shape = maps, frame.shape
         out = self._assemble(maps, state.offsets)
-        boxes, scores = self._boxes_above(out, min(self.conf, self.grow_conf))
-        state.boxes = boxes[scores > self.conf]
-        state.grow = np.zeros(state.age.shape, bool) if computed is None else \
-            self._cut_objects(boxes[scores > self.grow_conf], computed, state.age.shape)
+        boxes, _ = self._boxes_above(out, self.conf)
+        state.boxes = boxes
+        state.grow = np.zeros(state.age.shape, bool)
+        if computed is not None and seen is not None and len(seen):
+            # an object a crop saw (found by a cell of its interior or its halo) lying partly
+            # in the blocks computed this frame and reaching past them: a new object seen in
+            # part, computed whole next frame (a box wholly in the halo is the crop's edge
+            # seen as context, not what changed)
+            part = C.boxes_in_part(seen, computed, self.block)
+            state.grow = C.boxes_to_blocks(seen[part], state.age.shape, self.block) & ~computed
         self._stage(report, "decode", t)
         return self._timed(state, report, t0, out)
 
@@ -338,17 +354,28 @@ class TileExecutor:
         return (every_area > self.dense_above if self.dense_above is not None
                 else self.latency.dense_is_cheaper(every_area))
 
-    def _cut_objects(self, boxes: np.ndarray, computed: np.ndarray, grid) -> np.ndarray:
-        """Blocks of boxes (score above ``grow_conf``) centred in this frame's computed blocks
-        that reach past them: an object the crops saw in part, computed whole next frame."""
-        if not len(boxes) or not computed.any():
-            return np.zeros(grid, bool)
-        cx = np.clip(((boxes[:, 0] + boxes[:, 2]) / 2 // self.block).astype(np.intp), 0, grid[1] - 1)
-        cy = np.clip(((boxes[:, 1] + boxes[:, 3]) / 2 // self.block).astype(np.intp), 0, grid[0] - 1)
-        inside = computed[cy, cx]
-        if not inside.any():
-            return np.zeros(grid, bool)
-        return C.boxes_to_blocks(boxes[inside], grid, self.block) & ~computed
+    def _crop_objects(self, group: list, outs: list[torch.Tensor]) -> np.ndarray:
+        """xyxy boxes (input pixels) of every cell of the crops ``group`` (their relative
+        outputs ``outs``, per level) whose best class scores above ``grow_conf``."""
+        k = self.anchors_per_cell
+        x0 = torch.tensor([c.x0 for c in group], dtype=torch.float32)
+        y0 = torch.tensor([c.y0 for c in group], dtype=torch.float32)
+        found = []
+        for s, out in zip(self.strides, outs):
+            b, ch, h, w = out.shape
+            cells = out.reshape(b, k, ch // k, h, w)
+            hit = cells[:, :, 4:4 + self.head.nc].amax(2) > self.grow_conf  # (b, k, h, w)
+            if not bool(hit.any()):
+                continue
+            bi, ki, ri, ci = hit.nonzero(as_tuple=True)
+            box = cells[bi, ki, :4, ri, ci]  # centre offset from the cell's centre, size
+            cx = (ci.float() + 0.5) * s + box[:, 0] + x0[bi]
+            cy = (ri.float() + 0.5) * s + box[:, 1] + y0[bi]
+            found.append(torch.stack([cx - box[:, 2] / 2, cy - box[:, 3] / 2,
+                                      cx + box[:, 2] / 2, cy + box[:, 3] / 2], 1))
+        if not found:
+            return np.zeros((0, 4), np.float32)
+        return torch.cat(found).numpy().astype(np.float32)
 
     def _dense(self, state, frame, padded, grid, report, t0, keep: bool = True, grey=None):
         """The whole frame on the dense runner (or the crop engine). ``keep``: the stream's
@@ -545,8 +572,10 @@ class TileExecutor:
         batches = [self.batch_input([padded[c.y0:c.y0 + ch, c.x0:c.x0 + cw] for c in group])
                    for (ch, cw), group in groups]
         raws = (yield batches) if batches else []
+        seen = []  # boxes any cell of a crop (halo included) scores above grow_conf
         for ((ch, cw), group), raw in zip(groups, raws):
             outs = self.head.relative(raw)
+            seen.append(self._crop_objects(group, outs))
             for b, c in enumerate(group):
                 iy0, ix0, iy1, ix1 = c.interior
                 for s, full, out, offset in zip(self.map_strides, maps, outs, offsets):
@@ -569,7 +598,8 @@ class TileExecutor:
         report.crop_area_fraction = area / (input_hw[0] * input_hw[1])
         report.deferred_fraction = float(state.deferred.mean())
         report.refresh_fraction = float(refreshed.mean())
-        return self._finish(state, frame, maps, report, t0, computed)
+        return self._finish(state, frame, maps, report, t0, computed,
+                            np.concatenate(seen) if seen else None)
 
 
 def run_steps(steps, engine):
