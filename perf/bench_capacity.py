@@ -115,10 +115,14 @@ def run_count(server, clips: list, names: list[str], streams: int, seconds: floa
            "cpu_share": round((cpu1 - cpu0) / ((t1 - t0) * (os.cpu_count() or 1)), 3),
            "held": held}
     errors = [e for r in reports for e in r.errors][:3]
+    sent = sum(r.frames_answered for r in reports)
     detail = {"clips": [names[k % len(names)] for k in range(streams)],
               "demand_fps": round(sum(c.fps for c in chosen), 2),
               "worst_rate_share": round(min(rates), 3) if rates else None,
               "batched_streams_mean": _mean_stat(reports, "batched_streams", 1),
+              # what one frame costs the server in CPU, whatever share of the machine it got
+              "server_cpu_ms_per_frame": round(1e3 * (cpu1 - cpu0) / sent, 1) if sent else None,
+              "crop_area_mean": _mean_stat(reports, "crop_area_fraction", 1.0),
               "errors": errors}
     return row, detail
 
@@ -147,7 +151,8 @@ def run_executor(executor: str, clips: list, names: list[str], args, log_dir: Pa
                 details.append({"executor": executor, "streams": streams, **detail})
                 print(f"  {executor} x{streams}: {row['frames_per_s']} frames/s, p50 "
                       f"{row['p50_ms']} ms, p95 {row['p95_ms']} ms, lost {row['frames_lost']}, "
-                      f"cpu {row['cpu_share']:.0%}, worst rate "
+                      f"cpu {row['cpu_share']:.0%} ({detail['server_cpu_ms_per_frame']} ms a "
+                      f"frame), worst rate "
                       f"{detail['worst_rate_share']}, batched {detail['batched_streams_mean']}"
                       f" -> {'held' if row['held'] else 'NOT held'}", flush=True)
                 if not row["held"]:
@@ -208,6 +213,7 @@ def plot(rows: list[dict], p95_ms: float, path: Path) -> None:
                 ax.plot(r["streams"], r["p95_ms"], "x", ms=10, color=colors.get(executor))
     ax.axhline(p95_ms, color="grey", ls="--", lw=1, label=f"p95 bound {p95_ms:.0f} ms")
     ax.set_yscale("log")
+    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     ax.set_xlabel("camera streams on one server")
     ax.set_ylabel("p95 latency from capture (ms)")
     ax.set_title(f"capacity at {SIZE[0]}x{SIZE[1]} (x: not held)", fontsize=10)
@@ -241,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"measured seconds per stream count (default {SECONDS:g}, "
                          f"--quick {QUICK_SECONDS:g})")
     ap.add_argument("--p95-ms", type=float, default=P95_MS)
+    ap.add_argument("--clip-frames", type=cli_common.positive_int, default=None,
+                    help=f"frames of each camera stream before it starts over (default "
+                         f"{CLIP_FRAMES}, --quick {QUICK_CLIP_FRAMES})")
     ap.add_argument("--instances", type=cli_common.positive_int, default=None,
                     help="override the config's instance count")
     ap.add_argument("--max-batch-size", type=cli_common.positive_int, default=None)
@@ -261,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     from fluxshard.footage import corpus_entry
 
     names = [corpus_entry(c).stem for c in args.clips]  # a clear error for an unknown clip
-    frames = QUICK_CLIP_FRAMES if args.quick else CLIP_FRAMES
+    frames = args.clip_frames or (QUICK_CLIP_FRAMES if args.quick else CLIP_FRAMES)
     print(f"building camera streams and their payloads ({len(names)} clips)", flush=True)
     clips = camera_payloads(names, frames, args.footage_dir, progress=True)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -280,9 +289,15 @@ def main(argv: list[str] | None = None) -> int:
               "models": {k: MODELS[k] for k in args.executors},
               "batching": {**shipped_batching(), **batching_overrides(args)},
               "held_streams": held, "details": details}
+    # server CPU a frame costs at one stream: what bounds the streams a CPU-bound server holds
+    header["cpu_ms_per_frame_one_stream"] = {d["executor"]: d["server_cpu_ms_per_frame"]
+                                             for d in details if d["streams"] == 1}
     if "dense" in held and "tiles" in held:
         header["tiles_vs_dense"] = (None if held["dense"] == 0
                                     else round(held["tiles"] / held["dense"], 2))
+        cost = header["cpu_ms_per_frame_one_stream"]
+        if cost.get("dense") and cost.get("tiles"):
+            header["tiles_cpu_per_frame_vs_dense"] = round(cost["tiles"] / cost["dense"], 3)
     (args.out / "bench_capacity.json").write_text(json.dumps({"header": header, "rows": rows},
                                                              indent=1))
     plot(rows, args.p95_ms, args.out / "bench_capacity.png")
@@ -290,7 +305,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nmost streams held (p95 <= {args.p95_ms:g} ms, none lost, every stream at its "
           f"frame rate): " + ", ".join(f"{k} {v}" for k, v in held.items()))
     if "tiles_vs_dense" in header:
-        print(f"tiles / dense: {header['tiles_vs_dense']}")
+        print(f"tiles / dense, streams held: {header['tiles_vs_dense']}")
+    if "tiles_cpu_per_frame_vs_dense" in header:
+        print("server CPU per frame at one stream: "
+              + ", ".join(f"{k} {v} ms" for k, v in header["cpu_ms_per_frame_one_stream"].items())
+              + f"; tiles / dense {header['tiles_cpu_per_frame_vs_dense']}")
     print(f"wrote {args.out / 'bench_capacity.json'} and {args.out / 'bench_capacity.png'}")
     return 0
 

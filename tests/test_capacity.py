@@ -162,12 +162,14 @@ def test_the_served_model_computes_the_streams_of_one_execute_together(triton_in
 
 @pytest.mark.slow
 def test_bench_capacity_quick_writes_the_table(tmp_path):
-    """perf/bench_capacity.py --quick at one stream count per executor (--max-streams 1):
-    rows of exactly the documented fields, one per executor and count, and the plot."""
+    """perf/bench_capacity.py --quick at one stream count per executor (--max-streams 1, a
+    packaged clip): rows of exactly the documented fields, one per executor and count, and the
+    plot."""
     out = tmp_path / "perf"
     done = subprocess.run([sys.executable, "perf/bench_capacity.py", "--quick", "--max-streams",
                            "1", "--seconds", "3", "--executors", "dense", "tiles",
-                           "--out", str(out)],
+                           "--clips", "bikes", "--clip-frames", "40",
+                           "--footage-dir", str(tmp_path / "footage"), "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     data = json.loads((out / "bench_capacity.json").read_text())
