@@ -129,6 +129,22 @@ def test_a_frame_that_fails_fails_alone_and_a_streams_frames_stay_in_order(tiny,
     assert sorted(manager.streams) == [1, 3]
 
 
+def test_sessions_without_steps_run_alone_in_a_shared_execute(clips):
+    """The exact executor has no steps: in handle_many each of its frames runs as in handle,
+    with the same answers, and says nothing of batching."""
+    from fluxshard.sessions import yolo_session_factory
+
+    alone, together = (SessionManager(yolo_session_factory("exact", threads=1))
+                       for _ in range(2))
+    for k in range(3):
+        frames = [StreamFrame(c + 1, k == 0, False, clip.payloads[k])
+                  for c, clip in enumerate(clips[:2])]
+        expected = [alone.handle(f.corrid, f.start, f.end, f.payload) for f in frames]
+        for a, b in zip(expected, together.handle_many(frames)):
+            assert a.digest == b.digest and "batched_streams" not in b.stats
+            np.testing.assert_array_equal(a.detections, b.detections)
+
+
 @pytest.mark.slow
 def test_the_served_model_computes_the_streams_of_one_execute_together(triton_installed, clips,
                                                                         tmp_path):
