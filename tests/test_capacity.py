@@ -129,6 +129,32 @@ def test_a_frame_that_fails_fails_alone_and_a_streams_frames_stay_in_order(tiny,
     assert sorted(manager.streams) == [1, 3]
 
 
+def test_run_together_keeps_a_failing_frame_to_itself(tiny, clips):
+    """A frame that raises (a float frame, refused by the executor) ends with its own error;
+    the other streams' frames finish as they would alone."""
+    import torch
+
+    from fluxshard.receive import ReceiveState
+    from fluxshard.tiles import TileExecutor, TileStreamState
+    from fluxshard.tiles.batching import run_together
+    from fluxshard.wire import decode_request
+
+    executor = TileExecutor(tiny, engine="onnxruntime", threads=1)
+    frames = []
+    for clip in clips[:2]:
+        receive = ReceiveState()
+        frames.append(receive.apply(decode_request(clip.payloads[0])))
+    with torch.inference_mode():
+        expected = executor.run(TileStreamState(), frames[1], key=True)[0]
+        jobs = [(executor.steps(TileStreamState(), frames[0].astype(np.float32), key=True),
+                 executor.engine),
+                (executor.steps(TileStreamState(), frames[1], key=True), executor.engine)]
+        failed, done = run_together(jobs)
+    assert isinstance(failed.error, ValueError) and "uint8" in str(failed.error)
+    assert done.error is None
+    torch.testing.assert_close(done.value[0], expected, rtol=0, atol=0)
+
+
 def test_sessions_without_steps_run_alone_in_a_shared_execute(clips):
     """The exact executor has no steps: in handle_many each of its frames runs as in handle,
     with the same answers, and says nothing of batching."""
