@@ -5,6 +5,9 @@ OpenCV (``cv2.VideoCapture``), as an application would; every stream below gets 
 frames, taking turns frame by frame (alternating which goes first):
 
 * ``dense``: the edge's dense executor (the reference for agreement and speed);
+  the others run the edge executor (``--executor``, default tiles, not adaptive unless
+  ``--adaptive``: an adaptive one falls back to dense by its own clock, which on a loaded
+  machine moves the recomputed share between runs);
 * ``codec``: the edge executor fed the clip's H.264 motion vectors (PyAV decodes the same file
   beside OpenCV: ``fluxshard.motion.iter_motion``, validated, as ``fluxshard run`` reads them);
 * ``bare_<estimator>``: the edge executor fed bare frames, ``stream.process(frame)``: the field
@@ -119,17 +122,20 @@ def field_agreement(estimated: np.ndarray, codec: np.ndarray) -> float:
 
 
 def run_clip(clip: str, video: Path, frames: int, model, executor: str, estimators,
-             progress: bool) -> tuple[list[dict], dict]:
+             progress: bool, adaptive: bool = False) -> tuple[list[dict], dict]:
     from tqdm import tqdm
 
     from edge_runtime.run import edge_only_stream
     from fluxshard.accuracy import box_agreement
 
+    # the tile executor not adaptive (unless asked): what it recomputes then depends on the
+    # fields alone, not on how fast this machine ran each stream's frames
+    options = {"tile_options": {"adaptive": False}} if executor == "tiles" and not adaptive else {}
     streams = {"dense": edge_only_stream("dense", str(video), model),
-               "codec": edge_only_stream(executor, str(video), model)}
+               "codec": edge_only_stream(executor, str(video), model, **options)}
     probes = {}  # a second estimator per bare stream: the same fields, compared with the codec's
     for name in estimators:
-        stream = edge_only_stream(executor, str(video), model)
+        stream = edge_only_stream(executor, str(video), model, **options)
         stream.core.motion = estimator(name)  # the bare stream's estimator
         streams[f"bare_{name}"] = stream
         probes[name] = estimator(name)
@@ -209,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="bare streams: estimator names, or dis:PRESET (default: %(default)s)")
     p.add_argument("--executor", choices=("tiles", "exact"), default="tiles",
                    help="the edge executor of the codec and bare streams (default %(default)s)")
+    p.add_argument("--adaptive", action="store_true",
+                   help="the tile executor adaptive, as `fluxshard run` runs it (default off: "
+                        "its dense fallbacks follow the machine's timing, not the fields)")
     p.add_argument("--weights", default=DEFAULT_WEIGHTS,
                    help="as `fluxshard run --weights` (default %(default)s); 'demo': the embedded "
                         "demo detector (synthetic classes: for tests)")
@@ -234,10 +243,11 @@ def main(argv: list[str] | None = None) -> int:
     for clip in clips:
         video = footage.camera_stream(clip, args.footage_dir, frames=frames)
         clip_rows, facts[clip] = run_clip(clip, video, frames, model, args.executor,
-                                          args.estimators, not args.no_progress)
+                                          args.estimators, not args.no_progress, args.adaptive)
         rows += clip_rows
     header = dict(date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                  weights=args.weights, executor=args.executor, frames=frames,
+                  weights=args.weights, executor=args.executor, adaptive=args.adaptive,
+                  frames=frames,
                   opencv=cv2.__version__, clips=facts,
                   clock="FrameResult.latency_ms (bare frames: motion estimate included); "
                         "streams interleaved frame by frame, alternating first")
