@@ -13,7 +13,9 @@ from __future__ import annotations
 import csv
 import importlib.util
 import io
+import json
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -197,6 +199,29 @@ def test_perf_analyzer_runs_both_models(stock_server, tmp_path):
         for model in commands:
             stats = client.get_inference_statistics(model).model_stats[0].inference_stats
             assert stats.fail.count == 0 and stats.success.count > 0, (model, stats)
+
+
+def flags(command: str) -> dict[str, str]:
+    """``--name=value`` flags of a command line -> {name: value}."""
+    return dict(re.findall(r"(--[a-z-]+)=(\S+)", command.replace('"', "")))
+
+
+def test_the_dockerfile_runs_the_documented_command():
+    """deploy/Dockerfile cannot be built here (no docker daemon): its command is at least the
+    documented one, with the image's paths, the GPU configs and gRPC on all addresses."""
+    documented = flags(documented_command())
+    dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
+    # exec form, continuation lines joined as docker joins them: ["/bin/sh", "-c", "exec ..."]
+    command = json.loads(dockerfile[dockerfile.index("CMD") + 3:].replace("\\\n", ""))[-1]
+    for spelled in ("${ADMIN_SECRET:?set ADMIN_SECRET}", "${ADMIN_SECRET}"):
+        command = command.replace(spelled, "$ADMIN_SECRET")  # the shell's spellings of it
+    image = flags(command)
+    paths = {"--model-repository": "/models", "--grpc-server-cert": "/certs/server.pem",
+             "--grpc-server-key": "/certs/server.key"}
+    expected = {name: paths.get(name, value) for name, value in documented.items()
+                if name != "--backend-directory"}  # the image's default
+    expected["--model-config-name"] = "gpu"
+    assert image == expected
 
 
 def test_onnxruntime_backend_config_matches_the_exported_graph(dense_onnx):
