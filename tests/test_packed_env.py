@@ -116,3 +116,5 @@ def test_both_models_serve_from_the_packed_environment(tmp_path):
     finally:
         for folder in extracted:  # a graceful stop removes them; a killed server does not
             shutil.rmtree(folder, ignore_errors=True)
+        # hundreds of MB that pytest would keep with the last runs' temporary folders
+        (repository / "fluxshard_env.tar.gz").unlink(missing_ok=True)
