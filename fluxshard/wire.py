@@ -50,9 +50,9 @@ truncates with exactly the tau the edge's dispatch layer picked the residual blo
 The response (Triton output tensors, see :func:`response_tensors`): DETECTIONS float32 (N, 6)
 ``x1, y1, x2, y2, score, class``, STATS JSON (uint8 bytes), DIGEST uint8 (16,) xxh3-128 of the
 rebuilt input cache, which the edge compares with its mirror to detect divergence, and MASKS uint8
-bytes: a segment model's instance masks (:func:`encode_masks`: one bit per pixel of the frame
-the server ran on, zlib-compressed; masks are cropped to their boxes, so the bits are mostly
-zero runs and compress to a few hundred bytes an object), empty for a detect model.
+bytes: a segment model's instance masks (:func:`encode_masks`: each mask's box in the frame the
+server ran on, then one bit per pixel inside the boxes, zlib-compressed: a few hundred bytes an
+object), empty for a detect model.
 """
 
 from __future__ import annotations
@@ -485,23 +485,42 @@ def cache_digest(cache: np.ndarray) -> bytes:
 
 
 MASKS_HEADER = struct.Struct("<III")  # masks, height, width
+MASK_BOX = struct.Struct("<HHHH")  # per mask: top, left, height, width of the box its bits fill
+
+
+def _mask_boxes(masks: np.ndarray) -> np.ndarray:
+    """(N, 4) top, left, height, width of each mask's set pixels (zeros for an empty mask)."""
+    boxes = np.zeros((len(masks), 4), np.int64)
+    rows, cols = masks.any(2), masks.any(1)
+    for k, (r, c) in enumerate(zip(rows, cols)):
+        if r.any():
+            ys, xs = np.flatnonzero(r), np.flatnonzero(c)
+            boxes[k] = ys[0], xs[0], ys[-1] + 1 - ys[0], xs[-1] + 1 - xs[0]
+    return boxes
 
 
 def encode_masks(masks: np.ndarray | None) -> bytes:
-    """(N, H, W) bool masks -> bytes: the count and frame size, then the bits (row-major, one
-    per pixel) zlib-compressed. None (a detect model) -> no bytes."""
+    """(N, H, W) bool masks -> bytes: the count and frame size, each mask's box (the rectangle
+    around its set pixels), then the bits inside the boxes (one per pixel, row-major, mask after
+    mask) zlib-compressed. Masks are cropped to their detections' boxes, so the bits scale with
+    the objects' area, not the frame's. None (a detect model) -> no bytes."""
     if masks is None:
         return b""
     masks = np.asarray(masks)
     if masks.ndim != 3 or masks.dtype != bool:
         raise ValueError(f"masks must be (N, H, W) bool, got {masks.dtype} {masks.shape}")
-    return MASKS_HEADER.pack(*masks.shape) + zlib.compress(np.packbits(masks, axis=None).tobytes(), 1)
+    boxes = _mask_boxes(masks)
+    inside = [m[y:y + h, x:x + w].ravel() for m, (y, x, h, w) in zip(masks, boxes)]
+    bits = np.packbits(np.concatenate(inside)) if inside else np.zeros(0, np.uint8)
+    return (MASKS_HEADER.pack(*masks.shape) + b"".join(MASK_BOX.pack(*b) for b in boxes)
+            + zlib.compress(bits.tobytes(), 1))
 
 
 def decode_masks(data: bytes, count: int) -> np.ndarray | None:
     """:func:`encode_masks`' bytes -> (``count``, H, W) bool (``count``: the detections they
     belong to), or None when there are none (a detect model). The frame size is bounded like a
-    request's, and the body must inflate to exactly the bits the header names."""
+    request's, every box must lie in the frame, and the body must inflate to exactly the bits
+    the boxes name."""
     if not data:
         return None
     if len(data) < MASKS_HEADER.size:
@@ -512,16 +531,29 @@ def decode_masks(data: bytes, count: int) -> np.ndarray | None:
     if not (0 < h <= MAX_SIDE and 0 < w <= MAX_SIDE and h * w <= MAX_PIXELS):
         raise PayloadError(f"MASKS frame {h}x{w} outside the limits ({MAX_SIDE} px a side, "
                            f"{MAX_PIXELS} pixels)")
-    want = -(-n * h * w // 8)
+    body = MASKS_HEADER.size + n * MASK_BOX.size
+    if len(data) < body:
+        raise PayloadError(f"MASKS: {len(data)} bytes, shorter than the boxes of {n} masks")
+    boxes = np.array([MASK_BOX.unpack_from(data, MASKS_HEADER.size + k * MASK_BOX.size)
+                      for k in range(n)], np.int64).reshape(n, 4)
+    if ((boxes[:, 0] + boxes[:, 2]) > h).any() or ((boxes[:, 1] + boxes[:, 3]) > w).any():
+        raise PayloadError(f"MASKS: a mask's box reaches outside the {h}x{w} frame")
+    areas = boxes[:, 2] * boxes[:, 3]
+    want = -(-int(areas.sum()) // 8)
     inflate = zlib.decompressobj()
     try:
-        bits = inflate.decompress(data[MASKS_HEADER.size:], want)
+        bits = inflate.decompress(data[body:], want)
     except zlib.error as e:
         raise PayloadError(f"MASKS body is not zlib: {e}") from None
     if len(bits) != want or inflate.unconsumed_tail or not inflate.eof:
-        raise PayloadError(f"MASKS body does not inflate to the {want} bytes of {n} {h}x{w} masks")
-    flat = np.unpackbits(np.frombuffer(bits, np.uint8), count=n * h * w)
-    return flat.reshape(n, h, w).astype(bool)
+        raise PayloadError(f"MASKS body does not inflate to the {want} bytes its {n} boxes name")
+    flat = np.unpackbits(np.frombuffer(bits, np.uint8), count=int(areas.sum())).view(bool)
+    masks = np.zeros((n, h, w), bool)
+    start = 0
+    for m, (y, x, bh, bw), area in zip(masks, boxes, areas):
+        m[y:y + bh, x:x + bw] = flat[start:start + area].reshape(bh, bw)
+        start += area
+    return masks
 
 
 def response_tensors(response: Response) -> dict[str, np.ndarray]:

@@ -201,8 +201,8 @@ def test_wire_masks_round_trip_and_bad_bytes_are_refused():
     det = np.zeros((3, 6), np.float32)
     response = wire.Response(det, bytes(wire.DIGEST_SIZE), {"frame_index": 4}, masks)
     t = wire.response_tensors(response)
-    # cropped masks are mostly zero runs: far under a bit per pixel
-    assert len(t["MASKS"]) < masks[:2].size // 8 + masks[2].size // 8 + 200
+    # bits inside each mask's box only: under a bit per pixel of the boxes
+    assert len(t["MASKS"]) < (15 * 23 + 37 * 53) // 8 + 100
     back = wire.response_from_tensors(t["DETECTIONS"][None], t["STATS"][None], t["DIGEST"][None],
                                       t["MASKS"][None])
     assert back.masks.dtype == bool and np.array_equal(back.masks, masks)
@@ -215,12 +215,18 @@ def test_wire_masks_round_trip_and_bad_bytes_are_refused():
     assert wire.response_from_tensors(det, detect["STATS"], detect["DIGEST"],
                                       detect["MASKS"]).masks is None
     body = t["MASKS"].tobytes()
+    head, boxes = wire.MASKS_HEADER.size, wire.MASKS_HEADER.size + 3 * wire.MASK_BOX.size
+    assert wire.MASK_BOX.unpack_from(body, head) == (5, 7, 15, 23)  # mask 0's rectangle
+    assert wire.MASK_BOX.unpack_from(body, head + wire.MASK_BOX.size) == (0, 0, 0, 0)  # empty
+    taller = body[:head] + wire.MASK_BOX.pack(5, 7, 16, 23) + body[head + wire.MASK_BOX.size:]
     for bad, why in ((body[:5], "shorter than its header"),
-                     (wire.MASKS_HEADER.pack(2, 37, 53) + body[12:], "2 masks for 3"),
-                     (wire.MASKS_HEADER.pack(3, 0, 53) + body[12:], "outside the limits"),
-                     (body[:12] + b"not zlib", "not zlib"),
+                     (wire.MASKS_HEADER.pack(2, 37, 53) + body[head:], "2 masks for 3"),
+                     (wire.MASKS_HEADER.pack(3, 0, 53) + body[head:], "outside the limits"),
+                     (body[:boxes - 1], "shorter than the boxes"),
+                     (wire.MASKS_HEADER.pack(3, 19, 53) + body[head:], "outside the 19x53"),
+                     (body[:boxes] + b"not zlib", "not zlib"),
                      (body[:-4], "does not inflate"),
-                     (wire.MASKS_HEADER.pack(3, 37, 54) + body[12:], "does not inflate")):
+                     (taller, "does not inflate")):
         with pytest.raises(wire.PayloadError, match=why):
             wire.decode_masks(bad, 3)
 
