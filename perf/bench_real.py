@@ -56,6 +56,7 @@ DEMO_WEIGHTS = "demo"
 ROW_FIELDS = ("clip", "split", "variant", "executor", "frames", "ms_mean", "ms_p50", "ms_p90",
               "speedup_mean_vs_dense", "agreement", "agreement_worst_window", "agreement_late",
               "crop_area_mean", "dense_frame_fraction", "motion_path", "bookkeeping_ms_mean",
+              "bookkeeping_ms_tile_frames",
               "decode_ms_mean", "dense_boxes", "dense_boxes_late")
 
 
@@ -226,6 +227,9 @@ def run_clip(clip: str, variant: str, video: Path, frames: int, model, progress:
             agreement_late=agree.over(late), crop_area_mean=float(np.mean(r.crop)),
             dense_frame_fraction=float(np.mean(r.dense)), motion_path=path,
             bookkeeping_ms_mean=float(np.mean(r.bookkeeping_ms)),
+            # what a frame that ran crops paid (dense frames pay none or the change test only)
+            bookkeeping_ms_tile_frames=_mean_or_none(
+                [b for b, dense in zip(r.bookkeeping_ms, r.dense) if not dense]),
             decode_ms_mean=float(np.mean(decode_ms)),
             # how many boxes each agreement rests on: a clip where dense is confident about
             # few objects gives an agreement that one box moves a lot
@@ -233,6 +237,10 @@ def run_clip(clip: str, variant: str, video: Path, frames: int, model, progress:
         series["windows"][name] = windows
         series["ms"][name] = r.ms
     return rows, series
+
+
+def _mean_or_none(values: list[float]) -> float | None:
+    return float(np.mean(values)) if values else None
 
 
 def machine() -> dict:
