@@ -89,6 +89,7 @@ class PacedReport:
     dues: list = field(default_factory=list)  # each measured frame's capture time (clock)
     stats: list = field(default_factory=list)  # each answer's STATS (fluxshard.wire)
     errors: list = field(default_factory=list)
+    stopped_early: bool = False  # join's timeout ended it before every frame was sent
 
 
 class PacedStream:
@@ -165,6 +166,7 @@ class PacedStream:
             if self._thread.is_alive():
                 self._stop.set()
                 self._thread.join()
+                self.report.stopped_early = True
         return self.report
 
     def close(self) -> None:

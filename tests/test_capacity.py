@@ -209,7 +209,7 @@ def test_bench_capacity_quick_writes_the_table(tmp_path):
     plot."""
     out = tmp_path / "perf"
     done = subprocess.run([sys.executable, "perf/bench_capacity.py", "--quick", "--max-streams",
-                           "1", "--seconds", "3", "--executors", "dense", "tiles",
+                           "1", "--seconds", "1", "--executors", "dense", "tiles",
                            "--clips", "bikes", "--clip-frames", "40",
                            "--footage-dir", str(tmp_path / "footage"), "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=900)
