@@ -86,6 +86,15 @@ def test_each_run_has_its_own_registry_and_a_busy_port_is_one_clear_error():
             first.serve(busy.getsockname()[1])
 
 
+def test_cloud_state_counts_each_loss_once():
+    metrics = EdgeMetrics()
+    for up in (True, False, False, True, False):  # lost twice, reported three times while out
+        metrics.cloud_state("cloud:8001", up)
+    value = metrics.registry.get_sample_value
+    assert value("fluxshard_cloud_losses_total") == 2
+    assert value("fluxshard_cloud_up", {"cloud": "cloud:8001"}) == 0
+
+
 def _wait_for_frames(url: str, process: subprocess.Popen, frames: int) -> Scrape:
     """The first scrape with at least ``frames`` frames counted (the run must still be going)."""
     deadline = time.monotonic() + 600  # only a guard against a hung run, not a speed check
