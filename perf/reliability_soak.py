@@ -18,8 +18,9 @@ noise; it checks that nothing is lost and that memory does not grow by more than
 
 The edge row (issue 21): ``fluxshard run CLIP --loop --dispatch edge --metrics-port PORT`` (and
 ``--track`` where the command has it) as a process of its own on a synthetic clip played over
-and over, for the same minutes; its resident memory sampled, its frame count scraped from the
-metrics port, and it is stopped with SIGTERM (the outputs must be written). Judged like the
+and over, for the same minutes; its resident memory sampled (each sample the least of readings
+four times a second: a frame's working set comes and goes, a leak raises the floor), its frame
+count scraped from the metrics port, and it is stopped with SIGTERM (the outputs must be written). Judged like the
 server: flat over the second half (``reliability-soak-edge.png`` / ``.json``).
 
     python3 perf/reliability.py [--quick] [--soak-minutes M] [--soak-streams N]  # with the rest
@@ -212,6 +213,18 @@ def _edge_frames(url: str) -> int | None:
                    for s in family.samples if s.name == "fluxshard_frames_total"))
 
 
+def _floor_rss_mb(pgid: int, seconds: float, every_s: float = 0.25) -> float:
+    """The least resident memory read over ``seconds``: a frame's working set comes and goes
+    within the frame, the floor under it is what a leak raises."""
+    readings = []
+    end = time.monotonic() + seconds
+    while True:
+        readings.append(group_rss_mb(pgid))
+        if time.monotonic() >= end:
+            return min(readings)
+        time.sleep(every_s)
+
+
 def _run_has_option(option: str) -> bool:
     """Whether `fluxshard run` takes ``option`` (--track comes with the SDK's tracking)."""
     done = subprocess.run([sys.executable, "-m", "fluxshard.cli", "run", "--help"], cwd=REPO_ROOT,
@@ -249,12 +262,11 @@ def edge_soak_row(minutes: float, quick: bool, out: Path, log_dir: Path) -> dict
                 time.sleep(0.5)
             t0 = time.monotonic()
             while process.poll() is None:
+                rss = _floor_rss_mb(process.pid, sample_s)
                 now = time.monotonic()
-                samples.append((round(now - t0, 2), round(group_rss_mb(process.pid), 1),
-                                _edge_frames(url) or 0))
+                samples.append((round(now - t0, 2), round(rss, 1), _edge_frames(url) or 0))
                 if now - t0 >= seconds:
                     break
-                time.sleep(sample_s)
         finally:
             survived = process.poll() is None
             process.send_signal(signal.SIGTERM)  # ends the stream: the outputs are written
