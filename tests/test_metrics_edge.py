@@ -53,6 +53,18 @@ def test_rolling_summary_of_a_short_clip_is_exact():
     assert s["jpeg_q90_bytes_total"] == 200 and s["uplink_vs_jpeg"] == 0.25
 
 
+def test_what_counts_as_a_live_source_and_a_looped_file_goes_on_counting(synth_clips):
+    from edge_runtime.run import edge_frames, is_live
+
+    assert is_live("rtsp://camera/stream") and is_live("udp://0.0.0.0:5000")
+    assert not is_live("file:///clips/a.mp4") and not is_live("clips/a.mp4")
+    assert is_live("clips/a.mp4", loop=True)
+    clip, _spec = synth_clips("pan")
+    frames = list(edge_frames(str(clip.video), CLIP_FRAMES + 3, loop=True))
+    assert [mf.index for mf in frames] == list(range(CLIP_FRAMES + 3))
+    assert [mf.index for mf in frames if mf.is_key] == [0, CLIP_FRAMES]  # each pass opens anew
+
+
 def test_decoded_frames_are_freed_without_the_cyclic_collector(synth_clips):
     """A frame whose side data formed a cycle with it waited for Python's cyclic collector,
     which runs rarely: an endless stream kept a decoded picture per frame."""
