@@ -4,12 +4,14 @@ step 4).
 For each frame the edge knows, per endpoint, the residual set that endpoint would have to
 recompute (its active block fraction) and, for the cloud, the uplink bytes. Latencies come from
 profiled tables (``fluxshard profile latency``): latency against active residual-block fraction,
-interpolated piecewise-linearly. The uplink bandwidth estimate ``B_hat`` is an EWMA of measured
-bytes / transfer time, and each endpoint's load factor ``L`` an EWMA of measured / profiled
-latency (device load: other work on the edge, a busy server, throttling). Then::
+interpolated piecewise-linearly. The uplink is a fixed latency ``D_hat`` (round trip, queues)
+plus bytes over a bandwidth ``B_hat``, both fitted to the measured transfers (round trip less
+the server's own time) of recent cloud frames of different sizes (:class:`BandwidthEstimator`),
+and each endpoint's load factor ``L`` an EWMA of measured / profiled latency (device load: other
+work on the edge, a busy server, throttling). Then::
 
     T_edge  = L_edge  * T_edge_table[f_edge]
-    T_cloud = L_cloud * T_cloud_table[f_cloud] + bytes(S0_cloud) / B_hat
+    T_cloud = L_cloud * T_cloud_table[f_cloud] + D_hat + bytes(S0_cloud) / B_hat
     edge if T_edge < T_cloud - margin, else cloud (within the margin the cloud saves edge energy)
 
 The edge table is the one of the executor the edge runs (``Dispatcher.edge_executor``): the exact
@@ -18,8 +20,8 @@ the input its crops cover (halo included), which the dispatcher predicts from th
 (:func:`tile_crop_share`) and learns against the share the executor reports; the dense
 executor's is one latency whatever changed.
 
-B_hat and L learn only from the endpoint that ran, so in auto mode an endpoint left out for
-``probe_interval`` frames runs once (a probe): a stale estimate cannot lock it out for good.
+B_hat, D_hat and L learn only from the endpoint that ran, so in auto mode an endpoint left out
+for ``probe_interval`` frames runs once (a probe): a stale estimate cannot lock it out for good.
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections import deque
 from dataclasses import asdict, dataclass, field as dataclass_field
 from pathlib import Path
+from statistics import NormalDist
 
 import numpy as np
 
@@ -189,27 +193,85 @@ class LatencyProfile:
         return cls.default() if path is None else cls.load(path)
 
 
-class BandwidthEstimator:
-    """EWMA of measured uplink bandwidth (bytes/s). ``alpha`` weighs the newest sample."""
+def theil_sen(x: np.ndarray, y: np.ndarray, z: float) -> tuple[float, float, float]:
+    """Theil-Sen slope of ``y`` on ``x`` (the median of the slopes of all pairs of points with
+    different x) and its confidence interval (Sen 1968, eq. 2.6; ``z`` the normal quantile of
+    the two-sided level), as (slope, low, high); pairs tied in x are left out, ties in x and y
+    corrected for in the variance. ``scipy.stats.theilslopes`` computes the same
+    (``tests/test_dispatch.py`` checks it), at a cost per call that counts on the frame path."""
+    dx = x[:, None] - x[None, :]
+    pairs = dx > 0
+    slopes = np.sort((y[:, None] - y[None, :])[pairs] / dx[pairs])
+    if slopes.size == 0:
+        return math.nan, math.nan, math.nan
+    n = x.size
+    variance = float(n * (n - 1) * (2 * n + 5))
+    for values in (x, y):
+        ties = np.unique(values, return_counts=True)[1].astype(float)
+        variance -= float((ties * (ties - 1) * (2 * ties + 5)).sum())  # counts of 1 add 0
+    variance /= 18
+    spread = z * math.sqrt(max(variance, 0.0))
+    low = max(int(round((slopes.size - spread) / 2)) - 1, 0)
+    high = min(int(round((slopes.size + spread) / 2)), slopes.size - 1)
+    return float(np.median(slopes)), float(slopes[low]), float(slopes[high])
 
-    def __init__(self, initial_bytes_per_s: float = 20e6 / 8, alpha: float = 0.3,
-                 min_transfer_s: float = 2e-4):
-        if not initial_bytes_per_s > 0 or not 0 < alpha <= 1:
-            raise ValueError("initial bandwidth must be > 0 and alpha in (0, 1]")
-        self.bytes_per_s = float(initial_bytes_per_s)
-        self.alpha = alpha
-        self.min_transfer_s = min_transfer_s  # below this the clock says nothing about the link
+
+class BandwidthEstimator:
+    """The uplink as a fixed latency plus bytes over a bandwidth: a call carrying ``n`` bytes
+    spends ``base_s + n / bytes_per_s`` on the link (its measured transfer: round trip less the
+    server's own time). Reading the whole time as bandwidth would take a long round trip for a
+    slow link, which small frames (H.264 P-frames of a few hundred bytes) make all their time.
+
+    The two parts are fitted over the last ``window`` transfers, whose sizes differ (key frames
+    and P-frames, busy and still scenes): the Theil-Sen line of time on bytes, robust to a
+    minority of stalled calls (a retransmission, a descheduled thread). Its slope's
+    ``confidence`` interval says which bandwidths the transfers allow; the estimate is the
+    nominal ``initial_bytes_per_s`` when they allow it, else the allowed bandwidth nearest to it.
+    So a link whose bytes' share is lost in the timing noise (a fast link with a long round
+    trip) keeps its nominal rate, a link the frames' sizes show to be slower gets the fastest
+    rate the transfers allow (a chance tilt of the noise moves it little), and one shown faster
+    the slowest. It is never below the fastest single transfer's bytes / time (a fixed part
+    cannot be negative). ``base_s`` is the median of the transfers' times less their bytes'
+    share. Transfers shorter than ``min_transfer_s`` say nothing about the link and are
+    ignored."""
+
+    def __init__(self, initial_bytes_per_s: float = 20e6 / 8, window: int = 32,
+                 confidence: float = 0.95, min_transfer_s: float = 2e-4):
+        if not initial_bytes_per_s > 0 or window < 3 or not 0.5 <= confidence < 1:
+            raise ValueError("initial bandwidth must be > 0, window >= 3 and confidence in "
+                             "[0.5, 1)")
+        self.nominal_bytes_per_s = float(initial_bytes_per_s)
+        self.bytes_per_s = self.nominal_bytes_per_s
+        self.base_s = 0.0  # the link's fixed part: round trip, queues, what the server leaves out
+        self.resolved = False  # whether the transfers ruled out the nominal rate
+        self.min_transfer_s = min_transfer_s
+        self._z = float(NormalDist().inv_cdf(0.5 + confidence / 2))
+        self._window: deque[tuple[float, float]] = deque(maxlen=window)
         self.samples = 0
 
     def observe(self, nbytes: int, transfer_s: float) -> float:
-        """One measured transfer; returns the new estimate. Tiny or unmeasurable transfers are
-        ignored (a 200-byte request says nothing about the link)."""
+        """One measured transfer of ``nbytes``; returns the new bandwidth estimate."""
         if nbytes <= 0 or not math.isfinite(transfer_s) or transfer_s < self.min_transfer_s:
             return self.bytes_per_s
-        sample = nbytes / transfer_s
-        self.bytes_per_s = self.alpha * sample + (1 - self.alpha) * self.bytes_per_s
+        self._window.append((float(nbytes), float(transfer_s)))
         self.samples += 1
+        n, t = np.array(self._window).T
+        rate = self.nominal_bytes_per_s
+        if np.unique(n).size >= 3:
+            _, low, high = theil_sen(n, t, self._z)
+            # the rates the fit allows: [1 / high, 1 / low], open above unless low > 0 (an
+            # interval wholly below zero allows no rate: bytes that took less time)
+            slowest = 1.0 / high if high > 0 else 0.0
+            fastest = 1.0 / low if low > 0 else math.inf
+            rate = min(max(rate, slowest), fastest)
+        self.resolved = rate != self.nominal_bytes_per_s
+        self.bytes_per_s = max(rate, float((n / t).max()))
+        self.base_s = max(float(np.median(t - n / self.bytes_per_s)), 0.0)
         return self.bytes_per_s
+
+    def transfer_s(self, nbytes: int) -> float:
+        """The predicted time of a transfer of ``nbytes``: the fixed part plus its bytes'."""
+        return self.base_s + nbytes / self.bytes_per_s
 
     @property
     def mbps(self) -> float:
@@ -247,7 +309,7 @@ class Decision:
     endpoint: str  # "edge" or "cloud"
     edge_ms: float  # estimated edge latency
     cloud_ms: float  # estimated cloud latency, transfer included
-    transfer_ms: float  # the transfer part of cloud_ms
+    transfer_ms: float  # the link's part of cloud_ms: its fixed latency and the bytes' time
     reason: str  # "auto", "probe" or the forcing policy
     edge_load: float = 1.0  # the load factors the estimates include
     cloud_load: float = 1.0
@@ -257,7 +319,7 @@ class Dispatcher:
     """Chooses the endpoint per frame. ``policy``: auto (the rule above), edge, cloud, or
     alternate (edge and cloud in turn: for tests and demonstrations). ``margin_ms`` is eps.
 
-    ``probe_interval``: B_hat and the load factors learn only from the endpoint that ran, so a
+    ``probe_interval``: the link and load estimates learn only from the endpoint that ran, so a
     stale estimate (or the initial guess) would keep the other out for good. In auto mode each
     endpoint runs at least once every ``probe_interval`` frames (None: never probe).
 
@@ -292,7 +354,7 @@ class Dispatcher:
     def estimate(self, edge_fraction: float, cloud_fraction: float, cloud_bytes: int,
                  width: int, height: int) -> tuple[float, float, float]:
         """(T_edge, T_cloud including transfer, transfer) in ms, load factors included."""
-        transfer_ms = 1e3 * cloud_bytes / self.bandwidth.bytes_per_s
+        transfer_ms = 1e3 * self.bandwidth.transfer_s(cloud_bytes)
         edge_ms = self.load["edge"].factor * self.profiled_ms("edge", edge_fraction, width, height)
         cloud_ms = self.load["cloud"].factor * self.profiled_ms("cloud", cloud_fraction, width,
                                                                height)

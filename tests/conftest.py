@@ -177,3 +177,34 @@ class Scrape:
                  if sample == name and all(have.get(k) == str(want)
                                            for k, want in labels.items())]
         return sum(found) if found else None
+
+
+@contextlib.contextmanager
+def delay_proxy(target_port: int, delay_s: float, **proxy_kwargs):
+    """``fluxshard.serving.netshape``'s proxy on loopback, in a thread, in front of
+    ``target_port``: both directions held ``delay_s`` (a round trip of twice that); yields the
+    proxy's port. ``proxy_kwargs`` go to ``serve_proxy`` (loss, stats)."""
+    import asyncio
+
+    from fluxshard.serving import netshape
+
+    ready = threading.Event()
+    proxy_port = netshape.free_port()
+    loop = asyncio.new_event_loop()
+
+    async def run_proxy():
+        try:
+            await netshape.serve_proxy(("127.0.0.1", proxy_port), ("127.0.0.1", target_port),
+                                       delay_s, ready=ready.set, **proxy_kwargs)
+        except asyncio.CancelledError:  # how it is stopped
+            pass
+
+    runner = threading.Thread(target=loop.run_until_complete, daemon=True, args=(run_proxy(),))
+    runner.start()
+    ready.wait()
+    try:
+        yield proxy_port
+    finally:
+        loop.call_soon_threadsafe(lambda: [t.cancel() for t in asyncio.all_tasks(loop)])
+        runner.join()
+        loop.close()

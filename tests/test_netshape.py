@@ -4,7 +4,6 @@ harness refuses before making anything."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import shutil
@@ -21,6 +20,8 @@ from fluxshard.serving import netshape
 from fluxshard.serving.netshape import (GilbertElliott, LossSpec, RateTrace, ShapedLink,
                                         ShapingUnavailable, check_privileges)
 from fluxshard.serving.tritonserver import process_alive
+
+from conftest import delay_proxy
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -117,26 +118,10 @@ def _echo_behind_proxy(delay_s: float, **proxy_kwargs):
                 pass  # the proxy reset it
 
     threading.Thread(target=serve_echo, daemon=True).start()
-    ready = threading.Event()
-    proxy_port = netshape.free_port()
-    loop = asyncio.new_event_loop()
-
-    async def run_proxy():
-        try:
-            await netshape.serve_proxy(("127.0.0.1", proxy_port), ("127.0.0.1", echo_port),
-                                       delay_s, ready=ready.set, **proxy_kwargs)
-        except asyncio.CancelledError:  # how the test stops it
-            pass
-
-    runner = threading.Thread(target=loop.run_until_complete, daemon=True, args=(run_proxy(),))
-    runner.start()
-    ready.wait()
     try:
-        yield proxy_port
+        with delay_proxy(echo_port, delay_s, **proxy_kwargs) as proxy_port:
+            yield proxy_port
     finally:
-        loop.call_soon_threadsafe(lambda: [t.cancel() for t in asyncio.all_tasks(loop)])
-        runner.join()
-        loop.close()
         echo.close()
 
 
