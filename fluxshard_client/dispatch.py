@@ -233,7 +233,7 @@ class BandwidthEstimator:
     the slowest. It is never below the fastest single transfer's bytes / time (a fixed part
     cannot be negative). ``base_s`` is the median of the transfers' times less their bytes'
     share. Transfers shorter than ``min_transfer_s`` say nothing about the link and are
-    ignored."""
+    ignored; until 8 transfers are in, the nominal rate stands."""
 
     def __init__(self, initial_bytes_per_s: float = 20e6 / 8, window: int = 32,
                  confidence: float = 0.95, min_transfer_s: float = 2e-4):
@@ -245,6 +245,9 @@ class BandwidthEstimator:
         self.base_s = 0.0  # the link's fixed part: round trip, queues, what the server leaves out
         self.resolved = False  # whether the transfers ruled out the nominal rate
         self.min_transfer_s = min_transfer_s
+        # fewer transfers test nothing: the interval's normal approximation needs about this
+        # many (with 3, any three rising points would rule a rate in)
+        self.min_fit = min(8, window)
         self._z = float(NormalDist().inv_cdf(0.5 + confidence / 2))
         self._window: deque[tuple[float, float]] = deque(maxlen=window)
         self.samples = 0
@@ -257,7 +260,7 @@ class BandwidthEstimator:
         self.samples += 1
         n, t = np.array(self._window).T
         rate = self.nominal_bytes_per_s
-        if np.unique(n).size >= 3:
+        if n.size >= self.min_fit and np.unique(n).size >= 3:
             _, low, high = theil_sen(n, t, self._z)
             # the rates the fit allows: [1 / high, 1 / low], open above unless low > 0 (an
             # interval wholly below zero allows no rate: bytes that took less time)
