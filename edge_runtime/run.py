@@ -431,8 +431,8 @@ class _CloudHealth:
         from tqdm import tqdm
 
         failures = stream.core.cloud_failures
-        if len(failures) > self.failures_seen:  # the cloud gave up on this frame
-            self.failures_seen = len(failures)
+        if stream.core.cloud_failure_count > self.failures_seen:  # the cloud gave up on this frame
+            self.failures_seen = stream.core.cloud_failure_count
             if self.strict:
                 raise RuntimeError(f"--dispatch cloud: lost the cloud at {self.where} "
                                    f"({failures[-1]}); --fallback edge runs on the edge instead")
@@ -608,7 +608,7 @@ def _write_summary(writer: _FrameOutputs, out: Path, video: str, stream, cloud,
         # h264: the crf the uplink ended at (it follows the measured link) and how often it moved
         **_uplink_quality_summary(cloud),
         "bandwidth_estimate_mbps": round(stream.dispatcher.bandwidth.mbps, 3),
-        "error": broke, "cloud_failures": stream.core.cloud_failures[-MAX_CLOUD_EVENTS:],
+        "error": broke, "cloud_failures": list(stream.core.cloud_failures)[-MAX_CLOUD_EVENTS:],
         "cloud_events": health.events if has_cloud else [],
         "edge_fallback_frames": health.edge_fallback if has_cloud else 0,
         "outputs": {k: str(out / k) for k in writer.written()}})

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator, Iterator
@@ -40,6 +41,8 @@ from .deadline import (PROBE_TIMEOUT_S, CloudWatch, Deadline, check_deadline_ms,
                        default_deadline_ms, no_deadline)
 from .results import EndpointRun, FrameResult
 from .transport import CloudError, CloudUnavailable, DeadlineMissed
+
+MAX_CLOUD_FAILURES_KEPT = 100
 
 
 # --------------------------------------------------------------------------------- endpoints
@@ -211,7 +214,9 @@ class _DispatchCore:
         self.h264_bytes = None
         self.h264_uplink = None  # the cloud transport's Uplink: its quality follows the link
         self.cloud_down_until = 0  # frame index from which the cloud may be tried again
-        self.cloud_failures: list[str] = []
+        # the latest cloud failures (bounded: a stream may run for weeks) and how many there were
+        self.cloud_failures: deque[str] = deque(maxlen=MAX_CLOUD_FAILURES_KEPT)
+        self.cloud_failure_count = 0
         self.names: dict[int, str] | None = None  # the model's class names (FrameResult.names)
 
     def residual_set(self, path: EndpointPath, frame: np.ndarray) -> tuple[ResidualSet, float]:
@@ -250,6 +255,7 @@ class _DispatchCore:
         else:
             self.cloud_down_until = plan.index + (self.dispatcher.probe_interval or 30)
         self.cloud_failures.append(f"frame {plan.index}: {error}")
+        self.cloud_failure_count += 1
         self.states["cloud"].forget()
         edge = self.states["edge"]
         if plan.residual["edge"] is None and not plan.key["edge"]:
