@@ -83,6 +83,50 @@ def camera_payloads(clips, frames: int, footage_dir: Path, progress: bool = Fals
     return out
 
 
+def cost_breakdown(clip, frames: int) -> dict:
+    """What one frame of ``clip`` costs the served dense and tiles executors, in process
+    (``SessionManager.handle``, as the server runs it, YOLOv3-tiny, one thread), the two
+    alternating frame by frame: thread CPU ms, and where the wall time goes (serving work
+    outside the executor, the tile executor's bookkeeping and crop engine, crop area)."""
+    import torch
+
+    from fluxshard.models import load_model
+    from fluxshard.serving.session import SessionManager
+    from fluxshard.sessions import yolo_session_factory
+
+    torch.set_num_threads(1)
+    model = load_model(WEIGHTS["tiles"], fused=True)
+    managers = {ex: SessionManager(yolo_session_factory(ex, model=model, threads=1,
+                                                        dense_engine="onnxruntime"))
+                for ex in ("dense", "tiles")}
+    seen = {ex: [] for ex in managers}
+    for k in range(min(frames, len(clip))):
+        for ex in (("dense", "tiles") if k % 2 else ("tiles", "dense")):
+            c0 = time.thread_time()
+            answer = managers[ex].handle(1, k == 0, False, clip.payloads[k])
+            cpu_ms = (time.thread_time() - c0) * 1e3
+            st = answer.stats
+            stages = getattr(managers[ex].streams[1].session, "last_report", None)
+            stages = stages.stages if stages is not None else {}
+            if k >= 2:  # after the key frame and the engine's first crop sizes
+                seen[ex].append((cpu_ms, st["server_ms"] - st["compute_ms"],
+                                 st.get("crop_area_fraction", 1.0),
+                                 1e3 * sum(stages.get(x, 0.0) for x in ("warp", "change", "plan")),
+                                 1e3 * stages.get("engine", 0.0), st["compute_ms"]))
+    out = {}
+    for ex, rows in seen.items():
+        a = np.array(rows, float).mean(0)
+        out[ex] = {"cpu_ms": round(a[0], 1), "serving_ms": round(a[1], 1),
+                   "executor_ms": round(a[5], 1), "crop_area": round(a[2], 3)}
+        if ex == "tiles":
+            out[ex].update(bookkeeping_ms=round(a[3], 1), crop_engine_ms=round(a[4], 1))
+    out["tiles_cpu_vs_dense"] = round(out["tiles"]["cpu_ms"] / out["dense"]["cpu_ms"], 3)
+    # crops' engine time per unit of area against the dense executor's per unit of area
+    out["crop_cost_per_area_vs_dense"] = round(
+        out["tiles"]["crop_engine_ms"] / out["tiles"]["crop_area"] / out["dense"]["executor_ms"], 3)
+    return out
+
+
 def run_count(server, clips: list, names: list[str], streams: int, seconds: float,
               p95_ms: float) -> tuple[dict, dict]:
     """``streams`` paced streams for WARMUP_S + ``seconds`` against ``server``: one row."""
@@ -266,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="override max_queue_delay_microseconds")
     ap.add_argument("--preferred-batch-size", type=cli_common.positive_int, nargs="+",
                     default=None)
+    ap.add_argument("--breakdown", type=cli_common.positive_int, default=None, metavar="FRAMES",
+                    help="also measure, in process, what a frame of the first clip costs dense "
+                         "and tiles and where it goes (this many frames)")
     ap.add_argument("--footage-dir", type=Path, default=REPO_ROOT / "out" / "footage")
     ap.add_argument("--out", type=Path, default=REPO_ROOT / "out" / "perf")
     args = ap.parse_args(argv)
@@ -281,6 +328,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"building camera streams and their payloads ({len(names)} clips)", flush=True)
     clips = camera_payloads(names, frames, args.footage_dir, progress=True)
     args.out.mkdir(parents=True, exist_ok=True)
+    breakdown = None
+    if args.breakdown:
+        breakdown = {"clip": names[0], "frames": args.breakdown,
+                     **cost_breakdown(clips[0], args.breakdown)}
+        print(f"cost of a {names[0]} frame, in process: {json.dumps(breakdown)}", flush=True)
     rows, details = [], []
     for executor in args.executors:
         print(f"{executor}: model {MODELS[executor]}", flush=True)
@@ -295,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
               "clips": [{"clip": n, "fps": round(c.fps, 3)} for n, c in zip(names, clips)],
               "models": {k: MODELS[k] for k in args.executors},
               "batching": {**shipped_batching(), **batching_overrides(args)},
-              "held_streams": held, "details": details}
+              "held_streams": held, "cost_breakdown": breakdown, "details": details}
     # server CPU a frame costs at one stream: what bounds the streams a CPU-bound server holds
     header["cpu_ms_per_frame_one_stream"] = {d["executor"]: d["server_cpu_ms_per_frame"]
                                              for d in details if d["streams"] == 1}
