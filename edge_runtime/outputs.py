@@ -94,7 +94,9 @@ def annotate(frame: np.ndarray, result, names, block: int, track_ids=None) -> np
     from PIL import Image, ImageDraw, ImageFont
 
     h, w = frame.shape[:2]
-    mask = np.repeat(np.repeat(result.residual_mask, block, 0), block, 1)[:h, :w]
+    letterbox = getattr(result, "letterbox", None)  # the mask is on the model input's grid
+    mask = (letterbox.blocks_to_source(result.residual_mask, block) if letterbox is not None
+            else np.repeat(np.repeat(result.residual_mask, block, 0), block, 1)[:h, :w])
     tint = np.where(mask[..., None], RESIDUAL_TINT, REUSED_TINT)
     alpha = np.where(mask, 0.35, 0.12)[..., None]
     shaded = frame.astype(np.float32) * (1 - alpha) + tint * alpha

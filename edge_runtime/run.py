@@ -43,9 +43,10 @@ def default_executor(model) -> str:
 
 @contextlib.contextmanager
 def _cloud(cloud_url: str | None, dispatch: str, out: Path, weights=None,
-           executor: str | None = None):
+           executor: str | None = None, predict=None):
     """Yields the cloud's gRPC URL (None: edge only): --cloud-url, or a local tritonserver
-    (``executor``: its fluxshard model's, None: the config's)."""
+    (``executor``: its fluxshard model's, None: the config's; ``predict``: its predict options,
+    None: the config's)."""
     if dispatch == "edge":
         yield None
         return
@@ -54,9 +55,10 @@ def _cloud(cloud_url: str | None, dispatch: str, out: Path, weights=None,
         return
     from fluxshard.serving.tritonserver import TritonNotInstalled, TritonServer
 
+    parameters = {**({"executor": executor} if executor else {}),
+                  **(predict.parameters() if predict is not None else {})}
     server = TritonServer(models=["fluxshard"], log_file=out / "tritonserver.log",
-                          weights=weights,
-                          parameters={"executor": executor} if executor else None)
+                          weights=weights, parameters=parameters or None)
     try:
         server.start()
     except TritonNotInstalled as e:
@@ -85,15 +87,17 @@ def _executor_options(policy, bypass: str) -> dict:
 
 
 def _edge_session(executor: str, model, executor_options: dict, tiles_table=None,
-                  tile_options: dict | None = None):
+                  tile_options: dict | None = None, predict=None):
     """The in-process session behind the edge endpoint, on one thread like the server.
     ``tile_options``: TileExecutor knobs over the edge's own (benchmark ablations only; the
-    command never sets them)."""
-    from fluxshard.sessions import (BestDenseRunners, best_dense_session_factory,
+    command never sets them). ``predict``: its NMS options (the stream letterboxes the frames
+    before, so its ``imgsz`` is not the session's)."""
+    from fluxshard.sessions import (NATIVE, BestDenseRunners, best_dense_session_factory,
                                     yolo_session_factory)
 
+    predict = NATIVE if predict is None else dataclasses.replace(predict, imgsz=None)
     if executor == "dense":
-        return best_dense_session_factory(model, threads=1)(0)
+        return best_dense_session_factory(model, threads=1, predict=predict)(0)
     # the tile executor's dense frames run on the dense executor's engine: they cost what dense
     # costs
     dense_runner = BestDenseRunners(model, threads=1) if executor == "tiles" else None
@@ -103,12 +107,13 @@ def _edge_session(executor: str, model, executor_options: dict, tiles_table=None
 
         return TileYoloSession(ProfiledTileExecutor(model, tiles_table, engine="onnxruntime",
                                                     threads=1, adaptive=True,
-                                                    dense_runner=dense_runner))
+                                                    dense_runner=dense_runner), predict=predict)
     if executor == "tiles":  # the edge adapts to its machine's measured latency
         options = {"adaptive": True, "dense_runner": dense_runner, **(tile_options or {})}
-        return yolo_session_factory("tiles", model=model, threads=1,
+        return yolo_session_factory("tiles", model=model, threads=1, predict=predict,
                                     tile_engine="onnxruntime", **options)(0)
-    return yolo_session_factory("exact", model=model, threads=1, **executor_options)(0)
+    return yolo_session_factory("exact", model=model, threads=1, predict=predict,
+                                **executor_options)(0)
 
 
 def edge_policies(tau=None, tau_table=None, bypass: str = "none", latency_profile=None):
@@ -136,37 +141,42 @@ def edge_model(weights=None):
 
 
 def edge_endpoint(executor: str, model, executor_options: dict, tiles_table=None,
-                  weights=None, tile_options: dict | None = None):
-    """The in-process edge endpoint running ``executor`` (a loaded ``TilesTable`` or None)."""
+                  weights=None, tile_options: dict | None = None, predict=None):
+    """The in-process edge endpoint running ``executor`` (a loaded ``TilesTable`` or None)
+    with ``predict``'s NMS options (fluxshard.predict; None: ultralytics' defaults)."""
     from fluxshard_client import LocalEndpoint
 
     return LocalEndpoint(_edge_session(executor, model, executor_options, tiles_table,
-                                       tile_options))
+                                       tile_options, predict))
 
 
-def prepare_edge(edge, executor: str, video: str) -> None:
-    """Pick the dense engine for ``video``'s size before the first frame, not inside its
-    latency."""
+def prepare_edge(edge, executor: str, video: str, predict=None) -> None:
+    """Pick the dense engine for ``video``'s input size (``predict``'s letterbox, None: native)
+    before the first frame, not inside its latency."""
     from fluxshard.models.ops import padded_shape
 
     size = _video_size(video) if executor in ("dense", "tiles") else None
     if size is None:
         return
+    hw = (size[1], size[0]) if predict is None else predict.letterbox(size[1], size[0]).input_hw
     if executor == "dense":
-        edge.session.runners.prepare(padded_shape(size[1], size[0]))
+        edge.session.runners.prepare(padded_shape(*hw))
     else:  # the tile executor's dense frames
-        edge.session.tile_executor.prepare(padded_shape(size[1], size[0]))
+        edge.session.tile_executor.prepare(padded_shape(*hw))
 
 
 def edge_stream(edge, cloud=None, *, dispatch: str = "edge", tau_policy, profile,
                 margin_ms: float = 2.0, bandwidth_mbps: float | None = None,
-                deadline_ms: float | None = None):
-    """The camera stream `fluxshard run` drives (``cloud`` None: edge only)."""
+                deadline_ms: float | None = None, predict=None):
+    """The camera stream `fluxshard run` drives (``cloud`` None: edge only; ``predict``:
+    fluxshard.predict's options, None: ultralytics' defaults)."""
+    from fluxshard.predict import PredictOptions
     from fluxshard_client import FluxShardStream
 
     return FluxShardStream(edge, cloud, dispatch=dispatch if cloud else "edge",
                            tau=tau_policy, profile=profile, margin_ms=margin_ms,
-                           initial_mbps=bandwidth_mbps or 20.0, deadline_ms=deadline_ms)
+                           initial_mbps=bandwidth_mbps or 20.0, deadline_ms=deadline_ms,
+                           **dataclasses.asdict(predict or PredictOptions()))
 
 
 def edge_frames(video: str, frames: int | None = None, loop: bool = False):
@@ -202,11 +212,13 @@ def is_live(video: str, loop: bool = False) -> bool:
 
 def edge_only_stream(executor: str, video: str, model=None, *, weights=None, tau=None,
                      tau_table=None, bypass: str = "none", latency_profile=None,
-                     margin_ms: float = 2.0, tiles_table=None, tile_options: dict | None = None):
+                     margin_ms: float = 2.0, tiles_table=None, tile_options: dict | None = None,
+                     predict=None):
     """The stream `fluxshard run VIDEO --executor EXECUTOR --dispatch edge` builds, with the
     same defaults (``model``: an ``edge_model(weights)`` already loaded, shared between
-    streams). Feed it ``edge_frames(video)``: ``stream.process(mf.image, None if mf.is_key else
-    mf.field, mf.is_key, index)``; each FrameResult's ``latency_ms`` is what the command reports
+    streams; ``predict``: fluxshard.predict's options, None: ultralytics' defaults). Feed it
+    ``edge_frames(video)``: ``stream.process(mf.image, None if mf.is_key else mf.field,
+    mf.is_key, index)``; each FrameResult's ``latency_ms`` is what the command reports
     per frame."""
     if executor not in EDGE_EXECUTORS:
         raise ValueError(f"executor must be one of {EDGE_EXECUTORS}, got {executor!r}")
@@ -216,9 +228,11 @@ def edge_only_stream(executor: str, video: str, model=None, *, weights=None, tau
         tiles_table = TilesTable.load(tiles_table)
     tau_policy, executor_options, profile = edge_policies(tau, tau_table, bypass, latency_profile)
     model = model if model is not None else edge_model(weights)
-    edge = edge_endpoint(executor, model, executor_options, tiles_table, weights, tile_options)
-    prepare_edge(edge, executor, str(video))
-    return edge_stream(edge, None, tau_policy=tau_policy, profile=profile, margin_ms=margin_ms)
+    edge = edge_endpoint(executor, model, executor_options, tiles_table, weights, tile_options,
+                         predict)
+    prepare_edge(edge, executor, str(video), predict)
+    return edge_stream(edge, None, tau_policy=tau_policy, profile=profile, margin_ms=margin_ms,
+                       predict=predict)
 
 
 def _uplink_quality_summary(cloud) -> dict:
@@ -243,8 +257,12 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
         tls_key: str | Path | None = None, auth_header: tuple[str, str] | None = None,
         loop: bool = False, save_video: bool | None = None, save_report: bool | None = None,
         metrics_port: int | None = None, metrics_address: str = "127.0.0.1",
-        track: bool = False) -> dict:
+        track: bool = False, predict=None) -> dict:
     """The main job; returns the summary (also written to ``out/summary.json``).
+
+    ``predict``: fluxshard.predict's options (``--imgsz --conf --iou --classes --max-det``;
+    None: ultralytics' defaults): every frame is letterboxed to ``imgsz`` before the stream,
+    and a local tritonserver gets them as its model parameters.
 
     ``fallback`` (``dispatch="cloud"`` only): "none" raises RuntimeError when the cloud cannot be
     reached, "edge" runs those frames on the edge (counted in the summary). Losing and regaining
@@ -268,8 +286,10 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
     (:func:`_open_stream`), the per-frame loop (:func:`_process_frames`) and the outputs
     (:class:`_FrameOutputs`, :func:`_write_summary`)."""
     from fluxshard.models import YOLO11
+    from fluxshard.predict import PredictOptions
 
     out = Path(out)
+    predict = predict or PredictOptions()
     executor, tiles = _check_options(bandwidth_mbps, fallback, uplink_codec, executor,
                                      tiles_table)
     connection = _connection(cloud_url, tls_ca, tls_cert, tls_key, auth_header)
@@ -285,23 +305,24 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
                            f"({health.down}); --fallback edge runs on the edge instead")
     tau_policy, executor_options, profile = edge_policies(tau, tau_table, bypass,
                                                           latency_profile)
-    model, executor, edge, notes = _load_edge(weights, executor, executor_options, tiles)
+    model, executor, edge, notes = _load_edge(weights, executor, executor_options, tiles,
+                                              predict)
     class_names = [model.names[k] for k in range(model.nc)]
 
     out.mkdir(parents=True, exist_ok=True)  # once the options are known to be good
     video = _open_source(video, demo, out, size, frames, camera, progress)
     saved = _SavedOutputs.for_source(video, loop, save_video, save_report)
-    prepare_edge(edge, executor, video)
+    prepare_edge(edge, executor, video, predict)
     t_start = time.perf_counter()
     # the exact executor runs YOLO11 only: a local cloud runs other families densely
     cloud_executor = None if isinstance(model, YOLO11) else "dense"
     with _serving_metrics(metrics_port, metrics_address) as (metrics, metrics_url), \
-            _cloud(cloud_url, dispatch, out, weights, cloud_executor) as url:
+            _cloud(cloud_url, dispatch, out, weights, cloud_executor, predict) as url:
         client, cloud = _open_cloud(url, bandwidth_mbps, connection, stream_id, uplink_codec,
                                     uplink_quality)
         stream = edge_stream(edge, cloud, dispatch=dispatch, tau_policy=tau_policy,
                              profile=profile, margin_ms=margin_ms, bandwidth_mbps=bandwidth_mbps,
-                             deadline_ms=deadline_ms)
+                             deadline_ms=deadline_ms, predict=predict)
         health.start(stream, metrics if url else None)
         try:
             with _FrameOutputs(out, class_names, executor, stream.core.block, saved,
@@ -327,7 +348,7 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
         "cloud_url": cloud_url or ("local tritonserver" if url else None),
         "bandwidth_limit_mbps": bandwidth_mbps, "uplink_codec": uplink_codec,
         "weights": str(weights) if weights else "embedded demo detector",
-        "classes": class_names,
+        "classes": class_names, "predict": predict.describe(),
         "tau": tau_policy.source, "latency_profile": profile.source, "margin_ms": margin_ms,
         "deadline_ms": "derived" if deadline_ms is None else deadline_ms,
         "tls": bool(connection.get("ssl")), "auth_header": auth_header is not None,
@@ -358,13 +379,14 @@ def _check_options(bandwidth_mbps, fallback: str, uplink_codec: str, executor: s
     return executor, TilesTable.load(tiles_table)
 
 
-def _load_edge(weights, executor: str | None, executor_options: dict, tiles_table):
+def _load_edge(weights, executor: str | None, executor_options: dict, tiles_table, predict):
     """(model, executor, edge endpoint, warnings printed while loading them)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model = edge_model(weights)
         executor = executor or default_executor(model)
-        edge = edge_endpoint(executor, model, executor_options, tiles_table, weights)
+        edge = edge_endpoint(executor, model, executor_options, tiles_table, weights,
+                             predict=predict)
     notes = [str(w.message) for w in caught]
     for note in notes:
         print(f"warning: {note}", file=sys.stderr)
@@ -498,6 +520,7 @@ class _FrameOutputs:
         self.report_rows = deque(maxlen=REPORT_FRAMES) if saved.report else None
         self.detections = open(out / "detections.jsonl", "w")
         self.video = None  # opened at the first frame, which gives the size
+        self.sized = False  # the model's input size said
 
     def __enter__(self):
         return self
@@ -508,6 +531,9 @@ class _FrameOutputs:
     def write(self, mf, result) -> None:
         from . import outputs
 
+        if not self.sized:  # what the model runs on, once
+            self.sized = True
+            _say_input_size(mf.image.shape[1], mf.image.shape[0], result.letterbox)
         track_ids = self.tracker.track_ids(result) if self.tracker is not None else None
         record = outputs.detection_record(result, self.class_names, track_ids)
         if result.endpoint == "edge":
@@ -523,13 +549,10 @@ class _FrameOutputs:
             self._write_video(mf, result, track_ids)
 
     def _write_video(self, mf, result, track_ids=None) -> None:
-        from fluxshard.models.ops import padded_size
-
         from . import outputs
 
         h, w = mf.image.shape[:2]
         if self.video is None:
-            padded_size(w, h, who="fluxshard run")  # preprocess pads each frame
             self.video = outputs.VideoWriter(self.out / "annotated.mp4", w - w % 2, h - h % 2)
         image = outputs.annotate(mf.image, result, self.class_names, self.block, track_ids)
         self.video.write(image[:h - h % 2, :w - w % 2])
@@ -544,6 +567,17 @@ class _FrameOutputs:
         if self.video is not None:
             self.video.close()
             self.video = None
+
+
+def _say_input_size(width: int, height: int, letterbox) -> None:
+    """What the model runs on, when that is not the frame as it is."""
+    from fluxshard.models.ops import padded_size
+
+    if letterbox is None or letterbox.identity:
+        padded_size(width, height, who="fluxshard run")  # preprocess pads each frame
+        return
+    ih, iw = letterbox.input_hw
+    print(f"fluxshard run: size {width}x{height} letterboxed to {iw}x{ih} (--imgsz)")
 
 
 def _process_frames(stream, frames, writer: _FrameOutputs, health: _CloudHealth, metrics, *,

@@ -121,6 +121,19 @@ def multiple_of(n: int):
     return parse
 
 
+def imgsz(text: str) -> int | None:
+    """``--imgsz``: a multiple of 32, or "native" (None: the frame as it is)."""
+    from fluxshard.predict import imgsz_value
+
+    try:
+        return imgsz_value(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+imgsz.__name__ = "a multiple of 32 or 'native'"
+
+
 def even_int(text: str) -> int:
     """A positive even integer (yuv420p frames need even sides)."""
     value = positive_int(text)

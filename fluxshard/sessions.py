@@ -18,6 +18,12 @@ from typing import Callable, NamedTuple, Protocol
 
 import numpy as np
 
+from fluxshard.letterbox import Letterbox
+from fluxshard.predict import PredictOptions
+
+# what a session filters with unless told: ultralytics' conf, iou and max_det on the frame as
+# it is (the stream or the served model letterboxes before, :class:`LetterboxSession`)
+NATIVE = PredictOptions(imgsz=None)
 
 class SessionResult(NamedTuple):
     """What a session returns for one frame. ``masks``: a segment model's instance masks, (N, H,
@@ -69,12 +75,10 @@ class DenseYoloSession:
     full_frame = False
     executor_kind = "dense"
 
-    def __init__(self, model, conf_threshold: float = 0.25, iou_threshold: float = 0.45,
-                 engine=None):
+    def __init__(self, model, predict: PredictOptions | None = None, engine=None):
         self.model = engine or model
         self.device = next(model.parameters()).device
-        self.conf_threshold = conf_threshold
-        self.iou_threshold = iou_threshold
+        self.predict = predict or NATIVE
 
     @property
     def engine(self):
@@ -90,13 +94,12 @@ class DenseYoloSession:
                              self.model)
 
     def infer_steps(self, rebuilt_frame, field, residual_mask, key, tau=0.0):
-        from fluxshard.models import postprocess, preprocess
+        from fluxshard.models import preprocess
 
         x = preprocess(rebuilt_frame, device=self.device)
         t0 = time.perf_counter()
         (out,) = yield [x]
-        det = postprocess(out, x.shape[-2:], rebuilt_frame.shape[:2],
-                          conf_thres=self.conf_threshold, iou_thres=self.iou_threshold)[0]
+        det = nms_detections(out, x.shape[-2:], rebuilt_frame.shape[:2], self.predict)
         stats = {"compute": "dense", "executor": "dense",
                  "compute_ms": round((time.perf_counter() - t0) * 1e3, 3),
                  "recomputed_fraction": 1.0, "computed_fraction": 1.0, "cache_hit_rate": 0.0}
@@ -124,6 +127,15 @@ class MapsDenseEngine:
         return self.head.decode(self.maps(x))
 
 
+def nms_detections(output, input_hw, frame_hw, predict: PredictOptions):
+    """The model's eval ``output`` on an input of ``input_hw`` (the frame of ``frame_hw``
+    padded bottom/right) as :class:`fluxshard.models.Detections` after NMS with ``predict``'s
+    options."""
+    from fluxshard.models import postprocess
+
+    return postprocess(output, input_hw, frame_hw, **predict.nms())[0]
+
+
 def detection_rows(det) -> np.ndarray:
     """A :class:`fluxshard.models.Detections` as the wire's (N, 6) float32 rows."""
     return np.concatenate([det.boxes.reshape(-1, 4), det.scores.reshape(-1, 1),
@@ -145,23 +157,21 @@ class SparseYoloSession:
     full_frame = False  # reuse is exact on the residual-assembled input only
     executor_kind = "exact"
 
-    def __init__(self, executor, conf_threshold: float = 0.25, iou_threshold: float = 0.45):
+    def __init__(self, executor, predict: PredictOptions | None = None):
         from fluxshard.sparse import StreamState
 
         self.executor = executor
         self.state = StreamState()
         self.device = next(executor.model.parameters()).device
-        self.conf_threshold = conf_threshold
-        self.iou_threshold = iou_threshold
+        self.predict = predict or NATIVE
         self.last_report = None  # FrameReport of the last frame (per-layer detail for callers)
 
     def infer(self, rebuilt_frame, field, residual_mask, key, tau=0.0):
-        from fluxshard.models import postprocess, preprocess
+        from fluxshard.models import preprocess
 
         x = preprocess(rebuilt_frame, device=self.device)
         out, report = self.executor.run(self.state, x, None if key else field, key=key, tau=tau)
-        det = postprocess(out, x.shape[-2:], rebuilt_frame.shape[:2],
-                          conf_thres=self.conf_threshold, iou_thres=self.iou_threshold)[0]
+        det = nms_detections(out, x.shape[-2:], rebuilt_frame.shape[:2], self.predict)
         self.last_report = report
         stats = {"compute": "sparse", "executor": "exact",
                  "compute_ms": round(report.seconds * 1e3, 3),
@@ -191,14 +201,13 @@ class TileYoloSession:
     executor_kind = "tiles"
 
     def __init__(self, executor, lock: threading.Lock | None = None,
-                 conf_threshold: float = 0.25, iou_threshold: float = 0.45):
+                 predict: PredictOptions | None = None):
         from fluxshard.tiles import TileStreamState
 
         self.tile_executor = executor
         self.state = TileStreamState()
         self.lock = lock or threading.Lock()
-        self.conf_threshold = conf_threshold
-        self.iou_threshold = iou_threshold
+        self.predict = predict or NATIVE
         self.last_report = None  # TileReport of the last frame
 
     @property
@@ -220,11 +229,9 @@ class TileYoloSession:
         return self._result(frame, out, report)
 
     def _result(self, frame, out, report):
-        from fluxshard.models import postprocess
         from fluxshard.models.ops import padded_shape
 
-        det = postprocess(out, padded_shape(*frame.shape[:2]), frame.shape[:2],
-                          conf_thres=self.conf_threshold, iou_thres=self.iou_threshold)[0]
+        det = nms_detections(out, padded_shape(*frame.shape[:2]), frame.shape[:2], self.predict)
         self.last_report = report
         crop = float(report.crop_area_fraction)
         # crops include their halo, so 1 - crop area is a lower bound of the outputs reused
@@ -250,20 +257,17 @@ class DenseRunnerSession:
     full_frame = True
     executor_kind = "dense"
 
-    def __init__(self, runners: "BestDenseRunners", conf_threshold: float = 0.25,
-                 iou_threshold: float = 0.45):
+    def __init__(self, runners: "BestDenseRunners", predict: PredictOptions | None = None):
         self.runners = runners
-        self.conf_threshold = conf_threshold
-        self.iou_threshold = iou_threshold
+        self.predict = predict or NATIVE
 
     def infer(self, rebuilt_frame, field, residual_mask, key, tau=0.0):
-        from fluxshard.models import postprocess, preprocess
+        from fluxshard.models import preprocess
 
         x = preprocess(rebuilt_frame)
         t0 = time.perf_counter()
         out, engine = self.runners(x)
-        det = postprocess(out, x.shape[-2:], rebuilt_frame.shape[:2],
-                          conf_thres=self.conf_threshold, iou_thres=self.iou_threshold)[0]
+        det = nms_detections(out, x.shape[-2:], rebuilt_frame.shape[:2], self.predict)
         stats = {"compute": "dense", "executor": "dense", "engine": engine,
                  "compute_ms": round((time.perf_counter() - t0) * 1e3, 3),
                  "recomputed_fraction": 1.0, "computed_fraction": 1.0, "cache_hit_rate": 0.0}
@@ -329,10 +333,10 @@ class BestDenseRunners:
 
 
 def best_dense_session_factory(model, threads: int = 1,
-                               conf_threshold: float = 0.25) -> SessionFactory:
+                               predict: PredictOptions | None = None) -> SessionFactory:
     """Sessions sharing one :class:`BestDenseRunners` for ``model``."""
     runners = BestDenseRunners(model, threads=threads)
-    return lambda corrid: DenseRunnerSession(runners, conf_threshold=conf_threshold)
+    return letterboxed(lambda corrid: DenseRunnerSession(runners, predict), predict)
 
 
 # executor -> what it is; "sparse" is the older name of "exact"
@@ -349,7 +353,7 @@ def executor_name(name: str) -> str:
 
 
 def yolo_session_factory(executor: str = "exact", weights: str | None = None, scale: str = "n",
-                         threads: int = 1, conf_threshold: float = 0.25, seed: int = 0,
+                         threads: int = 1, predict: PredictOptions | None = None, seed: int = 0,
                          device: str = "cpu", strict_rfap: bool = False,
                          keyframe_interval: int | None = None, grid_snap: bool = False,
                          model=None, bypass: str = "none",
@@ -365,18 +369,20 @@ def yolo_session_factory(executor: str = "exact", weights: str | None = None, sc
     the frames with nothing to reuse, and reusable ones too while it measures faster per stream
     (fluxshard.sparse.SparseExecutor's bypass, adaptive). ``dense_engine``: what the "dense"
     executor runs on: "torch" (the model), or a tile engine kind ("onnxruntime"; a detect model,
-    other tasks stay on torch) (:class:`MapsDenseEngine`)."""
+    other tasks stay on torch) (:class:`MapsDenseEngine`). ``predict``: the NMS options, and
+    with an ``imgsz`` the letterbox of every frame of another size (:class:`LetterboxSession`;
+    default: the frame as it is, ultralytics' conf, iou and max_det)."""
     executor = executor_name(executor)
     if model is None:
         model = load_dense_model(weights, scale, threads, seed, device)
     if executor == "dense":
         engine = None if dense_engine == "torch" or model.task != "detect" else \
             MapsDenseEngine(model, dense_engine, threads=threads)
-        return lambda corrid: DenseYoloSession(model, conf_threshold=conf_threshold,
-                                               engine=engine)
+        return letterboxed(lambda corrid: DenseYoloSession(model, predict, engine=engine),
+                           predict)
     if executor == "tiles":
         return tile_session_factory(model, threads=threads, engine=tile_engine,
-                                    conf_threshold=conf_threshold, **tile_options)
+                                    predict=predict, **tile_options)
     from fluxshard.sparse import SparseExecutor
 
     runner = None
@@ -387,27 +393,86 @@ def yolo_session_factory(executor: str = "exact", weights: str | None = None, sc
     shared = SparseExecutor(model, strict_rfap=strict_rfap,
                             keyframe_interval=keyframe_interval, grid_snap=grid_snap,
                             bypass=runner, adaptive=runner is not None)
-    return lambda corrid: SparseYoloSession(shared, conf_threshold=conf_threshold)
+    return letterboxed(lambda corrid: SparseYoloSession(shared, predict), predict)
 
 
 def tile_session_factory(model, threads: int = 1, engine: str = "onnxruntime",
-                         conf_threshold: float = 0.25, **tile_options) -> SessionFactory:
+                         predict: PredictOptions | None = None, **tile_options
+                         ) -> SessionFactory:
     """Sessions sharing one ``TileExecutor`` of ``model`` (``tile_options``: its knobs)."""
     from fluxshard.tiles import TileExecutor
 
     shared = TileExecutor(model, engine=engine, threads=threads, **tile_options)
     lock = threading.Lock()
-    return lambda corrid: TileYoloSession(shared, lock, conf_threshold=conf_threshold)
+    return letterboxed(lambda corrid: TileYoloSession(shared, lock, predict), predict)
 
 
 def dense_yolo_factory(weights: str | None = None, scale: str = "n", threads: int = 1,
-                       conf_threshold: float = 0.25, seed: int = 0,
+                       predict: PredictOptions | None = None, seed: int = 0,
                        device: str = "cpu") -> SessionFactory:
     """Sessions sharing one dense YOLO11: ``weights`` (a checkpoint path), else the embedded
     default weights if present, else a random model of ``scale`` seeded with ``seed`` (the same
     weights in every process, so tests can compare against a local run)."""
     model = load_dense_model(weights, scale, threads, seed, device)
-    return lambda corrid: DenseYoloSession(model, conf_threshold=conf_threshold)
+    return letterboxed(lambda corrid: DenseYoloSession(model, predict), predict)
+
+
+class LetterboxSession:
+    """A session behind ``imgsz``: a frame whose long side is over ``imgsz`` is letterboxed to
+    it (fluxshard.letterbox), its field with it, and the boxes go back to the frame's pixels; a
+    frame that fits passes as it is (a stream letterboxed it already, or it costs less as it
+    is: the session does not scale up). The served model puts its sessions behind one, so a
+    client sending larger frames costs what ``imgsz`` says."""
+
+    def __init__(self, session: StreamSession, imgsz: int):
+        self.session, self.imgsz = session, imgsz
+        self.full_frame, self.executor_kind = session.full_frame, session.executor_kind
+        if not callable(getattr(session, "infer_steps", None)):
+            self.infer_steps = None  # batchable only when the session is
+
+    def infer(self, rebuilt_frame, field, residual_mask, key, tau=0.0):
+        box = self._letterbox(rebuilt_frame)
+        if box is None:
+            return self.session.infer(rebuilt_frame, field, residual_mask, key, tau=tau)
+        # the sessions find their own reuse from the field: the sender's block mask is not mapped
+        return self._to_frame(box, self.session.infer(box.image(rebuilt_frame), box.field(field),
+                                                      None, key, tau=tau))
+
+    def infer_steps(self, rebuilt_frame, field, residual_mask, key, tau=0.0):
+        """:meth:`infer` as the session's steps (shared engine calls, fluxshard.tiles.batching)."""
+        box = self._letterbox(rebuilt_frame)
+        if box is None:
+            return (yield from self.session.infer_steps(rebuilt_frame, field, residual_mask, key,
+                                                        tau=tau))
+        out = yield from self.session.infer_steps(box.image(rebuilt_frame), box.field(field),
+                                                  None, key, tau=tau)
+        return self._to_frame(box, out)
+
+    def _letterbox(self, frame) -> Letterbox | None:
+        """The letterbox of a frame over ``imgsz`` (None: it runs as it is)."""
+        if max(frame.shape[:2]) <= self.imgsz:
+            return None
+        return Letterbox.fit(*frame.shape[:2], self.imgsz)
+
+    @staticmethod
+    def _to_frame(box: Letterbox, out) -> SessionResult:
+        rows, stats, masks = SessionResult(*out)
+        return SessionResult(box.rows_to_source(rows), {**stats, "input_hw": list(box.input_hw)},
+                             None if masks is None else box.masks_to_source(masks))
+
+    def close(self) -> None:
+        self.session.close()
+
+    def __getattr__(self, name):  # last_report, runners, state: the session's own
+        return getattr(self.session, name)
+
+
+def letterboxed(factory: SessionFactory, predict: PredictOptions | None) -> SessionFactory:
+    """``factory``'s sessions behind a :class:`LetterboxSession` when ``predict`` has an
+    ``imgsz``."""
+    if predict is None or predict.imgsz is None:
+        return factory
+    return lambda corrid: LetterboxSession(factory(corrid), predict.imgsz)
 
 
 def load_dense_model(weights: str | None = None, scale: str = "n", threads: int = 1, seed: int = 0,
@@ -436,7 +501,8 @@ def load_dense_model(weights: str | None = None, scale: str = "n", threads: int 
 
 __all__ = [
     "StreamSession", "SessionFactory", "SessionResult", "session_result", "DenseYoloSession",
-    "SparseYoloSession", "TileYoloSession", "DenseRunnerSession", "MapsDenseEngine",
-    "BestDenseRunners", "best_dense_session_factory",
+    "LetterboxSession", "letterboxed", "nms_detections", "NATIVE", "SparseYoloSession",
+    "TileYoloSession", "DenseRunnerSession", "MapsDenseEngine", "BestDenseRunners",
+    "best_dense_session_factory",
     "tile_session_factory", "executor_name", "EXECUTORS", "EXECUTOR_ALIASES",
     "yolo_session_factory", "detection_rows", "dense_yolo_factory", "load_dense_model"]

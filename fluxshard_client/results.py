@@ -8,6 +8,8 @@ from dataclasses import dataclass, field as dataclass_field
 
 import numpy as np
 
+from fluxshard.letterbox import Letterbox
+
 from .dispatch import Decision
 from .transport import DetectionRows
 
@@ -60,6 +62,9 @@ class FrameResult(DetectionRows):
     timestamp: float | None = None
     masks: np.ndarray | None = None
     motion: str = "given"  # the frame's field: "given" (the caller's / codec's), "estimated", "key"
+    # source frame -> model input (``imgsz``): detections, masks and orig_shape are the source
+    # frame's; residual_mask and field are on the input's grid (``letterbox.blocks_to_source``)
+    letterbox: Letterbox | None = None
 
     @property
     def class_names(self) -> list[str]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace as dataclass_replace
 from pathlib import Path
 from typing import AsyncIterator, Iterator
 
@@ -30,8 +30,11 @@ import numpy as np
 
 from fluxshard import wire
 from fluxshard.endpoint import EndpointPath
+from fluxshard.letterbox import Letterbox
 from fluxshard.motion.estimate import DEFAULT_ESTIMATOR, FrameMotion, check_frame
 from fluxshard.motion.state import ResidualSet
+from fluxshard.predict import (DEFAULT_CONF, DEFAULT_IMGSZ, DEFAULT_IOU, DEFAULT_MAX_DET,
+                               PredictOptions)
 from fluxshard.sessions import SessionResult
 from fluxshard.tau import DEFAULT_TAU, TauPolicy, TruncationTable
 
@@ -404,9 +407,13 @@ class _StreamBase:
 
     def _set_up(self, edge, cloud, dispatch, tau, profile, margin_ms, initial_mbps, block,
                 probe_interval, deadline_ms=None, clock=time.monotonic, names=None,
-                motion_estimator: str = DEFAULT_ESTIMATOR) -> None:
+                motion_estimator: str = DEFAULT_ESTIMATOR,
+                predict: PredictOptions | None = None) -> None:
         motion = FrameMotion(motion_estimator)  # a wrong name is told before anything opens
-        self.edge = edge if edge is not None else LocalEndpoint()
+        self.predict = predict or PredictOptions()
+        # the edge gets frames at their input size already: its sessions need not letterbox
+        self.edge = edge if edge is not None else LocalEndpoint(
+            predict=dataclass_replace(self.predict, imgsz=None))
         self.cloud = cloud
         if dispatch == "cloud" and cloud is None:
             raise ValueError("dispatch 'cloud' needs a cloud endpoint")
@@ -445,6 +452,32 @@ class _StreamBase:
         else:
             self.core.cloud_down_until = self.core.next_index + (self.dispatcher.probe_interval
                                                                  or 30)
+
+    def _letterbox(self, frame, field) -> tuple[np.ndarray, np.ndarray | None, Letterbox | None]:
+        """The frame and its field at the model's input size (``imgsz``), and the transform. A
+        bare frame's field is estimated after, at the input size."""
+        frame = np.asarray(frame)
+        if frame.ndim != 3 or self.predict.imgsz is None:
+            return frame, field, None  # a bad frame is refused by the plan, in its words
+        h, w = frame.shape[:2]
+        box = self.predict.letterbox(h, w)
+        if field is not None and np.asarray(field).shape != wire.field_shape(h, w):
+            raise ValueError(f"motion field shape {np.asarray(field).shape} does not match a "
+                             f"{h}x{w} frame ({wire.field_shape(h, w)})")
+        return box.image(frame), box.field(field), box
+
+    def _to_source(self, result: FrameResult, box: Letterbox | None) -> FrameResult:
+        """Detections (and masks) in the source frame's pixels, narrowed to this stream's
+        options (a cloud with looser ones answers with more)."""
+        rows, masks = result.detections, result.masks
+        if box is not None:
+            rows = box.rows_to_source(rows)
+            masks = None if masks is None else box.masks_to_source(masks)
+            result.orig_shape, result.letterbox = box.source_hw, box
+        keep = self.predict.keep(rows)
+        result.detections = rows[keep]
+        result.masks = None if masks is None else masks[keep]
+        return result
 
     def _plan(self, frame, field, is_key: bool, index: int | None,
               timestamp: float | None = None) -> _Plan:
@@ -496,6 +529,13 @@ class FluxShardStream(_StreamBase):
     ``motion_estimator``: how a bare frame's field is estimated
     (``fluxshard.motion.estimate.FIELD_ESTIMATORS``).
 
+    Predict options, ultralytics' names and defaults (fluxshard.predict): ``imgsz`` letterboxes
+    every frame and its field to that long side before anything else (None: the frame as it
+    is), so motion estimates, residual sets, caches, the uplink and the model all work at the
+    input size; ``conf``, ``iou``, ``classes``, ``max_det`` are the default edge's NMS options,
+    and narrow a cloud's answers (its own ``iou`` stands). Results' boxes and masks are in the
+    source frame's pixels.
+
     Use it as a context manager (``with FluxShardStream(...) as stream:``) or call
     :meth:`close`: it ends the cloud stream and releases the caches.
     """
@@ -506,7 +546,9 @@ class FluxShardStream(_StreamBase):
                  probe_interval: int | None = 30, stream_id: int | None = None,
                  deadline_ms: float | None = None, clock=time.monotonic,
                  names: dict[int, str] | None = None,
-                 motion_estimator: str = DEFAULT_ESTIMATOR):
+                 motion_estimator: str = DEFAULT_ESTIMATOR, imgsz: int | None = DEFAULT_IMGSZ,
+                 conf: float = DEFAULT_CONF, iou: float = DEFAULT_IOU, classes=None,
+                 max_det: int = DEFAULT_MAX_DET):
         if isinstance(edge, str):
             edge = RemoteEndpoint.connect(edge, stream_id, block)
         if isinstance(cloud, str):
@@ -514,7 +556,8 @@ class FluxShardStream(_StreamBase):
         elif cloud is not None and not hasattr(cloud, "run"):
             cloud = RemoteEndpoint(cloud)  # a transport Stream
         self._set_up(edge, cloud, dispatch, tau, profile, margin_ms, initial_mbps, block,
-                     probe_interval, deadline_ms, clock, names, motion_estimator)
+                     probe_interval, deadline_ms, clock, names, motion_estimator,
+                     PredictOptions(imgsz, conf, iou, classes, max_det))
 
     def process(self, frame: np.ndarray, field: np.ndarray | None = None, is_key: bool = False,
                 index: int | None = None, *, timestamp: float | None = None) -> FrameResult:
@@ -523,6 +566,7 @@ class FluxShardStream(_StreamBase):
         frame, whose field is estimated against the previous frame (the first one is a key
         frame). ``is_key``: reset every cache with a dense pass. ``timestamp``: the frame's time
         in seconds, carried to the result."""
+        frame, field, box = self._letterbox(frame, field)
         plan = self._plan(frame, field, is_key, index, timestamp)
         name = plan.decision.endpoint
         endpoint = self.edge if name == "edge" else self.cloud
@@ -536,7 +580,8 @@ class FluxShardStream(_StreamBase):
             plan, endpoint = self.core.cloud_failed(plan, e, t0), self.edge
             run = endpoint.run(plan.frame, plan.residual["edge"], plan.key["edge"], plan.index,
                                plan.tau["edge"])
-        return self.core.commit(plan, run, (time.perf_counter() - t0) * 1e3, endpoint.remote)
+        return self._to_source(self.core.commit(plan, run, (time.perf_counter() - t0) * 1e3,
+                                                endpoint.remote), box)
 
     def run(self, source, max_frames: int | None = None, validate: bool = True
             ) -> Iterator[FrameResult]:
@@ -585,16 +630,20 @@ class AsyncFluxShardStream(_StreamBase):
                  margin_ms: float = 2.0, initial_mbps: float = 20.0, block: int = 16,
                  probe_interval: int | None = 30, deadline_ms: float | None = None,
                  clock=time.monotonic, names: dict[int, str] | None = None,
-                 motion_estimator: str = DEFAULT_ESTIMATOR):
+                 motion_estimator: str = DEFAULT_ESTIMATOR, imgsz: int | None = DEFAULT_IMGSZ,
+                 conf: float = DEFAULT_CONF, iou: float = DEFAULT_IOU, classes=None,
+                 max_det: int = DEFAULT_MAX_DET):
         if cloud is not None and not hasattr(cloud, "run"):
             cloud = AsyncRemoteEndpoint(cloud)  # a transport AsyncStream
         self._set_up(edge, cloud, dispatch, tau, profile, margin_ms, initial_mbps, block,
-                     probe_interval, deadline_ms, clock, names, motion_estimator)
+                     probe_interval, deadline_ms, clock, names, motion_estimator,
+                     PredictOptions(imgsz, conf, iou, classes, max_det))
 
     async def process(self, frame, field=None, is_key: bool = False, index: int | None = None,
                       *, timestamp: float | None = None) -> FrameResult:
         """See :meth:`FluxShardStream.process`; a bare frame is planned in a worker thread, its
         motion estimate off the event loop."""
+        frame, field, box = self._letterbox(frame, field)
         if field is None and not is_key:
             plan = await asyncio.to_thread(self._plan, frame, field, is_key, index, timestamp)
         else:
@@ -609,7 +658,8 @@ class AsyncFluxShardStream(_StreamBase):
                 raise
             plan, endpoint = self.core.cloud_failed(plan, e, t0), self.edge
             run = await _call(endpoint, plan, "edge")
-        return self.core.commit(plan, run, (time.perf_counter() - t0) * 1e3, endpoint.remote)
+        return self._to_source(self.core.commit(plan, run, (time.perf_counter() - t0) * 1e3,
+                                                endpoint.remote), box)
 
     async def run(self, source, max_frames: int | None = None,
                   validate: bool = True) -> AsyncIterator[FrameResult]:

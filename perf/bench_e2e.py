@@ -34,7 +34,7 @@ def run_policy(policy, video, url, factory, stream_id, bandwidth_mbps, frames, p
     with FluxShardClient(url, uplink_mbps=bandwidth_mbps) as client:
         stream = FluxShardStream(LocalEndpoint(factory(stream_id)),
                                  client.open_stream(stream_id, **stream_kwargs), dispatch=policy,
-                                 initial_mbps=bandwidth_mbps or 20.0)
+                                 initial_mbps=bandwidth_mbps or 20.0, imgsz=None)
         results = list(tqdm(stream.run(video, max_frames=frames), total=frames, unit="frame",
                             desc=policy, disable=not progress))
         stream.close()

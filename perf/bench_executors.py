@@ -54,8 +54,9 @@ def run_clip(clip, level, video, truths, args, model):
     """Dense, exact and tiles on the same decoded frames of ``video``, each on the product's
     edge path; ``truths`` None for real footage (no ground truth: agreement with dense only)."""
     from edge_runtime.run import edge_only_stream
+    from fluxshard.sessions import NATIVE  # the clips' own size, as measured before --imgsz
 
-    streams = {name: edge_only_stream(name, str(video), model, tau=args.tau)
+    streams = {name: edge_only_stream(name, str(video), model, tau=args.tau, predict=NATIVE)
                for name in EXECUTORS}
     runs, decode_ms, _ = interleaved(
         streams, decoded_frames(video, args.frames, loop=False, restarts=[]), args.frames, clip)

@@ -127,11 +127,13 @@ def run_clip(clip: str, video: Path, frames: int, model, executor: str, estimato
 
     from edge_runtime.run import edge_only_stream
     from fluxshard.accuracy import box_agreement
+    from fluxshard.sessions import NATIVE  # the clips' own size, as measured before --imgsz
 
     # the tile executor not adaptive (unless asked): what it recomputes then depends on the
     # fields alone, not on how fast this machine ran each stream's frames
     options = {"tile_options": {"adaptive": False}} if executor == "tiles" and not adaptive else {}
-    streams = {"dense": edge_only_stream("dense", str(video), model),
+    options["predict"] = NATIVE
+    streams = {"dense": edge_only_stream("dense", str(video), model, predict=NATIVE),
                "codec": edge_only_stream(executor, str(video), model, **options)}
     probes = {}  # a second estimator per bare stream: the same fields, compared with the codec's
     for name in estimators:

@@ -205,10 +205,12 @@ def run_clip(clip: str, variant: str, video: Path, frames: int, model, progress:
              restarts: list[int]) -> tuple[list[dict], dict]:
     """Both executors on the same decoded frames of ``video``: rows and per-frame series."""
     from edge_runtime.run import edge_only_stream
+    from fluxshard.sessions import NATIVE  # the clips' own size, as measured before --imgsz
     from fluxshard.accuracy import box_agreement
     from fluxshard.footage import clip_split
 
-    streams = {name: edge_only_stream(name, str(video), model) for name in EXECUTORS}
+    streams = {name: edge_only_stream(name, str(video), model, predict=NATIVE)
+               for name in EXECUTORS}
     frames_iter = decoded_frames(video, frames, loop=variant == "as_shipped", restarts=restarts)
     runs, decode_ms, decoded = interleaved(streams, frames_iter, frames, f"{clip} {variant}",
                                            progress)

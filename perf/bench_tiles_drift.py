@@ -73,10 +73,12 @@ def run_clip(clip: str, level: str, video: Path, truths: list | None, args, mode
     """Dense and every tile configuration on the same decoded frames, each on the product's edge
     path, evaluated per window."""
     from edge_runtime.run import edge_only_stream
+    from fluxshard.sessions import NATIVE  # the clips' own size, as measured before --imgsz
 
-    streams = {"dense": edge_only_stream("dense", str(video), model)}
+    streams = {"dense": edge_only_stream("dense", str(video), model, predict=NATIVE)}
     for name, options in configs.items():
-        streams[name] = edge_only_stream("tiles", str(video), model, tile_options=options)
+        streams[name] = edge_only_stream("tiles", str(video), model, tile_options=options,
+                                         predict=NATIVE)
     knobs = {name: streams[name].edge.session.tile_executor for name in configs}
     runs, _, _ = interleaved(streams, decoded_frames(video, args.frames, loop=False, restarts=[]),
                              args.frames, clip)

@@ -47,7 +47,7 @@ class _Camera:
 
         self.client = FluxShardClient(url, **client_kwargs)
         self.stream = FluxShardStream(LocalEndpoint(threads=1), self.client.open_stream(5101),
-                                      dispatch="cloud")
+                                      dispatch="cloud", imgsz=None)
         self.scene = Scene(5101, *FRAME_SIZE)
         self.t = 0
         self.results = []  # (phase, FrameResult, wall ms)

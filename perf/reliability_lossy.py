@@ -66,7 +66,7 @@ def lossy_run(link: ShapedLink, loss: LossSpec | None, frames: int, stream_id: i
     stream = FluxShardStream(LocalEndpoint(threads=1),
                              client.open_stream(stream_id, key_codec=wire.Codec.H264,
                                                 residual_codec=wire.Codec.H264),
-                             dispatch="cloud")
+                             dispatch="cloud", imgsz=None)
     uplink = stream.cloud.stream.core.uplink
     if pin_quality and uplink.link_rate is not None:
         # the quality controller's range collapsed to the stream's crf: every IDR is then a

@@ -129,7 +129,8 @@ def test_a_runtime_failure_is_one_line_exit_1_and_leaves_no_files(synth_clips, t
     table = tmp_path / "table.json"
     table.write_text("not json")
     out = tmp_path / "out"
-    done = fluxshard("run", clip.video, "--tau-table", table, "--dispatch", "edge", "--out", out,
+    done = fluxshard("run", "--imgsz", "native",
+                     clip.video, "--tau-table", table, "--dispatch", "edge", "--out", out,
                      "--no-progress", cwd=tmp_path)
     assert done.returncode == 1, done.stderr
     assert done.stderr.strip().count("\n") == 0 and "table.json" in done.stderr, done.stderr
@@ -153,7 +154,7 @@ def _unused_port() -> int:
 def test_dispatch_cloud_with_an_unreachable_cloud_exits_1(synth_clips, tmp_path):
     clip, _ = synth_clips("pan")
     out = tmp_path / "out"
-    done = fluxshard("run", clip.video, "--dispatch", "cloud", "--cloud-url",
+    done = fluxshard("run", "--imgsz", "native", clip.video, "--dispatch", "cloud", "--cloud-url",
                      f"127.0.0.1:{_unused_port()}", "--frames", 3, "--out", out, "--no-progress",
                      cwd=tmp_path)
     assert done.returncode == 1, done.stdout + done.stderr
@@ -166,7 +167,8 @@ def test_dispatch_cloud_with_fallback_edge_runs_on_the_edge_and_says_so(synth_cl
     clip, _ = synth_clips("pan")
     out = tmp_path / "out"
     url = f"127.0.0.1:{_unused_port()}"
-    done = fluxshard("run", clip.video, "--dispatch", "cloud", "--fallback", "edge",
+    done = fluxshard("run", "--imgsz", "native",
+                     clip.video, "--dispatch", "cloud", "--fallback", "edge",
                      "--cloud-url", url, "--frames", 3, "--out", out, "--no-progress",
                      cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -286,7 +286,8 @@ def test_fluxshard_run_dense_finds_the_person_in_a_real_clip(tmp_path):
     from fluxshard.footage import camera_stream
 
     video = camera_stream("carphone_pristine", tmp_path / "clip", frames=10)
-    done = _cli("run", str(video), "--weights", "yolov3-tiny", "--executor", "dense",
+    done = _cli("run", str(video), "--imgsz", "native",
+                "--weights", "yolov3-tiny", "--executor", "dense",
                 "--dispatch", "edge", "--frames", "10", "--out", str(tmp_path / "out"),
                 "--no-progress")
     assert done.returncode == 0, done.stderr[-2000:]
@@ -297,7 +298,8 @@ def test_fluxshard_run_dense_finds_the_person_in_a_real_clip(tmp_path):
     with_person = [f for f in frames
                    if any(n == "person" and s >= 0.5 for n, s in zip(f["names"], f["scores"]))]
     assert len(with_person) >= 8, [list(zip(f["names"], f["scores"])) for f in frames]
-    refused = _cli("run", str(video), "--weights", "yolov3-tiny", "--executor", "exact",
+    refused = _cli("run", str(video), "--imgsz", "native",
+                   "--weights", "yolov3-tiny", "--executor", "exact",
                    "--dispatch", "edge", "--frames", "2", "--out", str(tmp_path / "exact"),
                    "--no-progress")
     assert refused.returncode == 1
@@ -312,7 +314,8 @@ def test_fluxshard_run_with_yolov3_tiny_and_no_executor_runs_tiles_on_a_real_cli
     from fluxshard.footage import camera_stream
 
     video = camera_stream("carphone_pristine", tmp_path / "clip", frames=10)
-    done = _cli("run", str(video), "--weights", "yolov3-tiny", "--dispatch", "edge",
+    done = _cli("run", str(video), "--imgsz", "native",
+                "--weights", "yolov3-tiny", "--dispatch", "edge",
                 "--frames", "10", "--out", str(tmp_path / "out"), "--no-progress")
     assert done.returncode == 0, done.stderr[-2000:]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
@@ -331,7 +334,8 @@ def test_the_served_model_takes_named_weights(triton_installed, tmp_path):
     from fluxshard.footage import camera_stream
 
     video = camera_stream("carphone_pristine", tmp_path / "clip", frames=5)
-    done = _cli("run", str(video), "--weights", "yolov3-tiny", "--executor", "dense",
+    done = _cli("run", str(video), "--imgsz", "native",
+                "--weights", "yolov3-tiny", "--executor", "dense",
                 "--dispatch", "cloud", "--frames", "5", "--out", str(tmp_path / "out"),
                 "--no-progress")
     assert done.returncode == 0, done.stderr[-2000:]

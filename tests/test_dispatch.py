@@ -222,7 +222,7 @@ def test_idle_endpoint_keeps_accumulating_and_resumes_with_a_residual_frame(synt
     cloud_session = two_endpoints(2)
     stream = FluxShardStream(LocalEndpoint(two_endpoints(1)), LocalEndpoint(cloud_session),
                              profile=flat_profile(edge_ms=30.0, cloud_ms=5.0),
-                             initial_mbps=1000.0)
+                             initial_mbps=1000.0, imgsz=None)
     fast = stream.dispatcher.bandwidth.bytes_per_s
     results, cloud_idle = [], []
     for mf in iter_motion(paths.video, max_frames=10):
@@ -247,7 +247,7 @@ def test_idle_endpoint_keeps_accumulating_and_resumes_with_a_residual_frame(synt
 
 def test_bad_input_is_refused_clearly(two_endpoints):
     stream = FluxShardStream(LocalEndpoint(two_endpoints(3)), dispatch="edge",
-                             profile=flat_profile(10, 5))
+                             profile=flat_profile(10, 5), imgsz=None)
     frame = np.zeros((64, 96, 3), np.uint8)
     with pytest.raises(ValueError, match="uint8 RGB"):
         stream.process(frame.astype(np.float32), None, True)
@@ -257,7 +257,7 @@ def test_bad_input_is_refused_clearly(two_endpoints):
     with pytest.raises(ValueError, match="not after"):
         stream.process(frame, np.zeros((16, 24, 2), np.float32), index=0)
     with pytest.raises(ValueError, match="needs a cloud"):
-        FluxShardStream(LocalEndpoint(two_endpoints(4)), dispatch="cloud")
+        FluxShardStream(LocalEndpoint(two_endpoints(4)), dispatch="cloud", imgsz=None)
 
 
 def test_an_unreachable_cloud_falls_back_to_the_edge(two_endpoints):
@@ -268,7 +268,7 @@ def test_an_unreachable_cloud_falls_back_to_the_edge(two_endpoints):
 
     cloud = RemoteEndpoint.connect(f"127.0.0.1:{free_port()}", 5, block=16)
     stream = FluxShardStream(LocalEndpoint(two_endpoints(5)), cloud, dispatch="cloud",
-                             profile=flat_profile(10, 5), probe_interval=3)
+                             profile=flat_profile(10, 5), probe_interval=3, imgsz=None)
     rng = np.random.default_rng(0)
     frame = rng.integers(0, 256, (64, 96, 3), dtype=np.uint8)
     field = np.zeros((16, 24, 2), np.float32)

@@ -51,7 +51,7 @@ def test_default_deadline_follows_the_edge_and_the_cloud_estimate():
     deadline = Deadline.after(2.5, clock)  # read at 1: due at 3.5
     assert deadline.remaining() == 1.5 and deadline.remaining() == 0.5
     with pytest.raises(ValueError, match="deadline_ms must be > 0"):
-        FluxShardStream(edge(), dispatch="edge", deadline_ms=0)
+        FluxShardStream(edge(), dispatch="edge", deadline_ms=0, imgsz=None)
 
 
 def test_a_late_cloud_answer_is_abandoned_and_the_edge_answers(tritonserver):
@@ -62,7 +62,7 @@ def test_a_late_cloud_answer_is_abandoned_and_the_edge_answers(tritonserver):
     clock = TickingClock(30.0)
     with FluxShardClient(tritonserver.grpc_url) as client:
         stream = FluxShardStream(edge(), client.open_stream(3101), dispatch="cloud",
-                                 deadline_ms=60_000, clock=clock)
+                                 deadline_ms=60_000, clock=clock, imgsz=None)
         results, source = [], frames(10_000)
         for t in range(3):
             results.append(stream.process(*next(source), index=t))
@@ -106,7 +106,7 @@ def test_a_stopped_server_costs_no_frame_and_the_cloud_comes_back(tmp_path, trit
     server = TritonServer(models=["fluxshard"], log_file=tmp_path / "first.log").start()
     waits = []  # retry pauses the transport asked for: none may happen inside a frame
     with FluxShardClient(server.grpc_url) as client:
-        stream = FluxShardStream(edge(), client.open_stream(3103), dispatch="cloud")
+        stream = FluxShardStream(edge(), client.open_stream(3103), dispatch="cloud", imgsz=None)
         core = stream.cloud.stream.core
         on_unavailable = core.on_unavailable
 
@@ -145,7 +145,7 @@ def test_the_asyncio_stream_watches_the_cloud_with_a_task():
 
     async def main():
         async with AsyncFluxShardClient(f"127.0.0.1:{free_port()}") as aio:
-            stream = AsyncFluxShardStream(edge(), aio.open_stream(3104), dispatch="cloud")
+            stream = AsyncFluxShardStream(edge(), aio.open_stream(3104), dispatch="cloud", imgsz=None)
             out = [await stream.process(frame, field, field is None, t)
                    for t, (frame, field) in enumerate(frames(3))]
             watch = stream.core.watch
@@ -212,7 +212,7 @@ def test_tls_and_auth_header_through_the_sdk(secured_server):
     # the header without a client certificate: the mutual-TLS handshake fails, the edge answers
     with FluxShardClient(server.grpc_url, ssl=True, root_certificates=pki["ca"][0],
                          headers=auth_headers(*AUTH)) as client:
-        stream = FluxShardStream(edge(), client.open_stream(3203), dispatch="cloud")
+        stream = FluxShardStream(edge(), client.open_stream(3203), dispatch="cloud", imgsz=None)
         result = stream.process(frame, None, True, 0)
         stream.close()
         assert result.endpoint == "edge" and "unreachable" in result.decision.reason
@@ -233,7 +233,8 @@ def test_run_reaches_a_secured_cloud_and_says_what_is_missing(secured_server, tm
     import subprocess
 
     server, pki = secured_server
-    base = [sys.executable, "-m", "fluxshard.cli", "run", "--demo", "--size", "160", "96",
+    base = [sys.executable, "-m", "fluxshard.cli", "run", "--imgsz", "native",
+            "--demo", "--size", "160", "96",
             "--frames", "3", "--dispatch", "cloud", "--no-progress", "--uplink-codec", "lossless",
             "--cloud-url", server.grpc_url]
     secured = ["--tls-ca", str(pki["ca"][0]), "--tls-cert", str(pki["client"][0]),

@@ -53,7 +53,7 @@ def test_tiles_edge_gets_the_whole_frame_and_the_field_since_it_last_ran(synth_c
     frames = 9
     edge = LocalEndpoint(tile_sessions(1))
     cloud = LocalEndpoint(DenseYoloSession(model))  # any endpoint: it only takes frames away
-    stream = FluxShardStream(edge, cloud, dispatch="alternate")
+    stream = FluxShardStream(edge, cloud, dispatch="alternate", imgsz=None)
     assert stream.dispatcher.edge_executor == "tiles"  # the tiles latency table
     decoded = list(iter_motion(paths.video, max_frames=frames))
     results = []
@@ -88,7 +88,7 @@ def test_tiles_edge_gets_the_whole_frame_and_the_field_since_it_last_ran(synth_c
 def test_a_key_frame_resets_the_tiles_edge(synth_clips, tile_sessions):
     paths, _spec = synth_clips("pan")
     session = tile_sessions(3)
-    stream = FluxShardStream(LocalEndpoint(session), dispatch="edge")
+    stream = FluxShardStream(LocalEndpoint(session), dispatch="edge", imgsz=None)
     decoded = list(iter_motion(paths.video, max_frames=3))
     for mf in decoded:
         stream.process(mf.image, None if mf.is_key else mf.field, mf.is_key, mf.index)
@@ -105,7 +105,8 @@ def _run(tmp_path, *args):
     from fluxshard.cli import main
 
     out = tmp_path / "run"
-    rc = main(["run", "--demo", "--frames", "5", "--size", "320", "192", "--out", str(out),
+    rc = main(["run", "--imgsz", "native",
+               "--demo", "--frames", "5", "--size", "320", "192", "--out", str(out),
                "--dispatch", "edge", "--no-progress", *map(str, args)])
     assert rc == 0
     lines = [json.loads(line) for line in (out / "detections.jsonl").read_text().splitlines()]
@@ -174,7 +175,7 @@ def test_served_tiles_equal_the_tile_executor_on_the_rebuilt_frames(tiles_server
     paths, _spec = synth_clips("pan")
     with FluxShardClient(tiles_server.grpc_url) as client:
         stream = FluxShardStream(LocalEndpoint(tile_sessions(4)), client.open_stream(3001),
-                                 dispatch="cloud")
+                                 dispatch="cloud", imgsz=None)
         results, inputs = [], {}
         for r in stream.run(paths.video, max_frames=8):
             results.append(r)

@@ -112,7 +112,7 @@ def test_bad_frames_and_estimators_are_refused_clearly(detector):
 
 def test_bare_frames_are_key_first_and_after_a_size_change_then_estimated(still_clips):
     frames = still_clips["cup"][:3]
-    with FluxShardStream(LocalEndpoint(executor="tiles"), dispatch="edge") as stream:
+    with FluxShardStream(LocalEndpoint(executor="tiles"), dispatch="edge", imgsz=None) as stream:
         results = [stream.process(frame) for frame in frames]
         small = stream.process(np.ascontiguousarray(frames[0][:128, :160]))
         after = stream.process(np.ascontiguousarray(frames[1][:128, :160]))
@@ -153,7 +153,7 @@ def dense_stream(detector) -> FluxShardStream:
     from fluxshard.sessions import yolo_session_factory
 
     return FluxShardStream(LocalEndpoint(yolo_session_factory("dense", model=detector)(0)),
-                           dispatch="edge")
+                           dispatch="edge", imgsz=None)
 
 
 def tiles_stream(detector) -> FluxShardStream:
@@ -163,7 +163,7 @@ def tiles_stream(detector) -> FluxShardStream:
 
     session = yolo_session_factory("tiles", model=detector, threads=1,
                                    tile_engine="onnxruntime")(0)
-    return FluxShardStream(LocalEndpoint(session), dispatch="edge")
+    return FluxShardStream(LocalEndpoint(session), dispatch="edge", imgsz=None)
 
 
 def _boxes(result) -> dict:
@@ -188,7 +188,8 @@ def test_results_carry_names_shape_timestamp_and_no_masks_for_a_detector(still_c
 def test_names_given_to_the_stream_win_and_run_carries_the_containers_time(synth_clips):
     paths, _ = synth_clips("pan")
     names = {0: "thing"}
-    with FluxShardStream(LocalEndpoint(executor="dense"), dispatch="edge", names=names) as stream:
+    with FluxShardStream(LocalEndpoint(executor="dense"), dispatch="edge", names=names,
+                         imgsz=None) as stream:
         results = list(stream.run(str(paths.video), max_frames=3))
     assert all(r.names == names for r in results)
     times = [r.timestamp for r in results]
@@ -233,7 +234,7 @@ def test_a_segment_models_masks_reach_the_results_and_supervision():
     scene = synth.Scene(synth.SceneSpec(width=320, height=192, frames=3, seed=3, camera="static",
                                         num_objects=5))
     session = yolo_session_factory("tiles", model=model, threads=1, tile_engine="onnxruntime")(0)
-    with FluxShardStream(LocalEndpoint(session), dispatch="edge") as stream:
+    with FluxShardStream(LocalEndpoint(session), dispatch="edge", imgsz=None) as stream:
         results = [stream.process(scene.render(t).image) for t in range(3)]
     assert results[-1].motion == "estimated"
     assert sum(len(r.detections) for r in results) > 0
@@ -251,7 +252,7 @@ def test_async_with_closes_the_stream_and_releases_its_caches(still_clips):
     edge = LocalEndpoint(executor="tiles")
 
     async def main():
-        async with AsyncFluxShardStream(edge, dispatch="edge") as stream:
+        async with AsyncFluxShardStream(edge, dispatch="edge", imgsz=None) as stream:
             results = [await stream.process(frame) for frame in frames]
             assert stream.states["edge"].cache is not None
         return stream, results
@@ -271,7 +272,7 @@ def test_async_with_ends_the_cloud_stream(tritonserver, still_clips):
         async with AsyncFluxShardClient(tritonserver.grpc_url) as client:
             cloud = client.open_stream(7301)
             async with AsyncFluxShardStream(LocalEndpoint(executor="dense"), cloud,
-                                            dispatch="cloud") as stream:
+                                            dispatch="cloud", imgsz=None) as stream:
                 results = [await stream.process(frame) for frame in frames]
             assert cloud.core.closed  # the server was told the stream ended
             async with client.open_stream(7302) as other:

@@ -131,7 +131,7 @@ def test_run_on_a_looped_clip_serves_metrics_that_match_its_frames(synth_clips, 
     # frames in turn on the edge and the cloud: both endpoints' series, the uplink's bytes
     process = subprocess.Popen(
         [sys.executable, "-m", "fluxshard.cli", "run", str(clip.video), "--loop", "--dispatch",
-         "alternate", "--cloud-url", tritonserver.grpc_url, "--executor", "exact",
+         "alternate", "--imgsz", "native", "--cloud-url", tritonserver.grpc_url, "--executor", "exact",
          "--metrics-port", str(port), "--out", str(out), "--no-progress"], cwd=REPO_ROOT,
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -35,7 +35,7 @@ def test_alternating_dispatch_against_the_real_server(tritonserver, synth_clips,
     paths, _spec = synth_clips("pan")
     with FluxShardClient(tritonserver.grpc_url) as client:
         stream = FluxShardStream(LocalEndpoint(sessions(1)), client.open_stream(2001),
-                                 dispatch="alternate")
+                                 dispatch="alternate", imgsz=None)
         results, cloud_inputs = [], {}
         for r in stream.run(paths.video, max_frames=FRAMES):
             results.append(r)
@@ -71,14 +71,14 @@ def test_async_stream_matches_the_sync_stream(tritonserver, synth_clips, session
     paths, _spec = synth_clips("pan_zoom")
     with FluxShardClient(tritonserver.grpc_url) as client:
         sync = FluxShardStream(LocalEndpoint(sessions(3)), client.open_stream(2002),
-                               dispatch="cloud")
+                               dispatch="cloud", imgsz=None)
         expected = list(sync.run(paths.video, max_frames=5))
         sync.close()
 
     async def main():
         async with AsyncFluxShardClient(tritonserver.grpc_url) as aio:
             stream = AsyncFluxShardStream(LocalEndpoint(sessions(4)), aio.open_stream(2003),
-                                          dispatch="cloud")
+                                          dispatch="cloud", imgsz=None)
             out = [r async for r in stream.run(paths.video, max_frames=5)]
             await stream.close()
             return out
@@ -99,7 +99,7 @@ def test_jpeg_uplink_keeps_the_mirror_exact_with_far_fewer_bytes(tritonserver, s
         for k, codec in enumerate((wire.Codec.ZLIB, wire.Codec.JPEG)):
             stream = FluxShardStream(cloud=client.open_stream(2100 + k, key_codec=codec,
                                                               residual_codec=codec),
-                                     dispatch="cloud", edge=LocalEndpoint(threads=1))
+                                     dispatch="cloud", edge=LocalEndpoint(threads=1), imgsz=None)
             results = list(stream.run(paths.video, max_frames=6))
             stream.close()
             # a digest mismatch would re-send the frame as a key frame, with the reason in stats
@@ -118,7 +118,8 @@ def test_run_demo_writes_every_output(tritonserver, tmp_path, capsys):
 
     out = tmp_path / "run"
     frames = 6
-    rc = main(["run", "--demo", "--frames", str(frames), "--size", "320", "192", "--out", str(out),
+    rc = main(["run", "--imgsz", "native",
+               "--demo", "--frames", str(frames), "--size", "320", "192", "--out", str(out),
                "--cloud-url", tritonserver.grpc_url, "--dispatch", "alternate", "--no-progress"])
     assert rc == 0
     for name in ("detections.jsonl", "annotated.mp4", "report.png", "summary.json"):
@@ -196,7 +197,7 @@ def test_h264_uplink_under_alternating_dispatch_learns_its_bytes(tritonserver, s
     with FluxShardClient(tritonserver.grpc_url) as client:
         stream = FluxShardStream(cloud=client.open_stream(2200, key_codec=wire.Codec.H264,
                                                           residual_codec=wire.Codec.H264),
-                                 dispatch="alternate", edge=LocalEndpoint(threads=1))
+                                 dispatch="alternate", edge=LocalEndpoint(threads=1), imgsz=None)
         results = list(stream.run(paths.video, max_frames=8))
         learned = stream.core.h264_bytes
         stream.close()

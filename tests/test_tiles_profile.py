@@ -257,7 +257,8 @@ def test_run_executor_tiles_takes_the_tiles_table(swept, tmp_path):
 
     table = swept.save(tmp_path / "tiles_table.json")
     out = tmp_path / "run"
-    rc = main(["run", "--demo", "--frames", "4", "--size", "320", "192", "--out", str(out),
+    rc = main(["run", "--imgsz", "native",
+               "--demo", "--frames", "4", "--size", "320", "192", "--out", str(out),
                "--dispatch", "edge", "--no-progress", "--executor", "tiles", "--tiles-table",
                str(table)])
     assert rc == 0
@@ -265,11 +266,13 @@ def test_run_executor_tiles_takes_the_tiles_table(swept, tmp_path):
     assert summary["executor"] == "tiles" and summary["tiles_table"] == str(table)
     # the table without --executor: it implies tiles
     implied = tmp_path / "implied"
-    rc = main(["run", "--demo", "--frames", "2", "--size", "320", "192", "--out", str(implied),
+    rc = main(["run", "--imgsz", "native",
+               "--demo", "--frames", "2", "--size", "320", "192", "--out", str(implied),
                "--dispatch", "edge", "--no-progress", "--tiles-table", str(table)])
     assert rc == 0 and json.loads((implied / "summary.json").read_text())["executor"] == "tiles"
     # the table with another executor: one line, exit 1, before anything runs
-    rc = main(["run", "--demo", "--frames", "2", "--size", "320", "192", "--out",
+    rc = main(["run", "--imgsz", "native",
+               "--demo", "--frames", "2", "--size", "320", "192", "--out",
                str(tmp_path / "exact"), "--dispatch", "edge", "--no-progress", "--executor",
                "exact", "--tiles-table", str(table)])
     assert rc == 1 and not (tmp_path / "exact").exists()

@@ -70,7 +70,7 @@ def test_run_track_writes_ids_that_follow_the_synthetic_objects(tmp_path, capsys
 
     out = tmp_path / "run"
     assert main(["run", "--demo", "--dispatch", "edge", "--track", "--frames", "16", "--size",
-                 "320", "192", "--no-progress", "--out", str(out)]) == 0
+                 "320", "192", "--imgsz", "native", "--no-progress", "--out", str(out)]) == 0
     records = [json.loads(line) for line in (out / "detections.jsonl").read_text().splitlines()]
     assert len(records) == 16
     assert json.loads((out / "summary.json").read_text())["track"] is True

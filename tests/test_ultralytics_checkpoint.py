@@ -218,7 +218,8 @@ def test_a_checkpoint_naming_os_system_is_refused_in_one_line_and_runs_nothing(t
         load_model(path)
     message = str(refused.value)
     assert "\n" not in message and f"names {system}," in message and "refused" in message
-    code = main(["run", str(clip), "--weights", str(path), "--dispatch", "edge",
+    code = main(["run", "--imgsz", "native",
+                 str(clip), "--weights", str(path), "--dispatch", "edge",
                  "--out", str(tmp_path / "run"), "--no-progress"])
     err = capsys.readouterr().err
     assert code == 1 and system in err
@@ -254,7 +255,8 @@ def test_run_takes_an_ultralytics_checkpoint_through_the_cli(tmp_path, clip, cap
     with ultralytics_classes() as classes:
         weights = save_ultralytics_checkpoint(tmp_path / "yolo11n.pt", model, classes=classes)
     out = tmp_path / "run"
-    code = main(["run", str(clip), "--weights", str(weights), "--dispatch", "edge", "--frames", "3",
+    code = main(["run", "--imgsz", "native",
+                 str(clip), "--weights", str(weights), "--dispatch", "edge", "--frames", "3",
                  "--out", str(out), "--no-progress"])
     assert code == 0, capsys.readouterr().err
     assert json.loads((out / "summary.json").read_text())["classes"] == list(NAMES.values())

@@ -77,7 +77,8 @@ def run_verb(argv, capsys):
 def test_run_with_our_checkpoint_labels_detections_with_its_names(tmp_path, clip, capsys):
     weights = save_checkpoint(user_model(FACTORY_NAMES), tmp_path / "factory.pt")
     out = tmp_path / "run"
-    code, printed = run_verb(["run", clip, "--weights", weights, "--dispatch", "edge",
+    code, printed = run_verb(["run", "--imgsz", "native",
+                              clip, "--weights", weights, "--dispatch", "edge",
                               "--frames", "3", "--out", out, "--no-progress"], capsys)
     assert code == 0, printed.err
     summary = json.loads((out / "summary.json").read_text())
@@ -94,7 +95,8 @@ def test_run_with_an_ultralytics_state_dict_of_seven_classes(tmp_path, clip, cap
     # an ultralytics state dict saved with its class names
     torch.save({"model": model.state_dict(), "names": dict(model.names)}, weights)
     out = tmp_path / "run"
-    code, printed = run_verb(["run", clip, "--weights", weights, "--dispatch", "edge",
+    code, printed = run_verb(["run", "--imgsz", "native",
+                              clip, "--weights", weights, "--dispatch", "edge",
                               "--frames", "2", "--out", out, "--no-progress"], capsys)
     assert code == 0, printed.err
     assert json.loads((out / "summary.json").read_text())["classes"] == list(SEVEN_NAMES.values())
@@ -105,7 +107,8 @@ def test_run_with_an_ultralytics_state_dict_of_seven_classes(tmp_path, clip, cap
 def test_run_with_a_file_that_is_no_detector_says_so(tmp_path, clip, capsys):
     weights = tmp_path / "other.pt"
     torch.save({"fc.weight": torch.zeros(2, 2)}, weights)
-    code, printed = run_verb(["run", clip, "--weights", weights, "--dispatch", "edge",
+    code, printed = run_verb(["run", "--imgsz", "native",
+                              clip, "--weights", weights, "--dispatch", "edge",
                               "--out", tmp_path / "run", "--no-progress"], capsys)
     assert code == 1 and "not a YOLO11 or Darknet checkpoint" in printed.err
 
@@ -253,7 +256,8 @@ def test_run_starts_a_local_cloud_that_serves_the_same_weights(tmp_path, clip, c
     cloud's detections are all "pallet" (the embedded detector has 4 other classes)."""
     weights = save_checkpoint(user_model(FACTORY_NAMES), tmp_path / "factory.pt")
     out = tmp_path / "run"
-    code, printed = run_verb(["run", clip, "--weights", weights, "--dispatch", "cloud",
+    code, printed = run_verb(["run", "--imgsz", "native",
+                              clip, "--weights", weights, "--dispatch", "cloud",
                               "--frames", "3", "--out", out, "--no-progress"], capsys)
     assert code == 0, printed.err
     records = [json.loads(line) for line in (out / "detections.jsonl").read_text().splitlines()]

@@ -1,7 +1,8 @@
 """Pre- and post-processing for YOLO11 in pure torch/numpy (no torchvision).
 
-Frames are padded bottom/right to a multiple of 32 and never resized, so codec motion vectors stay
-valid in pixels and boxes need no rescaling: mapping back to the frame is a clip.
+Frames are padded bottom/right to a multiple of 32 and never resized here, so boxes need no
+rescaling: mapping back to the frame is a clip. Resizing to ``--imgsz`` happens before, on the
+source frame and its motion field alike (fluxshard.letterbox).
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-PAD_VALUE = 114  # ultralytics letterbox grey
+from fluxshard.letterbox import PAD_VALUE
+
 MAX_WH = 7680  # class offset for batched NMS: larger than any box coordinate
 MAX_NMS = 30000  # boxes entering NMS per image, highest scores first
 
@@ -108,7 +110,7 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_thres: float,
 
 
 def non_max_suppression(preds: torch.Tensor | tuple, conf_thres: float = 0.25,
-                        iou_thres: float = 0.45, max_det: int = 300,
+                        iou_thres: float = 0.7, max_det: int = 300,
                         classes: list[int] | None = None, agnostic: bool = False,
                         nm: int | None = None) -> list[torch.Tensor]:
     """Per image (n, 6 + nm) rows [x1, y1, x2, y2, score, class, mask coeffs...].
@@ -170,7 +172,7 @@ def process_mask(protos: torch.Tensor, coeffs: torch.Tensor, boxes: torch.Tensor
 
 def postprocess(output: torch.Tensor | tuple, input_shape: tuple[int, int],
                 orig_shape: tuple[int, int] | None = None, conf_thres: float = 0.25,
-                iou_thres: float = 0.45, max_det: int = 300, classes: list[int] | None = None,
+                iou_thres: float = 0.7, max_det: int = 300, classes: list[int] | None = None,
                 agnostic: bool = False) -> list[Detections]:
     """Eval output of a YOLO11 -> one :class:`Detections` per image, in frame pixels.
 

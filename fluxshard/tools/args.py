@@ -40,6 +40,71 @@ def add_weights(p: argparse.ArgumentParser, help: str = WEIGHTS_HELP) -> None:
     p.add_argument("--weights", default=None, help=help + NAMED_WEIGHTS_HELP)
 
 
+# ------------------------------------------------------------------------------ predict options
+
+def add_predict(p: argparse.ArgumentParser, served: bool = False) -> None:
+    """ultralytics' predict options (fluxshard.predict): ``--imgsz --conf --iou --classes
+    --max-det``. ``served``: `fluxshard serve`'s, which default to the model config's
+    parameters (the same values) and set only those given."""
+    from fluxshard.predict import DEFAULT_CONF, DEFAULT_IMGSZ, DEFAULT_IOU, DEFAULT_MAX_DET
+
+    def default(value, parameter):
+        return None if served else value, (f" (default: the config's `{parameter}` parameter, "
+                                           f"{value})" if served else "")
+
+    value, said = default(DEFAULT_IMGSZ, "imgsz")
+    # served: kept as the parameter's text, so "native" differs from not given
+    kind = _imgsz_parameter if served else cli_common.imgsz
+    what = ("a frame whose long side is over it (a client that did not letterbox) is "
+            "letterboxed down to it; smaller frames run as they are" if served else
+            "each frame (and its motion field) is letterboxed to this long side")
+    p.add_argument("--imgsz", type=kind, default=value, metavar="N|native",
+                   help=f"inference size: {what}, keeping the aspect ratio and padding the short "
+                        "side to a multiple of 32, as ultralytics does; boxes come back in the "
+                        "frame's pixels. native: the frame as it is, padded to a multiple of 32"
+                        + said)
+    value, said = default(DEFAULT_CONF, "conf")
+    p.add_argument("--conf", type=cli_common.fraction, default=value,
+                   help="confidence threshold" + said)
+    value, said = default(DEFAULT_IOU, "iou")
+    p.add_argument("--iou", type=cli_common.fraction, default=value,
+                   help="NMS IoU threshold" + said)
+    p.add_argument("--classes", type=cli_common.nonnegative_int, nargs="+", default=None,
+                   metavar="ID", help="keep only these class ids (default: all)")
+    value, said = default(DEFAULT_MAX_DET, "max_det")
+    p.add_argument("--max-det", type=cli_common.positive_int, default=value,
+                   help="most detections per frame" + said)
+
+
+def _imgsz_parameter(text: str) -> str:
+    from fluxshard.predict import NATIVE
+
+    value = cli_common.imgsz(text)
+    return NATIVE if value is None else str(value)
+
+
+_imgsz_parameter.__name__ = cli_common.imgsz.__name__
+
+
+def predict_options(args: argparse.Namespace):
+    """The :class:`fluxshard.predict.PredictOptions` of a verb's parsed ``add_predict``
+    options."""
+    from fluxshard.predict import PredictOptions
+
+    return PredictOptions(imgsz=args.imgsz, conf=args.conf, iou=args.iou,
+                          classes=tuple(args.classes) if args.classes else None,
+                          max_det=args.max_det)
+
+
+def served_predict_parameters(args: argparse.Namespace) -> dict[str, str]:
+    """The served model's parameters for the ``add_predict(served=True)`` options given."""
+    given = {"imgsz": args.imgsz, "conf": args.conf, "iou": args.iou, "max_det": args.max_det}
+    parameters = {k: str(v) for k, v in given.items() if v is not None}
+    if args.classes:
+        parameters["classes"] = ",".join(map(str, args.classes))
+    return parameters
+
+
 # ------------------------------------------------------------------------------------------ tau
 
 TAU_HELP = ("tau on the [0, 1] input scale, rounded to whole grey levels: picks the residual "

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import statistics
 import sys
 import time
@@ -59,14 +60,16 @@ def profile_latency(*, width: int = 640, height: int = 384, fractions=DEFAULT_FR
                     repeats: int = 5, cloud_url: str | None = None, cloud: bool = True,
                     threads: int | None = None, block: int = 16, progress: bool = True,
                     out: str | Path | None = None, weights: str | Path | None = None,
-                    executors=EDGE_EXECUTORS, clock=time.perf_counter):
+                    executors=EDGE_EXECUTORS, clock=time.perf_counter, predict=None):
     """Measure both tables; returns the :class:`fluxshard_client.LatencyProfile` (saved to
     ``out`` when given). ``cloud=False`` keeps the built-in cloud table. ``weights``: the
     detector on both sides (None: the embedded demo one). ``executors``: the edge executors to
     measure besides the exact one, whose table is always measured (one that cannot be built is
     left out with a note). ``clock``: seconds, what the edge runs are timed with.
     ``threads``: the other edge executors' engines' (torch's own are the process's: the entry
-    point sets them)."""
+    point sets them). ``predict``: fluxshard.predict's options (None: ultralytics' defaults);
+    ``width`` x ``height`` is the model's input size (:func:`input_size`), a local cloud gets
+    them as its parameters."""
     import torch
     from tqdm import tqdm
 
@@ -95,7 +98,8 @@ def profile_latency(*, width: int = 640, height: int = 384, fractions=DEFAULT_FR
                unit="run", disable=not progress, dynamic_ncols=True)
     edge_ms = []
     if exact:
-        session = yolo_session_factory("sparse", model=model)(0)
+        session = yolo_session_factory("sparse", model=model,
+                                       predict=_native(predict))(0)
         for base, changed, mask in cases:
             times = []
             for _ in range(repeats):
@@ -115,7 +119,7 @@ def profile_latency(*, width: int = 640, height: int = 384, fractions=DEFAULT_FR
                      "edge table is the dense one")
     cloud_ms, where = None, None
     if cloud:
-        with _cloud_url(cloud_url, weights, None if exact else "tiles") as url:
+        with _cloud_url(cloud_url, weights, None if exact else "tiles", predict) as url:
             where = cloud_url or "local tritonserver"
             with FluxShardClient(url) as client:
                 stream = client.open_stream(7_000_001, block=block)
@@ -201,22 +205,43 @@ def _profile_edge_executors(model, executors, cases, field, repeats: int, thread
 
 
 @contextlib.contextmanager
-def _cloud_url(cloud_url: str | None, weights=None, executor: str | None = None):
+def _cloud_url(cloud_url: str | None, weights=None, executor: str | None = None, predict=None):
     if cloud_url:
         yield cloud_url
         return
     from fluxshard.serving.tritonserver import TritonServer
 
+    parameters = {**({"executor": executor} if executor else {}),
+                  **(predict.parameters() if predict is not None else {})}
     with TritonServer(models=["fluxshard"], weights=weights,
-                      parameters={"executor": executor} if executor else None) as server:
+                      parameters=parameters or None) as server:
         yield server.grpc_url
+
+
+def _native(predict):
+    """``predict``'s NMS options for a session fed frames at their input size already."""
+    import dataclasses
+
+    from fluxshard.sessions import NATIVE
+
+    return NATIVE if predict is None else dataclasses.replace(predict, imgsz=None)
+
+
+def input_size(args: argparse.Namespace, who: str) -> tuple[int, int]:
+    """(W, H) the model runs --size frames at under --imgsz, said when that differs."""
+    w, h = args.size
+    ih, iw = shared.predict_options(args).letterbox(h, w).input_hw
+    if (iw, ih) != (w, h):
+        print(f"{who}: size {w}x{h} letterboxed to {iw}x{ih} (--imgsz)")
+    return iw, ih
 
 
 def _add_latency_arguments(p: argparse.ArgumentParser) -> None:
     from fluxshard_client.dispatch import DEFAULT_PROFILE_PATH
 
     p.add_argument("--out", type=Path, default=DEFAULT_PROFILE_PATH, help="JSON file to write")
-    shared.add_size(p, help="frame size the tables are measured at")
+    shared.add_size(p, help="frame size the tables are measured at (letterboxed to --imgsz)")
+    shared.add_predict(p)
     shared.add_weights(p, help=f"detector to profile: {shared.WEIGHTS_SOURCES} "
                                "(default: embedded demo detector)")
     p.add_argument("--fractions", type=cli_common.fraction, nargs="+",
@@ -241,9 +266,11 @@ def _run_latency(args: argparse.Namespace) -> int:
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)  # once, here at the entry point
 
-    padded_size(*args.size, who="fluxshard profile latency")  # the frames' model input size
+    width, height = input_size(args, "fluxshard profile latency")
+    padded_size(width, height, who="fluxshard profile latency")  # the frames' model input size
     try:
-        profile = profile_latency(width=args.size[0], height=args.size[1],
+        profile = profile_latency(width=width, height=height,
+                                  predict=shared.predict_options(args),
                                   fractions=args.fractions, repeats=args.repeats,
                                   cloud_url=args.cloud_url, cloud=not args.no_cloud,
                                   progress=not args.no_progress, out=args.out,
@@ -291,7 +318,9 @@ def add_accuracy_arguments(p: argparse.ArgumentParser) -> None:
                         "30)")
     p.add_argument("--clips-per-level", type=cli_common.positive_int, default=1,
                    help="held-out synthetic clips per motion level")
-    shared.add_size(p, help="clip size")
+    shared.add_size(p, help="clip size (synthetic clips are rendered at its --imgsz letterbox "
+                            "size)")
+    shared.add_predict(p)
     p.add_argument("--strict-rfap", action="store_true",
                    help="RFAP Cond. 1 at every spatial layer (less reuse, exact receptive fields)")
     p.add_argument("--grid-snap", action="store_true",
@@ -352,10 +381,11 @@ def run_accuracy(args: argparse.Namespace) -> int:
     if args.quick:
         args.taus, args.frames, args.size = [0.0, 0.06, 0.25, 0.6], 12, (320, 192)
     args.frames = args.frames or 30
+    width, height = input_size(args, "fluxshard profile accuracy")
     t0 = time.perf_counter()
     table = profile_accuracy(args.weights, taus=args.taus, alpha=args.alpha, frames=args.frames,
-                             clips_per_level=args.clips_per_level, width=args.size[0],
-                             height=args.size[1], strict_rfap=args.strict_rfap,
+                             clips_per_level=args.clips_per_level, width=width,
+                             height=height, strict_rfap=args.strict_rfap,
                              grid_snap=args.grid_snap, out_dir=args.out,
                              bypass=not args.no_bypass, adaptive=args.adaptive,
                              metric=args.metric)
@@ -428,15 +458,18 @@ def run_tiles_accuracy(args) -> int:
         videos = {name: footage.camera_stream(name, args.footage_dir, frames=real_frames,
                                               progress=not getattr(args, "no_progress", False))
                   for name in clips}
-        table = sweep_tiles(model, grid=tiles_grid(args), frames=frames, width=args.size[0],
-                            height=args.size[1], clips_per_level=args.clips_per_level,
+        width, height = input_size(args, what)
+        predict = shared.predict_options(args)
+        table = sweep_tiles(model, grid=tiles_grid(args), frames=frames, width=width,
+                            height=height, clips_per_level=args.clips_per_level,
                             threads=getattr(args, "threads", None) or 2,
                             min_map50_ratio=args.min_map50_ratio,
                             min_map50_95_ratio=args.min_map50_95_ratio,
                             weights=synthetic_weights,
                             progress=not getattr(args, "no_progress", False),
                             real_clips=videos, real_model=real_model, real_weights=real_weights,
-                            real_frames=real_frames, score_real=score_real_clip,
+                            real_frames=real_frames,
+                            score_real=functools.partial(score_real_clip, predict=predict),
                             min_agreement=getattr(args, "min_agreement", 0.97),
                             min_worst_window=getattr(args, "min_worst_window", 0.95))
     except (ValueError, RuntimeError, FileNotFoundError, NotImplementedError) as e:
@@ -495,7 +528,7 @@ def _unavailable(name: str, error: Exception) -> int:
 
 def score_real_clip(model, video, settings: list[dict], *, name: str | None = None,
                     frames: int | None = None, engine="onnxruntime", adaptive: bool = True,
-                    clock=time.perf_counter, bar=None) -> dict:
+                    clock=time.perf_counter, bar=None, predict=None) -> dict:
     """Dense and the tile executor at every one of ``settings`` on the same decoded frames of
     ``video`` (its first ``frames``; None: all), each in the stream the product's edge builds
     (``edge_runtime.run``: ``edge_only_stream("dense")``; for tiles the edge's tile session on
@@ -504,7 +537,9 @@ def score_real_clip(model, video, settings: list[dict], *, name: str | None = No
     "size" [w, h], "motion" (mean motion statistic of its fields), "dense_ms", "rows": one per
     setting: agreement with dense (``fluxshard.accuracy.box_agreement``: pooled, found / count,
     worst :data:`AGREEMENT_WINDOW`-frame window), mean ms per frame of both (every frame,
-    ``FrameResult.latency_ms``) and their ratio, crop area and dense-frame shares}."""
+    ``FrameResult.latency_ms``) and their ratio, crop area and dense-frame shares}.
+    ``predict``: fluxshard.predict's options, as `fluxshard run` takes them (None: its
+    defaults); "size" and "motion" are at the model's input size, where the table is used."""
     import torch
 
     from edge_runtime.run import edge_frames, edge_only_stream, edge_policies, edge_stream
@@ -524,20 +559,22 @@ def score_real_clip(model, video, settings: list[dict], *, name: str | None = No
     try:
         shared = make_engine(model, engine, threads=1) if isinstance(engine, str) else engine
         tau_policy, _options, profile = edge_policies()
-        streams.append(edge_only_stream("dense", str(video), model))
+        streams.append(edge_only_stream("dense", str(video), model, predict=predict))
         for setting in settings:
             executor = TileExecutor(model, engine=shared, threads=1, adaptive=adaptive,
                                     clock=clock, **setting)
-            streams.append(edge_stream(LocalEndpoint(TileYoloSession(executor)),
-                                       tau_policy=tau_policy, profile=profile))
+            streams.append(edge_stream(LocalEndpoint(TileYoloSession(executor,
+                                                                     predict=_native(predict))),
+                                       tau_policy=tau_policy, profile=profile, predict=predict))
         ms = [[] for _ in streams]
         found = [[] for _ in streams]
         dense_flags, crops = [[] for _ in streams], [[] for _ in streams]
         motions, size = [], None
         for index, mf in enumerate(edge_frames(str(video), frames)):
-            size = [int(mf.image.shape[1]), int(mf.image.shape[0])]
+            box = streams[0].predict.letterbox(*mf.image.shape[:2])
+            size = [int(box.input_hw[1]), int(box.input_hw[0])]
             if not mf.is_key and mf.field is not None:
-                motions.append(motion_statistic(mf.field))
+                motions.append(motion_statistic(box.field(mf.field)))
             for k in rotated(list(range(len(streams))), index):
                 result = streams[k].process(mf.image, None if mf.is_key else mf.field,
                                             mf.is_key, index)

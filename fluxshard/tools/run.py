@@ -62,6 +62,7 @@ def add_run_arguments(p: argparse.ArgumentParser, demo_default: bool = False,
                    help="latency tables (fluxshard profile latency; default "
                         "out/profile/latency.json when present, else built in)")
     shared.add_weights(p)
+    shared.add_predict(p)
     shared.add_executor(p, default=None,
                         help="edge executor: exact (sparse executor, reuse exact on the assembled "
                              "input; YOLO11 only), tiles (v2 tile executor on onnxruntime) or "
@@ -172,7 +173,8 @@ def main(args: argparse.Namespace) -> int:
                           auth_header=args.auth_header, loop=args.loop,
                           save_video=args.save_video, save_report=args.save_report,
                           metrics_port=args.metrics_port,
-                          metrics_address=args.metrics_address, track=args.track)
+                          metrics_address=args.metrics_address, track=args.track,
+                          predict=shared.predict_options(args))
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"fluxshard run: {e}", file=sys.stderr)
         return 1

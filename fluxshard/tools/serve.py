@@ -30,6 +30,7 @@ def register(subparsers) -> None:
                    help="config variant: 'gpu' loads <model>/configs/gpu.pbtxt (GPU / Jetson)")
     shared.add_weights(p, help=f"detector the models serve: {shared.WEIGHTS_SOURCES} "
                                "(default: embedded demo detector)")
+    shared.add_predict(p, served=True)
     shared.add_executor(p, default=None,
                         help="the fluxshard model's compute: exact (sparse executor), tiles "
                              "(v2 tile executor) or dense (default: the "
@@ -82,7 +83,8 @@ def _serve(args: argparse.Namespace) -> int:
     server = TritonServer(args.model_repository, args.http_port, args.grpc_port, args.metrics_port,
                           args.log_file, host=args.host, model_config_name=args.model_config_name,
                           weights=args.weights,
-                          parameters={"executor": args.executor} if args.executor else None,
+                          parameters={**({"executor": args.executor} if args.executor else {}),
+                                      **shared.served_predict_parameters(args)} or None,
                           exit_timeout_s=args.exit_timeout, tls=tls,
                           auth_header=args.auth_header)
     # systemd and `docker stop` send SIGTERM, a terminal SIGINT or SIGHUP: all stop the server

@@ -9,6 +9,7 @@ from fluxshard.serving.instance import instance_device
 from fluxshard.serving.limits import FrameLimits, max_streams_from_parameters
 from fluxshard.serving.metrics import ServedModelMetrics
 from fluxshard.receive import ResyncNeeded
+from fluxshard.predict import PredictOptions
 from fluxshard.sessions import yolo_session_factory
 from fluxshard.serving.session import ServerFull, SessionManager, StreamFrame
 from fluxshard.protocol import SECRET_PARAMETER
@@ -48,7 +49,8 @@ class TritonPythonModel:
         device = instance_device(args, params)
         factory = yolo_session_factory(executor, weights=params.get("weights") or None,
                                        threads=int(params.get("torch_threads", "1")),
-                                       conf_threshold=float(params.get("conf_threshold", "0.25")),
+                                       # imgsz, conf, iou, classes, max_det
+                                       predict=PredictOptions.from_parameters(params),
                                        device=device,
                                        keyframe_interval=keyframe_interval or None,
                                        grid_snap=params.get("grid_snap", "false") == "true",

@@ -4,7 +4,11 @@ The `engine` parameter picks what runs the network at the model input sizes in `
 `onnxruntime` (the CPU config: the fastest dense engine on a CPU; a static-shape export per size,
 made at load), `fused_channels_last` (BN-fused torch), or `torch` (the model on the instance's
 device: the GPU config). Frames of any other size run on the BN-fused torch model: no client can
-make the server export (seconds, and memory) for sizes it was not set up for."""
+make the server export (seconds, and memory) for sizes it was not set up for.
+
+The predict parameters (`imgsz`, `conf`, `iou`, `classes`, `max_det`; fluxshard.predict) are the
+fluxshard model's: a frame over `imgsz` is letterboxed down to it, its boxes come back in the
+frame's pixels."""
 
 import json
 
@@ -14,8 +18,9 @@ import triton_python_backend_utils as pb_utils
 from fluxshard.models.ops import padded_shape
 from fluxshard.serving.backend_tensors import error_response, input_array, output_tensor
 from fluxshard.serving.instance import instance_device
+from fluxshard.predict import PredictOptions
 from fluxshard.sessions import (BestDenseRunners, DenseRunnerSession, DenseYoloSession,
-                                load_dense_model)
+                                LetterboxSession, load_dense_model)
 from fluxshard.wire import MAX_PIXELS, MAX_SIDE
 
 
@@ -38,18 +43,18 @@ class TritonPythonModel:
         engine = params.get("engine") or "onnxruntime"
         device = instance_device(args, params)
         threads = int(params.get("torch_threads", "1"))
-        conf = float(params.get("conf_threshold", "0.25"))
+        self.predict = PredictOptions.from_parameters(params)
         if engine != "torch" and device != "cpu":
             raise ValueError(f"engine {engine!r} runs on the CPU; a {device} instance needs "
                              "engine 'torch' (configs/gpu.pbtxt)")
         model = load_dense_model(params.get("weights") or None, threads=threads, device=device)
-        self.any_size = DenseYoloSession(model, conf)
+        self.any_size = DenseYoloSession(model, self.predict)
         self.prepared = {}  # model input size -> its session
         if engine != "torch":
             runners = BestDenseRunners(model, threads=threads, kinds=(engine,))
             for size in model_input_sizes(params.get("prepare_sizes", "")):
                 runners.prepare(size)  # the export happens now, not in a request's latency
-                self.prepared[size] = DenseRunnerSession(runners, conf_threshold=conf)
+                self.prepared[size] = DenseRunnerSession(runners, self.predict)
 
     def execute(self, requests):
         responses = []
@@ -60,7 +65,12 @@ class TritonPythonModel:
                 if not (0 < h <= MAX_SIDE and 0 < w <= MAX_SIDE and h * w <= MAX_PIXELS):
                     raise ValueError(f"frame {h}x{w} outside the limits ({MAX_SIDE} px a side, "
                                      f"{MAX_PIXELS} pixels)")
-                session = self.prepared.get(padded_shape(h, w), self.any_size)
+                imgsz = self.predict.imgsz
+                letterboxed = imgsz is not None and max(h, w) > imgsz  # down to imgsz
+                size = self.predict.letterbox(h, w).input_hw if letterboxed else (h, w)
+                session = self.prepared.get(padded_shape(*size), self.any_size)
+                if letterboxed:
+                    session = LetterboxSession(session, imgsz)
                 detections = session.infer(frame, None, None, True).detections
                 out = output_tensor("DETECTIONS", detections)
                 responses.append(pb_utils.InferenceResponse(output_tensors=[out]))
