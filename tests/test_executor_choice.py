@@ -293,7 +293,8 @@ def test_profile_latency_measures_tiles_against_crop_area(tmp_path):
 
     path = tmp_path / "latency.json"
     # big enough that a tenth of the blocks with the 32-px halo crops less than the frame
-    assert main(["profile", "latency", "--size", "320", "192", "--fractions", "0", "0.1", "1",
+    assert main(["profile", "latency", "--imgsz", "native",
+                 "--size", "320", "192", "--fractions", "0", "0.1", "1",
                  "--repeats", "1", "--no-cloud", "--executors", "tiles", "dense", "--out",
                  str(path), "--no-progress"]) == 0
     profile = LatencyProfile.load(path)

@@ -106,6 +106,33 @@ def test_a_known_shift_at_1080p_maps_to_the_shift_at_imgsz(tmp_path):
     assert np.median(still[..., 0]) == 0 and np.median(np.abs(field[10:-10, :, 1])) == 0
 
 
+def test_the_stream_answers_in_source_pixels_masks_included():
+    """A segment model behind a stream at imgsz 320 on a 480x270 frame: boxes, masks and
+    orig_shape are the source frame's; the residual mask is on the input's grid."""
+    from pathlib import Path
+
+    from fluxshard_client import FluxShardStream, LocalEndpoint
+
+    seg = Path(__file__).resolve().parents[1] / "fluxshard" / "weights" / "yolo11n-seg-demo.pt"
+    frame = synth.Scene(synth.SceneSpec(width=480, height=270, seed=3, num_objects=8)).render(
+        0).image
+    with FluxShardStream(LocalEndpoint(executor="dense", weights=str(seg)), dispatch="edge",
+                         imgsz=320, conf=0.05) as stream:
+        result = stream.process(frame, is_key=True)
+    assert result.letterbox.input_hw == (192, 320) and result.orig_shape == (270, 480)
+    assert len(result.detections) and result.masks.shape == (len(result.detections), 270, 480)
+    assert result.boxes[:, [0, 2]].max() <= 480 and result.boxes[:, [0, 2]].max() > 320
+    assert result.residual_mask.shape == (12, 20)  # 16-pixel blocks of 320x192
+    # each mask lies inside its box in source pixels: masks are cropped to the box at the
+    # prototypes' resolution (a quarter of the input's) before upsampling, as ultralytics does
+    cell = 4 / result.letterbox.gain + 1
+    for (x1, y1, x2, y2), mask in zip(result.boxes, result.masks):
+        ys, xs = np.nonzero(mask)
+        if len(xs):
+            assert xs.min() >= x1 - cell and xs.max() <= x2 + cell
+            assert ys.min() >= y1 - cell and ys.max() <= y2 + cell
+
+
 # ------------------------------------------------------------------------- each option's effect
 
 @pytest.fixture(scope="module")

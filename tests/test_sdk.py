@@ -167,8 +167,8 @@ def test_profile_latency_writes_a_table_the_dispatcher_loads(tritonserver, tmp_p
     from fluxshard_client import Dispatcher, LatencyProfile
 
     path = tmp_path / "latency.json"
-    assert main(["profile", "latency", "--size", "160", "96", "--fractions", "0", "0.5", "1",
-                 "--repeats", "1", "--cloud-url", tritonserver.grpc_url, "--out", str(path),
+    assert main(["profile", "latency", "--size", "160", "96", "--imgsz", "native",
+                 "--fractions", "0", "0.5", "1", "--repeats", "1", "--cloud-url", tritonserver.grpc_url, "--out", str(path),
                  "--no-progress"]) == 0
     profile = LatencyProfile.load(path)
     assert profile.source == "profiled" and (profile.width, profile.height) == (160, 96)

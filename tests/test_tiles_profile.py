@@ -222,7 +222,8 @@ def test_cli_writes_the_table_and_the_plot(tmp_path, capsys):
     from fluxshard.tiles.profile import PLOT_NAME, TABLE_NAME, TilesTable
 
     out = tmp_path / "profile"
-    rc = main(["profile", "accuracy", "--executor", "tiles", "--frames", "3", "--size", "320",
+    rc = main(["profile", "accuracy", "--executor", "tiles", "--frames", "3", "--imgsz", "native",
+               "--size", "320",
                "192", "--thresholds", "6", "--halos", "32", "--refresh-intervals", "30",
                "--budgets", "0.45", "--synthetic-only", "--out", str(out)])
     assert rc == 0
@@ -402,7 +403,8 @@ def test_cli_tunes_on_a_real_clip_and_names_what_tuned_it(tmp_path, capsys):
     from fluxshard.tiles.profile import TABLE_NAME, TilesTable
 
     out = tmp_path / "profile"
-    rc = main(["profile", "accuracy", "--executor", "tiles", "--frames", "3", "--size", "320",
+    rc = main(["profile", "accuracy", "--executor", "tiles", "--frames", "3", "--imgsz", "native",
+               "--size", "320",
                "192", "--thresholds", "6", "10", "--halos", "32", "--refresh-intervals", "30",
                "--budgets", "0.45", "--clips", "bikes", "--real-frames", "8", "--footage-dir",
                str(tmp_path / "footage"), "--out", str(out)])
