@@ -50,8 +50,10 @@ def area_ious(runs, reference) -> list[float]:
 
 def run_clip(model_name, model, clip, video, args):
     from edge_runtime.run import edge_only_stream
+    from fluxshard.sessions import NATIVE  # the clips' own size, as measured before --imgsz
 
-    streams = {name: edge_only_stream(name, str(video), model) for name in EXECUTORS}
+    streams = {name: edge_only_stream(name, str(video), model, predict=NATIVE)
+               for name in EXECUTORS}
     runs, _decode_ms, _ = interleaved(streams, decoded_frames(video, args.frames, False, []),
                                       total=args.frames, desc=f"{model_name} {clip}",
                                       progress=not args.no_progress)
