@@ -263,3 +263,16 @@ def test_run_at_imgsz_640_on_a_1080p_clip(tmp_path, capsys):
     assert len(boxes) and classes <= {0, 2} and min(scores) >= 0.3
     assert boxes[:, [0, 2]].max() > 640 and boxes[:, [0, 2]].max() <= 1920  # source pixels
     assert boxes[:, [1, 3]].max() <= 1080
+
+
+def test_serve_sets_only_the_predict_parameters_given():
+    from fluxshard import cli
+    from fluxshard.tools.args import served_predict_parameters
+
+    parser = cli.build_parser(["serve"]).verbs["serve"]
+    given = parser.parse_args(["--imgsz", "native", "--conf", "0.3", "--classes", "1", "2"])
+    assert served_predict_parameters(given) == {"imgsz": "native", "conf": "0.3",
+                                                "classes": "1,2"}
+    assert served_predict_parameters(parser.parse_args([])) == {}  # the config's stand
+    parsed = PredictOptions.from_parameters(served_predict_parameters(given))
+    assert (parsed.imgsz, parsed.conf, parsed.classes, parsed.iou) == (None, 0.3, (1, 2), 0.7)
