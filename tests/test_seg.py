@@ -344,3 +344,35 @@ def test_fluxshard_run_writes_masks_into_jsonl_and_draws_them_on_the_video(tmp_p
     to_tinted = np.abs(drawn[inside] - tinted[inside]).mean()
     # H.264 (crf 23, 4:2:0 chroma) moves saturated pixels by about 10 grey levels
     assert to_filled < 16 and to_tinted > 3 * to_filled, (to_filled, to_tinted)
+
+
+@pytest.mark.slow
+def test_masks_follow_the_letterbox_back_to_source_pixels(seg_model):
+    """A 640x360 camera at imgsz 320: the model sees 320x180 with 6 grey rows above and below
+    (ultralytics' letterbox); the stream's masks come back in the camera's pixels and match
+    what ultralytics does with input-size masks (cut the pad, resize bilinearly to the
+    source: ``scale_masks``)."""
+    import cv2
+
+    from fluxshard.letterbox import Letterbox
+    from fluxshard_client import FluxShardStream, LocalEndpoint
+
+    spec = synth.SceneSpec(width=640, height=360, frames=1, seed=2, num_objects=6)
+    frame = synth.Scene(spec).render(0).image
+    box = Letterbox.fit(360, 640, 320)
+    assert box.input_hw == (192, 320) and (box.top, box.left) == (6, 0)
+    with FluxShardStream(LocalEndpoint(yolo_session_factory("dense", model=seg_model)(0)),
+                         dispatch="edge", imgsz=320) as stream:
+        result = stream.process(frame, None, is_key=True)
+    assert result.orig_shape == (360, 640)
+    assert result.masks.shape == (len(result.detections), 360, 640) and len(result.detections)
+    ref = dense_masks(seg_model, box.image(frame))  # the model's input, letterboxed
+    assert len(ref) == len(result.detections)
+    cut = ref.masks[:, box.top:box.top + 180].astype(np.float32)
+    want = np.stack([cv2.resize(m, (640, 360), interpolation=cv2.INTER_LINEAR) for m in cut]) > 0.5
+    for got, expected, (x1, y1, x2, y2) in zip(result.masks, want, result.boxes):
+        assert area_iou(got[None], expected[None]) >= 0.95
+        ys, xs = np.nonzero(got)
+        slack = 4 / box.gain  # a prototype cell of the input, in source pixels
+        assert xs.min() >= x1 - slack and xs.max() <= x2 + slack
+        assert ys.min() >= y1 - slack and ys.max() <= y2 + slack
