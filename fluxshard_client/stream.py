@@ -519,7 +519,8 @@ class FluxShardStream(_StreamBase):
     executor truncates with the same value.
     ``profile``: a :class:`LatencyProfile` or its JSON path (default: the file
     ``$FLUXSHARD_LATENCY_PROFILE`` names, else the built-in tables). ``margin_ms``: eps (within it, prefer the cloud).
-    ``initial_mbps``: the uplink estimate before the first measurement. ``probe_interval``: in
+    ``initial_mbps``: the uplink's nominal rate, the estimate until measured transfers rule it
+    out (:class:`fluxshard_client.dispatch.BandwidthEstimator`). ``probe_interval``: in
     auto mode the cloud runs at least every N frames, so the estimate and its cache stay fresh.
     ``deadline_ms``: a cloud call not answered within it is abandoned and the edge runs the
     frame (None: derived per frame, :func:`fluxshard_client.deadline.default_deadline_ms`;
