@@ -112,16 +112,18 @@ class DenseYoloSession:
 class MapsDenseEngine:
     """A detect model's eval output computed by a tile engine (``fluxshard.tiles.engine``: the
     raw head maps of a batch of any size, onnxruntime on CPU) and decoded by the model's head:
-    dense frames on the same engine the tile executor runs its crops on."""
+    dense frames on the same engine the tile executor runs its crops on (``engine_path``: the
+    TensorRT engine file of ``kind`` "tensorrt")."""
 
-    def __init__(self, model, kind: str = "onnxruntime", threads: int = 1):
+    def __init__(self, model, kind: str = "onnxruntime", threads: int = 1,
+                 engine_path: str | None = None):
         from fluxshard.tiles.engine import make_engine
 
         if model.task != "detect":
             raise ValueError(f"a maps engine computes detect heads only; this model is a "
                              f"{model.task} model")
         self.head = model.head
-        self.maps = make_engine(model, kind, threads=threads)
+        self.maps = make_engine(model, kind, threads=threads, engine_path=engine_path)
 
     def __call__(self, x):
         return self.head.decode(self.maps(x))
@@ -357,8 +359,8 @@ def yolo_session_factory(executor: str = "exact", weights: str | None = None, sc
                          device: str = "cpu", strict_rfap: bool = False,
                          keyframe_interval: int | None = None, grid_snap: bool = False,
                          model=None, bypass: str = "none",
-                      tile_engine: str = "onnxruntime", dense_engine: str = "torch",
-                      **tile_options) -> SessionFactory:
+                         tile_engine: str = "onnxruntime", dense_engine: str = "torch",
+                         engine_path: str | None = None, **tile_options) -> SessionFactory:
     """Sessions for the ``fluxshard`` model, by ``executor``: "exact" (default, older name
     "sparse"; per-stream feature caches, truncating with the tau each frame carries
     (``StreamSession.infer``); grid_snap the relaxed RFAP Cond. 2 of fluxshard.sparse), "tiles"
@@ -369,7 +371,8 @@ def yolo_session_factory(executor: str = "exact", weights: str | None = None, sc
     the frames with nothing to reuse, and reusable ones too while it measures faster per stream
     (fluxshard.sparse.SparseExecutor's bypass, adaptive). ``dense_engine``: what the "dense"
     executor runs on: "torch" (the model), or a tile engine kind ("onnxruntime"; a detect model,
-    other tasks stay on torch) (:class:`MapsDenseEngine`). ``predict``: the NMS options, and
+    other tasks stay on torch) (:class:`MapsDenseEngine`). ``engine_path``: the TensorRT engine
+    file where ``tile_engine`` or ``dense_engine`` is "tensorrt". ``predict``: the NMS options, and
     with an ``imgsz`` the letterbox of every frame of another size (:class:`LetterboxSession`;
     default: the frame as it is, ultralytics' conf, iou and max_det)."""
     executor = executor_name(executor)
@@ -377,12 +380,12 @@ def yolo_session_factory(executor: str = "exact", weights: str | None = None, sc
         model = load_dense_model(weights, scale, threads, seed, device)
     if executor == "dense":
         engine = None if dense_engine == "torch" or model.task != "detect" else \
-            MapsDenseEngine(model, dense_engine, threads=threads)
+            MapsDenseEngine(model, dense_engine, threads=threads, engine_path=engine_path)
         return letterboxed(lambda corrid: DenseYoloSession(model, predict, engine=engine),
                            predict)
     if executor == "tiles":
         return tile_session_factory(model, threads=threads, engine=tile_engine,
-                                    predict=predict, **tile_options)
+                                    engine_path=engine_path, predict=predict, **tile_options)
     from fluxshard.sparse import SparseExecutor
 
     runner = None
@@ -397,11 +400,15 @@ def yolo_session_factory(executor: str = "exact", weights: str | None = None, sc
 
 
 def tile_session_factory(model, threads: int = 1, engine: str = "onnxruntime",
-                         predict: PredictOptions | None = None, **tile_options
-                         ) -> SessionFactory:
-    """Sessions sharing one ``TileExecutor`` of ``model`` (``tile_options``: its knobs)."""
+                         predict: PredictOptions | None = None, engine_path: str | None = None,
+                         **tile_options) -> SessionFactory:
+    """Sessions sharing one ``TileExecutor`` of ``model`` (``tile_options``: its knobs) on the
+    crop ``engine`` kind (``engine_path``: the TensorRT engine file of "tensorrt")."""
     from fluxshard.tiles import TileExecutor
+    from fluxshard.tiles.engine import make_engine
 
+    if isinstance(engine, str) and engine_path is not None:
+        engine = make_engine(model, engine, threads=threads, engine_path=engine_path)
     shared = TileExecutor(model, engine=engine, threads=threads, **tile_options)
     lock = threading.Lock()
     return letterboxed(lambda corrid: TileYoloSession(shared, lock, predict), predict)

@@ -16,8 +16,9 @@ from fluxshard.serving.instance import instance_device
 REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
 MODELS = sorted(p.parent.parent.name for p in REPOSITORY.glob("*/configs/gpu.pbtxt"))
 # the CPU and GPU instances want different thread counts; yolo11_dense's engine is onnxruntime on
-# a CPU and torch on the instance's GPU
-PLACEMENT_PARAMETERS = ("torch_threads", "engine")
+# a CPU and torch on the instance's GPU; fluxshard's tiles_engine onnxruntime on a CPU, TensorRT
+# (and its engine file) on a GPU
+PLACEMENT_PARAMETERS = ("torch_threads", "engine", "tiles_engine", "tiles_engine_path")
 
 
 def parse(path: Path) -> model_config_pb2.ModelConfig:

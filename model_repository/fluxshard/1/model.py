@@ -8,9 +8,10 @@ from fluxshard.serving.backend_tensors import error_response, input_array, outpu
 from fluxshard.serving.instance import instance_device
 from fluxshard.serving.limits import FrameLimits, max_streams_from_parameters
 from fluxshard.serving.metrics import ServedModelMetrics
+from fluxshard.serving.served_engine import ServedEngine
 from fluxshard.receive import ResyncNeeded
 from fluxshard.predict import PredictOptions
-from fluxshard.sessions import yolo_session_factory
+from fluxshard.sessions import executor_name, yolo_session_factory
 from fluxshard.serving.session import ServerFull, SessionManager, StreamFrame
 from fluxshard.protocol import SECRET_PARAMETER
 from fluxshard.wire import PayloadError, response_tensors
@@ -47,6 +48,9 @@ class TritonPythonModel:
         executor = params.get("executor") or params.get("compute") or "exact"
         keyframe_interval = int(params.get("keyframe_interval", "0") or 0)
         device = instance_device(args, params)
+        # the tiles / dense executors' engine, refused here (the load), not on a first frame
+        engine = ServedEngine.from_parameters(params, device, executor_name(executor),
+                                              model_dir=args.get("model_repository"))
         factory = yolo_session_factory(executor, weights=params.get("weights") or None,
                                        threads=int(params.get("torch_threads", "1")),
                                        # imgsz, conf, iou, classes, max_det
@@ -55,9 +59,9 @@ class TritonPythonModel:
                                        keyframe_interval=keyframe_interval or None,
                                        grid_snap=params.get("grid_snap", "false") == "true",
                                        bypass=params.get("bypass", "none") or "none",
-                                       # CPU: dense frames on the tile executor's onnxruntime
-                                       # engine (the fastest here: executors compare, not engines)
-                                       dense_engine="onnxruntime" if device == "cpu" else "torch")
+                                       # crops and dense frames on tiles_engine (a GPU
+                                       # instance's dense frames: torch unless tensorrt)
+                                       **engine.session_options(device))
         # Triton frees a timed-out sequence's slot without telling the model: sweep with the same
         # timeout so the model frees its session too
         idle_us = int(config.get("sequence_batching", {}).get("max_sequence_idle_microseconds",
