@@ -232,15 +232,18 @@ def test_wire_masks_round_trip_and_bad_bytes_are_refused():
 
 
 @pytest.mark.slow
-def test_served_seg_model_answers_with_its_masks(seg_model, seg_clips, tmp_path):
-    """The fluxshard model serving the seg checkpoint behind a real tritonserver: every
-    response's MASKS decode to the masks the same executor gives in process."""
+def test_served_models_answer_with_their_masks(seg_model, seg_clips, tmp_path):
+    """The seg checkpoint behind a real tritonserver: every fluxshard model response's MASKS
+    decode to the masks the same executor gives in process, and the stateless yolo11_dense
+    model answers a frame's masks the same way."""
+    import tritonclient.grpc as grpcclient
+
     from fluxshard.serving.tritonserver import TritonServer
     from fluxshard_client import FluxShardClient
 
     frames = [mf.image for mf in iter_motion(seg_clips(0))][:4]
     local = yolo_session_factory("exact", model=seg_model)(0)
-    with TritonServer(models=["fluxshard"], weights=SEG_WEIGHTS,
+    with TritonServer(models=["fluxshard", "yolo11_dense"], weights=SEG_WEIGHTS,
                       log_file=tmp_path / "server.log") as server, \
             FluxShardClient(server.grpc_url) as client:
         stream = client.open_stream(41)
@@ -253,7 +256,16 @@ def test_served_seg_model_answers_with_its_masks(seg_model, seg_clips, tmp_path)
             assert area_iou(got.masks, want.masks) >= EXACT_MIN_IOU
             segmented += int(got.masks.any(axis=(1, 2)).sum())
         stream.close()
+        with grpcclient.InferenceServerClient(server.grpc_url) as c:
+            inp = grpcclient.InferInput("FRAME", list(frames[0].shape), "UINT8")
+            inp.set_data_from_numpy(frames[0])
+            answer = c.infer("yolo11_dense", [inp])
+            rows = answer.as_numpy("DETECTIONS")
+            masks = wire.decode_masks(answer.as_numpy("MASKS").tobytes(), len(rows))
     assert segmented >= len(frames)
+    want = local.infer(frames[0], None, None, True)
+    assert masks.shape == (len(rows), H, W) and len(rows) == len(want.detections)
+    assert area_iou(masks, want.masks) >= EXACT_MIN_IOU
 
 
 # --------------------------------------------------------------------------- edge outputs

@@ -1,4 +1,5 @@
-"""Dense YOLO11 baseline in the python backend: one frame in, detections out, no state.
+"""Dense YOLO11 baseline in the python backend: one frame in, detections (and a seg model's
+masks, `fluxshard.wire.encode_masks`) out, no state.
 
 The `engine` parameter picks what runs the network at the model input sizes in `prepare_sizes`:
 `onnxruntime` (the CPU config: the fastest dense engine on a CPU; a static-shape export per size,
@@ -21,7 +22,7 @@ from fluxshard.serving.instance import instance_device
 from fluxshard.predict import PredictOptions
 from fluxshard.sessions import (BestDenseRunners, DenseRunnerSession, DenseYoloSession,
                                 LetterboxSession, load_dense_model)
-from fluxshard.wire import MAX_PIXELS, MAX_SIDE
+from fluxshard.wire import MAX_PIXELS, MAX_SIDE, encode_masks
 
 
 def model_input_sizes(text: str) -> list[tuple[int, int]]:
@@ -71,9 +72,11 @@ class TritonPythonModel:
                 session = self.prepared.get(padded_shape(*size), self.any_size)
                 if letterboxed:
                     session = LetterboxSession(session, imgsz)
-                detections = session.infer(frame, None, None, True).detections
-                out = output_tensor("DETECTIONS", detections)
-                responses.append(pb_utils.InferenceResponse(output_tensors=[out]))
+                result = session.infer(frame, None, None, True)
+                masks = np.frombuffer(encode_masks(result.masks), np.uint8)
+                out = [output_tensor("DETECTIONS", result.detections),
+                       output_tensor("MASKS", masks.copy())]
+                responses.append(pb_utils.InferenceResponse(output_tensors=out))
             except Exception as e:  # the server keeps serving
                 responses.append(error_response(f"{type(e).__name__}: {e}", "INVALID_ARG"))
         return responses
