@@ -24,8 +24,9 @@
 #   python3 -m fluxshard.cli export --size 320 192 --out /tmp/fluxshard_export && \
 #       python3 export/check_engine.py reference --export /tmp/fluxshard_export --frames 4 && \
 #       mkdir -p .cache/export_trt && cp /tmp/fluxshard_export/{fluxshard_trt.onnx,fluxshard_io.json,reference.npz} .cache/export_trt/
+#   python3 scripts/check_served_tiles_trt.py payloads --out .cache/served_trt/payloads.npz
 #   device run:  bash scripts/gpu_check.sh
-#       (carry: .cache/plugins_trt, .cache/tiles_trt, .cache/export_trt, .whl)
+#       (carry: .cache/plugins_trt, .cache/tiles_trt, .cache/export_trt, .cache/served_trt, .whl)
 #
 # Section 3 needs the full `tensorrt` Python module on the GPU machine: its libraries are not on
 # PyPI as binary wheels (NVIDIA's own index only, unreachable here) and are far over the 64 MiB
@@ -138,6 +139,21 @@ else
         echo "no tritonserver with the TensorRT backend under $TRITON: the served" \
              "fluxshard_trt model is not checked (set TRITON_HOME)"
     fi
+fi
+
+echo "== 5. the served fluxshard model's tiles on the TensorRT engine against onnxruntime"
+SERVED_PAYLOADS=.cache/served_trt/payloads.npz
+if [ ! -f "$TRT_ENGINE" ]; then
+    echo "no tiles engine $TRT_ENGINE (section 3 builds it): the served engine is not checked" >&2
+    failed+=(served_tiles_trt)
+elif [ ! -f "$SERVED_PAYLOADS" ]; then
+    echo "missing $SERVED_PAYLOADS: write it here and carry .cache/served_trt (see above)" >&2
+    failed+=(served_tiles_trt)
+elif ! timeout 400 python3 scripts/check_served_tiles_trt.py check --payloads "$SERVED_PAYLOADS" \
+        --reference "$(python3 -c 'import onnxruntime' 2>/dev/null && echo onnxruntime || echo torch)" \
+        --kind tensorrt --engine "$TRT_ENGINE" --config-name gpu --log /tmp/fluxshard_served_trt.log; then
+    tail -30 /tmp/fluxshard_served_trt.log >&2 2>/dev/null
+    failed+=(served_tiles_trt)
 fi
 
 if [ ${#failed[@]} -gt 0 ]; then
