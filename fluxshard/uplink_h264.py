@@ -199,18 +199,22 @@ class LinkRate:
     has been producing cross the link within ``budget_s``. A change costs an IDR
     (:meth:`H264Encoder.set_crf`), so it happens at once only when an IDR is due anyway (first
     frame, resync); otherwise the link must call for it ``patience`` cloud frames in a row, and
-    for better quality with ``CRF_HYSTERESIS`` to spare, so a noisy estimate does not flap."""
+    for better quality with ``CRF_HYSTERESIS`` to spare, so a noisy estimate does not flap.
+    Better quality also waits until ``settle`` P-frames have followed the last IDR (even when
+    an IDR is due): the first P-frames after one refer to a sharper picture than later ones and
+    come out smaller, which would read as room on the link and switch back at once."""
 
     def __init__(self, base_crf: int = DEFAULT_CRF, max_crf: int = DEFAULT_MAX_CRF,
                  budget_s: float = DEFAULT_TRANSFER_BUDGET_S, patience: int = 4,
-                 alpha: float = 0.3):
+                 alpha: float = 0.3, settle: int = 8):
         if not CRF_RANGE[0] <= base_crf <= max_crf <= CRF_RANGE[1]:
             raise ValueError(f"need {CRF_RANGE[0]} <= base_crf <= max_crf <= {CRF_RANGE[1]}, got "
                              f"{base_crf}, {max_crf}")
         if not budget_s > 0 or patience < 1:
             raise ValueError("budget_s must be > 0 and patience >= 1")
         self.base_crf, self.max_crf = int(base_crf), int(max_crf)
-        self.budget_s, self.patience, self.alpha = budget_s, patience, alpha
+        self.budget_s, self.patience, self.alpha, self.settle = budget_s, patience, alpha, settle
+        self.p_frames_since_key = 0
         self.crf = self.base_crf
         self.changes = 0  # quality switches so far (each cost an IDR unless one was due)
         self.p_bytes_at_base: float | None = None  # EWMA of P-frame bytes, rescaled to base_crf
@@ -219,7 +223,9 @@ class LinkRate:
     def observe(self, key: bool, nbytes: int, crf: int) -> None:
         """A packet the encoder produced at ``crf``."""
         if key:
+            self.p_frames_since_key = 0
             return
+        self.p_frames_since_key += 1
         at_base = nbytes * crf_scale(crf, self.base_crf)
         self.p_bytes_at_base = (at_base if self.p_bytes_at_base is None else
                                 self.p_bytes_at_base + self.alpha * (at_base - self.p_bytes_at_base))
@@ -237,6 +243,8 @@ class LinkRate:
         if link_bytes_per_s is None:
             return self.crf
         wanted = self.fitting_crf(link_bytes_per_s)
+        if self.p_frames_since_key < self.settle:  # not better yet, not even at a due IDR
+            wanted = max(wanted, self.crf)
         if idr_due:
             self._switch(wanted)
         elif wanted > self.crf or wanted <= self.crf - CRF_HYSTERESIS:

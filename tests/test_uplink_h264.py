@@ -197,6 +197,14 @@ def test_link_rate_picks_the_best_crf_whose_p_frames_fit_the_link():
     # the link recovers a little: within the hysteresis, no switch (it would cost an IDR)
     assert rate.fitting_crf(2500 / 0.01) == 28
     assert [rate.decide(2500 / 0.01, idr_due=False) for _ in range(5)] == [29] * 5
+    # better quality waits for `settle` P-frames after the last IDR, even when an IDR is due:
+    # the first ones after an IDR refer to a sharper picture and come out small
+    rate.observe(True, 30_000, 29)
+    rate.observe(False, 500, 29)
+    assert [rate.decide(1e9, idr_due=False) for _ in range(5)] == [29] * 5
+    assert rate.decide(1e9, idr_due=True) == 29 and rate.changes == 1
+    for _ in range(rate.settle - 1):
+        rate.observe(False, 2000, 29)
     # it recovers fully: back to the base quality after `patience` frames, at once at an IDR
     assert [rate.decide(1e9, idr_due=False) for _ in range(3)] == [29, 29, 23]
     rate.decide(2000 / 0.01, idr_due=True)
