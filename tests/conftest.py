@@ -6,11 +6,24 @@ from __future__ import annotations
 import os
 import shutil
 import contextlib
+import importlib.util
 import subprocess
 import threading
 from pathlib import Path
 
 import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(relative: str):
+    """A script of the repository (``perf/bench_real.py``, ``export/triton_config.py``, ...)
+    loaded as a module from its path: scripts are not packages, tests call their functions."""
+    path = REPO_ROOT / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 # Small, short clips keep the suite fast; 320x192 is a multiple of 16, 330x198 is not.
 CLIP_FRAMES = 30

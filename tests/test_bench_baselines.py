@@ -3,11 +3,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
+from conftest import load_script
 
-ROOT = Path(__file__).resolve().parents[1]
 # "FluxShard edge" mean cache hit rate at the low motion level (--quick, 5 frames, 1 thread) over
 # scenes synth.heldout_spec(level, k), k = 0-4 (the harness uses k = 0):
 # 0.354 / 0.372 / 0.377 / 0.501 / 0.388 (README "Measured quality").
@@ -16,10 +14,7 @@ MIN_LOW_MOTION_REUSE = 0.32
 
 
 def test_baselines_harness_writes_a_row_per_baseline_and_level(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_baselines",
-                                                  ROOT / "perf" / "bench_baselines.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("perf/bench_baselines.py")
     assert bench.main(["--quick", "--frames", "5", "--threads", "1", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "bench_baselines.json").read_text())["rows"]
     assert {(r["level"], r["baseline"]) for r in rows} == {

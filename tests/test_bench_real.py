@@ -5,13 +5,11 @@ No timing is asserted."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from conftest import load_script
 
-ROOT = Path(__file__).resolve().parents[1]
 CLIP = "carphone_pristine"  # the smallest real clip: 176x144
 FRAMES = 12
 # what is checked (rows, fields, self-agreement, the speedup's arithmetic) holds for any detector;
@@ -20,10 +18,7 @@ WEIGHTS = "demo"
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_real", ROOT / "perf" / "bench_real.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return load_script("perf/bench_real.py")
 
 
 @pytest.fixture(scope="module")

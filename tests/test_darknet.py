@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +24,7 @@ from fluxshard.models import load_model, postprocess, save_checkpoint
 from fluxshard.models.darknet import (YOLOV3_TINY_ASSET, DarknetError, DarknetMaxPool,
                                       DarknetModel, fetch_yolov3_tiny, load_darknet)
 from fluxshard.models.families import family_for_state_dict, family_of
+from conftest import load_script
 
 REPO = Path(__file__).resolve().parent.parent
 GOLDEN = REPO / "tests" / "data" / "darknet_yolov3_tiny_golden.npz"
@@ -44,11 +43,7 @@ def tiny() -> DarknetModel:
 
 
 def _golden_script():
-    spec = importlib.util.spec_from_file_location("make_darknet_golden",
-                                                  REPO / "scripts" / "make_darknet_golden.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/make_darknet_golden.py")
 
 
 def _tensor(frame: np.ndarray) -> torch.Tensor:

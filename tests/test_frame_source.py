@@ -13,6 +13,7 @@ import pytest
 
 from fluxshard.motion.estimate import FIELD_ESTIMATORS, FrameMotion, flow_to_field
 from fluxshard_client import AsyncFluxShardStream, FluxShardStream, LocalEndpoint
+from conftest import load_script
 
 STILL_CLIPS = ("vtest", "cup", "box")  # still cameras of the corpus: people, a hand, a cup
 CLIP_SIZE = (384, 288)
@@ -312,14 +313,9 @@ def test_bench_frame_source_writes_a_row_per_clip_and_stream(tmp_path):
     """perf/bench_frame_source.py on a few frames of the smallest clip: every stream ran every
     frame, the bare ones estimated every inter frame, dense agrees with itself. No timing is
     asserted."""
-    import importlib.util
     import json
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "perf" / "bench_frame_source.py"
-    spec = importlib.util.spec_from_file_location("bench_frame_source", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("perf/bench_frame_source.py")
     frames = 6
     assert bench.main(["--clips", "carphone_pristine", "--frames", str(frames), "--weights",
                        "demo", "--footage-dir", str(tmp_path / "footage"), "--out",

@@ -4,22 +4,16 @@ the frame whose call failed and the cloud comes back with an IDR."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 
 from fluxshard.serving.netshape import LossSpec, ShapedLink
+from conftest import load_script
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _lossy_module():
-    spec = importlib.util.spec_from_file_location("reliability_lossy",
-                                                  ROOT / "perf" / "reliability_lossy.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("perf/reliability_lossy.py")
 
 
 @pytest.mark.slow

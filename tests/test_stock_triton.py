@@ -11,7 +11,6 @@ killed stub shows what `fluxshard serve`'s supervision is for.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import io
 import json
 import os
@@ -27,7 +26,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import require_triton
+from conftest import load_script, require_triton
 from plain_tritonserver import plain_tritonserver
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,10 +46,7 @@ def documented_command() -> str:
 
 
 def load_test_module():
-    spec = importlib.util.spec_from_file_location("load_test", ROOT / "perf" / "load_test.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("perf/load_test.py")
 
 
 def host_python_environment(install) -> dict[str, str]:

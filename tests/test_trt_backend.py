@@ -7,7 +7,6 @@ run only on a GPU (scripts/gpu_check.sh)."""
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMITTED = ROOT / "export" / "triton" / "fluxshard_trt"
@@ -23,10 +23,7 @@ NUMPY_TYPES = {"TYPE_FP32": np.float32, "TYPE_INT64": np.int64, "TYPE_BOOL": np.
 
 
 def _module(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "export" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"export/{name}.py")
 
 
 triton_config = _module("triton_config")
