@@ -27,18 +27,14 @@ MAX_CLOUD_EVENTS = 100  # the summary's latest cloud losses and recoveries
 UPLINK_CODECS = ("h264", "lossless", "jpeg")  # fluxshard.wire.Codec.H264 / .ZLIB / .JPEG
 UPLINK_WIRE_CODECS = {"h264": "H264", "lossless": "ZLIB", "jpeg": "JPEG"}
 EDGE_EXECUTORS = ("exact", "tiles", "dense")  # fluxshard.sessions.EXECUTORS
-DEFAULT_EXECUTOR = "exact"  # what the edge runs on YOLO11 unless --executor says otherwise
+DEFAULT_EXECUTOR = "tiles"  # what the edge runs on a detect or seg model unless --executor says
 
 
 def default_executor(model) -> str:
-    """What the edge runs when --executor is not given: ``DEFAULT_EXECUTOR`` on YOLO11; the
-    exact executor's mask rules know YOLO11's ops only, so another family's detect model runs
-    the tile executor and anything else dense."""
-    from fluxshard.models import YOLO11
-
-    if isinstance(model, YOLO11):
-        return DEFAULT_EXECUTOR
-    return "tiles" if model.task == "detect" else "dense"
+    """What the edge runs when --executor is not given: ``DEFAULT_EXECUTOR`` (the tile executor,
+    the fastest on every clip of perf/bench_real.py) on a detect or seg model; dense otherwise.
+    ``exact`` stays the reference and the TensorRT plugin path, asked for by name."""
+    return DEFAULT_EXECUTOR if model.task in ("detect", "segment") else "dense"
 
 
 @contextlib.contextmanager

@@ -2,9 +2,9 @@
 input frame, the accumulated field and the residual mask, and returns detections and stats.
 
 The executors (:data:`EXECUTORS`, see :func:`yolo_session_factory`): ``exact`` runs the sparse
-executor with one cache state per stream (the default of the ``fluxshard`` model; ``sparse`` is
-its older name), ``tiles`` the v2 tile executor (``fluxshard.tiles.TileExecutor``) with one
-``TileStreamState`` per stream, ``dense`` YOLO11 on every frame. Every session's stats name the
+executor with one cache state per stream (the reference; ``sparse`` is its older name),
+``tiles`` the v2 tile executor (``fluxshard.tiles.TileExecutor``) with one ``TileStreamState``
+per stream, ``dense`` YOLO11 on every frame. Every session's stats name the
 executor that ran (``stats["executor"]``). The server (``fluxshard.serving.session``) and the
 edge in-process (``fluxshard_client.LocalEndpoint``) build theirs here, so both compute alike.
 """

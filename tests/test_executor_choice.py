@@ -138,13 +138,13 @@ def test_run_executor_dense_gives_the_dense_models_detections(tmp_path, model):
         np.testing.assert_allclose(line["scores"], rows[:, 4], atol=2e-3)
 
 
-def test_run_executor_exact_is_the_default(tmp_path):
+def test_run_executor_tiles_is_the_default(tmp_path):
     from edge_runtime.run import DEFAULT_EXECUTOR
 
     _out, summary, lines = _run(tmp_path)
-    assert DEFAULT_EXECUTOR == "exact" and summary["executor"] == DEFAULT_EXECUTOR
-    assert summary["crop_area_fraction_mean"] is None
-    assert all(line["executor"] == "exact" for line in lines)
+    assert DEFAULT_EXECUTOR == "tiles" and summary["executor"] == DEFAULT_EXECUTOR
+    assert summary["crop_area_fraction_mean"] is not None
+    assert all(line["executor"] == "tiles" for line in lines)
 
 
 def test_run_refuses_an_unknown_executor_while_parsing(tmp_path):

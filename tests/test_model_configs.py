@@ -17,8 +17,10 @@ REPOSITORY = Path(__file__).resolve().parents[1] / "model_repository"
 MODELS = sorted(p.parent.parent.name for p in REPOSITORY.glob("*/configs/gpu.pbtxt"))
 # the CPU and GPU instances want different thread counts; yolo11_dense's engine is onnxruntime on
 # a CPU and torch on the instance's GPU; fluxshard's tiles_engine onnxruntime on a CPU, TensorRT
-# (and its engine file) on a GPU
-PLACEMENT_PARAMETERS = ("torch_threads", "engine", "tiles_engine", "tiles_engine_path")
+# (and its engine file) on a GPU; fluxshard's executor tiles on a CPU, exact on a GPU until the
+# TensorRT crop engine its tiles need is built there
+PLACEMENT_PARAMETERS = ("torch_threads", "engine", "tiles_engine", "tiles_engine_path",
+                        "executor")
 
 
 def parse(path: Path) -> model_config_pb2.ModelConfig:

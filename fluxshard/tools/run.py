@@ -64,11 +64,10 @@ def add_run_arguments(p: argparse.ArgumentParser, demo_default: bool = False,
     shared.add_weights(p)
     shared.add_predict(p)
     shared.add_executor(p, default=None,
-                        help="edge executor: exact (sparse executor, reuse exact on the assembled "
-                             "input; YOLO11 only), tiles (v2 tile executor on onnxruntime) or "
-                             "dense (fastest dense engine every frame); default: "
-                             f"{DEFAULT_EXECUTOR} on YOLO11, tiles on another family's detect "
-                             "model (e.g. --weights yolov3-tiny)")
+                        help="edge executor: tiles (v2 tile executor on onnxruntime, the "
+                             "fastest), exact (sparse executor, reuse exact on the assembled "
+                             "input; YOLO11 only: the reference) or dense (fastest dense engine "
+                             f"every frame); default: {DEFAULT_EXECUTOR} on detect and seg models")
     p.add_argument("--tiles-table", type=cli_common.existing_file, default=None,
                    help="--executor tiles: the tiles table (fluxshard profile accuracy --executor "
                         "tiles): the tile executor's knobs per motion level, picked per frame by "
