@@ -191,14 +191,14 @@ def test_served_tiles_equal_the_tile_executor_on_the_rebuilt_frames(tiles_server
     assert any(r.stats["crop_area_fraction"] < 1 for r in results[1:])
 
 
-def test_default_server_reports_the_exact_executor(tritonserver, synth_clips):
+def test_default_server_reports_the_tiles_executor(tritonserver, synth_clips):
     paths, _spec = synth_clips("pan")
     with FluxShardClient(tritonserver.grpc_url) as client:
         stream = client.open_stream(3002)
         frame = next(iter(iter_motion(paths.video, max_frames=1))).image
         result = stream.send(frame, key=True, frame_index=0)
         stream.close()
-    assert result.stats["executor"] == "exact"
+    assert result.stats["executor"] == "tiles"
 
 
 def test_server_parameters_are_written_where_a_model_has_them(tmp_path):
@@ -208,12 +208,12 @@ def test_server_parameters_are_written_where_a_model_has_them(tmp_path):
     from fluxshard.serving.tritonserver import (DEFAULT_MODEL_REPOSITORY,
                                                 repository_with_parameters)
 
-    repo = repository_with_parameters(DEFAULT_MODEL_REPOSITORY, {"executor": "tiles"},
+    repo = repository_with_parameters(DEFAULT_MODEL_REPOSITORY, {"executor": "dense"},
                                       tmp_path / "repo")
     for config in ("config.pbtxt", "configs/gpu.pbtxt"):
         message = text_format.Parse((repo / "fluxshard" / config).read_text(),
                                     model_config_pb2.ModelConfig())
-        assert message.parameters["executor"].string_value == "tiles"
+        assert message.parameters["executor"].string_value == "dense"
     with pytest.raises(ValueError, match="no model"):  # a typo must not serve the defaults
         repository_with_parameters(DEFAULT_MODEL_REPOSITORY, {"exector": "tiles"},
                                    tmp_path / "repo2")
