@@ -16,6 +16,18 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+def served_default_executor() -> str:
+    """The executor the shipped ``fluxshard`` model runs unless told otherwise (its config's
+    ``executor`` parameter)."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    config = text_format.Parse(
+        (REPO_ROOT / "model_repository" / "fluxshard" / "config.pbtxt").read_text(),
+        model_config_pb2.ModelConfig())
+    return config.parameters["executor"].string_value
+
+
 def load_script(relative: str):
     """A script of the repository (``perf/bench_real.py``, ``export/triton_config.py``, ...)
     loaded as a module from its path: scripts are not packages, tests call their functions."""

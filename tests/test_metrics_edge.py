@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import CLIP_FRAMES, Scrape
+from conftest import CLIP_FRAMES, Scrape, served_default_executor
 
 from edge_runtime.metrics import EdgeMetrics, RollingSummary
 from fluxshard.serving.tritonserver import free_port
@@ -158,9 +158,10 @@ def test_run_on_a_looped_clip_serves_metrics_that_match_its_frames(synth_clips, 
     for endpoint in ("edge", "cloud"):
         ran = [r for r in first if r["endpoint"] == endpoint]
         assert ran, f"no {endpoint} frame"
-        # the cloud says which executor ran its frames: the server's default, exact
+        # the edge runs --executor exact; the cloud says which ran its frames: the server's default
+        executor = "exact" if endpoint == "edge" else served_default_executor()
         assert scrape.value("fluxshard_frames_total", endpoint=endpoint,
-                            executor="exact") == len(ran)
+                            executor=executor) == len(ran)
         assert scrape.value("fluxshard_key_frames_total", endpoint=endpoint) == \
             sum(r["key"] for r in ran)
         assert scrape.value("fluxshard_frame_latency_seconds_sum", endpoint=endpoint) == \
