@@ -8,7 +8,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import TickingClock
+from conftest import TickingClock, require_triton
 
 from fluxshard import wire
 from fluxshard.motion import iter_motion
@@ -31,9 +31,20 @@ def sessions():
     torch.set_num_threads(threads)
 
 
-def test_alternating_dispatch_against_the_real_server(tritonserver, synth_clips, sessions):
+@pytest.fixture(scope="module")
+def exact_server():
+    """A server running the exact executor (the reference; the shipped default is tiles), whose
+    answers the in-process sparse sessions must reproduce."""
+    from fluxshard.serving.tritonserver import TritonServer
+
+    require_triton()
+    with TritonServer(models=["fluxshard"], parameters={"executor": "exact"}) as server:
+        yield server
+
+
+def test_alternating_dispatch_against_the_real_server(exact_server, synth_clips, sessions):
     paths, _spec = synth_clips("pan")
-    with FluxShardClient(tritonserver.grpc_url) as client:
+    with FluxShardClient(exact_server.grpc_url) as client:
         stream = FluxShardStream(LocalEndpoint(sessions(1)), client.open_stream(2001),
                                  dispatch="alternate", imgsz=None)
         results, cloud_inputs = [], {}
