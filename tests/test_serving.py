@@ -11,7 +11,7 @@ import asyncio
 
 import numpy as np
 import pytest
-from conftest import crash_and_restart, run_in_threads
+from conftest import crash_and_restart, require_triton, run_in_threads
 
 from fluxshard import wire
 from fluxshard.sessions import DenseYoloSession, load_dense_model, yolo_session_factory
@@ -68,8 +68,18 @@ def check_exact(results, stream):
 
 
 @pytest.fixture(scope="module")
-def client(tritonserver):
-    with FluxShardClient(tritonserver.grpc_url) as c:
+def exact_server():
+    """A server running the exact executor by name (the shipped default is tiles): these tests
+    check its answers against the same sparse executor run here."""
+
+    require_triton()
+    with TritonServer(models=["fluxshard"], parameters={"executor": "exact"}) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def client(exact_server):
+    with FluxShardClient(exact_server.grpc_url) as c:
         yield c
 
 
