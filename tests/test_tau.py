@@ -41,7 +41,7 @@ def test_table_policy_picks_tau_per_motion_level(tmp_path):
 
 @pytest.mark.slow
 def test_fluxshard_run_and_the_profile_give_the_same_output(synth_clips, tmp_path):
-    """A clip through `fluxshard run --dispatch edge --tau T` and through the profile's path
+    """A clip through `fluxshard run --executor exact --dispatch edge --tau T` and through the profile's path
     (fluxshard.truncation.edge_path_outputs) at the same T: the same detections on every frame,
     and every frame reports the tau it used."""
     import torch
@@ -57,7 +57,7 @@ def test_fluxshard_run_and_the_profile_give_the_same_output(synth_clips, tmp_pat
     out = tmp_path / "run"
     threads = torch.get_num_threads()
     try:
-        assert main(["run", "--imgsz", "native",
+        assert main(["run", "--imgsz", "native", "--executor", "exact",
                      str(paths.video), "--dispatch", "edge", "--tau", str(tau),
                      "--out", str(out), "--frames", "8", "--no-progress"]) == 0
     finally:
@@ -65,7 +65,7 @@ def test_fluxshard_run_and_the_profile_give_the_same_output(synth_clips, tmp_pat
     records = [json.loads(line) for line in (out / "detections.jsonl").read_text().splitlines()]
     assert len(records) == 8 and all(r["tau"] == quantize_tau(tau) for r in records)
 
-    executor = SparseExecutor(load_model(None, fused=True))  # the options `run` builds by default
+    executor = SparseExecutor(load_model(None, fused=True))  # the options `run` builds for exact
     profiled = []
     with torch.inference_mode():
         for mf, image, x, out_, _report, _key in edge_path_outputs(executor, paths.video, tau):
