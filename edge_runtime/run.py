@@ -281,7 +281,6 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
     (:func:`_load_edge`), open the source (:func:`_open_source`), build the stream
     (:func:`_open_stream`), the per-frame loop (:func:`_process_frames`) and the outputs
     (:class:`_FrameOutputs`, :func:`_write_summary`)."""
-    from fluxshard.models import YOLO11
     from fluxshard.predict import PredictOptions
 
     out = Path(out)
@@ -310,10 +309,9 @@ def run(video: str | None = None, *, out: str | Path = "out/run", demo: bool = F
     saved = _SavedOutputs.for_source(video, loop, save_video, save_report)
     prepare_edge(edge, executor, video, predict)
     t_start = time.perf_counter()
-    # the exact executor runs YOLO11 only: a local cloud runs other families densely
-    cloud_executor = None if isinstance(model, YOLO11) else "dense"
+    # a local cloud runs its config's executor (tiles), which takes every detect family
     with _serving_metrics(metrics_port, metrics_address) as (metrics, metrics_url), \
-            _cloud(cloud_url, dispatch, out, weights, cloud_executor, predict) as url:
+            _cloud(cloud_url, dispatch, out, weights, None, predict) as url:
         client, cloud = _open_cloud(url, bandwidth_mbps, connection, stream_id, uplink_codec,
                                     uplink_quality)
         stream = edge_stream(edge, cloud, dispatch=dispatch, tau_policy=tau_policy,

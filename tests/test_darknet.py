@@ -325,7 +325,7 @@ def test_fluxshard_run_with_yolov3_tiny_and_no_executor_runs_tiles_on_a_real_cli
 @pytest.mark.slow
 def test_the_served_model_takes_named_weights(triton_installed, tmp_path):
     """`fluxshard run --dispatch cloud` starts a local tritonserver whose fluxshard model gets
-    weights=yolov3-tiny (and the dense executor: the exact one runs YOLO11 only)."""
+    weights=yolov3-tiny and runs it on its default executor, tiles."""
     from fluxshard.footage import camera_stream
 
     video = camera_stream("carphone_pristine", tmp_path / "clip", frames=5)
