@@ -1,14 +1,20 @@
 """How many camera streams one server holds, per executor: the capacity table (issue 22).
 
-For each executor (``dense``, ``exact``, ``tiles``) one server is started as the tests start it
-(``fluxshard.serving.tritonserver.TritonServer`` on the shipped ``fluxshard`` model, its batching
-as ``model_repository/fluxshard/config.pbtxt`` sets it unless overridden here). Then 1, 2, 3 ...
-camera streams run against it at once: stream k replays corpus clip k (in ``--clips`` order,
-over again past the last) re-encoded as a 640x384 camera stream (``fluxshard.footage``, cached
+For each mix of cameras and each executor (``dense``, ``exact``, ``tiles``) one server is
+started as the tests start it (``fluxshard.serving.tritonserver.TritonServer`` on the shipped
+``fluxshard`` model, its batching as ``model_repository/fluxshard/config.pbtxt`` sets it, with
+one instance per core, unless overridden here). Then 1, 2, 3 ... camera streams run against it
+at once, each a corpus clip re-encoded as a 640x384 camera stream (``fluxshard.footage``, cached
 under ``out/footage``), sent as the SDK's wire payloads of a stream whose every frame goes to
 the cloud (key frame, then residual frames at the default tau), at the clip's own frame rate
 (``perf.capacity_kit.PacedStream``; starts spread over one frame period). A frame's
-latency counts from its capture time, so a server that falls behind shows it.
+latency counts from its capture time, so a server that falls behind shows it. The mixes:
+
+- ``surveillance``: the deployment FluxShard is built for, N fixed cameras; stream k replays
+  the corpus's surveillance clip (``vtest``) from frame ``k * STAGGER`` (each camera joins at
+  its own point of the scene, with its own key frame);
+- ``corpus``: stream k replays corpus clip k of ``--clips`` (cycling): fixed, moving and
+  handheld cameras and animations together, the hardest mix for reuse.
 
 A stream count is *held* when no frame is lost (refused, failed or answered from another input),
 the p95 latency of every measured frame is under ``--p95-ms`` (250) and every stream is answered
@@ -21,12 +27,12 @@ Models: ``dense`` and ``tiles`` run the real detector, Darknet YOLOv3-tiny
 embedded demo weights (the header's ``models`` says so). ``dense`` runs on the same onnxruntime
 engine as the tile executor's crops (``fluxshard.sessions.MapsDenseEngine``).
 
-    python3 perf/bench_capacity.py              # 20 s per count, up to 16 streams
+    python3 perf/bench_capacity.py              # 20 s per count, up to 16 streams, both mixes
     python3 perf/bench_capacity.py --quick      # 5 s per count
 
-Writes out/perf/bench_capacity.json ({"header": ..., "rows": [...]}, a row per executor and
-stream count: executor, streams, frames_per_s, p50_ms, p95_ms, frames_lost, cpu_share, held) and
-out/perf/bench_capacity.png (p95 latency against streams).
+Writes out/perf/bench_capacity.json ({"header": ..., "rows": [...]}, a row per mix, executor
+and stream count: executor, streams, frames_per_s, p50_ms, p95_ms, frames_lost, cpu_share, held,
+mix) and out/perf/bench_capacity.png (p95 latency against streams).
 """
 
 from __future__ import annotations
@@ -62,25 +68,48 @@ BEHIND_S = 10.0  # a stream still sending this long after its last frame was due
 SECONDS, QUICK_SECONDS = 20.0, 5.0
 CLIP_FRAMES, QUICK_CLIP_FRAMES = 300, 150
 MAX_STREAMS = 16
+MIXES = ("surveillance", "corpus")
+SURVEILLANCE_CLIP = "vtest"
+STAGGER = 37  # frames between the surveillance cameras' starting points
 WEIGHTS = {"dense": "yolov3-tiny", "tiles": "yolov3-tiny", "exact": ""}
 MODELS = {"dense": "yolov3-tiny", "tiles": "yolov3-tiny",
           "exact": "yolo11n, embedded demo weights (the exact executor refuses Darknet)"}
 ROW_FIELDS = ("executor", "streams", "frames_per_s", "p50_ms", "p95_ms", "frames_lost",
-              "cpu_share", "held")
+              "cpu_share", "held", "mix")
 
 
-def camera_payloads(clips, frames: int, footage_dir: Path, progress: bool = False) -> list:
-    """Each clip's wire payloads at :data:`SIZE` (``perf.capacity_kit.ClipPayloads``)."""
-    from fluxshard import footage
-    from perf.capacity_kit import clip_payloads
+class Cameras:
+    """The camera stream k of a mix replays (module doc), its payloads at :data:`SIZE`
+    (``perf.capacity_kit.ClipPayloads``) built on first use and kept."""
 
-    out = []
-    for name in clips:
-        if progress:
-            print(f"  payloads of {name} ({frames} frames at {SIZE[0]}x{SIZE[1]})", flush=True)
-        video = footage.camera_stream(name, footage_dir, size=SIZE, frames=frames)
-        out.append(clip_payloads(video))
-    return out
+    def __init__(self, mix: str, clips: list[str], frames: int, footage_dir: Path,
+                 progress: bool = False):
+        if mix not in MIXES:
+            raise ValueError(f"unknown mix {mix!r}; choose from {MIXES}")
+        self.mix, self.clips, self.frames = mix, list(clips), frames
+        self.footage_dir, self.progress = footage_dir, progress
+        self.built: dict[str, object] = {}
+
+    def stream(self, k: int) -> tuple[str, object]:
+        """(name, payloads) of stream ``k``: ``clip@start`` for a camera joining mid-clip."""
+        from fluxshard import footage
+        from perf.capacity_kit import clip_payloads
+
+        if self.mix == "surveillance":
+            clip, start = SURVEILLANCE_CLIP, (k * STAGGER) % self.frames
+        else:
+            clip, start = self.clips[k % len(self.clips)], 0
+        name = f"{clip}@{start}" if start else clip
+        if name not in self.built:
+            if self.progress:
+                print(f"  payloads of {name} ({self.frames} frames at {SIZE[0]}x{SIZE[1]})",
+                      flush=True)
+            # long enough for any start (a short clip plays ping-pong)
+            video = footage.camera_stream(clip, self.footage_dir, size=SIZE,
+                                          frames=2 * self.frames if self.mix == "surveillance"
+                                          else self.frames)
+            self.built[name] = clip_payloads(video, frames=self.frames, start=start)
+        return name, self.built[name]
 
 
 def cost_breakdown(clip, frames: int) -> dict:
@@ -127,14 +156,14 @@ def cost_breakdown(clip, frames: int) -> dict:
     return out
 
 
-def run_count(server, clips: list, names: list[str], streams: int, seconds: float,
+def run_count(server, cameras: Cameras, streams: int, seconds: float,
               p95_ms: float) -> tuple[dict, dict]:
     """``streams`` paced streams for WARMUP_S + ``seconds`` against ``server``: one row."""
     from perf.capacity_kit import (PacedStream, answered_rate, group_cpu_seconds,
-                                            latency_percentiles)
+                                   latency_percentiles)
     from fluxshard_client import FluxShardClient
 
-    chosen = [clips[k % len(clips)] for k in range(streams)]
+    names, chosen = zip(*(cameras.stream(k) for k in range(streams)))
     paced = [PacedStream(FluxShardClient(server.grpc_url), 1000 * streams + k, clip)
              for k, clip in enumerate(chosen)]
     cpu0, t0 = group_cpu_seconds(server.process.pid), time.monotonic()
@@ -163,10 +192,10 @@ def run_count(server, clips: list, names: list[str], streams: int, seconds: floa
            "frames_per_s": round(answered / span, 2) if span > 0 else 0.0,
            "p50_ms": round(p50, 1), "p95_ms": round(p95, 1), "frames_lost": lost,
            "cpu_share": round((cpu1 - cpu0) / ((t1 - t0) * (os.cpu_count() or 1)), 3),
-           "held": held}
+           "held": held, "mix": cameras.mix}
     errors = [e for r in reports for e in r.errors][:3]
     sent = sum(r.frames_answered for r in reports)
-    detail = {"clips": [names[k % len(names)] for k in range(streams)],
+    detail = {"clips": list(names),
               "demand_fps": round(sum(c.fps for c in chosen), 2),
               "worst_rate_share": round(min(rates), 3) if rates else None,
               "fell_behind": behind,
@@ -183,8 +212,8 @@ def _mean_stat(reports, name: str, default) -> float | None:
     return round(float(np.mean(values)), 2) if values else None
 
 
-def run_executor(executor: str, clips: list, names: list[str], args, log_dir: Path):
-    """Rows of one executor: stream counts from 1 up, until one is not held."""
+def run_executor(executor: str, cameras: Cameras, args, log_dir: Path):
+    """Rows of one executor on one mix: stream counts from 1 up, until one is not held."""
     from perf.capacity_kit import batching_repository
     from fluxshard.serving.tritonserver import DEFAULT_MODEL_REPOSITORY, TritonServer
 
@@ -193,17 +222,18 @@ def run_executor(executor: str, clips: list, names: list[str], args, log_dir: Pa
         repository = batching_repository(
             DEFAULT_MODEL_REPOSITORY, Path(tmp) / "repository",
             {"executor": executor, "weights": WEIGHTS[executor]}, batching_overrides(args))
-        with TritonServer(repository, log_file=log_dir / f"bench_capacity-{executor}.log",
-                          exit_timeout_s=1) as server:
+        log = log_dir / f"bench_capacity-{cameras.mix}-{executor}.log"
+        with TritonServer(repository, log_file=log, exit_timeout_s=1) as server:
             for streams in range(1, args.max_streams + 1):
-                row, detail = run_count(server, clips, names, streams, args.seconds, args.p95_ms)
+                row, detail = run_count(server, cameras, streams, args.seconds, args.p95_ms)
                 row["executor"] = executor
                 rows.append(row)
-                details.append({"executor": executor, "streams": streams, **detail})
-                print(f"  {executor} x{streams}: {row['frames_per_s']} frames/s, p50 "
-                      f"{row['p50_ms']} ms, p95 {row['p95_ms']} ms, lost {row['frames_lost']}, "
-                      f"cpu {row['cpu_share']:.0%} ({detail['server_cpu_ms_per_frame']} ms a "
-                      f"frame), worst rate "
+                details.append({"mix": cameras.mix, "executor": executor, "streams": streams,
+                                **detail})
+                print(f"  {cameras.mix} {executor} x{streams}: {row['frames_per_s']} frames/s, "
+                      f"p50 {row['p50_ms']} ms, p95 {row['p95_ms']} ms, lost "
+                      f"{row['frames_lost']}, cpu {row['cpu_share']:.0%} "
+                      f"({detail['server_cpu_ms_per_frame']} ms a frame), worst rate "
                       f"{detail['worst_rate_share']}, batched {detail['batched_streams_mean']}"
                       f" -> {'held' if row['held'] else 'NOT held'}", flush=True)
                 if not row["held"]:
@@ -238,12 +268,13 @@ def shipped_batching() -> dict:
 
 
 def held_counts(rows: list[dict]) -> dict:
-    """Executor -> the most streams it held (0 when not even one)."""
-    out = {}
+    """Mix -> executor -> the most streams it held (0 when not even one)."""
+    out: dict = {}
     for row in rows:
-        out.setdefault(row["executor"], 0)
+        mine = out.setdefault(row["mix"], {})
+        mine.setdefault(row["executor"], 0)
         if row["held"]:
-            out[row["executor"]] = max(out[row["executor"]], row["streams"])
+            mine[row["executor"]] = max(mine[row["executor"]], row["streams"])
     return out
 
 
@@ -255,10 +286,12 @@ def plot(rows: list[dict], p95_ms: float, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     colors = {"dense": "tab:blue", "exact": "tab:green", "tiles": "tab:orange"}
-    for executor in dict.fromkeys(r["executor"] for r in rows):
-        mine = [r for r in rows if r["executor"] == executor]
-        ax.plot([r["streams"] for r in mine], [r["p95_ms"] for r in mine], "o-",
-                color=colors.get(executor), label=f"{executor} ({MODELS[executor].split(',')[0]})")
+    styles = {"surveillance": "o-", "corpus": "s--"}
+    for mix, executor in dict.fromkeys((r["mix"], r["executor"]) for r in rows):
+        mine = [r for r in rows if r["executor"] == executor and r["mix"] == mix]
+        ax.plot([r["streams"] for r in mine], [r["p95_ms"] for r in mine], styles.get(mix, "o-"),
+                color=colors.get(executor),
+                label=f"{mix}: {executor} ({MODELS[executor].split(',')[0]})")
         for r in mine:
             if not r["held"]:
                 ax.plot(r["streams"], r["p95_ms"], "x", ms=10, color=colors.get(executor))
@@ -276,6 +309,10 @@ def plot(rows: list[dict], p95_ms: float, path: Path) -> None:
     plt.close(fig)
 
 
+def instances_line(instances: int) -> str:
+    return f"{instances} model instance(s) on {os.cpu_count()} core(s)"
+
+
 def print_table(rows: list[dict]) -> None:
     print("\n| " + " | ".join(ROW_FIELDS) + " |")
     print("|" + "---|" * len(ROW_FIELDS))
@@ -291,8 +328,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true",
                     help=f"{QUICK_SECONDS:g} s per stream count, {QUICK_CLIP_FRAMES}-frame clips")
     ap.add_argument("--executors", nargs="+", choices=EXECUTORS, default=list(EXECUTORS))
+    ap.add_argument("--mix", nargs="+", choices=MIXES, default=list(MIXES),
+                    help="which mixes of cameras (module doc; default both)")
     ap.add_argument("--clips", nargs="+", default=list(DEFAULT_CLIPS),
-                    help="corpus clips, stream k plays clip k (in this order, cycling)")
+                    help="the corpus mix's clips: stream k plays clip k (in this order, cycling)")
     ap.add_argument("--max-streams", type=cli_common.positive_int, default=MAX_STREAMS)
     ap.add_argument("--seconds", type=float, default=None,
                     help=f"measured seconds per stream count (default {SECONDS:g}, "
@@ -302,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"frames of each camera stream before it starts over (default "
                          f"{CLIP_FRAMES}, --quick {QUICK_CLIP_FRAMES})")
     ap.add_argument("--instances", type=cli_common.positive_int, default=None,
-                    help="override the config's instance count")
+                    help="instances of the model (default: one per core, each on one thread, "
+                         "as docs/capacity.md sizes a server)")
     ap.add_argument("--max-batch-size", type=cli_common.positive_int, default=None)
     ap.add_argument("--candidates", type=cli_common.positive_int, default=None,
                     help="override max_candidate_sequences")
@@ -321,54 +361,68 @@ def main(argv: list[str] | None = None) -> int:
     if args.seconds <= 0:
         ap.error("--seconds must be > 0")
 
+    if args.instances is None:
+        args.instances = os.cpu_count() or 1
+
     from fluxshard.footage import corpus_entry
 
     names = [corpus_entry(c).stem for c in args.clips]  # a clear error for an unknown clip
     frames = args.clip_frames or (QUICK_CLIP_FRAMES if args.quick else CLIP_FRAMES)
-    print(f"building camera streams and their payloads ({len(names)} clips)", flush=True)
-    clips = camera_payloads(names, frames, args.footage_dir, progress=True)
     args.out.mkdir(parents=True, exist_ok=True)
+    mixes = {mix: Cameras(mix, names, frames, args.footage_dir, progress=True)
+             for mix in args.mix}
     breakdown = None
     if args.breakdown:
-        breakdown = {"clip": names[0], "frames": args.breakdown,
-                     **cost_breakdown(clips[0], args.breakdown)}
-        print(f"cost of a {names[0]} frame, in process: {json.dumps(breakdown)}", flush=True)
+        first = next(iter(mixes.values()))
+        name, clip = first.stream(0)
+        breakdown = {"clip": name, "frames": args.breakdown,
+                     **cost_breakdown(clip, args.breakdown)}
+        print(f"cost of a {name} frame, in process: {json.dumps(breakdown)}", flush=True)
     rows, details = [], []
-    for executor in args.executors:
-        print(f"{executor}: model {MODELS[executor]}", flush=True)
-        r, d = run_executor(executor, clips, names, args, args.out)
-        rows += r
-        details += d
+    for mix, cameras in mixes.items():
+        for executor in args.executors:
+            print(f"{mix} mix, {executor}: model {MODELS[executor]}", flush=True)
+            r, d = run_executor(executor, cameras, args, args.out)
+            rows += r
+            details += d
     held = held_counts(rows)
     header = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "machine": machine(), "quick": args.quick, "seconds_per_count": args.seconds,
               "warmup_s": WARMUP_S, "input": f"{SIZE[0]}x{SIZE[1]}", "p95_bound_ms": args.p95_ms,
-              "rate_share": RATE_SHARE,
-              "clips": [{"clip": n, "fps": round(c.fps, 3)} for n, c in zip(names, clips)],
+              "rate_share": RATE_SHARE, "clip_frames": frames,
+              "mixes": {mix: [{"clip": n, "fps": round(c.fps, 3)}
+                              for n, c in cameras.built.items()]
+                        for mix, cameras in mixes.items()},
               "models": {k: MODELS[k] for k in args.executors},
               "batching": {**shipped_batching(), **batching_overrides(args)},
               "held_streams": held, "cost_breakdown": breakdown, "details": details}
     # server CPU a frame costs at one stream: what bounds the streams a CPU-bound server holds
-    header["cpu_ms_per_frame_one_stream"] = {d["executor"]: d["server_cpu_ms_per_frame"]
-                                             for d in details if d["streams"] == 1}
-    if "dense" in held and "tiles" in held:
-        header["tiles_vs_dense"] = (None if held["dense"] == 0
-                                    else round(held["tiles"] / held["dense"], 2))
-        cost = header["cpu_ms_per_frame_one_stream"]
-        if cost.get("dense") and cost.get("tiles"):
-            header["tiles_cpu_per_frame_vs_dense"] = round(cost["tiles"] / cost["dense"], 3)
+    header["cpu_ms_per_frame_one_stream"] = {
+        mix: {d["executor"]: d["server_cpu_ms_per_frame"] for d in details
+              if d["streams"] == 1 and d["mix"] == mix} for mix in mixes}
+    header["tiles_vs_dense"], header["tiles_cpu_per_frame_vs_dense"] = {}, {}
+    for mix, counts in held.items():
+        if "dense" in counts and "tiles" in counts:
+            header["tiles_vs_dense"][mix] = (None if counts["dense"] == 0
+                                             else round(counts["tiles"] / counts["dense"], 2))
+            cost = header["cpu_ms_per_frame_one_stream"][mix]
+            if cost.get("dense") and cost.get("tiles"):
+                header["tiles_cpu_per_frame_vs_dense"][mix] = round(cost["tiles"] / cost["dense"],
+                                                                    3)
     (args.out / "bench_capacity.json").write_text(json.dumps({"header": header, "rows": rows},
                                                              indent=1))
     plot(rows, args.p95_ms, args.out / "bench_capacity.png")
     print_table(rows)
-    print(f"\nmost streams held (p95 <= {args.p95_ms:g} ms, none lost, every stream at its "
-          f"frame rate): " + ", ".join(f"{k} {v}" for k, v in held.items()))
-    if "tiles_vs_dense" in header:
-        print(f"tiles / dense, streams held: {header['tiles_vs_dense']}")
-    if "tiles_cpu_per_frame_vs_dense" in header:
-        print("server CPU per frame at one stream: "
-              + ", ".join(f"{k} {v} ms" for k, v in header["cpu_ms_per_frame_one_stream"].items())
-              + f"; tiles / dense {header['tiles_cpu_per_frame_vs_dense']}")
+    print(f"\n{instances_line(args.instances)}; most streams held (p95 <= {args.p95_ms:g} ms, "
+          "none lost, every stream at its frame rate):")
+    for mix, counts in held.items():
+        line = f"  {mix}: " + ", ".join(f"{k} {v}" for k, v in counts.items())
+        if mix in header["tiles_vs_dense"]:
+            line += f"; tiles / dense, streams held: {header['tiles_vs_dense'][mix]}"
+        if mix in header["tiles_cpu_per_frame_vs_dense"]:
+            line += (f"; server CPU per frame at one stream, tiles / dense: "
+                     f"{header['tiles_cpu_per_frame_vs_dense'][mix]}")
+        print(line)
     print(f"wrote {args.out / 'bench_capacity.json'} and {args.out / 'bench_capacity.png'}")
     return 0
 

@@ -17,6 +17,7 @@ like ``perf/reliability_kit.py``).
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from dataclasses import dataclass, field
@@ -55,17 +56,22 @@ def clip_fps(video: str | Path) -> float:
 
 def clip_payloads(video: str | Path, tau: float | None = None, block: int = 16,
                   frames: int | None = None, keyframe_every: int | None = None,
-                  validate: bool = True) -> ClipPayloads:
-    """The wire payloads of ``video``'s first ``frames`` frames (all when None) along a cloud
+                  validate: bool = True, start: int = 0) -> ClipPayloads:
+    """The wire payloads of ``video``'s ``frames`` frames (all when None) from frame ``start``
+    (its key frame: a camera joining mid-clip) along a cloud
     :class:`fluxshard.endpoint.EndpointPath` at ``tau`` (None: the SDK's default policy),
     with a key frame every ``keyframe_every`` frames (None: only the first; a sequence then
     starts at each key frame); ``validate``: as ``fluxshard.motion.decode.iter_motion``."""
     from fluxshard.endpoint import EndpointPath, Uplink
     from fluxshard.motion.decode import iter_motion
 
+    if start < 0:
+        raise ValueError(f"start must be >= 0, got {start}")
     path = EndpointPath(tau, block, uplink=Uplink(block))
     payloads, digests, keys, shape = [], [], [], None
-    for k, mf in enumerate(iter_motion(str(video), validate=validate, max_frames=frames)):
+    decoded = iter_motion(str(video), validate=validate,
+                          max_frames=None if frames is None else start + frames)
+    for k, mf in enumerate(itertools.islice(decoded, start, None)):
         key = k == 0 or bool(keyframe_every and k % keyframe_every == 0)
         step = path.step(mf.image, None if key else mf.field, key=key, index=k)
         payloads.append(step.sent.payload)

@@ -49,6 +49,28 @@ def clips(tmp_path_factory):
             for name in CLIPS]
 
 
+def test_a_camera_joining_mid_clip_starts_with_its_own_key_frame(tmp_path):
+    """clip_payloads(start=s): frame s is the sequence's key frame (another picture than the
+    clip's first), no later frame is, and the payloads alone rebuild the server inputs the
+    digests name."""
+    from fluxshard import footage
+    from fluxshard.receive import ReceiveState
+    from fluxshard.wire import decode_request
+    from perf.capacity_kit import clip_payloads
+
+    video = footage.camera_stream("bikes", tmp_path, size=SIZE, frames=12)
+    whole = clip_payloads(video)
+    joined = clip_payloads(video, start=5, frames=6)
+    assert len(joined) == 6 and joined.keys[0] and not any(joined.keys[1:])
+    assert joined.digests[0] != whole.digests[0]
+    server = ReceiveState()  # the server's input cache, rebuilt from the payloads alone
+    for k, payload in enumerate(joined.payloads):
+        server.apply(decode_request(payload))
+        assert server.digest == joined.digests[k]
+    with pytest.raises(ValueError, match="start"):
+        clip_payloads(video, start=-1)
+
+
 class CountedEngine:
     """The session's real engine, counting its calls and the frames or crops in each."""
 
@@ -210,13 +232,13 @@ def test_bench_capacity_quick_writes_the_table(tmp_path):
     out = tmp_path / "perf"
     done = subprocess.run([sys.executable, "perf/bench_capacity.py", "--quick", "--max-streams",
                            "1", "--seconds", "1", "--executors", "dense", "tiles",
-                           "--clips", "bikes", "--clip-frames", "40",
+                           "--mix", "corpus", "--clips", "bikes", "--clip-frames", "40",
                            "--footage-dir", str(tmp_path / "footage"), "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     data = json.loads((out / "bench_capacity.json").read_text())
     fields = ["executor", "streams", "frames_per_s", "p50_ms", "p95_ms", "frames_lost",
-              "cpu_share", "held"]
+              "cpu_share", "held", "mix"]
     assert [list(row) for row in data["rows"]] == [fields, fields]
     assert [(row["executor"], row["streams"]) for row in data["rows"]] == \
         [("dense", 1), ("tiles", 1)]
