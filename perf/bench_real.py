@@ -202,8 +202,10 @@ def motion_path(decoded: list[tuple]) -> str:
 
 
 def run_clip(clip: str, variant: str, video: Path, frames: int, model, progress: bool,
-             restarts: list[int]) -> tuple[list[dict], dict]:
-    """Both executors on the same decoded frames of ``video``: rows and per-frame series."""
+             restarts: list[int], tile_options: dict | None = None) -> tuple[list[dict], dict]:
+    """Both executors on the same decoded frames of ``video``: rows and per-frame series;
+    with ``tile_options`` a third stream, the tile executor with those knobs (its row's
+    executor: ``tiles[k=v,...]``)."""
     from edge_runtime.run import edge_only_stream
     from fluxshard.sessions import NATIVE  # the clips' own size, as measured before --imgsz
     from fluxshard.accuracy import box_agreement
@@ -211,13 +213,16 @@ def run_clip(clip: str, variant: str, video: Path, frames: int, model, progress:
 
     streams = {name: edge_only_stream(name, str(video), model, predict=NATIVE)
                for name in EXECUTORS}
+    if tile_options:
+        streams[variant_name(tile_options)] = edge_only_stream(
+            "tiles", str(video), model, predict=NATIVE, tile_options=tile_options)
     frames_iter = decoded_frames(video, frames, loop=variant == "as_shipped", restarts=restarts)
     runs, decode_ms, decoded = interleaved(streams, frames_iter, frames, f"{clip} {variant}",
                                            progress)
     late = late_frames(runs["tiles"].dense)
     path = motion_path(decoded)
     rows, series = [], {"windows": {}, "ms": {}}
-    for name in EXECUTORS:
+    for name in runs:
         r = runs[name]
         agree = box_agreement(r.detections, runs["dense"].detections)
         windows = agree.windows(WINDOW)
@@ -239,6 +244,33 @@ def run_clip(clip: str, variant: str, video: Path, frames: int, model, progress:
         series["windows"][name] = windows
         series["ms"][name] = r.ms
     return rows, series
+
+
+def parse_tile_options(items: list[str]) -> dict:
+    """``["canvas=false", "halo=48"]`` -> {"canvas": False, "halo": 48} (Python literals;
+    true/false/none in any case)."""
+    import ast
+    import inspect
+
+    from fluxshard.tiles import TileExecutor
+
+    known = set(inspect.signature(TileExecutor.__init__).parameters) - {"self", "model"}
+    out = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or key not in known:
+            raise ValueError(f"--tiles-option {item!r}: expected KNOB=VALUE with KNOB one of "
+                             f"{sorted(known)}")
+        text = {"true": "True", "false": "False", "none": "None"}.get(text.lower(), text)
+        try:
+            out[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            raise ValueError(f"--tiles-option {item!r}: {text!r} is not a value") from None
+    return out
+
+
+def variant_name(tile_options: dict) -> str:
+    return "tiles[" + ",".join(f"{k}={v}" for k, v in tile_options.items()) + "]"
 
 
 def _mean_or_none(values: list[float]) -> float | None:
@@ -285,14 +317,14 @@ def plot(series: dict, path: Path) -> None:
     for col, key in enumerate(keys):
         s = series[key]
         top, bottom = axes[0][col], axes[1][col]
-        for name in EXECUTORS:
+        for name in s["ms"]:
             windows = s["windows"][name]
             n = len(s["ms"][name])  # the last window may be shorter: plot at its middle
             xs = [(WINDOW * k + min(WINDOW * (k + 1), n)) / 2 for k, w in enumerate(windows)
                   if w is not None]
-            top.plot(xs, [w for w in windows if w is not None], "o-", color=colors[name],
-                     label=name)
-            bottom.plot(s["ms"][name], lw=0.8, color=colors[name], label=name)
+            top.plot(xs, [w for w in windows if w is not None], "o-",
+                     color=colors.get(name, "tab:green"), label=name)
+            bottom.plot(s["ms"][name], lw=0.8, color=colors.get(name, "tab:green"), label=name)
         top.set_title(key, fontsize=9)
         top.set_ylim(0, 1.05)
         top.grid(alpha=0.3)
@@ -325,7 +357,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="cache of the re-encoded camera streams (default out/footage)")
     p.add_argument("--out", type=Path, default=Path("out/perf"))
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--tiles-option", action="append", default=[], metavar="KNOB=VALUE",
+                   help="also run the tile executor with this knob (TileExecutor's keyword; "
+                        "repeat for several) as a third stream on the same frames: an A/B of a "
+                        "knob in one run")
     args = p.parse_args(argv)
+    try:
+        tile_options = parse_tile_options(args.tiles_option)
+    except ValueError as e:
+        p.error(str(e))
     frames = args.frames or (QUICK_FRAMES if args.quick else FRAMES)
     from fluxshard.footage import corpus_entry
 
@@ -348,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
                  else camera_file(clip, frames, args.footage_dir))
         starts: list[int] = []
         clip_rows, clip_series = run_clip(clip, variant, video, frames, model,
-                                          not args.no_progress, starts)
+                                          not args.no_progress, starts, tile_options)
         rows += clip_rows
         series[f"{clip} {variant}"] = clip_series
         if starts:

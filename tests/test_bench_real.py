@@ -106,3 +106,30 @@ def test_late_frames_count_from_the_last_dense_frame(bench):
     flags = [True] + [False] * 34 + [True] + [False] * 25
     late = bench.late_frames(flags)
     assert late.nonzero()[0].tolist() == list(range(20, 30)) + list(range(55, 61))
+
+
+def test_a_tile_knob_runs_as_a_third_stream_on_the_same_frames(bench, tmp_path):
+    """--tiles-option KNOB=VALUE: a row per clip and variant for the tile executor with that
+    knob, named by it, on the same frames as the other two."""
+    out = tmp_path / "ab"
+    assert bench.main(["--clips", CLIP, "--variants", "camera", "--frames", "6", "--out",
+                       str(out), "--weights", WEIGHTS, "--footage-dir", str(out / "footage"),
+                       "--no-progress", "--tiles-option", "halo=64"]) == 0
+    rows = json.loads((out / "bench_real.json").read_text())["rows"]
+    assert [r["executor"] for r in rows] == ["dense", "tiles", "tiles[halo=64]"]
+    assert all(r["frames"] == 6 for r in rows)
+
+
+@pytest.mark.parametrize("item", ["no_such_knob=1", "halo", "halo=not a value"])
+def test_a_bad_tile_knob_is_refused_before_anything_runs(bench, tmp_path, capsys, item):
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--tiles-option", item, "--out", str(tmp_path)])
+    assert exit_.value.code == 2
+    assert "--tiles-option" in capsys.readouterr().err
+    assert not (tmp_path / "bench_real.json").exists()
+
+
+def test_tile_knobs_parse_as_python_literals(bench):
+    assert bench.parse_tile_options(["adaptive=false", "halo=48", "max_age=None",
+                                     "budget=0.5"]) == {"adaptive": False, "halo": 48,
+                                                        "max_age": None, "budget": 0.5}

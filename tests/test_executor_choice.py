@@ -314,3 +314,20 @@ def test_profile_latency_measures_tiles_against_crop_area(tmp_path):
     tiles_ms = timed.edge_executors["tiles"].ms
     assert tiles_ms == pytest.approx([2.0] * len(tiles_ms))
     assert timed.edge_executors["dense"].ms == pytest.approx([2.0, 2.0])
+
+
+@pytest.mark.parametrize("halo_px", [0, 16, 32, 40])
+def test_the_predicted_crop_share_is_every_block_within_the_halo_of_a_residual(halo_px):
+    """tile_crop_share against its definition: a block is in a crop when a residual block lies
+    within ceil(halo / block) blocks of it on both axes (frame edges cut the crops)."""
+    rng = np.random.default_rng(halo_px)
+    r = -(-halo_px // 16)
+    for shape in ((9, 11), (24, 40), (1, 7)):
+        mask = rng.random(shape) < 0.04
+        mask[0, -1] = True
+        ys, xs = np.nonzero(mask)
+        rows, cols = np.indices(shape)
+        near = np.zeros(shape, bool)
+        for y, x in zip(ys, xs):
+            near |= (abs(rows - y) <= r) & (abs(cols - x) <= r)
+        assert tile_crop_share(mask, 16, halo_px, dense_above=1.0) == pytest.approx(near.mean())
