@@ -201,6 +201,21 @@ class EndpointPath:
                                        field=applied)
         return residual, tau
 
+    def motion_at_tau(self, frame: np.ndarray) -> tuple[ResidualSet, float]:
+        """:meth:`residual_at_tau` for an endpoint that runs on the whole frame and finds its own
+        change (the tile and dense executors): the same field and tau, the block comparison
+        left out (the frame's costliest bookkeeping). The set marks every block, and its
+        ``aligned`` is ``frame`` itself (nothing was warped)."""
+        if self.state.cache is None:
+            raise RuntimeError("EndpointPath has no cache yet: reset(image) on a key frame first")
+        applied = wire.quantize_field(self.state.field)
+        tau = self.policy.tau_for(motion_statistic(applied))
+        h, w = frame.shape[:2]
+        grid = (-(-h // self.block), -(-w // self.block))
+        return ResidualSet(mask=np.ones(grid, bool), aligned=frame, field=applied,
+                           block_max_diff=np.full(grid, 256, np.int16), block=self.block,
+                           threshold=self.policy.dispatch_threshold(tau)), tau
+
     def reset(self, image: np.ndarray) -> None:
         """The endpoint ran on ``image``: it becomes the cache, the motion starts at zero. A
         remote endpoint's image is its mirror's cache, kept as is (the next residual set is then

@@ -211,6 +211,7 @@ class TileYoloSession:
         self.lock = lock or threading.Lock()
         self.predict = predict or NATIVE
         self.last_report = None  # TileReport of the last frame
+        self.last_recomputed = None
 
     @property
     def engine(self):
@@ -235,6 +236,9 @@ class TileYoloSession:
 
         det = nms_detections(out, padded_shape(*frame.shape[:2]), frame.shape[:2], self.predict)
         self.last_report = report
+        # (block, the blocks its crops recomputed on the padded input); None: all (dense)
+        self.last_recomputed = (None if report.computed is None
+                                else (self.tile_executor.block, report.computed))
         crop = float(report.crop_area_fraction)
         # crops include their halo, so 1 - crop area is a lower bound of the outputs reused
         stats = {"compute": "tiles", "executor": "tiles",

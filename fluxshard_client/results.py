@@ -25,6 +25,10 @@ class EndpointRun:
     uplink_bytes: int = 0
     transfer_s: float | None = None  # measured uplink transfer time (remote endpoints)
     masks: np.ndarray | None = None  # (N, H, W) bool, row i of detections[i]; None: detect model
+    # what the endpoint's executor recomputed, when it says: (its block, the blocks its crops
+    # recomputed on its padded input; fluxshard_client.stream.recomputed_blocks); None: what
+    # its residual set marked
+    recomputed: tuple | None = None
 
 
 def class_name(k: int, names: dict[int, str] | None) -> str:

@@ -82,7 +82,9 @@ class LocalEndpoint:
         # a session of its own may return a plain (detections, stats) pair
         out = SessionResult(*self.session.infer(image, None if key else residual.field,
                                                 None if key else residual.mask, key, tau=tau))
-        return EndpointRun(out.detections, out.stats, image, key, masks=out.masks)
+        recomputed = None if key else getattr(self.session, "last_recomputed", None)
+        return EndpointRun(out.detections, out.stats, image, key, masks=out.masks,
+                           recomputed=recomputed)
 
     @property
     def names(self) -> dict[int, str] | None:
@@ -222,6 +224,12 @@ class _DispatchCore:
         self.cloud_failure_count = 0
         self.names: dict[int, str] | None = None  # the model's class names (FrameResult.names)
 
+    @property
+    def edge_runs_whole_frames(self) -> bool:
+        """The edge's executor runs on the whole frame and finds its own change (tiles, dense):
+        it needs the edge's motion, not its residual set."""
+        return self.dispatcher.edge_executor in ("tiles", "dense")
+
     def residual_set(self, path: EndpointPath, frame: np.ndarray) -> tuple[ResidualSet, float]:
         """The residual set at the tau the policy picks for this endpoint, and that tau."""
         return path.residual_at_tau(frame)
@@ -328,7 +336,12 @@ class _DispatchCore:
             if name not in candidates:  # the edge under a forced cloud: kept current, since it
                 key[name], residual[name], fraction[name] = False, None, 1.0  # is the fallback
                 continue
-            res, taus[name] = self.residual_set(state, frame)
+            if name == "edge" and "cloud" not in candidates and self.edge_runs_whole_frames:
+                # nothing to choose between, and the executor finds its own change: the field
+                # and tau only
+                res, taus[name] = state.motion_at_tau(frame)
+            else:
+                res, taus[name] = self.residual_set(state, frame)
             # the edge's table is its executor's: for tiles the share is the predicted crop area
             share = (self.dispatcher.edge_share(res.mask, self.block) if name == "edge"
                      else res.fraction)
@@ -375,7 +388,9 @@ class _DispatchCore:
         else:
             fraction = residual.fraction
         self.dispatcher.observe_latency(name, fraction, w, h, compute_ms)
-        mask = np.ones(grid, bool) if run.key or residual is None else residual.mask
+        mask = recomputed_blocks(run.recomputed, self.block, grid)
+        if mask is None:
+            mask = np.ones(grid, bool) if run.key or residual is None else residual.mask
         return FrameResult(
             index=plan.index, endpoint=name, key=run.key, detections=run.detections,
             latency_ms=(time.perf_counter() - plan.started) * 1e3, endpoint_ms=endpoint_ms,
@@ -392,6 +407,18 @@ class _DispatchCore:
                       if plan.cloud_attempt_ms is not None else {}),
                    **({"deadline_ms": round(plan.deadline.seconds * 1e3, 1)}
                       if plan.deadline is not None else {})})
+
+
+def recomputed_blocks(recomputed, block: int, grid: tuple[int, int]) -> np.ndarray | None:
+    """An executor's (block, recomputed blocks on its padded input) as the stream's residual
+    grid; None when it said nothing or its grid is another (another block size, or an input
+    the session letterboxed)."""
+    if recomputed is None:
+        return None
+    its_block, blocks = recomputed
+    if its_block != block or blocks.shape[0] < grid[0] or blocks.shape[1] < grid[1]:
+        return None
+    return np.ascontiguousarray(blocks[:grid[0], :grid[1]])
 
 
 def _dispatcher(dispatch: str, profile, margin_ms: float, initial_mbps: float,

@@ -299,3 +299,47 @@ def test_the_sdk_reads_no_latency_profile_from_the_working_folder(tmp_path, monk
     monkeypatch.setenv(PROFILE_ENV, str(tmp_path / "missing.json"))
     with pytest.raises(FileNotFoundError):
         LatencyProfile.load_or_default()
+
+
+@pytest.mark.parametrize("executor", ["tiles", "dense"])
+def test_an_edge_only_stream_reports_what_its_whole_frame_executor_recomputed(executor):
+    """Edge only, an executor that runs on the whole frame (tiles, dense): the stream keeps the
+    edge's motion without its residual set, and a frame's residual mask is what the executor
+    recomputed: the tile executor's crops (a share of the frame where one object moves on a
+    still scene), everything for dense."""
+    from fluxshard.sessions import yolo_session_factory
+
+    session = yolo_session_factory(executor, threads=1)(0)
+    stream = FluxShardStream(LocalEndpoint(session), dispatch="edge", imgsz=None)
+    rng = np.random.default_rng(5)
+    background = rng.integers(60, 200, (192, 320, 3), dtype=np.uint8)
+    still = np.zeros((192 // 4, 320 // 4, 2), np.float32)
+    for t in range(4):
+        frame = background.copy()
+        frame[40:90, 30 + 10 * t:80 + 10 * t] = (220, 40, 40)
+        result = stream.process(frame, None if t == 0 else still, t == 0, index=t)
+        assert result.residual_mask.shape == (192 // 16, 320 // 16)
+    assert not result.key and result.endpoint == "edge"
+    if executor == "dense":
+        assert result.residual_fraction == 1.0
+    else:
+        report = session.last_report
+        assert not report.dense and report.crops >= 1
+        np.testing.assert_array_equal(result.residual_mask, report.computed[:12, :20])
+        assert 0 < result.residual_fraction < 0.6
+
+
+def test_the_motion_without_the_residual_is_the_residual_sets_field_and_tau():
+    from fluxshard.endpoint import EndpointPath
+
+    rng = np.random.default_rng(6)
+    first = rng.integers(0, 255, (96, 160, 3), dtype=np.uint8)
+    field = np.full((24, 40, 2), 1.3, np.float32)
+    path = EndpointPath(None, 16)
+    path.reset(first)
+    path.accumulate(field)
+    full, tau = path.residual_at_tau(first)
+    light, light_tau = path.motion_at_tau(first)
+    assert light_tau == tau and light.threshold == full.threshold
+    np.testing.assert_array_equal(light.field, full.field)
+    assert light.mask.all() and light.mask.shape == full.mask.shape

@@ -91,6 +91,9 @@ class TileReport:
     deferred_fraction: float = 0.0  # critical blocks left for later by the budget
     refresh_fraction: float = 0.0  # blocks recomputed for freshness (not for change) / blocks
     seconds: float = 0.0
+    # the blocks (the executor's, on the padded input) whose cells crops recomputed this frame;
+    # None on a dense frame (all of them)
+    computed: np.ndarray | None = None
     # seconds per stage: warp (cached maps), change (critical blocks), plan (salience, budget,
     # refresh, crops), engine (crop batches or the dense pass, with the merge), decode (boxes)
     stages: dict = dc_field(default_factory=dict)
@@ -594,7 +597,7 @@ class TileExecutor:
             self.latency.observe(area / (input_hw[0] * input_hw[1]), report.stages["engine"])
         state.age, state.deferred, state.unseen = age, deferred & ~computed, unseen
         state.offsets, state.reference = offsets, reference
-        report.crops = len(plan)
+        report.crops, report.computed = len(plan), computed
         report.crop_area_fraction = area / (input_hw[0] * input_hw[1])
         report.deferred_fraction = float(state.deferred.mean())
         report.refresh_fraction = float(refreshed.mean())
