@@ -238,7 +238,7 @@ class TileYoloSession:
         self.last_report = report
         # (block, the blocks its crops recomputed on the padded input); None: all (dense)
         self.last_recomputed = (None if report.computed is None
-                                else (self.tile_executor.block, report.computed))
+                                else (report.block, report.computed))
         crop = float(report.crop_area_fraction)
         # crops include their halo, so 1 - crop area is a lower bound of the outputs reused
         stats = {"compute": "tiles", "executor": "tiles",

@@ -142,14 +142,16 @@ def bad_ends(server, client, args, max_streams: int) -> dict:
 def session_memory(server, client, args) -> dict:
     pid = server.process.pid
     size = (384, 640) if args.quick else (1088, 1920)
-    # engines for a frame size are shared by every session and kept: a throwaway session
-    # builds them first, so what is measured is the one session's own memory
-    client.infer(_key(0, 7, size), 9500, True, False, secret="m")
-    client.infer(_residual(1, 7, size), 9500, False, True, secret="m")
-    before = group_rss_mb(pid)
-    client.infer(_key(0, 7, size), 9501, True, False, secret="m")
-    for t in range(1, 3):
-        client.infer(_residual(t, 7, size), 9501, False, False, secret="m")
+    # engines are shared by every session and kept (their memory for a frame size, and for
+    # each crop shape the tile executor ran, which its latency table, learned over the first
+    # sessions, decides): throwaway sessions of the very same frames build them first, so what
+    # is measured is the one session's own memory
+    for corrid, end in ((9499, True), (9500, True), (9501, False)):
+        if not end:
+            before = group_rss_mb(pid)
+        client.infer(_key(0, 7, size), corrid, True, False, secret="m")
+        for t in range(1, 3):
+            client.infer(_residual(t, 7, size), corrid, False, end and t == 2, secret="m")
     held = group_rss_mb(pid)
     _refusal(lambda: client.infer(b"\0" * 8, 9501, False, True, secret="m"))
     after = group_rss_mb(pid)

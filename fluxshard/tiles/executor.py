@@ -94,6 +94,7 @@ class TileReport:
     # the blocks (the executor's, on the padded input) whose cells crops recomputed this frame;
     # None on a dense frame (all of them)
     computed: np.ndarray | None = None
+    block: int = 16  # the executor's block, the grid of ``computed``
     # seconds per stage: warp (cached maps), change (critical blocks), plan (salience, budget,
     # refresh, crops), engine (crop batches or the dense pass, with the merge), decode (boxes)
     stages: dict = dc_field(default_factory=dict)
@@ -442,7 +443,7 @@ class TileExecutor:
         input_hw = padded_shape(h, w)
         grid = (input_hw[0] // self.block, input_hw[1] // self.block)
         padded = self.padded_frame(frame, input_hw)
-        report = TileReport(key=key)
+        report = TileReport(key=key, block=self.block)
         if key or field is None or state.frame_shape != frame.shape:
             report.key = True
             return (yield from self._dense(state, frame, padded, grid, report, t0))
