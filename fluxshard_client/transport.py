@@ -115,11 +115,14 @@ def _classify(exc: Exception) -> Exception:
             return _Resync(msg)
         if "bad payload" in low or "internal error" in low:  # the model's own answers
             return CloudError(f"cloud rejected the frame: {msg}")
-        if "cancelled" in status.lower() and not msg:
-            # Triton's answer to a START that waited in its backlog for a sequence slot until the
-            # idle timeout: every slot is held by other streams
-            return _Unavailable("the server has no free stream slot (Triton cancelled the "
-                                "queued start)")
+        if "cancelled" in status.lower():
+            # the server did not compute the frame: Triton cancels a START that waited in its
+            # backlog for a sequence slot until the idle timeout (every slot is held by other
+            # streams), and the requests in flight when it shuts down
+            if not msg:
+                return _Unavailable("the server has no free stream slot (Triton cancelled the "
+                                    "queued start)")
+            return _Unavailable(f"the server cancelled the request (shutting down?): {msg}")
         if "protocol is restricted" in low:  # Triton says so with status UNAVAILABLE
             return CloudError(f"cloud refused the request: {msg} (the server requires an auth "
                               "header: FluxShardClient(headers=auth_headers(KEY, VALUE)), "

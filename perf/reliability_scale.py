@@ -133,6 +133,7 @@ def two_servers(servers: list[TritonServer], streams: int, frames: int) -> dict:
     moved = [d for d in drivers if d.stream.client.rehomes]
     expected = set(homed[urls[0]])
     lost = sum(r.frames_lost for r in reports)
+    errors = [e for r in reports for e in r.errors][:2]
     ok = ({d.report.stream_id for d in moved} == expected
           and all(d.stream.client.home == urls[1] for d in drivers) and lost == 0)
     return case_row("2 servers, streams homed by rendezvous hashing; one server stopped",
@@ -140,7 +141,9 @@ def two_servers(servers: list[TritonServer], streams: int, frames: int) -> dict:
                     group_rss_mb(servers[1].process.pid), ok,
                     f"{len(homed[urls[0]])} + {len(homed[urls[1]])} streams; {len(moved)} "
                     f"re-homed with a key frame; {both['throughput_fps']} frames/s on 2 servers, "
-                    f"{one['throughput_fps']} on 1", touched=expected, streams=streams,
+                    f"{one['throughput_fps']} on 1"
+                    + (f"; lost: {'; '.join(errors)}" if errors else ""),
+                    touched=expected, streams=streams,
                     throughput_two_fps=both["throughput_fps"],
                     throughput_one_fps=one["throughput_fps"],
                     latency_mean_ms=one["latency_mean_ms"], latency_p95_ms=one["latency_p95_ms"])

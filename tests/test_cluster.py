@@ -110,3 +110,22 @@ def test_stream_moves_to_the_other_server_when_its_server_stops(triton_installed
     finally:
         for server in servers:
             server.stop()
+
+
+@pytest.mark.parametrize("message,unreachable", [
+    ("", True),  # a START cancelled in Triton's backlog: no free stream slot
+    ("CANCELLED", True),  # a request in flight when the server shut down
+    ("bad payload: truncated header", False),  # the model's own answer
+])
+def test_a_cancelled_request_is_the_server_being_unreachable_not_a_rejection(message,
+                                                                            unreachable):
+    """Triton answers CANCELLED for requests it did not compute (a server stopping, a queued
+    START): the stream moves to its next server with a key frame instead of losing the frame."""
+    from tritonclient.utils import InferenceServerException
+
+    from fluxshard_client import CloudError, transport
+
+    status = "StatusCode.CANCELLED" if "payload" not in message else "StatusCode.INTERNAL"
+    kind = transport._classify(InferenceServerException(message, status=status))
+    assert isinstance(kind, transport._Unavailable) == unreachable
+    assert isinstance(kind, CloudError) != unreachable
