@@ -88,15 +88,15 @@ def _edge_session(executor: str, model, executor_options: dict, tiles_table=None
     ``tile_options``: TileExecutor knobs over the edge's own (benchmark ablations only; the
     command never sets them). ``predict``: its NMS options (the stream letterboxes the frames
     before, so its ``imgsz`` is not the session's)."""
-    from fluxshard.sessions import (NATIVE, BestDenseRunners, best_dense_session_factory,
+    from fluxshard.sessions import (NATIVE, best_dense_session_factory, shared_dense_runners,
                                     yolo_session_factory)
 
     predict = NATIVE if predict is None else dataclasses.replace(predict, imgsz=None)
     if executor == "dense":
         return best_dense_session_factory(model, threads=1, predict=predict)(0)
-    # the tile executor's dense frames run on the dense executor's engine: they cost what dense
-    # costs
-    dense_runner = BestDenseRunners(model, threads=1) if executor == "tiles" else None
+    # the tile executor's dense frames run on the dense executor's engine (the same session in
+    # this process): they cost what dense costs
+    dense_runner = shared_dense_runners(model, threads=1) if executor == "tiles" else None
     if executor == "tiles" and tiles_table is not None:
         from fluxshard.sessions import TileYoloSession
         from fluxshard.tiles.profile import ProfiledTileExecutor

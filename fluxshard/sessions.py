@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 import warnings
 from typing import Callable, NamedTuple, Protocol
 
@@ -338,10 +339,27 @@ class BestDenseRunners:
         return {shape: r.name for shape, r in self._best.items()}
 
 
+_SHARED_RUNNERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_SHARED_RUNNERS_LOCK = threading.Lock()
+
+
+def shared_dense_runners(model, threads: int = 1) -> BestDenseRunners:
+    """The process's one :class:`BestDenseRunners` for ``model`` on ``threads``: the dense
+    executor and the tile executor's dense frames run on the very same engine session. Two
+    sessions of one model each pick their engine by timing and run at measurably different
+    speeds, so separate ones would make a dense frame of tiles cost other than dense."""
+    with _SHARED_RUNNERS_LOCK:
+        by_threads = _SHARED_RUNNERS.setdefault(model, {})
+        runners = by_threads.get(threads)
+        if runners is None:
+            runners = by_threads[threads] = BestDenseRunners(model, threads=threads)
+        return runners
+
+
 def best_dense_session_factory(model, threads: int = 1,
                                predict: PredictOptions | None = None) -> SessionFactory:
-    """Sessions sharing one :class:`BestDenseRunners` for ``model``."""
-    runners = BestDenseRunners(model, threads=threads)
+    """Sessions sharing the process's :func:`shared_dense_runners` for ``model``."""
+    runners = shared_dense_runners(model, threads=threads)
     return letterboxed(lambda corrid: DenseRunnerSession(runners, predict), predict)
 
 
@@ -514,6 +532,6 @@ __all__ = [
     "StreamSession", "SessionFactory", "SessionResult", "session_result", "DenseYoloSession",
     "LetterboxSession", "letterboxed", "nms_detections", "NATIVE", "SparseYoloSession",
     "TileYoloSession", "DenseRunnerSession", "MapsDenseEngine", "BestDenseRunners",
-    "best_dense_session_factory",
+    "best_dense_session_factory", "shared_dense_runners",
     "tile_session_factory", "executor_name", "EXECUTORS", "EXECUTOR_ALIASES",
     "yolo_session_factory", "detection_rows", "dense_yolo_factory", "load_dense_model"]

@@ -340,11 +340,12 @@ class _DispatchCore:
                 # nothing to choose between, and the executor finds its own change: the field
                 # and tau only
                 res, taus[name] = state.motion_at_tau(frame)
+                share = 1.0  # every block marked: what edge_share gives, without its dilation
             else:
                 res, taus[name] = self.residual_set(state, frame)
-            # the edge's table is its executor's: for tiles the share is the predicted crop area
-            share = (self.dispatcher.edge_share(res.mask, self.block) if name == "edge"
-                     else res.fraction)
+                # the edge's table is its executor's: for tiles the predicted crop area share
+                share = (self.dispatcher.edge_share(res.mask, self.block) if name == "edge"
+                         else res.fraction)
             key[name], residual[name], fraction[name] = False, res, share
         if self.h264_uplink is not None:
             self.h264_uplink.link_bytes_per_s = self.dispatcher.bandwidth.bytes_per_s

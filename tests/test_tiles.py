@@ -282,6 +282,22 @@ def test_entering_edge_share_follows_the_vectors():
     assert share[-1, 5] == 2.0 / 16  # the bottom row: 2 of 16 pixel rows came from outside
 
 
+@pytest.mark.parametrize("size", [(384, 640), (380, 636)])  # a frame the field overhangs too
+def test_a_field_whose_sources_all_lie_inside_has_no_entering_share(size):
+    """The shortcut for fields that bring nothing in (every source inside the frame) gives the
+    grid and zeros the full computation gives; one vector pointing out changes that."""
+    height, width = size
+    rng = np.random.default_rng(3)
+    field = rng.uniform(-3, 3, (96, 160, 2)).astype(np.float32)
+    field[:2], field[-2:], field[:, :2], field[:, -2:] = 0, 0, 0, 0  # nothing crosses an edge
+    share = outside_share(field, height, width, 16)
+    assert share.shape == (24, 40) and share.dtype == np.float32
+    overhang = (160 * 4 > width) or (96 * 4 > height)
+    assert (share.any() == overhang)
+    field[0, 0] = (-1.0, 0.0)  # one column of one 4x4 motion block: 1/4 of 1/16 of the block
+    assert outside_share(field, height, width, 16)[0, 0] == pytest.approx(1.0 / 64)
+
+
 class SteppedClock:
     """A clock the engine advances: crops cost ``per_call`` plus their area share of
     ``dense`` seconds; nothing else takes time. Decisions made on it are deterministic."""
