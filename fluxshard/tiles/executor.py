@@ -141,8 +141,8 @@ class TileExecutor:
         this (v2 4.1) at mid-grey and above; darker blocks compare against less
         (``reference.block_thresholds``).
     block: critical block side (pixels, a multiple of 4 dividing 32).
-    halo: context added around each crop's interior (pixels; the default chosen on the real
-        corpus's tuning clips with a real detector: as accurate as 32 there, smaller crops).
+    halo: context added around each crop's interior (pixels; the default measured best on real
+        footage with a real detector: borderline boxes need the context, and 16 lost some).
     budget: most input area (share, halo included) the crops of one frame may cover; further
         critical blocks are deferred, least salient first (misses and grown objects never are).
     dense_above: when set, the frame runs dense if the crops for every critical block would
@@ -182,7 +182,7 @@ class TileExecutor:
     """
 
     def __init__(self, model, *, engine="torch", threshold: float = 8.0, block: int = 16,
-                 halo: int = 16, budget: float = 0.45, dense_above: float | None = None,
+                 halo: int = 32, budget: float = 0.45, dense_above: float | None = None,
                  refresh_interval: int = 30, refresh_age: int = 10, refresh_share: float = 0.02,
                  max_age: int | None = None, unseen_share: float = 0.25, boundary: float = 8.0,
                  whole_objects: bool = True, grow_conf: float = 0.15, adaptive: bool = False,
@@ -240,8 +240,10 @@ class TileExecutor:
     @staticmethod
     def batch_input(crops: list[np.ndarray]) -> torch.Tensor:
         """Equally sized uint8 (h, w, 3) crops -> the engine's (B, 3, h, w) float in [0, 1]."""
-        batch = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2)
-        return batch.float().div_(255.0).contiguous()
+        # one crop (the whole frame) needs no stacking copy; the layout change on uint8 moves a
+        # quarter of the bytes a float one would
+        batch = crops[0][None] if len(crops) == 1 else np.stack(crops)
+        return torch.from_numpy(batch).permute(0, 3, 1, 2).contiguous().float().div_(255.0)
 
     def _assemble(self, maps: list[torch.Tensor], offsets: list[np.ndarray]):
         """The model's eval output from the relative cache: (1, 4 + nc, A), a segment model's
