@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import threading
 import time
-import weakref
 import warnings
+import weakref
 from typing import Callable, NamedTuple, Protocol
 
 import numpy as np
@@ -339,20 +339,23 @@ class BestDenseRunners:
         return {shape: r.name for shape, r in self._best.items()}
 
 
-_SHARED_RUNNERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# (id(model), threads) -> runners, held weakly: an entry lives while a session uses it, and its
+# runners hold the model, so the id is not reused meanwhile
+_SHARED_RUNNERS: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()
 _SHARED_RUNNERS_LOCK = threading.Lock()
 
 
 def shared_dense_runners(model, threads: int = 1) -> BestDenseRunners:
-    """The process's one :class:`BestDenseRunners` for ``model`` on ``threads``: the dense
-    executor and the tile executor's dense frames run on the very same engine session. Two
-    sessions of one model each pick their engine by timing and run at measurably different
-    speeds, so separate ones would make a dense frame of tiles cost other than dense."""
+    """The process's one :class:`BestDenseRunners` for ``model`` on ``threads`` (while any
+    session holds it): the dense executor and the tile executor's dense frames run on the very
+    same engine session. Two sessions of one model each pick their engine by timing and run at
+    measurably different speeds, so separate ones would make a dense frame of tiles cost other
+    than dense."""
     with _SHARED_RUNNERS_LOCK:
-        by_threads = _SHARED_RUNNERS.setdefault(model, {})
-        runners = by_threads.get(threads)
+        runners = _SHARED_RUNNERS.get((id(model), threads))
         if runners is None:
-            runners = by_threads[threads] = BestDenseRunners(model, threads=threads)
+            runners = BestDenseRunners(model, threads=threads)
+            _SHARED_RUNNERS[(id(model), threads)] = runners
         return runners
 
 

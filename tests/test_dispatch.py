@@ -326,7 +326,7 @@ def test_an_edge_only_stream_reports_what_its_whole_frame_executor_recomputed(ex
         report = session.last_report
         assert not report.dense and report.crops >= 1
         np.testing.assert_array_equal(result.residual_mask, report.computed[:12, :20])
-        assert 0 < result.residual_fraction < 1  # a share: what the crops recomputed
+        assert 0 < result.residual_fraction < 0.6
 
 
 def test_the_motion_without_the_residual_is_the_residual_sets_field_and_tau():

@@ -331,3 +331,26 @@ def test_the_predicted_crop_share_is_every_block_within_the_halo_of_a_residual(h
         for y, x in zip(ys, xs):
             near |= (abs(rows - y) <= r) & (abs(cols - x) <= r)
         assert tile_crop_share(mask, 16, halo_px, dense_above=1.0) == pytest.approx(near.mean())
+
+
+def test_the_edges_dense_and_tile_executors_run_dense_frames_on_one_engine_session(model):
+    """In one process the dense executor and the tile executor's dense frames share one
+    BestDenseRunners per model and thread count (two sessions of a model run at different
+    speeds, and each would pick its engine apart); sharing keeps no model alive."""
+    import gc
+    import weakref
+
+    from edge_runtime.run import _edge_session
+    from fluxshard.sessions import load_dense_model, shared_dense_runners
+
+    dense = _edge_session("dense", model, {}).runners
+    assert _edge_session("tiles", model, {}).tile_executor.dense_runner is dense
+    assert shared_dense_runners(model, 1) is dense
+    assert shared_dense_runners(model, 2) is not dense
+    other = load_dense_model(threads=1)
+    held = shared_dense_runners(other, 1)
+    assert held is not dense and shared_dense_runners(other, 1) is held
+    gone = weakref.ref(other)
+    del other, held
+    gc.collect()
+    assert gone() is None
