@@ -142,16 +142,19 @@ def bad_ends(server, client, args, max_streams: int) -> dict:
 def session_memory(server, client, args) -> dict:
     pid = server.process.pid
     size = (384, 640) if args.quick else (1088, 1920)
+    def play(corrid: int, end: bool) -> None:  # a key frame and two residual frames
+        client.infer(_key(0, 7, size), corrid, True, False, secret="m")
+        for t in range(1, 3):
+            client.infer(_residual(t, 7, size), corrid, False, end and t == 2, secret="m")
+
     # engines are shared by every session and kept (their memory for a frame size, and for
     # each crop shape the tile executor ran, which its latency table, learned over the first
     # sessions, decides): throwaway sessions of the very same frames build them first, so what
     # is measured is the one session's own memory
-    for corrid, end in ((9499, True), (9500, True), (9501, False)):
-        if not end:
-            before = group_rss_mb(pid)
-        client.infer(_key(0, 7, size), corrid, True, False, secret="m")
-        for t in range(1, 3):
-            client.infer(_residual(t, 7, size), corrid, False, end and t == 2, secret="m")
+    for corrid in (9499, 9500):
+        play(corrid, end=True)
+    before = group_rss_mb(pid)
+    play(9501, end=False)
     held = group_rss_mb(pid)
     _refusal(lambda: client.infer(b"\0" * 8, 9501, False, True, secret="m"))
     after = group_rss_mb(pid)

@@ -112,12 +112,12 @@ def test_stream_moves_to_the_other_server_when_its_server_stops(triton_installed
             server.stop()
 
 
-@pytest.mark.parametrize("message,unreachable", [
-    ("", True),  # a START cancelled in Triton's backlog: no free stream slot
-    ("CANCELLED", True),  # a request in flight when the server shut down
-    ("bad payload: truncated header", False),  # the model's own answer
+@pytest.mark.parametrize("status,message,unreachable", [
+    ("StatusCode.CANCELLED", "", True),  # a START cancelled in Triton's backlog: no free slot
+    ("StatusCode.CANCELLED", "CANCELLED", True),  # in flight when the server shut down
+    ("StatusCode.INTERNAL", "bad payload: truncated header", False),  # the model's own answer
 ])
-def test_a_cancelled_request_is_the_server_being_unreachable_not_a_rejection(message,
+def test_a_cancelled_request_is_the_server_being_unreachable_not_a_rejection(status, message,
                                                                             unreachable):
     """Triton answers CANCELLED for requests it did not compute (a server stopping, a queued
     START): the stream moves to its next server with a key frame instead of losing the frame."""
@@ -125,7 +125,6 @@ def test_a_cancelled_request_is_the_server_being_unreachable_not_a_rejection(mes
 
     from fluxshard_client import CloudError, transport
 
-    status = "StatusCode.CANCELLED" if "payload" not in message else "StatusCode.INTERNAL"
     kind = transport._classify(InferenceServerException(message, status=status))
     assert isinstance(kind, transport._Unavailable) == unreachable
     assert isinstance(kind, CloudError) != unreachable
