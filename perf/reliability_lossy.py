@@ -20,8 +20,9 @@ them) and the IDRs' own bytes. The uplink's quality is pinned at its crf for the
 (``fluxshard.uplink_h264.LinkRate``'s range collapsed): the quality controller re-codes at
 another crf, each change an IDR, on its own estimate of the link, which loss and retransmission
 delays move, so unpinned its IDRs would be counted with the resyncs'. A frame is lost when it raises or is answered for another index;
-a cloud answer is digest-checked by the transport. A row passes when no frame is lost and the
-cloud's first answer after every failed call was an IDR.
+a cloud answer is digest-checked by the transport. A row passes when no frame is lost, the
+cloud answered again after its last failed call and its first answer after every failed call
+was an IDR.
 
     python3 perf/reliability.py [--quick]          # with the other rows
     python3 perf/reliability_lossy.py [--quick]    # these rows alone
@@ -29,6 +30,7 @@ cloud's first answer after every failed call was an IDR.
 
 from __future__ import annotations
 
+import itertools
 import sys
 import time
 from pathlib import Path
@@ -49,15 +51,22 @@ LINK_MBIT, LINK_RTT_MS = 56.0, 20.0
 MEAN_BURST = 2.0  # segments lost in a row, on average
 SETTINGS = ((0.01, "retransmit"), (0.05, "retransmit"), (0.01, "reset"), (0.05, "reset"))
 CASE = "lossy H.264 uplink"
+CAMERA_FPS = 30.0
+SETTLE_S = 20.0  # how long a run waits, past its frames, for the cloud to answer again
 
 
 def lossy_run(link: ShapedLink, loss: LossSpec | None, frames: int, stream_id: int,
               scene_seed: int = 2201, until_resynced: bool = False,
-              pin_quality: bool = True) -> dict:
+              pin_quality: bool = True, settle_s: float = SETTLE_S) -> dict:
     """``frames`` frames of one camera through ``link`` with the proxy losing by ``loss``
     (``until_resynced``: at most ``frames``, ending once the cloud answered an IDR resync;
     ``pin_quality``: the uplink keeps its crf, see the module doc); -> counts, bytes and the
-    per-frame outcomes."""
+    per-frame outcomes.
+
+    A run whose last cloud call failed goes on past ``frames``, at the camera's rate, until the
+    cloud answers again (at most ``settle_s``): whether it is back after a fixed number of
+    frames depends on how fast this machine runs the edge's frames against the readiness
+    probe's pauses, and a row must show that it comes back."""
     from fluxshard_client import FluxShardClient, FluxShardStream, LocalEndpoint
 
     link.set_loss(loss)
@@ -77,11 +86,19 @@ def lossy_run(link: ShapedLink, loss: LossSpec | None, frames: int, stream_id: i
     # left out, waiting for its readiness probe), "cloud", "resync" (the cloud's first answer
     # after a failure: must be an IDR), "idr" (an IDR for another reason: a quality change)
     kinds, lost, errors, stall, cloud_ms, idr_bytes = [], 0, [], 0.0, [], {"resync": 0, "idr": 0}
-    awaiting_resync = False
+    awaiting_resync, settle_frames, settle_end = False, 0, None
     try:
-        for t in range(frames):
+        for t in itertools.count():
             if until_resynced and "resync" in kinds:
                 break
+            if t >= frames:
+                if until_resynced or not awaiting_resync:
+                    break
+                settle_end = settle_end or time.monotonic() + settle_s
+                if time.monotonic() > settle_end:
+                    break
+                time.sleep(1.0 / CAMERA_FPS)  # a camera's frames, not a busy loop
+                settle_frames += 1
             t0 = time.perf_counter()
             try:
                 result = stream.process(scene.frame(t), None if t == 0 else zero, t == 0, t)
@@ -115,6 +132,7 @@ def lossy_run(link: ShapedLink, loss: LossSpec | None, frames: int, stream_id: i
     stats = link.proxy_stats()
     cloud_frames = sum(kinds.count(k) for k in ("cloud", "resync", "idr", "not resynced"))
     return {"frames": len(kinds), "frames_lost": lost, "errors": errors,
+            "settle_frames": settle_frames, "cloud_back": not awaiting_resync,
             "cloud_frames": cloud_frames, "cloud_failed": kinds.count("failed"),
             "edge_frames": kinds.count("failed") + kinds.count("edge"),
             "resync_idrs": kinds.count("resync"), "resync_idr_bytes": idr_bytes["resync"],
@@ -129,10 +147,16 @@ def lossy_run(link: ShapedLink, loss: LossSpec | None, frames: int, stream_id: i
 def _row(rate: float, effect: str, run: dict, free: dict, before: float, after: float) -> dict:
     proxy = run["proxy"]
     extra = run["uplink_bytes_per_cloud_frame"] / free["uplink_bytes_per_cloud_frame"] - 1.0
-    passed = run["frames_lost"] == 0 and run["not_resynced"] == 0 and run["cloud_frames"] > 0
+    passed = (run["frames_lost"] == 0 and run["not_resynced"] == 0 and run["cloud_frames"] > 0
+              and run["cloud_back"])
     resets = f", {proxy['resets']} connection resets" if effect == "reset" else ""
+    settle = (f" ({run['settle_frames']} past the {run['frames'] - run['settle_frames']} "
+              f"until the cloud answered again)" if run["settle_frames"] else "")
+    if not run["cloud_back"]:
+        settle = f" (the cloud not back {SETTLE_S:.0f} s after the last frame)"
     note = (f"{proxy['segments_lost']} of {proxy['segments_up']} segments lost{resets}; "
-            f"{run['cloud_frames']} cloud / {run['edge_frames']} edge frames; "
+            f"{run['cloud_frames']} cloud / {run['edge_frames']} edge frames"
+            f"{settle}; "
             f"{run['cloud_failed']} cloud calls failed, {run['resync_idrs']} IDR resyncs "
             f"({run['resync_idr_bytes'] / 1e3:.1f} kB); {run['quality_idrs']} IDRs for quality "
             f"changes ({run['quality_idr_bytes'] / 1e3:.1f} kB; loss-free: "
@@ -145,7 +169,8 @@ def _row(rate: float, effect: str, run: dict, free: dict, before: float, after: 
             "worst_stall_s": run["worst_stall_s"], "rss_before_mb": round(before, 1),
             "rss_after_mb": round(after, 1), "resyncs": run["resync_idrs"], "passed": passed,
             "note": note, "loss_rate": rate, "loss_effect": effect, "mean_burst": MEAN_BURST,
-            "frames": run["frames"], "segments_up": proxy["segments_up"],
+            "frames": run["frames"], "settle_frames": run["settle_frames"],
+            "cloud_back": run["cloud_back"], "segments_up": proxy["segments_up"],
             "segments_lost": proxy["segments_lost"], "connection_resets": proxy["resets"],
             "cloud_frames": run["cloud_frames"], "edge_frames": run["edge_frames"],
             "cloud_failed": run["cloud_failed"], "resync_idrs": run["resync_idrs"],
