@@ -11,8 +11,8 @@ import torch
 from fluxshard import synth
 from fluxshard.models import load_model, postprocess, preprocess
 from fluxshard.tiles import TileExecutor, TileStreamState, salience_order
-from fluxshard.tiles.crops import (Crop, boxes_in_part, boxes_to_blocks, outside_share,
-                                   plan_crops, split_rectangles, take_within_budget,
+from fluxshard.tiles.crops import (Crop, Halo, boxes_in_part, boxes_to_blocks, halo_area,
+                                   outside_share, plan_crops, split_rectangles, take_within_budget,
                                    unify_shapes)
 from fluxshard.tiles.warp import carry_map, field_on_grid
 
@@ -237,6 +237,38 @@ def test_crops_snap_bucket_and_hold_interior():
         assert c.y0 % 32 == 0 and c.x0 % 32 == 0 and c.y0 + c.h <= H and c.x0 + c.w <= W
         iy0, ix0, iy1, ix1 = c.interior
         assert c.y0 <= iy0 and iy1 <= c.y0 + c.h and c.x0 <= ix0 and ix1 <= c.x0 + c.w
+
+
+def test_crops_near_a_detection_take_the_full_halo_and_the_rest_the_background_halo():
+    grid = (384 // 16, 640 // 16)
+    selected = np.zeros(grid, bool)
+    selected[6, 6] = True  # a changed block on a detected object
+    selected[6, 30] = True  # one in the background, far from it
+    near = np.zeros(grid, bool)
+    near[4:9, 4:9] = True  # the object's blocks
+    halo = Halo(16, 16, near, 64)
+    crops = sorted(plan_crops(selected, 16, halo, (384, 640)), key=lambda c: c.x0)
+    assert len(crops) == 2 and [c.interior for c in crops] == [(96, 96, 112, 112),
+                                                              (96, 480, 112, 496)]
+    on_object, background = crops
+    # the interior grown by the halo and snapped out to 32 px: 64 px reach [32, 176) -> 160
+    assert (on_object.h, on_object.w) == (160, 160)
+    assert (background.h, background.w) == (64, 64)  # 16 px: [80, 128) -> [64, 128)
+    # the area estimate grows each block by its own halo
+    assert halo_area(selected, halo) == 9 * 9 + 3 * 3
+    # without the near mask (or with the same halo near objects) it is the plain halo
+    assert plan_crops(selected, 16, Halo(16, 16, near, 16), (384, 640)) == \
+        plan_crops(selected, 16, 16, (384, 640))
+
+
+def test_the_executor_takes_the_full_halo_next_to_last_frames_detections(model):
+    salient = np.zeros((H // 16, W // 16), bool)
+    salient[5, 5] = True  # a detection's block
+    plain = TileExecutor(model)._halo(salient)  # background_halo unset: one halo everywhere
+    assert plain.near is None and plain.pixels == 32
+    halo = TileExecutor(model, background_halo=16)._halo(salient)
+    assert (halo.pixels, halo.near_pixels) == (16, 32)
+    assert halo.near[4:7, 4:7].all() and halo.near.sum() == 9  # the block and one around it
 
 
 def test_rectangles_cut_rings_and_strips_apart():

@@ -120,6 +120,43 @@ def grow(mask: np.ndarray, blocks: int) -> np.ndarray:
     return grown.view(bool)
 
 
+@dataclass(frozen=True)
+class Halo:
+    """The context crops add around the blocks they are for: ``pixels`` around every block and
+    ``near_pixels`` around the blocks of ``near`` (blocks on or next to a detected object:
+    whether its box is found again depends on more of its surroundings than whether plain
+    background changed). A crop that holds any block of ``near`` takes ``near_pixels``."""
+
+    pixels: int
+    block: int
+    near: np.ndarray | None = None
+    near_pixels: int | None = None
+
+    def __post_init__(self):
+        if self.near is not None and self.near_pixels in (None, self.pixels):
+            object.__setattr__(self, "near", None)
+
+    def blocks(self, pixels: int) -> int:
+        return -(-pixels // self.block)
+
+    def around(self, mask: np.ndarray) -> np.ndarray:
+        """``mask`` grown by its halo (on the block grid)."""
+        if self.near is None:
+            return grow(mask, self.blocks(self.pixels))
+        near = mask & self.near
+        return grow(mask & ~near, self.blocks(self.pixels)) | grow(near, self.blocks(self.near_pixels))
+
+    def pixels_for(self, mask: np.ndarray, r0: int, c0: int, r1: int, c1: int) -> int:
+        """The halo of a crop whose interior is ``mask``'s [r0, r1) x [c0, c1)."""
+        if self.near is not None and (mask[r0:r1, c0:c1] & self.near[r0:r1, c0:c1]).any():
+            return self.near_pixels
+        return self.pixels
+
+
+def _around(mask: np.ndarray, halo: "int | Halo") -> np.ndarray:
+    return halo.around(mask) if isinstance(halo, Halo) else grow(mask, halo)
+
+
 def salience_order(misses: np.ndarray, salient: np.ndarray, age: np.ndarray,
                    change: np.ndarray) -> np.ndarray:
     """Flat indices of the missed blocks, most urgent first: blocks overlapping the projected
@@ -129,13 +166,13 @@ def salience_order(misses: np.ndarray, salient: np.ndarray, age: np.ndarray,
     return idx[np.lexsort(keys)]  # lexsort: the last key is the primary one
 
 
-def halo_area(mask: np.ndarray, halo_blocks: int) -> int:
-    """Blocks covered by ``mask`` grown by the halo: the area crops for it will cover, roughly
-    (before snapping and bucketing)."""
-    return int(np.count_nonzero(grow(mask, halo_blocks)))
+def halo_area(mask: np.ndarray, halo: "int | Halo") -> int:
+    """Blocks covered by ``mask`` grown by the halo (a :class:`Halo`, or a number of blocks):
+    the area crops for it will cover, roughly (before snapping and bucketing)."""
+    return int(np.count_nonzero(_around(mask, halo)))
 
 
-def take_within_budget(order: np.ndarray, grid: tuple[int, int], halo_blocks: int,
+def take_within_budget(order: np.ndarray, grid: tuple[int, int], halo: "int | Halo",
                        budget_blocks: int, start: np.ndarray | None = None) -> np.ndarray:
     """The longest prefix of ``order`` whose blocks, with ``start`` (blocks already taken),
     grown by the halo stay within ``budget_blocks``: the taken mask (the rest are deferred).
@@ -148,12 +185,12 @@ def take_within_budget(order: np.ndarray, grid: tuple[int, int], halo_blocks: in
         taken.flat[order[:k]] = True
         return taken
 
-    if halo_area(with_prefix(len(order)), halo_blocks) <= budget_blocks:
+    if halo_area(with_prefix(len(order)), halo) <= budget_blocks:
         return with_prefix(len(order))
     lo, hi = 0, len(order)  # with_prefix(lo) fits (or is the start alone), with_prefix(hi) not
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if halo_area(with_prefix(mid), halo_blocks) <= budget_blocks:
+        if halo_area(with_prefix(mid), halo) <= budget_blocks:
             lo = mid
         else:
             hi = mid
@@ -293,29 +330,30 @@ def _merge_aligned(rects: list) -> list:
     return rects
 
 
-def plan_crops(selected: np.ndarray, block: int, halo: int, input_hw: tuple[int, int]
-               ) -> list[Crop]:
-    """Cover the selected blocks with crops: the blocks grown by the halo (so neighbours whose
-    contexts touch share a crop) are cut into well-filled rectangles (``split_rectangles``);
-    each rectangle's selected blocks are its interior, which grows by the halo, snaps to 32 px,
-    is bucketed to a few sizes and clamped into the frame."""
+def plan_crops(selected: np.ndarray, block: int, halo: "int | Halo",
+               input_hw: tuple[int, int]) -> list[Crop]:
+    """Cover the selected blocks with crops: the blocks grown by the halo (pixels, or a
+    :class:`Halo`; so neighbours whose contexts touch share a crop) are cut into well-filled
+    rectangles (``split_rectangles``); each rectangle's selected blocks are its interior, which
+    grows by its halo, snaps to 32 px, is bucketed to a few sizes and clamped into the frame."""
     H, W = input_hw
     if not selected.any():
         return []
-    halo_blocks = -(-halo // block)
-    grown = grow(selected, halo_blocks)
+    if not isinstance(halo, Halo):
+        halo = Halo(halo, block)
     crops = []
-    for rect in split_rectangles(grown):
+    for rect in split_rectangles(halo.around(selected)):
         inner = _tight(selected, *rect)
         if inner is None:
             continue
         r0, c0, r1, c1 = inner
+        pad = halo.pixels_for(selected, r0, c0, r1, c1)
         iy0, iy1 = r0 * block, min(r1 * block, H)
         ix0, ix1 = c0 * block, min(c1 * block, W)
-        y0 = max(iy0 - halo, 0) // SNAP * SNAP
-        x0 = max(ix0 - halo, 0) // SNAP * SNAP
-        y1 = min(-(-(iy1 + halo) // SNAP) * SNAP, H)
-        x1 = min(-(-(ix1 + halo) // SNAP) * SNAP, W)
+        y0 = max(iy0 - pad, 0) // SNAP * SNAP
+        x0 = max(ix0 - pad, 0) // SNAP * SNAP
+        y1 = min(-(-(iy1 + pad) // SNAP) * SNAP, H)
+        x1 = min(-(-(ix1 + pad) // SNAP) * SNAP, W)
         h, w = _bucket(y1 - y0, H), _bucket(x1 - x0, W)
         cy, cx = _place(y0, y1, h, H), _place(x0, x1, w, W)
         # the snapped window must still hold the interior; grow to the next bucket if not

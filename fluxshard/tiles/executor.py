@@ -100,6 +100,9 @@ class TileReport:
     stages: dict = dc_field(default_factory=dict)
 
 
+NEAR_OBJECT_BLOCKS = 1  # blocks around a projected detection that take the full halo
+
+
 class CropLatency:
     """The executor's latency table, measured as it runs (with its clock): the dense pass's time
     and how crop batches' time scales with their area share (crops pay per-call overhead and
@@ -141,8 +144,13 @@ class TileExecutor:
         this (v2 4.1) at mid-grey and above; darker blocks compare against less
         (``reference.block_thresholds``).
     block: critical block side (pixels, a multiple of 4 dividing 32).
-    halo: context added around each crop's interior (pixels; the default measured best on real
-        footage with a real detector: borderline boxes need the context, and 16 lost some).
+    halo: context added around each crop's interior where it holds a block on or next to a
+        detection of the last frame (pixels; the default measured best on real footage with a
+        real detector: borderline boxes need the context, and 16 lost some).
+    background_halo: the context around a crop away from every detection of the last frame
+        (pixels; None, the default: the ``halo``). Smaller crops there, but an object not yet
+        found is then looked for with less context: 16 px lost boxes on real footage that
+        32 px keeps (docs/executors.md).
     budget: most input area (share, halo included) the crops of one frame may cover; further
         critical blocks are deferred, least salient first (misses and grown objects never are).
     dense_above: when set, the frame runs dense if the crops for every critical block would
@@ -182,7 +190,8 @@ class TileExecutor:
     """
 
     def __init__(self, model, *, engine="torch", threshold: float = 8.0, block: int = 16,
-                 halo: int = 32, budget: float = 0.45, dense_above: float | None = None,
+                 halo: int = 32, background_halo: int | None = None, budget: float = 0.45,
+                 dense_above: float | None = None,
                  refresh_interval: int = 30, refresh_age: int = 10, refresh_share: float = 0.02,
                  max_age: int | None = None, unseen_share: float = 0.25, boundary: float = 8.0,
                  whole_objects: bool = True, grow_conf: float = 0.15, adaptive: bool = False,
@@ -210,6 +219,7 @@ class TileExecutor:
         self.engine = make_engine(model, engine, threads=threads) if isinstance(engine, str) \
             else engine
         self.threshold, self.block, self.halo = float(threshold), block, halo
+        self.background_halo = halo if background_halo is None else background_halo
         self.budget, self.dense_above = budget, dense_above
         self.refresh_interval, self.refresh_age = refresh_interval, refresh_age
         self.refresh_share, self.conf, self.max_age = refresh_share, conf, max_age
@@ -298,11 +308,17 @@ class TileExecutor:
     def _cached_maps(self, state, input_hw) -> list[torch.Tensor]:
         """The cache's maps, taken from the last dense frame's eval output if it has not been."""
         if state.maps is None:
+            self._last_boxes(state)
             output, state.dense_output = state.dense_output, None
             state.maps = self._relative_from_output(output, input_hw)
-            boxes, scores = self._boxes_above(output, self.conf)
-            state.boxes = boxes
         return state.maps
+
+    def _last_boxes(self, state) -> np.ndarray:
+        """The last frame's boxes above ``conf``, taken from the last dense frame's eval output
+        if they have not been."""
+        if state.boxes is None:
+            state.boxes, _ = self._boxes_above(state.dense_output, self.conf)
+        return state.boxes
 
     def _boxes_above(self, output, conf: float) -> tuple[np.ndarray, np.ndarray]:
         """xyxy boxes (N, 4) and best class scores (N,) of the anchors scoring above ``conf``."""
@@ -354,9 +370,24 @@ class TileExecutor:
                     else (1 - w) * last + w * report.seconds)
         return out, report
 
-    def _crops_lose(self, critical: np.ndarray, halo_blocks: int) -> bool:
+    def _halo(self, salient: np.ndarray) -> C.Halo:
+        """The crops' context this frame: ``halo`` near the projected detections ``salient``,
+        ``background_halo`` elsewhere."""
+        if self.background_halo == self.halo:
+            return C.Halo(self.halo, self.block)
+        return C.Halo(self.background_halo, self.block, C.grow(salient, NEAR_OBJECT_BLOCKS),
+                      self.halo)
+
+    def _area_estimate(self, blocks: np.ndarray, halo: C.Halo) -> float:
+        """The share of the input crops for ``blocks`` will cover: the blocks grown by their
+        halo and one block more for the snapping to 32 px (before the crops are planned)."""
+        wider = C.Halo(halo.pixels + self.block, self.block, halo.near,
+                       None if halo.near_pixels is None else halo.near_pixels + self.block)
+        return C.halo_area(blocks, wider) / blocks.size
+
+    def _crops_lose(self, critical: np.ndarray, halo: C.Halo) -> bool:
         """Whether crops for every ``critical`` block lose to one dense pass (see _run)."""
-        every_area = C.halo_area(critical, halo_blocks + 1) / critical.size
+        every_area = self._area_estimate(critical, halo)
         return (every_area > self.dense_above if self.dense_above is not None
                 else self.latency.dense_is_cheaper(every_area))
 
@@ -483,6 +514,9 @@ class TileExecutor:
         change = R.block_change(grey, aligned, self.block)
         thresholds = R.block_thresholds(aligned, self.threshold, self.block)
         moving = bool(np.any(field))
+        salient = C.boxes_to_blocks(project_boxes(self._last_boxes(state), field), grid,
+                                    self.block)
+        halo = self._halo(salient)
         sources = block_sources(field, grid, self.block)
         unseen = carry_blocks(state.unseen, sources, 1.0)
         if moving:
@@ -493,7 +527,6 @@ class TileExecutor:
         age = carry_blocks(state.age, sources, 0) + 1
         if self.max_age is not None:
             critical |= age >= self.max_age
-        halo_blocks = -(-self.halo // self.block)
         t = self._stage(report, "change", t)
         # dense when crops for every critical block would cost more than the whole frame (the
         # executor's own latency table), or, when ``dense_above`` is set, cover more than that;
@@ -501,7 +534,7 @@ class TileExecutor:
         # snapping to 32 px, so the crops are planned once, for what is taken. Tried first on
         # the change alone (the rest only adds blocks): a frame that changed too much does not
         # carry the cache it will not use
-        if self._crops_lose(critical, halo_blocks):
+        if self._crops_lose(critical, halo):
             report.crops_declined = True
             return (yield from self._dense(state, frame, padded, grid, report, t0, grey=grey))
         t = self.clock()
@@ -529,7 +562,6 @@ class TileExecutor:
             s, on_grid = max(zip(self.strides, on_grids), key=lambda level: level[0])
             critical |= _to_blocks(motion_boundaries(on_grid * s, self.boundary), s,
                                    self.block, grid)
-        salient = C.boxes_to_blocks(project_boxes(state.boxes, field), grid, self.block)
         if self.whole_objects:
             # a detected object with any critical block is recomputed whole: a crop that cuts
             # it sees too little of it to place its box
@@ -537,14 +569,14 @@ class TileExecutor:
         total = critical.size
         report.critical_fraction = float(critical.mean())
         t = self._stage(report, "change", t)
-        if self._crops_lose(critical, halo_blocks):
+        if self._crops_lose(critical, halo):
             report.crops_declined = True
             return (yield from self._dense(state, frame, padded, grid, report, t0, grey=grey))
         # 4. salience and budget: what must not be shown stale first, whatever the budget
         budget_blocks = int(self.budget * total)
-        if C.halo_area(critical, halo_blocks) > budget_blocks:
+        if C.halo_area(critical, halo) > budget_blocks:
             order = C.salience_order(critical & ~must, salient, age, change)
-            taken = C.take_within_budget(order, grid, halo_blocks, budget_blocks, start=must)
+            taken = C.take_within_budget(order, grid, halo, budget_blocks, start=must)
         else:
             taken = critical.copy()
         deferred = critical & ~taken
@@ -560,11 +592,11 @@ class TileExecutor:
             region = np.zeros(grid, bool)
             region[r0:r0 + side, c0:c0 + side] = True
             order = np.flatnonzero(region & ~taken)
-            with_refresh = C.take_within_budget(order, grid, halo_blocks, budget_blocks, start=taken)
+            with_refresh = C.take_within_budget(order, grid, halo, budget_blocks, start=taken)
             refreshed = with_refresh & ~taken
             taken = with_refresh
         # 6. crops, batched per size; each crop's interior goes into the carried cache
-        plan = C.unify_shapes(C.plan_crops(taken, self.block, self.halo, input_hw), input_hw)
+        plan = C.unify_shapes(C.plan_crops(taken, self.block, halo, input_hw), input_hw)
         t = self._stage(report, "plan", t)
         if self.adaptive:
             self.latency.observe_overhead(sum(report.stages.get(k, 0.0)
