@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from fluxshard.motion.field import MV_BLOCK
+from fluxshard.tiles.kernels import nearest_contents
 
 
 def field_on_grid(field: np.ndarray, stride: int, grid: tuple[int, int]) -> np.ndarray:
@@ -83,34 +84,17 @@ def carry_maps(caches: list[torch.Tensor], offsets: list[np.ndarray],
         return [(c, o, np.zeros(o.shape[:2], bool)) for c, o in zip(caches, offsets)]
     shapes = tuple(tuple(o.shape[:2]) for o in offsets)
     ys, xs, hs, ws, base = _level_tables(shapes)
-    f = np.concatenate([g.reshape(-1, 2) for g in field_grids])
-    off = np.concatenate([o.reshape(-1, 2) for o in offsets])
+    f = np.concatenate([g.reshape(-1, 2) for g in field_grids], dtype=np.float32)
+    off = np.concatenate([o.reshape(-1, 2) for o in offsets], dtype=np.float32)
     # only cells that move or hold moved content search; the rest keep their own content (a
     # still camera's background: most of the map)
     n_cells = len(xs)
     index = np.arange(n_cells, dtype=np.int64)
     moved = np.zeros((n_cells, 2), np.float32)
     miss = np.zeros(n_cells, bool)
-    active = np.flatnonzero(f.any(1) | off.any(1))
-    xs, ys, hs, ws, base, f = xs[active], ys[active], hs[active], ws[active], base[active], f[active]
-    qx, qy = xs + f[:, 0], ys + f[:, 1]
-    out_of_map = (qx < -0.5) | (qx > ws - 0.5) | (qy < -0.5) | (qy > hs - 0.5)
     # the old cell whose content lies nearest the source, among the 3x3 around it (see
     # carry_map)
-    cy = np.floor(qy + 0.5).astype(np.int64)
-    cx = np.floor(qx + 0.5).astype(np.int64)
-    ty = np.clip(cy[None] + _NEIGHBOURS[:, 0, None], 0, hs - 1)  # (9, N)
-    tx = np.clip(cx[None] + _NEIGHBOURS[:, 1, None], 0, ws - 1)
-    flat = base + ty * ws + tx
-    ex = tx + off[flat, 0] - qx
-    ey = ty + off[flat, 1] - qy
-    pick = np.argmin(ex * ex + ey * ey, axis=0)  # first minimum: the centre on ties
-    cells = np.arange(len(active))
-    index[active] = flat[pick, cells]
-    found = np.stack([ex[pick, cells], ey[pick, cells]], -1)
-    found[out_of_map] = 0.0
-    moved[active] = found
-    miss[active] = out_of_map
+    nearest_contents(xs, ys, hs, ws, base, f, off, _NEIGHBOURS, index, moved, miss)
     out, start = [], 0
     for cache, (h, w) in zip(caches, shapes):
         n, c = h * w, cache.shape[1]

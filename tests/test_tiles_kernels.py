@@ -1,0 +1,63 @@
+"""The tile executor's compiled per-cell loop (fluxshard.tiles.kernels) against its definition
+written as plain loops: the carry of the cached maps (each cell takes the content nearest its
+source among the 3x3 around it, the centre first on ties; a source off the map is a miss)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fluxshard.tiles.warp import carry_maps
+
+SHAPES = [(6, 10), (3, 5)]  # two levels, one stride apart
+
+
+def _carried_by_definition(offsets, fields):
+    """Per level: (source cell index, remainder, miss) of every cell, by plain loops."""
+    out = []
+    for o, f in zip(offsets, fields):
+        h, w = o.shape[:2]
+        index = np.zeros((h, w), np.int64)
+        moved = np.zeros((h, w, 2), np.float32)
+        miss = np.zeros((h, w), bool)
+        for y in range(h):
+            for x in range(w):
+                if not f[y, x].any() and not o[y, x].any():
+                    index[y, x] = y * w + x
+                    continue
+                qx, qy = np.float32(x) + f[y, x, 0], np.float32(y) + f[y, x, 1]
+                cy, cx = int(np.floor(qy + np.float32(0.5))), int(np.floor(qx + np.float32(0.5)))
+                best = None
+                for dy, dx in [(0, 0)] + [(a, b) for a in (-1, 0, 1) for b in (-1, 0, 1)
+                                          if (a, b) != (0, 0)]:
+                    ty, tx = min(max(cy + dy, 0), h - 1), min(max(cx + dx, 0), w - 1)
+                    ex = tx + float(o[ty, tx, 0]) - float(qx)
+                    ey = ty + float(o[ty, tx, 1]) - float(qy)
+                    if best is None or ex * ex + ey * ey < best[0]:
+                        best = (ex * ex + ey * ey, ty * w + tx, ex, ey)
+                index[y, x] = best[1]
+                miss[y, x] = qx < -0.5 or qx > w - 0.5 or qy < -0.5 or qy > h - 0.5
+                if not miss[y, x]:
+                    moved[y, x] = best[2], best[3]
+        out.append((index, moved, miss))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_compiled_carry_takes_the_nearest_content_as_defined(seed):
+    rng = np.random.default_rng(seed)
+    offsets = [np.where(rng.random((h, w, 1)) < 0.5, rng.uniform(-0.6, 0.6, (h, w, 2)), 0)
+               .astype(np.float32) for h, w in SHAPES]
+    fields = [np.where(rng.random((h, w, 1)) < 0.7, rng.uniform(-3, 3, (h, w, 2)), 0)
+              .astype(np.float32) for h, w in SHAPES]
+    if seed % 2:  # halves: sources exactly between cells (ties)
+        fields = [np.round(f * 2) / 2 for f in fields]
+    caches = [torch.arange(4 * h * w, dtype=torch.float32).reshape(1, 4, h, w) for h, w in SHAPES]
+    for (carried, moved, miss), (index, want_moved, want_miss), cache in zip(
+            carry_maps(caches, offsets, fields), _carried_by_definition(offsets, fields), caches):
+        c, h, w = cache.shape[1:]
+        want = cache.reshape(c, h * w)[:, torch.from_numpy(index.ravel())].reshape(1, c, h, w)
+        assert torch.equal(carried, want)
+        assert np.array_equal(moved, want_moved) and np.array_equal(miss, want_miss)
+        assert miss.any() or seed  # the first seed moves cells off the map
