@@ -48,7 +48,7 @@ SOURCE_PACKAGES = ("fluxshard", "fluxshard_client", "edge_runtime")
 # what the served models import (the model files, fluxshard.sessions and the executors behind
 # them); their own requirements are added. scipy: fluxshard.tiles imports it.
 SERVING_DISTRIBUTIONS = ("torch", "numpy", "av", "onnx", "onnxruntime", "opencv-python-headless",
-                         "xxhash", "scipy", "tqdm")
+                         "xxhash", "scipy", "tqdm", "numba")
 # not needed to run anything, and large: headers, CMake files, caches (folders); bytecode and
 # static libraries (suffixes)
 EXCLUDED_FOLDERS = ("__pycache__", "include", "cmake")
