@@ -144,13 +144,12 @@ class TileExecutor:
         this (v2 4.1) at mid-grey and above; darker blocks compare against less
         (``reference.block_thresholds``).
     block: critical block side (pixels, a multiple of 4 dividing 32).
-    halo: context added around each crop's interior where it holds a block on or next to a
-        detection of the last frame (pixels; the default measured best on real footage with a
-        real detector: borderline boxes need the context, and 16 lost some).
-    background_halo: the context around a crop away from every detection of the last frame
-        (pixels; None, the default: the ``halo``). Smaller crops there, but an object not yet
-        found is then looked for with less context: 16 px lost boxes on real footage that
-        32 px keeps (docs/executors.md).
+    halo: context added around each crop's interior (pixels; the default measured best on real
+        footage with a real detector: borderline boxes need the context, and 16 lost some).
+    background_halo: when set, the context of a crop holding no block on or next to a
+        detection of the last frame (pixels; None, the default: the ``halo`` everywhere).
+        Smaller crops there, but an object not yet found is then looked for with less context:
+        16 px lost boxes on real footage that 32 px keeps (docs/executors.md).
     budget: most input area (share, halo included) the crops of one frame may cover; further
         critical blocks are deferred, least salient first (misses and grown objects never are).
     dense_above: when set, the frame runs dense if the crops for every critical block would
@@ -308,17 +307,11 @@ class TileExecutor:
     def _cached_maps(self, state, input_hw) -> list[torch.Tensor]:
         """The cache's maps, taken from the last dense frame's eval output if it has not been."""
         if state.maps is None:
-            self._last_boxes(state)
             output, state.dense_output = state.dense_output, None
             state.maps = self._relative_from_output(output, input_hw)
+            boxes, scores = self._boxes_above(output, self.conf)
+            state.boxes = boxes
         return state.maps
-
-    def _last_boxes(self, state) -> np.ndarray:
-        """The last frame's boxes above ``conf``, taken from the last dense frame's eval output
-        if they have not been."""
-        if state.boxes is None:
-            state.boxes, _ = self._boxes_above(state.dense_output, self.conf)
-        return state.boxes
 
     def _boxes_above(self, output, conf: float) -> tuple[np.ndarray, np.ndarray]:
         """xyxy boxes (N, 4) and best class scores (N,) of the anchors scoring above ``conf``."""
@@ -514,9 +507,6 @@ class TileExecutor:
         change = R.block_change(grey, aligned, self.block)
         thresholds = R.block_thresholds(aligned, self.threshold, self.block)
         moving = bool(np.any(field))
-        salient = C.boxes_to_blocks(project_boxes(self._last_boxes(state), field), grid,
-                                    self.block)
-        halo = self._halo(salient)
         sources = block_sources(field, grid, self.block)
         unseen = carry_blocks(state.unseen, sources, 1.0)
         if moving:
@@ -532,9 +522,9 @@ class TileExecutor:
         # executor's own latency table), or, when ``dense_above`` is set, cover more than that;
         # their area estimated from the blocks grown by the halo and one block more for the
         # snapping to 32 px, so the crops are planned once, for what is taken. Tried first on
-        # the change alone (the rest only adds blocks): a frame that changed too much does not
-        # carry the cache it will not use
-        if self._crops_lose(critical, halo):
+        # the change alone and the full halo everywhere (the detections are not projected yet):
+        # a frame that changed too much does not carry the cache it will not use
+        if self._crops_lose(critical, C.Halo(self.halo, self.block)):
             report.crops_declined = True
             return (yield from self._dense(state, frame, padded, grid, report, t0, grey=grey))
         t = self.clock()
@@ -562,6 +552,8 @@ class TileExecutor:
             s, on_grid = max(zip(self.strides, on_grids), key=lambda level: level[0])
             critical |= _to_blocks(motion_boundaries(on_grid * s, self.boundary), s,
                                    self.block, grid)
+        salient = C.boxes_to_blocks(project_boxes(state.boxes, field), grid, self.block)
+        halo = self._halo(salient)
         if self.whole_objects:
             # a detected object with any critical block is recomputed whole: a crop that cuts
             # it sees too little of it to place its box
