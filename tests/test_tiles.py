@@ -223,7 +223,7 @@ def test_salience_orders_misses():
     # salient first; then the oldest; then the most changed; then the rest
     assert [divmod(int(i), 4) for i in order] == [(2, 2), (0, 3), (2, 1), (0, 0)]
     # a budget of one block (no halo) takes the most salient and defers the rest
-    taken = take_within_budget(order, misses.shape, 0, 1)
+    taken = take_within_budget(order, misses.shape, Halo(0, 16), 1)
     assert taken.sum() == 1 and taken[2, 2]
 
 

@@ -7,7 +7,7 @@ for) is written back into the output cache, the rest is halo (context) and is di
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
@@ -146,15 +146,16 @@ class Halo:
         near = mask & self.near
         return grow(mask & ~near, self.blocks(self.pixels)) | grow(near, self.blocks(self.near_pixels))
 
+    def wider(self, pixels: int) -> "Halo":
+        """This halo with ``pixels`` more everywhere."""
+        return replace(self, pixels=self.pixels + pixels,
+                       near_pixels=None if self.near is None else self.near_pixels + pixels)
+
     def pixels_for(self, mask: np.ndarray, r0: int, c0: int, r1: int, c1: int) -> int:
         """The halo of a crop whose interior is ``mask``'s [r0, r1) x [c0, c1)."""
         if self.near is not None and (mask[r0:r1, c0:c1] & self.near[r0:r1, c0:c1]).any():
             return self.near_pixels
         return self.pixels
-
-
-def _around(mask: np.ndarray, halo: "int | Halo") -> np.ndarray:
-    return halo.around(mask) if isinstance(halo, Halo) else grow(mask, halo)
 
 
 def salience_order(misses: np.ndarray, salient: np.ndarray, age: np.ndarray,
@@ -166,13 +167,13 @@ def salience_order(misses: np.ndarray, salient: np.ndarray, age: np.ndarray,
     return idx[np.lexsort(keys)]  # lexsort: the last key is the primary one
 
 
-def halo_area(mask: np.ndarray, halo: "int | Halo") -> int:
-    """Blocks covered by ``mask`` grown by the halo (a :class:`Halo`, or a number of blocks):
-    the area crops for it will cover, roughly (before snapping and bucketing)."""
-    return int(np.count_nonzero(_around(mask, halo)))
+def halo_area(mask: np.ndarray, halo: Halo) -> int:
+    """Blocks covered by ``mask`` grown by the halo: the area crops for it will cover, roughly
+    (before snapping and bucketing)."""
+    return int(np.count_nonzero(halo.around(mask)))
 
 
-def take_within_budget(order: np.ndarray, grid: tuple[int, int], halo: "int | Halo",
+def take_within_budget(order: np.ndarray, grid: tuple[int, int], halo: Halo,
                        budget_blocks: int, start: np.ndarray | None = None) -> np.ndarray:
     """The longest prefix of ``order`` whose blocks, with ``start`` (blocks already taken),
     grown by the halo stay within ``budget_blocks``: the taken mask (the rest are deferred).

@@ -374,9 +374,7 @@ class TileExecutor:
     def _area_estimate(self, blocks: np.ndarray, halo: C.Halo) -> float:
         """The share of the input crops for ``blocks`` will cover: the blocks grown by their
         halo and one block more for the snapping to 32 px (before the crops are planned)."""
-        wider = C.Halo(halo.pixels + self.block, self.block, halo.near,
-                       None if halo.near_pixels is None else halo.near_pixels + self.block)
-        return C.halo_area(blocks, wider) / blocks.size
+        return C.halo_area(blocks, halo.wider(self.block)) / blocks.size
 
     def _crops_lose(self, critical: np.ndarray, halo: C.Halo) -> bool:
         """Whether crops for every ``critical`` block lose to one dense pass (see _run)."""
