@@ -14,7 +14,7 @@ from fluxshard.tiles import TileExecutor, TileStreamState, salience_order
 from fluxshard.tiles.crops import (Crop, Halo, boxes_in_part, boxes_to_blocks, halo_area,
                                    outside_share, plan_crops, split_rectangles, take_within_budget,
                                    unify_shapes)
-from fluxshard.tiles.warp import carry_map, field_on_grid
+from fluxshard.tiles.warp import camera_zoom, carry_map, field_on_grid
 
 W, H = 320, 192
 
@@ -316,8 +316,8 @@ def test_entering_edge_share_follows_the_vectors():
 
 @pytest.mark.parametrize("size", [(384, 640), (380, 636)])  # a frame the field overhangs too
 def test_a_field_whose_sources_all_lie_inside_has_no_entering_share(size):
-    """The shortcut for fields that bring nothing in (every source inside the frame) gives the
-    grid and zeros the full computation gives; one vector pointing out changes that."""
+    """A field that brings nothing in (every source inside the frame) gives the block grid and
+    zeros; one vector pointing out changes that."""
     height, width = size
     rng = np.random.default_rng(3)
     field = rng.uniform(-3, 3, (96, 160, 2)).astype(np.float32)
@@ -540,3 +540,22 @@ def test_crops_grow_to_one_shape_when_it_is_cheap():
     selected[22, 38] = True
     crops = plan_crops(selected, 16, 16, (384, 640))
     assert unify_shapes(crops, (384, 640)) == crops
+
+
+def test_camera_zoom_is_fitted_over_the_field_and_refused_for_objects_and_pans():
+    """A zoom about any centre, with noise, is found with its scale; a pan, an object moving on
+    a still background and a field of noise are no zoom (scaling boxes there would shrink them)."""
+    rng = np.random.default_rng(5)
+    ys, xs = np.mgrid[0:96, 0:160].astype(np.float32) * 4
+    for step, centre in ((1.02, (320, 192)), (0.97, (100, 300))):
+        # backward: pixel p came from centre + (p - centre) / step
+        field = np.stack([(xs - centre[0]) * (1 / step - 1), (ys - centre[1]) * (1 / step - 1)], -1)
+        field += rng.normal(0, 0.3, field.shape)
+        zx, zy = camera_zoom(field.astype(np.float32))
+        assert zx == pytest.approx(step, abs=2e-3) and zy == pytest.approx(step, abs=2e-3)
+    pan = np.broadcast_to(np.float32([2.5, -1.0]), (96, 160, 2))
+    still_with_object = np.zeros((96, 160, 2), np.float32)
+    still_with_object[30:60, 40:90] = (-4.0, 0.0)
+    noise = rng.normal(0, 2, (96, 160, 2)).astype(np.float32)
+    for field in (pan, still_with_object, noise):
+        assert camera_zoom(field) is None

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from fluxshard.tiles.crops import outside_share
 from fluxshard.tiles.warp import carry_maps
 
 SHAPES = [(6, 10), (3, 5)]  # two levels, one stride apart
@@ -61,3 +62,38 @@ def test_the_compiled_carry_takes_the_nearest_content_as_defined(seed):
         assert torch.equal(carried, want)
         assert np.array_equal(moved, want_moved) and np.array_equal(miss, want_miss)
         assert miss.any() or seed  # the first seed moves cells off the map
+
+
+def _outside_by_definition(field, height, width, block):
+    """Per block: the mean over its 4x4 motion blocks (those the field has) of the share of
+    each one's pixels whose source lies outside the frame, pixel by pixel."""
+    hb, wb = field.shape[:2]
+    k = block // 4
+    out = np.zeros((-(-hb // k), -(-wb // k)))
+    for r in range(out.shape[0]):
+        for c in range(out.shape[1]):
+            shares = []
+            for y in range(r * k, min(r * k + k, hb)):
+                for x in range(c * k, min(c * k + k, wb)):
+                    xs = np.arange(4) + x * 4 + field[y, x, 0]  # each pixel column's source
+                    ys = np.arange(4) + y * 4 + field[y, x, 1]
+                    # a fractional source counts by the part of its pixel that lies outside
+                    col_in = np.clip(np.minimum(xs + 1, width) - np.maximum(xs, 0), 0, 1)
+                    row_in = np.clip(np.minimum(ys + 1, height) - np.maximum(ys, 0), 0, 1)
+                    shares.append(1 - col_in.mean() * row_in.mean())
+            out[r, c] = np.mean(shares)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_compiled_entering_share_is_the_share_of_sources_outside(seed):
+    """Fields larger than the frame and grids cut by it (blocks at the bottom and right edge
+    average the motion blocks they have), sources beyond every edge."""
+    rng = np.random.default_rng(seed)
+    hb, wb = rng.integers(6, 30, 2)
+    height, width = hb * 4 - int(rng.integers(0, 4)), wb * 4 - int(rng.integers(0, 4))
+    field = rng.uniform(-9, 9, (hb, wb, 2)).astype(np.float32)
+    for block in (8, 16, 32):
+        np.testing.assert_allclose(outside_share(field, height, width, block),
+                                   _outside_by_definition(field, height, width, block),
+                                   atol=1e-6)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 import cv2
 import numpy as np
 from fluxshard.motion.field import MV_BLOCK
+from fluxshard.tiles.kernels import mark_rectangles, outside_shares
 
 SNAP = 32  # the model's largest stride: crops on this grid keep every level's cells aligned
 # crop sides, pixels: every 32 up to 256 (small crops: padding would cost more than a call),
@@ -21,44 +22,15 @@ UNIFY_GROWTH = 1.4  # crops grow to one shape (one batched call) while the area 
 MIN_FILL = 0.6  # a crop rectangle this full of needed blocks is not worth cutting further
 
 
-def block_mean(values: np.ndarray, block: int) -> np.ndarray:
-    """Mean of (H, W) or (H, W, C) ``values`` over each block's pixels (and channels),
-    (ceil(H/b), ceil(W/b)) float32; blocks cut by the frame edge average the pixels they have."""
-    values = values.astype(np.float32)
-    h, w = values.shape[:2]
-    ph, pw = -h % block, -w % block
-    if ph or pw:  # edge blocks: sum what is there, divide by the pixels that are there
-        values = cv2.copyMakeBorder(values, 0, ph, 0, pw, cv2.BORDER_CONSTANT, value=0)
-    hr, wr = values.shape[0] // block, values.shape[1] // block
-    # INTER_AREA at an integer factor is the exact block mean
-    means = cv2.resize(values, (wr, hr), interpolation=cv2.INTER_AREA)
-    means = means.reshape(hr, wr, -1).mean(axis=2)
-    if ph or pw:
-        counts = np.full((hr, wr), float(block * block), np.float32)
-        if ph:
-            counts[-1, :] = (block - ph) * counts[-1, :] / block
-        if pw:
-            counts[:, -1] = (block - pw) * counts[:, -1] / block
-        means *= block * block / counts
-    return means.astype(np.float32)
-
-
 def outside_share(field: np.ndarray, height: int, width: int, block: int) -> np.ndarray:
     """Per ``block``: the share of its pixels whose source (pixel + vector) lies outside the
     previous frame, from each 4x4 motion block's vector (the share of its columns and rows
-    that fall outside)."""
-    field = np.asarray(field, np.float32)
-    hb, wb = field.shape[:2]
-    x0 = (np.arange(wb, dtype=np.float32) * MV_BLOCK)[None, :] + field[..., 0]
-    y0 = (np.arange(hb, dtype=np.float32) * MV_BLOCK)[:, None] + field[..., 1]
-    if (x0.min() >= 0 and y0.min() >= 0 and x0.max() + MV_BLOCK <= width
-            and y0.max() + MV_BLOCK <= height):  # every source inside (most frames): no sums
-        k = block // MV_BLOCK
-        return np.zeros((-(-hb // k), -(-wb // k)), np.float32)
-    out_x = np.clip(-x0 / MV_BLOCK, 0, 1) + np.clip((x0 + MV_BLOCK - width) / MV_BLOCK, 0, 1)
-    out_y = np.clip(-y0 / MV_BLOCK, 0, 1) + np.clip((y0 + MV_BLOCK - height) / MV_BLOCK, 0, 1)
-    outside = 1.0 - (1.0 - np.minimum(out_x, 1)) * (1.0 - np.minimum(out_y, 1))
-    return block_mean(outside, block // MV_BLOCK)
+    that fall outside); blocks cut by the field's edge average the motion blocks they have."""
+    field = np.ascontiguousarray(field, np.float32)
+    k = block // MV_BLOCK
+    share = np.empty((-(-field.shape[0] // k), -(-field.shape[1] // k)), np.float32)
+    outside_shares(field, height, width, MV_BLOCK, k, share)
+    return share
 
 
 def pad_grid(mask: np.ndarray, shape: tuple[int, int], fill=False) -> np.ndarray:
@@ -69,15 +41,11 @@ def pad_grid(mask: np.ndarray, shape: tuple[int, int], fill=False) -> np.ndarray
 
 
 def boxes_to_blocks(boxes: np.ndarray, grid: tuple[int, int], block: int) -> np.ndarray:
-    """(grid) bool: blocks overlapping any xyxy box (a summed-area mark of every box at once)."""
+    """(grid) bool: blocks overlapping any xyxy box."""
     boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
-    h, w = grid
-    r0, c0, r1, c1 = _block_ranges(boxes, grid, block)
-    keep = (c1 > c0) & (r1 > r0)
-    marks = np.zeros((h + 1, w + 1), np.int64)
-    for rows, cols, sign in ((r0, c0, 1), (r0, c1, -1), (r1, c0, -1), (r1, c1, 1)):
-        np.add.at(marks, (rows[keep], cols[keep]), sign)
-    return marks.cumsum(0).cumsum(1)[:h, :w] > 0
+    mask = np.zeros(grid, bool)
+    mark_rectangles(*_block_ranges(boxes, grid, block), mask)
+    return mask
 
 
 def _block_ranges(boxes: np.ndarray, grid: tuple[int, int], block: int):

@@ -46,3 +46,40 @@ def nearest_contents(xs, ys, heights, widths, base, field, offset, neighbours, i
         miss[i] = outside
         if not outside:
             moved[i, 0], moved[i, 1] = best_x, best_y
+
+
+@numba.njit("void(f4[:, :, ::1], f4, f4, i8, i8, f4[:, ::1])", cache=True, nogil=True)
+def outside_shares(field, height, width, motion_block, k, share):
+    """Per block of ``share`` (``k`` x ``k`` of the field's motion blocks): the mean over its
+    motion blocks (those the field has) of the share of each motion block's pixels whose
+    source, pixel + vector, lies outside a ``height`` x ``width`` frame (the share of its
+    columns or rows that fall outside)."""
+    hb, wb = field.shape[0], field.shape[1]
+    side = np.float32(motion_block)
+    inverse = np.float32(1.0) / side
+    one, zero = np.float32(1), np.float32(0)
+    for r in range(share.shape[0]):
+        for c in range(share.shape[1]):
+            total, count = zero, 0
+            for y in range(r * k, min(r * k + k, hb)):
+                for x in range(c * k, min(c * k + k, wb)):
+                    x0 = np.float32(x * motion_block) + field[y, x, 0]
+                    y0 = np.float32(y * motion_block) + field[y, x, 1]
+                    count += 1
+                    if x0 >= zero and y0 >= zero and x0 + side <= width and y0 + side <= height:
+                        continue
+                    out_x = (min(max(-x0 * inverse, zero), one)
+                             + min(max((x0 + side - width) * inverse, zero), one))
+                    out_y = (min(max(-y0 * inverse, zero), one)
+                             + min(max((y0 + side - height) * inverse, zero), one))
+                    total += one - (one - min(out_x, one)) * (one - min(out_y, one))
+            share[r, c] = total / count if count else zero
+
+
+@numba.njit("void(i8[::1], i8[::1], i8[::1], i8[::1], b1[:, ::1])", cache=True, nogil=True)
+def mark_rectangles(r0, c0, r1, c1, mask):
+    """Set ``mask`` over every rectangle [r0, r1) x [c0, c1) (clipped before)."""
+    for i in range(r0.shape[0]):
+        for r in range(r0[i], r1[i]):
+            for c in range(c0[i], c1[i]):
+                mask[r, c] = True

@@ -161,16 +161,19 @@ def camera_zoom(field: np.ndarray) -> tuple[float, float] | None:
     hb, wb = f.shape[:2]
     if hb < 4 or wb < 4 or not f.any():
         return None
+    # per component: its mean at each position along its axis, and its spread over the whole
+    # field; the fitted line's residual is that spread less what the line explains
     scales = []
-    for axis, n in ((1, wb), (0, hb)):  # x varies along columns, y along rows
-        comp = f[..., 1 - axis]
-        pos = np.arange(n, dtype=np.float32) * MV_BLOCK
-        pos = pos - pos.mean()
-        mean_along = comp.mean(axis=1 - axis)  # mean over the other axis: one value per position
-        slope = float((pos * mean_along).sum() / (pos * pos).sum())
-        fitted = np.expand_dims(slope * pos, 1 - axis)
-        total = float(((comp - comp.mean()) ** 2).sum())
-        residual = float(((comp - comp.mean() - fitted) ** 2).sum())
+    for comp, axis in ((0, 0), (1, 1)):  # x varies along columns, y along rows
+        values = np.ascontiguousarray(f[..., comp])
+        along = values.mean(axis=axis)
+        values -= values.mean()
+        total = float(np.dot(values.ravel(), values.ravel()))
+        pos = np.arange(len(along), dtype=np.float32) * MV_BLOCK
+        pos -= pos.mean()
+        spread = float(np.dot(pos, pos))
+        slope = float(np.dot(pos, along)) / spread
+        residual = total - values.shape[axis] * slope * slope * spread
         if total <= 0 or residual > (1 - ZOOM_MIN_FIT) * total or abs(slope) < ZOOM_DEADBAND:
             return None
         scales.append(1.0 / (1.0 + slope))
