@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fluxshard.tiles.crops import outside_share
+from fluxshard.tiles.reference import CELL, Reference, carry
 from fluxshard.tiles.warp import carry_maps
 
 SHAPES = [(6, 10), (3, 5)]  # two levels, one stride apart
@@ -97,3 +98,42 @@ def test_the_compiled_entering_share_is_the_share_of_sources_outside(seed):
         np.testing.assert_allclose(outside_share(field, height, width, block),
                                    _outside_by_definition(field, height, width, block),
                                    atol=1e-6)
+
+
+def _carried_reference_by_definition(image, offset, move):
+    """The reference's carry, block by block: the block its centre's source lands on gives its
+    remainder, the composed move is split into whole pixels (half up) and what is left; every
+    pixel takes the pixel its whole move points at (the edge replicated)."""
+    h, w = image.shape
+    hb, wb = offset.shape[:2]
+    cell = h // hb
+    out, remainder = np.empty_like(image), np.empty_like(offset)
+    for by in range(hb):
+        for bx in range(wb):
+            d = move[by, bx]
+            sy = min(max(int(np.floor(np.float32(by) + np.float32(0.5) + d[1] / np.float32(cell))), 0), hb - 1)
+            sx = min(max(int(np.floor(np.float32(bx) + np.float32(0.5) + d[0] / np.float32(cell))), 0), wb - 1)
+            total = d + offset[sy, sx]
+            whole = np.floor(total + np.float32(0.5))
+            remainder[by, bx] = total - whole
+            for y in range(by * cell, by * cell + cell):
+                for x in range(bx * cell, bx * cell + cell):
+                    out[y, x] = image[min(max(y + int(whole[1]), 0), h - 1),
+                                      min(max(x + int(whole[0]), 0), w - 1)]
+    return out, remainder
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_reference_moves_whole_pixels_and_keeps_the_composed_remainder(seed):
+    rng = np.random.default_rng(seed)
+    hb, wb = rng.integers(3, 12, 2)
+    image = rng.integers(0, 256, (hb * CELL, wb * CELL), dtype=np.uint8)
+    offset = np.where(rng.random((hb, wb, 1)) < 0.6, rng.uniform(-0.5, 0.5, (hb, wb, 2)), 0)
+    field = rng.uniform(-10, 10, (hb, wb, 2))  # input pixels; the reference is at half scale
+    if seed % 2:
+        field = np.round(field * 2) / 2  # sources exactly between blocks and pixels
+    carried = carry(Reference(image, offset.astype(np.float32)), field.astype(np.float32))
+    want_image, want_remainder = _carried_reference_by_definition(
+        image, offset.astype(np.float32), (field / 2).astype(np.float32))
+    assert np.array_equal(carried.image, want_image)
+    np.testing.assert_array_equal(carried.offset, want_remainder)

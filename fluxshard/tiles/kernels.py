@@ -1,7 +1,8 @@
-"""The tile executor's per-cell loops, compiled with numba: a search per cell among its
-neighbours, which NumPy can only do by building (9, cells) temporaries every frame. Each
-kernel writes into arrays the caller owns; the caller (``warp.carry_maps``) holds the
-semantics.
+"""The tile executor's per-cell and per-block loops, compiled with numba: a search per cell
+among its neighbours (which NumPy can only do by building (9, cells) temporaries every frame),
+and per-block arithmetic that NumPy spreads over a dozen passes of small arrays. Each kernel
+writes into arrays the caller owns; the callers (``warp.carry_maps``, ``reference.carry``,
+``crops.outside_share``, ``crops.boxes_to_blocks``) hold the semantics.
 
 The signatures are explicit, so the kernels compile (or load from numba's cache) when this
 module is imported, not inside a frame: a first frame that paid the compiler would teach the
@@ -83,3 +84,22 @@ def mark_rectangles(r0, c0, r1, c1, mask):
         for r in range(r0[i], r1[i]):
             for c in range(c0[i], c1[i]):
                 mask[r, c] = True
+
+
+@numba.njit("void(f4[:, :, ::1], f4[:, :, ::1], i8, i2[:, :, ::1], f4[:, :, ::1])", cache=True,
+            nogil=True)
+def composed_moves(move, offset, cell, whole, remainder):
+    """Per block of ``cell`` x ``cell`` reference pixels: its backward ``move`` (reference
+    pixels) composed with the sub-pixel ``offset`` of the block its centre's source lands on
+    (clamped into the grid), split into whole pixels (rounded half up) and the remainder."""
+    hb, wb = move.shape[0], move.shape[1]
+    half, inverse_cell = np.float32(0.5), np.float32(1.0 / cell)
+    for by in range(hb):
+        for bx in range(wb):
+            dx, dy = move[by, bx, 0], move[by, bx, 1]
+            sy = min(max(np.int64(np.floor(np.float32(by) + half + dy * inverse_cell)), 0), hb - 1)
+            sx = min(max(np.int64(np.floor(np.float32(bx) + half + dx * inverse_cell)), 0), wb - 1)
+            tx, ty = dx + offset[sy, sx, 0], dy + offset[sy, sx, 1]
+            wx, wy = np.floor(tx + half), np.floor(ty + half)
+            whole[by, bx, 0], whole[by, bx, 1] = np.int16(wx), np.int16(wy)
+            remainder[by, bx, 0], remainder[by, bx, 1] = tx - wx, ty - wy

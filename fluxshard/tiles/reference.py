@@ -24,6 +24,7 @@ import cv2
 import numpy as np
 
 from fluxshard.motion.field import MV_BLOCK
+from fluxshard.tiles.kernels import composed_moves
 
 SCALE = 2  # input pixels per reference pixel
 CELL = MV_BLOCK // SCALE  # reference pixels per motion block
@@ -56,21 +57,17 @@ class Reference:
 
 
 @functools.lru_cache(maxsize=8)
-def _pixel_grid(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-    xs = np.broadcast_to(np.arange(w, dtype=np.float32)[None, :], (h, w))
-    ys = np.broadcast_to(np.arange(h, dtype=np.float32)[:, None], (h, w))
-    return xs, ys
+def _pixel_grid(h: int, w: int) -> np.ndarray:
+    """(h, w, 2) float32: each pixel's own (x, y), the identity map of a float remap."""
+    grid = np.stack(np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32)), -1)
+    grid.flags.writeable = False
+    return grid
 
 
 @functools.lru_cache(maxsize=8)
 def _pixel_places(h: int, w: int) -> np.ndarray:
     """(h, w, 2) int16: each pixel's own (x, y), the identity map of an integer remap."""
     return np.stack(np.meshgrid(np.arange(w), np.arange(h)), -1).astype(np.int16)
-
-
-@functools.lru_cache(maxsize=8)
-def _block_grid(hb: int, wb: int) -> tuple[np.ndarray, np.ndarray]:
-    return np.mgrid[0:hb, 0:wb].astype(np.float32)
 
 
 def block_sums(image: np.ndarray, side: int) -> np.ndarray:
@@ -109,23 +106,16 @@ def carry(ref: Reference, field: np.ndarray) -> Reference:
     if not d.any():
         return ref
     hb, wb = ref.blocks_shape
-    by, bx = _block_grid(hb, wb)
     # the remainder of the block the source lands on travels with its content
-    total = d
-    if ref.offset.any():
-        sy = np.clip(np.floor(by + 0.5 + d[..., 1] * (1.0 / CELL)), 0, hb - 1).astype(np.intp)
-        sx = np.clip(np.floor(bx + 0.5 + d[..., 0] * (1.0 / CELL)), 0, wb - 1).astype(np.intp)
-        sy *= wb
-        sy += sx
-        total = d + np.take(ref.offset.reshape(-1, 2), sy.ravel(), axis=0).reshape(hb, wb, 2)
-    whole = np.floor(total + 0.5)
+    whole = np.empty((hb, wb, 2), np.int16)
+    remainder = np.empty((hb, wb, 2), np.float32)
+    composed_moves(d, np.ascontiguousarray(ref.offset), CELL, whole, remainder)
     h, w = ref.image.shape
     # whole pixels: an integer remap (no float maps of the image's size)
-    shift = cv2.resize(whole.astype(np.int16), (wb * CELL, hb * CELL),
-                       interpolation=cv2.INTER_NEAREST)
+    shift = cv2.resize(whole, (wb * CELL, hb * CELL), interpolation=cv2.INTER_NEAREST)
     image = cv2.remap(ref.image, _pixel_places(h, w) + shift, None, cv2.INTER_NEAREST,
                       borderMode=cv2.BORDER_REPLICATE)
-    return Reference(image, (total - whole).astype(np.float32))
+    return Reference(image, remainder)
 
 
 def aligned(ref: Reference) -> np.ndarray:
@@ -134,10 +124,9 @@ def aligned(ref: Reference) -> np.ndarray:
     if not ref.offset.any():
         return ref.image
     h, w = ref.image.shape
-    xs, ys = _pixel_grid(h, w)
-    frac = _per_pixel(ref.offset)
-    return cv2.remap(ref.image, xs + frac[..., 0], ys + frac[..., 1], cv2.INTER_LINEAR,
-                     borderMode=cv2.BORDER_REPLICATE)
+    places = _per_pixel(ref.offset)
+    places += _pixel_grid(h, w)
+    return cv2.remap(ref.image, places, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
 
 
 def block_change(current: np.ndarray, reference: np.ndarray, block: int) -> np.ndarray:
