@@ -1,6 +1,7 @@
-"""The tile executor's compiled per-cell loop (fluxshard.tiles.kernels) against its definition
+"""The tile executor's compiled loops (fluxshard.tiles.kernels) against their definitions
 written as plain loops: the carry of the cached maps (each cell takes the content nearest its
-source among the 3x3 around it, the centre first on ties; a source off the map is a miss)."""
+source among the 3x3 around it, the centre first on ties; a source off the map is a miss), the
+entering edge's share and the reference's move."""
 
 from __future__ import annotations
 
@@ -110,9 +111,9 @@ def _carried_reference_by_definition(image, offset, move):
     out, remainder = np.empty_like(image), np.empty_like(offset)
     for by in range(hb):
         for bx in range(wb):
-            d = move[by, bx]
-            sy = min(max(int(np.floor(np.float32(by) + np.float32(0.5) + d[1] / np.float32(cell))), 0), hb - 1)
-            sx = min(max(int(np.floor(np.float32(bx) + np.float32(0.5) + d[0] / np.float32(cell))), 0), wb - 1)
+            d, half = move[by, bx], np.float32(0.5)
+            source = np.floor(np.float32([bx, by]) + half + d / np.float32(cell)).astype(int)
+            sx, sy = min(max(source[0], 0), wb - 1), min(max(source[1], 0), hb - 1)
             total = d + offset[sy, sx]
             whole = np.floor(total + np.float32(0.5))
             remainder[by, bx] = total - whole

@@ -164,9 +164,9 @@ def camera_zoom(field: np.ndarray) -> tuple[float, float] | None:
     # per component: its mean at each position along its axis, and its spread over the whole
     # field; the fitted line's residual is that spread less what the line explains
     scales = []
-    for comp, axis in ((0, 0), (1, 1)):  # x varies along columns, y along rows
-        values = np.ascontiguousarray(f[..., comp])
-        along = values.mean(axis=axis)
+    for axis in (0, 1):  # x (component 0) varies along columns, y (component 1) along rows
+        values = f[..., axis].copy()
+        along = values.mean(axis=axis)  # one mean per column (x) or row (y)
         values -= values.mean()
         total = float(np.dot(values.ravel(), values.ravel()))
         pos = np.arange(len(along), dtype=np.float32) * MV_BLOCK
