@@ -109,7 +109,8 @@ def carry(ref: Reference, field: np.ndarray) -> Reference:
     # the remainder of the block the source lands on travels with its content
     whole = np.empty((hb, wb, 2), np.int16)
     remainder = np.empty((hb, wb, 2), np.float32)
-    composed_moves(d, np.ascontiguousarray(ref.offset), CELL, whole, remainder)
+    composed_moves(np.ascontiguousarray(d), np.ascontiguousarray(ref.offset), CELL, whole,
+                   remainder)
     h, w = ref.image.shape
     # whole pixels: an integer remap (no float maps of the image's size)
     shift = cv2.resize(whole, (wb * CELL, hb * CELL), interpolation=cv2.INTER_NEAREST)
