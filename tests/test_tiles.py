@@ -14,7 +14,9 @@ from fluxshard.tiles import TileExecutor, TileStreamState, salience_order
 from fluxshard.tiles.crops import (Crop, Halo, boxes_in_part, boxes_to_blocks, halo_area,
                                    outside_share, plan_crops, split_rectangles, take_within_budget,
                                    unify_shapes)
-from fluxshard.tiles.warp import camera_zoom, carry_map, field_on_grid
+from fluxshard.tiles.reference import textured_blocks
+from fluxshard.tiles.warp import (camera_zoom, carry_map, field_on_grid, motion_boundaries,
+                                  textured_motion)
 
 W, H = 320, 192
 
@@ -559,3 +561,63 @@ def test_camera_zoom_is_fitted_over_the_field_and_refused_for_objects_and_pans()
     noise = rng.normal(0, 2, (96, 160, 2)).astype(np.float32)
     for field in (pan, still_with_object, noise):
         assert camera_zoom(field) is None
+
+
+def macroblock_noise(rng, blocks_shape, size):
+    """(h, w, 2) vectors uniform in [-size, size] pixels, one per 16-px macroblock (4x4 motion
+    blocks), as an encoder picks them on a plain wall."""
+    h, w = blocks_shape
+    noise = rng.uniform(-size, size, (-(-h // 4), -(-w // 4), 2)).astype(np.float32)
+    return np.repeat(np.repeat(noise, 4, 0), 4, 1)[:h, :w]
+
+
+def test_motion_boundaries_lie_where_textured_content_moves_apart():
+    """Textured content: the left 128 px move 12 px, the rest of the texture stands still; the
+    right 128 px are a plain wall whose vectors are noise (an encoder's pick among equally good
+    matches). Boundaries lie where the texture moves apart and none between two cells of the
+    wall (the one next to the texture may pair with it); counting every block's vector, the
+    wall's noise reads as boundaries all over it."""
+    rng = np.random.default_rng(3)
+    grey = np.full((H // 2, W // 2), 128, np.uint8)
+    grey[:, :96] = rng.integers(40, 220, (H // 2, 96))
+    field = np.zeros((H // 4, W // 4, 2), np.float32)
+    field[:, :32] = (12.0, 0.0)
+    field[:, 48:] = macroblock_noise(rng, (H // 4, W // 4 - 48), 20)
+    textured = textured_blocks(grey, 3.0, 16)
+    assert textured[:, :12].all() and not textured[:, 12:].any()
+    cells, seen = textured_motion(field, textured, 32, 16)
+    assert seen[:, :6].all() and not seen[:, 6:].any()
+    boundaries = motion_boundaries(cells, 8.0, seen)
+    assert boundaries[:, 3:5].all()
+    assert not boundaries[:, :3].any() and not boundaries[:, 7:].any()
+    every_vector = motion_boundaries(field_on_grid(field, 32, (H // 32, W // 32)) * 32, 8.0)
+    assert every_vector[:, 7:].any()
+
+
+def test_texture_counts_for_less_in_the_dark():
+    """The same spread of grey levels is texture in a dark block and flat at mid-grey (as the
+    change test's thresholds: the detector sees the frame normalised)."""
+    rng = np.random.default_rng(4)
+    spread = rng.choice([-2, 2], (8, 16))  # standard deviation 2 grey levels
+    dark = (24 + spread).astype(np.uint8)
+    mid = (128 + spread).astype(np.uint8)
+    assert textured_blocks(dark, 3.0, 16).all()
+    assert not textured_blocks(mid, 3.0, 16).any()
+    assert textured_blocks(mid, 1.5, 16).all()
+
+
+def test_a_plain_wall_with_noisy_vectors_is_not_recomputed(model):
+    """A still frame whose plain half carries noise vectors (as an encoder gives on a wall): no
+    block is critical. Taking every block's vector as the cells' motion, the noise makes
+    motion boundaries there and the executor recomputes them."""
+    rng = np.random.default_rng(6)
+    frame = np.full((H, W, 3), 128, np.uint8)
+    frame[:, :W // 2] = rng.integers(40, 220, (H, W // 2, 1))
+    field = np.zeros((H // 4, W // 4, 2), np.float32)
+    # interior blocks of the wall only: no source outside the frame (an entering edge)
+    field[8:-8, W // 8 + 8:-8] = macroblock_noise(rng, (H // 4 - 16, W // 8 - 16), 12)
+    for texture, critical in ((3.0, False), (0.0, True)):
+        ex, state = TileExecutor(model, boundary_texture=texture), TileStreamState()
+        ex.run(state, frame, key=True)
+        _, report = ex.run(state, frame.copy(), field)
+        assert (report.critical_fraction > 0) == critical, (texture, report.critical_fraction)

@@ -40,7 +40,7 @@ from fluxshard.tiles.engine import make_engine
 from fluxshard.tiles.raw_maps import map_strides
 from fluxshard.tiles.warp import (block_sources, camera_zoom, carry_blocks, carry_maps,
                                   field_on_grid, motion_boundaries, project_boxes,
-                                  scale_carried_boxes)
+                                  scale_carried_boxes, textured_motion)
 
 MAX_PROBE_BACKOFF = 16  # a losing stream probes tiles at least every this many probe intervals
 STRIDES = (8, 16, 32)  # YOLO11's levels; an executor takes its model head's own (head.strides)
@@ -164,6 +164,11 @@ class TileExecutor:
         entering edge) is critical once this share of it was never computed.
     boundary: neighbouring cells of the coarsest level whose mean motion differs by more than
         this many pixels lie on a motion boundary (occlusion, objects moving apart): critical.
+    boundary_texture: a cell's motion, for the boundaries, is the mean vector of its blocks
+        whose grey levels spread (standard deviation, half resolution) more than this at
+        mid-grey (less in darker blocks); two neighbouring cells with none (flat) have no
+        boundary between them. On flat content a codec's vectors are noise (any vector
+        matches) and read as boundaries all over a plain wall. 0: every block's vector counts.
     whole_objects: a detection (of the last frame, moved by the field) with any critical block
         is recomputed whole.
     grow_conf: a box scoring above this in any cell of this frame's crops (interior or halo:
@@ -193,6 +198,7 @@ class TileExecutor:
                  dense_above: float | None = None,
                  refresh_interval: int = 30, refresh_age: int = 10, refresh_share: float = 0.02,
                  max_age: int | None = None, unseen_share: float = 0.25, boundary: float = 8.0,
+                 boundary_texture: float = 3.0,
                  whole_objects: bool = True, grow_conf: float = 0.15, adaptive: bool = False,
                  probe_interval: int = 10, conf: float = 0.15, threads: int = 2,
                  clock=time.perf_counter, dense_runner=None):
@@ -224,6 +230,7 @@ class TileExecutor:
         self.refresh_share, self.conf, self.max_age = refresh_share, conf, max_age
         self.unseen_share, self.whole_objects = unseen_share, whole_objects
         self.boundary, self.grow_conf = float(boundary), float(grow_conf)
+        self.boundary_texture = float(boundary_texture)
         self.adaptive, self.probe_interval = adaptive, probe_interval
         self.clock = clock
         self.dense_runner = dense_runner
@@ -547,8 +554,14 @@ class TileExecutor:
         must |= misses
         critical |= misses
         if self.boundary > 0 and moving:
-            s, on_grid = max(zip(self.strides, on_grids), key=lambda level: level[0])
-            critical |= _to_blocks(motion_boundaries(on_grid * s, self.boundary), s,
+            s = max(self.strides)
+            if self.boundary_texture > 0:
+                textured = R.textured_blocks(grey, self.boundary_texture, self.block)
+                cells, seen = textured_motion(field, textured, s, self.block)
+            else:
+                on_grid = next(g for level, g in zip(self.strides, on_grids) if level == s)
+                cells, seen = on_grid * s, None
+            critical |= _to_blocks(motion_boundaries(cells, self.boundary, seen), s,
                                    self.block, grid)
         salient = C.boxes_to_blocks(project_boxes(state.boxes, field), grid, self.block)
         halo = self._halo(salient)

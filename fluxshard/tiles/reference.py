@@ -73,7 +73,11 @@ def _pixel_places(h: int, w: int) -> np.ndarray:
 def block_sums(image: np.ndarray, side: int) -> np.ndarray:
     """Sums of uint8 ``image`` over each ``side`` x ``side`` square, (H/side, W/side) int32,
     exact (an integral image: the numpy block reduction is many times slower)."""
-    ii = cv2.integral(image)
+    return _square_sums(cv2.integral(image), side)
+
+
+def _square_sums(ii: np.ndarray, side: int) -> np.ndarray:
+    """Sums over each ``side`` x ``side`` square from the integral image ``ii``."""
     return (ii[side::side, side::side] - ii[:-side:side, side::side]
             - ii[side::side, :-side:side] + ii[:-side:side, :-side:side])
 
@@ -156,10 +160,30 @@ def refresh(ref: Reference, current: np.ndarray, blocks: np.ndarray, block: int)
 DARK_FLOOR = 0.4  # a black block's change threshold, as a share of a mid-grey block's
 
 
-def block_thresholds(reference: np.ndarray, threshold: float, block: int) -> np.ndarray:
-    """Each ``block``'s change threshold: ``threshold`` at mid-grey and above, lower in darker
+def _dimmed(threshold: float, brightness: np.ndarray) -> np.ndarray:
+    """``threshold`` at mid-grey and above (``brightness``: block means / 128), lower in darker
     blocks (down to ``DARK_FLOOR`` of it for black, linearly): content in the dark differs by
     fewer grey levels for the same change to the detector, which sees the frame normalised."""
+    return threshold * np.clip(DARK_FLOOR + (1 - DARK_FLOOR) * brightness, DARK_FLOOR, 1.0)
+
+
+def block_thresholds(reference: np.ndarray, threshold: float, block: int) -> np.ndarray:
+    """Each ``block``'s change threshold: ``threshold`` at mid-grey and above, lower in darker
+    blocks (:func:`_dimmed`)."""
     side = block // SCALE
     brightness = block_sums(reference, side).astype(np.float32) * (1.0 / (side * side * 128.0))
-    return threshold * np.clip(DARK_FLOOR + (1 - DARK_FLOOR) * brightness, DARK_FLOOR, 1.0)
+    return _dimmed(threshold, brightness)
+
+
+def textured_blocks(current: np.ndarray, spread: float, block: int) -> np.ndarray:
+    """(H/block, W/block) bool: the ``block``s (input pixels) of the half-resolution ``current``
+    whose grey levels spread (standard deviation) more than ``spread`` at mid-grey, less in
+    darker blocks (:func:`_dimmed`). Only there can a codec's vectors say how content moved: on
+    flat content (a wall, the sky) every vector matches equally well and the encoder's choice is
+    noise."""
+    side = block // SCALE
+    sums, squares = cv2.integral2(current, sdepth=cv2.CV_32S, sqdepth=cv2.CV_64F)
+    n = float(side * side)
+    mean = _square_sums(sums, side) * (1.0 / n)
+    variance = _square_sums(squares, side) * (1.0 / n) - mean * mean
+    return variance > _dimmed(spread, mean * (1.0 / 128.0)) ** 2

@@ -194,14 +194,37 @@ def scale_carried_boxes(carried: torch.Tensor, zoom: tuple[float, float],
         carried[0, base + 1:base + 4:2] *= zy  # centre offset y and height
 
 
-def motion_boundaries(field_px: np.ndarray, threshold: float) -> np.ndarray:
+def textured_motion(field: np.ndarray, textured: np.ndarray, stride: int,
+                    block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per cell of a stride-``stride`` map: the mean vector (pixels) of its textured
+    ``block``-pixel blocks (``textured``: the padded input's block grid), and whether it has
+    any (a flat cell: the mean of all its blocks). A flat block's vector is the encoder's
+    arbitrary pick among equally good matches, so only textured blocks say how a cell's content
+    moves."""
+    k = stride // block
+    gh, gw = textured.shape[0] // k, textured.shape[1] // k
+    vectors = field_on_grid(field, block, textured.shape) * float(block)
+    weights = textured.astype(np.float32)
+    seen = weights.reshape(gh, k, gw, k).any((1, 3))
+    weights[~np.repeat(np.repeat(seen, k, 0), k, 1)] = 1.0
+    sums = (vectors * weights[..., None]).reshape(gh, k, gw, k, 2).sum((1, 3))
+    return sums / weights.reshape(gh, k, gw, k).sum((1, 3))[..., None], seen
+
+
+def motion_boundaries(field_px: np.ndarray, threshold: float,
+                      seen: np.ndarray | None = None) -> np.ndarray:
     """(h, w) bool: cells whose mean vector (pixels) differs from a 4-neighbour's by more than
     ``threshold``: where content moves apart or one object passes another, a carried cell's
-    receptive field mixes both and its value is no longer either's."""
+    receptive field mixes both and its value is no longer either's. ``seen`` (h, w): a pair
+    counts only where the motion of one of its cells at least was seen (``textured_motion``):
+    two flat neighbours' vectors are both noise."""
     d = np.asarray(field_px, np.float32)
     out = np.zeros(d.shape[:2], bool)
     dx = np.hypot(*(d[:, 1:] - d[:, :-1]).transpose(2, 0, 1)) > threshold
     dy = np.hypot(*(d[1:] - d[:-1]).transpose(2, 0, 1)) > threshold
+    if seen is not None:
+        dx &= seen[:, 1:] | seen[:, :-1]
+        dy &= seen[1:] | seen[:-1]
     out[:, 1:] |= dx
     out[:, :-1] |= dx
     out[1:] |= dy
