@@ -594,16 +594,19 @@ def test_motion_boundaries_lie_where_textured_content_moves_apart():
     assert every_vector[:, 7:].any()
 
 
-def test_texture_counts_for_less_in_the_dark():
-    """The same spread of grey levels is texture in a dark block and flat at mid-grey (as the
-    change test's thresholds: the detector sees the frame normalised)."""
+def test_texture_counts_for_less_in_the_dark_and_dark_blocks_are_never_flat():
+    """The same spread of grey levels is texture in a dimmer block and flat at mid-grey (as the
+    change test's thresholds: the detector sees the frame normalised); a dark block is never
+    flat (objects the detector finds in a dim scene read as flat at half resolution)."""
     rng = np.random.default_rng(4)
-    spread = rng.choice([-2, 2], (8, 16))  # standard deviation 2 grey levels
-    dark = (24 + spread).astype(np.uint8)
+    spread = rng.permutation(np.resize([-3, -2, 2, 3], 128)).reshape(8, 16)  # deviation 2.55
+    dim = (80 + spread).astype(np.uint8)
     mid = (128 + spread).astype(np.uint8)
-    assert textured_blocks(dark, 3.0, 16).all()
+    assert textured_blocks(dim, 3.0, 16).all()
     assert not textured_blocks(mid, 3.0, 16).any()
     assert textured_blocks(mid, 1.5, 16).all()
+    assert textured_blocks(np.full((8, 16), 40, np.uint8), 3.0, 16).all()
+    assert not textured_blocks(np.full((8, 16), 90, np.uint8), 3.0, 16).any()
 
 
 def test_a_plain_wall_with_noisy_vectors_is_not_recomputed(model):

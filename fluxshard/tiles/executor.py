@@ -166,9 +166,10 @@ class TileExecutor:
         this many pixels lie on a motion boundary (occlusion, objects moving apart): critical.
     boundary_texture: a cell's motion, for the boundaries, is the mean vector of its blocks
         whose grey levels spread (standard deviation, half resolution) more than this at
-        mid-grey (less in darker blocks); two neighbouring cells with none (flat) have no
-        boundary between them. On flat content a codec's vectors are noise (any vector
-        matches) and read as boundaries all over a plain wall. 0: every block's vector counts.
+        mid-grey (less in darker blocks), and of its dark blocks (``reference.textured_blocks``);
+        two neighbouring cells with none (flat) have no boundary between them. On bright flat
+        content a codec's vectors are noise (any vector matches) and read as boundaries all
+        over a plain wall. 0: every block's vector counts.
     whole_objects: a detection (of the last frame, moved by the field) with any critical block
         is recomputed whole.
     grow_conf: a box scoring above this in any cell of this frame's crops (interior or halo:

@@ -175,15 +175,19 @@ def block_thresholds(reference: np.ndarray, threshold: float, block: int) -> np.
     return _dimmed(threshold, brightness)
 
 
+FLAT_ABOVE = 64  # mean grey level: darker blocks never count as flat
+
+
 def textured_blocks(current: np.ndarray, spread: float, block: int) -> np.ndarray:
     """(H/block, W/block) bool: the ``block``s (input pixels) of the half-resolution ``current``
-    whose grey levels spread (standard deviation) more than ``spread`` at mid-grey, less in
-    darker blocks (:func:`_dimmed`). Only there can a codec's vectors say how content moved: on
-    flat content (a wall, the sky) every vector matches equally well and the encoder's choice is
-    noise."""
+    whose motion a codec's vectors can tell: their grey levels spread (standard deviation) more
+    than ``spread`` at mid-grey, less in darker blocks (:func:`_dimmed`), or they are darker
+    than ``FLAT_ABOVE``. On bright flat content (a wall, the sky) every vector matches equally
+    well and the encoder's choice is noise; in the dark, objects the detector finds read as flat
+    at half resolution (a person entering a dim scene), so dark blocks keep their vectors."""
     side = block // SCALE
     sums, squares = cv2.integral2(current, sdepth=cv2.CV_32S, sqdepth=cv2.CV_64F)
     n = float(side * side)
     mean = _square_sums(sums, side) * (1.0 / n)
     variance = _square_sums(squares, side) * (1.0 / n) - mean * mean
-    return variance > _dimmed(spread, mean * (1.0 / 128.0)) ** 2
+    return (variance > _dimmed(spread, mean * (1.0 / 128.0)) ** 2) | (mean < FLAT_ABOVE)
