@@ -169,7 +169,8 @@ class TileExecutor:
         mid-grey (less in darker blocks), and of its dark blocks (``reference.textured_blocks``);
         two neighbouring cells with none (flat) have no boundary between them. On bright flat
         content a codec's vectors are noise (any vector matches) and read as boundaries all
-        over a plain wall. 0: every block's vector counts.
+        over a plain wall. 0 (the default): every block's vector counts; 3 runs clips with
+        plain walls faster but lost borderline boxes on others (docs/executors.md).
     whole_objects: a detection (of the last frame, moved by the field) with any critical block
         is recomputed whole.
     grow_conf: a box scoring above this in any cell of this frame's crops (interior or halo:
@@ -199,7 +200,7 @@ class TileExecutor:
                  dense_above: float | None = None,
                  refresh_interval: int = 30, refresh_age: int = 10, refresh_share: float = 0.02,
                  max_age: int | None = None, unseen_share: float = 0.25, boundary: float = 8.0,
-                 boundary_texture: float = 3.0,
+                 boundary_texture: float = 0.0,
                  whole_objects: bool = True, grow_conf: float = 0.15, adaptive: bool = False,
                  probe_interval: int = 10, conf: float = 0.15, threads: int = 2,
                  clock=time.perf_counter, dense_runner=None):
