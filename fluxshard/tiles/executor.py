@@ -556,12 +556,11 @@ class TileExecutor:
         must |= misses
         critical |= misses
         if self.boundary > 0 and moving:
-            s = max(self.strides)
+            s, on_grid = max(zip(self.strides, on_grids), key=lambda level: level[0])
             if self.boundary_texture > 0:
                 textured = R.textured_blocks(grey, self.boundary_texture, self.block)
                 cells, seen = textured_motion(field, textured, s, self.block)
             else:
-                on_grid = next(g for level, g in zip(self.strides, on_grids) if level == s)
                 cells, seen = on_grid * s, None
             critical |= _to_blocks(motion_boundaries(cells, self.boundary, seen), s,
                                    self.block, grid)
