@@ -14,6 +14,7 @@ from fluxshard.tiles import TileExecutor, TileStreamState, salience_order
 from fluxshard.tiles.crops import (Crop, Halo, boxes_in_part, boxes_to_blocks, halo_area,
                                    outside_share, plan_crops, split_rectangles, take_within_budget,
                                    unify_shapes)
+from fluxshard.tiles.executor import run_steps
 from fluxshard.tiles.reference import textured_blocks
 from fluxshard.tiles.warp import (camera_zoom, carry_map, field_on_grid, motion_boundaries,
                                   textured_motion)
@@ -466,14 +467,40 @@ def test_fallback_frames_cost_what_dense_costs(model, wide_frame):
     ex.run(state, a, key=True)
     ex.run(state, b, still)  # the first tile frame: measured slower than the key frame
     ex.run(state, a, key=True)  # a dense frame measured after it
-    reports, kept = [], []
+    reports, kept, outs = [], [], []
     for f in (b, a, b, a):
-        reports.append(ex.run(state, f, still)[1])
+        out, report = ex.run(state, f, still)
+        reports.append(report)
+        outs.append(out)
         kept.append(state.reference is not None)
     assert [r.fallback for r in reports] == [True, True, True, False], reports
     assert kept == [False, False, True, True]  # only the frame before the probe keeps a cache
     assert all(set(r.stages) == {"engine"} for r in reports[:2]), [r.stages for r in reports]
+    assert torch.equal(outs[0], dense_output(model, b))
+    assert torch.equal(outs[1], dense_output(model, a))
     assert not reports[3].dense  # the probe runs tiles
+
+
+def test_a_fallback_frame_is_the_same_through_run_and_through_steps(model, wide_frame):
+    """The server computes streams' frames as steps (fluxshard.tiles.batching): a fallback
+    frame there is the frame ``run`` gives, with the same stream state after it."""
+    a = np.ascontiguousarray(wide_frame[:, :W])
+    still = np.zeros((H // 4, W // 4, 2), np.float32)
+    results = []
+    for through_steps in (False, True):
+        ex = TileExecutor(model, adaptive=True, probe_interval=4, dense_runner=DenseRunner(model))
+        state = TileStreamState()
+        ex.run(state, a, key=True)
+        state.tile_frame_seconds, state.dense_frame_seconds = 2.0, 1.0  # tiles do not pay
+        if through_steps:
+            with torch.inference_mode():
+                out, report = run_steps(ex.steps(state, a, still), ex.engine)
+        else:
+            out, report = ex.run(state, a, still)
+        assert report.fallback and set(report.stages) == {"engine"}
+        results.append((out, state.frames_since_probe, state.frames, state.reference))
+    (out1, *rest1), (out2, *rest2) = results
+    assert torch.equal(out1, out2) and rest1 == rest2 == [1, 2, None]
 
 
 def test_dense_when_the_frames_bookkeeping_outweighs_its_crops(model, wide_frame):

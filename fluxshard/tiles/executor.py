@@ -33,7 +33,7 @@ import cv2
 import numpy as np
 import torch
 
-from fluxshard.models.ops import PAD_VALUE, padded_shape
+from fluxshard.models.ops import PAD_VALUE, padded_shape, preprocess
 from fluxshard.tiles import crops as C
 from fluxshard.tiles import reference as R
 from fluxshard.tiles.engine import make_engine
@@ -450,6 +450,28 @@ class TileExecutor:
         state.grow = np.zeros(grid, bool)
         return self._timed(state, report, t0, out)
 
+    def _falls_back(self, state, frame, field, key: bool) -> bool:
+        """Whether this frame runs dense on the dense runner for the stream's fallback and
+        keeps nothing (not the frame before a probe, which keeps a cache to carry)."""
+        return (self.adaptive and self.dense_runner is not None and not key
+                and field is not None and state.frame_shape == frame.shape
+                and not state.tiles_pay()
+                and state.frames_since_probe + 1 < (state.probe_wait or self.probe_interval))
+
+    def _fallback(self, state, frame, t0):
+        """A fallback frame that keeps nothing: the dense session's own steps (preprocess,
+        the dense runner) and the stream's counters, nothing more, so that it costs what a
+        dense frame costs."""
+        state.frames_since_probe += 1
+        report = TileReport(dense=True, fallback=True, crop_area_fraction=1.0, block=self.block)
+        t = self.clock()
+        out = self.dense_runner(preprocess(frame))[0]
+        self._stage(report, "engine", t)
+        self.latency.observe(1.0, report.stages["engine"])
+        state.frames_since_dense = 0
+        state.maps = state.dense_output = state.reference = None
+        return self._timed(state, report, t0, out)
+
     # -- one frame -----------------------------------------------------------------------------
     def run(self, state: TileStreamState, frame: np.ndarray, field: np.ndarray | None = None, *,
             key: bool = False):
@@ -457,6 +479,9 @@ class TileExecutor:
         from the frame this stream last ran on (None on a key frame). Returns (the model's
         eval output: (1, 4 + nc, A), a segment model's ((1, 4 + nc + nm, A), prototypes
         (1, nm, H/4, W/4)); TileReport)."""
+        frame = np.asarray(frame)
+        if self._falls_back(state, frame, field, key):
+            return self._fallback(state, frame, self.clock())
         # the cached maps are written in place frame after frame: all under inference mode
         with torch.inference_mode():
             return run_steps(self.steps(state, frame, field, key=key), self.engine)
@@ -472,6 +497,8 @@ class TileExecutor:
         frame = np.asarray(frame)
         if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
             raise ValueError(f"frame must be (H, W, 3) uint8, got {frame.shape} {frame.dtype}")
+        if self._falls_back(state, frame, field, key):
+            return self._fallback(state, frame, t0)
         h, w = frame.shape[:2]
         input_hw = padded_shape(h, w)
         grid = (input_hw[0] // self.block, input_hw[1] // self.block)
