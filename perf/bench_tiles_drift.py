@@ -58,7 +58,6 @@ from fluxshard.synth import MOTION_LEVELS  # noqa: E402
 DRIFT_SCENE_SEED = 33_000  # scenes apart from training, the profile and bench_executors
 NEVER = 10 ** 9  # a refresh interval no stream reaches
 CAMERA_CLIP = "bikes.mp4"
-CAMERA_WEIGHTS = DEFAULT_WEIGHTS  # real footage counts only with a real detector (YOLOv3-tiny)
 
 
 def tile_configs(tuning: dict) -> dict[str, dict]:
@@ -235,8 +234,9 @@ def main() -> int:
         if not args.no_camera:
             video = camera_stream(CAMERA_CLIP, args.footage_dir, frames=args.frames,
                                   progress=True)
+            # real footage counts only with a real detector: bench_real's (YOLOv3-tiny)
             rows += run_clip(f"camera-{Path(CAMERA_CLIP).stem}", "camera", video, None, args,
-                             edge_model(CAMERA_WEIGHTS), configs)
+                             edge_model(DEFAULT_WEIGHTS), configs)
     print_table(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rows, indent=1))
