@@ -416,8 +416,9 @@ class TileExecutor:
 
     def _dense(self, state, frame, padded, grid, report, t0, keep: bool = True, grey=None):
         """The whole frame on the dense runner (or the crop engine). ``keep``: the stream's
-        cache becomes this frame's; otherwise (a fallback frame not followed by a probe) the
-        stream keeps nothing and the frame costs what a dense frame does."""
+        cache becomes this frame's; otherwise (a fallback frame not followed by a probe, which
+        gets here only without a dense runner: with one it is :meth:`_fallback`) the stream
+        keeps nothing and the frame costs what a dense frame does."""
         t = self.clock()
         if self.dense_runner is not None:
             out, maps = self.dense_runner(self.batch_input([padded]))[0], None
@@ -432,9 +433,8 @@ class TileExecutor:
         state.frame_shape = frame.shape
         if not keep:
             state.maps = state.dense_output = state.reference = None
-            return self._timed(state, report, t0, out if maps is None else
-                               self._assemble(maps, [np.zeros((*m.shape[2:], 2), np.float32)
-                                                     for m in maps]))
+            return self._timed(state, report, t0, self._assemble(
+                maps, [np.zeros((*m.shape[2:], 2), np.float32) for m in maps]))
         t = self.clock()
         input_hw = padded.shape[:2]
         state.age = np.zeros(grid, np.int32)
